@@ -1,0 +1,17 @@
+"""lkpatch: fast depthwise convolution for large-kernel CNNs.
+
+    model = lkpatch.convert_model(model)   # every eligible depthwise conv, same weights
+
+See README.md.
+"""
+from .functional import depthwise_conv2d
+from .modules import DepthwiseConv2d
+from .convert import ConversionReport, LayerReport, conversion_report, convert_model, revert_model
+from . import models  # registers the RepLKNet models with timm
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "depthwise_conv2d", "DepthwiseConv2d", "convert_model", "revert_model", "conversion_report",
+    "ConversionReport", "LayerReport", "models", "__version__",
+]

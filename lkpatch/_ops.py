@@ -1,0 +1,145 @@
+"""The ``lkpatch::`` custom ops: schemas and one registration per dispatch key.
+
+* CPU: PyTorch's convolution (``_native``) -- the reference, and what runs without a GPU.
+* CUDA: lkpatch's kernels from the compiled extension, or PyTorch's where
+  ``dispatch.use_kernel`` says so, decided per pass.
+* Meta / fake tensors, Autograd and Autocast each get their own registration below.
+
+Padding is always ``(top, bottom, left, right)``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from . import _native, dispatch
+
+_lib = torch.library.Library("lkpatch", "DEF")
+_lib.define("dwconv2d(Tensor input, Tensor weight, Tensor? bias, int[4] padding) -> Tensor")
+_lib.define("dwconv2d_input_grad(Tensor grad_output, Tensor weight, int[2] input_size, int[4] padding) -> Tensor")
+_lib.define("dwconv2d_weight_grad(Tensor grad_output, Tensor input, int[2] kernel_size, int[4] padding) -> Tensor")
+_lib.define("dwconv2d_bias_grad(Tensor grad_output) -> Tensor")
+
+
+def _out_size(size: Sequence[int], kernel_size: Sequence[int], pads: Sequence[int]):
+    return size[0] + pads[0] + pads[1] - kernel_size[0] + 1, size[1] + pads[2] + pads[3] - kernel_size[1] + 1
+
+
+# --- CPU ---------------------------------------------------------------------------------------
+_lib.impl("dwconv2d", _native.forward, "CPU")
+_lib.impl("dwconv2d_input_grad", _native.backward_input, "CPU")
+_lib.impl("dwconv2d_weight_grad", _native.backward_weight, "CPU")
+_lib.impl("dwconv2d_bias_grad", _native.backward_bias, "CPU")
+
+
+# --- CUDA --------------------------------------------------------------------------------------
+def _kernels():
+    from . import build
+    return build.extension_ops()
+
+
+def _forward_cuda(x, weight, bias, padding):
+    if dispatch.use_kernel("forward", x.shape, weight.shape[2:], padding, x.dtype):
+        return _kernels().dwconv2d(x, weight, bias, padding)
+    return _native.forward(x, weight, bias, padding)
+
+
+def _input_grad_cuda(grad, weight, input_size, padding):
+    size = (grad.shape[0], grad.shape[1], input_size[0], input_size[1])
+    if dispatch.use_kernel("input_grad", size, weight.shape[2:], padding, grad.dtype):
+        return _kernels().dwconv2d_input_grad(grad, weight, input_size, padding)
+    return _native.backward_input(grad, weight, input_size, padding)
+
+
+def _weight_grad_cuda(grad, x, kernel_size, padding):
+    if dispatch.use_kernel("weight_grad", x.shape, kernel_size, padding, x.dtype):
+        return _kernels().dwconv2d_weight_grad(grad, x, kernel_size, padding)
+    return _native.backward_weight(grad, x, kernel_size, padding)
+
+
+def _bias_grad_cuda(grad):
+    # The bias gradient does not depend on kernel size or padding; (1, 1) and zero padding stand in.
+    if dispatch.use_kernel("bias_grad", grad.shape, (1, 1), (0, 0, 0, 0), grad.dtype):
+        return _kernels().dwconv2d_bias_grad(grad)
+    return _native.backward_bias(grad)
+
+
+_lib.impl("dwconv2d", _forward_cuda, "CUDA")
+_lib.impl("dwconv2d_input_grad", _input_grad_cuda, "CUDA")
+_lib.impl("dwconv2d_weight_grad", _weight_grad_cuda, "CUDA")
+_lib.impl("dwconv2d_bias_grad", _bias_grad_cuda, "CUDA")
+
+
+# --- Meta / fake tensors -----------------------------------------------------------------------
+@torch.library.register_fake("lkpatch::dwconv2d")
+def _forward_fake(x, weight, bias, padding):
+    oh, ow = _out_size(x.shape[2:], weight.shape[2:], padding)
+    return x.new_empty((x.shape[0], x.shape[1], oh, ow)).contiguous(memory_format=_native.output_memory_format(x))
+
+
+@torch.library.register_fake("lkpatch::dwconv2d_input_grad")
+def _input_grad_fake(grad, weight, input_size, padding):
+    out = grad.new_empty((grad.shape[0], grad.shape[1], input_size[0], input_size[1]))
+    return out.contiguous(memory_format=_native.output_memory_format(grad))
+
+
+@torch.library.register_fake("lkpatch::dwconv2d_weight_grad")
+def _weight_grad_fake(grad, x, kernel_size, padding):
+    return x.new_empty((x.shape[1], 1, kernel_size[0], kernel_size[1]))
+
+
+@torch.library.register_fake("lkpatch::dwconv2d_bias_grad")
+def _bias_grad_fake(grad):
+    return grad.new_empty((grad.shape[1],))
+
+
+# --- Autograd ----------------------------------------------------------------------------------
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, padding = inputs
+    ctx.padding = tuple(padding)
+    ctx.input_size = tuple(x.shape[2:])
+    ctx.kernel_size = tuple(weight.shape[2:])
+    ctx.save_for_backward(x if ctx.needs_input_grad[1] else None,
+                          weight if ctx.needs_input_grad[0] else None)
+
+
+def _backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    gx = gw = gb = None
+    if ctx.needs_input_grad[0]:
+        gx = torch.ops.lkpatch.dwconv2d_input_grad(grad, weight, ctx.input_size, ctx.padding)
+    if ctx.needs_input_grad[1]:
+        gw = torch.ops.lkpatch.dwconv2d_weight_grad(grad, x, ctx.kernel_size, ctx.padding)
+    if len(ctx.needs_input_grad) > 2 and ctx.needs_input_grad[2]:
+        gb = torch.ops.lkpatch.dwconv2d_bias_grad(grad)
+    return gx, gw, gb, None
+
+
+torch.library.register_autograd("lkpatch::dwconv2d", _backward, setup_context=_setup_context)
+
+
+# --- Autocast ----------------------------------------------------------------------------------
+# As for PyTorch's convolutions: under autocast every floating-point input except float64 is
+# cast to the autocast dtype, and the op runs with autocast off. The casts are differentiable,
+# so gradients reach fp32 master weights in fp32.
+def _autocast_impl(device_type: str):
+    key = getattr(torch._C.DispatchKey, "Autocast" + torch._C._dispatch_key_for_device(device_type))
+
+    def cast(t: Optional[torch.Tensor], dtype: torch.dtype):
+        if t is None or not t.is_floating_point() or t.dtype == torch.float64:
+            return t
+        return t.to(dtype)
+
+    def impl(keyset, x, weight, bias, padding):
+        dtype = torch.get_autocast_dtype(device_type)
+        with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
+            return torch.ops.lkpatch.dwconv2d(cast(x, dtype), cast(weight, dtype), cast(bias, dtype), padding)
+
+    op = torch.ops.lkpatch.dwconv2d.default
+    op.py_impl(key)(lambda *args: impl(None, *args))  # seen by the Python dispatcher while tracing
+    _lib.impl("dwconv2d", impl, "Autocast" + torch._C._dispatch_key_for_device(device_type), with_keyset=True)
+
+
+_autocast_impl("cuda")
+_autocast_impl("cpu")

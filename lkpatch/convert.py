@@ -1,0 +1,159 @@
+"""``convert_model`` / ``revert_model`` and the report of what they did.
+
+Conversion changes the class of each eligible depthwise ``nn.Conv2d`` in place
+(:meth:`DepthwiseConv2d.from_conv`): the module objects, their ``Parameter`` objects, buffers,
+hooks and ``state_dict`` stay exactly as they were, so an optimizer built before conversion keeps
+training the model, and a checkpoint saved after it loads into the unconverted model.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import List, Optional
+
+import torch.nn as nn
+
+from . import dispatch, eligibility
+from .modules import DepthwiseConv2d
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerReport:
+    name: str
+    kind: str                 # class name
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple
+    stride: tuple
+    padding: object
+    converted: bool
+    reason: Optional[str]     # why not converted (None if converted)
+    runs: str                 # which implementation a converted layer runs on CUDA float32
+
+    def row(self) -> List[str]:
+        k = "x".join(map(str, self.kernel_size))
+        s = "x".join(map(str, self.stride)) if isinstance(self.stride, tuple) else str(self.stride)
+        p = self.padding if isinstance(self.padding, str) else ",".join(map(str, self.padding))
+        status = "converted" if self.converted else f"skipped: {self.reason}"
+        return [self.name or "(root)", self.kind, f"{self.in_channels}->{self.out_channels}", k, s, p,
+                status, self.runs if self.converted else "-"]
+
+
+@dataclasses.dataclass
+class ConversionReport:
+    """Every depthwise convolution of a model: converted, or why not."""
+    layers: List[LayerReport]
+
+    @property
+    def converted(self) -> List[LayerReport]:
+        return [layer for layer in self.layers if layer.converted]
+
+    @property
+    def skipped(self) -> List[LayerReport]:
+        return [layer for layer in self.layers if not layer.converted]
+
+    def table(self) -> str:
+        header = ["layer", "type", "channels", "kernel", "stride", "padding", "status", "CUDA fp32 path"]
+        rows = [header] + [layer.row() for layer in self.layers]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        summary = f"{len(self.converted)} of {len(self.layers)} depthwise convolutions converted"
+        return "\n".join(lines + [summary])
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _runs(module: nn.Conv2d) -> str:
+    """Which implementation the converted layer runs for CUDA float32 inputs (shape permitting)."""
+    multiplier = module.out_channels // module.in_channels
+    why = None
+    if multiplier != 1:
+        why = f"channel multiplier {multiplier}"
+    elif tuple(module.stride) != (1, 1):
+        why = "stride " + "x".join(map(str, module.stride))
+    elif tuple(module.dilation) != (1, 1):
+        why = "dilation " + "x".join(map(str, module.dilation))
+    elif max(module.kernel_size) > dispatch.MAX_KERNEL_SIZE:
+        why = f"kernel larger than {dispatch.MAX_KERNEL_SIZE}"
+    return f"PyTorch ({why})" if why else "lkpatch kernel"
+
+
+def conversion_report(model: nn.Module) -> ConversionReport:
+    """List every depthwise convolution in ``model``: converted, or the reason it is not."""
+    layers = []
+    for name, module in model.named_modules():
+        if not eligibility.is_depthwise(module):
+            continue
+        converted = isinstance(module, DepthwiseConv2d)
+        reason = None if converted else (eligibility.conversion_blocker(module) or "not converted yet")
+        layers.append(LayerReport(
+            name=name, kind=type(module).__name__, in_channels=module.in_channels,
+            out_channels=module.out_channels, kernel_size=tuple(module.kernel_size),
+            stride=tuple(module.stride) if isinstance(module.stride, (tuple, list)) else module.stride,
+            padding=module.padding if isinstance(module.padding, str) else tuple(
+                module.padding if isinstance(module.padding, (tuple, list)) else (module.padding,)),
+            converted=converted, reason=reason,
+            runs=_runs(module) if converted else "-"))
+    return ConversionReport(layers)
+
+
+def _refuse_wrapped(model: nn.Module) -> None:
+    """Conversion must happen before DDP/FSDP wrapping or torch.compile, which capture the modules."""
+    wrappers = []
+    try:
+        from torch._dynamo.eval_frame import OptimizedModule
+        wrappers.append((OptimizedModule, "torch.compile"))
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from torch.nn.parallel import DistributedDataParallel
+        wrappers.append((DistributedDataParallel, "DistributedDataParallel"))
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        wrappers.append((FullyShardedDataParallel, "FSDP"))
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from torch.distributed.fsdp import FSDPModule
+        wrappers.append((FSDPModule, "FSDP (fully_shard)"))
+    except ImportError:  # pragma: no cover
+        pass
+    for name, module in model.named_modules():
+        for cls, what in wrappers:
+            if isinstance(module, cls):
+                where = f" (at '{name}')" if name else ""
+                raise TypeError(
+                    f"lkpatch.convert_model: the model is wrapped by {what}{where}. Convert the plain "
+                    f"model first, then wrap it: model = lkpatch.convert_model(model); model = wrap(model)")
+
+
+def convert_model(model: nn.Module, *, verbose: bool = False) -> nn.Module:
+    """Swap every eligible depthwise convolution of ``model`` for :class:`DepthwiseConv2d`, in place.
+
+    Recursive and idempotent; keeps parameters (the same objects), buffers, hooks, train/eval
+    mode, ``requires_grad``, devices and dtypes. Returns ``model`` (also when ``model`` is itself
+    a convolution). ``verbose=True`` prints :func:`conversion_report`.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"lkpatch.convert_model expects an nn.Module, not {type(model).__name__}")
+    _refuse_wrapped(model)
+    for module in model.modules():
+        if eligibility.is_depthwise(module) and eligibility.conversion_blocker(module) is None:
+            DepthwiseConv2d.from_conv(module)
+    if verbose:
+        print(conversion_report(model))
+    return model
+
+
+def revert_model(model: nn.Module) -> nn.Module:
+    """Turn every :class:`DepthwiseConv2d` of ``model`` back into the class it came from, in place."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"lkpatch.revert_model expects an nn.Module, not {type(model).__name__}")
+    _refuse_wrapped(model)
+    for module in model.modules():
+        if isinstance(module, DepthwiseConv2d):
+            module.to_conv()
+    return model

@@ -1,0 +1,162 @@
+"""Which implementation runs a depthwise convolution. Every such decision is made here.
+
+Two questions, two functions:
+
+* :func:`op_padding` -- does the ``lkpatch::dwconv2d`` op reproduce this ``F.conv2d`` call
+  exactly (depthwise, multiplier 1, stride 1, dilation 1, zero padding, CUDA)? It returns
+  the explicit ``(top, bottom, left, right)`` padding if so. It runs inside ``torch.compile``
+  graphs, so it only looks at tensor metadata.
+* :func:`use_kernel` -- for one pass (forward, input-grad, weight-grad, bias-grad) of a
+  supported call, run lkpatch's CUDA kernel or PyTorch's? The kernel must implement the
+  case and, by the measured rule below, be faster than PyTorch on it.
+
+``LKPATCH_IMPL=native`` (or :func:`force`) turns the kernels off; ``LKPATCH_IMPL=kernel``
+runs them wherever they implement the case, ignoring the speed rule (tests, benchmarks).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator, Optional, Sequence, Tuple, Union
+
+import torch
+
+Pads = Tuple[int, int, int, int]  # (top, bottom, left, right)
+PASSES = ("forward", "input_grad", "weight_grad", "bias_grad")
+
+#: dtypes with a CUDA kernel.
+KERNEL_DTYPES = (torch.float32,)
+#: largest kernel height or width the kernels take.
+MAX_KERNEL_SIZE = 63
+#: largest element count of one (N*C) plane stack the kernels index with 32-bit math per plane.
+_MAX_PLANE = 2**31 - 1
+
+_IMPLS = ("auto", "kernel", "native")
+_impl = os.environ.get("LKPATCH_IMPL", "auto").strip().lower() or "auto"
+if _impl not in _IMPLS:
+    raise ValueError(f"LKPATCH_IMPL must be one of {', '.join(_IMPLS)}, not {_impl!r}")
+# Tests set this to send CPU tensors through the lkpatch ops (whose CPU kernels are PyTorch's),
+# so that the op machinery (autograd, fake tensors, compile) is exercised without a GPU.
+_route_cpu_through_op = False
+
+
+def implementation() -> str:
+    """The current policy: 'auto', 'kernel' or 'native'."""
+    return _impl
+
+
+@contextlib.contextmanager
+def force(impl: str, *, cpu_through_op: bool = False) -> Iterator[None]:
+    """Temporarily set the policy ('auto', 'kernel' or 'native')."""
+    global _impl, _route_cpu_through_op
+    if impl not in _IMPLS:
+        raise ValueError(f"impl must be one of {', '.join(_IMPLS)}, not {impl!r}")
+    saved = _impl, _route_cpu_through_op
+    _impl, _route_cpu_through_op = impl, cpu_through_op
+    try:
+        yield
+    finally:
+        _impl, _route_cpu_through_op = saved
+
+
+def _pair(v: Union[int, Sequence[int]]) -> Tuple[int, int]:
+    if isinstance(v, int):
+        return (v, v)
+    v = tuple(v)
+    return (v[0], v[0]) if len(v) == 1 else (v[0], v[1])
+
+
+def explicit_padding(padding, kernel_size: Sequence[int], dilation=1) -> Optional[Pads]:
+    """A padding argument as (top, bottom, left, right), or None if malformed.
+
+    Takes ``F.conv2d``'s forms and a 4-tuple, which is returned as it is. 'same' follows
+    PyTorch: the odd pixel of an even kernel goes to the bottom/right.
+    """
+    dh, dw = _pair(dilation)
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0, 0, 0)
+        if padding == "same":
+            th, tw = dh * (kernel_size[0] - 1), dw * (kernel_size[1] - 1)
+            return (th // 2, th - th // 2, tw // 2, tw - tw // 2)
+        return None
+    if isinstance(padding, (tuple, list)) and len(padding) == 4:
+        return tuple(padding) if all(isinstance(p, int) for p in padding) else None
+    try:
+        ph, pw = _pair(padding)
+    except (TypeError, IndexError):
+        return None
+    return (ph, ph, pw, pw)
+
+
+def op_padding(x, weight, bias, stride, padding, dilation) -> Optional[Pads]:
+    """The op's padding if ``lkpatch::dwconv2d`` computes ``F.conv2d(x, weight, bias, stride,
+    padding, dilation, groups=C)`` exactly and some pass of it runs on lkpatch's kernel; else None
+    (then the caller runs ``F.conv2d``, which also raises PyTorch's own error for bad input)."""
+    if _impl == "native" or not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        return None
+    if x.dim() != 4 or weight.dim() != 4:
+        return None
+    if not (x.is_cuda or (_route_cpu_through_op and x.device.type == "cpu")):
+        return None
+    n, c, h, w = x.shape
+    if tuple(weight.shape[:2]) != (c, 1) or weight.device != x.device or weight.dtype != x.dtype:
+        return None
+    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (c,)
+                             or bias.device != x.device or bias.dtype != x.dtype):
+        return None
+    if _pair(stride) != (1, 1) or _pair(dilation) != (1, 1):
+        return None
+    kh, kw = weight.shape[2], weight.shape[3]
+    pads = explicit_padding(padding, (kh, kw))
+    if pads is None or min(pads) < 0:
+        return None
+    if n == 0 or c == 0 or h + pads[0] + pads[1] < kh or w + pads[2] + pads[3] < kw:
+        return None  # empty or invalid: PyTorch returns or raises
+    if x.device.type == "cuda" and not any(
+            use_kernel(p, (n, c, h, w), (kh, kw), pads, _effective_dtype(x)) for p in PASSES):
+        return None
+    return pads
+
+
+def _effective_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the convolution computes in: autocast's, where autocast applies."""
+    if x.is_floating_point() and x.dtype != torch.float64 and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def kernel_unsupported_reason(size: Sequence[int], kernel_size: Sequence[int], pads: Sequence[int],
+                              dtype: torch.dtype) -> Optional[str]:
+    """Why lkpatch's CUDA kernel cannot compute this stride-1 depthwise case (None if it can)."""
+    n, c, h, w = size
+    kh, kw = kernel_size
+    if dtype not in KERNEL_DTYPES:
+        return f"no kernel for {str(dtype).replace('torch.', '')}"
+    if not (1 <= kh <= MAX_KERNEL_SIZE and 1 <= kw <= MAX_KERNEL_SIZE):
+        return f"kernel {kh}x{kw} is larger than {MAX_KERNEL_SIZE}"
+    oh, ow = h + pads[0] + pads[1] - kh + 1, w + pads[2] + pads[3] - kw + 1
+    if max(h * w, oh * ow) > _MAX_PLANE or n * c > _MAX_PLANE or max(pads) > 4096:
+        return "too large for the kernel's indexing"
+    return None
+
+
+def use_kernel(pass_: str, size: Sequence[int], kernel_size: Sequence[int], pads: Sequence[int],
+               dtype: torch.dtype) -> bool:
+    """Run ``pass_`` of this CUDA depthwise convolution on lkpatch's kernel (True) or PyTorch's?"""
+    if _impl == "native" or kernel_unsupported_reason(size, kernel_size, pads, dtype) is not None:
+        return False
+    if not _extension_ready():
+        return False
+    return _impl == "kernel" or _faster_than_native(pass_, size, kernel_size, dtype)
+
+
+def _faster_than_native(pass_: str, size: Sequence[int], kernel_size: Sequence[int], dtype: torch.dtype) -> bool:
+    """The measured rule (README, "When lkpatch uses its kernel")."""
+    return True
+
+
+@torch.compiler.assume_constant_result
+def _extension_ready() -> bool:
+    from . import build
+    return build.extension_ready()

@@ -1,0 +1,71 @@
+"""Which modules are depthwise convolutions, and which of those ``convert_model`` may swap.
+
+All module-level rules live here; which *implementation* then runs a converted layer is
+``dispatch``'s business.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Type
+
+import torch.nn as nn
+from torch.nn.utils import parametrize
+
+#: nn.Conv2d subclasses whose forward lkpatch reproduces exactly -> the padding rule they use.
+#: 'static': nn.Conv2d's own (the `padding` attribute); 'tf_same': TensorFlow 'SAME' padding
+#: computed from the input size at every call (timm's Conv2dSame).
+_KNOWN_SUBCLASSES: Dict[Type[nn.Conv2d], str] = {nn.Conv2d: "static"}
+
+try:  # timm >= 0.9
+    from timm.layers.conv2d_same import Conv2dSame as _TimmConv2dSame
+    _KNOWN_SUBCLASSES[_TimmConv2dSame] = "tf_same"
+except ImportError:  # pragma: no cover - timm is a dependency, but keep lkpatch importable without it
+    _TimmConv2dSame = None
+
+
+def padding_rule(cls: type) -> Optional[str]:
+    """'static' or 'tf_same' for a class lkpatch can convert; None otherwise."""
+    return _KNOWN_SUBCLASSES.get(cls)
+
+
+def is_depthwise(module: nn.Module) -> bool:
+    """A depthwise convolution by structure: groups == in_channels, out_channels a multiple of it.
+
+    Also true for depthwise-shaped modules that are not ``nn.Conv2d`` (timm's CondConv2d, say),
+    so that reports can say why those stay as they are.
+    """
+    groups = getattr(module, "groups", None)
+    cin, cout = getattr(module, "in_channels", None), getattr(module, "out_channels", None)
+    if not all(isinstance(v, int) for v in (groups, cin, cout)) or not hasattr(module, "kernel_size"):
+        return False
+    if isinstance(module, nn.Conv2d) or type(module).__name__.endswith("Conv2d"):
+        return cin > 0 and groups == cin and cout % cin == 0
+    return False
+
+
+def structure_reason(in_channels: int, out_channels: int, groups: int, padding_mode: str) -> Optional[str]:
+    """Why a Conv2d with these settings is not a depthwise convolution lkpatch computes (None if it is)."""
+    if in_channels <= 0 or groups != in_channels:
+        return f"groups={groups} is not in_channels={in_channels}: not a depthwise convolution"
+    if out_channels % in_channels:
+        return f"out_channels={out_channels} is not a multiple of in_channels={in_channels}"
+    if padding_mode != "zeros":
+        return f"padding_mode={padding_mode!r} (lkpatch pads with zeros only)"
+    return None
+
+
+def conversion_blocker(module: nn.Module) -> Optional[str]:
+    """Why ``convert_model`` leaves this depthwise module as it is (None: it converts it)."""
+    from .modules import DepthwiseConv2d
+
+    if isinstance(module, DepthwiseConv2d):
+        return None
+    cls = type(module)
+    if not isinstance(module, nn.Conv2d):
+        return f"{cls.__name__} is not an nn.Conv2d (its forward is its own)"
+    if parametrize.is_parametrized(module):
+        return "weight is parametrized (torch.nn.utils.parametrize); convert after removing it"
+    if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+        return "lazy module not initialized yet; run one forward first"
+    if padding_rule(cls) is None:
+        return f"{cls.__module__}.{cls.__name__} overrides nn.Conv2d; lkpatch does not know its semantics"
+    return structure_reason(module.in_channels, module.out_channels, module.groups, module.padding_mode)

@@ -1,0 +1,1 @@
+"""Models lkpatch ships (registered with timm on import)."""

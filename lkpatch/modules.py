@@ -1,0 +1,79 @@
+"""``DepthwiseConv2d``: an ``nn.Conv2d`` whose forward runs lkpatch's depthwise op."""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import torch.nn as nn
+
+from . import eligibility
+from .functional import depthwise_conv2d
+
+
+def tf_same_padding(size: Tuple[int, int], kernel_size, stride, dilation) -> Tuple[int, int, int, int]:
+    """TensorFlow 'SAME' padding for an input of spatial ``size``, as (top, bottom, left, right).
+
+    The same arithmetic as timm's ``pad_same``: the odd pixel goes to the bottom/right.
+    """
+    pads = []
+    for x, k, s, d in zip(size, kernel_size, stride, dilation):
+        total = max(((x + s - 1) // s - 1) * s + (k - 1) * d + 1 - x, 0)
+        pads += [total // 2, total - total // 2]
+    return tuple(pads)
+
+
+class DepthwiseConv2d(nn.Conv2d):
+    """A depthwise ``nn.Conv2d`` (``groups == in_channels``) computed by ``lkpatch.depthwise_conv2d``.
+
+    Takes ``nn.Conv2d``'s arguments; ``out_channels`` and ``groups`` default to ``in_channels``.
+    Parameters, buffers and ``state_dict`` are exactly ``nn.Conv2d``'s. With
+    ``tf_same_padding=True`` it pads like TensorFlow's 'SAME' (timm's ``Conv2dSame``), from the
+    input size at every call.
+
+    :meth:`from_conv` turns an existing convolution into one *in place*: the same object, the
+    same ``Parameter`` objects and hooks, only the class changes; :meth:`to_conv` turns it back.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int | None = None, kernel_size=3, stride=1,
+                 padding=0, dilation=1, groups: int | None = None, bias: bool = True,
+                 padding_mode: str = "zeros", device=None, dtype=None, *, tf_same_padding: bool = False):
+        out_channels = in_channels if out_channels is None else out_channels
+        groups = in_channels if groups is None else groups
+        reason = eligibility.structure_reason(in_channels, out_channels, groups, padding_mode)
+        if reason:
+            raise ValueError(f"DepthwiseConv2d: {reason}")
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         padding_mode, device, dtype)
+        self.tf_same_padding = tf_same_padding
+        self._lkpatch_source_class = nn.Conv2d
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d) -> "DepthwiseConv2d":
+        """Make ``conv`` a DepthwiseConv2d in place and return it (no-op if it already is one)."""
+        if isinstance(conv, DepthwiseConv2d):
+            return conv
+        reason = eligibility.conversion_blocker(conv)
+        if reason:
+            raise ValueError(f"cannot convert {type(conv).__name__}: {reason}")
+        source = type(conv)
+        conv.__class__ = cls
+        conv.tf_same_padding = eligibility.padding_rule(source) == "tf_same"
+        conv._lkpatch_source_class = source
+        return conv
+
+    def to_conv(self) -> nn.Conv2d:
+        """Turn this module back, in place, into the class it was converted from."""
+        source = self.__dict__.pop("_lkpatch_source_class", nn.Conv2d)
+        self.__dict__.pop("tf_same_padding", None)
+        self.__class__ = source
+        return self
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        padding = self.padding
+        if self.tf_same_padding:
+            padding = tf_same_padding(input.shape[-2:], self.kernel_size, self.stride, self.dilation)
+        return depthwise_conv2d(input, self.weight, self.bias, self.stride, padding, self.dilation)
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        return s + ", tf_same_padding=True" if self.tf_same_padding else s
