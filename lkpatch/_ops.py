@@ -39,29 +39,32 @@ def _kernels():
     return build.extension_ops()
 
 
+# The kernels take contiguous NCHW and return NCHW; results come back in the input's format.
 def _forward_cuda(x, weight, bias, padding):
     if dispatch.use_kernel("forward", x.shape, weight.shape[2:], padding, x.dtype):
-        return _kernels().dwconv2d(x, weight, bias, padding)
+        y = _kernels().dwconv2d(x.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), padding)
+        return y.contiguous(memory_format=_native.output_memory_format(x))
     return _native.forward(x, weight, bias, padding)
 
 
 def _input_grad_cuda(grad, weight, input_size, padding):
     size = (grad.shape[0], grad.shape[1], input_size[0], input_size[1])
     if dispatch.use_kernel("input_grad", size, weight.shape[2:], padding, grad.dtype):
-        return _kernels().dwconv2d_input_grad(grad, weight, input_size, padding)
+        gx = _kernels().dwconv2d_input_grad(grad.contiguous(), weight.contiguous(), input_size, padding)
+        return gx.contiguous(memory_format=_native.output_memory_format(grad))
     return _native.backward_input(grad, weight, input_size, padding)
 
 
 def _weight_grad_cuda(grad, x, kernel_size, padding):
     if dispatch.use_kernel("weight_grad", x.shape, kernel_size, padding, x.dtype):
-        return _kernels().dwconv2d_weight_grad(grad, x, kernel_size, padding)
+        return _kernels().dwconv2d_weight_grad(grad.contiguous(), x.contiguous(), kernel_size, padding)
     return _native.backward_weight(grad, x, kernel_size, padding)
 
 
 def _bias_grad_cuda(grad):
     # The bias gradient does not depend on kernel size or padding; (1, 1) and zero padding stand in.
     if dispatch.use_kernel("bias_grad", grad.shape, (1, 1), (0, 0, 0, 0), grad.dtype):
-        return _kernels().dwconv2d_bias_grad(grad)
+        return _kernels().dwconv2d_bias_grad(grad.contiguous())
     return _native.backward_bias(grad)
 
 

@@ -26,8 +26,8 @@ import torch
 
 EXT_NAMESPACE = "lkpatch_ext"
 _SOURCES = ("dwconv_fwd.cu", "dwconv_wgrad.cu", "dwconv_bgrad.cu", "binding.cpp")
-_CUDA_FLAGS = ["-O3", "-std=c++17", "-lineinfo"]
-_CXX_FLAGS = ["-O3", "-std=c++17"]
+_CUDA_FLAGS = ["-O3", "-lineinfo"]  # the C++ standard is torch's choice (C++20 from torch 2.10)
+_CXX_FLAGS = ["-O3"]
 
 _lock = threading.Lock()
 _state = {"loaded": False, "error": None}
@@ -130,11 +130,11 @@ def _compile(verbose: bool) -> Path:
     problem = _missing_toolchain()
     if problem:
         raise BuildError(f"cannot build lkpatch's CUDA extension: {problem}")
+    cuda_home = find_cuda_home()
+    os.environ["CUDA_HOME"] = cuda_home  # before torch's import of cpp_extension guesses it
     from torch.utils import cpp_extension
 
-    cuda_home = find_cuda_home()
-    os.environ["CUDA_HOME"] = cuda_home
-    cpp_extension.CUDA_HOME = cuda_home  # torch computed it at import, possibly from a wrapper script
+    cpp_extension.CUDA_HOME = cuda_home  # in case it was imported earlier, from a wrapper script
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", arch_list())
     name = _ext_name()
     build_dir = cache_dir() / name

@@ -1,0 +1,156 @@
+// Registers lkpatch's CUDA kernels with PyTorch as torch.ops.lkpatch_ext.*.
+//
+// The user-facing ops (torch.ops.lkpatch.*, with autograd, fake tensors and autocast) are defined
+// in lkpatch/_ops.py; their CUDA implementations call these. Inputs arrive contiguous (NCHW);
+// this file checks them, allocates outputs and workspaces through PyTorch's caching allocator,
+// and launches on the current stream -- nothing here synchronizes with the host.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <optional>
+
+#include "dwconv.h"
+
+namespace {
+
+using at::Tensor;
+
+void check_cuda(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "lkpatch: ", what, " failed: ", cudaGetErrorString(err));
+}
+
+void check_activation(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda(), "lkpatch: ", name, " must be a CUDA tensor");
+  TORCH_CHECK(t.dim() == 4, "lkpatch: ", name, " must be 4-D (N, C, H, W), got ", t.dim(), "-D");
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "lkpatch: ", name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), "lkpatch: ", name, " must be contiguous NCHW");
+}
+
+void check_padding(at::IntArrayRef padding) {
+  TORCH_CHECK(padding.size() == 4, "lkpatch: padding must be (top, bottom, left, right)");
+  for (auto p : padding) TORCH_CHECK(p >= 0 && p <= 4096, "lkpatch: padding must be in [0, 4096], got ", p);
+}
+
+void check_int(int64_t v, const char* what) {
+  TORCH_CHECK(v >= 0 && v <= INT32_MAX, "lkpatch: ", what, " = ", v, " is too large for the kernel");
+}
+
+lkpatch::DwShape forward_shape(int64_t N, int64_t C, int64_t H, int64_t W, int64_t KH, int64_t KW,
+                               at::IntArrayRef padding) {
+  TORCH_CHECK(KH >= 1 && KH <= 63 && KW >= 1 && KW <= 63, "lkpatch: kernel ", KH, "x", KW,
+              " is outside the supported 1..63");
+  const int64_t OH = H + padding[0] + padding[1] - KH + 1, OW = W + padding[2] + padding[3] - KW + 1;
+  TORCH_CHECK(OH >= 1 && OW >= 1, "lkpatch: the padded input is smaller than the kernel");
+  check_int(N * C, "N*C");
+  check_int(H * W, "H*W");
+  check_int(OH * OW, "OH*OW");
+  lkpatch::DwShape s{};
+  s.planes = N * C;
+  s.C = (int)C;
+  s.H = (int)H; s.W = (int)W;
+  s.KH = (int)KH; s.KW = (int)KW;
+  s.OH = (int)OH; s.OW = (int)OW;
+  s.pad_t = (int)padding[0];
+  s.pad_l = (int)padding[2];
+  return s;
+}
+
+void check_weight(const Tensor& w, const Tensor& like, int64_t C) {
+  TORCH_CHECK(w.device() == like.device(), "lkpatch: weight is on ", w.device(), ", input on ", like.device());
+  TORCH_CHECK(w.scalar_type() == like.scalar_type(), "lkpatch: weight dtype ", w.scalar_type(),
+              " differs from input dtype ", like.scalar_type());
+  TORCH_CHECK(w.dim() == 4 && w.size(0) == C && w.size(1) == 1, "lkpatch: weight must be (C, 1, KH, KW) with C = ",
+              C, ", got ", w.sizes());
+  TORCH_CHECK(w.is_contiguous(), "lkpatch: weight must be contiguous");
+}
+
+Tensor dwconv2d(const Tensor& x, const Tensor& w, const std::optional<Tensor>& bias, at::IntArrayRef padding) {
+  check_activation(x, "input");
+  check_padding(padding);
+  const int64_t C = x.size(1);
+  check_weight(w, x, C);
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->device() == x.device() && bias->scalar_type() == x.scalar_type() && bias->dim() == 1 &&
+                    bias->size(0) == C && bias->is_contiguous(),
+                "lkpatch: bias must be a contiguous (C,) tensor on the input's device and dtype");
+  }
+  const auto s = forward_shape(x.size(0), C, x.size(2), x.size(3), w.size(2), w.size(3), padding);
+  c10::cuda::CUDAGuard guard(x.device());
+  Tensor y = at::empty({x.size(0), C, s.OH, s.OW}, x.options());
+  check_cuda(lkpatch::dwconv2d_forward_f32(x.data_ptr<float>(), w.data_ptr<float>(),
+                                           bias.has_value() ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>(), s,
+                                           false, c10::cuda::getCurrentCUDAStream().stream()),
+             "depthwise forward");
+  return y;
+}
+
+Tensor dwconv2d_input_grad(const Tensor& grad, const Tensor& w, at::IntArrayRef input_size, at::IntArrayRef padding) {
+  check_activation(grad, "grad_output");
+  check_padding(padding);
+  TORCH_CHECK(input_size.size() == 2, "lkpatch: input_size must be (H, W)");
+  const int64_t C = grad.size(1);
+  check_weight(w, grad, C);
+  const auto f = forward_shape(grad.size(0), C, input_size[0], input_size[1], w.size(2), w.size(3), padding);
+  TORCH_CHECK(f.OH == grad.size(2) && f.OW == grad.size(3), "lkpatch: grad_output is ", grad.sizes(),
+              " but the forward output would be ", f.OH, "x", f.OW);
+  c10::cuda::CUDAGuard guard(grad.device());
+  Tensor gx = at::empty({grad.size(0), C, input_size[0], input_size[1]}, grad.options());
+  check_cuda(lkpatch::dwconv2d_forward_f32(grad.data_ptr<float>(), w.data_ptr<float>(), nullptr, gx.data_ptr<float>(),
+                                           lkpatch::dwconv2d_input_grad_shape(f), true,
+                                           c10::cuda::getCurrentCUDAStream().stream()),
+             "depthwise input-grad");
+  return gx;
+}
+
+Tensor dwconv2d_weight_grad(const Tensor& grad, const Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef padding) {
+  check_activation(grad, "grad_output");
+  check_activation(x, "input");
+  check_padding(padding);
+  TORCH_CHECK(kernel_size.size() == 2, "lkpatch: kernel_size must be (KH, KW)");
+  TORCH_CHECK(grad.device() == x.device(), "lkpatch: grad_output and input are on different devices");
+  TORCH_CHECK(grad.size(0) == x.size(0) && grad.size(1) == x.size(1), "lkpatch: grad_output ", grad.sizes(),
+              " does not match input ", x.sizes());
+  const auto s = forward_shape(x.size(0), x.size(1), x.size(2), x.size(3), kernel_size[0], kernel_size[1], padding);
+  TORCH_CHECK(s.OH == grad.size(2) && s.OW == grad.size(3), "lkpatch: grad_output is ", grad.sizes(),
+              " but the forward output would be ", s.OH, "x", s.OW);
+  c10::cuda::CUDAGuard guard(x.device());
+  Tensor gw = at::empty({x.size(1), 1, kernel_size[0], kernel_size[1]}, x.options());
+  const size_t ws_bytes = lkpatch::dwconv2d_weight_grad_workspace_f32(s);
+  Tensor ws;
+  if (ws_bytes) ws = at::empty({(int64_t)(ws_bytes / sizeof(float))}, x.options());
+  check_cuda(lkpatch::dwconv2d_weight_grad_f32(grad.data_ptr<float>(), x.data_ptr<float>(), gw.data_ptr<float>(),
+                                               ws_bytes ? ws.data_ptr<float>() : nullptr, s,
+                                               c10::cuda::getCurrentCUDAStream().stream()),
+             "depthwise weight-grad");
+  return gw;
+}
+
+Tensor dwconv2d_bias_grad(const Tensor& grad) {
+  check_activation(grad, "grad_output");
+  c10::cuda::CUDAGuard guard(grad.device());
+  Tensor gb = at::empty({grad.size(1)}, grad.options());
+  check_cuda(lkpatch::dwconv2d_bias_grad_f32(grad.data_ptr<float>(), gb.data_ptr<float>(), grad.size(0),
+                                             (int)grad.size(1), grad.size(2) * grad.size(3),
+                                             c10::cuda::getCurrentCUDAStream().stream()),
+             "depthwise bias-grad");
+  return gb;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(lkpatch_ext, m) {
+  m.def("dwconv2d(Tensor input, Tensor weight, Tensor? bias, int[4] padding) -> Tensor");
+  m.def("dwconv2d_input_grad(Tensor grad_output, Tensor weight, int[2] input_size, int[4] padding) -> Tensor");
+  m.def("dwconv2d_weight_grad(Tensor grad_output, Tensor input, int[2] kernel_size, int[4] padding) -> Tensor");
+  m.def("dwconv2d_bias_grad(Tensor grad_output) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(lkpatch_ext, CUDA, m) {
+  m.impl("dwconv2d", &dwconv2d);
+  m.impl("dwconv2d_input_grad", &dwconv2d_input_grad);
+  m.impl("dwconv2d_weight_grad", &dwconv2d_weight_grad);
+  m.impl("dwconv2d_bias_grad", &dwconv2d_bias_grad);
+}

@@ -1,0 +1,45 @@
+// lkpatch: depthwise 2-D convolution kernels (stride 1, dilation 1, channel multiplier 1).
+//
+// Plain CUDA C++: no torch headers, so each kernel file compiles with nvcc alone. All tensors
+// are contiguous NCHW; a "plane" is one (n, c) image channel. The binding (binding.cpp) checks
+// arguments, allocates outputs and workspaces, and picks the stream.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <cuda_runtime.h>
+
+namespace lkpatch {
+
+// out[p][oy][ox] = bias[c] + sum_{kh,kw} in[p][oy - pad_t + kh][ox - pad_l + kw] * w[c][kh][kw],
+// taps outside the input reading zero; p = n * C + c. Padding may be negative (a crop), which the
+// input-gradient uses when a forward padding exceeds K - 1.
+struct DwShape {
+  int64_t planes;  // N * C
+  int C;
+  int H, W;    // input
+  int KH, KW;  // kernel
+  int OH, OW;  // output
+  int pad_t, pad_l;
+};
+
+// The forward pass; with flip_kernel the kernel is rotated by 180 degrees, which makes it the
+// input-gradient (see dwconv2d_input_grad_shape). bias may be null.
+cudaError_t dwconv2d_forward_f32(const float* in, const float* w, const float* bias, float* out,
+                                 const DwShape& s, bool flip_kernel, cudaStream_t stream);
+
+// The shape that computes grad_input of the forward shape `fwd` with dwconv2d_forward_*(flip=true):
+// grad_output convolved with the flipped kernel under padding K - 1 - pad.
+DwShape dwconv2d_input_grad_shape(const DwShape& fwd);
+
+// grad_w[c][kh][kw] = sum_{n,oy,ox} grad_out[n,c][oy][ox] * in[n,c][oy - pad_t + kh][ox - pad_l + kw].
+// Deterministic: partial sums go to `workspace` and are added in a fixed order.
+size_t dwconv2d_weight_grad_workspace_f32(const DwShape& s);  // bytes (may be 0)
+cudaError_t dwconv2d_weight_grad_f32(const float* grad_out, const float* in, float* grad_w, float* workspace,
+                                     const DwShape& s, cudaStream_t stream);
+
+// grad_b[c] = sum over n, y, x of grad_out[n, c, y, x]; deterministic.
+cudaError_t dwconv2d_bias_grad_f32(const float* grad_out, float* grad_b, int64_t N, int C, int64_t HW,
+                                   cudaStream_t stream);
+
+}  // namespace lkpatch

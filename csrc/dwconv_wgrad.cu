@@ -1,0 +1,214 @@
+// Weight-gradient of the fp32 depthwise convolution.
+//
+// grad_w[c][kh][kw] = sum_{n,oy,ox} grad_out[n,c][oy][ox] * in[n,c][oy - pad_t + kh][ox - pad_l + kw]
+//
+// This is the forward correlation with roles changed: the kernel taps are the results, the
+// output-gradient tile plays the kernel. A block owns one channel and a fixed range of work items
+// (image n, output tile); it stages Q items at a time. Each thread owns RH x RW taps and one
+// slice (split) of the tile's rows and column chunks, so the slices of all threads cover each
+// (tap, output) pair exactly once. Partial sums are combined in a fixed order -- threads of a
+// block through shared memory, blocks through a workspace and a second kernel -- so the result
+// is deterministic, and no partial sum runs over more than a few thousand terms, which keeps
+// fp32 accumulation error far below 1e-5 relative.
+#include <algorithm>
+
+#include "dwconv_core.cuh"
+
+namespace lkpatch {
+namespace {
+
+struct WgradParams {
+  const float* grad;  // grad_out, planes x OH x OW
+  const float* in;    // planes x H x W
+  float* dst;         // G x C x KH x KW partial sums (G == 1: grad_w itself)
+  DwShape s;
+  int N;
+  int TOH, TOW;           // output tile
+  int tiles_x, tiles;     // tiles per plane
+  int items_per_block;    // work items (n, tile) per block
+  int TGX, TGY;           // tap groups across / down (each RH x RW taps)
+  int SR, SC, Q;          // row splits, chunk splits, items staged at once
+  int rows_per_split, chunks_per_split;
+  int a_rows, a_pitch, b_rows, b_pitch;
+};
+
+template <int RH, int RW>
+__global__ void __launch_bounds__(256, 2) dw_weight_grad_f32(const WgradParams p) {
+  constexpr int CH = kChunk;
+  extern __shared__ __align__(16) float smem[];
+  const DwShape& s = p.s;
+  const int c = blockIdx.x, g = blockIdx.y;
+  const int ntg = p.TGX * p.TGY, nsplit = p.SR * p.SC;
+  const int per_item = ntg * nsplit;
+  const int a_size = p.a_rows * p.a_pitch, b_size = p.b_rows * p.b_pitch;
+
+  const int slot = threadIdx.x / per_item;
+  const int t = threadIdx.x - slot * per_item;
+  const int tg = t % ntg, split = t / ntg;
+  const int kh0 = (tg / p.TGX) * RH, kw0 = (tg % p.TGX) * RW;
+  const int sr = split / p.SC, sc = split - sr * p.SC;
+  const bool active = slot < p.Q;
+
+  float acc[RH][RW];
+#pragma unroll
+  for (int r = 0; r < RH; ++r)
+#pragma unroll
+    for (int j = 0; j < RW; ++j) acc[r][j] = 0.f;
+
+  const int item_begin = g * p.items_per_block;
+  const int item_end = min(item_begin + p.items_per_block, p.N * p.tiles);
+  for (int base = item_begin; base < item_end; base += p.Q) {
+    __syncthreads();  // the previous items are no longer being read
+    for (int q = 0; q < p.Q && base + q < item_end; ++q) {
+      const int item = base + q, n = item / p.tiles, tile = item - n * p.tiles;
+      const int oyT = (tile / p.tiles_x) * p.TOH, oxT = (tile % p.tiles_x) * p.TOW;
+      const int toh = min(p.TOH, s.OH - oyT), tow = min(p.TOW, s.OW - oxT);
+      const int64_t plane = (int64_t)n * s.C + c;
+      float* A = smem + q * (a_size + b_size);
+      float* B = A + a_size;
+      const int ry0 = max(0, oyT - s.pad_t);
+      const int nrows = min(s.H, oyT - s.pad_t + p.TGY * RH + p.TOH - 1) - ry0;
+      const int cx0 = oxT - s.pad_l;
+      const float* src = p.in + plane * (int64_t)s.H * s.W + (int64_t)ry0 * s.W;
+      for (int i = threadIdx.x; i < nrows * p.a_pitch; i += blockDim.x) {
+        const int r = i / p.a_pitch, col = i - r * p.a_pitch, x = cx0 + col;
+        A[i] = (x >= 0 && x < s.W) ? __ldg(src + r * s.W + x) : 0.f;
+      }
+      const float* gsrc = p.grad + plane * (int64_t)s.OH * s.OW + (int64_t)oyT * s.OW + oxT;
+      for (int i = threadIdx.x; i < b_size; i += blockDim.x) {
+        const int r = i / p.b_pitch - (RH - 1), col = i % p.b_pitch;
+        B[i] = (r >= 0 && r < toh && col < tow) ? __ldg(gsrc + r * s.OW + col) : 0.f;
+      }
+    }
+    __syncthreads();
+    if (!active || base + slot >= item_end) continue;
+
+    const int tile = (base + slot) % p.tiles;
+    const int oyT = (tile / p.tiles_x) * p.TOH, oxT = (tile % p.tiles_x) * p.TOW;
+    const int toh = min(p.TOH, s.OH - oyT), tow = min(p.TOW, s.OW - oxT);
+    // d indexes input rows from oyT - pad_t + kh0 (output-gradient row d - r for tap row r);
+    // k indexes output-gradient columns. This thread takes its split of both.
+    const int d_lo = max(max(0, sr * p.rows_per_split), s.pad_t - kh0 - oyT);
+    const int d_hi = min(min(toh + RH - 1, (sr + 1) * p.rows_per_split), s.pad_t - kh0 - oyT + s.H);
+    const int c_lo = max(sc * p.chunks_per_split, max(0, s.pad_l - kw0 - oxT - RW + 1) / CH);
+    const int c_hi = min((sc + 1) * p.chunks_per_split, ceil_div(min(tow, s.pad_l - kw0 - oxT + s.W), CH));
+    if (d_hi > d_lo && c_hi > c_lo) {
+      const float* A = smem + slot * (a_size + b_size);
+      const float* B = A + a_size + (RH - 1) * p.b_pitch;
+      const int ry0 = max(0, oyT - s.pad_t);
+      correlate<RH, RW, CH>(acc, A + kw0, oyT - s.pad_t + kh0 - ry0, p.a_pitch, B, p.b_pitch, d_lo, d_hi,
+                            c_lo * CH, c_hi - c_lo);
+    }
+  }
+
+  // Sum the Q x splits partial results of each tap in a fixed order.
+  __syncthreads();
+  float* red = smem;
+  if (active) {
+#pragma unroll
+    for (int r = 0; r < RH; ++r)
+#pragma unroll
+      for (int j = 0; j < RW; ++j) red[(r * RW + j) * blockDim.x + threadIdx.x] = acc[r][j];
+  }
+  __syncthreads();
+  const int taps = ntg * RH * RW;
+  for (int i = threadIdx.x; i < taps; i += blockDim.x) {
+    const int e = i / ntg, tgi = i - e * ntg;
+    const int kh = (tgi / p.TGX) * RH + e / RW, kw = (tgi % p.TGX) * RW + e % RW;
+    if (kh >= s.KH || kw >= s.KW) continue;
+    float sum = 0.f;
+    for (int part = 0; part < p.Q * nsplit; ++part) sum += red[e * blockDim.x + part * ntg + tgi];
+    p.dst[((int64_t)g * s.C + c) * s.KH * s.KW + kh * s.KW + kw] = sum;
+  }
+}
+
+__global__ void sum_partials_f32(const float* __restrict__ parts, float* __restrict__ out, int G, int64_t n) {
+  const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  float sum = 0.f;
+  for (int g = 0; g < G; ++g) sum += parts[g * n + i];
+  out[i] = sum;
+}
+
+constexpr int kRH = 4, kRW = 8;
+constexpr int kMaxChain = 4096;  // most multiply-adds one thread's partial sum may take
+
+struct WgradPlan {
+  WgradParams p;
+  int G;
+  size_t smem;
+  int threads;
+};
+
+WgradPlan plan_weight_grad(const DwShape& s, const DeviceLimits& lim) {
+  WgradPlan plan{};
+  WgradParams& p = plan.p;
+  p.s = s;
+  p.N = (int)(s.planes / s.C);
+  p.TOH = std::min(s.OH, 64);
+  p.TOW = std::min(s.OW, 64);
+  p.tiles_x = ceil_div(s.OW, p.TOW);
+  p.tiles = p.tiles_x * ceil_div(s.OH, p.TOH);
+  p.TGY = ceil_div(s.KH, kRH);
+  p.TGX = ceil_div(s.KW, kRW);
+  const int ntg = p.TGX * p.TGY;
+  const int drange = p.TOH + kRH - 1, nchunks = ceil_div(p.TOW, kChunk);
+  // Splits: rows first (they share the window loads of a chunk), then chunks, up to 256 threads.
+  const int max_split = std::max(1, 256 / ntg);
+  p.SR = std::min(drange, max_split);
+  p.SC = std::min(nchunks, std::max(1, max_split / p.SR));
+  p.rows_per_split = ceil_div(drange, p.SR);
+  p.SR = ceil_div(drange, p.rows_per_split);
+  p.chunks_per_split = ceil_div(nchunks, p.SC);
+  p.SC = ceil_div(nchunks, p.chunks_per_split);
+  const int per_item = ntg * p.SR * p.SC;
+  p.a_rows = std::max(1, std::min(s.H, p.TGY * kRH + p.TOH - 1));
+  p.a_pitch = p.TGX * kRW + round_up(p.TOW, kChunk);
+  p.b_rows = p.TOH + 2 * (kRH - 1);
+  p.b_pitch = round_up(p.TOW, kChunk);
+  const size_t item_bytes = sizeof(float) * ((size_t)p.a_rows * p.a_pitch + (size_t)p.b_rows * p.b_pitch);
+  const int items = p.N * p.tiles;
+  p.Q = std::max(1, std::min({256 / per_item, (int)((96 * 1024) / item_bytes), items}));
+  plan.threads = round_up(p.Q * per_item, 32);
+  plan.smem = std::max(item_bytes * p.Q, sizeof(float) * kRH * kRW * plan.threads);
+  // Enough blocks to fill the GPU, and partial sums no longer than kMaxChain items' worth.
+  const int64_t chain_per_item = (int64_t)p.rows_per_split * p.chunks_per_split * kChunk;
+  const int64_t rounds_cap = std::max<int64_t>(1, kMaxChain / chain_per_item);
+  int G = std::max(1, ceil_div(4 * lim.sms, s.C));
+  G = (int)std::max<int64_t>(G, ceil_div(items, (int)std::min<int64_t>(rounds_cap * p.Q, items)));
+  G = std::min(G, items);
+  p.items_per_block = ceil_div(items, G);
+  plan.G = ceil_div(items, p.items_per_block);
+  return plan;
+}
+
+}  // namespace
+
+size_t dwconv2d_weight_grad_workspace_f32(const DwShape& s) {
+  if (s.planes == 0 || s.OH <= 0 || s.OW <= 0) return 0;
+  DeviceLimits lim;
+  if (device_limits(&lim) != cudaSuccess) return 0;
+  const WgradPlan plan = plan_weight_grad(s, lim);
+  return plan.G > 1 ? sizeof(float) * plan.G * (size_t)s.C * s.KH * s.KW : 0;
+}
+
+cudaError_t dwconv2d_weight_grad_f32(const float* grad_out, const float* in, float* grad_w, float* workspace,
+                                     const DwShape& s, cudaStream_t stream) {
+  const int64_t n_w = (int64_t)s.C * s.KH * s.KW;
+  if (s.planes == 0 || s.OH <= 0 || s.OW <= 0) return cudaMemsetAsync(grad_w, 0, sizeof(float) * n_w, stream);
+  DeviceLimits lim;
+  cudaError_t err = device_limits(&lim);
+  if (err != cudaSuccess) return err;
+  WgradPlan plan = plan_weight_grad(s, lim);
+  if (plan.smem > (size_t)lim.max_smem_optin || s.C > 0x7fffffff || plan.G > 65535) return cudaErrorInvalidConfiguration;
+  if (plan.G > 1 && workspace == nullptr) return cudaErrorInvalidValue;
+  plan.p.grad = grad_out;
+  plan.p.in = in;
+  plan.p.dst = plan.G > 1 ? workspace : grad_w;
+  err = launch(dw_weight_grad_f32<kRH, kRW>, dim3(s.C, plan.G), dim3(plan.threads), plan.smem, stream, plan.p);
+  if (err != cudaSuccess || plan.G == 1) return err;
+  sum_partials_f32<<<(unsigned)ceil_div((int)n_w, 256), 256, 0, stream>>>(workspace, grad_w, plan.G, n_w);
+  return cudaGetLastError();
+}
+
+}  // namespace lkpatch
