@@ -1,0 +1,243 @@
+"""``lkpatch bench``: lkpatch's kernels against PyTorch's, timed in the same run.
+
+Op mode (default): per shape, milliseconds of the forward and of forward + backward (input,
+weight and bias gradients) for PyTorch (``F.conv2d``) and lkpatch (kernels forced on), their
+ratio, and the fraction of the fp32 floor -- the multiply-adds whose taps land inside the input,
+over the fp32 rate measured on this GPU with a large SGEMM. ``--passes`` adds each pass alone,
+the numbers behind ``dispatch``'s rule. Model mode (``--model NAME``): training-step images/s of
+a timm model, unconverted and converted. Timing: CUDA events, warm-up, median of repeats,
+inputs rotated so that small ones do not sit in L2.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+from typing import Callable, Dict, List, Sequence
+
+import torch
+import torch.nn.functional as F
+
+# The rows of the fp32 issue: RepLKNet stages, ConvNeXt-T stage 1, and a 64x64 map.
+DEFAULT_SHAPES = [
+    (64, 384, 64, 64, 31, 31), (64, 384, 64, 64, 7, 7), (64, 128, 56, 56, 31, 31), (64, 256, 28, 28, 29, 29),
+    (64, 512, 14, 14, 27, 27), (64, 1024, 7, 7, 13, 13), (64, 96, 56, 56, 7, 7),
+]
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def time_ms(fn: Callable[[int], None], n_inputs: int = 1, warmup: int = 3, reps: int = 20) -> float:
+    """Median milliseconds of ``fn(i)`` (i cycles over the input sets), timed with CUDA events."""
+    for i in range(warmup):
+        fn(i % n_inputs)
+    torch.cuda.synchronize()
+    times = []
+    for i in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(i % n_inputs)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def measured_fp32_tflops() -> float:
+    """fp32 rate of this GPU: a large SGEMM with TF32 off."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        a = torch.randn(8192, 8192, device="cuda")
+        b = torch.randn(8192, 8192, device="cuda")
+        ms = time_ms(lambda i: torch.mm(a, b), warmup=2, reps=5)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+    return 2 * 8192**3 / ms / 1e9
+
+
+def effective_macs(n: int, c: int, h: int, w: int, kh: int, kw: int, pads: Sequence[int]) -> int:
+    """Multiply-adds of one pass whose input tap lies inside the image (padding taps excluded)."""
+    def taps(size, k, before, after):
+        out = size + before + after - k + 1
+        return sum(min(k, size + before - o) - max(0, before - o) for o in range(out))
+    return n * c * taps(h, kh, pads[0], pads[1]) * taps(w, kw, pads[2], pads[3])
+
+
+def bench_shape(shape, dtype, channels_last: bool, reps: int, passes: bool) -> Dict:
+    from . import _native, dispatch
+
+    n, c, h, w, kh, kw = shape
+    pads = ((kh - 1) // 2, kh // 2, (kw - 1) // 2, kw // 2)  # 'same'
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    elem = torch.tensor([], dtype=dtype).element_size()
+    n_inputs = max(1, min(4, (256 << 20) // max(1, n * c * h * w * elem)))
+    xs = [torch.randn(n, c, h, w, device="cuda", dtype=dtype).contiguous(memory_format=fmt).requires_grad_()
+          for _ in range(n_inputs)]
+    wt = (torch.randn(c, 1, kh, kw, device="cuda", dtype=dtype) / (kh * kw) ** 0.5).requires_grad_()
+    b = torch.randn(c, device="cuda", dtype=dtype).requires_grad_()
+    g = torch.randn(n, c, h, w, device="cuda", dtype=dtype).contiguous(memory_format=fmt)
+
+    def native(i):  # what an unconverted nn.Conv2d runs
+        return _native.forward(xs[i], wt, b, pads)
+
+    def ours(i):
+        with dispatch.force("kernel"):
+            return torch.ops.lkpatch.dwconv2d(xs[i], wt, b, pads)
+
+    def fwd(f):
+        def run(i):
+            with torch.no_grad():
+                f(i)
+        return run
+
+    def fwd_bwd(f):
+        def run(i):
+            f(i).backward(g)
+        return run
+
+    row = {"shape": [n, c, h, w, kh, kw], "dtype": str(dtype).replace("torch.", ""),
+           "layout": "channels_last" if channels_last else "nchw",
+           "effective_gflop_fwd_bwd": 3 * 2 * effective_macs(n, c, h, w, kh, kw, pads) / 1e9}
+    row["native_fwd_ms"] = time_ms(fwd(native), n_inputs, reps=reps)
+    row["lkpatch_fwd_ms"] = time_ms(fwd(ours), n_inputs, reps=reps)
+    row["native_fwd_bwd_ms"] = time_ms(fwd_bwd(native), n_inputs, reps=reps)
+    row["lkpatch_fwd_bwd_ms"] = time_ms(fwd_bwd(ours), n_inputs, reps=reps)
+    if passes:
+        x0 = xs[0].detach()
+        with dispatch.force("kernel"):
+            row["lkpatch_input_grad_ms"] = time_ms(
+                lambda i: torch.ops.lkpatch.dwconv2d_input_grad(g, wt.detach(), (h, w), pads), reps=reps)
+            row["lkpatch_weight_grad_ms"] = time_ms(
+                lambda i: torch.ops.lkpatch.dwconv2d_weight_grad(g, x0, (kh, kw), pads), reps=reps)
+            row["lkpatch_bias_grad_ms"] = time_ms(lambda i: torch.ops.lkpatch.dwconv2d_bias_grad(g), reps=reps)
+        row["native_input_grad_ms"] = time_ms(
+            lambda i: _native.backward_input(g, wt.detach(), (h, w), pads), reps=reps)
+        row["native_weight_grad_ms"] = time_ms(
+            lambda i: _native.backward_weight(g, x0, (kh, kw), pads), reps=reps)
+        row["native_bias_grad_ms"] = time_ms(lambda i: _native.backward_bias(g), reps=reps)
+    return row
+
+
+def bench_model(name: str, batch: int, size: int, amp: str, channels_last: bool, steps: int) -> Dict:
+    """Training steps (forward, loss, backward, SGD) per second, unconverted vs converted."""
+    import timm
+
+    from . import convert_model
+
+    base = timm.create_model(name, num_classes=1000).cuda().train()
+    models = {"native": base, "lkpatch": convert_model(copy.deepcopy(base))}
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(batch, 3, size, size, device="cuda").contiguous(memory_format=fmt)
+    y = torch.randint(0, 1000, (batch,), device="cuda")
+    out = {"model": name, "batch": batch, "size": size, "amp": amp, "layout": "channels_last" if channels_last else "nchw"}
+    for key, model in models.items():
+        model = model.to(memory_format=fmt)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        scaler = torch.amp.GradScaler("cuda", enabled=amp == "float16")
+
+        def step(i):
+            with torch.autocast("cuda", dtype=DTYPES.get(amp, torch.float32), enabled=amp != "float32"):
+                loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+
+        ms = time_ms(step, warmup=3, reps=steps)
+        out[f"{key}_step_ms"] = ms
+        out[f"{key}_img_per_s"] = batch / ms * 1e3
+    return out
+
+
+def _shape(text: str):
+    parts = [int(v) for v in text.replace("x", ",").split(",")]
+    if len(parts) == 5:
+        parts.append(parts[4])
+    if len(parts) != 6:
+        raise argparse.ArgumentTypeError(f"shape {text!r}: expected N,C,H,W,K or N,C,H,W,KH,KW")
+    return tuple(parts)
+
+
+def format_table(rows: List[Dict], peak_tflops: float) -> str:
+    head = ["N x C x H x W, kernel", "dtype", "layout", "fwd PT", "fwd lk", "fwd+bwd PT", "fwd+bwd lk", "speed-up",
+            "% fp32 floor"]
+    lines = [head]
+    for r in rows:
+        n, c, h, w, kh, kw = r["shape"]
+        floor_ms = r["effective_gflop_fwd_bwd"] / peak_tflops
+        lines.append([f"{n}x{c}x{h}x{w}, {kh}x{kw}", r["dtype"], r["layout"], f"{r['native_fwd_ms']:.3f}",
+                      f"{r['lkpatch_fwd_ms']:.3f}", f"{r['native_fwd_bwd_ms']:.3f}", f"{r['lkpatch_fwd_bwd_ms']:.3f}",
+                      f"{r['native_fwd_bwd_ms'] / r['lkpatch_fwd_bwd_ms']:.2f}x",
+                      f"{100 * floor_ms / r['lkpatch_fwd_bwd_ms']:.0f}%"])
+    widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
+    text = ["  ".join(v.rjust(wd) for v, wd in zip(row, widths)) for row in lines]
+    text.insert(1, "  ".join("-" * wd for wd in widths))
+    return "\n".join(text)
+
+
+def format_passes(rows: List[Dict]) -> str:
+    out = ["per pass, ms (PyTorch / lkpatch):"]
+    for r in rows:
+        if "lkpatch_weight_grad_ms" not in r:
+            continue
+        n, c, h, w, kh, kw = r["shape"]
+        cells = [f"{p} {r[f'native_{p}_ms']:.3f}/{r[f'lkpatch_{p}_ms']:.3f}"
+                 for p in ("fwd", "input_grad", "weight_grad", "bias_grad")]
+        out.append(f"  {n}x{c}x{h}x{w} {kh}x{kw} {r['dtype']} {r['layout']}: " + ", ".join(cells))
+    return "\n".join(out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lkpatch bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="+", type=_shape, help="N,C,H,W,K or N,C,H,W,KH,KW (default: the issue's rows)")
+    parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["float32"])
+    parser.add_argument("--channels-last", action="store_true", help="also time channels_last inputs")
+    parser.add_argument("--passes", action="store_true", help="also time each backward pass alone")
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--model", help="model mode: a timm model name (e.g. replknet_31b)")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--amp", choices=["float32", "bfloat16", "float16"], default="bfloat16")
+    parser.add_argument("--json", help="write the results to this JSON file")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("lkpatch: error: bench needs a CUDA GPU", file=sys.stderr)
+        return 1
+    from . import build, dispatch
+
+    build.build()
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda}
+    if args.model:
+        for layout in ([False, True] if args.channels_last else [False]):
+            r = bench_model(args.model, args.batch, args.size, args.amp, layout, args.reps)
+            result.setdefault("models", []).append(r)
+            print(f"{r['model']} batch {r['batch']} {r['size']}px {r['amp']} {r['layout']}: PyTorch "
+                  f"{r['native_img_per_s']:.0f} img/s, lkpatch {r['lkpatch_img_per_s']:.0f} img/s "
+                  f"({r['lkpatch_img_per_s'] / r['native_img_per_s']:.2f}x)")
+    else:
+        peak = measured_fp32_tflops()
+        result["fp32_tflops_sgemm"] = peak
+        rows = []
+        for dtype in args.dtype:
+            for layout in ([False, True] if args.channels_last else [False]):
+                for shape in args.shapes or DEFAULT_SHAPES:
+                    if dispatch.kernel_unsupported_reason(shape[:4], shape[4:], (0, 0, 0, 0), DTYPES[dtype]):
+                        continue
+                    rows.append(bench_shape(shape, DTYPES[dtype], layout, args.reps, args.passes))
+                    torch.cuda.empty_cache()
+        result["rows"] = rows
+        print(f"{result['device']}, torch {result['torch']}; fp32 SGEMM {peak:.1f} TFLOP/s; times in ms, median "
+              f"of {args.reps}; PT = F.conv2d, lk = lkpatch kernels")
+        print(format_table(rows, peak))
+        if args.passes:
+            print(format_passes(rows))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,273 @@
+"""GPU tests of lkpatch's CUDA kernels against a float64 reference (skipped without CUDA).
+
+Every check runs with the kernel forced on (``dispatch.force("kernel")``) so the speed rule
+cannot route a case to PyTorch, and under ``torch.use_deterministic_algorithms(True)``, which
+makes PyTorch fill every fresh allocation -- our outputs and workspaces included -- with NaN:
+an element a kernel fails to write shows up as NaN in the comparison.
+"""
+import math
+import os
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lkpatch
+from lkpatch import dispatch
+
+pytestmark = pytest.mark.cuda
+
+TOL = {torch.float32: 1e-5}
+SWEEP_CASES = int(os.environ.get("LKPATCH_SWEEP_CASES", "240"))
+PRIMES = [2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53, 59, 61, 67, 71, 73, 79, 83, 89, 97, 101,
+          103, 107, 109, 113, 127]
+
+
+@pytest.fixture(autouse=True)
+def poisoned_allocations():
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev)
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    a, ref = a.double(), ref.double()
+    if not torch.isfinite(a).all():
+        return math.inf
+    den = ref.norm().item()
+    return (a - ref).norm().item() / (den if den > 0 else 1.0)
+
+
+def reference(x, w, b, pads, g):
+    """Output and gradients in float64 through F.pad + F.conv2d and autograd."""
+    x64 = x.detach().double().requires_grad_()
+    w64 = w.detach().double().requires_grad_()
+    b64 = None if b is None else b.detach().double().requires_grad_()
+    pt, pb, pl, pr = pads
+    y = F.conv2d(F.pad(x64, (pl, pr, pt, pb)), w64, b64, groups=x.shape[1])
+    y.backward(g.double())
+    return y.detach(), x64.grad, w64.grad, None if b is None else b64.grad
+
+
+def run_op(x, w, b, pads, g):
+    x = x.detach().requires_grad_()
+    w = w.detach().requires_grad_()
+    b = None if b is None else b.detach().requires_grad_()
+    with dispatch.force("kernel"):
+        y = torch.ops.lkpatch.dwconv2d(x, w, b, pads)
+        y.backward(g)
+    return y.detach(), x.grad, w.grad, None if b is None else b.grad
+
+
+def draw_case(rng: random.Random):
+    kind = rng.random()
+    if kind < 0.3:
+        kh, kw = rng.randint(1, 7), rng.randint(1, 7)
+    elif kind < 0.7:
+        kh, kw = rng.randint(1, 31), rng.randint(1, 31)
+    else:
+        kh, kw = rng.randint(20, 63), rng.randint(20, 63)
+    if rng.random() < 0.3:
+        kw = kh  # square kernels are the common case
+    def size(k):
+        r = rng.random()
+        if r < 0.2:
+            return rng.randint(1, max(1, k - 1))  # smaller than the kernel
+        if r < 0.5:
+            return rng.choice(PRIMES)
+        return rng.randint(1, 130)
+    h, w = size(kh), size(kw)
+    pads = [rng.choice([0, (kh - 1) // 2, kh // 2, kh - 1, kh, rng.randint(0, kh)]) for _ in range(2)] + \
+           [rng.choice([0, (kw - 1) // 2, kw // 2, kw - 1, kw, rng.randint(0, kw)]) for _ in range(2)]
+    # the padded input must hold the kernel
+    pads[1] = max(pads[1], kh - h - pads[0])
+    pads[3] = max(pads[3], kw - w - pads[2])
+    n, c = rng.randint(1, 8), rng.randint(1, 300)
+    oh, ow = h + pads[0] + pads[1] - kh + 1, w + pads[2] + pads[3] - kw + 1
+    # keep the float64 reference quick: bound the multiply-adds and the tensor sizes
+    while c > 1 and (n * c * oh * ow * kh * kw > 2e9 or n * c * max(h * w, oh * ow) > 4e6):
+        c = max(1, c // 2)
+    layout = rng.choice(["contiguous", "contiguous", "channels_last", "strided"])
+    return dict(n=n, c=c, h=h, w=w, kh=kh, kw=kw, pads=tuple(pads), bias=rng.random() < 0.6, layout=layout)
+
+
+def make_inputs(case, gen, dtype=torch.float32):
+    n, c, h, w, kh, kw, pads = (case[k] for k in ("n", "c", "h", "w", "kh", "kw", "pads"))
+    dev = "cuda"
+    if case["layout"] == "strided":  # every other column of a wider tensor
+        x = torch.randn(n, c, h, 2 * w, generator=gen, device=dev, dtype=dtype)[..., ::2]
+    else:
+        x = torch.randn(n, c, h, w, generator=gen, device=dev, dtype=dtype)
+        if case["layout"] == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+    wt = torch.randn(c, 1, kh, kw, generator=gen, device=dev, dtype=dtype) / math.sqrt(kh * kw)
+    b = torch.randn(c, generator=gen, device=dev, dtype=dtype) if case["bias"] else None
+    oh, ow = h + pads[0] + pads[1] - kh + 1, w + pads[2] + pads[3] - kw + 1
+    g = torch.randn(n, c, oh, ow, generator=gen, device=dev, dtype=dtype)
+    if case["layout"] == "strided":
+        g = torch.randn(n, c, ow, oh, generator=gen, device=dev, dtype=dtype).transpose(2, 3)
+    return x, wt, b, g
+
+
+def check_case(case, seed):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    x, w, b, g = make_inputs(case, gen)
+    got = run_op(x, w, b, case["pads"], g)
+    ref = reference(x, w, b, case["pads"], g)
+    names = ("output", "grad_input", "grad_weight", "grad_bias")
+    errs = {name: rel_err(a, r) for name, a, r in zip(names, got, ref) if r is not None}
+    bad = {k: v for k, v in errs.items() if not v <= TOL[torch.float32]}
+    assert not bad, f"case {case} seed {seed}: relative errors {errs}"
+    assert got[0].shape == ref[0].shape and got[1].shape == x.shape
+    if case["layout"] == "channels_last":
+        assert got[0].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_random_sweep_fp32():
+    rng = random.Random(1234)
+    failures = []
+    for i in range(SWEEP_CASES):
+        case = draw_case(rng)
+        try:
+            check_case(case, seed=i)
+        except AssertionError as e:
+            failures.append(str(e))
+    assert not failures, f"{len(failures)} of {SWEEP_CASES} cases failed:\n" + "\n".join(failures[:20])
+
+
+@pytest.mark.parametrize("case", [
+    dict(n=2, c=3, h=1, w=1, kh=1, kw=1, pads=(0, 0, 0, 0), bias=True, layout="contiguous"),
+    dict(n=1, c=5, h=1, w=1, kh=63, kw=63, pads=(31, 31, 31, 31), bias=True, layout="contiguous"),
+    dict(n=2, c=7, h=14, w=14, kh=27, kw=27, pads=(13, 13, 13, 13), bias=False, layout="contiguous"),
+    dict(n=2, c=9, h=7, w=7, kh=13, kw=13, pads=(6, 6, 6, 6), bias=True, layout="channels_last"),
+    dict(n=1, c=4, h=56, w=56, kh=51, kw=5, pads=(25, 25, 2, 2), bias=True, layout="contiguous"),
+    dict(n=1, c=4, h=33, w=40, kh=1, kw=11, pads=(0, 0, 5, 5), bias=True, layout="contiguous"),
+    dict(n=1, c=4, h=33, w=40, kh=11, kw=1, pads=(5, 5, 0, 0), bias=True, layout="contiguous"),
+    dict(n=2, c=3, h=20, w=21, kh=4, kw=6, pads=(1, 2, 2, 3), bias=True, layout="strided"),   # 'same', even
+    dict(n=1, c=2, h=9, w=9, kh=5, kw=5, pads=(5, 5, 5, 5), bias=True, layout="contiguous"),  # pad == K
+    dict(n=1, c=2, h=130, w=130, kh=31, kw=31, pads=(15, 15, 15, 15), bias=True, layout="contiguous"),
+    dict(n=3, c=2, h=200, w=70, kh=7, kw=7, pads=(3, 3, 3, 3), bias=True, layout="contiguous"),  # several tiles
+])
+def test_edge_cases(case):
+    check_case(case, seed=7)
+
+
+def test_weight_grad_deterministic():
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(8, 32, 56, 56, device="cuda", generator=gen)
+    g = torch.randn(8, 32, 56, 56, device="cuda", generator=gen)
+    with dispatch.force("kernel"):
+        a = torch.ops.lkpatch.dwconv2d_weight_grad(g, x, (31, 31), (15, 15, 15, 15))
+        b = torch.ops.lkpatch.dwconv2d_weight_grad(g, x, (31, 31), (15, 15, 15, 15))
+    assert torch.equal(a, b)
+
+
+def test_opcheck_all_ops():
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(2, 6, 17, 19, device="cuda", generator=gen, requires_grad=True)
+    w = torch.randn(6, 1, 5, 7, device="cuda", generator=gen, requires_grad=True)
+    b = torch.randn(6, device="cuda", generator=gen, requires_grad=True)
+    pads = [1, 3, 2, 4]
+    g = torch.randn(2, 6, 17, 19, device="cuda", generator=gen)
+    with dispatch.force("kernel"):
+        torch.library.opcheck(torch.ops.lkpatch.dwconv2d.default, (x, w, b, pads))
+        torch.library.opcheck(torch.ops.lkpatch.dwconv2d.default, (x.detach().contiguous(
+            memory_format=torch.channels_last), w.detach(), None, pads))
+        torch.library.opcheck(torch.ops.lkpatch.dwconv2d_input_grad.default, (g, w.detach(), [17, 19], pads))
+        torch.library.opcheck(torch.ops.lkpatch.dwconv2d_weight_grad.default, (g, x.detach(), [5, 7], pads))
+        torch.library.opcheck(torch.ops.lkpatch.dwconv2d_bias_grad.default, (g,))
+
+
+def _small_convnet(c=32, k=13):
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, c, 3, padding=1),
+        torch.nn.Conv2d(c, c, k, padding=k // 2, groups=c),
+        torch.nn.GELU(),
+        torch.nn.Conv2d(c, c, (1, 11), padding=(0, 5), groups=c),
+        torch.nn.Conv2d(c, c, 4, padding="same", groups=c, bias=False),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(c, 10))
+
+
+def test_compile_fullgraph_and_cuda_graph():
+    torch.manual_seed(0)
+    model = lkpatch.convert_model(_small_convnet().cuda())
+    x = torch.randn(4, 3, 40, 40, device="cuda")
+    with dispatch.force("kernel"):
+        eager = model(x)
+        compiled = torch.compile(model, fullgraph=True)
+        out = compiled(x)
+        assert rel_err(out, eager) < 1e-5
+        out.sum().backward()
+        # CUDA graph capture of forward + backward through the custom ops
+        static_x = x.clone()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                model.zero_grad(set_to_none=False)
+                model(static_x).sum().backward()
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        model.zero_grad(set_to_none=False)
+        with torch.cuda.graph(graph):
+            static_out = model(static_x)
+            static_out.sum().backward()
+        static_x.copy_(torch.randn_like(static_x))
+        graph.replay()
+        ref = model(static_x)
+    assert rel_err(static_out, ref) < 1e-5
+
+
+def _loss_and_grads(model, x):
+    model.zero_grad(set_to_none=True)
+    loss = model(x).float().square().mean()
+    loss.backward()
+    return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name,size", [("convnext_tiny", 96), ("replknet_31b", 64)])
+def test_converted_model_matches(name, size):
+    import copy
+    import timm
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10).cuda().train()
+    converted = lkpatch.convert_model(copy.deepcopy(model))
+    assert lkpatch.conversion_report(converted).converted
+    x = torch.randn(2, 3, size, size, device="cuda")
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # the other layers exact
+    try:
+        with dispatch.force("kernel"):
+            loss_ref, grads_ref = _loss_and_grads(model, x)
+            loss, grads = _loss_and_grads(converted, x)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    assert rel_err(loss, loss_ref) < 1e-5
+    assert grads.keys() == grads_ref.keys()
+    worst = max(rel_err(grads[k], grads_ref[k]) for k in grads)
+    assert worst < 1e-4, worst  # whole-network gradients: fp32 rounding in both paths accumulates
+
+
+def test_bad_inputs_raise_like_pytorch():
+    x = torch.randn(2, 4, 9, 9, device="cuda")
+    w = torch.randn(4, 1, 3, 3, device="cuda")
+    with dispatch.force("kernel"):
+        for args in [(x, w.cpu()), (x, torch.randn(4, 2, 3, 3, device="cuda")), (x, w.double()),
+                     (x, torch.randn(5, 1, 3, 3, device="cuda"))]:
+            with pytest.raises(RuntimeError) as ours:
+                lkpatch.depthwise_conv2d(*args, padding=1)
+            with pytest.raises(RuntimeError) as theirs:
+                F.conv2d(*args, padding=1, groups=4)
+            assert type(ours.value) is type(theirs.value)
+        empty = torch.randn(0, 4, 9, 9, device="cuda")
+        assert lkpatch.depthwise_conv2d(empty, w, padding=1).shape == (0, 4, 9, 9)
+        # the ops themselves check their arguments instead of reading out of bounds
+        with pytest.raises(RuntimeError, match="weight"):
+            torch.ops.lkpatch.dwconv2d(x, torch.randn(4, 1, 3, 3), None, [1, 1, 1, 1])
+        with pytest.raises(RuntimeError):
+            torch.ops.lkpatch.dwconv2d_input_grad(x, w, [5, 5], [1, 1, 1, 1])
+    torch.cuda.synchronize()  # no asynchronous fault was left behind
