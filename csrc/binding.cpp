@@ -130,11 +130,17 @@ Tensor dwconv2d_weight_grad(const Tensor& grad, const Tensor& x, at::IntArrayRef
 
 Tensor dwconv2d_bias_grad(const Tensor& grad) {
   check_activation(grad, "grad_output");
+  check_int(grad.size(0), "N");
+  check_int(grad.size(1), "C");
   c10::cuda::CUDAGuard guard(grad.device());
   Tensor gb = at::empty({grad.size(1)}, grad.options());
-  check_cuda(lkpatch::dwconv2d_bias_grad_f32(grad.data_ptr<float>(), gb.data_ptr<float>(), grad.size(0),
-                                             (int)grad.size(1), grad.size(2) * grad.size(3),
-                                             c10::cuda::getCurrentCUDAStream().stream()),
+  const int64_t hw = grad.size(2) * grad.size(3);
+  const size_t ws_bytes = lkpatch::dwconv2d_bias_grad_workspace_f32(grad.size(0), (int)grad.size(1), hw);
+  Tensor ws;
+  if (ws_bytes) ws = at::empty({(int64_t)(ws_bytes / sizeof(float))}, grad.options());
+  check_cuda(lkpatch::dwconv2d_bias_grad_f32(grad.data_ptr<float>(), gb.data_ptr<float>(),
+                                             ws_bytes ? ws.data_ptr<float>() : nullptr, grad.size(0),
+                                             (int)grad.size(1), hw, c10::cuda::getCurrentCUDAStream().stream()),
              "depthwise bias-grad");
   return gb;
 }

@@ -39,7 +39,8 @@ cudaError_t dwconv2d_weight_grad_f32(const float* grad_out, const float* in, flo
                                      const DwShape& s, cudaStream_t stream);
 
 // grad_b[c] = sum over n, y, x of grad_out[n, c, y, x]; deterministic.
-cudaError_t dwconv2d_bias_grad_f32(const float* grad_out, float* grad_b, int64_t N, int C, int64_t HW,
-                                   cudaStream_t stream);
+size_t dwconv2d_bias_grad_workspace_f32(int64_t N, int C, int64_t HW);  // bytes (may be 0)
+cudaError_t dwconv2d_bias_grad_f32(const float* grad_out, float* grad_b, float* workspace, int64_t N, int C,
+                                   int64_t HW, cudaStream_t stream);
 
 }  // namespace lkpatch

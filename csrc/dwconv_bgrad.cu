@@ -1,7 +1,10 @@
 // Bias-gradient: grad_b[c] = sum over n, y, x of grad_out[n, c, y, x].
 //
-// One block per channel; each thread sums a strided share, then the block adds the shares in a
-// fixed tree, so the result is deterministic and no running sum is long.
+// Block (c, s) sums images [s * per, (s + 1) * per) of channel c: each thread a strided share,
+// then a fixed tree. With several image slices the partial sums go to a workspace and a second
+// kernel adds them in order -- deterministic, and enough blocks to fill the GPU when C is small.
+#include <algorithm>
+
 #include "dwconv_core.cuh"
 
 namespace lkpatch {
@@ -10,11 +13,12 @@ namespace {
 constexpr int kThreads = 256;
 
 __global__ void __launch_bounds__(kThreads) bias_grad_f32(const float* __restrict__ grad, float* __restrict__ out,
-                                                          int64_t N, int C, int64_t HW) {
-  const int c = blockIdx.x;
+                                                          int N, int C, int64_t HW, int per) {
+  const int c = blockIdx.x, slice = blockIdx.y;
+  const int n_end = min(N, (slice + 1) * per);
   float sum = 0.f;
-  for (int64_t n = 0; n < N; ++n) {
-    const float* p = grad + (n * C + c) * HW;
+  for (int n = slice * per; n < n_end; ++n) {
+    const float* p = grad + ((int64_t)n * C + c) * HW;
     for (int64_t i = threadIdx.x; i < HW; i += kThreads) sum += __ldg(p + i);
   }
   __shared__ float part[kThreads / 32];
@@ -26,16 +30,49 @@ __global__ void __launch_bounds__(kThreads) bias_grad_f32(const float* __restric
     sum = threadIdx.x < kThreads / 32 ? part[threadIdx.x] : 0.f;
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-    if (threadIdx.x == 0) out[c] = sum;
+    if (threadIdx.x == 0) out[(int64_t)slice * C + c] = sum;
   }
+}
+
+__global__ void sum_slices_f32(const float* __restrict__ parts, float* __restrict__ out, int slices, int C) {
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  float sum = 0.f;
+  for (int s = 0; s < slices; ++s) sum += parts[(int64_t)s * C + c];
+  out[c] = sum;
+}
+
+int slices_for(int64_t N, int C, int64_t HW, int sms) {
+  // Aim at ~4 blocks per SM, but keep at least ~16K elements per block.
+  const int64_t by_gpu = std::max<int64_t>(1, (4LL * sms + C - 1) / C);
+  const int64_t by_work = std::max<int64_t>(1, N * HW / (16 * 1024));
+  return (int)std::min<int64_t>({by_gpu, by_work, N, 65535});
 }
 
 }  // namespace
 
-cudaError_t dwconv2d_bias_grad_f32(const float* grad_out, float* grad_b, int64_t N, int C, int64_t HW,
-                                   cudaStream_t stream) {
+size_t dwconv2d_bias_grad_workspace_f32(int64_t N, int C, int64_t HW) {
+  DeviceLimits lim;
+  if (N == 0 || C == 0 || device_limits(&lim) != cudaSuccess) return 0;
+  const int slices = slices_for(N, C, HW, lim.sms);
+  return slices > 1 ? sizeof(float) * slices * (size_t)C : 0;
+}
+
+cudaError_t dwconv2d_bias_grad_f32(const float* grad_out, float* grad_b, float* workspace, int64_t N, int C,
+                                   int64_t HW, cudaStream_t stream) {
   if (C == 0) return cudaSuccess;
-  bias_grad_f32<<<C, kThreads, 0, stream>>>(grad_out, grad_b, N, C, HW);
+  if (N == 0 || HW == 0) return cudaMemsetAsync(grad_b, 0, sizeof(float) * C, stream);
+  DeviceLimits lim;
+  cudaError_t err = device_limits(&lim);
+  if (err != cudaSuccess) return err;
+  const int slices = slices_for(N, C, HW, lim.sms);
+  if (slices > 1 && workspace == nullptr) return cudaErrorInvalidValue;
+  const int per = (int)((N + slices - 1) / slices);
+  bias_grad_f32<<<dim3(C, slices), kThreads, 0, stream>>>(grad_out, slices > 1 ? workspace : grad_b, (int)N, C, HW,
+                                                          per);
+  err = cudaGetLastError();
+  if (err != cudaSuccess || slices == 1) return err;
+  sum_slices_f32<<<(C + 255) / 256, 256, 0, stream>>>(workspace, grad_b, slices, C);
   return cudaGetLastError();
 }
 

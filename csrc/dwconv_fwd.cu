@@ -1,10 +1,11 @@
 // Forward and input-gradient of the fp32 depthwise convolution.
 //
-// A block computes a TH x TW output tile of P planes. It stages, per plane, the input rows the
-// tile reads (clipped to the image) with zero columns around them, and the plane's kernel with
-// RH - 1 zero rows above and below. Each thread then owns RH x RW outputs and walks only the
-// kernel rows and column chunks whose taps land inside the image: taps in the padding cost
-// nothing, which matters when the kernel is large next to the feature map (27x27 on 14x14).
+// A block computes a TH x TW output tile of PL planes -- usually PL images of one channel, which
+// then share the staged kernel, with lane q of every warp on image q so that a warp walks the
+// same taps. It stages, per plane, the input rows the tile reads (clipped to the image) with zero
+// columns around them. Each thread owns RH x RW outputs and walks only the kernel rows and column
+// chunks whose taps land inside the image: taps in the padding cost nothing, which matters when
+// the kernel is large next to the feature map (27x27 on 14x14).
 #include <algorithm>
 
 #include "dwconv_core.cuh"
@@ -19,10 +20,14 @@ struct FwdParams {
   float* out;
   DwShape s;
   int flip;
-  int GX, GY, P;  // threads per plane across / down; planes per block
+  int N;                // images: planes = N * C
+  int GX, GY;           // thread positions across / down the tile, RH x RW outputs each
+  int PL;               // planes per block, interleaved in the lanes: lane q takes plane q
+  int shared_kernel;    // 1: the PL planes are images n0.. of one channel and share one kernel
+                        // 0: they are consecutive planes n*C + c, each with its own kernel
   int tiles_x;
-  int a_rows, a_pitch;  // staged input per plane
-  int b_rows, b_pitch;  // staged kernel per plane
+  int a_rows, a_pitch, a_stride;  // staged input rows per plane
+  int b_pitch, b_stride;          // staged kernel: KH rows per plane (b_stride = 0 if shared)
 };
 
 template <int RH, int RW>
@@ -33,38 +38,49 @@ __global__ void __launch_bounds__(256, 2) dw_forward_f32(const FwdParams p) {
   const int TW = p.GX * RW, TH = p.GY * RH;
   const int tile_y = blockIdx.y / p.tiles_x, tile_x = blockIdx.y - tile_y * p.tiles_x;
   const int oyT = tile_y * TH, oxT = tile_x * TW;
-  const int64_t plane0 = (int64_t)blockIdx.x * p.P;
-  const int ry0 = max(0, oyT - s.pad_t);                       // first staged input row
-  const int nrows = min(s.H, oyT - s.pad_t + TH + s.KH - 1) - ry0;
-  const int cx0 = oxT - s.pad_l;                               // input column of staged column 0
-  const int a_size = p.a_rows * p.a_pitch, b_size = p.b_rows * p.b_pitch;
 
-  for (int q = 0; q < p.P; ++q) {
-    const int64_t plane = plane0 + q;
-    if (plane >= s.planes) break;
-    float* A = smem + q * (a_size + b_size);
-    float* B = A + a_size;
-    const float* src = p.in + plane * (int64_t)s.H * s.W + (int64_t)ry0 * s.W;
-    for (int i = threadIdx.x; i < nrows * p.a_pitch; i += blockDim.x) {
-      const int r = i / p.a_pitch, c = i - r * p.a_pitch, x = cx0 + c;
-      A[i] = (x >= 0 && x < s.W) ? __ldg(src + r * s.W + x) : 0.f;
-    }
-    const float* wsrc = p.w + (int64_t)(plane % s.C) * s.KH * s.KW;
-    for (int i = threadIdx.x; i < b_size; i += blockDim.x) {
-      const int r = i / p.b_pitch, kw = i - r * p.b_pitch, kh = r - (RH - 1);
-      float v = 0.f;
-      if (kh >= 0 && kh < s.KH && kw < s.KW)
-        v = p.flip ? __ldg(wsrc + (s.KH - 1 - kh) * s.KW + (s.KW - 1 - kw)) : __ldg(wsrc + kh * s.KW + kw);
-      B[i] = v;
-    }
+  // This block's planes: plane(q) for q < nplanes.
+  int64_t first;  // plane of q == 0
+  int64_t step;   // plane(q) = first + q * step
+  int nplanes;
+  if (p.shared_kernel) {
+    const int groups = ceil_div(p.N, p.PL);
+    const int c = blockIdx.x / groups, n0 = (blockIdx.x - c * groups) * p.PL;
+    first = (int64_t)n0 * s.C + c;
+    step = s.C;
+    nplanes = min(p.PL, p.N - n0);
+  } else {
+    first = (int64_t)blockIdx.x * p.PL;
+    step = 1;
+    nplanes = (int)(s.planes - first < p.PL ? s.planes - first : p.PL);
   }
+
+  // Stage the kernel(s) and the input rows the tile reads (clipped to the image), zero columns
+  // around them.
+  const int ry0 = max(0, oyT - s.pad_t);
+  const int nrows = min(s.H, oyT - s.pad_t + TH + s.KH - 1) - ry0;
+  float* B = smem;
+  float* A = smem + (p.shared_kernel ? round_up(s.KH * p.b_pitch, 32) : p.PL * p.b_stride);
+  const int nkernels = p.shared_kernel ? 1 : nplanes;
+  for (int i = threadIdx.x; i < nkernels * s.KH * p.b_pitch; i += blockDim.x) {
+    const int q = i / (s.KH * p.b_pitch), e = i - q * s.KH * p.b_pitch;
+    const int kh = e / p.b_pitch, kw = e - kh * p.b_pitch;
+    const float* wsrc = p.w + ((first + q * step) % s.C) * s.KH * s.KW;
+    const bool valid = kw < s.KW;
+    const int src = p.flip ? (s.KH - 1 - kh) * s.KW + (s.KW - 1 - kw) : kh * s.KW + kw;
+    copy_async(B + q * p.b_stride + e, wsrc + (valid ? src : 0), valid);
+  }
+  const int64_t plane_elems = (int64_t)s.H * s.W;
+  if (nrows > 0)
+    stage_rows(A, p.a_stride, p.a_pitch, nplanes, nrows, ry0, oxT - s.pad_l, s.W, s.W,
+               [&](int q) { return p.in + (first + q * step) * plane_elems; });
+  copy_async_wait();
   __syncthreads();
 
-  const int per_plane = p.GX * p.GY;
-  const int q = threadIdx.x / per_plane, t = threadIdx.x - q * per_plane;
-  const int64_t plane = plane0 + q;
-  if (q >= p.P || plane >= s.planes) return;
-  const int oy0 = oyT + (t / p.GX) * RH, ox0 = oxT + (t % p.GX) * RW;
+  const int q = threadIdx.x % p.PL, pos = threadIdx.x / p.PL;
+  if (q >= nplanes || pos >= p.GX * p.GY) return;
+  const int64_t plane = first + q * step;
+  const int oy0 = oyT + (pos / p.GX) * RH, ox0 = oxT + (pos % p.GX) * RW;
   if (oy0 >= s.OH || ox0 >= s.OW) return;
 
   const float bias = p.bias ? __ldg(p.bias + plane % s.C) : 0.f;
@@ -75,16 +91,15 @@ __global__ void __launch_bounds__(256, 2) dw_forward_f32(const FwdParams p) {
     for (int j = 0; j < RW; ++j) acc[r][j] = bias;
 
   // d indexes input rows from oy0 - pad_t (kernel row d - r for output row r); k indexes kernel
-  // columns. Keep the rows inside the image and the column chunks that reach it.
+  // columns. Walk only the rows inside the image and the column chunks that reach it.
   const int d_lo = max(0, s.pad_t - oy0);
   const int d_hi = min(s.KH + RH - 1, s.pad_t - oy0 + s.H);
-  const int k_lo = max(0, s.pad_l - ox0 - RW + 1) / CH * CH;
+  const int k_lo = max(0, s.pad_l - ox0 - RW + 1) / 4 * 4;
   const int k_hi = min(s.KW, s.pad_l - ox0 + s.W);
   if (d_hi > d_lo && k_hi > k_lo) {
-    const float* A = smem + q * (a_size + b_size);
-    const float* B = A + a_size + (RH - 1) * p.b_pitch;
-    correlate<RH, RW, CH>(acc, A + (ox0 - oxT), oy0 - s.pad_t - ry0, p.a_pitch, B, p.b_pitch, d_lo, d_hi, k_lo,
-                          ceil_div(k_hi - k_lo, CH));
+    const float* a = A + q * p.a_stride + (oy0 - s.pad_t - ry0) * p.a_pitch + (ox0 - oxT) + k_lo;
+    const float* b = B + q * p.b_stride + k_lo;
+    correlate<RH, RW, CH>(acc, a, p.a_pitch, b, p.b_pitch, s.KH, d_lo, d_hi, ceil_div(k_hi - k_lo, CH));
   }
 
   float* dst = p.out + plane * (int64_t)s.OH * s.OW;
@@ -129,25 +144,34 @@ cudaError_t dwconv2d_forward_f32(const float* in, const float* w, const float* b
 
   FwdParams p{};
   p.in = in; p.w = w; p.bias = bias; p.out = out; p.s = s; p.flip = flip_kernel ? 1 : 0;
+  p.N = (int)(s.planes / s.C);
   p.GX = std::min(ceil_div(s.OW, kRW), 8);
   p.GY = std::max(1, std::min(ceil_div(s.OH, kRH), 128 / p.GX));
   const int TW = p.GX * kRW, TH = p.GY * kRH;
   p.tiles_x = ceil_div(s.OW, TW);
   const int tiles = p.tiles_x * ceil_div(s.OH, TH);
-  const int KWc = round_up(s.KW, kChunk);
+  // Chunks may start up to 3 columns early and run 7 past the last tap: zero columns cover both.
+  p.b_pitch = round_up(s.KW + 4, kChunk);
   p.a_rows = std::max(1, std::min(s.H, TH + s.KH - 1));
-  p.a_pitch = TW + KWc;
-  p.b_rows = s.KH + 2 * (kRH - 1);
-  p.b_pitch = KWc;
-  const size_t plane_bytes = sizeof(float) * ((size_t)p.a_rows * p.a_pitch + (size_t)p.b_rows * p.b_pitch);
-  // Small maps: several planes per block so that a block has enough threads.
-  const int per_plane = p.GX * p.GY;
-  p.P = std::max(1, std::min<int>(256 / per_plane, (int)(kSmemBudget / plane_bytes)));
-  p.P = (int)std::min<int64_t>(p.P, s.planes);
-  const size_t smem = plane_bytes * p.P;
-  if (smem > (size_t)lim.max_smem_optin) return cudaErrorInvalidConfiguration;
-  const int threads = round_up(p.P * per_plane, 32);
-  const int64_t blocks = (s.planes + p.P - 1) / p.P;
+  p.a_pitch = TW + p.b_pitch;
+  p.a_stride = plane_stride(p.a_rows * p.a_pitch);
+  // Planes per block: enough lanes for a full block, within the shared-memory budget. Images of
+  // one channel share the kernel (and a warp then walks the same taps); with few images,
+  // consecutive channels each bring their own.
+  const int positions = p.GX * p.GY;
+  const int want = std::max(1, 256 / positions);
+  p.shared_kernel = p.N >= std::min(want, 8) ? 1 : 0;
+  const size_t kernel_floats = (size_t)s.KH * p.b_pitch;
+  const size_t per_plane = p.a_stride + (p.shared_kernel ? 0 : plane_stride((int)kernel_floats));
+  const size_t fixed = p.shared_kernel ? round_up((int)kernel_floats, 32) : 0;
+  const size_t budget = kSmemBudget / sizeof(float);
+  if (fixed + per_plane > (size_t)lim.max_smem_optin / sizeof(float)) return cudaErrorInvalidConfiguration;
+  p.PL = (int)std::max<size_t>(1, std::min<size_t>(want, budget > fixed ? (budget - fixed) / per_plane : 1));
+  p.PL = (int)std::min<int64_t>(p.PL, p.shared_kernel ? p.N : s.planes);
+  p.b_stride = p.shared_kernel ? 0 : plane_stride((int)kernel_floats);
+  const size_t smem = sizeof(float) * (fixed + per_plane * p.PL);
+  const int threads = round_up(p.PL * positions, 32);
+  const int64_t blocks = p.shared_kernel ? (int64_t)s.C * ceil_div(p.N, p.PL) : (s.planes + p.PL - 1) / p.PL;
   if (tiles > 65535 || blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
   return launch(dw_forward_f32<kRH, kRW>, dim3((unsigned)blocks, tiles), dim3(threads), smem, stream, p);
 }

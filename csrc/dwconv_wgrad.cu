@@ -4,9 +4,9 @@
 //
 // This is the forward correlation with roles changed: the kernel taps are the results, the
 // output-gradient tile plays the kernel. A block owns one channel and a fixed range of work items
-// (image n, output tile); it stages Q items at a time. Each thread owns RH x RW taps and one
-// slice (split) of the tile's rows and column chunks, so the slices of all threads cover each
-// (tap, output) pair exactly once. Partial sums are combined in a fixed order -- threads of a
+// (output tile, image n); it stages Q items at a time, lane q of a warp on item q. Each thread
+// owns RH x RW taps and one slice (split) of its item's rows and column chunks, so the slices
+// cover each (tap, output) pair exactly once. Partial sums are combined in a fixed order -- threads of a
 // block through shared memory, blocks through a workspace and a second kernel -- so the result
 // is deterministic, and no partial sum runs over more than a few thousand terms, which keeps
 // fp32 accumulation error far below 1e-5 relative.
@@ -23,13 +23,14 @@ struct WgradParams {
   float* dst;         // G x C x KH x KW partial sums (G == 1: grad_w itself)
   DwShape s;
   int N;
-  int TOH, TOW;           // output tile
-  int tiles_x, tiles;     // tiles per plane
-  int items_per_block;    // work items (n, tile) per block
-  int TGX, TGY;           // tap groups across / down (each RH x RW taps)
-  int SR, SC, Q;          // row splits, chunk splits, items staged at once
+  int TOH, TOW;         // output tile
+  int tiles_x, tiles;   // tiles per plane
+  int items_per_block;  // work items (tile, n) -- tile-major -- per block
+  int TGX, TGY;         // tap groups across / down (each RH x RW taps)
+  int SR, SC, Q;        // row splits, chunk splits, items staged at once (lane q takes item q)
   int rows_per_split, chunks_per_split;
-  int a_rows, a_pitch, b_rows, b_pitch;
+  int a_rows, a_pitch, b_pitch;  // staged input rows and output-gradient tile (TOH rows)
+  int slot_stride;               // floats per staged item
 };
 
 template <int RH, int RW>
@@ -39,15 +40,15 @@ __global__ void __launch_bounds__(256, 2) dw_weight_grad_f32(const WgradParams p
   const DwShape& s = p.s;
   const int c = blockIdx.x, g = blockIdx.y;
   const int ntg = p.TGX * p.TGY, nsplit = p.SR * p.SC;
-  const int per_item = ntg * nsplit;
-  const int a_size = p.a_rows * p.a_pitch, b_size = p.b_rows * p.b_pitch;
+  const int a_size = round_up(p.a_rows * p.a_pitch, 4);
 
-  const int slot = threadIdx.x / per_item;
-  const int t = threadIdx.x - slot * per_item;
-  const int tg = t % ntg, split = t / ntg;
+  // Lane-fastest: consecutive threads take consecutive items (images) with the same taps.
+  const int slot = threadIdx.x % p.Q;
+  const int rest = threadIdx.x / p.Q;
+  const int tg = rest % ntg, split = rest / ntg;
   const int kh0 = (tg / p.TGX) * RH, kw0 = (tg % p.TGX) * RW;
   const int sr = split / p.SC, sc = split - sr * p.SC;
-  const bool active = slot < p.Q;
+  const bool active = split < nsplit;
 
   float acc[RH][RW];
 #pragma unroll
@@ -58,32 +59,28 @@ __global__ void __launch_bounds__(256, 2) dw_weight_grad_f32(const WgradParams p
   const int item_begin = g * p.items_per_block;
   const int item_end = min(item_begin + p.items_per_block, p.N * p.tiles);
   for (int base = item_begin; base < item_end; base += p.Q) {
+    const int nitems = min(p.Q, item_end - base);
     __syncthreads();  // the previous items are no longer being read
-    for (int q = 0; q < p.Q && base + q < item_end; ++q) {
-      const int item = base + q, n = item / p.tiles, tile = item - n * p.tiles;
+    // Stage each item: input rows (clipped to the image, zero columns around) and the
+    // output-gradient tile (zero beyond the image).
+    for (int q = 0; q < nitems; ++q) {
+      const int item = base + q, tile = item / p.N, n = item - tile * p.N;
       const int oyT = (tile / p.tiles_x) * p.TOH, oxT = (tile % p.tiles_x) * p.TOW;
-      const int toh = min(p.TOH, s.OH - oyT), tow = min(p.TOW, s.OW - oxT);
+      const int toh = min(p.TOH, s.OH - oyT);
       const int64_t plane = (int64_t)n * s.C + c;
-      float* A = smem + q * (a_size + b_size);
-      float* B = A + a_size;
+      float* A = smem + q * p.slot_stride;
       const int ry0 = max(0, oyT - s.pad_t);
       const int nrows = min(s.H, oyT - s.pad_t + p.TGY * RH + p.TOH - 1) - ry0;
-      const int cx0 = oxT - s.pad_l;
-      const float* src = p.in + plane * (int64_t)s.H * s.W + (int64_t)ry0 * s.W;
-      for (int i = threadIdx.x; i < nrows * p.a_pitch; i += blockDim.x) {
-        const int r = i / p.a_pitch, col = i - r * p.a_pitch, x = cx0 + col;
-        A[i] = (x >= 0 && x < s.W) ? __ldg(src + r * s.W + x) : 0.f;
-      }
-      const float* gsrc = p.grad + plane * (int64_t)s.OH * s.OW + (int64_t)oyT * s.OW + oxT;
-      for (int i = threadIdx.x; i < b_size; i += blockDim.x) {
-        const int r = i / p.b_pitch - (RH - 1), col = i % p.b_pitch;
-        B[i] = (r >= 0 && r < toh && col < tow) ? __ldg(gsrc + r * s.OW + col) : 0.f;
-      }
+      const float* x = p.in + plane * (int64_t)s.H * s.W;
+      if (nrows > 0) stage_rows(A, 0, p.a_pitch, 1, nrows, ry0, oxT - s.pad_l, s.W, s.W, [&](int) { return x; });
+      const float* dy = p.grad + plane * (int64_t)s.OH * s.OW;
+      stage_rows(A + a_size, 0, p.b_pitch, 1, toh, oyT, oxT, s.OW, min(s.OW, oxT + p.TOW), [&](int) { return dy; });
     }
+    copy_async_wait();
     __syncthreads();
-    if (!active || base + slot >= item_end) continue;
+    if (!active || slot >= nitems) continue;
 
-    const int tile = (base + slot) % p.tiles;
+    const int tile = (base + slot) / p.N;
     const int oyT = (tile / p.tiles_x) * p.TOH, oxT = (tile % p.tiles_x) * p.TOW;
     const int toh = min(p.TOH, s.OH - oyT), tow = min(p.TOW, s.OW - oxT);
     // d indexes input rows from oyT - pad_t + kh0 (output-gradient row d - r for tap row r);
@@ -93,23 +90,20 @@ __global__ void __launch_bounds__(256, 2) dw_weight_grad_f32(const WgradParams p
     const int c_lo = max(sc * p.chunks_per_split, max(0, s.pad_l - kw0 - oxT - RW + 1) / CH);
     const int c_hi = min((sc + 1) * p.chunks_per_split, ceil_div(min(tow, s.pad_l - kw0 - oxT + s.W), CH));
     if (d_hi > d_lo && c_hi > c_lo) {
-      const float* A = smem + slot * (a_size + b_size);
-      const float* B = A + a_size + (RH - 1) * p.b_pitch;
+      const float* A = smem + slot * p.slot_stride;
       const int ry0 = max(0, oyT - s.pad_t);
-      correlate<RH, RW, CH>(acc, A + kw0, oyT - s.pad_t + kh0 - ry0, p.a_pitch, B, p.b_pitch, d_lo, d_hi,
-                            c_lo * CH, c_hi - c_lo);
+      correlate<RH, RW, CH>(acc, A + (oyT - s.pad_t + kh0 - ry0) * p.a_pitch + kw0 + c_lo * CH, p.a_pitch,
+                            A + a_size + c_lo * CH, p.b_pitch, toh, d_lo, d_hi, c_hi - c_lo);
     }
   }
 
   // Sum the Q x splits partial results of each tap in a fixed order.
   __syncthreads();
   float* red = smem;
-  if (active) {
 #pragma unroll
-    for (int r = 0; r < RH; ++r)
+  for (int r = 0; r < RH; ++r)
 #pragma unroll
-      for (int j = 0; j < RW; ++j) red[(r * RW + j) * blockDim.x + threadIdx.x] = acc[r][j];
-  }
+    for (int j = 0; j < RW; ++j) red[(r * RW + j) * blockDim.x + threadIdx.x] = acc[r][j];
   __syncthreads();
   const int taps = ntg * RH * RW;
   for (int i = threadIdx.x; i < taps; i += blockDim.x) {
@@ -117,7 +111,8 @@ __global__ void __launch_bounds__(256, 2) dw_weight_grad_f32(const WgradParams p
     const int kh = (tgi / p.TGX) * RH + e / RW, kw = (tgi % p.TGX) * RW + e % RW;
     if (kh >= s.KH || kw >= s.KW) continue;
     float sum = 0.f;
-    for (int part = 0; part < p.Q * nsplit; ++part) sum += red[e * blockDim.x + part * ntg + tgi];
+    for (int part = 0; part < nsplit; ++part)
+      for (int q = 0; q < p.Q; ++q) sum += red[e * blockDim.x + (part * ntg + tgi) * p.Q + q];
     p.dst[((int64_t)g * s.C + c) * s.KH * s.KW + kh * s.KW + kw] = sum;
   }
 }
@@ -131,6 +126,7 @@ __global__ void sum_partials_f32(const float* __restrict__ parts, float* __restr
 }
 
 constexpr int kRH = 4, kRW = 8;
+constexpr size_t kSmemBudget = 96 * 1024;
 constexpr int kMaxChain = 4096;  // most multiply-adds one thread's partial sum may take
 
 struct WgradPlan {
@@ -152,28 +148,28 @@ WgradPlan plan_weight_grad(const DwShape& s, const DeviceLimits& lim) {
   p.TGY = ceil_div(s.KH, kRH);
   p.TGX = ceil_div(s.KW, kRW);
   const int ntg = p.TGX * p.TGY;
+  p.a_rows = std::max(1, std::min(s.H, p.TGY * kRH + p.TOH - 1));
+  p.b_pitch = round_up(p.TOW, kChunk);
+  p.a_pitch = p.TGX * kRW + p.b_pitch;
+  p.slot_stride = plane_stride(round_up(p.a_rows * p.a_pitch, 4) + p.TOH * p.b_pitch);
+  const int items = p.N * p.tiles;
+  // Items in the lanes first (a warp then walks the same taps of different images), as many as
+  // the threads and shared memory allow; then split each item's rows, then its column chunks.
+  const int budget = (int)(kSmemBudget / sizeof(float));
+  p.Q = std::max(1, std::min({256 / ntg, budget / p.slot_stride, items, 32}));
   const int drange = p.TOH + kRH - 1, nchunks = ceil_div(p.TOW, kChunk);
-  // Splits: rows first (they share the window loads of a chunk), then chunks, up to 256 threads.
-  const int max_split = std::max(1, 256 / ntg);
-  p.SR = std::min(drange, max_split);
+  const int max_split = std::max(1, 256 / (ntg * p.Q));
+  p.SR = std::max(1, std::min(max_split, drange / 8));
   p.SC = std::min(nchunks, std::max(1, max_split / p.SR));
   p.rows_per_split = ceil_div(drange, p.SR);
   p.SR = ceil_div(drange, p.rows_per_split);
   p.chunks_per_split = ceil_div(nchunks, p.SC);
   p.SC = ceil_div(nchunks, p.chunks_per_split);
-  const int per_item = ntg * p.SR * p.SC;
-  p.a_rows = std::max(1, std::min(s.H, p.TGY * kRH + p.TOH - 1));
-  p.a_pitch = p.TGX * kRW + round_up(p.TOW, kChunk);
-  p.b_rows = p.TOH + 2 * (kRH - 1);
-  p.b_pitch = round_up(p.TOW, kChunk);
-  const size_t item_bytes = sizeof(float) * ((size_t)p.a_rows * p.a_pitch + (size_t)p.b_rows * p.b_pitch);
-  const int items = p.N * p.tiles;
-  p.Q = std::max(1, std::min({256 / per_item, (int)((96 * 1024) / item_bytes), items}));
-  plan.threads = round_up(p.Q * per_item, 32);
-  plan.smem = std::max(item_bytes * p.Q, sizeof(float) * kRH * kRW * plan.threads);
-  // Enough blocks to fill the GPU, and partial sums no longer than kMaxChain items' worth.
-  const int64_t chain_per_item = (int64_t)p.rows_per_split * p.chunks_per_split * kChunk;
-  const int64_t rounds_cap = std::max<int64_t>(1, kMaxChain / chain_per_item);
+  plan.threads = round_up(p.Q * ntg * p.SR * p.SC, 32);
+  plan.smem = sizeof(float) * std::max<size_t>((size_t)p.slot_stride * p.Q, (size_t)kRH * kRW * plan.threads);
+  // Enough blocks to fill the GPU, and partial sums no longer than kMaxChain multiply-adds.
+  const int64_t chain_per_round = (int64_t)p.rows_per_split * p.chunks_per_split * kChunk;
+  const int64_t rounds_cap = std::max<int64_t>(1, kMaxChain / chain_per_round);
   int G = std::max(1, ceil_div(4 * lim.sms, s.C));
   G = (int)std::max<int64_t>(G, ceil_div(items, (int)std::min<int64_t>(rounds_cap * p.Q, items)));
   G = std::min(G, items);

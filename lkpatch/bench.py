@@ -151,6 +151,18 @@ def bench_model(name: str, batch: int, size: int, amp: str, channels_last: bool,
     return out
 
 
+def sweep_shapes(n: int = 32, c: int = 256) -> List[tuple]:
+    """The grid behind dispatch's rule: square maps x square and band kernels."""
+    shapes = []
+    for h in (7, 14, 28, 56, 112):
+        for k in (3, 5, 7, 9, 13, 17, 21, 27, 31, 51):
+            if k <= 2 * h + 1 and (h < 112 or k <= 31):
+                shapes.append((n, c, h, h, k, k))
+        for k in (7, 11, 31, 51):
+            shapes += [(n, c, h, h, 1, k), (n, c, h, h, k, 1)]
+    return shapes
+
+
 def _shape(text: str):
     parts = [int(v) for v in text.replace("x", ",").split(",")]
     if len(parts) == 5:
@@ -195,6 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["float32"])
     parser.add_argument("--channels-last", action="store_true", help="also time channels_last inputs")
     parser.add_argument("--passes", action="store_true", help="also time each backward pass alone")
+    parser.add_argument("--sweep", action="store_true", help="time every pass on the grid behind dispatch's rule")
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--model", help="model mode: a timm model name (e.g. replknet_31b)")
     parser.add_argument("--batch", type=int, default=64)
@@ -222,16 +235,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = []
         for dtype in args.dtype:
             for layout in ([False, True] if args.channels_last else [False]):
-                for shape in args.shapes or DEFAULT_SHAPES:
+                for shape in args.shapes or (sweep_shapes() if args.sweep else DEFAULT_SHAPES):
                     if dispatch.kernel_unsupported_reason(shape[:4], shape[4:], (0, 0, 0, 0), DTYPES[dtype]):
                         continue
-                    rows.append(bench_shape(shape, DTYPES[dtype], layout, args.reps, args.passes))
+                    rows.append(bench_shape(shape, DTYPES[dtype], layout, args.reps, args.passes or args.sweep))
                     torch.cuda.empty_cache()
         result["rows"] = rows
         print(f"{result['device']}, torch {result['torch']}; fp32 SGEMM {peak:.1f} TFLOP/s; times in ms, median "
               f"of {args.reps}; PT = F.conv2d, lk = lkpatch kernels")
         print(format_table(rows, peak))
-        if args.passes:
+        if args.passes or args.sweep:
             print(format_passes(rows))
     if args.json:
         with open(args.json, "w") as fh:

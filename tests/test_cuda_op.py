@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 import lkpatch
 from lkpatch import dispatch
+from lkpatch._native import output_memory_format
 
 pytestmark = pytest.mark.cuda
 
@@ -123,8 +124,7 @@ def check_case(case, seed):
     bad = {k: v for k, v in errs.items() if not v <= TOL[torch.float32]}
     assert not bad, f"case {case} seed {seed}: relative errors {errs}"
     assert got[0].shape == ref[0].shape and got[1].shape == x.shape
-    if case["layout"] == "channels_last":
-        assert got[0].is_contiguous(memory_format=torch.channels_last)
+    assert got[0].is_contiguous(memory_format=output_memory_format(x))
 
 
 def test_random_sweep_fp32():
@@ -154,6 +154,16 @@ def test_random_sweep_fp32():
 ])
 def test_edge_cases(case):
     check_case(case, seed=7)
+
+
+def test_memory_format_follows_pytorch():
+    x = torch.randn(2, 8, 9, 9, device="cuda").contiguous(memory_format=torch.channels_last)
+    w = torch.randn(8, 1, 3, 3, device="cuda")
+    native = F.conv2d(x, w, padding=1, groups=8)
+    with dispatch.force("kernel"):
+        ours = lkpatch.depthwise_conv2d(x, w, padding=1)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        assert ours.is_contiguous(memory_format=fmt) == native.is_contiguous(memory_format=fmt)
 
 
 def test_weight_grad_deterministic():
