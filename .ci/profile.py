@@ -1,0 +1,79 @@
+"""Developer profiling on the GPU machine (never run by CI).
+
+  python .ci/profile.py overhead        host microseconds per call of each path (tiny shape)
+  python .ci/profile.py kernels [S...]  launch forward and weight-grad once per shape, for ncu:
+      ncu --section SpeedOfLight --section Occupancy --section WarpStateStats \\
+          -k regex:dw_ python .ci/profile.py kernels
+"""
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import lkpatch
+from lkpatch import _native, build, dispatch
+
+SHAPES = {  # name: N, C, H, W, K
+    "64x7": (64, 384, 64, 64, 7), "14x27": (64, 512, 14, 14, 27), "7x13": (64, 1024, 7, 7, 13),
+    "64x31": (16, 384, 64, 64, 31), "56x7": (64, 96, 56, 56, 7),
+}
+
+
+def host_us(fn, n=2000):
+    for _ in range(200):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / n * 1e6
+
+
+def overhead():
+    build.build()
+    x = torch.randn(2, 8, 8, 8, device="cuda")
+    w = torch.randn(8, 1, 3, 3, device="cuda")
+    b = torch.randn(8, device="cuda")
+    g = torch.randn(2, 8, 8, 8, device="cuda")
+    ext = torch.ops.lkpatch_ext
+    xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
+    pads = [1, 1, 1, 1]
+    rows = []
+    with torch.no_grad():
+        rows.append(("F.conv2d", host_us(lambda: F.conv2d(x, w, b, 1, 1, 1, 8))))
+        rows.append(("lkpatch_ext.dwconv2d (C++ only)", host_us(lambda: ext.dwconv2d(x, w, b, pads))))
+        with dispatch.force("kernel"):
+            rows.append(("lkpatch.dwconv2d op, no_grad", host_us(lambda: torch.ops.lkpatch.dwconv2d(x, w, b, pads))))
+            rows.append(("depthwise_conv2d, no_grad", host_us(lambda: lkpatch.depthwise_conv2d(x, w, b, padding=1))))
+            rows.append(("input_grad op", host_us(lambda: torch.ops.lkpatch.dwconv2d_input_grad(g, w, [8, 8], pads))))
+        rows.append(("native backward_input", host_us(lambda: _native.backward_input(g, w, (8, 8), pads))))
+        rows.append(("dispatch.op_padding", host_us(lambda: dispatch.op_padding(x, w, b, 1, 1, 1))))
+        rows.append(("dispatch.use_kernel", host_us(
+            lambda: dispatch.use_kernel("forward", x.shape, w.shape[2:], pads, x.dtype))))
+    rows.append(("F.conv2d fwd+bwd", host_us(lambda: F.conv2d(xr, wr, br, 1, 1, 1, 8).backward(g), 500)))
+    with dispatch.force("kernel"):
+        rows.append(("depthwise_conv2d fwd+bwd", host_us(
+            lambda: lkpatch.depthwise_conv2d(xr, wr, br, padding=1).backward(g), 500)))
+    for name, us in rows:
+        print(f"{name:40s} {us:8.1f} us")
+
+
+def kernels(names):
+    build.build()
+    for name in names or SHAPES:
+        n, c, h, w, k = SHAPES[name]
+        x = torch.randn(n, c, h, w, device="cuda")
+        wt = torch.randn(c, 1, k, k, device="cuda")
+        g = torch.randn(n, c, h, w, device="cuda")
+        pads = [k // 2] * 4
+        torch.ops.lkpatch_ext.dwconv2d(x, wt, None, pads)
+        torch.ops.lkpatch_ext.dwconv2d_weight_grad(g, x, [k, k], pads)
+        torch.cuda.synchronize()
+        print("launched", name, flush=True)
+
+
+if __name__ == "__main__":
+    {"overhead": lambda: overhead(), "kernels": lambda: kernels(sys.argv[2:])}[sys.argv[1]]()
