@@ -1,9 +1,9 @@
 """Developer profiling on the GPU machine (never run by CI).
 
-  python .ci/profile.py overhead        host microseconds per call of each path (tiny shape)
-  python .ci/profile.py kernels [S...]  launch forward and weight-grad once per shape, for ncu:
+  python .ci/gpu_profile.py overhead        host microseconds per call of each path (tiny shape)
+  python .ci/gpu_profile.py kernels [S...]  launch forward and weight-grad once per shape, for ncu:
       ncu --section SpeedOfLight --section Occupancy --section WarpStateStats \\
-          -k regex:dw_ python .ci/profile.py kernels
+          -k regex:dw_ python .ci/gpu_profile.py kernels
 """
 import sys
 import time
