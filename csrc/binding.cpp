@@ -22,10 +22,19 @@ void check_cuda(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "lkpatch: ", what, " failed: ", cudaGetErrorString(err));
 }
 
+lkpatch::DType dtype_of(const Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return lkpatch::DType::f32;
+    case at::kHalf: return lkpatch::DType::f16;
+    case at::kBFloat16: return lkpatch::DType::bf16;
+    default: TORCH_CHECK(false, "lkpatch: ", name, " must be float32, float16 or bfloat16, got ", t.scalar_type());
+  }
+}
+
 void check_activation(const Tensor& t, const char* name) {
   TORCH_CHECK(t.is_cuda(), "lkpatch: ", name, " must be a CUDA tensor");
   TORCH_CHECK(t.dim() == 4, "lkpatch: ", name, " must be 4-D (N, C, H, W), got ", t.dim(), "-D");
-  TORCH_CHECK(t.scalar_type() == at::kFloat, "lkpatch: ", name, " must be float32, got ", t.scalar_type());
+  dtype_of(t, name);
   TORCH_CHECK(t.is_contiguous(), "lkpatch: ", name, " must be contiguous NCHW");
 }
 
@@ -80,9 +89,9 @@ Tensor dwconv2d(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b
   const auto s = forward_shape(x.size(0), C, x.size(2), x.size(3), w.size(2), w.size(3), padding);
   c10::cuda::CUDAGuard guard(x.device());
   Tensor y = at::empty({x.size(0), C, s.OH, s.OW}, x.options());
-  check_cuda(lkpatch::dwconv2d_forward_f32(x.data_ptr<float>(), w.data_ptr<float>(),
-                                           bias.has_value() ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>(), s,
-                                           false, c10::cuda::getCurrentCUDAStream().stream()),
+  check_cuda(lkpatch::dwconv2d_forward(dtype_of(x, "input"), x.data_ptr(), w.data_ptr(),
+                                       bias.has_value() ? bias->data_ptr() : nullptr, y.data_ptr(), s, false,
+                                       c10::cuda::getCurrentCUDAStream().stream()),
              "depthwise forward");
   return y;
 }
@@ -98,9 +107,9 @@ Tensor dwconv2d_input_grad(const Tensor& grad, const Tensor& w, at::IntArrayRef 
               " but the forward output would be ", f.OH, "x", f.OW);
   c10::cuda::CUDAGuard guard(grad.device());
   Tensor gx = at::empty({grad.size(0), C, input_size[0], input_size[1]}, grad.options());
-  check_cuda(lkpatch::dwconv2d_forward_f32(grad.data_ptr<float>(), w.data_ptr<float>(), nullptr, gx.data_ptr<float>(),
-                                           lkpatch::dwconv2d_input_grad_shape(f), true,
-                                           c10::cuda::getCurrentCUDAStream().stream()),
+  check_cuda(lkpatch::dwconv2d_forward(dtype_of(grad, "grad_output"), grad.data_ptr(), w.data_ptr(), nullptr,
+                                       gx.data_ptr(), lkpatch::dwconv2d_input_grad_shape(f), true,
+                                       c10::cuda::getCurrentCUDAStream().stream()),
              "depthwise input-grad");
   return gx;
 }
@@ -111,6 +120,7 @@ Tensor dwconv2d_weight_grad(const Tensor& grad, const Tensor& x, at::IntArrayRef
   check_padding(padding);
   TORCH_CHECK(kernel_size.size() == 2, "lkpatch: kernel_size must be (KH, KW)");
   TORCH_CHECK(grad.device() == x.device(), "lkpatch: grad_output and input are on different devices");
+  TORCH_CHECK(grad.scalar_type() == x.scalar_type(), "lkpatch: grad_output and input dtypes differ");
   TORCH_CHECK(grad.size(0) == x.size(0) && grad.size(1) == x.size(1), "lkpatch: grad_output ", grad.sizes(),
               " does not match input ", x.sizes());
   const auto s = forward_shape(x.size(0), x.size(1), x.size(2), x.size(3), kernel_size[0], kernel_size[1], padding);
@@ -118,12 +128,12 @@ Tensor dwconv2d_weight_grad(const Tensor& grad, const Tensor& x, at::IntArrayRef
               " but the forward output would be ", s.OH, "x", s.OW);
   c10::cuda::CUDAGuard guard(x.device());
   Tensor gw = at::empty({x.size(1), 1, kernel_size[0], kernel_size[1]}, x.options());
-  const size_t ws_bytes = lkpatch::dwconv2d_weight_grad_workspace_f32(s);
+  const size_t ws_bytes = lkpatch::dwconv2d_weight_grad_workspace(s);
   Tensor ws;
-  if (ws_bytes) ws = at::empty({(int64_t)(ws_bytes / sizeof(float))}, x.options());
-  check_cuda(lkpatch::dwconv2d_weight_grad_f32(grad.data_ptr<float>(), x.data_ptr<float>(), gw.data_ptr<float>(),
-                                               ws_bytes ? ws.data_ptr<float>() : nullptr, s,
-                                               c10::cuda::getCurrentCUDAStream().stream()),
+  if (ws_bytes) ws = at::empty({(int64_t)(ws_bytes / sizeof(float))}, x.options().dtype(at::kFloat));
+  check_cuda(lkpatch::dwconv2d_weight_grad(dtype_of(x, "input"), grad.data_ptr(), x.data_ptr(), gw.data_ptr(),
+                                           ws_bytes ? ws.data_ptr<float>() : nullptr, s,
+                                           c10::cuda::getCurrentCUDAStream().stream()),
              "depthwise weight-grad");
   return gw;
 }
@@ -135,12 +145,12 @@ Tensor dwconv2d_bias_grad(const Tensor& grad) {
   c10::cuda::CUDAGuard guard(grad.device());
   Tensor gb = at::empty({grad.size(1)}, grad.options());
   const int64_t hw = grad.size(2) * grad.size(3);
-  const size_t ws_bytes = lkpatch::dwconv2d_bias_grad_workspace_f32(grad.size(0), (int)grad.size(1), hw);
+  const size_t ws_bytes = lkpatch::dwconv2d_bias_grad_workspace(grad.size(0), (int)grad.size(1), hw);
   Tensor ws;
-  if (ws_bytes) ws = at::empty({(int64_t)(ws_bytes / sizeof(float))}, grad.options());
-  check_cuda(lkpatch::dwconv2d_bias_grad_f32(grad.data_ptr<float>(), gb.data_ptr<float>(),
-                                             ws_bytes ? ws.data_ptr<float>() : nullptr, grad.size(0),
-                                             (int)grad.size(1), hw, c10::cuda::getCurrentCUDAStream().stream()),
+  if (ws_bytes) ws = at::empty({(int64_t)(ws_bytes / sizeof(float))}, grad.options().dtype(at::kFloat));
+  check_cuda(lkpatch::dwconv2d_bias_grad(dtype_of(grad, "grad_output"), grad.data_ptr(), gb.data_ptr(),
+                                         ws_bytes ? ws.data_ptr<float>() : nullptr, grad.size(0), (int)grad.size(1), hw,
+                                         c10::cuda::getCurrentCUDAStream().stream()),
              "depthwise bias-grad");
   return gb;
 }

@@ -23,24 +23,27 @@ struct DwShape {
   int pad_t, pad_l;
 };
 
+// Element type of every tensor of a call; arithmetic is fp32 whatever the storage.
+enum class DType { f32, f16, bf16 };
+
 // The forward pass; with flip_kernel the kernel is rotated by 180 degrees, which makes it the
 // input-gradient (see dwconv2d_input_grad_shape). bias may be null.
-cudaError_t dwconv2d_forward_f32(const float* in, const float* w, const float* bias, float* out,
-                                 const DwShape& s, bool flip_kernel, cudaStream_t stream);
+cudaError_t dwconv2d_forward(DType t, const void* in, const void* w, const void* bias, void* out, const DwShape& s,
+                             bool flip_kernel, cudaStream_t stream);
 
 // The shape that computes grad_input of the forward shape `fwd` with dwconv2d_forward_*(flip=true):
 // grad_output convolved with the flipped kernel under padding K - 1 - pad.
 DwShape dwconv2d_input_grad_shape(const DwShape& fwd);
 
 // grad_w[c][kh][kw] = sum_{n,oy,ox} grad_out[n,c][oy][ox] * in[n,c][oy - pad_t + kh][ox - pad_l + kw].
-// Deterministic: partial sums go to `workspace` and are added in a fixed order.
-size_t dwconv2d_weight_grad_workspace_f32(const DwShape& s);  // bytes (may be 0)
-cudaError_t dwconv2d_weight_grad_f32(const float* grad_out, const float* in, float* grad_w, float* workspace,
-                                     const DwShape& s, cudaStream_t stream);
+// Deterministic: partial sums go to an fp32 `workspace` and are added in a fixed order.
+size_t dwconv2d_weight_grad_workspace(const DwShape& s);  // bytes (may be 0)
+cudaError_t dwconv2d_weight_grad(DType t, const void* grad_out, const void* in, void* grad_w, float* workspace,
+                                 const DwShape& s, cudaStream_t stream);
 
 // grad_b[c] = sum over n, y, x of grad_out[n, c, y, x]; deterministic.
-size_t dwconv2d_bias_grad_workspace_f32(int64_t N, int C, int64_t HW);  // bytes (may be 0)
-cudaError_t dwconv2d_bias_grad_f32(const float* grad_out, float* grad_b, float* workspace, int64_t N, int C,
-                                   int64_t HW, cudaStream_t stream);
+size_t dwconv2d_bias_grad_workspace(int64_t N, int C, int64_t HW);  // bytes (may be 0)
+cudaError_t dwconv2d_bias_grad(DType t, const void* grad_out, void* grad_b, float* workspace, int64_t N, int C,
+                               int64_t HW, cudaStream_t stream);
 
 }  // namespace lkpatch

@@ -12,14 +12,15 @@ namespace {
 
 constexpr int kThreads = 256;
 
-__global__ void __launch_bounds__(kThreads) bias_grad_f32(const float* __restrict__ grad, float* __restrict__ out,
-                                                          int N, int C, int64_t HW, int per) {
+template <typename T, typename O>
+__global__ void __launch_bounds__(kThreads) bias_grad(const T* __restrict__ grad, O* __restrict__ out, int N, int C,
+                                                      int64_t HW, int per) {
   const int c = blockIdx.x, slice = blockIdx.y;
   const int n_end = min(N, (slice + 1) * per);
   float sum = 0.f;
   for (int n = slice * per; n < n_end; ++n) {
-    const float* p = grad + ((int64_t)n * C + c) * HW;
-    for (int64_t i = threadIdx.x; i < HW; i += kThreads) sum += __ldg(p + i);
+    const T* p = grad + ((int64_t)n * C + c) * HW;
+    for (int64_t i = threadIdx.x; i < HW; i += kThreads) sum += load(p + i);
   }
   __shared__ float part[kThreads / 32];
 #pragma unroll
@@ -30,16 +31,17 @@ __global__ void __launch_bounds__(kThreads) bias_grad_f32(const float* __restric
     sum = threadIdx.x < kThreads / 32 ? part[threadIdx.x] : 0.f;
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-    if (threadIdx.x == 0) out[(int64_t)slice * C + c] = sum;
+    if (threadIdx.x == 0) out[(int64_t)slice * C + c] = from_float<O>(sum);
   }
 }
 
-__global__ void sum_slices_f32(const float* __restrict__ parts, float* __restrict__ out, int slices, int C) {
+template <typename T>
+__global__ void sum_slices(const float* __restrict__ parts, T* __restrict__ out, int slices, int C) {
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
   if (c >= C) return;
   float sum = 0.f;
   for (int s = 0; s < slices; ++s) sum += parts[(int64_t)s * C + c];
-  out[c] = sum;
+  out[c] = from_float<T>(sum);
 }
 
 int slices_for(int64_t N, int C, int64_t HW, int sms) {
@@ -51,29 +53,36 @@ int slices_for(int64_t N, int C, int64_t HW, int sms) {
 
 }  // namespace
 
-size_t dwconv2d_bias_grad_workspace_f32(int64_t N, int C, int64_t HW) {
+size_t dwconv2d_bias_grad_workspace(int64_t N, int C, int64_t HW) {
   DeviceLimits lim;
   if (N == 0 || C == 0 || device_limits(&lim) != cudaSuccess) return 0;
   const int slices = slices_for(N, C, HW, lim.sms);
   return slices > 1 ? sizeof(float) * slices * (size_t)C : 0;
 }
 
-cudaError_t dwconv2d_bias_grad_f32(const float* grad_out, float* grad_b, float* workspace, int64_t N, int C,
-                                   int64_t HW, cudaStream_t stream) {
+cudaError_t dwconv2d_bias_grad(DType t, const void* grad_out, void* grad_b, float* workspace, int64_t N, int C,
+                               int64_t HW, cudaStream_t stream) {
   if (C == 0) return cudaSuccess;
-  if (N == 0 || HW == 0) return cudaMemsetAsync(grad_b, 0, sizeof(float) * C, stream);
+  if (N == 0 || HW == 0) return cudaMemsetAsync(grad_b, 0, (t == DType::f32 ? 4 : 2) * (size_t)C, stream);
   DeviceLimits lim;
   cudaError_t err = device_limits(&lim);
   if (err != cudaSuccess) return err;
   const int slices = slices_for(N, C, HW, lim.sms);
   if (slices > 1 && workspace == nullptr) return cudaErrorInvalidValue;
   const int per = (int)((N + slices - 1) / slices);
-  bias_grad_f32<<<dim3(C, slices), kThreads, 0, stream>>>(grad_out, slices > 1 ? workspace : grad_b, (int)N, C, HW,
-                                                          per);
-  err = cudaGetLastError();
-  if (err != cudaSuccess || slices == 1) return err;
-  sum_slices_f32<<<(C + 255) / 256, 256, 0, stream>>>(workspace, grad_b, slices, C);
-  return cudaGetLastError();
+  return with_dtype(t, [&](auto tag) {
+    using T = decltype(tag);
+    const T* g = static_cast<const T*>(grad_out);
+    if (slices == 1) {
+      bias_grad<T, T><<<dim3(C, 1), kThreads, 0, stream>>>(g, static_cast<T*>(grad_b), (int)N, C, HW, per);
+      return cudaGetLastError();
+    }
+    bias_grad<T, float><<<dim3(C, slices), kThreads, 0, stream>>>(g, workspace, (int)N, C, HW, per);
+    cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess) return e;
+    sum_slices<T><<<(C + 255) / 256, 256, 0, stream>>>(workspace, static_cast<T*>(grad_b), slices, C);
+    return cudaGetLastError();
+  });
 }
 
 }  // namespace lkpatch

@@ -1,11 +1,36 @@
 // The register-blocked correlation at the heart of every fp32 pass, and launch helpers.
 #pragma once
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
+
+#include <type_traits>
 
 #include "dwconv.h"
 
 namespace lkpatch {
+
+// Storage types: tensors are float, __half or __nv_bfloat16; arithmetic is always fp32.
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <typename T> __device__ __forceinline__ float load(const T* p) { return to_float(__ldg(p)); }
+
+// Calls f.template operator()<T>() with T the storage type of `t`.
+template <typename F>
+inline cudaError_t with_dtype(DType t, F&& f) {
+  switch (t) {
+    case DType::f32: return f(float{});
+    case DType::f16: return f(__half{});
+    case DType::bf16: return f(__nv_bfloat16{});
+  }
+  return cudaErrorInvalidValue;
+}
 
 // Kernel columns are walked in chunks of CH; every chunk starts at a multiple of CH, so shared
 // memory is read with aligned 16-byte loads.
@@ -93,23 +118,68 @@ __device__ __forceinline__ void copy_async_wait() {
 #endif
 }
 
-// Stage rows of planes into shared memory: for plane p < nplanes and row r < nrows,
+// Stage rows of planes into shared memory as fp32: for plane p < nplanes and row r < nrows,
 // dst[p * plane_stride + r * pitch + c] = src(p)[(row0 + r) * stride + col0 + c] for c < pitch,
-// zero outside columns [0, col_end). One warp per row, lanes along it: coalesced, no divisions
-// per element.
-template <typename SrcOf>
+// zero outside columns [0, col_end). One warp per row segment of 32, lanes along it: coalesced,
+// no divisions per element. fp32 is copied asynchronously; half types go through registers,
+// several loads in flight per thread before their stores.
+template <typename T, typename SrcOf>
 __device__ __forceinline__ void stage_rows(float* dst, int plane_stride, int pitch, int nplanes, int nrows, int row0,
                                            int col0, int stride, int col_end, SrcOf src_of) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
-  for (int pr = warp; pr < nplanes * nrows; pr += nwarps) {
-    const int p = pr / nrows, r = pr - p * nrows;
-    const float* src = src_of(p) + (int64_t)(row0 + r) * stride;
-    float* row = dst + p * plane_stride + r * pitch;
-    for (int c = lane; c < pitch; c += 32) {
-      const int x = col0 + c;
-      const bool valid = x >= 0 && x < col_end;
-      copy_async(row + c, valid ? src + x : src, valid);
+  if constexpr (std::is_same_v<T, float>) {
+    for (int pr = warp; pr < nplanes * nrows; pr += nwarps) {
+      const int p = pr / nrows, r = pr - p * nrows;
+      const float* src = src_of(p) + (int64_t)(row0 + r) * stride;
+      float* row = dst + p * plane_stride + r * pitch;
+      for (int c = lane; c < pitch; c += 32) {
+        const int x = col0 + c;
+        const bool valid = x >= 0 && x < col_end;
+        copy_async(row + c, valid ? src + x : src, valid);
+      }
     }
+  } else {
+    constexpr int kBatch = 4;
+    const int segs = ceil_div(pitch, 32), total = nplanes * nrows * segs;
+    for (int base = warp; base < total; base += nwarps * kBatch) {
+      float v[kBatch];
+      int at[kBatch];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        const int item = base + u * nwarps;
+        const int pr = item / segs, c = (item - pr * segs) * 32 + lane;
+        const int p = pr / nrows, r = pr - p * nrows, x = col0 + c;
+        at[u] = item < total && c < pitch ? p * plane_stride + r * pitch + c : -1;
+        v[u] = at[u] >= 0 && x >= 0 && x < col_end ? load(src_of(p) + (int64_t)(row0 + r) * stride + x) : 0.f;
+      }
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u)
+        if (at[u] >= 0) dst[at[u]] = v[u];
+    }
+  }
+}
+
+// Store RW consecutive results of one output row (16-byte stores where aligned).
+template <typename T, int RW>
+__device__ __forceinline__ void store_row(T* row, const float (&v)[RW], int valid, bool aligned) {
+  if (aligned && valid >= RW) {
+    if constexpr (std::is_same_v<T, float>) {
+#pragma unroll
+      for (int j = 0; j < RW; j += 4) *reinterpret_cast<float4*>(row + j) = make_float4(v[j], v[j + 1], v[j + 2], v[j + 3]);
+    } else {
+      static_assert(RW % 8 == 0, "16-byte stores of 8 halves");
+#pragma unroll
+      for (int j = 0; j < RW; j += 8) {
+        union { uint4 u; T h[8]; } pack;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) pack.h[i] = from_float<T>(v[j + i]);
+        *reinterpret_cast<uint4*>(row + j) = pack.u;
+      }
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < RW; ++j)
+      if (j < valid) row[j] = from_float<T>(v[j]);
   }
 }
 

@@ -13,11 +13,12 @@
 namespace lkpatch {
 namespace {
 
+template <typename T>
 struct FwdParams {
-  const float* in;
-  const float* w;
-  const float* bias;
-  float* out;
+  const T* in;
+  const T* w;
+  const T* bias;
+  T* out;
   DwShape s;
   int flip;
   int N;                // images: planes = N * C
@@ -30,8 +31,8 @@ struct FwdParams {
   int b_pitch, b_stride;          // staged kernel: KH rows per plane (b_stride = 0 if shared)
 };
 
-template <int RH, int RW>
-__global__ void __launch_bounds__(256, 2) dw_forward_f32(const FwdParams p) {
+template <typename T, int RH, int RW>
+__global__ void __launch_bounds__(256, 3) dw_forward(const FwdParams<T> p) {
   constexpr int CH = kChunk;
   extern __shared__ __align__(16) float smem[];
   const DwShape& s = p.s;
@@ -65,15 +66,17 @@ __global__ void __launch_bounds__(256, 2) dw_forward_f32(const FwdParams p) {
   for (int i = threadIdx.x; i < nkernels * s.KH * p.b_pitch; i += blockDim.x) {
     const int q = i / (s.KH * p.b_pitch), e = i - q * s.KH * p.b_pitch;
     const int kh = e / p.b_pitch, kw = e - kh * p.b_pitch;
-    const float* wsrc = p.w + ((first + q * step) % s.C) * s.KH * s.KW;
-    const bool valid = kw < s.KW;
+    const T* wsrc = p.w + ((first + q * step) % s.C) * s.KH * s.KW;
     const int src = p.flip ? (s.KH - 1 - kh) * s.KW + (s.KW - 1 - kw) : kh * s.KW + kw;
-    copy_async(B + q * p.b_stride + e, wsrc + (valid ? src : 0), valid);
+    if constexpr (std::is_same_v<T, float>)
+      copy_async(B + q * p.b_stride + e, wsrc + (kw < s.KW ? src : 0), kw < s.KW);
+    else
+      B[q * p.b_stride + e] = kw < s.KW ? load(wsrc + src) : 0.f;
   }
   const int64_t plane_elems = (int64_t)s.H * s.W;
   if (nrows > 0)
-    stage_rows(A, p.a_stride, p.a_pitch, nplanes, nrows, ry0, oxT - s.pad_l, s.W, s.W,
-               [&](int q) { return p.in + (first + q * step) * plane_elems; });
+    stage_rows<T>(A, p.a_stride, p.a_pitch, nplanes, nrows, ry0, oxT - s.pad_l, s.W, s.W,
+                  [&](int q) { return p.in + (first + q * step) * plane_elems; });
   copy_async_wait();
   __syncthreads();
 
@@ -83,7 +86,7 @@ __global__ void __launch_bounds__(256, 2) dw_forward_f32(const FwdParams p) {
   const int oy0 = oyT + (pos / p.GX) * RH, ox0 = oxT + (pos % p.GX) * RW;
   if (oy0 >= s.OH || ox0 >= s.OW) return;
 
-  const float bias = p.bias ? __ldg(p.bias + plane % s.C) : 0.f;
+  const float bias = p.bias ? load(p.bias + plane % s.C) : 0.f;
   float acc[RH][RW];
 #pragma unroll
   for (int r = 0; r < RH; ++r)
@@ -102,27 +105,17 @@ __global__ void __launch_bounds__(256, 2) dw_forward_f32(const FwdParams p) {
     correlate<RH, RW, CH>(acc, a, p.a_pitch, b, p.b_pitch, s.KH, d_lo, d_hi, ceil_div(k_hi - k_lo, CH));
   }
 
-  float* dst = p.out + plane * (int64_t)s.OH * s.OW;
-  const bool vec = (s.OW % 4 == 0) && (ox0 + RW <= s.OW);
+  T* dst = p.out + plane * (int64_t)s.OH * s.OW;
+  const bool aligned = s.OW % (16 / sizeof(T)) == 0;  // ox0 is a multiple of RW
 #pragma unroll
   for (int r = 0; r < RH; ++r) {
-    const int oy = oy0 + r;
-    if (oy >= s.OH) break;
-    float* row = dst + (int64_t)oy * s.OW + ox0;
-    if (vec) {
-#pragma unroll
-      for (int j = 0; j < RW; j += 4)
-        *reinterpret_cast<float4*>(row + j) = make_float4(acc[r][j], acc[r][j + 1], acc[r][j + 2], acc[r][j + 3]);
-    } else {
-#pragma unroll
-      for (int j = 0; j < RW; ++j)
-        if (ox0 + j < s.OW) row[j] = acc[r][j];
-    }
+    if (oy0 + r >= s.OH) break;
+    store_row<T, RW>(dst + (int64_t)(oy0 + r) * s.OW + ox0, acc[r], s.OW - ox0, aligned);
   }
 }
 
 constexpr int kRH = 4, kRW = 8;
-constexpr size_t kSmemBudget = 96 * 1024;  // per block: leaves room for two blocks per SM
+constexpr size_t kSmemBudget = 96 * 1024;  // per block: two blocks per SM
 
 }  // namespace
 
@@ -135,14 +128,16 @@ DwShape dwconv2d_input_grad_shape(const DwShape& f) {
   return g;
 }
 
-cudaError_t dwconv2d_forward_f32(const float* in, const float* w, const float* bias, float* out, const DwShape& s,
-                                 bool flip_kernel, cudaStream_t stream) {
-  if (s.planes == 0 || s.OH <= 0 || s.OW <= 0) return cudaSuccess;
+namespace {
+
+template <typename T>
+cudaError_t forward(const T* in, const T* w, const T* bias, T* out, const DwShape& s, bool flip_kernel,
+                    cudaStream_t stream) {
   DeviceLimits lim;
   cudaError_t err = device_limits(&lim);
   if (err != cudaSuccess) return err;
 
-  FwdParams p{};
+  FwdParams<T> p{};
   p.in = in; p.w = w; p.bias = bias; p.out = out; p.s = s; p.flip = flip_kernel ? 1 : 0;
   p.N = (int)(s.planes / s.C);
   p.GX = std::min(ceil_div(s.OW, kRW), 8);
@@ -173,7 +168,19 @@ cudaError_t dwconv2d_forward_f32(const float* in, const float* w, const float* b
   const int threads = round_up(p.PL * positions, 32);
   const int64_t blocks = p.shared_kernel ? (int64_t)s.C * ceil_div(p.N, p.PL) : (s.planes + p.PL - 1) / p.PL;
   if (tiles > 65535 || blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  return launch(dw_forward_f32<kRH, kRW>, dim3((unsigned)blocks, tiles), dim3(threads), smem, stream, p);
+  return launch(dw_forward<T, kRH, kRW>, dim3((unsigned)blocks, tiles), dim3(threads), smem, stream, p);
+}
+
+}  // namespace
+
+cudaError_t dwconv2d_forward(DType t, const void* in, const void* w, const void* bias, void* out, const DwShape& s,
+                             bool flip_kernel, cudaStream_t stream) {
+  if (s.planes == 0 || s.OH <= 0 || s.OW <= 0) return cudaSuccess;
+  return with_dtype(t, [&](auto tag) {
+    using T = decltype(tag);
+    return forward<T>(static_cast<const T*>(in), static_cast<const T*>(w), static_cast<const T*>(bias),
+                      static_cast<T*>(out), s, flip_kernel, stream);
+  });
 }
 
 }  // namespace lkpatch

@@ -17,10 +17,11 @@
 namespace lkpatch {
 namespace {
 
+template <typename T, typename O>
 struct WgradParams {
-  const float* grad;  // grad_out, planes x OH x OW
-  const float* in;    // planes x H x W
-  float* dst;         // G x C x KH x KW partial sums (G == 1: grad_w itself)
+  const T* grad;  // grad_out, planes x OH x OW
+  const T* in;    // planes x H x W
+  O* dst;         // G x C x KH x KW fp32 partial sums, or (G == 1) grad_w itself
   DwShape s;
   int N;
   int TOH, TOW;         // output tile
@@ -33,8 +34,8 @@ struct WgradParams {
   int slot_stride;               // floats per staged item
 };
 
-template <int RH, int RW>
-__global__ void __launch_bounds__(256, 2) dw_weight_grad_f32(const WgradParams p) {
+template <typename T, typename O, int RH, int RW>
+__global__ void __launch_bounds__(256, 3) dw_weight_grad(const WgradParams<T, O> p) {
   constexpr int CH = kChunk;
   extern __shared__ __align__(16) float smem[];
   const DwShape& s = p.s;
@@ -71,10 +72,10 @@ __global__ void __launch_bounds__(256, 2) dw_weight_grad_f32(const WgradParams p
       float* A = smem + q * p.slot_stride;
       const int ry0 = max(0, oyT - s.pad_t);
       const int nrows = min(s.H, oyT - s.pad_t + p.TGY * RH + p.TOH - 1) - ry0;
-      const float* x = p.in + plane * (int64_t)s.H * s.W;
-      if (nrows > 0) stage_rows(A, 0, p.a_pitch, 1, nrows, ry0, oxT - s.pad_l, s.W, s.W, [&](int) { return x; });
-      const float* dy = p.grad + plane * (int64_t)s.OH * s.OW;
-      stage_rows(A + a_size, 0, p.b_pitch, 1, toh, oyT, oxT, s.OW, min(s.OW, oxT + p.TOW), [&](int) { return dy; });
+      const T* x = p.in + plane * (int64_t)s.H * s.W;
+      if (nrows > 0) stage_rows<T>(A, 0, p.a_pitch, 1, nrows, ry0, oxT - s.pad_l, s.W, s.W, [&](int) { return x; });
+      const T* dy = p.grad + plane * (int64_t)s.OH * s.OW;
+      stage_rows<T>(A + a_size, 0, p.b_pitch, 1, toh, oyT, oxT, s.OW, min(s.OW, oxT + p.TOW), [&](int) { return dy; });
     }
     copy_async_wait();
     __syncthreads();
@@ -113,16 +114,17 @@ __global__ void __launch_bounds__(256, 2) dw_weight_grad_f32(const WgradParams p
     float sum = 0.f;
     for (int part = 0; part < nsplit; ++part)
       for (int q = 0; q < p.Q; ++q) sum += red[e * blockDim.x + (part * ntg + tgi) * p.Q + q];
-    p.dst[((int64_t)g * s.C + c) * s.KH * s.KW + kh * s.KW + kw] = sum;
+    p.dst[((int64_t)g * s.C + c) * s.KH * s.KW + kh * s.KW + kw] = from_float<O>(sum);
   }
 }
 
-__global__ void sum_partials_f32(const float* __restrict__ parts, float* __restrict__ out, int G, int64_t n) {
+template <typename T>
+__global__ void sum_partials(const float* __restrict__ parts, T* __restrict__ out, int G, int64_t n) {
   const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= n) return;
   float sum = 0.f;
   for (int g = 0; g < G; ++g) sum += parts[g * n + i];
-  out[i] = sum;
+  out[i] = from_float<T>(sum);
 }
 
 constexpr int kRH = 4, kRW = 8;
@@ -130,7 +132,7 @@ constexpr size_t kSmemBudget = 96 * 1024;
 constexpr int kMaxChain = 4096;  // most multiply-adds one thread's partial sum may take
 
 struct WgradPlan {
-  WgradParams p;
+  WgradParams<float, float> p;  // the shape fields; pointers are set per type
   int G;
   size_t smem;
   int threads;
@@ -138,7 +140,7 @@ struct WgradPlan {
 
 WgradPlan plan_weight_grad(const DwShape& s, const DeviceLimits& lim) {
   WgradPlan plan{};
-  WgradParams& p = plan.p;
+  auto& p = plan.p;
   p.s = s;
   p.N = (int)(s.planes / s.C);
   p.TOH = std::min(s.OH, 64);
@@ -178,9 +180,20 @@ WgradPlan plan_weight_grad(const DwShape& s, const DeviceLimits& lim) {
   return plan;
 }
 
+template <typename T, typename O>
+cudaError_t launch_weight_grad(const WgradPlan& plan, const T* grad_out, const T* in, O* dst, cudaStream_t stream) {
+  WgradParams<T, O> p{};
+  const auto& q = plan.p;
+  p.grad = grad_out; p.in = in; p.dst = dst; p.s = q.s; p.N = q.N; p.TOH = q.TOH; p.TOW = q.TOW;
+  p.tiles_x = q.tiles_x; p.tiles = q.tiles; p.items_per_block = q.items_per_block; p.TGX = q.TGX; p.TGY = q.TGY;
+  p.SR = q.SR; p.SC = q.SC; p.Q = q.Q; p.rows_per_split = q.rows_per_split; p.chunks_per_split = q.chunks_per_split;
+  p.a_rows = q.a_rows; p.a_pitch = q.a_pitch; p.b_pitch = q.b_pitch; p.slot_stride = q.slot_stride;
+  return launch(dw_weight_grad<T, O, kRH, kRW>, dim3(q.s.C, plan.G), dim3(plan.threads), plan.smem, stream, p);
+}
+
 }  // namespace
 
-size_t dwconv2d_weight_grad_workspace_f32(const DwShape& s) {
+size_t dwconv2d_weight_grad_workspace(const DwShape& s) {
   if (s.planes == 0 || s.OH <= 0 || s.OW <= 0) return 0;
   DeviceLimits lim;
   if (device_limits(&lim) != cudaSuccess) return 0;
@@ -188,23 +201,28 @@ size_t dwconv2d_weight_grad_workspace_f32(const DwShape& s) {
   return plan.G > 1 ? sizeof(float) * plan.G * (size_t)s.C * s.KH * s.KW : 0;
 }
 
-cudaError_t dwconv2d_weight_grad_f32(const float* grad_out, const float* in, float* grad_w, float* workspace,
-                                     const DwShape& s, cudaStream_t stream) {
+cudaError_t dwconv2d_weight_grad(DType t, const void* grad_out, const void* in, void* grad_w, float* workspace,
+                                 const DwShape& s, cudaStream_t stream) {
   const int64_t n_w = (int64_t)s.C * s.KH * s.KW;
-  if (s.planes == 0 || s.OH <= 0 || s.OW <= 0) return cudaMemsetAsync(grad_w, 0, sizeof(float) * n_w, stream);
+  const size_t elem = t == DType::f32 ? 4 : 2;
+  if (s.planes == 0 || s.OH <= 0 || s.OW <= 0) return cudaMemsetAsync(grad_w, 0, elem * n_w, stream);
   DeviceLimits lim;
   cudaError_t err = device_limits(&lim);
   if (err != cudaSuccess) return err;
-  WgradPlan plan = plan_weight_grad(s, lim);
-  if (plan.smem > (size_t)lim.max_smem_optin || s.C > 0x7fffffff || plan.G > 65535) return cudaErrorInvalidConfiguration;
+  const WgradPlan plan = plan_weight_grad(s, lim);
+  if (plan.smem > (size_t)lim.max_smem_optin || plan.G > 65535) return cudaErrorInvalidConfiguration;
   if (plan.G > 1 && workspace == nullptr) return cudaErrorInvalidValue;
-  plan.p.grad = grad_out;
-  plan.p.in = in;
-  plan.p.dst = plan.G > 1 ? workspace : grad_w;
-  err = launch(dw_weight_grad_f32<kRH, kRW>, dim3(s.C, plan.G), dim3(plan.threads), plan.smem, stream, plan.p);
-  if (err != cudaSuccess || plan.G == 1) return err;
-  sum_partials_f32<<<(unsigned)ceil_div((int)n_w, 256), 256, 0, stream>>>(workspace, grad_w, plan.G, n_w);
-  return cudaGetLastError();
+  return with_dtype(t, [&](auto tag) {
+    using T = decltype(tag);
+    const T* g = static_cast<const T*>(grad_out);
+    const T* x = static_cast<const T*>(in);
+    if (plan.G == 1) return launch_weight_grad<T, T>(plan, g, x, static_cast<T*>(grad_w), stream);
+    cudaError_t e = launch_weight_grad<T, float>(plan, g, x, workspace, stream);
+    if (e != cudaSuccess) return e;
+    sum_partials<T><<<(unsigned)ceil_div((int)n_w, 256), 256, 0, stream>>>(workspace, static_cast<T*>(grad_w), plan.G,
+                                                                          n_w);
+    return cudaGetLastError();
+  });
 }
 
 }  // namespace lkpatch

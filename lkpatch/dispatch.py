@@ -24,8 +24,8 @@ import torch
 Pads = Tuple[int, int, int, int]  # (top, bottom, left, right)
 PASSES = ("forward", "input_grad", "weight_grad", "bias_grad")
 
-#: dtypes with a CUDA kernel.
-KERNEL_DTYPES = (torch.float32,)
+#: dtypes with a CUDA kernel (storage; the arithmetic is fp32 in all of them).
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 #: largest kernel height or width the kernels take.
 MAX_KERNEL_SIZE = 63
 #: largest element count of one (N*C) plane stack the kernels index with 32-bit math per plane.

@@ -19,8 +19,9 @@ from lkpatch._native import output_memory_format
 
 pytestmark = pytest.mark.cuda
 
-TOL = {torch.float32: 1e-5}
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 SWEEP_CASES = int(os.environ.get("LKPATCH_SWEEP_CASES", "240"))
+HALF_SWEEP_CASES = int(os.environ.get("LKPATCH_HALF_SWEEP_CASES", "80"))
 PRIMES = [2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53, 59, 61, 67, 71, 73, 79, 83, 89, 97, 101,
           103, 107, 109, 113, 127]
 
@@ -114,15 +115,17 @@ def make_inputs(case, gen, dtype=torch.float32):
     return x, wt, b, g
 
 
-def check_case(case, seed):
+def check_case(case, seed, dtype=torch.float32):
+    """Output and gradients against float64 computed from the same (rounded) inputs."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
-    x, w, b, g = make_inputs(case, gen)
+    x, w, b, g = make_inputs(case, gen, dtype)
     got = run_op(x, w, b, case["pads"], g)
     ref = reference(x, w, b, case["pads"], g)
     names = ("output", "grad_input", "grad_weight", "grad_bias")
+    assert all(t.dtype == dtype for t in got if t is not None)
     errs = {name: rel_err(a, r) for name, a, r in zip(names, got, ref) if r is not None}
-    bad = {k: v for k, v in errs.items() if not v <= TOL[torch.float32]}
-    assert not bad, f"case {case} seed {seed}: relative errors {errs}"
+    bad = {k: v for k, v in errs.items() if not v <= TOL[dtype]}
+    assert not bad, f"case {case} seed {seed} {dtype}: relative errors {errs}"
     assert got[0].shape == ref[0].shape and got[1].shape == x.shape
     assert got[0].is_contiguous(memory_format=output_memory_format(x))
 
@@ -137,6 +140,40 @@ def test_random_sweep_fp32():
         except AssertionError as e:
             failures.append(str(e))
     assert not failures, f"{len(failures)} of {SWEEP_CASES} cases failed:\n" + "\n".join(failures[:20])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_random_sweep_half(dtype):
+    rng = random.Random(4321)
+    failures = []
+    for i in range(HALF_SWEEP_CASES):
+        case = draw_case(rng)
+        try:
+            check_case(case, seed=i, dtype=dtype)
+        except AssertionError as e:
+            failures.append(str(e))
+    assert not failures, f"{len(failures)} of {HALF_SWEEP_CASES} cases failed:\n" + "\n".join(failures[:20])
+
+
+def test_autocast_matches_pytorch():
+    import copy
+    torch.manual_seed(0)
+    model = _small_convnet(k=31).cuda()
+    converted = lkpatch.convert_model(copy.deepcopy(model))
+    x = torch.randn(4, 3, 40, 40, device="cuda")
+    outs, grads = [], []
+    for m in (model, converted):
+        m.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16), dispatch.force("kernel"):
+            out = m(x)
+        out.float().square().mean().backward()
+        outs.append(out)
+        grads.append([p.grad for p in m.parameters()])
+    assert outs[1].dtype == outs[0].dtype == torch.bfloat16
+    assert rel_err(outs[1], outs[0]) < 2e-2
+    for ours, theirs, p in zip(grads[1], grads[0], converted.parameters()):
+        assert ours.dtype == p.dtype == torch.float32  # fp32 master weights get fp32 gradients
+        assert rel_err(ours, theirs) < 5e-2
 
 
 @pytest.mark.parametrize("case", [
