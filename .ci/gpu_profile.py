@@ -75,5 +75,18 @@ def kernels(names):
         print("launched", name, flush=True)
 
 
+def mismatch():
+    """The input-grad op called with an input size that does not match grad_output."""
+    build.build()
+    x = torch.randn(2, 4, 9, 9, device="cuda")
+    w = torch.randn(4, 1, 3, 3, device="cuda")
+    for op in (torch.ops.lkpatch_ext.dwconv2d_input_grad, torch.ops.lkpatch.dwconv2d_input_grad):
+        try:
+            op(x, w, [5, 5], [1, 1, 1, 1])
+        except RuntimeError as e:
+            print("raised:", str(e).splitlines()[0])
+
+
 if __name__ == "__main__":
-    {"overhead": lambda: overhead(), "kernels": lambda: kernels(sys.argv[2:])}[sys.argv[1]]()
+    {"overhead": lambda: overhead(), "kernels": lambda: kernels(sys.argv[2:]),
+     "mismatch": lambda: mismatch()}[sys.argv[1]]()
