@@ -11,12 +11,24 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <string>
 
 #include "dwconv.h"
 
 namespace {
 
 using at::Tensor;
+
+// Error messages are built from strings only: streaming integers through the extension's
+// std::ostream crashed (a libstdc++ mismatch between this library and torch's, seen on torch 2.11).
+std::string str(int64_t v) { return std::to_string(v); }
+std::string str(at::IntArrayRef a) {
+  std::string out = "[";
+  for (size_t i = 0; i < a.size(); ++i) out += (i ? ", " : "") + std::to_string(a[i]);
+  return out + "]";
+}
+std::string str(const at::Device& d) { return d.str(); }
+std::string str(at::ScalarType t) { return c10::toString(t); }
 
 void check_cuda(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "lkpatch: ", what, " failed: ", cudaGetErrorString(err));
@@ -27,29 +39,29 @@ lkpatch::DType dtype_of(const Tensor& t, const char* name) {
     case at::kFloat: return lkpatch::DType::f32;
     case at::kHalf: return lkpatch::DType::f16;
     case at::kBFloat16: return lkpatch::DType::bf16;
-    default: TORCH_CHECK(false, "lkpatch: ", name, " must be float32, float16 or bfloat16, got ", t.scalar_type());
+    default: TORCH_CHECK(false, "lkpatch: ", name, " must be float32, float16 or bfloat16, got ", str(t.scalar_type()));
   }
 }
 
 void check_activation(const Tensor& t, const char* name) {
   TORCH_CHECK(t.is_cuda(), "lkpatch: ", name, " must be a CUDA tensor");
-  TORCH_CHECK(t.dim() == 4, "lkpatch: ", name, " must be 4-D (N, C, H, W), got ", t.dim(), "-D");
+  TORCH_CHECK(t.dim() == 4, "lkpatch: ", name, " must be 4-D (N, C, H, W), got ", str(t.dim()), "-D");
   dtype_of(t, name);
   TORCH_CHECK(t.is_contiguous(), "lkpatch: ", name, " must be contiguous NCHW");
 }
 
 void check_padding(at::IntArrayRef padding) {
   TORCH_CHECK(padding.size() == 4, "lkpatch: padding must be (top, bottom, left, right)");
-  for (auto p : padding) TORCH_CHECK(p >= 0 && p <= 4096, "lkpatch: padding must be in [0, 4096], got ", p);
+  for (auto p : padding) TORCH_CHECK(p >= 0 && p <= 4096, "lkpatch: padding must be in [0, 4096], got ", str(p));
 }
 
 void check_int(int64_t v, const char* what) {
-  TORCH_CHECK(v >= 0 && v <= INT32_MAX, "lkpatch: ", what, " = ", v, " is too large for the kernel");
+  TORCH_CHECK(v >= 0 && v <= INT32_MAX, "lkpatch: ", what, " = ", str(v), " is too large for the kernel");
 }
 
 lkpatch::DwShape forward_shape(int64_t N, int64_t C, int64_t H, int64_t W, int64_t KH, int64_t KW,
                                at::IntArrayRef padding) {
-  TORCH_CHECK(KH >= 1 && KH <= 63 && KW >= 1 && KW <= 63, "lkpatch: kernel ", KH, "x", KW,
+  TORCH_CHECK(KH >= 1 && KH <= 63 && KW >= 1 && KW <= 63, "lkpatch: kernel ", str(KH), "x", str(KW),
               " is outside the supported 1..63");
   const int64_t OH = H + padding[0] + padding[1] - KH + 1, OW = W + padding[2] + padding[3] - KW + 1;
   TORCH_CHECK(OH >= 1 && OW >= 1, "lkpatch: the padded input is smaller than the kernel");
@@ -68,11 +80,12 @@ lkpatch::DwShape forward_shape(int64_t N, int64_t C, int64_t H, int64_t W, int64
 }
 
 void check_weight(const Tensor& w, const Tensor& like, int64_t C) {
-  TORCH_CHECK(w.device() == like.device(), "lkpatch: weight is on ", w.device(), ", input on ", like.device());
-  TORCH_CHECK(w.scalar_type() == like.scalar_type(), "lkpatch: weight dtype ", w.scalar_type(),
-              " differs from input dtype ", like.scalar_type());
+  TORCH_CHECK(w.device() == like.device(), "lkpatch: weight is on ", str(w.device()), ", input on ",
+              str(like.device()));
+  TORCH_CHECK(w.scalar_type() == like.scalar_type(), "lkpatch: weight dtype ", str(w.scalar_type()),
+              " differs from input dtype ", str(like.scalar_type()));
   TORCH_CHECK(w.dim() == 4 && w.size(0) == C && w.size(1) == 1, "lkpatch: weight must be (C, 1, KH, KW) with C = ",
-              C, ", got ", w.sizes());
+              str(C), ", got ", str(w.sizes()));
   TORCH_CHECK(w.is_contiguous(), "lkpatch: weight must be contiguous");
 }
 
@@ -103,8 +116,8 @@ Tensor dwconv2d_input_grad(const Tensor& grad, const Tensor& w, at::IntArrayRef 
   const int64_t C = grad.size(1);
   check_weight(w, grad, C);
   const auto f = forward_shape(grad.size(0), C, input_size[0], input_size[1], w.size(2), w.size(3), padding);
-  TORCH_CHECK(f.OH == grad.size(2) && f.OW == grad.size(3), "lkpatch: grad_output is ", grad.sizes(),
-              " but the forward output would be ", f.OH, "x", f.OW);
+  TORCH_CHECK(f.OH == grad.size(2) && f.OW == grad.size(3), "lkpatch: grad_output is ", str(grad.sizes()),
+              " but the forward output would be ", str(f.OH), "x", str(f.OW));
   c10::cuda::CUDAGuard guard(grad.device());
   Tensor gx = at::empty({grad.size(0), C, input_size[0], input_size[1]}, grad.options());
   check_cuda(lkpatch::dwconv2d_forward(dtype_of(grad, "grad_output"), grad.data_ptr(), w.data_ptr(), nullptr,
@@ -121,11 +134,11 @@ Tensor dwconv2d_weight_grad(const Tensor& grad, const Tensor& x, at::IntArrayRef
   TORCH_CHECK(kernel_size.size() == 2, "lkpatch: kernel_size must be (KH, KW)");
   TORCH_CHECK(grad.device() == x.device(), "lkpatch: grad_output and input are on different devices");
   TORCH_CHECK(grad.scalar_type() == x.scalar_type(), "lkpatch: grad_output and input dtypes differ");
-  TORCH_CHECK(grad.size(0) == x.size(0) && grad.size(1) == x.size(1), "lkpatch: grad_output ", grad.sizes(),
-              " does not match input ", x.sizes());
+  TORCH_CHECK(grad.size(0) == x.size(0) && grad.size(1) == x.size(1), "lkpatch: grad_output ", str(grad.sizes()),
+              " does not match input ", str(x.sizes()));
   const auto s = forward_shape(x.size(0), x.size(1), x.size(2), x.size(3), kernel_size[0], kernel_size[1], padding);
-  TORCH_CHECK(s.OH == grad.size(2) && s.OW == grad.size(3), "lkpatch: grad_output is ", grad.sizes(),
-              " but the forward output would be ", s.OH, "x", s.OW);
+  TORCH_CHECK(s.OH == grad.size(2) && s.OW == grad.size(3), "lkpatch: grad_output is ", str(grad.sizes()),
+              " but the forward output would be ", str(s.OH), "x", str(s.OW));
   c10::cuda::CUDAGuard guard(x.device());
   Tensor gw = at::empty({x.size(1), 1, kernel_size[0], kernel_size[1]}, x.options());
   const size_t ws_bytes = lkpatch::dwconv2d_weight_grad_workspace(s);
