@@ -5,6 +5,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cstdlib>
 #include <type_traits>
 
 #include "dwconv.h"
@@ -186,6 +187,38 @@ __device__ __forceinline__ void store_row(T* row, const float (&v)[RW], int vali
 // A per-plane shared-memory stride that puts consecutive planes 16 bytes apart modulo the 32
 // banks, so lanes reading the same offset of different planes do not conflict.
 __host__ __device__ inline int plane_stride(int floats) { return round_up(floats, 32) + 4; }
+
+// out[i] = sum over g of parts[g * n + i], in order.
+template <typename T>
+__global__ void sum_partials_kernel(const float* __restrict__ parts, T* __restrict__ out, int G, int64_t n) {
+  const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  float sum = 0.f;
+  for (int g = 0; g < G; ++g) sum += parts[g * n + i];
+  out[i] = from_float<T>(sum);
+}
+
+template <typename T>
+inline cudaError_t sum_partials(const float* parts, T* out, int G, int64_t n, cudaStream_t stream) {
+  sum_partials_kernel<T><<<(unsigned)((n + 255) / 256), 256, 0, stream>>>(parts, out, G, n);
+  return cudaGetLastError();
+}
+
+// The small-map variants (dwconv_small.cu): whole planes staged, images in the register tile.
+bool dwconv2d_small_map(const DwShape& s);
+cudaError_t dwconv2d_small_forward(DType t, const void* in, const void* w, const void* bias, void* out,
+                                   const DwShape& s, bool flip_kernel, cudaStream_t stream);
+size_t dwconv2d_small_weight_grad_workspace(const DwShape& s);
+cudaError_t dwconv2d_small_weight_grad(DType t, const void* grad_out, const void* in, void* grad_w, float* workspace,
+                                       const DwShape& s, cudaStream_t stream);
+
+// LKPATCH_SMALL_MAP=never|always overrides the choice of the small-map variants (benchmarking).
+inline bool use_small_map(const DwShape& s) {
+  static const char* env = getenv("LKPATCH_SMALL_MAP");
+  if (env && env[0] == 'n') return false;
+  if (!dwconv2d_small_map(s)) return false;
+  return (env && env[0] == 'a') || s.KH * s.KW >= 25;
+}
 
 struct DeviceLimits {
   int sms;

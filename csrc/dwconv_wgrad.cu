@@ -118,15 +118,6 @@ __global__ void __launch_bounds__(256, 3) dw_weight_grad(const WgradParams<T, O>
   }
 }
 
-template <typename T>
-__global__ void sum_partials(const float* __restrict__ parts, T* __restrict__ out, int G, int64_t n) {
-  const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= n) return;
-  float sum = 0.f;
-  for (int g = 0; g < G; ++g) sum += parts[g * n + i];
-  out[i] = from_float<T>(sum);
-}
-
 constexpr int kRH = 4, kRW = 8;
 constexpr size_t kSmemBudget = 96 * 1024;
 constexpr int kMaxChain = 4096;  // most multiply-adds one thread's partial sum may take
@@ -195,6 +186,7 @@ cudaError_t launch_weight_grad(const WgradPlan& plan, const T* grad_out, const T
 
 size_t dwconv2d_weight_grad_workspace(const DwShape& s) {
   if (s.planes == 0 || s.OH <= 0 || s.OW <= 0) return 0;
+  if (use_small_map(s)) return dwconv2d_small_weight_grad_workspace(s);
   DeviceLimits lim;
   if (device_limits(&lim) != cudaSuccess) return 0;
   const WgradPlan plan = plan_weight_grad(s, lim);
@@ -206,6 +198,7 @@ cudaError_t dwconv2d_weight_grad(DType t, const void* grad_out, const void* in, 
   const int64_t n_w = (int64_t)s.C * s.KH * s.KW;
   const size_t elem = t == DType::f32 ? 4 : 2;
   if (s.planes == 0 || s.OH <= 0 || s.OW <= 0) return cudaMemsetAsync(grad_w, 0, elem * n_w, stream);
+  if (use_small_map(s)) return dwconv2d_small_weight_grad(t, grad_out, in, grad_w, workspace, s, stream);
   DeviceLimits lim;
   cudaError_t err = device_limits(&lim);
   if (err != cudaSuccess) return err;
@@ -219,9 +212,7 @@ cudaError_t dwconv2d_weight_grad(DType t, const void* grad_out, const void* in, 
     if (plan.G == 1) return launch_weight_grad<T, T>(plan, g, x, static_cast<T*>(grad_w), stream);
     cudaError_t e = launch_weight_grad<T, float>(plan, g, x, workspace, stream);
     if (e != cudaSuccess) return e;
-    sum_partials<T><<<(unsigned)ceil_div((int)n_w, 256), 256, 0, stream>>>(workspace, static_cast<T*>(grad_w), plan.G,
-                                                                          n_w);
-    return cudaGetLastError();
+    return sum_partials(workspace, static_cast<T*>(grad_w), plan.G, n_w, stream);
   });
 }
 

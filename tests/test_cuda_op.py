@@ -192,9 +192,21 @@ def test_autocast_bf16_training_step():
     dict(n=1, c=2, h=9, w=9, kh=5, kw=5, pads=(5, 5, 5, 5), bias=True, layout="contiguous"),  # pad == K
     dict(n=1, c=2, h=130, w=130, kh=31, kw=31, pads=(15, 15, 15, 15), bias=True, layout="contiguous"),
     dict(n=3, c=2, h=200, w=70, kh=7, kw=7, pads=(3, 3, 3, 3), bias=True, layout="contiguous"),  # several tiles
+    # small maps with a batch: the whole-plane kernels
+    dict(n=16, c=5, h=14, w=14, kh=27, kw=27, pads=(13, 13, 13, 13), bias=True, layout="contiguous"),
+    dict(n=9, c=3, h=7, w=7, kh=13, kw=13, pads=(6, 6, 6, 6), bias=True, layout="channels_last"),
+    dict(n=64, c=2, h=16, w=16, kh=5, kw=7, pads=(1, 3, 2, 4), bias=True, layout="contiguous"),
+    dict(n=8, c=3, h=10, w=12, kh=31, kw=31, pads=(15, 15, 15, 15), bias=False, layout="strided"),
+    dict(n=12, c=2, h=9, w=5, kh=9, kw=11, pads=(9, 9, 11, 11), bias=True, layout="contiguous"),  # pad == K
 ])
 def test_edge_cases(case):
     check_case(case, seed=7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_small_map_half(dtype):
+    check_case(dict(n=24, c=4, h=14, w=14, kh=27, kw=27, pads=(13, 13, 13, 13), bias=True, layout="contiguous"),
+               seed=3, dtype=dtype)
 
 
 def test_memory_format_follows_pytorch():
