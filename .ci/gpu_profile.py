@@ -61,6 +61,26 @@ def overhead():
         print(f"{name:40s} {us:8.1f} us")
 
 
+def python_profile():
+    """Where the host time of a small forward + backward goes (cProfile)."""
+    import cProfile
+    import pstats
+    build.build()
+    x = torch.randn(2, 8, 8, 8, device="cuda", requires_grad=True)
+    w = torch.randn(8, 1, 3, 3, device="cuda", requires_grad=True)
+    b = torch.randn(8, device="cuda", requires_grad=True)
+    g = torch.randn(2, 8, 8, 8, device="cuda")
+    with dispatch.force("kernel"):
+        step = lambda: torch.autograd.grad(lkpatch.depthwise_conv2d(x, w, b, padding=1), (x, w, b), g)
+        print(f"fwd+bwd host: {host_us(step, 500):.1f} us")
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(500):
+            step()
+        prof.disable()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(18)
+
+
 def kernels(names):
     build.build()
     for name in names or SHAPES:
@@ -89,4 +109,4 @@ def mismatch():
 
 if __name__ == "__main__":
     {"overhead": lambda: overhead(), "kernels": lambda: kernels(sys.argv[2:]),
-     "mismatch": lambda: mismatch()}[sys.argv[1]]()
+     "mismatch": lambda: mismatch(), "python": lambda: python_profile()}[sys.argv[1]]()

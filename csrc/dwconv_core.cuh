@@ -6,7 +6,10 @@
 #include <cuda_runtime.h>
 
 #include <cstdlib>
+#include <map>
+#include <mutex>
 #include <type_traits>
+#include <utility>
 
 #include "dwconv.h"
 
@@ -205,18 +208,19 @@ inline cudaError_t sum_partials(const float* parts, T* out, int G, int64_t n, cu
 }
 
 // The small-map variants (dwconv_small.cu): whole planes staged, images in the register tile.
-bool dwconv2d_small_map(const DwShape& s);
+bool dwconv2d_small_forward_fits(const DwShape& s);
+bool dwconv2d_small_weight_grad_fits(const DwShape& s);
 cudaError_t dwconv2d_small_forward(DType t, const void* in, const void* w, const void* bias, void* out,
                                    const DwShape& s, bool flip_kernel, cudaStream_t stream);
 size_t dwconv2d_small_weight_grad_workspace(const DwShape& s);
 cudaError_t dwconv2d_small_weight_grad(DType t, const void* grad_out, const void* in, void* grad_w, float* workspace,
                                        const DwShape& s, cudaStream_t stream);
 
-// LKPATCH_SMALL_MAP=never|always overrides the choice of the small-map variants (benchmarking).
-inline bool use_small_map(const DwShape& s) {
+// Whether a pass takes the small-map variant where it fits. LKPATCH_SMALL_MAP=never|always
+// overrides the rule (benchmarking).
+inline bool use_small_map(bool fits, const DwShape& s) {
   static const char* env = getenv("LKPATCH_SMALL_MAP");
-  if (env && env[0] == 'n') return false;
-  if (!dwconv2d_small_map(s)) return false;
+  if (!fits || (env && env[0] == 'n')) return false;
   return (env && env[0] == 'a') || s.KH * s.KW >= 25;
 }
 
@@ -248,12 +252,23 @@ inline cudaError_t device_limits(DeviceLimits* out) {
   return cudaSuccess;
 }
 
-// Launch a kernel that uses `smem` bytes of dynamic shared memory, raising its limit when needed.
+// Launch a kernel that uses `smem` bytes of dynamic shared memory, raising its limit when needed
+// (once per kernel, device and size: the attribute call costs host time on every launch).
 template <typename Kernel, typename Params>
 inline cudaError_t launch(Kernel kernel, dim3 grid, dim3 block, size_t smem, cudaStream_t stream, const Params& p) {
   if (smem > 48 * 1024) {
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    static std::mutex mu;
+    static std::map<std::pair<const void*, int>, size_t> raised;
+    int dev = 0;
+    cudaError_t err = cudaGetDevice(&dev);
     if (err != cudaSuccess) return err;
+    std::lock_guard<std::mutex> lock(mu);
+    size_t& limit = raised[{reinterpret_cast<const void*>(kernel), dev}];
+    if (smem > limit) {
+      err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+      if (err != cudaSuccess) return err;
+      limit = smem;
+    }
   }
   kernel<<<grid, block, smem, stream>>>(p);
   return cudaGetLastError();

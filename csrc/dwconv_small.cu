@@ -1,4 +1,4 @@
-// Depthwise convolution on small feature maps (H, W <= 16: RepLKNet's 14x14 and 7x7 stages).
+// Depthwise convolution on small feature maps (RepLKNet's 28x28, 14x14 and 7x7 stages).
 //
 // On such maps a large kernel reaches every input pixel from every output pixel, so per channel
 // the convolution is nearly a dense product between the map's pixels and the batch's images.
@@ -223,11 +223,24 @@ __global__ void __launch_bounds__(256, 2) dw_small_weight_grad(const SmallWgradP
 
 constexpr size_t kSmemBudget = 100 * 1024;
 
+size_t small_forward_smem(const DwShape& s, int IG, int WP) {
+  return sizeof(float) * (round_up(s.H * round_up(s.W, kTile) * (kTile * IG + 4), 4) + (size_t)s.KH * WP);
+}
+
+int small_forward_wp(const DwShape& s, int* woff) {
+  // The window reads taps from 14 before kw = 0 to 14 after the last; WOFF aligns it to 16 bytes.
+  *woff = 16 + ((7 - s.pad_l) % 4 + 4) % 4;
+  return round_up(*woff + s.KW + 24, 4);
+}
+
 }  // namespace
 
-bool dwconv2d_small_map(const DwShape& s) {
+// Whole planes of one image group fit in shared memory (maps up to about 32 x 32), and the batch
+// fills the 8 image columns of a thread.
+bool dwconv2d_small_forward_fits(const DwShape& s) {
+  int woff;
   const int N = (int)(s.planes / s.C);
-  return N >= 8 && s.H <= 16 && s.W <= 16 && s.OH <= 16 && s.OW <= 16;
+  return N >= 8 && s.OH * ceil_div(s.OW, kTile) <= 256 && small_forward_smem(s, 1, small_forward_wp(s, &woff)) <= kSmemBudget;
 }
 
 namespace {
@@ -240,17 +253,14 @@ cudaError_t small_forward(const T* in, const T* w, const T* bias, T* out, const 
   p.N = (int)(s.planes / s.C);
   p.XW = round_up(s.W, kTile);
   p.OXT = ceil_div(s.OW, kTile);
-  // The window reads taps from 14 before kw = 0 to 14 after the last; WOFF aligns it to 16 bytes.
-  p.WOFF = 16 + ((7 - s.pad_l) % 4 + 4) % 4;
-  p.WP = round_up(p.WOFF + s.KW + 24, 4);
+  p.WP = small_forward_wp(s, &p.WOFF);
   const int positions = s.OH * p.OXT;
-  const size_t kernel_floats = (size_t)s.KH * p.WP;
   p.IG = std::max(1, std::min({8, 256 / positions, ceil_div(p.N, kTile)}));
-  auto smem_for = [&](int ig) { return sizeof(float) * (round_up(s.H * p.XW * (kTile * ig + 4), 4) + kernel_floats); };
-  while (p.IG > 1 && smem_for(p.IG) > kSmemBudget) --p.IG;
+  while (p.IG > 1 && small_forward_smem(s, p.IG, p.WP) > kSmemBudget) --p.IG;
   const int threads = round_up(positions * p.IG, 32);
   const int64_t blocks = (int64_t)s.C * ceil_div(p.N, kTile * p.IG);
-  return launch(dw_small_forward<T>, dim3((unsigned)blocks), dim3(threads), smem_for(p.IG), stream, p);
+  return launch(dw_small_forward<T>, dim3((unsigned)blocks), dim3(threads), small_forward_smem(s, p.IG, p.WP), stream,
+                p);
 }
 
 struct SmallWgradPlan {
@@ -288,6 +298,12 @@ cudaError_t small_weight_grad(const SmallWgradPlan& plan, const T* grad, const T
 }
 
 }  // namespace
+
+// The pairs' diagonals and the staged images fit: maps up to 16 x 16.
+bool dwconv2d_small_weight_grad_fits(const DwShape& s) {
+  const int N = (int)(s.planes / s.C);
+  return N >= 8 && s.H <= 16 && s.W <= 16 && s.OH <= 16 && s.OW <= 16;
+}
 
 cudaError_t dwconv2d_small_forward(DType t, const void* in, const void* w, const void* bias, void* out,
                                    const DwShape& s, bool flip_kernel, cudaStream_t stream) {

@@ -34,9 +34,15 @@ _lib.impl("dwconv2d_bias_grad", _native.backward_bias, "CPU")
 
 
 # --- CUDA --------------------------------------------------------------------------------------
+_ext = None
+
+
 def _kernels():
-    from . import build
-    return build.extension_ops()
+    global _ext
+    if _ext is None:
+        from . import build
+        _ext = build.extension_ops()
+    return _ext
 
 
 # The kernels take contiguous NCHW and return NCHW; results come back in the input's format.

@@ -141,9 +141,20 @@ def kernel_unsupported_reason(size: Sequence[int], kernel_size: Sequence[int], p
     return None
 
 
+_decisions: dict = {}
+
+
 def use_kernel(pass_: str, size: Sequence[int], kernel_size: Sequence[int], pads: Sequence[int],
                dtype: torch.dtype) -> bool:
     """Run ``pass_`` of this CUDA depthwise convolution on lkpatch's kernel (True) or PyTorch's?"""
+    key = (_impl, pass_, tuple(size), tuple(kernel_size), tuple(pads), dtype)
+    decision = _decisions.get(key)
+    if decision is None:
+        decision = _decisions[key] = _decide(pass_, size, kernel_size, pads, dtype)
+    return decision
+
+
+def _decide(pass_, size, kernel_size, pads, dtype) -> bool:
     if _impl == "native" or kernel_unsupported_reason(size, kernel_size, pads, dtype) is not None:
         return False
     if not _extension_ready():
