@@ -57,14 +57,6 @@ def measured_fp32_tflops() -> float:
     return 2 * 8192**3 / ms / 1e9
 
 
-def effective_macs(n: int, c: int, h: int, w: int, kh: int, kw: int, pads: Sequence[int]) -> int:
-    """Multiply-adds of one pass whose input tap lies inside the image (padding taps excluded)."""
-    def taps(size, k, before, after):
-        out = size + before + after - k + 1
-        return sum(min(k, size + before - o) - max(0, before - o) for o in range(out))
-    return n * c * taps(h, kh, pads[0], pads[1]) * taps(w, kw, pads[2], pads[3])
-
-
 def bench_shape(shape, dtype, channels_last: bool, reps: int, passes: bool) -> Dict:
     from . import _native, dispatch
 
@@ -99,7 +91,7 @@ def bench_shape(shape, dtype, channels_last: bool, reps: int, passes: bool) -> D
 
     row = {"shape": [n, c, h, w, kh, kw], "dtype": str(dtype).replace("torch.", ""),
            "layout": "channels_last" if channels_last else "nchw",
-           "effective_gflop_fwd_bwd": 3 * 2 * effective_macs(n, c, h, w, kh, kw, pads) / 1e9}
+           "effective_gflop_fwd_bwd": 3 * 2 * dispatch.effective_macs((n, c, h, w), (kh, kw), pads) / 1e9}
     row["native_fwd_ms"] = time_ms(fwd(native), n_inputs, reps=reps)
     row["lkpatch_fwd_ms"] = time_ms(fwd(ours), n_inputs, reps=reps)
     row["native_fwd_bwd_ms"] = time_ms(fwd_bwd(native), n_inputs, reps=reps)

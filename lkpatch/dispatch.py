@@ -159,12 +159,42 @@ def _decide(pass_, size, kernel_size, pads, dtype) -> bool:
         return False
     if not _extension_ready():
         return False
-    return _impl == "kernel" or _faster_than_native(pass_, size, kernel_size, dtype)
+    return _impl == "kernel" or _faster_than_native(pass_, size, kernel_size, pads)
 
 
-def _faster_than_native(pass_: str, size: Sequence[int], kernel_size: Sequence[int], dtype: torch.dtype) -> bool:
-    """The measured rule (README, "When lkpatch uses its kernel")."""
-    return True
+def effective_macs(size: Sequence[int], kernel_size: Sequence[int], pads: Sequence[int]) -> int:
+    """Multiply-adds of one pass whose input tap lies inside the image (padding taps excluded)."""
+    n, c, h, w = size
+
+    def taps(length, k, before, after):
+        return sum(min(k, length + before - o) - max(0, before - o) for o in range(length + before + after - k + 1))
+    return n * c * taps(h, kernel_size[0], pads[0], pads[1]) * taps(w, kernel_size[1], pads[2], pads[3])
+
+
+def _faster_than_native(pass_: str, size: Sequence[int], kernel_size: Sequence[int], pads: Sequence[int]) -> bool:
+    """The measured rule: where lkpatch's kernel beat PyTorch's on an H100 (README, "When lkpatch
+    uses its kernel"). It holds for every dtype -- PyTorch's half-precision depthwise kernels are
+    no faster than its fp32 ones. Thin kernels (one side <= 3) are where PyTorch stays ahead;
+    tiny problems are decided by launch overhead, which is lower for PyTorch's forward.
+    """
+    h, w = size[2], size[3]
+    area = h * w
+    kmin, kmax = min(kernel_size), max(kernel_size)
+    if pass_ == "forward":
+        if area >= 56 * 56:
+            return True
+        if area >= 28 * 28 and (kmin == 1 or kmin >= 7):
+            return True
+        return kmin >= 5 and effective_macs(size, kernel_size, pads) >= 50_000_000
+    if pass_ == "input_grad":
+        if kmin <= 3 and area <= 14 * 14:
+            return False
+        return effective_macs(size, kernel_size, pads) >= 10_000_000
+    if pass_ == "weight_grad":
+        if kmin <= 3:
+            return kmax >= 31 or (area >= 56 * 56 and not (kmin == 1 and kmax <= 7))
+        return True
+    return area >= 56 * 56  # bias_grad: a plain reduction, close either way
 
 
 @torch.compiler.assume_constant_result
