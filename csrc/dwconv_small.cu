@@ -90,16 +90,21 @@ __global__ void __launch_bounds__(256, 2) dw_small_forward(const SmallFwdParams<
       float wb[2 * kTile];
 #pragma unroll
       for (int t = 0; t < 2 * kTile; t += 4) load4(wb + t, wrow + ix0 + t);
+      // Images of column u + 1 load while column u multiplies.
+      float a[2][kTile];
+      load4(a[0], xrow + ix0 * NBs + img_lo);
+      load4(a[0] + 4, xrow + ix0 * NBs + img_hi);
 #pragma unroll
       for (int u = 0; u < kTile; ++u) {
-        const float* xp = xrow + (ix0 + u) * NBs;
-        float a[kTile];
-        load4(a, xp + img_lo);
-        load4(a + 4, xp + img_hi);
+        if (u + 1 < kTile) {
+          const float* xp = xrow + (ix0 + u + 1) * NBs;
+          load4(a[(u + 1) & 1], xp + img_lo);
+          load4(a[(u + 1) & 1] + 4, xp + img_hi);
+        }
 #pragma unroll
         for (int j = 0; j < kTile; ++j)
 #pragma unroll
-          for (int e = 0; e < kTile; ++e) acc[j][e] = fmaf(wb[u - j + kTile - 1], a[e], acc[j][e]);
+          for (int e = 0; e < kTile; ++e) acc[j][e] = fmaf(wb[u - j + kTile - 1], a[u & 1][e], acc[j][e]);
       }
     }
   }
@@ -140,26 +145,11 @@ __global__ void __launch_bounds__(256, 2) dw_small_weight_grad(const SmallWgradP
   float* part = D + p.NB * gplane;    // [pair][15 diagonals]
   const int pairs = s.OH * s.H * p.OXT * p.XT;
 
-  // Stage the images: rows of 8-column groups, zero past the edges.
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
-  for (int t = warp * 32 + lane; t < p.NB * xplane; t += nwarps * 32) {
-    const int n = t / xplane, e = t - n * xplane, iy = e / p.XW, ix = e - iy * p.XW;
-    const bool valid = n < nimg && ix < s.W;
-    const T* src = p.in + ((int64_t)(n0 + (valid ? n : 0)) * s.C + c) * s.H * s.W + iy * s.W + (valid ? ix : 0);
-    if constexpr (std::is_same_v<T, float>)
-      copy_async(X + t, src, valid);
-    else
-      X[t] = valid ? load(src) : 0.f;
-  }
-  for (int t = warp * 32 + lane; t < p.NB * gplane; t += nwarps * 32) {
-    const int n = t / gplane, e = t - n * gplane, oy = e / p.OXW, ox = e - oy * p.OXW;
-    const bool valid = n < nimg && ox < s.OW;
-    const T* src = p.grad + ((int64_t)(n0 + (valid ? n : 0)) * s.C + c) * s.OH * s.OW + oy * s.OW + (valid ? ox : 0);
-    if constexpr (std::is_same_v<T, float>)
-      copy_async(D + t, src, valid);
-    else
-      D[t] = valid ? load(src) : 0.f;
-  }
+  // Stage this block's images (zero past the row ends): a row per warp.
+  stage_rows<T>(X, xplane, p.XW, nimg, s.H, 0, 0, s.W, s.W,
+                [&](int n) { return p.in + ((int64_t)(n0 + n) * s.C + c) * s.H * s.W; });
+  stage_rows<T>(D, gplane, p.OXW, nimg, s.OH, 0, 0, s.OW, s.OW,
+                [&](int n) { return p.grad + ((int64_t)(n0 + n) * s.C + c) * s.OH * s.OW; });
   copy_async_wait();
   __syncthreads();
 
@@ -202,20 +192,19 @@ __global__ void __launch_bounds__(256, 2) dw_small_weight_grad(const SmallWgradP
   }
   __syncthreads();
 
-  // Each tap adds its diagonals over the pairs in a fixed order.
+  // Each tap adds its diagonals over the pairs in a fixed order: tile offsets xt - ot = dt put the
+  // tap on diagonal kw - pad_l - 8 dt, which must lie in [-7, 7].
   for (int t = threadIdx.x; t < s.KH * s.KW; t += blockDim.x) {
-    const int kh = t / s.KW, kw = t - kh * s.KW;
+    const int kh = t / s.KW, kw = t - kh * s.KW, off = kw - s.pad_l;
+    const int dt_lo = -((kTile - 1 - off) >> 3), dt_hi = (off + kTile - 1) >> 3;  // floor divisions by 8
     float sum = 0.f;
-    for (int oy = 0; oy < s.OH; ++oy) {
-      const int iy = oy - s.pad_t + kh;
-      if (iy < 0 || iy >= s.H) continue;
-      for (int ot = 0; ot < p.OXT; ++ot)
-        for (int xt = 0; xt < p.XT; ++xt) {
-          const int d = kw - s.pad_l - (xt - ot) * kTile;
-          if (d < -(kTile - 1) || d > kTile - 1) continue;
-          const int pr = ((oy * s.H + iy) * p.OXT + ot) * p.XT + xt;
-          sum += part[pr * (2 * kTile - 1) + d + kTile - 1];
-        }
+    for (int oy = max(0, s.pad_t - kh); oy < min(s.OH, s.H + s.pad_t - kh); ++oy) {
+      const int row = (oy * s.H + oy - s.pad_t + kh) * p.OXT;
+      for (int dt = dt_lo; dt <= dt_hi; ++dt) {
+        const int slot = off - dt * kTile + kTile - 1;
+        for (int ot = max(0, -dt); ot < min(p.OXT, p.XT - dt); ++ot)
+          sum += part[((row + ot) * p.XT + ot + dt) * (2 * kTile - 1) + slot];
+      }
     }
     p.dst[((int64_t)g * s.C + c) * s.KH * s.KW + t] = from_float<O>(sum);
   }

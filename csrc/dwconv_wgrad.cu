@@ -151,8 +151,10 @@ WgradPlan plan_weight_grad(const DwShape& s, const DeviceLimits& lim) {
   const int budget = (int)(kSmemBudget / sizeof(float));
   p.Q = std::max(1, std::min({256 / ntg, budget / p.slot_stride, items, 32}));
   const int drange = p.TOH + kRH - 1, nchunks = ceil_div(p.TOW, kChunk);
+  // Split rows first: a thread then walks every chunk of its rows, so each row's window loads
+  // serve all chunks; split chunks only when there are more splits than rows.
   const int max_split = std::max(1, 256 / (ntg * p.Q));
-  p.SR = std::max(1, std::min(max_split, drange / 8));
+  p.SR = std::max(1, std::min(max_split, drange));
   p.SC = std::min(nchunks, std::max(1, max_split / p.SR));
   p.rows_per_split = ceil_div(drange, p.SR);
   p.SR = ceil_div(drange, p.rows_per_split);
