@@ -81,6 +81,54 @@ def python_profile():
     pstats.Stats(prof).sort_stats("tottime").print_stats(18)
 
 
+def autograd_variants():
+    """Host time of forward + backward through different autograd plumbings (tiny shape)."""
+    build.build()
+    ext = torch.ops.lkpatch_ext
+    x = torch.randn(2, 8, 8, 8, device="cuda", requires_grad=True)
+    w = torch.randn(8, 1, 3, 3, device="cuda", requires_grad=True)
+    b = torch.randn(8, device="cuda", requires_grad=True)
+    g = torch.randn(2, 8, 8, 8, device="cuda")
+    pads = [1, 1, 1, 1]
+
+    class Direct(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, w, b):
+            ctx.save_for_backward(x, w)
+            return ext.dwconv2d(x, w, b, pads)
+
+        @staticmethod
+        def backward(ctx, gy):
+            x, w = ctx.saved_tensors
+            return (ext.dwconv2d_input_grad(gy, w, [8, 8], pads), ext.dwconv2d_weight_grad(gy, x, [3, 3], pads),
+                    ext.dwconv2d_bias_grad(gy))
+
+    class ViaOps(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, w, b):
+            ctx.save_for_backward(x, w)
+            with torch._C._AutoDispatchBelowAutograd():
+                return torch.ops.lkpatch.dwconv2d(x, w, b, pads)
+
+        @staticmethod
+        def backward(ctx, gy):
+            x, w = ctx.saved_tensors
+            return (torch.ops.lkpatch.dwconv2d_input_grad(gy, w, [8, 8], pads),
+                    torch.ops.lkpatch.dwconv2d_weight_grad(gy, x, [3, 3], pads),
+                    torch.ops.lkpatch.dwconv2d_bias_grad(gy))
+
+    with dispatch.force("kernel"):
+        rows = [
+            ("F.conv2d", lambda: torch.autograd.grad(F.conv2d(x, w, b, 1, 1, 1, 8), (x, w, b), g)),
+            ("depthwise_conv2d (register_autograd)", lambda: torch.autograd.grad(
+                lkpatch.depthwise_conv2d(x, w, b, padding=1), (x, w, b), g)),
+            ("autograd.Function -> lkpatch ops", lambda: torch.autograd.grad(ViaOps.apply(x, w, b), (x, w, b), g)),
+            ("autograd.Function -> C++ ops", lambda: torch.autograd.grad(Direct.apply(x, w, b), (x, w, b), g)),
+        ]
+        for name, fn in rows:
+            print(f"{name:45s} {host_us(fn, 500):8.1f} us")
+
+
 def kernels(names):
     build.build()
     for name in names or SHAPES:
@@ -109,4 +157,5 @@ def mismatch():
 
 if __name__ == "__main__":
     {"overhead": lambda: overhead(), "kernels": lambda: kernels(sys.argv[2:]),
-     "mismatch": lambda: mismatch(), "python": lambda: python_profile()}[sys.argv[1]]()
+     "mismatch": lambda: mismatch(), "python": lambda: python_profile(),
+     "autograd": lambda: autograd_variants()}[sys.argv[1]]()

@@ -145,11 +145,24 @@ __global__ void __launch_bounds__(256, 2) dw_small_weight_grad(const SmallWgradP
   float* part = D + p.NB * gplane;    // [pair][15 diagonals]
   const int pairs = s.OH * s.H * p.OXT * p.XT;
 
-  // Stage this block's images (zero past the row ends): a row per warp.
-  stage_rows<T>(X, xplane, p.XW, nimg, s.H, 0, 0, s.W, s.W,
-                [&](int n) { return p.in + ((int64_t)(n0 + n) * s.C + c) * s.H * s.W; });
-  stage_rows<T>(D, gplane, p.OXW, nimg, s.OH, 0, 0, s.OW, s.OW,
-                [&](int n) { return p.grad + ((int64_t)(n0 + n) * s.C + c) * s.OH * s.OW; });
+  // Stage this block's images, zero past the row ends. Rows are short (8 or 16 columns), so the
+  // copy walks the padded planes element by element with every lane busy.
+  for (int t = threadIdx.x; t < nimg * xplane; t += blockDim.x) {
+    const int n = t / xplane, e = t - n * xplane, iy = e / p.XW, ix = e - iy * p.XW;
+    const T* src = p.in + ((int64_t)(n0 + n) * s.C + c) * s.H * s.W + iy * s.W + min(ix, s.W - 1);
+    if constexpr (std::is_same_v<T, float>)
+      copy_async(X + t, src, ix < s.W);
+    else
+      X[t] = ix < s.W ? load(src) : 0.f;
+  }
+  for (int t = threadIdx.x; t < nimg * gplane; t += blockDim.x) {
+    const int n = t / gplane, e = t - n * gplane, oy = e / p.OXW, ox = e - oy * p.OXW;
+    const T* src = p.grad + ((int64_t)(n0 + n) * s.C + c) * s.OH * s.OW + oy * s.OW + min(ox, s.OW - 1);
+    if constexpr (std::is_same_v<T, float>)
+      copy_async(D + t, src, ox < s.OW);
+    else
+      D[t] = ox < s.OW ? load(src) : 0.f;
+  }
   copy_async_wait();
   __syncthreads();
 
