@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import _ops  # noqa: F401  (registers torch.ops.lkpatch.*)
+from . import _ops
 from . import dispatch
 
 
@@ -21,6 +21,9 @@ def depthwise_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     """
     pads = dispatch.op_padding(input, weight, bias, stride, padding, dilation)
     if pads is not None:
+        if input.is_cuda and not torch.compiler.is_compiling():
+            x, w, b = _ops.autocast_inputs("cuda", input, weight, bias)
+            return _ops.EagerDepthwiseConv2d.apply(x, w, b, pads)
         return torch.ops.lkpatch.dwconv2d(input, weight, bias, pads)
     groups = input.shape[-3] if isinstance(input, torch.Tensor) and input.dim() >= 3 else 1
     if isinstance(padding, (tuple, list)) and len(padding) == 4:
