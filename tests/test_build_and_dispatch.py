@@ -1,0 +1,170 @@
+"""The just-in-time build and the dispatch rules, on the CPU."""
+import os
+import shutil
+import stat
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lkpatch import build, dispatch
+
+
+def _fake_toolkit(root):
+    (root / "bin").mkdir(parents=True)
+    (root / "include").mkdir()
+    (root / "bin" / "nvcc").write_text("#!/bin/sh\necho fake\n")
+    (root / "bin" / "nvcc").chmod(0o755)
+    (root / "include" / "cuda_runtime.h").write_text("")
+    return root
+
+
+def test_cuda_home_seen_through_a_wrapper_script(tmp_path, monkeypatch):
+    toolkit = _fake_toolkit(tmp_path / "cuda-13.0")
+    wrappers = tmp_path / "wrappers"
+    wrappers.mkdir()
+    wrapper = wrappers / "nvcc"
+    wrapper.write_text(f'#!/bin/sh\nexec {toolkit}/bin/nvcc "$@"\n')
+    wrapper.chmod(wrapper.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("PATH", str(wrappers))
+    monkeypatch.setattr(build.glob, "glob", lambda pattern: [])  # hide /usr/local/cuda-*
+    monkeypatch.setattr(build.os.path, "isfile", lambda p, _f=os.path.isfile: _f(p) and "/usr/local" not in p)
+    assert build.find_cuda_home() == str(toolkit)
+
+
+def test_cuda_home_env_wins(tmp_path, monkeypatch):
+    toolkit = _fake_toolkit(tmp_path / "tk")
+    monkeypatch.setenv("CUDA_HOME", str(toolkit))
+    assert build.find_cuda_home() == str(toolkit)
+
+
+def test_missing_toolkit_gives_the_fix(monkeypatch, tmp_path):
+    monkeypatch.setattr(build, "find_cuda_home", lambda: None)
+    monkeypatch.setenv("LKPATCH_CACHE_DIR", str(tmp_path))
+    if torch.version.cuda is None:
+        pytest.skip("CPU-only torch: the message is about torch instead")
+    with pytest.raises(build.BuildError, match="CUDA_HOME"):
+        build.build(quiet=True, force=True)
+
+
+def test_arch_and_cache_folder(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    monkeypatch.setenv("LKPATCH_CACHE_DIR", str(tmp_path))
+    assert build.arch_list() == "8.0;9.0"
+    folder = build.cache_dir()
+    assert folder.parent == tmp_path and "sm80_90" in folder.name and torch.__version__.split("+")[0] in folder.name
+    # the library name changes with the sources and flags, so a stale build is never loaded
+    assert build.library_path().name.startswith("lkpatch_ext_")
+
+
+def test_sources_ship_with_the_package():
+    src = build.csrc_dir()
+    for name in build._SOURCES:
+        assert (src / name).is_file()
+
+
+@pytest.mark.skipif(build.find_cuda_home() is None or torch.version.cuda is None,
+                    reason="needs nvcc and a CUDA build of torch")
+def test_extension_builds_and_registers_its_ops():
+    """Builds (or finds cached) the extension -- no GPU needed -- and checks the op schemas."""
+    build.build(quiet=True)
+    for name in ("dwconv2d", "dwconv2d_input_grad", "dwconv2d_weight_grad", "dwconv2d_bias_grad"):
+        assert hasattr(torch.ops.lkpatch_ext, name)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None and build.find_cuda_home() is None, reason="needs nvcc")
+def test_kernel_files_compile_without_torch(tmp_path):
+    """csrc's kernel files are plain CUDA C++: nvcc alone compiles them, no torch headers."""
+    nvcc = os.path.join(build.find_cuda_home(), "bin", "nvcc")
+    src = build.csrc_dir()
+    for name in build._SOURCES:
+        if name.endswith(".cu"):
+            subprocess.run([nvcc, "-std=c++17", "-arch=sm_90", "-c", str(src / name), "-o", str(tmp_path / "k.o")],
+                           check=True, capture_output=True)
+
+
+def _brute_effective_macs(size, k, pads):
+    n, c, h, w = size
+    x = torch.ones(1, 1, h, w, dtype=torch.float64)
+    ones = torch.ones(1, 1, *k, dtype=torch.float64)
+    return int(F.conv2d(F.pad(x, (pads[2], pads[3], pads[0], pads[1])), ones).sum().item()) * n * c
+
+
+@pytest.mark.parametrize("size,k,pads", [((2, 3, 14, 14), (27, 27), (13, 13, 13, 13)),
+                                          ((1, 1, 9, 5), (4, 7), (1, 2, 3, 3)),
+                                          ((1, 2, 7, 7), (1, 11), (0, 0, 5, 5)),
+                                          ((1, 1, 3, 3), (3, 3), (3, 3, 3, 3))])
+def test_effective_macs_counts_taps_inside_the_image(size, k, pads):
+    assert dispatch.effective_macs(size, k, pads) == _brute_effective_macs(size, k, pads)
+
+
+@pytest.mark.parametrize("padding,k,expected", [
+    (3, (7, 7), (3, 3, 3, 3)), ((1, 2), (3, 5), (1, 1, 2, 2)), ("valid", (5, 5), (0, 0, 0, 0)),
+    ("same", (7, 7), (3, 3, 3, 3)), ("same", (4, 6), (1, 2, 2, 3)), ((1, 2, 3, 4), (3, 3), (1, 2, 3, 4)),
+    ("bogus", (3, 3), None)])
+def test_explicit_padding(padding, k, expected):
+    assert dispatch.explicit_padding(padding, k) == expected
+
+
+def test_same_padding_matches_pytorch():
+    x = torch.randn(1, 3, 11, 12, dtype=torch.float64)
+    w = torch.randn(3, 1, 4, 6, dtype=torch.float64)
+    pt, pb, pl, pr = dispatch.explicit_padding("same", (4, 6))
+    assert torch.equal(F.conv2d(x, w, padding="same", groups=3),
+                       F.conv2d(F.pad(x, (pl, pr, pt, pb)), w, groups=3))
+
+
+@pytest.mark.parametrize("pass_,size,k,expected", [
+    ("forward", (64, 384, 64, 64), (31, 31), True),    # large maps: always the kernel
+    ("forward", (64, 384, 56, 56), (3, 3), True),
+    ("forward", (32, 256, 7, 7), (13, 13), False),     # tiny problem: PyTorch's lower launch overhead
+    ("forward", (64, 1024, 7, 7), (13, 13), True),
+    ("forward", (32, 256, 14, 14), (5, 5), False),
+    ("input_grad", (32, 256, 7, 7), (3, 3), False),
+    ("input_grad", (64, 512, 14, 14), (27, 27), True),
+    ("weight_grad", (32, 256, 56, 56), (1, 7), False),  # thin kernels: PyTorch's weight-grad wins
+    ("weight_grad", (32, 256, 56, 56), (1, 11), True),
+    ("weight_grad", (32, 256, 28, 28), (3, 3), False),
+    ("weight_grad", (32, 256, 14, 14), (1, 31), True),
+    ("bias_grad", (64, 96, 56, 56), (1, 1), True),
+    ("bias_grad", (64, 96, 28, 28), (1, 1), False),
+])
+def test_measured_rule(pass_, size, k, expected):
+    pads = ((k[0] - 1) // 2, k[0] // 2, (k[1] - 1) // 2, k[1] // 2)
+    assert dispatch._faster_than_native(pass_, size, k, pads) is expected
+
+
+def test_unsupported_reasons():
+    assert dispatch.kernel_unsupported_reason((1, 1, 8, 8), (3, 3), (1, 1, 1, 1), torch.float32) is None
+    assert "float64" in dispatch.kernel_unsupported_reason((1, 1, 8, 8), (3, 3), (1, 1, 1, 1), torch.float64)
+    assert "63" in dispatch.kernel_unsupported_reason((1, 1, 80, 80), (65, 3), (0, 0, 1, 1), torch.float32)
+
+
+def test_cpu_tensors_never_take_the_op():
+    x, w = torch.randn(1, 4, 8, 8), torch.randn(4, 1, 3, 3)
+    assert dispatch.op_padding(x, w, None, 1, 1, 1) is None
+    with dispatch.force("auto", cpu_through_op=True):
+        assert dispatch.op_padding(x, w, None, 1, 1, 1) == (1, 1, 1, 1)
+        assert dispatch.op_padding(x, w, None, 2, 1, 1) is None          # stride
+        assert dispatch.op_padding(x, w, None, 1, 1, 2) is None          # dilation
+        assert dispatch.op_padding(x, torch.randn(8, 1, 3, 3), None, 1, 1, 1) is None  # multiplier
+        assert dispatch.op_padding(x.double(), w, None, 1, 1, 1) is None  # dtype mismatch: PyTorch raises
+    with dispatch.force("native", cpu_through_op=True):
+        assert dispatch.op_padding(x, w, None, 1, 1, 1) is None
+
+
+def test_force_rejects_unknown_policies():
+    with pytest.raises(ValueError, match="impl must be"):
+        with dispatch.force("fast"):
+            pass
+
+
+def test_env_policy_is_validated():
+    code = "import lkpatch"
+    env = dict(os.environ, LKPATCH_IMPL="bogus")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert res.returncode != 0 and "LKPATCH_IMPL" in res.stderr
