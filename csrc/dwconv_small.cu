@@ -16,7 +16,11 @@
 namespace lkpatch {
 namespace {
 
-constexpr int kTile = 8;  // outputs per thread row / images per thread / columns per G tile
+constexpr int kTile = 8;  // outputs per thread row / columns per G tile
+
+// Floats per staged pixel for NB images: a multiple of 4 whose quarter is odd, so that the
+// staging writes (8 columns x 4 images per warp) fall in 32 different banks.
+__host__ __device__ inline int pixel_stride(int NB) { return NB + ((NB / 4) % 2 == 0 ? 4 : 8); }
 
 // ---- forward / input-grad ----------------------------------------------------------------------
 
@@ -29,17 +33,19 @@ struct SmallFwdParams {
   DwShape s;
   int flip;
   int N;
-  int IG;          // image groups of 8 per block (NB = 8 * IG images)
+  int IG;          // image groups per block (NB = IMG * IG images)
   int XW;          // staged input row width (W rounded up to 8; zeros past W)
   int OXT;         // 8-wide output column tiles per row
   int WP, WOFF;    // staged kernel row pitch, and the column of tap kw = 0 in it
 };
 
-template <typename T>
-__global__ void __launch_bounds__(256, 2) dw_small_forward(const SmallFwdParams<T> p) {
+// IMG images per thread: 8 (more reuse of each tap) or 4 (fewer registers, more warps per SM).
+template <typename T, int IMG>
+__global__ void __launch_bounds__(256, IMG == 8 ? 2 : 3) dw_small_forward(const SmallFwdParams<T> p) {
+  static_assert(IMG == 4 || IMG == 8, "4 or 8 images per thread");
   extern __shared__ __align__(16) float smem[];
   const DwShape& s = p.s;
-  const int NB = kTile * p.IG, NBs = NB + 4;  // +4: staging writes and image loads are conflict-free
+  const int NB = IMG * p.IG, NBs = pixel_stride(NB);
   const int groups = ceil_div(p.N, NB);
   const int c = blockIdx.x / groups, n0 = (blockIdx.x - c * groups) * NB;
   float* X = smem;                                   // [iy][ix][image], H x XW x NBs
@@ -71,14 +77,15 @@ __global__ void __launch_bounds__(256, 2) dw_small_forward(const SmallFwdParams<
   const int ig = threadIdx.x % p.IG, rest = threadIdx.x / p.IG;
   const int oy = rest / p.OXT, ox0 = (rest % p.OXT) * kTile;
   if (oy >= s.OH) return;
-  // This thread's images: 4 at 4*ig and 4 at 4*IG + 4*ig (two conflict-free 16-byte loads).
-  const int img_lo = 4 * ig, img_hi = 4 * p.IG + 4 * ig;
+  // This thread's images, in 16-byte groups of 4 that are contiguous across the lanes:
+  // 4 * ig (and 4 * IG + 4 * ig when IMG == 8).
+  const int img[2] = {4 * ig, 4 * p.IG + 4 * ig};
   const float bias = p.bias ? load(p.bias + c) : 0.f;
-  float acc[kTile][kTile];  // [output column j][image e]
+  float acc[kTile][IMG];  // [output column j][image e]
 #pragma unroll
   for (int j = 0; j < kTile; ++j)
 #pragma unroll
-    for (int e = 0; e < kTile; ++e) acc[j][e] = bias;
+    for (int e = 0; e < IMG; ++e) acc[j][e] = bias;
 
   const int iy_lo = max(0, oy - s.pad_t), iy_hi = min(s.H, oy - s.pad_t + s.KH);
   const int ix_lo = max(0, ox0 - s.pad_l) / kTile * kTile, ix_hi = min(s.W, ox0 + kTile - 1 - s.pad_l + s.KW);
@@ -91,27 +98,26 @@ __global__ void __launch_bounds__(256, 2) dw_small_forward(const SmallFwdParams<
 #pragma unroll
       for (int t = 0; t < 2 * kTile; t += 4) load4(wb + t, wrow + ix0 + t);
       // Images of column u + 1 load while column u multiplies.
-      float a[2][kTile];
-      load4(a[0], xrow + ix0 * NBs + img_lo);
-      load4(a[0] + 4, xrow + ix0 * NBs + img_hi);
+      float a[2][IMG];
+#pragma unroll
+      for (int h = 0; h < IMG / 4; ++h) load4(a[0] + 4 * h, xrow + ix0 * NBs + img[h]);
 #pragma unroll
       for (int u = 0; u < kTile; ++u) {
         if (u + 1 < kTile) {
-          const float* xp = xrow + (ix0 + u + 1) * NBs;
-          load4(a[(u + 1) & 1], xp + img_lo);
-          load4(a[(u + 1) & 1] + 4, xp + img_hi);
+#pragma unroll
+          for (int h = 0; h < IMG / 4; ++h) load4(a[(u + 1) & 1] + 4 * h, xrow + (ix0 + u + 1) * NBs + img[h]);
         }
 #pragma unroll
         for (int j = 0; j < kTile; ++j)
 #pragma unroll
-          for (int e = 0; e < kTile; ++e) acc[j][e] = fmaf(wb[u - j + kTile - 1], a[u & 1][e], acc[j][e]);
+          for (int e = 0; e < IMG; ++e) acc[j][e] = fmaf(wb[u - j + kTile - 1], a[u & 1][e], acc[j][e]);
       }
     }
   }
 
 #pragma unroll
-  for (int e = 0; e < kTile; ++e) {
-    const int n = n0 + (e < 4 ? img_lo + e : img_hi + e - 4);
+  for (int e = 0; e < IMG; ++e) {
+    const int n = n0 + img[e / 4] + e % 4;
     if (n >= p.N) continue;
     T* row = p.out + ((int64_t)n * s.C + c) * s.OH * s.OW + oy * s.OW + ox0;
 #pragma unroll
@@ -225,8 +231,14 @@ __global__ void __launch_bounds__(256, 2) dw_small_weight_grad(const SmallWgradP
 
 constexpr size_t kSmemBudget = 100 * 1024;
 
-size_t small_forward_smem(const DwShape& s, int IG, int WP) {
-  return sizeof(float) * (round_up(s.H * round_up(s.W, kTile) * (kTile * IG + 4), 4) + (size_t)s.KH * WP);
+// LKPATCH_SMALL_IMAGES=8 makes the small forward take 8 images per thread instead of 4 (benchmarking).
+int small_forward_images() {
+  static const char* env = getenv("LKPATCH_SMALL_IMAGES");
+  return env && env[0] == '8' ? 8 : 4;
+}
+
+size_t small_forward_smem(const DwShape& s, int NB, int WP) {
+  return sizeof(float) * (round_up(s.H * round_up(s.W, kTile) * pixel_stride(NB), 4) + (size_t)s.KH * WP);
 }
 
 int small_forward_wp(const DwShape& s, int* woff) {
@@ -242,7 +254,7 @@ int small_forward_wp(const DwShape& s, int* woff) {
 bool dwconv2d_small_forward_fits(const DwShape& s) {
   int woff;
   const int N = (int)(s.planes / s.C);
-  return N >= 8 && s.OH * ceil_div(s.OW, kTile) <= 256 && small_forward_smem(s, 1, small_forward_wp(s, &woff)) <= kSmemBudget;
+  return N >= 8 && s.OH * ceil_div(s.OW, kTile) <= 256 && small_forward_smem(s, 4, small_forward_wp(s, &woff)) <= kSmemBudget;
 }
 
 namespace {
@@ -256,13 +268,15 @@ cudaError_t small_forward(const T* in, const T* w, const T* bias, T* out, const 
   p.XW = round_up(s.W, kTile);
   p.OXT = ceil_div(s.OW, kTile);
   p.WP = small_forward_wp(s, &p.WOFF);
+  const int img = small_forward_images();
   const int positions = s.OH * p.OXT;
-  p.IG = std::max(1, std::min({8, 256 / positions, ceil_div(p.N, kTile)}));
-  while (p.IG > 1 && small_forward_smem(s, p.IG, p.WP) > kSmemBudget) --p.IG;
+  p.IG = std::max(1, std::min({64 / img, 256 / positions, ceil_div(p.N, img)}));
+  while (p.IG > 1 && small_forward_smem(s, img * p.IG, p.WP) > kSmemBudget) --p.IG;
   const int threads = round_up(positions * p.IG, 32);
-  const int64_t blocks = (int64_t)s.C * ceil_div(p.N, kTile * p.IG);
-  return launch(dw_small_forward<T>, dim3((unsigned)blocks), dim3(threads), small_forward_smem(s, p.IG, p.WP), stream,
-                p);
+  const int64_t blocks = (int64_t)s.C * ceil_div(p.N, img * p.IG);
+  const size_t smem = small_forward_smem(s, img * p.IG, p.WP);
+  if (img == 8) return launch(dw_small_forward<T, 8>, dim3((unsigned)blocks), dim3(threads), smem, stream, p);
+  return launch(dw_small_forward<T, 4>, dim3((unsigned)blocks), dim3(threads), smem, stream, p);
 }
 
 struct SmallWgradPlan {
