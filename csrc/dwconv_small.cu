@@ -290,7 +290,10 @@ SmallWgradPlan plan_small_weight_grad(const DwShape& s) {
   const int XW = round_up(s.W, kTile), OXW = round_up(s.OW, kTile);
   const size_t pairs = (size_t)s.OH * s.H * (XW / kTile) * (OXW / kTile);
   const size_t fixed = pairs * (2 * kTile - 1), per_image = (size_t)s.H * XW + (size_t)s.OH * OXW;
-  const size_t budget = kSmemBudget / sizeof(float);
+  // Up to 160 KB (one block per SM) so that a block sums at least 32 images: fewer blocks fold
+  // and reduce the diagonals.
+  const size_t budget = std::max(kSmemBudget, std::min<size_t>(160 * 1024, sizeof(float) * (fixed + 32 * per_image))) /
+                        sizeof(float);
   const int by_smem = budget > fixed ? (int)((budget - fixed) / per_image) : 0;
   plan.NB = std::max(1, std::min({N, 64, by_smem}));
   plan.G = ceil_div(N, plan.NB);

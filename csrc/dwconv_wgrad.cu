@@ -151,14 +151,22 @@ WgradPlan plan_weight_grad(const DwShape& s, const DeviceLimits& lim) {
   const int budget = (int)(kSmemBudget / sizeof(float));
   p.Q = std::max(1, std::min({256 / ntg, budget / p.slot_stride, items, 32}));
   const int drange = p.TOH + kRH - 1, nchunks = ceil_div(p.TOW, kChunk);
-  // Split rows first: a thread then walks every chunk of its rows, so each row's window loads
-  // serve all chunks; split chunks only when there are more splits than rows.
+  // Split each item's rows and chunks into as many slices as the block has room for; among
+  // equal counts, keep chunks together (a row's window loads then serve all of its chunks).
   const int max_split = std::max(1, 256 / (ntg * p.Q));
-  p.SR = std::max(1, std::min(max_split, drange));
-  p.SC = std::min(nchunks, std::max(1, max_split / p.SR));
-  p.rows_per_split = ceil_div(drange, p.SR);
+  int best = 0;
+  for (int cps = nchunks; cps >= 1; --cps) {
+    const int sc = ceil_div(nchunks, cps);
+    for (int rps = 1; rps <= drange; ++rps) {
+      const int sr = ceil_div(drange, rps);
+      if (sr * sc <= max_split && sr * sc > best) {
+        best = sr * sc;
+        p.rows_per_split = rps;
+        p.chunks_per_split = cps;
+      }
+    }
+  }
   p.SR = ceil_div(drange, p.rows_per_split);
-  p.chunks_per_split = ceil_div(nchunks, p.SC);
   p.SC = ceil_div(nchunks, p.chunks_per_split);
   plan.threads = round_up(p.Q * ntg * p.SR * p.SC, 32);
   plan.smem = sizeof(float) * std::max<size_t>((size_t)p.slot_stride * p.Q, (size_t)kRH * kRW * plan.threads);
