@@ -50,8 +50,12 @@ def _kernels():
 
 
 # The kernels take contiguous NCHW and return NCHW; results come back in the input's format.
+def _channels_last(t) -> bool:
+    return _native.output_memory_format(t) == torch.channels_last
+
+
 def _forward_cuda(x, weight, bias, padding):
-    if dispatch.use_kernel("forward", x.shape, weight.shape[2:], padding, x.dtype):
+    if dispatch.use_kernel("forward", x.shape, weight.shape[2:], padding, x.dtype, _channels_last(x)):
         y = _kernels().dwconv2d(x.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), padding)
         return y.contiguous(memory_format=_native.output_memory_format(x))
     return _native.forward(x, weight, bias, padding)
@@ -59,21 +63,21 @@ def _forward_cuda(x, weight, bias, padding):
 
 def _input_grad_cuda(grad, weight, input_size, padding):
     size = (grad.shape[0], grad.shape[1], input_size[0], input_size[1])
-    if dispatch.use_kernel("input_grad", size, weight.shape[2:], padding, grad.dtype):
+    if dispatch.use_kernel("input_grad", size, weight.shape[2:], padding, grad.dtype, _channels_last(grad)):
         gx = _kernels().dwconv2d_input_grad(grad.contiguous(), weight.contiguous(), input_size, padding)
         return gx.contiguous(memory_format=_native.output_memory_format(grad))
     return _native.backward_input(grad, weight, input_size, padding)
 
 
 def _weight_grad_cuda(grad, x, kernel_size, padding):
-    if dispatch.use_kernel("weight_grad", x.shape, kernel_size, padding, x.dtype):
+    if dispatch.use_kernel("weight_grad", x.shape, kernel_size, padding, x.dtype, _channels_last(x)):
         return _kernels().dwconv2d_weight_grad(grad.contiguous(), x.contiguous(), kernel_size, padding)
     return _native.backward_weight(grad, x, kernel_size, padding)
 
 
 def _bias_grad_cuda(grad):
     # The bias gradient does not depend on kernel size or padding; (1, 1) and zero padding stand in.
-    if dispatch.use_kernel("bias_grad", grad.shape, (1, 1), (0, 0, 0, 0), grad.dtype):
+    if dispatch.use_kernel("bias_grad", grad.shape, (1, 1), (0, 0, 0, 0), grad.dtype, _channels_last(grad)):
         return _kernels().dwconv2d_bias_grad(grad.contiguous())
     return _native.backward_bias(grad)
 

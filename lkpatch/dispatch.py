@@ -114,7 +114,9 @@ def op_padding(x, weight, bias, stride, padding, dilation) -> Optional[Pads]:
     if n == 0 or c == 0 or h + pads[0] + pads[1] < kh or w + pads[2] + pads[3] < kw:
         return None  # empty or invalid: PyTorch returns or raises
     if x.device.type == "cuda" and not any(
-            use_kernel(p, (n, c, h, w), (kh, kw), pads, _effective_dtype(x)) for p in PASSES):
+            use_kernel(p, (n, c, h, w), (kh, kw), pads, _effective_dtype(x),
+                       not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last))
+            for p in PASSES):
         return None
     return pads
 
@@ -145,21 +147,24 @@ _decisions: dict = {}
 
 
 def use_kernel(pass_: str, size: Sequence[int], kernel_size: Sequence[int], pads: Sequence[int],
-               dtype: torch.dtype) -> bool:
-    """Run ``pass_`` of this CUDA depthwise convolution on lkpatch's kernel (True) or PyTorch's?"""
-    key = (_impl, pass_, tuple(size), tuple(kernel_size), tuple(pads), dtype)
+               dtype: torch.dtype, channels_last: bool = False) -> bool:
+    """Run ``pass_`` of this CUDA depthwise convolution on lkpatch's kernel (True) or PyTorch's?
+
+    ``channels_last``: the pass's activation comes in (and goes out) channels_last.
+    """
+    key = (_impl, pass_, tuple(size), tuple(kernel_size), tuple(pads), dtype, channels_last)
     decision = _decisions.get(key)
     if decision is None:
-        decision = _decisions[key] = _decide(pass_, size, kernel_size, pads, dtype)
+        decision = _decisions[key] = _decide(pass_, size, kernel_size, pads, dtype, channels_last)
     return decision
 
 
-def _decide(pass_, size, kernel_size, pads, dtype) -> bool:
+def _decide(pass_, size, kernel_size, pads, dtype, channels_last) -> bool:
     if _impl == "native" or kernel_unsupported_reason(size, kernel_size, pads, dtype) is not None:
         return False
     if not _extension_ready():
         return False
-    return _impl == "kernel" or _faster_than_native(pass_, size, kernel_size, pads)
+    return _impl == "kernel" or _faster_than_native(pass_, size, kernel_size, pads, dtype, channels_last)
 
 
 def effective_macs(size: Sequence[int], kernel_size: Sequence[int], pads: Sequence[int]) -> int:
@@ -171,15 +176,23 @@ def effective_macs(size: Sequence[int], kernel_size: Sequence[int], pads: Sequen
     return n * c * taps(h, kernel_size[0], pads[0], pads[1]) * taps(w, kernel_size[1], pads[2], pads[3])
 
 
-def _faster_than_native(pass_: str, size: Sequence[int], kernel_size: Sequence[int], pads: Sequence[int]) -> bool:
+def _faster_than_native(pass_: str, size: Sequence[int], kernel_size: Sequence[int], pads: Sequence[int],
+                        dtype: torch.dtype = torch.float32, channels_last: bool = False) -> bool:
     """The measured rule: where lkpatch's kernel beat PyTorch's on an H100 (README, "When lkpatch
-    uses its kernel"). It holds for every dtype -- PyTorch's half-precision depthwise kernels are
-    no faster than its fp32 ones. Thin kernels (one side <= 3) are where PyTorch stays ahead;
-    tiny problems are decided by launch overhead, which is lower for PyTorch's forward.
+    uses its kernel"). Thin kernels (one side <= 3) are where PyTorch stays ahead; tiny problems
+    are decided by launch overhead, which is lower for PyTorch's forward. lkpatch's kernels read
+    NCHW, so a channels_last tensor costs two layout copies: that loses to cuDNN's channels_last
+    half-precision kernels below 13x13, to its channels_last forward below 9x9, and always for
+    the bias gradient (a plain reduction either way).
     """
     h, w = size[2], size[3]
     area = h * w
     kmin, kmax = min(kernel_size), max(kernel_size)
+    if channels_last:
+        if pass_ == "bias_grad" or (dtype in (torch.float16, torch.bfloat16) and kmin < 13):
+            return False
+        if pass_ == "forward" and kmin < 9:
+            return False
     if pass_ == "forward":
         if area >= 56 * 56:
             return True

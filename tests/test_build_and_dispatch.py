@@ -168,3 +168,16 @@ def test_env_policy_is_validated():
     env = dict(os.environ, LKPATCH_IMPL="bogus")
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert res.returncode != 0 and "LKPATCH_IMPL" in res.stderr
+
+
+@pytest.mark.parametrize("pass_,k,dtype,expected", [
+    ("forward", (7, 7), torch.bfloat16, False),      # cuDNN's channels_last half kernels win below 13x13
+    ("weight_grad", (7, 7), torch.float16, False),
+    ("weight_grad", (13, 13), torch.bfloat16, True),
+    ("forward", (7, 7), torch.float32, False),        # its channels_last forward too, below 9x9
+    ("input_grad", (7, 7), torch.float32, True),      # but not its channels_last fp32 gradients
+    ("bias_grad", (31, 31), torch.float32, False),
+])
+def test_measured_rule_channels_last(pass_, k, dtype, expected):
+    pads = ((k[0] - 1) // 2, k[0] // 2, (k[1] - 1) // 2, k[1] // 2)
+    assert dispatch._faster_than_native(pass_, (64, 96, 56, 56), k, pads, dtype, channels_last=True) is expected
