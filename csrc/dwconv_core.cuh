@@ -25,7 +25,25 @@ template <> __device__ __forceinline__ __half from_float<__half>(float v) { retu
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 template <typename T> __device__ __forceinline__ float load(const T* p) { return to_float(__ldg(p)); }
 
-// Calls f.template operator()<T>() with T the storage type of `t`.
+// What every forward-kernel launch takes: the tensors, the shape, whether to flip the kernel (the
+// input-gradient), and the batch size.
+template <typename T>
+struct ConvArgs {
+  const T* in;
+  const T* w;
+  const T* bias;
+  T* out;
+  DwShape s;
+  int flip;
+  int N;  // images: planes = N * C
+
+  void set(const T* in_, const T* w_, const T* bias_, T* out_, const DwShape& s_, bool flip_) {
+    in = in_; w = w_; bias = bias_; out = out_; s = s_; flip = flip_ ? 1 : 0;
+    N = (int)(s_.planes / s_.C);
+  }
+};
+
+// Calls f(T{}) with T the storage type of `t`.
 template <typename F>
 inline cudaError_t with_dtype(DType t, F&& f) {
   switch (t) {

@@ -14,14 +14,7 @@ namespace lkpatch {
 namespace {
 
 template <typename T>
-struct FwdParams {
-  const T* in;
-  const T* w;
-  const T* bias;
-  T* out;
-  DwShape s;
-  int flip;
-  int N;                // images: planes = N * C
+struct FwdParams : ConvArgs<T> {
   int GX, GY;           // thread positions across / down the tile, RH x RW outputs each
   int PL;               // planes per block, interleaved in the lanes: lane q takes plane q
   int shared_kernel;    // 1: the PL planes are images n0.. of one channel and share one kernel
@@ -138,8 +131,7 @@ cudaError_t forward(const T* in, const T* w, const T* bias, T* out, const DwShap
   if (err != cudaSuccess) return err;
 
   FwdParams<T> p{};
-  p.in = in; p.w = w; p.bias = bias; p.out = out; p.s = s; p.flip = flip_kernel ? 1 : 0;
-  p.N = (int)(s.planes / s.C);
+  p.set(in, w, bias, out, s, flip_kernel);
   p.GX = std::min(ceil_div(s.OW, kRW), 8);
   p.GY = std::max(1, std::min(ceil_div(s.OH, kRH), 128 / p.GX));
   const int TW = p.GX * kRW, TH = p.GY * kRH;

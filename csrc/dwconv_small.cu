@@ -25,14 +25,7 @@ __host__ __device__ inline int pixel_stride(int NB) { return NB + ((NB / 4) % 2 
 // ---- forward / input-grad ----------------------------------------------------------------------
 
 template <typename T>
-struct SmallFwdParams {
-  const T* in;
-  const T* w;
-  const T* bias;
-  T* out;
-  DwShape s;
-  int flip;
-  int N;
+struct SmallFwdParams : ConvArgs<T> {
   int IG;          // image groups per block (NB = IMG * IG images)
   int XW;          // staged input row width (W rounded up to 8; zeros past W)
   int OXT;         // 8-wide output column tiles per row
@@ -153,22 +146,19 @@ __global__ void __launch_bounds__(256, 2) dw_small_weight_grad(const SmallWgradP
 
   // Stage this block's images, zero past the row ends. Rows are short (8 or 16 columns), so the
   // copy walks the padded planes element by element with every lane busy.
-  for (int t = threadIdx.x; t < nimg * xplane; t += blockDim.x) {
-    const int n = t / xplane, e = t - n * xplane, iy = e / p.XW, ix = e - iy * p.XW;
-    const T* src = p.in + ((int64_t)(n0 + n) * s.C + c) * s.H * s.W + iy * s.W + min(ix, s.W - 1);
-    if constexpr (std::is_same_v<T, float>)
-      copy_async(X + t, src, ix < s.W);
-    else
-      X[t] = ix < s.W ? load(src) : 0.f;
-  }
-  for (int t = threadIdx.x; t < nimg * gplane; t += blockDim.x) {
-    const int n = t / gplane, e = t - n * gplane, oy = e / p.OXW, ox = e - oy * p.OXW;
-    const T* src = p.grad + ((int64_t)(n0 + n) * s.C + c) * s.OH * s.OW + oy * s.OW + min(ox, s.OW - 1);
-    if constexpr (std::is_same_v<T, float>)
-      copy_async(D + t, src, ox < s.OW);
-    else
-      D[t] = ox < s.OW ? load(src) : 0.f;
-  }
+  const auto stage = [&](float* dst, const T* src, int rows, int cols, int pitch) {
+    const int plane = rows * pitch;
+    for (int t = threadIdx.x; t < nimg * plane; t += blockDim.x) {
+      const int n = t / plane, e = t - n * plane, y = e / pitch, x = e - y * pitch;
+      const T* from = src + ((int64_t)(n0 + n) * s.C + c) * rows * cols + y * cols + min(x, cols - 1);
+      if constexpr (std::is_same_v<T, float>)
+        copy_async(dst + t, from, x < cols);
+      else
+        dst[t] = x < cols ? load(from) : 0.f;
+    }
+  };
+  stage(X, p.in, s.H, s.W, p.XW);
+  stage(D, p.grad, s.OH, s.OW, p.OXW);
   copy_async_wait();
   __syncthreads();
 
@@ -263,8 +253,7 @@ template <typename T>
 cudaError_t small_forward(const T* in, const T* w, const T* bias, T* out, const DwShape& s, bool flip,
                           cudaStream_t stream) {
   SmallFwdParams<T> p{};
-  p.in = in; p.w = w; p.bias = bias; p.out = out; p.s = s; p.flip = flip ? 1 : 0;
-  p.N = (int)(s.planes / s.C);
+  p.set(in, w, bias, out, s, flip);
   p.XW = round_up(s.W, kTile);
   p.OXT = ceil_div(s.OW, kTile);
   p.WP = small_forward_wp(s, &p.WOFF);

@@ -98,29 +98,24 @@ def conversion_report(model: nn.Module) -> ConversionReport:
     return ConversionReport(layers)
 
 
+_WRAPPERS = (  # (module, class, what) -- classes that capture the modules they wrap
+    ("torch._dynamo.eval_frame", "OptimizedModule", "torch.compile"),
+    ("torch.nn.parallel", "DistributedDataParallel", "DistributedDataParallel"),
+    ("torch.distributed.fsdp", "FullyShardedDataParallel", "FSDP"),
+    ("torch.distributed.fsdp", "FSDPModule", "FSDP (fully_shard)"),
+)
+
+
 def _refuse_wrapped(model: nn.Module) -> None:
     """Conversion must happen before DDP/FSDP wrapping or torch.compile, which capture the modules."""
+    import importlib
+
     wrappers = []
-    try:
-        from torch._dynamo.eval_frame import OptimizedModule
-        wrappers.append((OptimizedModule, "torch.compile"))
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        from torch.nn.parallel import DistributedDataParallel
-        wrappers.append((DistributedDataParallel, "DistributedDataParallel"))
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-        wrappers.append((FullyShardedDataParallel, "FSDP"))
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        from torch.distributed.fsdp import FSDPModule
-        wrappers.append((FSDPModule, "FSDP (fully_shard)"))
-    except ImportError:  # pragma: no cover
-        pass
+    for module_name, cls_name, what in _WRAPPERS:
+        try:
+            wrappers.append((getattr(importlib.import_module(module_name), cls_name), what))
+        except (ImportError, AttributeError):  # older torch, or built without distributed
+            pass
     for name, module in model.named_modules():
         for cls, what in wrappers:
             if isinstance(module, cls):
