@@ -134,6 +134,17 @@ __device__ __forceinline__ void copy_async(float* dst, const float* src, bool va
 #endif
 }
 
+// 16 bytes at once; dst and src 16-byte aligned.
+__device__ __forceinline__ void copy_async16(float* dst, const float* src, bool valid) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 16 : 0));
+#else
+  const float4 v = valid ? __ldg(reinterpret_cast<const float4*>(src)) : make_float4(0.f, 0.f, 0.f, 0.f);
+  *reinterpret_cast<float4*>(dst) = v;
+#endif
+}
+
 __device__ __forceinline__ void copy_async_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.wait_all;\n" ::: "memory");
@@ -143,13 +154,27 @@ __device__ __forceinline__ void copy_async_wait() {
 // Stage rows of planes into shared memory as fp32: for plane p < nplanes and row r < nrows,
 // dst[p * plane_stride + r * pitch + c] = src(p)[(row0 + r) * stride + col0 + c] for c < pitch,
 // zero outside columns [0, col_end). One warp per row segment of 32, lanes along it: coalesced,
-// no divisions per element. fp32 is copied asynchronously; half types go through registers,
-// several loads in flight per thread before their stores.
+// no divisions per element. fp32 is copied asynchronously -- 16 bytes per lane when `vec4`
+// (col0, stride, col_end, pitch and plane_stride multiples of 4, 16-byte aligned sources);
+// half types go through registers, several loads in flight per thread before their stores.
 template <typename T, typename SrcOf>
 __device__ __forceinline__ void stage_rows(float* dst, int plane_stride, int pitch, int nplanes, int nrows, int row0,
-                                           int col0, int stride, int col_end, SrcOf src_of) {
+                                           int col0, int stride, int col_end, SrcOf src_of, bool vec4 = false) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
   if constexpr (std::is_same_v<T, float>) {
+    if (vec4) {  // a 4-column chunk is then wholly inside [0, col_end) or wholly outside
+      for (int pr = warp; pr < nplanes * nrows; pr += nwarps) {
+        const int p = pr / nrows, r = pr - p * nrows;
+        const float* src = src_of(p) + (int64_t)(row0 + r) * stride;
+        float* row = dst + p * plane_stride + r * pitch;
+        for (int c = 4 * lane; c < pitch; c += 128) {
+          const int x = col0 + c;
+          const bool valid = x >= 0 && x < col_end;
+          copy_async16(row + c, valid ? src + x : src, valid);
+        }
+      }
+      return;
+    }
     for (int pr = warp; pr < nplanes * nrows; pr += nwarps) {
       const int p = pr / nrows, r = pr - p * nrows;
       const float* src = src_of(p) + (int64_t)(row0 + r) * stride;

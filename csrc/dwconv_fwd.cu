@@ -20,6 +20,8 @@ struct FwdParams : ConvArgs<T> {
   int shared_kernel;    // 1: the PL planes are images n0.. of one channel and share one kernel
                         // 0: they are consecutive planes n*C + c, each with its own kernel
   int tiles_x;
+  int shift;     // staged input starts `shift` columns left of oxT - pad_l, at a multiple of 4
+  int vec4;      // 16-byte staging copies (fp32, W a multiple of 4, aligned tensor)
   int a_rows, a_pitch, a_stride;  // staged input rows per plane
   int b_pitch, b_stride;          // staged kernel: KH rows per plane (b_stride = 0 if shared)
 };
@@ -60,16 +62,18 @@ __global__ void __launch_bounds__(256, 3) dw_forward(const FwdParams<T> p) {
     const int q = i / (s.KH * p.b_pitch), e = i - q * s.KH * p.b_pitch;
     const int kh = e / p.b_pitch, kw = e - kh * p.b_pitch;
     const T* wsrc = p.w + ((first + q * step) % s.C) * s.KH * s.KW;
-    const int src = p.flip ? (s.KH - 1 - kh) * s.KW + (s.KW - 1 - kw) : kh * s.KW + kw;
+    const int tap = kw - 4 - p.shift;  // 4 + shift zero columns on the left (chunks may start early)
+    const bool valid = tap >= 0 && tap < s.KW;
+    const int src = p.flip ? (s.KH - 1 - kh) * s.KW + (s.KW - 1 - tap) : kh * s.KW + tap;
     if constexpr (std::is_same_v<T, float>)
-      copy_async(B + q * p.b_stride + e, wsrc + (kw < s.KW ? src : 0), kw < s.KW);
+      copy_async(B + q * p.b_stride + e, wsrc + (valid ? src : 0), valid);
     else
-      B[q * p.b_stride + e] = kw < s.KW ? load(wsrc + src) : 0.f;
+      B[q * p.b_stride + e] = valid ? load(wsrc + src) : 0.f;
   }
   const int64_t plane_elems = (int64_t)s.H * s.W;
   if (nrows > 0)
-    stage_rows<T>(A, p.a_stride, p.a_pitch, nplanes, nrows, ry0, oxT - s.pad_l, s.W, s.W,
-                  [&](int q) { return p.in + (first + q * step) * plane_elems; });
+    stage_rows<T>(A, p.a_stride, p.a_pitch, nplanes, nrows, ry0, oxT - s.pad_l - p.shift, s.W, s.W,
+                  [&](int q) { return p.in + (first + q * step) * plane_elems; }, p.vec4);
   copy_async_wait();
   __syncthreads();
 
@@ -88,13 +92,14 @@ __global__ void __launch_bounds__(256, 3) dw_forward(const FwdParams<T> p) {
 
   // d indexes input rows from oy0 - pad_t (kernel row d - r for output row r); k indexes kernel
   // columns. Walk only the rows inside the image and the column chunks that reach it.
+  // Chunks start where k + shift is a multiple of 4, so that both operands load 16 bytes at a time.
   const int d_lo = max(0, s.pad_t - oy0);
   const int d_hi = min(s.KH + RH - 1, s.pad_t - oy0 + s.H);
-  const int k_lo = max(0, s.pad_l - ox0 - RW + 1) / 4 * 4;
+  const int k_lo = (max(0, s.pad_l - ox0 - RW + 1) + p.shift) / 4 * 4 - p.shift;
   const int k_hi = min(s.KW, s.pad_l - ox0 + s.W);
   if (d_hi > d_lo && k_hi > k_lo) {
-    const float* a = A + q * p.a_stride + (oy0 - s.pad_t - ry0) * p.a_pitch + (ox0 - oxT) + k_lo;
-    const float* b = B + q * p.b_stride + k_lo;
+    const float* a = A + q * p.a_stride + (oy0 - s.pad_t - ry0) * p.a_pitch + (ox0 - oxT) + p.shift + k_lo;
+    const float* b = B + q * p.b_stride + 4 + p.shift + k_lo;
     correlate<RH, RW, CH>(acc, a, p.a_pitch, b, p.b_pitch, s.KH, d_lo, d_hi, ceil_div(k_hi - k_lo, CH));
   }
 
@@ -137,8 +142,11 @@ cudaError_t forward(const T* in, const T* w, const T* bias, T* out, const DwShap
   const int TW = p.GX * kRW, TH = p.GY * kRH;
   p.tiles_x = ceil_div(s.OW, TW);
   const int tiles = p.tiles_x * ceil_div(s.OH, TH);
-  // Chunks may start up to 3 columns early and run 7 past the last tap: zero columns cover both.
-  p.b_pitch = round_up(s.KW + 4, kChunk);
+  // The staged input starts at a multiple of 4 columns (16-byte copies); chunks may then start up
+  // to 3 columns before tap 0 and run 7 past the last tap: zero columns cover both.
+  p.shift = ((-s.pad_l) % 4 + 4) % 4;
+  p.vec4 = std::is_same_v<T, float> && s.W % 4 == 0 && reinterpret_cast<uintptr_t>(in) % 16 == 0;
+  p.b_pitch = round_up(s.KW + 14, kChunk);
   p.a_rows = std::max(1, std::min(s.H, TH + s.KH - 1));
   p.a_pitch = TW + p.b_pitch;
   p.a_stride = plane_stride(p.a_rows * p.a_pitch);

@@ -32,6 +32,7 @@ struct WgradParams {
   int rows_per_split, chunks_per_split;
   int a_rows, a_pitch, b_pitch;  // staged input rows and output-gradient tile (TOH rows)
   int slot_stride;               // floats per staged item
+  int vec4;                      // 16-byte copies of the output-gradient tile (fp32, OW % 4 == 0, aligned)
 };
 
 template <typename T, typename O, int RH, int RW>
@@ -75,7 +76,8 @@ __global__ void __launch_bounds__(256, 3) dw_weight_grad(const WgradParams<T, O>
       const T* x = p.in + plane * (int64_t)s.H * s.W;
       if (nrows > 0) stage_rows<T>(A, 0, p.a_pitch, 1, nrows, ry0, oxT - s.pad_l, s.W, s.W, [&](int) { return x; });
       const T* dy = p.grad + plane * (int64_t)s.OH * s.OW;
-      stage_rows<T>(A + a_size, 0, p.b_pitch, 1, toh, oyT, oxT, s.OW, min(s.OW, oxT + p.TOW), [&](int) { return dy; });
+      stage_rows<T>(A + a_size, 0, p.b_pitch, 1, toh, oyT, oxT, s.OW, min(s.OW, oxT + p.TOW), [&](int) { return dy; },
+                    p.vec4);
     }
     copy_async_wait();
     __syncthreads();
@@ -189,6 +191,7 @@ cudaError_t launch_weight_grad(const WgradPlan& plan, const T* grad_out, const T
   p.tiles_x = q.tiles_x; p.tiles = q.tiles; p.items_per_block = q.items_per_block; p.TGX = q.TGX; p.TGY = q.TGY;
   p.SR = q.SR; p.SC = q.SC; p.Q = q.Q; p.rows_per_split = q.rows_per_split; p.chunks_per_split = q.chunks_per_split;
   p.a_rows = q.a_rows; p.a_pitch = q.a_pitch; p.b_pitch = q.b_pitch; p.slot_stride = q.slot_stride;
+  p.vec4 = std::is_same_v<T, float> && q.s.OW % 4 == 0 && reinterpret_cast<uintptr_t>(grad_out) % 16 == 0;
   return launch(dw_weight_grad<T, O, kRH, kRW>, dim3(q.s.C, plan.G), dim3(plan.threads), plan.smem, stream, p);
 }
 
