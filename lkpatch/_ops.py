@@ -141,6 +141,45 @@ def _backward(ctx, grad):
 torch.library.register_autograd("lkpatch::dwconv2d", _backward, setup_context=_setup_context)
 
 
+# Double backward (create_graph=True: gradient penalties, Hessian-vector products). Each gradient
+# pass is bilinear in its two tensors, and its derivatives are the other passes.
+def _grad_pass_setup(ctx, inputs, output):
+    grad, other, size, padding = inputs  # other: the weight (input_grad) or the input (weight_grad)
+    ctx.padding = tuple(padding)
+    ctx.size = tuple(other.shape[2:])
+    ctx.save_for_backward(grad if ctx.needs_input_grad[1] else None, other if ctx.needs_input_grad[0] else None)
+
+
+def _input_grad_backward(ctx, ggx):
+    grad, weight = ctx.saved_tensors
+    d_grad = torch.ops.lkpatch.dwconv2d(ggx, weight, None, ctx.padding) if ctx.needs_input_grad[0] else None
+    d_weight = (torch.ops.lkpatch.dwconv2d_weight_grad(grad, ggx, ctx.size, ctx.padding)
+                if ctx.needs_input_grad[1] else None)
+    return d_grad, d_weight, None, None
+
+
+def _weight_grad_backward(ctx, ggw):
+    grad, x = ctx.saved_tensors
+    d_grad = torch.ops.lkpatch.dwconv2d(x, ggw, None, ctx.padding) if ctx.needs_input_grad[0] else None
+    d_x = (torch.ops.lkpatch.dwconv2d_input_grad(grad, ggw, ctx.size, ctx.padding)
+           if ctx.needs_input_grad[1] else None)
+    return d_grad, d_x, None, None
+
+
+def _bias_grad_setup(ctx, inputs, output):
+    ctx.grad_shape = inputs[0].shape
+
+
+def _bias_grad_backward(ctx, ggb):
+    return ggb[None, :, None, None].expand(ctx.grad_shape)
+
+
+torch.library.register_autograd("lkpatch::dwconv2d_input_grad", _input_grad_backward, setup_context=_grad_pass_setup)
+torch.library.register_autograd("lkpatch::dwconv2d_weight_grad", _weight_grad_backward,
+                                setup_context=_grad_pass_setup)
+torch.library.register_autograd("lkpatch::dwconv2d_bias_grad", _bias_grad_backward, setup_context=_bias_grad_setup)
+
+
 class EagerDepthwiseConv2d(torch.autograd.Function):
     """``lkpatch::dwconv2d`` on CUDA tensors in eager mode, with its autograd, minus the dispatcher."""
 
@@ -152,6 +191,8 @@ class EagerDepthwiseConv2d(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        if torch.is_grad_enabled():  # create_graph=True: the ops, whose own autograd gives double backward
+            return _backward(ctx, grad)
         return _gradients(ctx, grad, _input_grad_cuda, _weight_grad_cuda, _bias_grad_cuda)
 
 

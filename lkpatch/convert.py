@@ -106,7 +106,7 @@ _WRAPPERS = (  # (module, class, what) -- classes that capture the modules they 
 )
 
 
-def _refuse_wrapped(model: nn.Module) -> None:
+def _refuse_wrapped(model: nn.Module, action: str = "convert") -> None:
     """Conversion must happen before DDP/FSDP wrapping or torch.compile, which capture the modules."""
     import importlib
 
@@ -121,8 +121,8 @@ def _refuse_wrapped(model: nn.Module) -> None:
             if isinstance(module, cls):
                 where = f" (at '{name}')" if name else ""
                 raise TypeError(
-                    f"lkpatch.convert_model: the model is wrapped by {what}{where}. Convert the plain "
-                    f"model first, then wrap it: model = lkpatch.convert_model(model); model = wrap(model)")
+                    f"lkpatch.{action}_model: the model is wrapped by {what}{where}. {action.capitalize()} the "
+                    f"plain model first, then wrap it: model = lkpatch.{action}_model(model); model = wrap(model)")
 
 
 def convert_model(model: nn.Module, *, verbose: bool = False) -> nn.Module:
@@ -147,7 +147,7 @@ def revert_model(model: nn.Module) -> nn.Module:
     """Turn every :class:`DepthwiseConv2d` of ``model`` back into the class it came from, in place."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"lkpatch.revert_model expects an nn.Module, not {type(model).__name__}")
-    _refuse_wrapped(model)
+    _refuse_wrapped(model, "revert")
     for module in model.modules():
         if isinstance(module, DepthwiseConv2d):
             module.to_conv()

@@ -60,9 +60,12 @@ def force(impl: str, *, cpu_through_op: bool = False) -> Iterator[None]:
 
 
 def _pair(v: Union[int, Sequence[int]]) -> Tuple[int, int]:
+    """An int or a 1- or 2-sequence as (h, w); ValueError/TypeError for what F.conv2d rejects."""
     if isinstance(v, int):
         return (v, v)
     v = tuple(v)
+    if len(v) not in (1, 2):
+        raise ValueError(f"expected 1 or 2 values, got {len(v)}")
     return (v[0], v[0]) if len(v) == 1 else (v[0], v[1])
 
 
@@ -84,7 +87,7 @@ def explicit_padding(padding, kernel_size: Sequence[int], dilation=1) -> Optiona
         return tuple(padding) if all(isinstance(p, int) for p in padding) else None
     try:
         ph, pw = _pair(padding)
-    except (TypeError, IndexError):
+    except (TypeError, ValueError):
         return None
     return (ph, ph, pw, pw)
 
@@ -100,12 +103,18 @@ def op_padding(x, weight, bias, stride, padding, dilation) -> Optional[Pads]:
     if not (x.is_cuda or (_route_cpu_through_op and x.device.type == "cpu")):
         return None
     n, c, h, w = x.shape
-    if tuple(weight.shape[:2]) != (c, 1) or weight.device != x.device or weight.dtype != x.dtype:
+    # Dtypes as the convolution sees them: under autocast, bf16 activations and fp32 weights
+    # are both cast (by the op's autocast registration too), so they do match.
+    dtype = _effective_dtype(x)
+    if tuple(weight.shape[:2]) != (c, 1) or weight.device != x.device or _effective_dtype(weight) != dtype:
         return None
     if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (c,)
-                             or bias.device != x.device or bias.dtype != x.dtype):
+                             or bias.device != x.device or _effective_dtype(bias) != dtype):
         return None
-    if _pair(stride) != (1, 1) or _pair(dilation) != (1, 1):
+    try:
+        if _pair(stride) != (1, 1) or _pair(dilation) != (1, 1):
+            return None
+    except (TypeError, ValueError):  # malformed: F.conv2d raises its own error
         return None
     kh, kw = weight.shape[2], weight.shape[3]
     pads = explicit_padding(padding, (kh, kw))
@@ -114,7 +123,7 @@ def op_padding(x, weight, bias, stride, padding, dilation) -> Optional[Pads]:
     if n == 0 or c == 0 or h + pads[0] + pads[1] < kh or w + pads[2] + pads[3] < kw:
         return None  # empty or invalid: PyTorch returns or raises
     if x.device.type == "cuda" and not any(
-            use_kernel(p, (n, c, h, w), (kh, kw), pads, _effective_dtype(x),
+            use_kernel(p, (n, c, h, w), (kh, kw), pads, dtype,
                        not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last))
             for p in PASSES):
         return None

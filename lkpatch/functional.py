@@ -26,6 +26,11 @@ def depthwise_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
             return _ops.EagerDepthwiseConv2d.apply(x, w, b, pads)
         return torch.ops.lkpatch.dwconv2d(input, weight, bias, pads)
     groups = input.shape[-3] if isinstance(input, torch.Tensor) and input.dim() >= 3 else 1
+    return padded_conv2d(input, weight, bias, stride, padding, dilation, groups)
+
+
+def padded_conv2d(input, weight, bias, stride, padding, dilation, groups) -> torch.Tensor:
+    """``F.conv2d``, also taking a ``(top, bottom, left, right)`` padding (as F.pad + conv)."""
     if isinstance(padding, (tuple, list)) and len(padding) == 4:
         pt, pb, pl, pr = padding
         return F.conv2d(F.pad(input, (pl, pr, pt, pb)), weight, bias, stride, 0, dilation, groups)

@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 from . import eligibility
+from . import functional
 from .functional import depthwise_conv2d
 
 
@@ -20,6 +21,19 @@ def tf_same_padding(size: Tuple[int, int], kernel_size, stride, dilation) -> Tup
         total = max(((x + s - 1) // s - 1) * s + (k - 1) * d + 1 - x, 0)
         pads += [total // 2, total - total // 2]
     return tuple(pads)
+
+
+@torch.fx.wrap  # one node when torch.fx traces a converted model: the padding and groups need real tensors
+def _forward(input: torch.Tensor, weight: torch.Tensor, bias, stride, padding, dilation, groups: int,
+             tf_same: bool) -> torch.Tensor:
+    """``DepthwiseConv2d.forward``."""
+    if tf_same:
+        padding = tf_same_padding(input.shape[-2:], weight.shape[-2:], stride, dilation)
+    if not isinstance(input, torch.Tensor) or input.dim() not in (3, 4) or input.shape[-3] != groups:
+        # depthwise_conv2d takes groups from the input, so a wrong channel count could pass as
+        # another valid convolution: the module's own groups make F.conv2d raise its error.
+        return functional.padded_conv2d(input, weight, bias, stride, padding, dilation, groups)
+    return depthwise_conv2d(input, weight, bias, stride, padding, dilation)
 
 
 class DepthwiseConv2d(nn.Conv2d):
@@ -69,10 +83,8 @@ class DepthwiseConv2d(nn.Conv2d):
         return self
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        padding = self.padding
-        if self.tf_same_padding:
-            padding = tf_same_padding(input.shape[-2:], self.kernel_size, self.stride, self.dilation)
-        return depthwise_conv2d(input, self.weight, self.bias, self.stride, padding, self.dilation)
+        return _forward(input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
+                        self.tf_same_padding)
 
     def extra_repr(self) -> str:
         s = super().extra_repr()
