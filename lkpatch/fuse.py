@@ -1,0 +1,133 @@
+"""Folding an eval-mode BatchNorm into the depthwise convolution before it (for deployment).
+
+``fuse_conv_bn(model)`` finds every depthwise ``nn.Conv2d`` whose output goes only into a
+BatchNorm2d, folds the normalization into the convolution's weight and bias, and replaces the
+BatchNorm by ``nn.Identity`` (or, for timm's ``BatchNormAct2d``, by the activation it applies).
+Only valid for inference: the folded model uses the BatchNorm's running statistics.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from . import eligibility
+
+try:
+    from timm.layers import BatchNormAct2d as _TimmBatchNormAct2d
+except ImportError:  # pragma: no cover - timm is a dependency
+    _TimmBatchNormAct2d = None
+
+#: exact types folded; subclasses may normalize differently
+_FOLDABLE_NORMS = tuple(t for t in (nn.BatchNorm2d, nn.SyncBatchNorm, _TimmBatchNormAct2d) if t is not None)
+
+
+def fold_bn(weight: torch.Tensor, bias: Optional[torch.Tensor], bn: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of ``bn(conv(x))`` as one convolution (eval mode), computed in float64."""
+    std = (bn.running_var.double() + bn.eps).sqrt()
+    gamma = bn.weight.double() if bn.weight is not None else torch.ones_like(std)
+    beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(std)
+    scale = gamma / std
+    b = bias.double() if bias is not None else torch.zeros_like(std)
+    new_weight = weight.double() * scale.reshape(-1, *([1] * (weight.dim() - 1)))
+    new_bias = beta + (b - bn.running_mean.double()) * scale
+    return new_weight.to(weight.dtype), new_bias.to(weight.dtype)
+
+
+def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
+    return (eligibility.is_depthwise(conv) and isinstance(conv, nn.Conv2d) and type(bn) in _FOLDABLE_NORMS
+            and bn.num_features == conv.out_channels and bn.track_running_stats
+            and bn.running_mean is not None)
+
+
+def _pairs_traced(model: nn.Module) -> Optional[List[Tuple[str, str]]]:
+    """(conv, bn) module names from a torch.fx trace; None if the model does not trace."""
+    import torch.fx
+
+    class _Tracer(torch.fx.Tracer):  # convolutions and norms stay single nodes
+        def is_leaf_module(self, m, qualname):
+            return isinstance(m, (nn.Conv2d,) + _FOLDABLE_NORMS) or super().is_leaf_module(m, qualname)
+
+    try:
+        graph = _Tracer().trace(model)
+    except Exception:  # data-dependent control flow and the like: fall back to nn.Sequential pairs
+        return None
+    modules = dict(model.named_modules())
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(modules.get(node.target), _FOLDABLE_NORMS):
+            continue
+        src = node.args[0] if node.args else None
+        if (isinstance(src, torch.fx.Node) and src.op == "call_module" and len(src.users) == 1
+                and _foldable(modules[src.target], modules[node.target])):
+            pairs.append((src.target, node.target))
+    return pairs
+
+
+def _pairs_sequential(model: nn.Module) -> List[Tuple[str, str]]:
+    pairs = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Sequential):
+            children = list(module.named_children())
+            for (a, conv), (b, bn) in zip(children, children[1:]):
+                if _foldable(conv, bn):
+                    prefix = f"{name}." if name else ""
+                    pairs.append((prefix + a, prefix + b))
+    return pairs
+
+
+def find_conv_bn_pairs(model: nn.Module) -> List[Tuple[str, str]]:
+    """Names of (depthwise conv, BatchNorm) pairs where the BatchNorm takes only the conv's output."""
+    pairs = _pairs_traced(model)
+    if pairs is None:
+        pairs = _pairs_sequential(model)
+    used = {}
+    for conv, bn in pairs:  # a module called twice (shared) is ambiguous: leave it alone
+        used[conv] = used.get(conv, 0) + 1
+        used[bn] = used.get(bn, 0) + 1
+    return [(c, b) for c, b in pairs if used[c] == 1 and used[b] == 1]
+
+
+class _ActAfterFold(nn.Module):
+    """What remains of timm's BatchNormAct2d once its normalization moved into the convolution."""
+
+    def __init__(self, bn_act: nn.Module):
+        super().__init__()
+        self.drop = bn_act.drop
+        self.act = bn_act.act
+
+    def forward(self, x):
+        return self.act(self.drop(x))
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+@torch.no_grad()
+def fuse_conv_bn(model: nn.Module, *, verbose: bool = False) -> nn.Module:
+    """Fold every BatchNorm that follows a depthwise convolution into it, in place; returns the model.
+
+    The model must be in eval mode (the folding uses the running statistics). The folded
+    convolutions gain a bias; their BatchNorms become ``nn.Identity``.
+    """
+    if model.training:
+        raise ValueError("lkpatch.fuse_conv_bn: call model.eval() first; folding uses the BatchNorm running "
+                         "statistics, which is only what the model computes in eval mode")
+    pairs = find_conv_bn_pairs(model)
+    for conv_name, bn_name in pairs:
+        conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
+        weight, bias = fold_bn(conv.weight, conv.bias, bn)
+        conv.weight.copy_(weight)
+        if conv.bias is None:
+            conv.bias = nn.Parameter(bias, requires_grad=conv.weight.requires_grad)
+        else:
+            conv.bias.copy_(bias)
+        replacement = _ActAfterFold(bn) if type(bn) is _TimmBatchNormAct2d else nn.Identity()
+        _set_submodule(model, bn_name, replacement)
+        if verbose:
+            print(f"folded {bn_name} into {conv_name}")
+    return model
