@@ -186,7 +186,7 @@ class RepLKNet(nn.Module):
             ConvBN(width, width, 1, padding=0, relu=True, sync_bn=use_sync_bn),
             ConvBN(width, width, 3, stride=2, padding=1, groups=width, relu=True, sync_bn=use_sync_bn),
         ])
-        dpr = torch.linspace(0, drop_path_rate, sum(layers)).tolist()
+        dpr = torch.linspace(0, drop_path_rate, sum(layers), device="cpu").tolist()  # also under a meta device
         self.stages = nn.ModuleList()
         self.transitions = nn.ModuleList()
         for i, depth in enumerate(layers):

@@ -1,0 +1,90 @@
+"""Folding BatchNorm into the depthwise convolution before it."""
+import copy
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+import torchvision
+
+import lkpatch
+from lkpatch.fuse import find_conv_bn_pairs, fold_bn, fuse_conv_bn
+
+
+def randomize_bn(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                if m.weight is not None:
+                    m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                    m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    return model
+
+
+def test_fold_bn_matches_conv_then_bn():
+    conv = nn.Conv2d(6, 12, 5, padding=2, groups=6, bias=True)
+    bn = randomize_bn(nn.Sequential(nn.BatchNorm2d(12))).eval()[0]
+    w, b = fold_bn(conv.weight, conv.bias, bn)
+    x = torch.randn(2, 6, 9, 9)
+    with torch.no_grad():
+        ref = bn(conv(x))
+        out = nn.functional.conv2d(x, w, b, padding=2, groups=6)
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_sequential_pair_is_folded():
+    model = randomize_bn(nn.Sequential(nn.Conv2d(8, 8, 7, padding=3, groups=8, bias=False), nn.BatchNorm2d(8),
+                                       nn.ReLU(), nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8))).eval()
+    x = torch.randn(2, 8, 12, 12)
+    with torch.no_grad():
+        ref = model(x)
+        assert find_conv_bn_pairs(model) == [("0", "1")]  # the 1x1 conv is not depthwise
+        assert fuse_conv_bn(model) is model
+        assert isinstance(model[1], nn.Identity) and isinstance(model[4], nn.BatchNorm2d)
+        assert model[0].bias is not None
+        assert torch.allclose(model(x), ref, atol=1e-5)
+
+
+def test_training_mode_is_refused():
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=4), nn.BatchNorm2d(4))
+    with pytest.raises(ValueError, match="eval"):
+        fuse_conv_bn(model)
+
+
+def test_conv_whose_output_is_also_used_elsewhere_is_not_folded():
+    class Branch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.bn(y) + y
+
+    model = Branch().eval()
+    assert find_conv_bn_pairs(model) == []
+
+
+@pytest.mark.parametrize("build,expected", [
+    (lambda: timm.create_model("efficientnet_b0"), 16),          # BatchNormAct2d after each depthwise conv
+    (lambda: torchvision.models.mobilenet_v3_large(), 15),      # Conv2dNormActivation: Sequential(conv, bn, act)
+])
+def test_real_models_fold_every_depthwise_bn_and_compute_the_same(build, expected):
+    torch.manual_seed(0)
+    model = randomize_bn(build()).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+        lkpatch.convert_model(model)  # folding works on converted models too
+        assert len(find_conv_bn_pairs(model)) == expected
+        fuse_conv_bn(model)
+        out = model(x)
+    assert (out - ref).abs().max().item() <= 1e-4 * max(1.0, ref.abs().max().item())
+    assert not find_conv_bn_pairs(model)
+    # the folded model's state_dict has no BN entries for those layers, and loads into a folded copy
+    fresh = fuse_conv_bn(randomize_bn(build()).eval())
+    fresh.load_state_dict(copy.deepcopy(model.state_dict()), strict=True)
