@@ -119,17 +119,25 @@ def bench_model(name: str, batch: int, size: int, amp: str, channels_last: bool,
     from . import convert_model
 
     base = timm.create_model(name, num_classes=1000).cuda().train()
-    models = {"native": base, "lkpatch": convert_model(copy.deepcopy(base))}
+    out = {"model": name, "batch": batch, "size": size, "amp": amp, "layout": "channels_last" if channels_last else "nchw"}
+    out.update(time_train_steps({"native": base, "lkpatch": convert_model(copy.deepcopy(base))}, batch, size, amp,
+                                channels_last, steps))
+    return out
+
+
+def time_train_steps(models: Dict[str, torch.nn.Module], batch: int, size: int, amp: str, channels_last: bool = False,
+                     steps: int = 10, warmup: int = 3) -> Dict[str, float]:
+    """``{key}_step_ms`` and ``{key}_img_per_s`` of an SGD training step for each model (CUDA)."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(batch, 3, size, size, device="cuda").contiguous(memory_format=fmt)
-    y = torch.randint(0, 1000, (batch,), device="cuda")
-    out = {"model": name, "batch": batch, "size": size, "amp": amp, "layout": "channels_last" if channels_last else "nchw"}
+    out = {}
     for key, model in models.items():
-        model = model.to(memory_format=fmt)
+        model = model.to(memory_format=fmt).train()
+        y = torch.randint(0, getattr(model, "num_classes", None) or 1000, (batch,), device="cuda")
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
         scaler = torch.amp.GradScaler("cuda", enabled=amp == "float16")
 
-        def step(i):
+        def step(i, model=model, opt=opt, scaler=scaler, y=y):
             with torch.autocast("cuda", dtype=DTYPES.get(amp, torch.float32), enabled=amp != "float32"):
                 loss = F.cross_entropy(model(x), y)
             opt.zero_grad(set_to_none=True)
@@ -137,9 +145,10 @@ def bench_model(name: str, batch: int, size: int, amp: str, channels_last: bool,
             scaler.step(opt)
             scaler.update()
 
-        ms = time_ms(step, warmup=3, reps=steps)
+        ms = time_ms(step, warmup=warmup, reps=steps)
         out[f"{key}_step_ms"] = ms
         out[f"{key}_img_per_s"] = batch / ms * 1e3
+        opt.zero_grad(set_to_none=True)
     return out
 
 
