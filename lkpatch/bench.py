@@ -127,28 +127,37 @@ def bench_model(name: str, batch: int, size: int, amp: str, channels_last: bool,
 
 def time_train_steps(models: Dict[str, torch.nn.Module], batch: int, size: int, amp: str, channels_last: bool = False,
                      steps: int = 10, warmup: int = 3) -> Dict[str, float]:
-    """``{key}_step_ms`` and ``{key}_img_per_s`` of an SGD training step for each model (CUDA)."""
+    """``{key}_step_ms`` and ``{key}_img_per_s`` of an SGD training step for each model (CUDA).
+
+    The models' steps alternate, so clock and thermal drift during the run affects them alike.
+    """
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(batch, 3, size, size, device="cuda").contiguous(memory_format=fmt)
-    out = {}
+    step_fns = {}
     for key, model in models.items():
         model = model.to(memory_format=fmt).train()
         y = torch.randint(0, getattr(model, "num_classes", None) or 1000, (batch,), device="cuda")
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
         scaler = torch.amp.GradScaler("cuda", enabled=amp == "float16")
 
-        def step(i, model=model, opt=opt, scaler=scaler, y=y):
+        def step(model=model, opt=opt, scaler=scaler, y=y):
             with torch.autocast("cuda", dtype=DTYPES.get(amp, torch.float32), enabled=amp != "float32"):
                 loss = F.cross_entropy(model(x), y)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
-
-        ms = time_ms(step, warmup=warmup, reps=steps)
-        out[f"{key}_step_ms"] = ms
-        out[f"{key}_img_per_s"] = batch / ms * 1e3
-        opt.zero_grad(set_to_none=True)
+        step_fns[key] = step
+        for _ in range(warmup):
+            step()
+    samples = {key: [] for key in step_fns}
+    for _ in range(steps):
+        for key, step in step_fns.items():
+            samples[key].append(time_ms(lambda i: step(), warmup=0, reps=1))
+    out = {}
+    for key, times in samples.items():
+        out[f"{key}_step_ms"] = statistics.median(times)
+        out[f"{key}_img_per_s"] = batch / out[f"{key}_step_ms"] * 1e3
     return out
 
 

@@ -299,20 +299,24 @@ def test_cuda_graph_capture():
 
 def _loss_and_grads(model, x):
     model.zero_grad(set_to_none=True)
-    loss = model(x).float().square().mean()
+    out = model(x)
+    loss = (out if out.dtype == torch.float64 else out.float()).square().mean()
     loss.backward()
     return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 @pytest.mark.parametrize("name,size", [("convnext_tiny", 96), ("replknet_31b", 64)])
 def test_converted_model_matches(name, size):
+    """Loss and every gradient of a converted network against the unconverted one, both measured
+    against a float64 copy: some gradients are exactly zero in exact arithmetic (a BN bias
+    feeding a train-mode BN through the shortcut), so fp32 rounding is all they hold -- there
+    lkpatch's error must be that of PyTorch's own fp32, elsewhere within fp32 tolerance."""
     import copy
     import timm
-    if name not in timm.list_models(name):
-        pytest.skip(f"{name} is not registered")
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=10).cuda().train()
     converted = lkpatch.convert_model(copy.deepcopy(model))
+    exact = copy.deepcopy(model).double()
     assert lkpatch.conversion_report(converted).converted
     x = torch.randn(2, 3, size, size, device="cuda")
     saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
@@ -321,12 +325,15 @@ def test_converted_model_matches(name, size):
         with dispatch.force("kernel"):
             loss_ref, grads_ref = _loss_and_grads(model, x)
             loss, grads = _loss_and_grads(converted, x)
+        loss_64, grads_64 = _loss_and_grads(exact, x.double())
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
     assert rel_err(loss, loss_ref) < 1e-5
-    assert grads.keys() == grads_ref.keys()
-    worst = max(rel_err(grads[k], grads_ref[k]) for k in grads)
-    assert worst < 1e-4, worst  # whole-network gradients: fp32 rounding in both paths accumulates
+    assert grads.keys() == grads_ref.keys() == grads_64.keys()
+    for k in grads:
+        ours = (grads[k].double() - grads_64[k]).norm().item()
+        native = (grads_ref[k].double() - grads_64[k]).norm().item()
+        assert ours <= max(1e-4 * grads_64[k].norm().item(), 4 * native), (k, ours, native)
 
 
 def test_bad_inputs_raise_like_pytorch():
