@@ -116,6 +116,7 @@ def _setup_context(ctx, inputs, output):
     x, weight, bias, padding = inputs
     ctx.padding = tuple(padding)
     ctx.input_size = tuple(x.shape[2:])
+    ctx.input_format = _native.output_memory_format(x)
     ctx.kernel_size = tuple(weight.shape[2:])
     ctx.save_for_backward(x if ctx.needs_input_grad[1] else None,
                           weight if ctx.needs_input_grad[0] else None)
@@ -125,7 +126,8 @@ def _gradients(ctx, grad, input_grad, weight_grad, bias_grad):
     x, weight = ctx.saved_tensors
     gx = gw = gb = None
     if ctx.needs_input_grad[0]:
-        gx = input_grad(grad, weight, ctx.input_size, ctx.padding)
+        # in the input's memory format, as PyTorch's convolutions return it (whatever grad's is)
+        gx = input_grad(grad, weight, ctx.input_size, ctx.padding).contiguous(memory_format=ctx.input_format)
     if ctx.needs_input_grad[1]:
         gw = weight_grad(grad, x, ctx.kernel_size, ctx.padding)
     if len(ctx.needs_input_grad) > 2 and ctx.needs_input_grad[2]:

@@ -217,6 +217,14 @@ def test_memory_format_follows_pytorch():
         ours = lkpatch.depthwise_conv2d(x, w, padding=1)
     for fmt in (torch.contiguous_format, torch.channels_last):
         assert ours.is_contiguous(memory_format=fmt) == native.is_contiguous(memory_format=fmt)
+    # an output gradient in the other layout: the input gradient still takes the input's, as in PyTorch
+    for x_fmt, g_fmt in [(torch.channels_last, torch.contiguous_format), (torch.contiguous_format, torch.channels_last)]:
+        xx = x.detach().contiguous(memory_format=x_fmt).requires_grad_()
+        g = torch.randn(2, 8, 9, 9, device="cuda").contiguous(memory_format=g_fmt)
+        ref = torch.autograd.grad(F.conv2d(xx, w, padding=1, groups=8), xx, g)[0]
+        with dispatch.force("kernel"):
+            gx = torch.autograd.grad(lkpatch.depthwise_conv2d(xx, w, padding=1), xx, g)[0]
+        assert gx.stride() == ref.stride() and torch.allclose(gx, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_weight_grad_deterministic():

@@ -243,6 +243,20 @@ def test_channels_last_follows_f_conv2d(pads):
         out = lkpatch.depthwise_conv2d(xc, w, b, padding=pads)
     assert out.stride() == _padded_ref(xc, w, b, pads).stride()
 
+@pytest.mark.parametrize("x_fmt,g_fmt", [(torch.channels_last, torch.contiguous_format),
+                                         (torch.contiguous_format, torch.channels_last)])
+def test_input_grad_takes_the_input_memory_format_like_f_conv2d(x_fmt, g_fmt):
+    """The output gradient may come in another layout than the input (a permute after the conv)."""
+    x = torch.randn(2, 6, 9, 8).contiguous(memory_format=x_fmt).requires_grad_()
+    w = torch.randn(6, 1, 3, 3)
+    g = torch.randn(2, 6, 9, 8).contiguous(memory_format=g_fmt)
+    ref_gx = torch.autograd.grad(F.conv2d(x, w, None, 1, 1, 1, 6), x, g)[0]
+    with op_route(), OpLog() as log:
+        gx = torch.autograd.grad(lkpatch.depthwise_conv2d(x, w, padding=1), x, g)[0]
+    assert log.count("lkpatch::dwconv2d") == 1
+    assert gx.stride() == ref_gx.stride() and rel_err(gx, ref_gx) <= 1e-5
+
+
 
 def test_empty_batch_goes_to_f_conv2d():
     x = torch.randn(0, 4, 9, 9, requires_grad=True)
