@@ -107,6 +107,8 @@ def test_feature_outputs_for_dense_prediction():
     assert [tuple(f.shape) for f in feats] == [(2, 8, 16, 16), (2, 16, 4, 4), (2, 24, 2, 2)]
     assert isinstance(model.stages[0].norm, nn.BatchNorm2d) and "stages.0.norm.weight" in model.state_dict()
     assert not hasattr(model, "head")
+    backbone = timm.create_model("replknet_31b", out_indices=[1, 3], **{k: v for k, v in SMALL.items()})
+    assert [f.shape[1] for f in backbone.eval()(torch.randn(1, 3, 64, 64))] == [16, 24]
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -274,6 +274,8 @@ def _create(variant: str, pretrained: bool = False, **kwargs) -> RepLKNet:
         kwargs.pop(key, None)
     if "in_chans" in kwargs:  # timm's name for it
         kwargs["in_channels"] = kwargs.pop("in_chans")
+    if kwargs.get("out_indices") is not None:  # a backbone (timm drops num_classes=None before we see it)
+        kwargs.setdefault("num_classes", None)
     model = RepLKNet(**{**CONFIGS[variant], **kwargs})
     model.pretrained_cfg = dict(architecture=variant, input_size=(3, 224, 224), num_classes=model.num_classes,
                                 mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), interpolation="bicubic",
