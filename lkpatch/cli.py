@@ -426,9 +426,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if argv and argv[0] == "bench":
             return _bench(argv[1:])
-        args = make_parser().parse_args(argv)
+        parser = make_parser()
+        args = parser.parse_args(argv)
         if not getattr(args, "command", None):
-            make_parser().print_help()
+            parser.print_help()
             return 2
         args.verbose = getattr(args, "verbose", False)
         if args.command == "demo" and args.batch is None:

@@ -1,8 +1,12 @@
+import math
 import os
 from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from lkpatch import dispatch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,3 +31,34 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+# --- helpers the test files share (import them: ``from conftest import rel_err``) ---------------
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    """||a - ref|| / ||ref|| in float64 (inf if ``a`` is not finite)."""
+    a, ref = a.detach().double(), ref.detach().double()
+    if not torch.isfinite(a).all():
+        return math.inf
+    den = ref.norm().item()
+    return (a - ref).norm().item() / (den if den > 0 else 1.0)
+
+
+class OpLog(TorchDispatchMode):
+    """Names of the ATen / custom ops that run (``lkpatch::dwconv2d``, ...)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.name())
+        return func(*args, **(kwargs or {}))
+
+    def count(self, name):
+        return self.names.count(name)
+
+
+def op_route():
+    """CPU tensors through the ``lkpatch::`` ops (whose CPU kernels are PyTorch's), as CUDA ones go."""
+    return dispatch.force("auto", cpu_through_op=True)

@@ -12,26 +12,10 @@ import torch.nn.functional as F
 import torchvision
 from timm.layers import CondConv2d, MixedConv2d
 from timm.layers.conv2d_same import Conv2dSame
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import lkpatch
+from conftest import OpLog, rel_err
 from lkpatch import DepthwiseConv2d, dispatch
-
-
-class OpLog(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(func.name())
-        return func(*args, **(kwargs or {}))
-
-
-def rel_err(a, ref):
-    a, ref = a.detach().double(), ref.detach().double()
-    den = ref.norm().item()
-    return (a - ref).norm().item() / (den if den > 0 else 1.0)
 
 
 # (source, name, input size, depthwise convs by the architecture, or None)

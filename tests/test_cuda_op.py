@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import lkpatch
+from conftest import rel_err
 from lkpatch import dispatch
 from lkpatch._native import output_memory_format
 
@@ -34,14 +35,6 @@ def poisoned_allocations():
         yield
     finally:
         torch.use_deterministic_algorithms(prev)
-
-
-def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
-    a, ref = a.double(), ref.double()
-    if not torch.isfinite(a).all():
-        return math.inf
-    den = ref.norm().item()
-    return (a - ref).norm().item() / (den if den > 0 else 1.0)
 
 
 def reference(x, w, b, pads, g):

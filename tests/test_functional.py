@@ -10,35 +10,10 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import lkpatch
+from conftest import OpLog, op_route, rel_err
 from lkpatch import dispatch
-
-
-class OpLog(TorchDispatchMode):
-    """Names of the ATen / custom ops that run (``lkpatch::dwconv2d``, ...)."""
-
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(func.name())
-        return func(*args, **(kwargs or {}))
-
-    def count(self, name):
-        return self.names.count(name)
-
-
-def op_route():
-    return dispatch.force("auto", cpu_through_op=True)
-
-
-def rel_err(a, ref):
-    a, ref = a.detach().double(), ref.detach().double()
-    den = ref.norm().item()
-    return (a - ref).norm().item() / (den if den > 0 else 1.0)
 
 
 def reference_pad_conv(x, w, b, stride, padding, dilation):

@@ -7,35 +7,12 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import lkpatch
+from conftest import OpLog, op_route, rel_err
 from lkpatch import dispatch
 
 ops = torch.ops.lkpatch
-
-
-class OpLog(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(func.name())
-        return func(*args, **(kwargs or {}))
-
-    def count(self, name):
-        return self.names.count(name)
-
-
-def op_route():
-    return dispatch.force("auto", cpu_through_op=True)
-
-
-def rel_err(a, ref):
-    a, ref = a.detach().double(), ref.detach().double()
-    den = ref.norm().item()
-    return (a - ref).norm().item() / (den if den > 0 else 1.0)
 
 
 def _padded_ref(x, w, b, pads):
@@ -255,7 +232,6 @@ def test_input_grad_takes_the_input_memory_format_like_f_conv2d(x_fmt, g_fmt):
         gx = torch.autograd.grad(lkpatch.depthwise_conv2d(x, w, padding=1), x, g)[0]
     assert log.count("lkpatch::dwconv2d") == 1
     assert gx.stride() == ref_gx.stride() and rel_err(gx, ref_gx) <= 1e-5
-
 
 
 def test_empty_batch_goes_to_f_conv2d():
