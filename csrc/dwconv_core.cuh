@@ -259,6 +259,12 @@ size_t dwconv2d_small_weight_grad_workspace(const DwShape& s);
 cudaError_t dwconv2d_small_weight_grad(DType t, const void* grad_out, const void* in, void* grad_w, float* workspace,
                                        const DwShape& s, cudaStream_t stream);
 
+// The tensor-core forward / input-grad for fp16 and bf16 (dwconv_tc.cu), where it applies: sm_80+,
+// 8 or more images. LKPATCH_TENSOR_CORES=never turns it off (benchmarking).
+bool dwconv2d_tc_forward_fits(DType t, const DwShape& s);
+cudaError_t dwconv2d_tc_forward(DType t, const void* in, const void* w, const void* bias, void* out,
+                                const DwShape& s, bool flip_kernel, cudaStream_t stream);
+
 // Whether a pass takes the small-map variant where it fits. LKPATCH_SMALL_MAP=never|always
 // overrides the rule (benchmarking).
 inline bool use_small_map(bool fits, const DwShape& s) {
@@ -270,6 +276,7 @@ inline bool use_small_map(bool fits, const DwShape& s) {
 struct DeviceLimits {
   int sms;
   int max_smem_optin;  // bytes of dynamic shared memory one block may ask for
+  int cc_major;        // compute capability: tensor-core kernels need 8 (Ampere) or later
 };
 
 // Cached per device: attribute queries are cheap but not free, and launches are frequent.
@@ -286,6 +293,7 @@ inline cudaError_t device_limits(DeviceLimits* out) {
   DeviceLimits l{};
   err = cudaDeviceGetAttribute(&l.sms, cudaDevAttrMultiProcessorCount, dev);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&l.max_smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&l.cc_major, cudaDevAttrComputeCapabilityMajor, dev);
   if (err != cudaSuccess) return err;
   if (dev < 64) {
     cache[dev] = l;

@@ -59,6 +59,7 @@ def measured_fp32_tflops() -> float:
 
 def bench_shape(shape, dtype, channels_last: bool, reps: int, passes: bool) -> Dict:
     from . import _native, dispatch
+    from .functional import depthwise_conv2d
 
     n, c, h, w, kh, kw = shape
     pads = ((kh - 1) // 2, kh // 2, (kw - 1) // 2, kw // 2)  # 'same'
@@ -74,9 +75,9 @@ def bench_shape(shape, dtype, channels_last: bool, reps: int, passes: bool) -> D
     def native(i):  # what an unconverted nn.Conv2d runs
         return _native.forward(xs[i], wt, b, pads)
 
-    def ours(i):
+    def ours(i):  # what a converted layer runs, its kernels forced on
         with dispatch.force("kernel"):
-            return torch.ops.lkpatch.dwconv2d(xs[i], wt, b, pads)
+            return depthwise_conv2d(xs[i], wt, b, padding=pads)
 
     def fwd(f):
         def run(i):

@@ -58,7 +58,8 @@ def run_op(x, w, b, pads, g):
     return y.detach(), x.grad, w.grad, None if b is None else b.grad
 
 
-def draw_case(rng: random.Random):
+def draw_case(rng: random.Random, batch=None):
+    """A random case; ``batch=(lo, hi)`` draws the image count from that range instead of 1..8."""
     kind = rng.random()
     if kind < 0.3:
         kh, kw = rng.randint(1, 7), rng.randint(1, 7)
@@ -82,6 +83,8 @@ def draw_case(rng: random.Random):
     pads[1] = max(pads[1], kh - h - pads[0])
     pads[3] = max(pads[3], kw - w - pads[2])
     n, c = rng.randint(1, 8), rng.randint(1, 300)
+    if batch is not None:
+        n = rng.randint(*batch)
     oh, ow = h + pads[0] + pads[1] - kh + 1, w + pads[2] + pads[3] - kw + 1
     # keep the float64 reference quick: bound the multiply-adds and the tensor sizes
     while c > 1 and (n * c * oh * ow * kh * kw > 2e9 or n * c * max(h * w, oh * ow) > 4e6):
@@ -141,6 +144,21 @@ def test_random_sweep_half(dtype):
     failures = []
     for i in range(HALF_SWEEP_CASES):
         case = draw_case(rng)
+        try:
+            check_case(case, seed=i, dtype=dtype)
+        except AssertionError as e:
+            failures.append(str(e))
+    assert not failures, f"{len(failures)} of {HALF_SWEEP_CASES} cases failed:\n" + "\n".join(failures[:20])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_random_sweep_tensor_cores(dtype):
+    """Batches of 8 and more, which the half-precision tensor-core kernels take (16 images per
+    matrix row block: partial blocks, one and several of them)."""
+    rng = random.Random(2468)
+    failures = []
+    for i in range(HALF_SWEEP_CASES):
+        case = draw_case(rng, batch=(8, 40))
         try:
             check_case(case, seed=i, dtype=dtype)
         except AssertionError as e:

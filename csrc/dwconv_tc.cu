@@ -1,0 +1,295 @@
+// Forward and input-gradient of the fp16 / bf16 depthwise convolution on tensor cores (sm_80+).
+//
+// Per channel, kernel row i applied to one input row is a banded (Toeplitz) matrix product:
+//   out[n][oy][ox0 + col] += sum_u in[n][oy + i - pad_t][x0 + u] * T_i[u][col],
+//   T_i[u][col] = w[i][u - col + x0 - ox0 + pad_l]  (zero off the band).
+// One mma.sync m16n8k16 takes M = 16 images of the channel, N = 8 output columns and K = 16 input
+// columns, accumulating in fp32. T_i does not depend on where the 8 columns start, so its
+// fragments are built once per block in shared memory and serve every column tile. An input
+// row's A fragments serve every output row that reads the row (up to kRH per warp): a block
+// streams the input rows it needs through a small ring of shared-memory slots, one row of 16
+// images per slot, and each warp applies the row to its output rows with the matching kernel
+// rows. The zero band costs 16 * S / KW extra tensor-core work (S k-steps per output tile), far
+// less than the tensor cores' advantage over fp32 FMA.
+#include <algorithm>
+
+#include "dwconv_core.cuh"
+
+namespace lkpatch {
+namespace {
+
+constexpr int kRH = 4;        // output rows per warp
+constexpr int kMaxWarps = 4;  // warps per block, stacked down the tile
+constexpr int kSlots = 4;     // staged-row ring; rows are fetched kSlots - 2 ahead
+
+template <typename T>
+struct TcParams : ConvArgs<T> {
+  int S;          // 16-column k-steps per 8-column output tile
+  int sh;         // staged column 0 is image column ox_tile - pad_l - sh, a multiple of 8
+  int WA, pitch;  // staged columns per row, and the row pitch (elements) of one image
+  int tiles_x;
+  int vec;        // 16-byte asynchronous staging (W a multiple of 8, aligned input)
+};
+
+__device__ __forceinline__ uint32_t bits(__half v) { return __half_as_ushort(v); }
+__device__ __forceinline__ uint32_t bits(__nv_bfloat16 v) { return __bfloat16_as_ushort(v); }
+template <typename T> __device__ __forceinline__ uint32_t pack2(T lo, T hi) { return bits(lo) | (bits(hi) << 16); }
+
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint2 b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (std::is_same_v<T, __half>)
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b.x), "r"(b.y));
+  else
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b.x), "r"(b.y));
+#endif
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&a)[4], uint32_t addr) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
+               : "r"(addr));
+#endif
+}
+
+__device__ __forceinline__ void copy_async16_raw(void* dst, const void* src, bool valid) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 16 : 0));
+#endif
+}
+
+__device__ __forceinline__ void copy_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+template <int N>
+__device__ __forceinline__ void copy_async_wait_group() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
+template <typename T, int NT>
+__global__ void __launch_bounds__(32 * kMaxWarps) dw_tc_forward(const TcParams<T> p) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const DwShape& s = p.s;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int groups = ceil_div(p.N, 16);
+  const int c = blockIdx.y / groups, n0 = (blockIdx.y - c * groups) * 16;
+  const int tile_y = blockIdx.x / p.tiles_x, tile_x = blockIdx.x - tile_y * p.tiles_x;
+  const int TH = (blockDim.x >> 5) * kRH;
+  const int oyT = tile_y * TH, oxT = tile_x * 8 * NT;
+  const int col0 = oxT - s.pad_l - p.sh;  // image column of staged column 0
+
+  uint2* Bf = reinterpret_cast<uint2*>(smem_raw);  // [KH][S][lane]: T_i's B fragments
+  T* ring = reinterpret_cast<T*>(smem_raw + (size_t)s.KH * p.S * sizeof(uint2) * 32);
+  const int slot_elems = 16 * p.pitch;  // [image][pitch]
+
+  // B fragment of k-step st, lane (g, t): rows k = 2t, 2t + 1, 2t + 8, 2t + 9 of column n = g.
+  const T* wsrc = p.w + (int64_t)c * s.KH * s.KW;
+  for (int e = threadIdx.x; e < s.KH * p.S * 32; e += blockDim.x) {
+    const int l = e & 31, is = e >> 5, i = is / p.S, st = is - i * p.S;
+    const int g = l >> 2, t = l & 3;
+    T v[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const int tap = 16 * st + 2 * t + (q & 1) + 8 * (q >> 1) - g - p.sh;
+      float f = 0.f;
+      if (tap >= 0 && tap < s.KW)
+        f = load(wsrc + (p.flip ? (s.KH - 1 - i) * s.KW + (s.KW - 1 - tap) : i * s.KW + tap));
+      v[q] = from_float<T>(f);
+    }
+    Bf[e] = make_uint2(pack2(v[0], v[1]), pack2(v[2], v[3]));
+  }
+
+  // Input row r of the 16 images into a slot; zeros outside the image and past the batch.
+  const int64_t plane_elems = (int64_t)s.H * s.W;
+  auto stage = [&](int r, int slot) {
+    T* dst = ring + slot * slot_elems;
+    if (p.vec) {
+      const int chunks = p.WA / 8;
+      for (int e = threadIdx.x; e < 16 * chunks; e += blockDim.x) {
+        const int m = e / chunks, ch = e - m * chunks, x = col0 + 8 * ch;
+        const bool valid = n0 + m < p.N && x >= 0 && x < s.W;
+        const T* src = valid ? p.in + ((int64_t)(n0 + m) * s.C + c) * plane_elems + (int64_t)r * s.W + x : p.in;
+        copy_async16_raw(dst + m * p.pitch + 8 * ch, src, valid);
+      }
+    } else {
+      for (int e = threadIdx.x; e < 16 * p.WA; e += blockDim.x) {
+        const int m = e / p.WA, u = e - m * p.WA, x = col0 + u;
+        const bool valid = n0 + m < p.N && x >= 0 && x < s.W;
+        dst[m * p.pitch + u] =
+            valid ? p.in[((int64_t)(n0 + m) * s.C + c) * plane_elems + (int64_t)r * s.W + x] : from_float<T>(0.f);
+      }
+    }
+  };
+
+  const int oy_end = min(s.OH, oyT + TH);
+  const int r_begin = max(0, oyT - s.pad_t);
+  const int r_end = min(s.H, oy_end + s.KH - 1 - s.pad_t);
+#pragma unroll
+  for (int q = 0; q < kSlots - 2; ++q) {
+    if (r_begin + q < r_end) stage(r_begin + q, q);
+    copy_async_commit();
+  }
+
+  const float bias = p.bias ? load(p.bias + c) : 0.f;
+  float acc[kRH][NT][4];
+#pragma unroll
+  for (int rr = 0; rr < kRH; ++rr)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) acc[rr][j][q] = bias;
+
+  const int oyw = oyT + warp * kRH;
+  // ldmatrix: lane l addresses row (l & 7) + 8 * ((l >> 3) & 1) (an image), column 8 * (l >> 4).
+  const int a_lane = ((lane & 7) + 8 * ((lane >> 3) & 1)) * p.pitch + 8 * (lane >> 4);
+  const unsigned ring_addr = (unsigned)__cvta_generic_to_shared(ring);
+  // Windows (k-step st, column tile j) that lie wholly in the zero columns are skipped.
+  const int live_lo = -col0 - 15, live_hi = s.W - col0;  // staged start columns that reach the image
+
+  int slot = 0;
+  for (int r = r_begin; r < r_end; ++r) {
+    const int ahead = r + kSlots - 2;
+    if (ahead < r_end) stage(ahead, (slot + kSlots - 2) % kSlots);
+    copy_async_commit();
+    copy_async_wait_group<kSlots - 2>();
+    __syncthreads();
+
+    int kr[kRH];
+    bool any = false;
+#pragma unroll
+    for (int rr = 0; rr < kRH; ++rr) {
+      const int i = r + s.pad_t - (oyw + rr);
+      kr[rr] = i >= 0 && i < s.KH && oyw + rr < s.OH ? i : -1;
+      any |= kr[rr] >= 0;
+    }
+    if (any) {
+      const unsigned a_addr = ring_addr + (unsigned)((slot * slot_elems + a_lane) * sizeof(T));
+      uint32_t A[NT][4];
+      for (int st = 0; st < p.S; ++st) {
+        // Windows start at staged column 16 * st + 8 * j; consecutive k-steps share NT - 2 of them.
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          if (NT > 2 && st > 0 && j < NT - 2) {
+#pragma unroll
+            for (int q = 0; q < 4; ++q) A[j][q] = A[j + 2][q];
+          } else {
+            ldmatrix_x4(A[j], a_addr + (unsigned)((16 * st + 8 * j) * sizeof(T)));
+          }
+        }
+#pragma unroll
+        for (int rr = 0; rr < kRH; ++rr) {
+          if (kr[rr] < 0) continue;
+          const uint2 b = Bf[(kr[rr] * p.S + st) * 32 + lane];
+#pragma unroll
+          for (int j = 0; j < NT; ++j) {
+            const int w0 = 16 * st + 8 * j;
+            if (w0 >= live_lo && w0 < live_hi) mma16816<T>(acc[rr][j], A[j], b);
+          }
+        }
+      }
+    }
+    slot = (slot + 1) % kSlots;
+  }
+
+  // C fragment: (image g, columns 2t, 2t + 1) and (image g + 8, the same columns).
+  const int g = lane >> 2, t = lane & 3;
+  const bool pairs = s.OW % 2 == 0;
+#pragma unroll
+  for (int rr = 0; rr < kRH; ++rr) {
+    const int oy = oyw + rr;
+    if (oy >= s.OH) break;
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      const int ox = oxT + 8 * j + 2 * t;
+      if (ox >= s.OW) continue;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int n = n0 + g + 8 * h;
+        if (n >= p.N) continue;
+        T* dst = p.out + ((int64_t)n * s.C + c) * s.OH * s.OW + (int64_t)oy * s.OW + ox;
+        const T v0 = from_float<T>(acc[rr][j][2 * h]), v1 = from_float<T>(acc[rr][j][2 * h + 1]);
+        if (pairs) {
+          *reinterpret_cast<uint32_t*>(dst) = pack2(v0, v1);
+        } else {
+          dst[0] = v0;
+          if (ox + 1 < s.OW) dst[1] = v1;
+        }
+      }
+    }
+  }
+}
+
+struct TcPlan {
+  int NT, S, sh, WA, pitch, warps, tiles_x, tiles;
+  size_t smem;
+};
+
+TcPlan plan(const DwShape& s) {
+  TcPlan q{};
+  q.NT = s.OW <= 8 ? 1 : s.OW <= 16 ? 2 : 4;
+  q.sh = ((-s.pad_l) % 8 + 8) % 8;
+  q.S = ceil_div(s.KW + 7 + q.sh, 16);
+  q.WA = 8 * (q.NT - 1) + 16 * q.S;
+  q.pitch = q.WA + ((q.WA / 8) % 2 == 0 ? 8 : 0);  // an odd number of 16-byte units: no bank conflicts
+  q.warps = std::min(kMaxWarps, ceil_div(s.OH, kRH));
+  q.tiles_x = ceil_div(s.OW, 8 * q.NT);
+  q.tiles = q.tiles_x * ceil_div(s.OH, q.warps * kRH);
+  q.smem = (size_t)s.KH * q.S * 256 + (size_t)kSlots * 16 * q.pitch * 2;
+  return q;
+}
+
+template <typename T, int NT>
+cudaError_t launch_tc(const TcParams<T>& p, const TcPlan& q, int64_t blocks_y, cudaStream_t stream) {
+  return launch(dw_tc_forward<T, NT>, dim3(q.tiles, (unsigned)blocks_y), dim3(32 * q.warps), q.smem, stream, p);
+}
+
+}  // namespace
+
+bool dwconv2d_tc_forward_fits(DType t, const DwShape& s) {
+  static const char* env = getenv("LKPATCH_TENSOR_CORES");
+  if (t == DType::f32 || (env && env[0] == 'n')) return false;
+  DeviceLimits lim;
+  if (device_limits(&lim) != cudaSuccess || lim.cc_major < 8) return false;
+  const int64_t N = s.planes / s.C;
+  if (N < 8) return false;  // M = 16 images: fewer than 8 would waste most of the tensor core
+  const TcPlan q = plan(s);
+  return (int64_t)s.C * ceil_div((int)N, 16) <= 65535 && q.tiles <= 0x7fffffff && q.smem <= (size_t)lim.max_smem_optin;
+}
+
+cudaError_t dwconv2d_tc_forward(DType t, const void* in, const void* w, const void* bias, void* out,
+                                const DwShape& s, bool flip_kernel, cudaStream_t stream) {
+  return with_dtype(t, [&](auto tag) -> cudaError_t {
+    using T = decltype(tag);
+    if constexpr (std::is_same_v<T, float>) {
+      return cudaErrorInvalidValue;
+    } else {
+      const TcPlan q = plan(s);
+      TcParams<T> p{};
+      p.set(static_cast<const T*>(in), static_cast<const T*>(w), static_cast<const T*>(bias), static_cast<T*>(out), s,
+            flip_kernel);
+      p.S = q.S; p.sh = q.sh; p.WA = q.WA; p.pitch = q.pitch; p.tiles_x = q.tiles_x;
+      p.vec = s.W % 8 == 0 && reinterpret_cast<uintptr_t>(in) % 16 == 0;
+      const int64_t blocks_y = (int64_t)s.C * ceil_div(p.N, 16);
+      switch (q.NT) {
+        case 1: return launch_tc<T, 1>(p, q, blocks_y, stream);
+        case 2: return launch_tc<T, 2>(p, q, blocks_y, stream);
+        default: return launch_tc<T, 4>(p, q, blocks_y, stream);
+      }
+    }
+  });
+}
+
+}  // namespace lkpatch
