@@ -141,7 +141,7 @@ Tensor dwconv2d_weight_grad(const Tensor& grad, const Tensor& x, at::IntArrayRef
               " but the forward output would be ", str(s.OH), "x", str(s.OW));
   c10::cuda::CUDAGuard guard(x.device());
   Tensor gw = at::empty({x.size(1), 1, kernel_size[0], kernel_size[1]}, x.options());
-  const size_t ws_bytes = lkpatch::dwconv2d_weight_grad_workspace(s);
+  const size_t ws_bytes = lkpatch::dwconv2d_weight_grad_workspace(dtype_of(x, "input"), s);
   Tensor ws;
   if (ws_bytes) ws = at::empty({(int64_t)(ws_bytes / sizeof(float))}, x.options().dtype(at::kFloat));
   check_cuda(lkpatch::dwconv2d_weight_grad(dtype_of(x, "input"), grad.data_ptr(), x.data_ptr(), gw.data_ptr(),

@@ -23,7 +23,8 @@ struct DwShape {
   int pad_t, pad_l;
 };
 
-// Element type of every tensor of a call; arithmetic is fp32 whatever the storage.
+// Element type of every tensor of a call. Arithmetic is fp32 whatever the storage: fp32 FMA for
+// float, tensor cores with fp32 accumulation for half types where the GPU has them (sm_80+).
 enum class DType { f32, f16, bf16 };
 
 // The forward pass; with flip_kernel the kernel is rotated by 180 degrees, which makes it the
@@ -37,7 +38,7 @@ DwShape dwconv2d_input_grad_shape(const DwShape& fwd);
 
 // grad_w[c][kh][kw] = sum_{n,oy,ox} grad_out[n,c][oy][ox] * in[n,c][oy - pad_t + kh][ox - pad_l + kw].
 // Deterministic: partial sums go to an fp32 `workspace` and are added in a fixed order.
-size_t dwconv2d_weight_grad_workspace(const DwShape& s);  // bytes (may be 0)
+size_t dwconv2d_weight_grad_workspace(DType t, const DwShape& s);  // bytes (may be 0)
 cudaError_t dwconv2d_weight_grad(DType t, const void* grad_out, const void* in, void* grad_w, float* workspace,
                                  const DwShape& s, cudaStream_t stream);
 

@@ -265,6 +265,13 @@ bool dwconv2d_tc_forward_fits(DType t, const DwShape& s);
 cudaError_t dwconv2d_tc_forward(DType t, const void* in, const void* w, const void* bias, void* out,
                                 const DwShape& s, bool flip_kernel, cudaStream_t stream);
 
+// The tensor-core weight-grad for fp16 and bf16 (dwconv_tc_wgrad.cu): sm_80+, output-gradient
+// planes that fit in shared memory. Always takes a workspace.
+bool dwconv2d_tc_weight_grad_fits(DType t, const DwShape& s);
+size_t dwconv2d_tc_weight_grad_workspace(const DwShape& s);
+cudaError_t dwconv2d_tc_weight_grad(DType t, const void* grad_out, const void* in, void* grad_w, float* workspace,
+                                    const DwShape& s, cudaStream_t stream);
+
 // Whether a pass takes the small-map variant where it fits. LKPATCH_SMALL_MAP=never|always
 // overrides the rule (benchmarking).
 inline bool use_small_map(bool fits, const DwShape& s) {

@@ -29,6 +29,8 @@ struct TcParams : ConvArgs<T> {
   int WA, pitch;  // staged columns per row, and the row pitch (elements) of one image
   int tiles_x;
   int vec;        // 16-byte asynchronous staging (W a multiple of 8, aligned input)
+  int per_block;  // 16-image groups per block (they share the block's B fragments)
+  int splits;     // blocks per channel and tile
 };
 
 __device__ __forceinline__ uint32_t bits(__half v) { return __half_as_ushort(v); }
@@ -84,8 +86,8 @@ __global__ void __launch_bounds__(32 * kMaxWarps) dw_tc_forward(const TcParams<T
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const DwShape& s = p.s;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int groups = ceil_div(p.N, 16);
-  const int c = blockIdx.y / groups, n0 = (blockIdx.y - c * groups) * 16;
+  const int c = blockIdx.y / p.splits, part = blockIdx.y - c * p.splits;  // images: a run of 16-image groups
+  const int n_begin = part * p.per_block * 16, n_stop = min(p.N, n_begin + p.per_block * 16);
   const int tile_y = blockIdx.x / p.tiles_x, tile_x = blockIdx.x - tile_y * p.tiles_x;
   const int TH = (blockDim.x >> 5) * kRH;
   const int oyT = tile_y * TH, oxT = tile_x * 8 * NT;
@@ -97,9 +99,9 @@ __global__ void __launch_bounds__(32 * kMaxWarps) dw_tc_forward(const TcParams<T
 
   // B fragment of k-step st, lane (g, t): rows k = 2t, 2t + 1, 2t + 8, 2t + 9 of column n = g.
   const T* wsrc = p.w + (int64_t)c * s.KH * s.KW;
-  for (int e = threadIdx.x; e < s.KH * p.S * 32; e += blockDim.x) {
-    const int l = e & 31, is = e >> 5, i = is / p.S, st = is - i * p.S;
-    const int g = l >> 2, t = l & 3;
+  const int nwarps = blockDim.x >> 5;
+  for (int is = warp, i = warp / p.S, st = warp % p.S; is < s.KH * p.S; is += nwarps) {
+    const int g = lane >> 2, t = lane & 3;
     T v[4];
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
@@ -109,11 +111,13 @@ __global__ void __launch_bounds__(32 * kMaxWarps) dw_tc_forward(const TcParams<T
         f = load(wsrc + (p.flip ? (s.KH - 1 - i) * s.KW + (s.KW - 1 - tap) : i * s.KW + tap));
       v[q] = from_float<T>(f);
     }
-    Bf[e] = make_uint2(pack2(v[0], v[1]), pack2(v[2], v[3]));
+    Bf[is * 32 + lane] = make_uint2(pack2(v[0], v[1]), pack2(v[2], v[3]));
+    for (st += nwarps; st >= p.S; st -= p.S) ++i;
   }
 
-  // Input row r of the 16 images into a slot; zeros outside the image and past the batch.
+  // Input row r of images n0.. n0 + 15 into a slot; zeros outside the image and past the batch.
   const int64_t plane_elems = (int64_t)s.H * s.W;
+  int n0 = n_begin;
   auto stage = [&](int r, int slot) {
     T* dst = ring + slot * slot_elems;
     if (p.vec) {
@@ -137,13 +141,23 @@ __global__ void __launch_bounds__(32 * kMaxWarps) dw_tc_forward(const TcParams<T
   const int oy_end = min(s.OH, oyT + TH);
   const int r_begin = max(0, oyT - s.pad_t);
   const int r_end = min(s.H, oy_end + s.KH - 1 - s.pad_t);
+  const float bias = p.bias ? load(p.bias + c) : 0.f;
+  const int oyw = oyT + warp * kRH;
+  // ldmatrix: lane l addresses row (l & 7) + 8 * ((l >> 3) & 1) (an image), column 8 * (l >> 4).
+  const int a_lane = ((lane & 7) + 8 * ((lane >> 3) & 1)) * p.pitch + 8 * (lane >> 4);
+  const unsigned ring_addr = (unsigned)__cvta_generic_to_shared(ring);
+  // Windows (k-step st, column tile j) that lie wholly in the zero columns are skipped.
+  const int live_lo = -col0 - 15, live_hi = s.W - col0;  // staged start columns that reach the image
+
+  // The block's images, 16 at a time: the B fragments are built once for all of them.
+  for (; n0 < n_stop; n0 += 16) {
+  if (n0 > n_begin) __syncthreads();  // the previous group is done with the ring
 #pragma unroll
   for (int q = 0; q < kSlots - 2; ++q) {
     if (r_begin + q < r_end) stage(r_begin + q, q);
     copy_async_commit();
   }
 
-  const float bias = p.bias ? load(p.bias + c) : 0.f;
   float acc[kRH][NT][4];
 #pragma unroll
   for (int rr = 0; rr < kRH; ++rr)
@@ -151,13 +165,6 @@ __global__ void __launch_bounds__(32 * kMaxWarps) dw_tc_forward(const TcParams<T
     for (int j = 0; j < NT; ++j)
 #pragma unroll
       for (int q = 0; q < 4; ++q) acc[rr][j][q] = bias;
-
-  const int oyw = oyT + warp * kRH;
-  // ldmatrix: lane l addresses row (l & 7) + 8 * ((l >> 3) & 1) (an image), column 8 * (l >> 4).
-  const int a_lane = ((lane & 7) + 8 * ((lane >> 3) & 1)) * p.pitch + 8 * (lane >> 4);
-  const unsigned ring_addr = (unsigned)__cvta_generic_to_shared(ring);
-  // Windows (k-step st, column tile j) that lie wholly in the zero columns are skipped.
-  const int live_lo = -col0 - 15, live_hi = s.W - col0;  // staged start columns that reach the image
 
   int slot = 0;
   for (int r = r_begin; r < r_end; ++r) {
@@ -230,6 +237,7 @@ __global__ void __launch_bounds__(32 * kMaxWarps) dw_tc_forward(const TcParams<T
       }
     }
   }
+  }
 }
 
 struct TcPlan {
@@ -282,7 +290,16 @@ cudaError_t dwconv2d_tc_forward(DType t, const void* in, const void* w, const vo
             flip_kernel);
       p.S = q.S; p.sh = q.sh; p.WA = q.WA; p.pitch = q.pitch; p.tiles_x = q.tiles_x;
       p.vec = s.W % 8 == 0 && reinterpret_cast<uintptr_t>(in) % 16 == 0;
-      const int64_t blocks_y = (int64_t)s.C * ceil_div(p.N, 16);
+      // Blocks take several 16-image groups of one channel (its B fragments are built once), but
+      // leave enough blocks to fill the GPU.
+      DeviceLimits lim;
+      cudaError_t err = device_limits(&lim);
+      if (err != cudaSuccess) return err;
+      const int groups = ceil_div(p.N, 16);
+      const int64_t base = (int64_t)q.tiles * s.C;
+      p.per_block = (int)std::max<int64_t>(1, std::min<int64_t>(groups, base * groups / (8 * lim.sms)));
+      p.splits = ceil_div(groups, p.per_block);
+      const int64_t blocks_y = (int64_t)s.C * p.splits;
       switch (q.NT) {
         case 1: return launch_tc<T, 1>(p, q, blocks_y, stream);
         case 2: return launch_tc<T, 2>(p, q, blocks_y, stream);

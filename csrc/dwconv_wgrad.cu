@@ -197,8 +197,9 @@ cudaError_t launch_weight_grad(const WgradPlan& plan, const T* grad_out, const T
 
 }  // namespace
 
-size_t dwconv2d_weight_grad_workspace(const DwShape& s) {
+size_t dwconv2d_weight_grad_workspace(DType t, const DwShape& s) {
   if (s.planes == 0 || s.OH <= 0 || s.OW <= 0) return 0;
+  if (dwconv2d_tc_weight_grad_fits(t, s)) return dwconv2d_tc_weight_grad_workspace(s);
   if (use_small_map(dwconv2d_small_weight_grad_fits(s), s)) return dwconv2d_small_weight_grad_workspace(s);
   DeviceLimits lim;
   if (device_limits(&lim) != cudaSuccess) return 0;
@@ -211,6 +212,10 @@ cudaError_t dwconv2d_weight_grad(DType t, const void* grad_out, const void* in, 
   const int64_t n_w = (int64_t)s.C * s.KH * s.KW;
   const size_t elem = t == DType::f32 ? 4 : 2;
   if (s.planes == 0 || s.OH <= 0 || s.OW <= 0) return cudaMemsetAsync(grad_w, 0, elem * n_w, stream);
+  if (dwconv2d_tc_weight_grad_fits(t, s)) {
+    if (workspace == nullptr) return cudaErrorInvalidValue;
+    return dwconv2d_tc_weight_grad(t, grad_out, in, grad_w, workspace, s, stream);
+  }
   if (use_small_map(dwconv2d_small_weight_grad_fits(s), s)) return dwconv2d_small_weight_grad(t, grad_out, in, grad_w, workspace, s, stream);
   DeviceLimits lim;
   cudaError_t err = device_limits(&lim);

@@ -1,0 +1,253 @@
+// Weight-gradient of the fp16 / bf16 depthwise convolution on tensor cores (sm_80+).
+//
+//   grad_w[i][j] = sum_{n, q, ox} x[n][q][ox - pad_l + j] * g[n][q + pad_t - i][ox]
+//
+// For one input row q of one image this is a matrix product over the output columns ox:
+// C[j][i] += sum_k A[j][k] B[k][i] with A[j][k] = x[q][ox0 + k - pad_l + j] (a Toeplitz matrix:
+// it depends on j + k only) and B[k][i] = g[q + pad_t - i][ox0 + k] (kernel row i reads output
+// row q + pad_t - i). A warp holds a 16*JT x 8*IT tile of taps in mma.sync accumulators and walks
+// input rows; B comes from the image's staged output-gradient plane through ldmatrix (rows
+// outside the plane point at a zero row), and A straight from the staged input row: because A is
+// Toeplitz, each lane needs only the pairs x[o], x[o + 1] at o = lane offset + 8m, and
+// consecutive column chunks share all but two of them. Block partial sums go to a workspace that
+// is added up in a fixed order: deterministic.
+#include <algorithm>
+
+#include "dwconv_core.cuh"
+
+namespace lkpatch {
+namespace {
+
+constexpr int kWarps = 4;
+
+template <typename T>
+struct TcWgradParams {
+  const T* grad;
+  const T* in;
+  float* parts;  // [slices][C][KH][KW]
+  DwShape s;
+  int N;
+  int per_slice;  // images per block
+  int OWp;        // output columns rounded up to 16
+  int gpitch;     // staged output-gradient row pitch (elements), an odd number of 16-byte units
+  int xw;         // staged input row length (elements), even
+  int tiles_j;    // kernel-column tiles of 16 * JT
+};
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], unsigned addr) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+#endif
+}
+
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (std::is_same_v<T, __half>)
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  else
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#endif
+}
+
+template <typename T, int JT, int IT>
+__global__ void __launch_bounds__(32 * kWarps) dw_tc_weight_grad(const TcWgradParams<T> p) {
+  static_assert(IT % 2 == 0, "B fragments are loaded two kernel-row tiles at a time");
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const DwShape& s = p.s;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int slice = blockIdx.x, c = blockIdx.y;
+  const int tile_i = blockIdx.z / p.tiles_j, tile_j = blockIdx.z - tile_i * p.tiles_j;
+  const int i0 = tile_i * 8 * IT, j0 = tile_j * 16 * JT;
+  const int n_begin = slice * p.per_slice, n_end = min(p.N, n_begin + p.per_slice);
+
+  T* G = reinterpret_cast<T*>(smem_raw);  // [OH + 1][gpitch]; row OH is zero
+  T* X = G + (s.OH + 1) * p.gpitch;       // [warp][xw]
+  float* red = reinterpret_cast<float*>(smem_raw);  // [warp][16 JT][8 IT], over G and X at the end
+  T* xrow = X + warp * p.xw;
+  const T zero = from_float<T>(0.f);
+  for (int e = threadIdx.x; e < p.gpitch; e += blockDim.x) G[s.OH * p.gpitch + e] = zero;
+
+  float acc[JT][IT][4];
+#pragma unroll
+  for (int a = 0; a < JT; ++a)
+#pragma unroll
+    for (int b = 0; b < IT; ++b)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) acc[a][b][q] = 0.f;
+
+  // Input rows that reach this tile's kernel rows: output row q + pad_t - i in [0, OH).
+  const int q_lo = max(0, i0 - s.pad_t), q_hi = min(s.H, i0 + 8 * IT - 1 - s.pad_t + s.OH);
+  const int g = lane >> 2, t = lane & 3;
+  const int lane_off = g + 2 * t;                   // A pair m of chunk 0 starts at lane_off + 8m
+  const unsigned sel = (lane_off & 1) ? 0x5432u : 0x3210u;  // odd offsets straddle two words
+  // B: lane l addresses kernel row i0 + 8 * (2 * pair + (l >> 4)) + (l & 7), column 8 * ((l >> 3) & 1).
+  const int b_row = (lane & 7) + 8 * (lane >> 4), b_col = 8 * ((lane >> 3) & 1);
+  const unsigned g_addr = (unsigned)__cvta_generic_to_shared(G);
+  const uint32_t* xwords = reinterpret_cast<const uint32_t*>(xrow);
+  constexpr int NP = 2 * JT + 1;  // A pairs alive per chunk
+
+  for (int n = n_begin; n < n_end; ++n) {
+    const int64_t plane = (int64_t)n * s.C + c;
+    __syncthreads();  // the previous image is done with G
+    const T* gsrc = p.grad + plane * s.OH * s.OW;
+    for (int e = threadIdx.x; e < s.OH * p.OWp; e += blockDim.x) {
+      const int r = e / p.OWp, col = e - r * p.OWp;
+      G[r * p.gpitch + col] = col < s.OW ? gsrc[(int64_t)r * s.OW + col] : zero;
+    }
+    __syncthreads();
+    const T* xsrc = p.in + plane * s.H * s.W;
+    for (int q = q_lo + warp; q < q_hi; q += kWarps) {
+      // Stage x[q][j0 - pad_l + e] for e < xw (zeros outside the image).
+      const int x0 = j0 - s.pad_l;
+      __syncwarp();
+      for (int e = lane; e < p.xw; e += 32) {
+        const int col = x0 + e;
+        xrow[e] = col >= 0 && col < s.W ? xsrc[(int64_t)q * s.W + col] : zero;
+      }
+      __syncwarp();
+      // Kernel-row tiles with at least one output row inside the plane.
+      const int oy_top = q + s.pad_t - i0;  // output row of kernel row i0
+      uint32_t P[NP];
+      auto pair = [&](int m, int ox0) {
+        const int o = ox0 + lane_off + 8 * m;
+        return __byte_perm(xwords[o >> 1], xwords[(o >> 1) + 1], sel);
+      };
+#pragma unroll
+      for (int m = 0; m < NP - 2; ++m) P[m] = pair(m, 0);
+      for (int ox0 = 0; ox0 < p.OWp; ox0 += 16) {
+        P[NP - 2] = pair(NP - 2, ox0);
+        P[NP - 1] = pair(NP - 1, ox0);
+#pragma unroll
+        for (int bp = 0; bp < IT / 2; ++bp) {
+          // rows of tiles 2bp, 2bp + 1: output rows oy_top - 16 bp - 15 .. oy_top - 16 bp
+          if (oy_top - 16 * bp < 0 || oy_top - 16 * bp - 15 >= s.OH) continue;
+          const int oy = oy_top - 16 * bp - b_row;
+          const int row = oy >= 0 && oy < s.OH ? oy : s.OH;
+          uint32_t B[4];
+          ldmatrix_x4(B, g_addr + (unsigned)((row * p.gpitch + ox0 + b_col) * sizeof(T)));
+#pragma unroll
+          for (int jt = 0; jt < JT; ++jt) {
+            mma16816<T>(acc[jt][2 * bp], P[2 * jt], P[2 * jt + 1], P[2 * jt + 1], P[2 * jt + 2], B[0], B[1]);
+            mma16816<T>(acc[jt][2 * bp + 1], P[2 * jt], P[2 * jt + 1], P[2 * jt + 1], P[2 * jt + 2], B[2], B[3]);
+          }
+        }
+#pragma unroll
+        for (int m = 0; m < NP - 2; ++m) P[m] = P[m + 2];
+      }
+    }
+  }
+
+  // Add the warps' tiles in a fixed order; C fragment: (j = 16 jt + g [+ 8], i = 8 it + 2t [+ 1]).
+  constexpr int TJ = 16 * JT, TI = 8 * IT;
+  __syncthreads();  // every warp is done with G and X
+  float* mine = red + warp * TJ * TI;
+#pragma unroll
+  for (int jt = 0; jt < JT; ++jt)
+#pragma unroll
+    for (int it = 0; it < IT; ++it)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const int j = 16 * jt + g + 8 * (q >> 1), i = 8 * it + 2 * t + (q & 1);
+        mine[j * TI + i] = acc[jt][it][q];
+      }
+  __syncthreads();
+  float* out = p.parts + ((int64_t)slice * s.C + c) * s.KH * s.KW;
+  for (int e = threadIdx.x; e < TJ * TI; e += blockDim.x) {
+    const int j = e / TI, i = e - j * TI;
+    if (i0 + i >= s.KH || j0 + j >= s.KW) continue;
+    float sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) sum += red[w * TJ * TI + e];
+    out[(i0 + i) * s.KW + j0 + j] = sum;
+  }
+}
+
+struct WgradPlan {
+  int JT, IT, OWp, gpitch, xw, tiles_j, tiles_i, slices, per_slice;
+  size_t smem;
+};
+
+WgradPlan plan(const DwShape& s, int sms) {
+  WgradPlan q{};
+  q.JT = s.KW <= 16 ? 1 : 2;
+  q.IT = s.KH <= 16 ? 2 : 4;
+  q.OWp = round_up(s.OW, 16);
+  q.gpitch = q.OWp + ((q.OWp / 8) % 2 == 0 ? 8 : 0);
+  q.xw = q.OWp + 16 * q.JT + 8;
+  q.tiles_j = ceil_div(s.KW, 16 * q.JT);
+  q.tiles_i = ceil_div(s.KH, 8 * q.IT);
+  const int N = (int)(s.planes / s.C);
+  const int64_t base = (int64_t)s.C * q.tiles_i * q.tiles_j;
+  q.slices = (int)std::max<int64_t>(1, std::min<int64_t>(N, ceil_div(8 * sms, (int)std::min<int64_t>(base, 1 << 20))));
+  q.per_slice = ceil_div(N, q.slices);
+  q.slices = ceil_div(N, q.per_slice);
+  q.smem = std::max((size_t)(s.OH + 1) * q.gpitch * 2 + (size_t)kWarps * q.xw * 2,
+                    (size_t)kWarps * 16 * q.JT * 8 * q.IT * sizeof(float));
+  return q;
+}
+
+template <typename T, int JT, int IT>
+cudaError_t launch_wgrad(const TcWgradParams<T>& p, const WgradPlan& q, int C, cudaStream_t stream) {
+  return launch(dw_tc_weight_grad<T, JT, IT>, dim3(q.slices, C, q.tiles_i * q.tiles_j), dim3(32 * kWarps), q.smem,
+                stream, p);
+}
+
+}  // namespace
+
+bool dwconv2d_tc_weight_grad_fits(DType t, const DwShape& s) {
+  static const char* env = getenv("LKPATCH_TENSOR_CORES");
+  if (t == DType::f32 || (env && env[0] == 'n')) return false;
+  DeviceLimits lim;
+  if (device_limits(&lim) != cudaSuccess || lim.cc_major < 8) return false;
+  const WgradPlan q = plan(s, lim.sms);
+  // The output-gradient plane is staged whole: maps up to about 150 x 150.
+  return s.C <= 65535 && q.tiles_i * q.tiles_j <= 64 && q.smem <= std::min<size_t>(lim.max_smem_optin, 64 * 1024);
+}
+
+size_t dwconv2d_tc_weight_grad_workspace(const DwShape& s) {
+  DeviceLimits lim;
+  if (device_limits(&lim) != cudaSuccess) return 0;
+  return (size_t)plan(s, lim.sms).slices * s.C * s.KH * s.KW * sizeof(float);
+}
+
+cudaError_t dwconv2d_tc_weight_grad(DType t, const void* grad_out, const void* in, void* grad_w, float* workspace,
+                                    const DwShape& s, cudaStream_t stream) {
+  DeviceLimits lim;
+  cudaError_t err = device_limits(&lim);
+  if (err != cudaSuccess) return err;
+  const WgradPlan q = plan(s, lim.sms);
+  return with_dtype(t, [&](auto tag) -> cudaError_t {
+    using T = decltype(tag);
+    if constexpr (std::is_same_v<T, float>) {
+      return cudaErrorInvalidValue;
+    } else {
+      TcWgradParams<T> p{};
+      p.grad = static_cast<const T*>(grad_out);
+      p.in = static_cast<const T*>(in);
+      p.parts = workspace;
+      p.s = s;
+      p.N = (int)(s.planes / s.C);
+      p.per_slice = q.per_slice;
+      p.OWp = q.OWp; p.gpitch = q.gpitch; p.xw = q.xw; p.tiles_j = q.tiles_j;
+      cudaError_t e;
+      if (q.JT == 1)
+        e = q.IT == 2 ? launch_wgrad<T, 1, 2>(p, q, s.C, stream) : launch_wgrad<T, 1, 4>(p, q, s.C, stream);
+      else
+        e = q.IT == 2 ? launch_wgrad<T, 2, 2>(p, q, s.C, stream) : launch_wgrad<T, 2, 4>(p, q, s.C, stream);
+      if (e != cudaSuccess) return e;
+      return sum_partials(workspace, static_cast<T*>(grad_w), q.slices, (int64_t)s.C * s.KH * s.KW, stream);
+    }
+  });
+}
+
+}  // namespace lkpatch
