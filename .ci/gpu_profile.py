@@ -1,10 +1,12 @@
 """Developer profiling on the GPU machine (never run by CI).
 
   python .ci/gpu_profile.py overhead        host microseconds per call of each path (tiny shape)
-  python .ci/gpu_profile.py kernels [S...]  launch forward and weight-grad once per shape, for ncu:
+  python .ci/gpu_profile.py kernels [S...]  launch forward and weight-grad once per shape, for ncu
+      (LKPATCH_PROFILE_DTYPE=bfloat16 for the half-precision kernels):
       ncu --section SpeedOfLight --section Occupancy --section WarpStateStats \\
           -k regex:dw_ python .ci/gpu_profile.py kernels
 """
+import os
 import sys
 import time
 
@@ -131,11 +133,12 @@ def autograd_variants():
 
 def kernels(names):
     build.build()
+    dtype = getattr(torch, os.environ.get("LKPATCH_PROFILE_DTYPE", "float32"))
     for name in names or SHAPES:
         n, c, h, w, k = SHAPES[name]
-        x = torch.randn(n, c, h, w, device="cuda")
-        wt = torch.randn(c, 1, k, k, device="cuda")
-        g = torch.randn(n, c, h, w, device="cuda")
+        x = torch.randn(n, c, h, w, device="cuda", dtype=dtype)
+        wt = torch.randn(c, 1, k, k, device="cuda", dtype=dtype)
+        g = torch.randn(n, c, h, w, device="cuda", dtype=dtype)
         pads = [k // 2] * 4
         torch.ops.lkpatch_ext.dwconv2d(x, wt, None, pads)
         torch.ops.lkpatch_ext.dwconv2d_weight_grad(g, x, [k, k], pads)

@@ -28,7 +28,7 @@ struct TcParams : ConvArgs<T> {
   int sh;         // staged column 0 is image column ox_tile - pad_l - sh, a multiple of 8
   int WA, pitch;  // staged columns per row, and the row pitch (elements) of one image
   int tiles_x;
-  int vec;        // 16-byte asynchronous staging (W a multiple of 8, aligned input)
+  int vec;        // asynchronous staging: 2 = 16-byte copies (W % 8 == 0), 1 = 4-byte (W even), 0 = none
   int per_block;  // 16-image groups per block (they share the block's B fragments)
   int splits;     // blocks per channel and tile
 };
@@ -65,6 +65,13 @@ __device__ __forceinline__ void copy_async16_raw(void* dst, const void* src, boo
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 16 : 0));
+#endif
+}
+
+__device__ __forceinline__ void copy_async4_raw(void* dst, const void* src, bool valid) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 4 : 0));
 #endif
 }
 
@@ -120,13 +127,21 @@ __global__ void __launch_bounds__(32 * kMaxWarps) dw_tc_forward(const TcParams<T
   int n0 = n_begin;
   auto stage = [&](int r, int slot) {
     T* dst = ring + slot * slot_elems;
-    if (p.vec) {
+    if (p.vec == 2) {
       const int chunks = p.WA / 8;
       for (int e = threadIdx.x; e < 16 * chunks; e += blockDim.x) {
         const int m = e / chunks, ch = e - m * chunks, x = col0 + 8 * ch;
         const bool valid = n0 + m < p.N && x >= 0 && x < s.W;
         const T* src = valid ? p.in + ((int64_t)(n0 + m) * s.C + c) * plane_elems + (int64_t)r * s.W + x : p.in;
         copy_async16_raw(dst + m * p.pitch + 8 * ch, src, valid);
+      }
+    } else if (p.vec == 1) {
+      const int chunks = p.WA / 2;
+      for (int e = threadIdx.x; e < 16 * chunks; e += blockDim.x) {
+        const int m = e / chunks, ch = e - m * chunks, x = col0 + 2 * ch;
+        const bool valid = n0 + m < p.N && x >= 0 && x < s.W;
+        const T* src = valid ? p.in + ((int64_t)(n0 + m) * s.C + c) * plane_elems + (int64_t)r * s.W + x : p.in;
+        copy_async4_raw(dst + m * p.pitch + 2 * ch, src, valid);
       }
     } else {
       for (int e = threadIdx.x; e < 16 * p.WA; e += blockDim.x) {
@@ -289,7 +304,8 @@ cudaError_t dwconv2d_tc_forward(DType t, const void* in, const void* w, const vo
       p.set(static_cast<const T*>(in), static_cast<const T*>(w), static_cast<const T*>(bias), static_cast<T*>(out), s,
             flip_kernel);
       p.S = q.S; p.sh = q.sh; p.WA = q.WA; p.pitch = q.pitch; p.tiles_x = q.tiles_x;
-      p.vec = s.W % 8 == 0 && reinterpret_cast<uintptr_t>(in) % 16 == 0;
+      const uintptr_t addr = reinterpret_cast<uintptr_t>(in);
+      p.vec = s.W % 8 == 0 && addr % 16 == 0 ? 2 : s.W % 2 == 0 && addr % 4 == 0 ? 1 : 0;
       // Blocks take several 16-image groups of one channel (its B fragments are built once), but
       // leave enough blocks to fill the GPU.
       DeviceLimits lim;
@@ -297,7 +313,7 @@ cudaError_t dwconv2d_tc_forward(DType t, const void* in, const void* w, const vo
       if (err != cudaSuccess) return err;
       const int groups = ceil_div(p.N, 16);
       const int64_t base = (int64_t)q.tiles * s.C;
-      p.per_block = (int)std::max<int64_t>(1, std::min<int64_t>(groups, base * groups / (8 * lim.sms)));
+      p.per_block = (int)std::max<int64_t>(1, std::min<int64_t>(groups, base * groups / (2 * lim.sms)));
       p.splits = ceil_div(groups, p.per_block);
       const int64_t blocks_y = (int64_t)s.C * p.splits;
       switch (q.NT) {

@@ -32,6 +32,7 @@ struct TcWgradParams {
   int gpitch;     // staged output-gradient row pitch (elements), an odd number of 16-byte units
   int xw;         // staged input row length (elements), even
   int tiles_j;    // kernel-column tiles of 16 * JT
+  int IB;         // images staged at once
 };
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], unsigned addr) {
@@ -70,12 +71,13 @@ __global__ void __launch_bounds__(32 * kWarps) dw_tc_weight_grad(const TcWgradPa
   const int i0 = tile_i * 8 * IT, j0 = tile_j * 16 * JT;
   const int n_begin = slice * p.per_slice, n_end = min(p.N, n_begin + p.per_slice);
 
-  T* G = reinterpret_cast<T*>(smem_raw);  // [OH + 1][gpitch]; row OH is zero
-  T* X = G + (s.OH + 1) * p.gpitch;       // [warp][xw]
+  T* G = reinterpret_cast<T*>(smem_raw);  // [IB][OH][gpitch], then one zero row
+  T* X = G + (p.IB * s.OH + 1) * p.gpitch;  // [warp][xw]
+  const int zero_row = p.IB * s.OH;
   float* red = reinterpret_cast<float*>(smem_raw);  // [warp][16 JT][8 IT], over G and X at the end
   T* xrow = X + warp * p.xw;
   const T zero = from_float<T>(0.f);
-  for (int e = threadIdx.x; e < p.gpitch; e += blockDim.x) G[s.OH * p.gpitch + e] = zero;
+  for (int e = threadIdx.x; e < p.gpitch; e += blockDim.x) G[zero_row * p.gpitch + e] = zero;
 
   float acc[JT][IT][4];
 #pragma unroll
@@ -96,17 +98,21 @@ __global__ void __launch_bounds__(32 * kWarps) dw_tc_weight_grad(const TcWgradPa
   const uint32_t* xwords = reinterpret_cast<const uint32_t*>(xrow);
   constexpr int NP = 2 * JT + 1;  // A pairs alive per chunk
 
-  for (int n = n_begin; n < n_end; ++n) {
-    const int64_t plane = (int64_t)n * s.C + c;
-    __syncthreads();  // the previous image is done with G
-    const T* gsrc = p.grad + plane * s.OH * s.OW;
-    for (int e = threadIdx.x; e < s.OH * p.OWp; e += blockDim.x) {
-      const int r = e / p.OWp, col = e - r * p.OWp;
-      G[r * p.gpitch + col] = col < s.OW ? gsrc[(int64_t)r * s.OW + col] : zero;
+  const int nq = max(0, q_hi - q_lo);
+  for (int nb = n_begin; nb < n_end; nb += p.IB) {
+    const int nimg = min(p.IB, n_end - nb);
+    __syncthreads();  // the previous images are done with G
+    // Stage the output-gradient planes of images nb .. nb + nimg - 1, a warp per row.
+    for (int rr = warp; rr < nimg * s.OH; rr += kWarps) {
+      const int img = rr / s.OH, r = rr - img * s.OH;
+      const T* src = p.grad + (((int64_t)(nb + img) * s.C + c) * s.OH + r) * s.OW;
+      for (int col = lane; col < p.OWp; col += 32) G[rr * p.gpitch + col] = col < s.OW ? src[col] : zero;
     }
     __syncthreads();
-    const T* xsrc = p.in + plane * s.H * s.W;
-    for (int q = q_lo + warp; q < q_hi; q += kWarps) {
+    for (int item = warp; item < nimg * nq; item += kWarps) {
+      const int img = item / nq, q = q_lo + item - img * nq;
+      const T* xsrc = p.in + ((int64_t)(nb + img) * s.C + c) * s.H * s.W;
+      const int gbase = img * s.OH;  // this image's first row in G
       // Stage x[q][j0 - pad_l + e] for e < xw (zeros outside the image).
       const int x0 = j0 - s.pad_l;
       __syncwarp();
@@ -132,7 +138,7 @@ __global__ void __launch_bounds__(32 * kWarps) dw_tc_weight_grad(const TcWgradPa
           // rows of tiles 2bp, 2bp + 1: output rows oy_top - 16 bp - 15 .. oy_top - 16 bp
           if (oy_top - 16 * bp < 0 || oy_top - 16 * bp - 15 >= s.OH) continue;
           const int oy = oy_top - 16 * bp - b_row;
-          const int row = oy >= 0 && oy < s.OH ? oy : s.OH;
+          const int row = oy >= 0 && oy < s.OH ? gbase + oy : zero_row;
           uint32_t B[4];
           ldmatrix_x4(B, g_addr + (unsigned)((row * p.gpitch + ox0 + b_col) * sizeof(T)));
 #pragma unroll
@@ -173,7 +179,7 @@ __global__ void __launch_bounds__(32 * kWarps) dw_tc_weight_grad(const TcWgradPa
 }
 
 struct WgradPlan {
-  int JT, IT, OWp, gpitch, xw, tiles_j, tiles_i, slices, per_slice;
+  int JT, IT, OWp, gpitch, xw, tiles_j, tiles_i, slices, per_slice, IB;
   size_t smem;
 };
 
@@ -191,7 +197,10 @@ WgradPlan plan(const DwShape& s, int sms) {
   q.slices = (int)std::max<int64_t>(1, std::min<int64_t>(N, ceil_div(8 * sms, (int)std::min<int64_t>(base, 1 << 20))));
   q.per_slice = ceil_div(N, q.slices);
   q.slices = ceil_div(N, q.per_slice);
-  q.smem = std::max((size_t)(s.OH + 1) * q.gpitch * 2 + (size_t)kWarps * q.xw * 2,
+  // Several small planes at once: fewer block-wide synchronizations per image.
+  const size_t plane_bytes = (size_t)s.OH * q.gpitch * 2;
+  q.IB = (int)std::max<size_t>(1, std::min<size_t>(std::min(q.per_slice, 8), (24 * 1024) / plane_bytes));
+  q.smem = std::max((size_t)(q.IB * s.OH + 1) * q.gpitch * 2 + (size_t)kWarps * q.xw * 2,
                     (size_t)kWarps * 16 * q.JT * 8 * q.IT * sizeof(float));
   return q;
 }
@@ -238,7 +247,7 @@ cudaError_t dwconv2d_tc_weight_grad(DType t, const void* grad_out, const void* i
       p.s = s;
       p.N = (int)(s.planes / s.C);
       p.per_slice = q.per_slice;
-      p.OWp = q.OWp; p.gpitch = q.gpitch; p.xw = q.xw; p.tiles_j = q.tiles_j;
+      p.OWp = q.OWp; p.gpitch = q.gpitch; p.xw = q.xw; p.tiles_j = q.tiles_j; p.IB = q.IB;
       cudaError_t e;
       if (q.JT == 1)
         e = q.IT == 2 ? launch_wgrad<T, 1, 2>(p, q, s.C, stream) : launch_wgrad<T, 1, 4>(p, q, s.C, stream);
