@@ -30,6 +30,7 @@ struct TcParams : ConvArgs<T> {
   int tiles_x;
   int vec;        // asynchronous staging: 2 = 16-byte copies (W % 8 == 0), 1 = 4-byte (W even), 0 = none
   int per_block;  // 16-image groups per block (they share the block's B fragments)
+  int whole;      // stage every input row of the tile at once (else a ring of kSlots rows)
   int splits;     // blocks per channel and tile
 };
 
@@ -122,33 +123,33 @@ __global__ void __launch_bounds__(32 * kMaxWarps) dw_tc_forward(const TcParams<T
     for (st += nwarps; st >= p.S; st -= p.S) ++i;
   }
 
-  // Input row r of images n0.. n0 + 15 into a slot; zeros outside the image and past the batch.
+  // Input row r of images n0 .. n0 + 15 into a slot, a warp per image row and lanes along it;
+  // zeros outside the image and past the batch.
   const int64_t plane_elems = (int64_t)s.H * s.W;
   int n0 = n_begin;
   auto stage = [&](int r, int slot) {
     T* dst = ring + slot * slot_elems;
-    if (p.vec == 2) {
-      const int chunks = p.WA / 8;
-      for (int e = threadIdx.x; e < 16 * chunks; e += blockDim.x) {
-        const int m = e / chunks, ch = e - m * chunks, x = col0 + 8 * ch;
-        const bool valid = n0 + m < p.N && x >= 0 && x < s.W;
-        const T* src = valid ? p.in + ((int64_t)(n0 + m) * s.C + c) * plane_elems + (int64_t)r * s.W + x : p.in;
-        copy_async16_raw(dst + m * p.pitch + 8 * ch, src, valid);
-      }
-    } else if (p.vec == 1) {
-      const int chunks = p.WA / 2;
-      for (int e = threadIdx.x; e < 16 * chunks; e += blockDim.x) {
-        const int m = e / chunks, ch = e - m * chunks, x = col0 + 2 * ch;
-        const bool valid = n0 + m < p.N && x >= 0 && x < s.W;
-        const T* src = valid ? p.in + ((int64_t)(n0 + m) * s.C + c) * plane_elems + (int64_t)r * s.W + x : p.in;
-        copy_async4_raw(dst + m * p.pitch + 2 * ch, src, valid);
-      }
-    } else {
-      for (int e = threadIdx.x; e < 16 * p.WA; e += blockDim.x) {
-        const int m = e / p.WA, u = e - m * p.WA, x = col0 + u;
-        const bool valid = n0 + m < p.N && x >= 0 && x < s.W;
-        dst[m * p.pitch + u] =
-            valid ? p.in[((int64_t)(n0 + m) * s.C + c) * plane_elems + (int64_t)r * s.W + x] : from_float<T>(0.f);
+    for (int m = warp; m < 16; m += nwarps) {
+      const bool img = n0 + m < p.N;
+      const T* src = p.in + ((int64_t)(img ? n0 + m : 0) * s.C + c) * plane_elems + (int64_t)r * s.W;
+      T* row = dst + m * p.pitch;
+      if (p.vec == 2) {
+        for (int u = 8 * lane; u < p.WA; u += 256) {
+          const int x = col0 + u;
+          const bool valid = img && x >= 0 && x < s.W;
+          copy_async16_raw(row + u, valid ? src + x : p.in, valid);
+        }
+      } else if (p.vec == 1) {
+        for (int u = 2 * lane; u < p.WA; u += 64) {
+          const int x = col0 + u;
+          const bool valid = img && x >= 0 && x < s.W;
+          copy_async4_raw(row + u, valid ? src + x : p.in, valid);
+        }
+      } else {
+        for (int u = lane; u < p.WA; u += 32) {
+          const int x = col0 + u;
+          row[u] = img && x >= 0 && x < s.W ? src[x] : from_float<T>(0.f);
+        }
       }
     }
   };
@@ -161,70 +162,88 @@ __global__ void __launch_bounds__(32 * kMaxWarps) dw_tc_forward(const TcParams<T
   // ldmatrix: lane l addresses row (l & 7) + 8 * ((l >> 3) & 1) (an image), column 8 * (l >> 4).
   const int a_lane = ((lane & 7) + 8 * ((lane >> 3) & 1)) * p.pitch + 8 * (lane >> 4);
   const unsigned ring_addr = (unsigned)__cvta_generic_to_shared(ring);
-  // Windows (k-step st, column tile j) that lie wholly in the zero columns are skipped.
+  // Windows (k-step st, column tile j) that lie wholly in the zero columns are skipped; in
+  // interior tiles none does, and the check is left out.
   const int live_lo = -col0 - 15, live_hi = s.W - col0;  // staged start columns that reach the image
+  const bool all_live = live_lo <= 0 && 16 * (p.S - 1) + 8 * (NT - 1) < live_hi;
 
   // The block's images, 16 at a time: the B fragments are built once for all of them.
   for (; n0 < n_stop; n0 += 16) {
-  if (n0 > n_begin) __syncthreads();  // the previous group is done with the ring
+    if (n0 > n_begin) __syncthreads();  // the previous group is done with the staged rows
+    if (p.whole) {  // every row the tile reads fits: stage them all, one barrier
+      for (int r = r_begin; r < r_end; ++r) stage(r, r - r_begin);
+      copy_async_commit();
+      copy_async_wait_group<0>();
+      __syncthreads();
+    } else {
 #pragma unroll
-  for (int q = 0; q < kSlots - 2; ++q) {
-    if (r_begin + q < r_end) stage(r_begin + q, q);
-    copy_async_commit();
-  }
-
-  float acc[kRH][NT][4];
-#pragma unroll
-  for (int rr = 0; rr < kRH; ++rr)
-#pragma unroll
-    for (int j = 0; j < NT; ++j)
-#pragma unroll
-      for (int q = 0; q < 4; ++q) acc[rr][j][q] = bias;
-
-  int slot = 0;
-  for (int r = r_begin; r < r_end; ++r) {
-    const int ahead = r + kSlots - 2;
-    if (ahead < r_end) stage(ahead, (slot + kSlots - 2) % kSlots);
-    copy_async_commit();
-    copy_async_wait_group<kSlots - 2>();
-    __syncthreads();
-
-    int kr[kRH];
-    bool any = false;
-#pragma unroll
-    for (int rr = 0; rr < kRH; ++rr) {
-      const int i = r + s.pad_t - (oyw + rr);
-      kr[rr] = i >= 0 && i < s.KH && oyw + rr < s.OH ? i : -1;
-      any |= kr[rr] >= 0;
+      for (int q = 0; q < kSlots - 2; ++q) {
+        if (r_begin + q < r_end) stage(r_begin + q, q);
+        copy_async_commit();
+      }
     }
-    if (any) {
-      const unsigned a_addr = ring_addr + (unsigned)((slot * slot_elems + a_lane) * sizeof(T));
-      uint32_t A[NT][4];
-      for (int st = 0; st < p.S; ++st) {
-        // Windows start at staged column 16 * st + 8 * j; consecutive k-steps share NT - 2 of them.
+
+    float acc[kRH][NT][4];
 #pragma unroll
-        for (int j = 0; j < NT; ++j) {
-          if (NT > 2 && st > 0 && j < NT - 2) {
+    for (int rr = 0; rr < kRH; ++rr)
 #pragma unroll
-            for (int q = 0; q < 4; ++q) A[j][q] = A[j + 2][q];
-          } else {
-            ldmatrix_x4(A[j], a_addr + (unsigned)((16 * st + 8 * j) * sizeof(T)));
-          }
-        }
+      for (int j = 0; j < NT; ++j)
 #pragma unroll
-        for (int rr = 0; rr < kRH; ++rr) {
-          if (kr[rr] < 0) continue;
-          const uint2 b = Bf[(kr[rr] * p.S + st) * 32 + lane];
+        for (int q = 0; q < 4; ++q) acc[rr][j][q] = bias;
+
+    int slot = 0;
+    for (int r = r_begin; r < r_end; ++r) {
+      if (!p.whole) {
+        const int ahead = r + kSlots - 2;
+        if (ahead < r_end) stage(ahead, (slot + kSlots - 2) % kSlots);
+        copy_async_commit();
+        copy_async_wait_group<kSlots - 2>();
+        __syncthreads();
+      }
+      // B fragments of the kernel row that takes input row r to each of this warp's output rows
+      int brow[kRH];  // index of its first fragment in Bf, or -1
+      bool any = false;
+#pragma unroll
+      for (int rr = 0; rr < kRH; ++rr) {
+        const int i = r + s.pad_t - (oyw + rr);
+        const bool ok = i >= 0 && i < s.KH && oyw + rr < s.OH;
+        brow[rr] = ok ? i * p.S * 32 + lane : -1;
+        any |= ok;
+      }
+      if (any) {
+        const int at = p.whole ? r - r_begin : slot;
+        const unsigned a_addr = ring_addr + (unsigned)((at * slot_elems + a_lane) * sizeof(T));
+        uint32_t A[NT][4];
+        for (int st = 0; st < p.S; ++st) {
+          // Windows start at staged column 16 * st + 8 * j; consecutive k-steps share NT - 2 of them.
 #pragma unroll
           for (int j = 0; j < NT; ++j) {
-            const int w0 = 16 * st + 8 * j;
-            if (w0 >= live_lo && w0 < live_hi) mma16816<T>(acc[rr][j], A[j], b);
+            if (NT > 2 && st > 0 && j < NT - 2) {
+#pragma unroll
+              for (int q = 0; q < 4; ++q) A[j][q] = A[j + 2][q];
+            } else {
+              ldmatrix_x4(A[j], a_addr + (unsigned)((16 * st + 8 * j) * sizeof(T)));
+            }
+          }
+#pragma unroll
+          for (int rr = 0; rr < kRH; ++rr) {
+            if (brow[rr] < 0) continue;
+            const uint2 b = Bf[brow[rr] + st * 32];
+            if (all_live) {
+#pragma unroll
+              for (int j = 0; j < NT; ++j) mma16816<T>(acc[rr][j], A[j], b);
+            } else {
+#pragma unroll
+              for (int j = 0; j < NT; ++j) {
+                const int w0 = 16 * st + 8 * j;
+                if (w0 >= live_lo && w0 < live_hi) mma16816<T>(acc[rr][j], A[j], b);
+              }
+            }
           }
         }
       }
+      slot = slot + 1 == kSlots ? 0 : slot + 1;
     }
-    slot = (slot + 1) % kSlots;
-  }
 
   // C fragment: (image g, columns 2t, 2t + 1) and (image g + 8, the same columns).
   const int g = lane >> 2, t = lane & 3;
@@ -256,7 +275,7 @@ __global__ void __launch_bounds__(32 * kMaxWarps) dw_tc_forward(const TcParams<T
 }
 
 struct TcPlan {
-  int NT, S, sh, WA, pitch, warps, tiles_x, tiles;
+  int NT, S, sh, WA, pitch, warps, tiles_x, tiles, whole;
   size_t smem;
 };
 
@@ -270,7 +289,11 @@ TcPlan plan(const DwShape& s) {
   q.warps = std::min(kMaxWarps, ceil_div(s.OH, kRH));
   q.tiles_x = ceil_div(s.OW, 8 * q.NT);
   q.tiles = q.tiles_x * ceil_div(s.OH, q.warps * kRH);
-  q.smem = (size_t)s.KH * q.S * 256 + (size_t)kSlots * 16 * q.pitch * 2;
+  // Small maps: all the input rows a tile reads fit in shared memory, and are staged at once.
+  const size_t b_bytes = (size_t)s.KH * q.S * 256, row_bytes = (size_t)16 * q.pitch * 2;
+  const int rows = std::min(s.H, q.warps * kRH + s.KH - 1);
+  q.whole = b_bytes + rows * row_bytes <= 64 * 1024 && rows > kSlots;
+  q.smem = b_bytes + (q.whole ? rows : kSlots) * row_bytes;
   return q;
 }
 
@@ -303,7 +326,7 @@ cudaError_t dwconv2d_tc_forward(DType t, const void* in, const void* w, const vo
       TcParams<T> p{};
       p.set(static_cast<const T*>(in), static_cast<const T*>(w), static_cast<const T*>(bias), static_cast<T*>(out), s,
             flip_kernel);
-      p.S = q.S; p.sh = q.sh; p.WA = q.WA; p.pitch = q.pitch; p.tiles_x = q.tiles_x;
+      p.S = q.S; p.sh = q.sh; p.WA = q.WA; p.pitch = q.pitch; p.tiles_x = q.tiles_x; p.whole = q.whole;
       const uintptr_t addr = reinterpret_cast<uintptr_t>(in);
       p.vec = s.W % 8 == 0 && addr % 16 == 0 ? 2 : s.W % 2 == 0 && addr % 4 == 0 ? 1 : 0;
       // Blocks take several 16-image groups of one channel (its B fragments are built once), but

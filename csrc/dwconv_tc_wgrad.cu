@@ -72,10 +72,9 @@ __global__ void __launch_bounds__(32 * kWarps) dw_tc_weight_grad(const TcWgradPa
   const int n_begin = slice * p.per_slice, n_end = min(p.N, n_begin + p.per_slice);
 
   T* G = reinterpret_cast<T*>(smem_raw);  // [IB][OH][gpitch], then one zero row
-  T* X = G + (p.IB * s.OH + 1) * p.gpitch;  // [warp][xw]
+  T* X = G + (p.IB * s.OH + 1) * p.gpitch;  // [IB][input rows q_lo ..][xw]
   const int zero_row = p.IB * s.OH;
   float* red = reinterpret_cast<float*>(smem_raw);  // [warp][16 JT][8 IT], over G and X at the end
-  T* xrow = X + warp * p.xw;
   const T zero = from_float<T>(0.f);
   for (int e = threadIdx.x; e < p.gpitch; e += blockDim.x) G[zero_row * p.gpitch + e] = zero;
 
@@ -95,32 +94,33 @@ __global__ void __launch_bounds__(32 * kWarps) dw_tc_weight_grad(const TcWgradPa
   // B: lane l addresses kernel row i0 + 8 * (2 * pair + (l >> 4)) + (l & 7), column 8 * ((l >> 3) & 1).
   const int b_row = (lane & 7) + 8 * (lane >> 4), b_col = 8 * ((lane >> 3) & 1);
   const unsigned g_addr = (unsigned)__cvta_generic_to_shared(G);
-  const uint32_t* xwords = reinterpret_cast<const uint32_t*>(xrow);
   constexpr int NP = 2 * JT + 1;  // A pairs alive per chunk
 
   const int nq = max(0, q_hi - q_lo);
   for (int nb = n_begin; nb < n_end; nb += p.IB) {
     const int nimg = min(p.IB, n_end - nb);
     __syncthreads();  // the previous images are done with G
-    // Stage the output-gradient planes of images nb .. nb + nimg - 1, a warp per row.
+    // Stage the output-gradient planes of images nb .. nb + nimg - 1 and the input rows that
+    // reach this tile's kernel rows, x[q][j0 - pad_l + e] for e < xw, a warp per row.
     for (int rr = warp; rr < nimg * s.OH; rr += kWarps) {
       const int img = rr / s.OH, r = rr - img * s.OH;
       const T* src = p.grad + (((int64_t)(nb + img) * s.C + c) * s.OH + r) * s.OW;
       for (int col = lane; col < p.OWp; col += 32) G[rr * p.gpitch + col] = col < s.OW ? src[col] : zero;
     }
+    const int x0 = j0 - s.pad_l;
+    for (int rr = warp; rr < nimg * nq; rr += kWarps) {
+      const int img = rr / nq, q = q_lo + rr - img * nq;
+      const T* src = p.in + (((int64_t)(nb + img) * s.C + c) * s.H + q) * s.W;
+      for (int e = lane; e < p.xw; e += 32) {
+        const int col = x0 + e;
+        X[rr * p.xw + e] = col >= 0 && col < s.W ? src[col] : zero;
+      }
+    }
     __syncthreads();
     for (int item = warp; item < nimg * nq; item += kWarps) {
       const int img = item / nq, q = q_lo + item - img * nq;
-      const T* xsrc = p.in + ((int64_t)(nb + img) * s.C + c) * s.H * s.W;
       const int gbase = img * s.OH;  // this image's first row in G
-      // Stage x[q][j0 - pad_l + e] for e < xw (zeros outside the image).
-      const int x0 = j0 - s.pad_l;
-      __syncwarp();
-      for (int e = lane; e < p.xw; e += 32) {
-        const int col = x0 + e;
-        xrow[e] = col >= 0 && col < s.W ? xsrc[(int64_t)q * s.W + col] : zero;
-      }
-      __syncwarp();
+      const uint32_t* xwords = reinterpret_cast<const uint32_t*>(X + item * p.xw);
       // Kernel-row tiles with at least one output row inside the plane.
       const int oy_top = q + s.pad_t - i0;  // output row of kernel row i0
       uint32_t P[NP];
@@ -197,10 +197,12 @@ WgradPlan plan(const DwShape& s, int sms) {
   q.slices = (int)std::max<int64_t>(1, std::min<int64_t>(N, ceil_div(8 * sms, (int)std::min<int64_t>(base, 1 << 20))));
   q.per_slice = ceil_div(N, q.slices);
   q.slices = ceil_div(N, q.per_slice);
-  // Several small planes at once: fewer block-wide synchronizations per image.
-  const size_t plane_bytes = (size_t)s.OH * q.gpitch * 2;
-  q.IB = (int)std::max<size_t>(1, std::min<size_t>(std::min(q.per_slice, 8), (24 * 1024) / plane_bytes));
-  q.smem = std::max((size_t)(q.IB * s.OH + 1) * q.gpitch * 2 + (size_t)kWarps * q.xw * 2,
+  // Images staged at once (output-gradient plane and input rows): fewer block-wide
+  // synchronizations per image on small maps.
+  const int nq = std::min(s.H, 8 * q.IT - 1 + s.OH);
+  const size_t image_bytes = ((size_t)s.OH * q.gpitch + (size_t)nq * q.xw) * 2;
+  q.IB = (int)std::max<size_t>(1, std::min<size_t>(std::min(q.per_slice, 16), (48 * 1024) / image_bytes));
+  q.smem = std::max(((size_t)(q.IB * s.OH + 1) * q.gpitch + (size_t)q.IB * nq * q.xw) * 2,
                     (size_t)kWarps * 16 * q.JT * 8 * q.IT * sizeof(float));
   return q;
 }
@@ -219,8 +221,8 @@ bool dwconv2d_tc_weight_grad_fits(DType t, const DwShape& s) {
   DeviceLimits lim;
   if (device_limits(&lim) != cudaSuccess || lim.cc_major < 8) return false;
   const WgradPlan q = plan(s, lim.sms);
-  // The output-gradient plane is staged whole: maps up to about 150 x 150.
-  return s.C <= 65535 && q.tiles_i * q.tiles_j <= 64 && q.smem <= std::min<size_t>(lim.max_smem_optin, 64 * 1024);
+  // An image's output-gradient plane and input rows are staged whole: maps up to about 100 x 100.
+  return s.C <= 65535 && q.tiles_i * q.tiles_j <= 64 && q.smem <= std::min<size_t>(lim.max_smem_optin, 100 * 1024);
 }
 
 size_t dwconv2d_tc_weight_grad_workspace(const DwShape& s) {
