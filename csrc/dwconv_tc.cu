@@ -225,20 +225,16 @@ __global__ void __launch_bounds__(32 * kMaxWarps) dw_tc_forward(const TcParams<T
               ldmatrix_x4(A[j], a_addr + (unsigned)((16 * st + 8 * j) * sizeof(T)));
             }
           }
+          bool live[NT];
+#pragma unroll
+          for (int j = 0; j < NT; ++j) live[j] = all_live || (16 * st + 8 * j >= live_lo && 16 * st + 8 * j < live_hi);
 #pragma unroll
           for (int rr = 0; rr < kRH; ++rr) {
             if (brow[rr] < 0) continue;
             const uint2 b = Bf[brow[rr] + st * 32];
-            if (all_live) {
 #pragma unroll
-              for (int j = 0; j < NT; ++j) mma16816<T>(acc[rr][j], A[j], b);
-            } else {
-#pragma unroll
-              for (int j = 0; j < NT; ++j) {
-                const int w0 = 16 * st + 8 * j;
-                if (w0 >= live_lo && w0 < live_hi) mma16816<T>(acc[rr][j], A[j], b);
-              }
-            }
+            for (int j = 0; j < NT; ++j)
+              if (live[j]) mma16816<T>(acc[rr][j], A[j], b);
           }
         }
       }

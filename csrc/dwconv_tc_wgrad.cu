@@ -33,6 +33,7 @@ struct TcWgradParams {
   int xw;         // staged input row length (elements), even
   int tiles_j;    // kernel-column tiles of 16 * JT
   int IB;         // images staged at once
+  int gvec, xvec; // staging copies of output-gradient / input rows: 2 = 16-byte, 1 = 4-byte, 0 = plain
 };
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], unsigned addr) {
@@ -58,6 +59,55 @@ __device__ __forceinline__ void mma16816(float (&d)[4], uint32_t a0, uint32_t a1
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 #endif
+}
+
+__device__ __forceinline__ void copy_async16_raw(void* dst, const void* src, bool valid) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned a = (unsigned)__cvta_generic_to_shared(dst);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(a), "l"(src), "r"(valid ? 16 : 0));
+#endif
+}
+
+__device__ __forceinline__ void copy_async4_raw(void* dst, const void* src, bool valid) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned a = (unsigned)__cvta_generic_to_shared(dst);
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(a), "l"(src), "r"(valid ? 4 : 0));
+#endif
+}
+
+__device__ __forceinline__ void copy_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+template <int N>
+__device__ __forceinline__ void copy_async_wait_group() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
+// dst[e] = src[x0 + e] for e < n, zero where x0 + e is outside [0, len); lanes of one warp.
+// vec 2 / 1: 16- / 4-byte asynchronous copies (x0, len and the row start aligned to 8 / 2 elements).
+template <typename T>
+__device__ __forceinline__ void stage_row(T* dst, const T* src, int x0, int len, int n, int vec, int lane) {
+  if (vec == 2) {
+    for (int e = 8 * lane; e < n; e += 256) {
+      const bool valid = x0 + e >= 0 && x0 + e < len;
+      copy_async16_raw(dst + e, valid ? src + x0 + e : src, valid);
+    }
+  } else if (vec == 1) {
+    for (int e = 2 * lane; e < n; e += 64) {
+      const bool valid = x0 + e >= 0 && x0 + e < len;
+      copy_async4_raw(dst + e, valid ? src + x0 + e : src, valid);
+    }
+  } else {
+    for (int e = lane; e < n; e += 32) {
+      const bool valid = x0 + e >= 0 && x0 + e < len;
+      dst[e] = valid ? src[x0 + e] : from_float<T>(0.f);
+    }
+  }
 }
 
 template <typename T, int JT, int IT>
@@ -89,33 +139,36 @@ __global__ void __launch_bounds__(32 * kWarps) dw_tc_weight_grad(const TcWgradPa
   // Input rows that reach this tile's kernel rows: output row q + pad_t - i in [0, OH).
   const int q_lo = max(0, i0 - s.pad_t), q_hi = min(s.H, i0 + 8 * IT - 1 - s.pad_t + s.OH);
   const int g = lane >> 2, t = lane & 3;
-  const int lane_off = g + 2 * t;                   // A pair m of chunk 0 starts at lane_off + 8m
-  const unsigned sel = (lane_off & 1) ? 0x5432u : 0x3210u;  // odd offsets straddle two words
+  const int lane_off0 = g + 2 * t;
   // B: lane l addresses kernel row i0 + 8 * (2 * pair + (l >> 4)) + (l & 7), column 8 * ((l >> 3) & 1).
   const int b_row = (lane & 7) + 8 * (lane >> 4), b_col = 8 * ((lane >> 3) & 1);
   const unsigned g_addr = (unsigned)__cvta_generic_to_shared(G);
   constexpr int NP = 2 * JT + 1;  // A pairs alive per chunk
 
   const int nq = max(0, q_hi - q_lo);
+  // Input rows are staged from column xs = j0 - pad_l - d, aligned for the copies; A pair m of
+  // chunk 0 then starts at d + lane offset + 8m.
+  const int align = p.xvec == 2 ? 8 : p.xvec == 1 ? 2 : 1;
+  const int d = ((j0 - s.pad_l) % align + align) % align, xs = j0 - s.pad_l - d;
+  const int lane_off = lane_off0 + d;
+  const unsigned sel = (lane_off & 1) ? 0x5432u : 0x3210u;  // odd offsets straddle two words
   for (int nb = n_begin; nb < n_end; nb += p.IB) {
     const int nimg = min(p.IB, n_end - nb);
     __syncthreads();  // the previous images are done with G
     // Stage the output-gradient planes of images nb .. nb + nimg - 1 and the input rows that
-    // reach this tile's kernel rows, x[q][j0 - pad_l + e] for e < xw, a warp per row.
+    // reach this tile's kernel rows, x[q][xs + e] for e < xw, a warp per row.
     for (int rr = warp; rr < nimg * s.OH; rr += kWarps) {
       const int img = rr / s.OH, r = rr - img * s.OH;
       const T* src = p.grad + (((int64_t)(nb + img) * s.C + c) * s.OH + r) * s.OW;
-      for (int col = lane; col < p.OWp; col += 32) G[rr * p.gpitch + col] = col < s.OW ? src[col] : zero;
+      stage_row<T>(G + rr * p.gpitch, src, 0, s.OW, p.OWp, p.gvec, lane);
     }
-    const int x0 = j0 - s.pad_l;
     for (int rr = warp; rr < nimg * nq; rr += kWarps) {
       const int img = rr / nq, q = q_lo + rr - img * nq;
       const T* src = p.in + (((int64_t)(nb + img) * s.C + c) * s.H + q) * s.W;
-      for (int e = lane; e < p.xw; e += 32) {
-        const int col = x0 + e;
-        X[rr * p.xw + e] = col >= 0 && col < s.W ? src[col] : zero;
-      }
+      stage_row<T>(X + rr * p.xw, src, xs, s.W, p.xw, p.xvec, lane);
     }
+    copy_async_commit();
+    copy_async_wait_group<0>();
     __syncthreads();
     for (int item = warp; item < nimg * nq; item += kWarps) {
       const int img = item / nq, q = q_lo + item - img * nq;
@@ -189,7 +242,7 @@ WgradPlan plan(const DwShape& s, int sms) {
   q.IT = s.KH <= 16 ? 2 : 4;
   q.OWp = round_up(s.OW, 16);
   q.gpitch = q.OWp + ((q.OWp / 8) % 2 == 0 ? 8 : 0);
-  q.xw = q.OWp + 16 * q.JT + 8;
+  q.xw = q.OWp + 16 * q.JT + 16;  // 8 more than the pairs reach: the staged start may move left by up to 7
   q.tiles_j = ceil_div(s.KW, 16 * q.JT);
   q.tiles_i = ceil_div(s.KH, 8 * q.IT);
   const int N = (int)(s.planes / s.C);
@@ -250,6 +303,9 @@ cudaError_t dwconv2d_tc_weight_grad(DType t, const void* grad_out, const void* i
       p.N = (int)(s.planes / s.C);
       p.per_slice = q.per_slice;
       p.OWp = q.OWp; p.gpitch = q.gpitch; p.xw = q.xw; p.tiles_j = q.tiles_j; p.IB = q.IB;
+      const uintptr_t ga = reinterpret_cast<uintptr_t>(grad_out), xa = reinterpret_cast<uintptr_t>(in);
+      p.gvec = s.OW % 8 == 0 && ga % 16 == 0 ? 2 : s.OW % 2 == 0 && ga % 4 == 0 ? 1 : 0;
+      p.xvec = s.W % 8 == 0 && xa % 16 == 0 ? 2 : s.W % 2 == 0 && xa % 4 == 0 ? 1 : 0;
       cudaError_t e;
       if (q.JT == 1)
         e = q.IT == 2 ? launch_wgrad<T, 1, 2>(p, q, s.C, stream) : launch_wgrad<T, 1, 4>(p, q, s.C, stream);
