@@ -332,7 +332,9 @@ cudaError_t dwconv2d_tc_forward(DType t, const void* in, const void* w, const vo
       if (err != cudaSuccess) return err;
       const int groups = ceil_div(p.N, 16);
       const int64_t base = (int64_t)q.tiles * s.C;
-      p.per_block = (int)std::max<int64_t>(1, std::min<int64_t>(groups, base * groups / (2 * lim.sms)));
+      static const char* env = getenv("LKPATCH_TC_GROUPS");  // benchmarking: most groups per block
+      const int cap = env ? std::max(1, atoi(env)) : groups;
+      p.per_block = (int)std::max<int64_t>(1, std::min<int64_t>(std::min(groups, cap), base * groups / (2 * lim.sms)));
       p.splits = ceil_div(groups, p.per_block);
       const int64_t blocks_y = (int64_t)s.C * p.splits;
       switch (q.NT) {
