@@ -307,6 +307,8 @@ bool dwconv2d_tc_forward_fits(DType t, const DwShape& s) {
   if (device_limits(&lim) != cudaSuccess || lim.cc_major < 8) return false;
   const int64_t N = s.planes / s.C;
   if (N < 8) return false;  // M = 16 images: fewer than 8 would waste most of the tensor core
+  // On 8 x 8 maps and smaller the CUDA-core small-map kernel is faster (H100, bf16, 7 x 7 maps).
+  if ((int64_t)s.OH * s.OW <= 64) return false;
   const TcPlan q = plan(s);
   return (int64_t)s.C * ceil_div((int)N, 16) <= 65535 && q.tiles <= 0x7fffffff && q.smem <= (size_t)lim.max_smem_optin;
 }

@@ -12,6 +12,7 @@ Two questions, two functions:
 
 ``LKPATCH_IMPL=native`` (or :func:`force`) turns the kernels off; ``LKPATCH_IMPL=kernel``
 runs them wherever they implement the case, ignoring the speed rule (tests, benchmarks).
+``LKPATCH_TENSOR_CORES=never`` keeps fp16 / bf16 on the CUDA-core kernels (benchmarks).
 """
 from __future__ import annotations
 
@@ -202,6 +203,17 @@ def _faster_than_native(pass_: str, size: Sequence[int], kernel_size: Sequence[i
             return False
         if pass_ == "forward" and kmin < 9:
             return False
+    if pass_ != "bias_grad" and tensor_core_pass(pass_, size, dtype):
+        # fp16 / bf16 tensor-core kernels (H100 sweep: N 32, C 256, maps 14..112, bf16)
+        if pass_ == "forward":
+            if area <= 14 * 14:
+                return kmin >= 9
+            if area <= 28 * 28:
+                return kmin >= 7 or kmax >= 31
+            return kmax > 3 or area >= 100 * 100
+        if pass_ == "input_grad":
+            return area > 14 * 14 or kmin >= 5 or kmax >= 31
+        return kmin >= 5 or kmax >= 31  # weight_grad
     if pass_ == "forward":
         if area >= 56 * 56:
             return True
@@ -217,6 +229,24 @@ def _faster_than_native(pass_: str, size: Sequence[int], kernel_size: Sequence[i
             return kmax >= 31 or (area >= 56 * 56 and not (kmin == 1 and kmax <= 7))
         return True
     return area >= 56 * 56  # bias_grad: a plain reduction, close either way
+
+
+def tensor_core_pass(pass_: str, size: Sequence[int], dtype: torch.dtype) -> bool:
+    """Whether the CUDA kernels run this pass on tensor cores: fp16 / bf16, 8 or more images,
+    an sm_80+ GPU, and maps above 8 x 8 (forward, input-grad) or about 20 x 20 (weight-grad).
+    The kernels make this choice themselves (csrc/dwconv_tc*.cu); the speed rule mirrors it.
+    ``size`` is the input's (N, C, H, W)."""
+    if dtype not in (torch.float16, torch.bfloat16) or size[0] < 8 or _tensor_cores_off():
+        return False
+    area = size[2] * size[3]
+    return area >= 400 if pass_ == "weight_grad" else area > 64
+
+
+@torch.compiler.assume_constant_result
+def _tensor_cores_off() -> bool:
+    if os.environ.get("LKPATCH_TENSOR_CORES", "").strip().lower().startswith("n"):
+        return True
+    return not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 8
 
 
 @torch.compiler.assume_constant_result

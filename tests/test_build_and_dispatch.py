@@ -181,3 +181,33 @@ def test_env_policy_is_validated():
 def test_measured_rule_channels_last(pass_, k, dtype, expected):
     pads = ((k[0] - 1) // 2, k[0] // 2, (k[1] - 1) // 2, k[1] // 2)
     assert dispatch._faster_than_native(pass_, (64, 96, 56, 56), k, pads, dtype, channels_last=True) is expected
+
+
+@pytest.mark.parametrize("pass_,size,k,expected", [
+    ("forward", (32, 256, 7, 7), (13, 13), False),     # 7x7 maps: CUDA-core kernels, the fp32 rule
+    ("forward", (32, 256, 14, 14), (7, 7), False),
+    ("forward", (32, 256, 14, 14), (13, 13), True),
+    ("forward", (32, 256, 28, 28), (5, 5), False),
+    ("forward", (32, 256, 28, 28), (1, 31), True),
+    ("forward", (32, 256, 56, 56), (3, 3), False),     # the fp32 rule would take it
+    ("input_grad", (32, 256, 14, 14), (1, 7), False),
+    ("input_grad", (32, 256, 14, 14), (5, 5), True),
+    ("weight_grad", (32, 256, 28, 28), (1, 11), False),
+    ("weight_grad", (32, 256, 28, 28), (5, 5), True),
+    ("weight_grad", (4, 256, 56, 56), (3, 3), True),   # 4 images: no tensor cores, the fp32 rule
+])
+def test_measured_rule_tensor_cores(monkeypatch, pass_, size, k, expected):
+    monkeypatch.setattr(dispatch, "_tensor_cores_off", lambda: False)  # as on an sm_80+ GPU
+    pads = ((k[0] - 1) // 2, k[0] // 2, (k[1] - 1) // 2, k[1] // 2)
+    assert dispatch._faster_than_native(pass_, size, k, pads, torch.bfloat16) is expected
+
+
+def test_tensor_core_passes(monkeypatch):
+    monkeypatch.setattr(dispatch, "_tensor_cores_off", lambda: False)
+    assert dispatch.tensor_core_pass("forward", (8, 4, 14, 14), torch.float16)
+    assert not dispatch.tensor_core_pass("forward", (7, 4, 14, 14), torch.float16)    # under 8 images
+    assert not dispatch.tensor_core_pass("forward", (64, 4, 14, 14), torch.float32)   # no TF32 path
+    assert not dispatch.tensor_core_pass("weight_grad", (64, 4, 14, 14), torch.bfloat16)
+    assert dispatch.tensor_core_pass("weight_grad", (64, 4, 28, 28), torch.bfloat16)
+    monkeypatch.setattr(dispatch, "_tensor_cores_off", lambda: True)
+    assert not dispatch.tensor_core_pass("forward", (64, 4, 56, 56), torch.bfloat16)
