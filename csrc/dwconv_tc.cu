@@ -20,7 +20,9 @@ namespace {
 
 constexpr int kRH = 4;        // output rows per warp
 constexpr int kMaxWarps = 4;  // warps per block, stacked down the tile
-constexpr int kSlots = 4;     // staged-row ring; rows are fetched kSlots - 2 ahead
+constexpr int kRows = 2;      // staged input rows per barrier
+// The ring: rows being applied, rows a slower warp may still apply, rows in flight, rows fetched.
+constexpr int kSlots = 4 * kRows;
 
 template <typename T>
 struct TcParams : ConvArgs<T> {
@@ -42,12 +44,12 @@ template <typename T>
 __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint2 b) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   if constexpr (std::is_same_v<T, __half>)
-    asm volatile(
+    asm(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b.x), "r"(b.y));
   else
-    asm volatile(
+    asm(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b.x), "r"(b.y));
@@ -90,7 +92,7 @@ __device__ __forceinline__ void copy_async_wait_group() {
 }
 
 template <typename T, int NT>
-__global__ void __launch_bounds__(32 * kMaxWarps) dw_tc_forward(const TcParams<T> p) {
+__global__ void __launch_bounds__(32 * kMaxWarps, 4) dw_tc_forward(const TcParams<T> p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const DwShape& s = p.s;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -165,25 +167,51 @@ __global__ void __launch_bounds__(32 * kMaxWarps) dw_tc_forward(const TcParams<T
   // Windows (k-step st, column tile j) that lie wholly in the zero columns are skipped; in
   // interior tiles none does, and the check is left out.
   const int live_lo = -col0 - 15, live_hi = s.W - col0;  // staged start columns that reach the image
-  const bool all_live = live_lo <= 0 && 16 * (p.S - 1) + 8 * (NT - 1) < live_hi;
+  // Only narrow maps (NT < 4) check; elsewhere few windows are dead and the check costs more.
+  constexpr bool kCheck = NT < 4;
+
+  float acc[kRH][NT][4];
+  // Input row r (staged at `at`) applied to this warp's output rows.
+  auto apply_row = [&](int r, int at) {
+    int brow[kRH];  // index of the row's first B fragment for each output row, or -1
+    bool any = false;
+#pragma unroll
+    for (int rr = 0; rr < kRH; ++rr) {
+      const int i = r + s.pad_t - (oyw + rr);
+      const bool ok = i >= 0 && i < s.KH && oyw + rr < s.OH;
+      brow[rr] = ok ? i * p.S * 32 + lane : -1;
+      any |= ok;
+    }
+    if (!any) return;
+    const unsigned a_addr = ring_addr + (unsigned)((at * slot_elems + a_lane) * sizeof(T));
+    uint32_t A[NT][4];
+    for (int st = 0; st < p.S; ++st) {
+      // Windows start at staged column 16 * st + 8 * j; consecutive k-steps share NT - 2 of them.
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        if (NT > 2 && st > 0 && j < NT - 2) {
+#pragma unroll
+          for (int q = 0; q < 4; ++q) A[j][q] = A[j + 2][q];
+        } else {
+          ldmatrix_x4(A[j], a_addr + (unsigned)((16 * st + 8 * j) * sizeof(T)));
+        }
+      }
+      bool live[NT];
+#pragma unroll
+      for (int j = 0; j < NT; ++j) live[j] = !kCheck || (16 * st + 8 * j >= live_lo && 16 * st + 8 * j < live_hi);
+#pragma unroll
+      for (int rr = 0; rr < kRH; ++rr) {
+        if (brow[rr] < 0) continue;
+        const uint2 b = Bf[brow[rr] + st * 32];
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+          if (live[j]) mma16816<T>(acc[rr][j], A[j], b);
+      }
+    }
+  };
 
   // The block's images, 16 at a time: the B fragments are built once for all of them.
   for (; n0 < n_stop; n0 += 16) {
-    if (n0 > n_begin) __syncthreads();  // the previous group is done with the staged rows
-    if (p.whole) {  // every row the tile reads fits: stage them all, one barrier
-      for (int r = r_begin; r < r_end; ++r) stage(r, r - r_begin);
-      copy_async_commit();
-      copy_async_wait_group<0>();
-      __syncthreads();
-    } else {
-#pragma unroll
-      for (int q = 0; q < kSlots - 2; ++q) {
-        if (r_begin + q < r_end) stage(r_begin + q, q);
-        copy_async_commit();
-      }
-    }
-
-    float acc[kRH][NT][4];
 #pragma unroll
     for (int rr = 0; rr < kRH; ++rr)
 #pragma unroll
@@ -191,54 +219,37 @@ __global__ void __launch_bounds__(32 * kMaxWarps) dw_tc_forward(const TcParams<T
 #pragma unroll
         for (int q = 0; q < 4; ++q) acc[rr][j][q] = bias;
 
-    int slot = 0;
-    for (int r = r_begin; r < r_end; ++r) {
-      if (!p.whole) {
-        const int ahead = r + kSlots - 2;
-        if (ahead < r_end) stage(ahead, (slot + kSlots - 2) % kSlots);
+    if (n0 > n_begin) __syncthreads();  // the previous group is done with the staged rows
+    if (p.whole) {  // every row the tile reads fits: stage them all, one barrier
+      for (int r = r_begin; r < r_end; ++r) stage(r, r - r_begin);
+      copy_async_commit();
+      copy_async_wait_group<0>();
+      __syncthreads();
+    } else {
+      // A ring of kSlots rows, kRows per stage: rows r + 2 kRows .. are fetched while rows
+      // r .. r + kRows - 1 are applied, into the slots of rows r - 2 kRows .., which every warp
+      // finished before the previous barrier.
+#pragma unroll
+      for (int q = 0; q < 2; ++q) {
+        for (int k = 0; k < kRows; ++k)
+          if (r_begin + q * kRows + k < r_end) stage(r_begin + q * kRows + k, q * kRows + k);
         copy_async_commit();
-        copy_async_wait_group<kSlots - 2>();
+      }
+    }
+    int slot = 0;
+    for (int r = r_begin; r < r_end; r += kRows) {
+      if (!p.whole) {
+        const int ahead = r + 2 * kRows;
+        for (int k = 0; k < kRows; ++k)
+          if (ahead + k < r_end) stage(ahead + k, (slot + 2 * kRows + k) % kSlots);
+        copy_async_commit();
+        copy_async_wait_group<2>();
         __syncthreads();
       }
-      // B fragments of the kernel row that takes input row r to each of this warp's output rows
-      int brow[kRH];  // index of its first fragment in Bf, or -1
-      bool any = false;
-#pragma unroll
-      for (int rr = 0; rr < kRH; ++rr) {
-        const int i = r + s.pad_t - (oyw + rr);
-        const bool ok = i >= 0 && i < s.KH && oyw + rr < s.OH;
-        brow[rr] = ok ? i * p.S * 32 + lane : -1;
-        any |= ok;
-      }
-      if (any) {
-        const int at = p.whole ? r - r_begin : slot;
-        const unsigned a_addr = ring_addr + (unsigned)((at * slot_elems + a_lane) * sizeof(T));
-        uint32_t A[NT][4];
-        for (int st = 0; st < p.S; ++st) {
-          // Windows start at staged column 16 * st + 8 * j; consecutive k-steps share NT - 2 of them.
-#pragma unroll
-          for (int j = 0; j < NT; ++j) {
-            if (NT > 2 && st > 0 && j < NT - 2) {
-#pragma unroll
-              for (int q = 0; q < 4; ++q) A[j][q] = A[j + 2][q];
-            } else {
-              ldmatrix_x4(A[j], a_addr + (unsigned)((16 * st + 8 * j) * sizeof(T)));
-            }
-          }
-          bool live[NT];
-#pragma unroll
-          for (int j = 0; j < NT; ++j) live[j] = all_live || (16 * st + 8 * j >= live_lo && 16 * st + 8 * j < live_hi);
-#pragma unroll
-          for (int rr = 0; rr < kRH; ++rr) {
-            if (brow[rr] < 0) continue;
-            const uint2 b = Bf[brow[rr] + st * 32];
-#pragma unroll
-            for (int j = 0; j < NT; ++j)
-              if (live[j]) mma16816<T>(acc[rr][j], A[j], b);
-          }
-        }
-      }
-      slot = slot + 1 == kSlots ? 0 : slot + 1;
+#pragma unroll 1
+      for (int k = 0; k < kRows && r + k < r_end; ++k)
+        apply_row(r + k, p.whole ? r + k - r_begin : slot + k);
+      slot = (slot + kRows) % kSlots;
     }
 
   // C fragment: (image g, columns 2t, 2t + 1) and (image g + 8, the same columns).
