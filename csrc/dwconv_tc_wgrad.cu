@@ -174,8 +174,18 @@ __global__ void __launch_bounds__(32 * kWarps) dw_tc_weight_grad(const TcWgradPa
       const int img = item / nq, q = q_lo + item - img * nq;
       const int gbase = img * s.OH;  // this image's first row in G
       const uint32_t* xwords = reinterpret_cast<const uint32_t*>(X + item * p.xw);
-      // Kernel-row tiles with at least one output row inside the plane.
+      // Kernel-row tile pairs with at least one output row inside the plane, and the address of
+      // this lane's B row in each (a zero row outside the plane).
       const int oy_top = q + s.pad_t - i0;  // output row of kernel row i0
+      bool live[IT / 2];
+      unsigned baddr[IT / 2];
+#pragma unroll
+      for (int bp = 0; bp < IT / 2; ++bp) {
+        live[bp] = oy_top - 16 * bp >= 0 && oy_top - 16 * bp - 15 < s.OH;
+        const int oy = oy_top - 16 * bp - b_row;
+        const int row = oy >= 0 && oy < s.OH ? gbase + oy : zero_row;
+        baddr[bp] = g_addr + (unsigned)((row * p.gpitch + b_col) * sizeof(T));
+      }
       uint32_t P[NP];
       auto pair = [&](int m, int ox0) {
         const int o = ox0 + lane_off + 8 * m;
@@ -188,12 +198,9 @@ __global__ void __launch_bounds__(32 * kWarps) dw_tc_weight_grad(const TcWgradPa
         P[NP - 1] = pair(NP - 1, ox0);
 #pragma unroll
         for (int bp = 0; bp < IT / 2; ++bp) {
-          // rows of tiles 2bp, 2bp + 1: output rows oy_top - 16 bp - 15 .. oy_top - 16 bp
-          if (oy_top - 16 * bp < 0 || oy_top - 16 * bp - 15 >= s.OH) continue;
-          const int oy = oy_top - 16 * bp - b_row;
-          const int row = oy >= 0 && oy < s.OH ? gbase + oy : zero_row;
+          if (!live[bp]) continue;
           uint32_t B[4];
-          ldmatrix_x4(B, g_addr + (unsigned)((row * p.gpitch + ox0 + b_col) * sizeof(T)));
+          ldmatrix_x4(B, baddr[bp] + (unsigned)(ox0 * sizeof(T)));
 #pragma unroll
           for (int jt = 0; jt < JT; ++jt) {
             mma16816<T>(acc[jt][2 * bp], P[2 * jt], P[2 * jt + 1], P[2 * jt + 1], P[2 * jt + 2], B[0], B[1]);
