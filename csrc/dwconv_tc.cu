@@ -14,6 +14,7 @@
 #include <algorithm>
 
 #include "dwconv_core.cuh"
+#include "dwconv_mma.cuh"
 
 namespace lkpatch {
 namespace {
@@ -30,66 +31,11 @@ struct TcParams : ConvArgs<T> {
   int sh;         // staged column 0 is image column ox_tile - pad_l - sh, a multiple of 8
   int WA, pitch;  // staged columns per row, and the row pitch (elements) of one image
   int tiles_x;
-  int vec;        // asynchronous staging: 2 = 16-byte copies (W % 8 == 0), 1 = 4-byte (W even), 0 = none
+  int vec;        // bytes per asynchronous staging copy: 16 (W % 8 == 0), 8 (W % 4 == 0), 4 (W even), 0: none
   int per_block;  // 16-image groups per block (they share the block's B fragments)
   int whole;      // stage every input row of the tile at once (else a ring of kSlots rows)
   int splits;     // blocks per channel and tile
 };
-
-__device__ __forceinline__ uint32_t bits(__half v) { return __half_as_ushort(v); }
-__device__ __forceinline__ uint32_t bits(__nv_bfloat16 v) { return __bfloat16_as_ushort(v); }
-template <typename T> __device__ __forceinline__ uint32_t pack2(T lo, T hi) { return bits(lo) | (bits(hi) << 16); }
-
-template <typename T>
-__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint2 b) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  if constexpr (std::is_same_v<T, __half>)
-    asm(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b.x), "r"(b.y));
-  else
-    asm(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b.x), "r"(b.y));
-#endif
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&a)[4], uint32_t addr) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
-               : "r"(addr));
-#endif
-}
-
-__device__ __forceinline__ void copy_async16_raw(void* dst, const void* src, bool valid) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 16 : 0));
-#endif
-}
-
-__device__ __forceinline__ void copy_async4_raw(void* dst, const void* src, bool valid) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 4 : 0));
-#endif
-}
-
-__device__ __forceinline__ void copy_async_commit() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-#endif
-}
-
-template <int N>
-__device__ __forceinline__ void copy_async_wait_group() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-#endif
-}
 
 template <typename T, int NT>
 __global__ void __launch_bounds__(32 * kMaxWarps, 4) dw_tc_forward(const TcParams<T> p) {
@@ -125,27 +71,51 @@ __global__ void __launch_bounds__(32 * kMaxWarps, 4) dw_tc_forward(const TcParam
     for (st += nwarps; st >= p.S; st -= p.S) ++i;
   }
 
-  // Input row r of images n0 .. n0 + 15 into a slot, a warp per image row and lanes along it;
-  // zeros outside the image and past the batch.
+  // Input row r of images n0 .. n0 + 15 into a slot; zeros outside the image and past the batch.
+  // Copies move p.vec bytes (`per` elements) each. Where a row's copies fit kCopies per thread,
+  // copy e = thread + k * blockDim takes image e / chunks at staged column (e % chunks) * per,
+  // planned once per image group; otherwise a warp takes an image row and its lanes go along it.
   const int64_t plane_elems = (int64_t)s.H * s.W;
+  constexpr int kCopies = 3;
+  const int per = p.vec / (int)sizeof(T), chunks = per ? p.WA / per : 0;
+  const bool planned = per && 16 * chunks <= kCopies * (int)blockDim.x;
+  const T* csrc[kCopies];  // source of row 0, or null for a zero fill
+  int cdst[kCopies];       // offset in a slot, or -1: no copy
   int n0 = n_begin;
+  auto plan_copies = [&]() {
+#pragma unroll
+    for (int k = 0; k < kCopies; ++k) {
+      const int e = threadIdx.x + k * blockDim.x;
+      const bool ok = planned && e < 16 * chunks;
+      const int m = ok ? e / chunks : 0, ch = e - m * chunks, x = col0 + ch * per;
+      const bool valid = ok && n0 + m < p.N && x >= 0 && x < s.W;
+      csrc[k] = valid ? p.in + ((int64_t)(n0 + m) * s.C + c) * plane_elems + x : nullptr;
+      cdst[k] = ok ? m * p.pitch + ch * per : -1;
+    }
+  };
+  auto copy = [&](T* dst, const T* src, bool valid) {
+    const T* from = valid ? src : p.in;
+    if (p.vec == 16) copy_async<16>(dst, from, valid);
+    else if (p.vec == 8) copy_async<8>(dst, from, valid);
+    else copy_async<4>(dst, from, valid);
+  };
   auto stage = [&](int r, int slot) {
     T* dst = ring + slot * slot_elems;
+    if (planned) {
+#pragma unroll
+      for (int k = 0; k < kCopies; ++k)
+        if (cdst[k] >= 0) copy(dst + cdst[k], csrc[k] ? csrc[k] + (int64_t)r * s.W : nullptr, csrc[k] != nullptr);
+      return;
+    }
     for (int m = warp; m < 16; m += nwarps) {
       const bool img = n0 + m < p.N;
       const T* src = p.in + ((int64_t)(img ? n0 + m : 0) * s.C + c) * plane_elems + (int64_t)r * s.W;
       T* row = dst + m * p.pitch;
-      if (p.vec == 2) {
-        for (int u = 8 * lane; u < p.WA; u += 256) {
+      if (per) {
+        for (int u = per * lane; u < p.WA; u += 32 * per) {
           const int x = col0 + u;
           const bool valid = img && x >= 0 && x < s.W;
-          copy_async16_raw(row + u, valid ? src + x : p.in, valid);
-        }
-      } else if (p.vec == 1) {
-        for (int u = 2 * lane; u < p.WA; u += 64) {
-          const int x = col0 + u;
-          const bool valid = img && x >= 0 && x < s.W;
-          copy_async4_raw(row + u, valid ? src + x : p.in, valid);
+          copy(row + u, src + x, valid);
         }
       } else {
         for (int u = lane; u < p.WA; u += 32) {
@@ -205,7 +175,7 @@ __global__ void __launch_bounds__(32 * kMaxWarps, 4) dw_tc_forward(const TcParam
         const uint2 b = Bf[brow[rr] + st * 32];
 #pragma unroll
         for (int j = 0; j < NT; ++j)
-          if (live[j]) mma16816<T>(acc[rr][j], A[j], b);
+          if (live[j]) mma16816<T>(acc[rr][j], A[j][0], A[j][1], A[j][2], A[j][3], b.x, b.y);
       }
     }
   };
@@ -220,6 +190,7 @@ __global__ void __launch_bounds__(32 * kMaxWarps, 4) dw_tc_forward(const TcParam
         for (int q = 0; q < 4; ++q) acc[rr][j][q] = bias;
 
     if (n0 > n_begin) __syncthreads();  // the previous group is done with the staged rows
+    plan_copies();
     if (p.whole) {  // every row the tile reads fits: stage them all, one barrier
       for (int r = r_begin; r < r_end; ++r) stage(r, r - r_begin);
       copy_async_commit();
@@ -337,7 +308,8 @@ cudaError_t dwconv2d_tc_forward(DType t, const void* in, const void* w, const vo
             flip_kernel);
       p.S = q.S; p.sh = q.sh; p.WA = q.WA; p.pitch = q.pitch; p.tiles_x = q.tiles_x; p.whole = q.whole;
       const uintptr_t addr = reinterpret_cast<uintptr_t>(in);
-      p.vec = s.W % 8 == 0 && addr % 16 == 0 ? 2 : s.W % 2 == 0 && addr % 4 == 0 ? 1 : 0;
+      p.vec = s.W % 8 == 0 && addr % 16 == 0 ? 16 : s.W % 4 == 0 && addr % 8 == 0 ? 8
+            : s.W % 2 == 0 && addr % 4 == 0 ? 4 : 0;
       // Blocks take several 16-image groups of one channel (its B fragments are built once), but
       // leave enough blocks to fill the GPU.
       DeviceLimits lim;

@@ -14,6 +14,7 @@
 #include <algorithm>
 
 #include "dwconv_core.cuh"
+#include "dwconv_mma.cuh"
 
 namespace lkpatch {
 namespace {
@@ -36,58 +37,6 @@ struct TcWgradParams {
   int gvec, xvec; // staging copies of output-gradient / input rows: 2 = 16-byte, 1 = 4-byte, 0 = plain
 };
 
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], unsigned addr) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-#endif
-}
-
-template <typename T>
-__device__ __forceinline__ void mma16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                         uint32_t b0, uint32_t b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  if constexpr (std::is_same_v<T, __half>)
-    asm(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-  else
-    asm(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-#endif
-}
-
-__device__ __forceinline__ void copy_async16_raw(void* dst, const void* src, bool valid) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const unsigned a = (unsigned)__cvta_generic_to_shared(dst);
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(a), "l"(src), "r"(valid ? 16 : 0));
-#endif
-}
-
-__device__ __forceinline__ void copy_async4_raw(void* dst, const void* src, bool valid) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const unsigned a = (unsigned)__cvta_generic_to_shared(dst);
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(a), "l"(src), "r"(valid ? 4 : 0));
-#endif
-}
-
-__device__ __forceinline__ void copy_async_commit() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-#endif
-}
-
-template <int N>
-__device__ __forceinline__ void copy_async_wait_group() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-#endif
-}
-
 // dst[e] = src[x0 + e] for e < n, zero where x0 + e is outside [0, len); lanes of one warp.
 // vec 2 / 1: 16- / 4-byte asynchronous copies (x0, len and the row start aligned to 8 / 2 elements).
 template <typename T>
@@ -95,12 +44,12 @@ __device__ __forceinline__ void stage_row(T* dst, const T* src, int x0, int len,
   if (vec == 2) {
     for (int e = 8 * lane; e < n; e += 256) {
       const bool valid = x0 + e >= 0 && x0 + e < len;
-      copy_async16_raw(dst + e, valid ? src + x0 + e : src, valid);
+      copy_async<16>(dst + e, valid ? src + x0 + e : src, valid);
     }
   } else if (vec == 1) {
     for (int e = 2 * lane; e < n; e += 64) {
       const bool valid = x0 + e >= 0 && x0 + e < len;
-      copy_async4_raw(dst + e, valid ? src + x0 + e : src, valid);
+      copy_async<4>(dst + e, valid ? src + x0 + e : src, valid);
     }
   } else {
     for (int e = lane; e < n; e += 32) {
