@@ -106,11 +106,13 @@ def op_padding(x, weight, bias, stride, padding, dilation) -> Optional[Pads]:
     n, c, h, w = x.shape
     # Dtypes as the convolution sees them: under autocast, bf16 activations and fp32 weights
     # are both cast (by the op's autocast registration too), so they do match.
-    dtype = _effective_dtype(x)
-    if tuple(weight.shape[:2]) != (c, 1) or weight.device != x.device or _effective_dtype(weight) != dtype:
+    device = x.device
+    autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+    dtype = _effective_dtype(x, autocast)
+    if tuple(weight.shape[:2]) != (c, 1) or weight.device != device or _effective_dtype(weight, autocast) != dtype:
         return None
     if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (c,)
-                             or bias.device != x.device or _effective_dtype(bias) != dtype):
+                             or bias.device != device or _effective_dtype(bias, autocast) != dtype):
         return None
     try:
         if _pair(stride) != (1, 1) or _pair(dilation) != (1, 1):
@@ -123,18 +125,17 @@ def op_padding(x, weight, bias, stride, padding, dilation) -> Optional[Pads]:
         return None
     if n == 0 or c == 0 or h + pads[0] + pads[1] < kh or w + pads[2] + pads[3] < kw:
         return None  # empty or invalid: PyTorch returns or raises
-    if x.device.type == "cuda" and not any(
-            use_kernel(p, (n, c, h, w), (kh, kw), pads, dtype,
-                       not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last))
-            for p in PASSES):
+    if device.type == "cuda" and not use_kernel(
+            "any", (n, c, h, w), (kh, kw), pads, dtype,
+            not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)):
         return None
     return pads
 
 
-def _effective_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype the convolution computes in: autocast's, where autocast applies."""
-    if x.is_floating_point() and x.dtype != torch.float64 and torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
+def _effective_dtype(x: torch.Tensor, autocast: Optional[torch.dtype]) -> torch.dtype:
+    """The dtype the convolution computes in: ``autocast``'s (None: autocast off), where it applies."""
+    if autocast is not None and x.is_floating_point() and x.dtype != torch.float64:
+        return autocast
     return x.dtype
 
 
@@ -160,6 +161,7 @@ def use_kernel(pass_: str, size: Sequence[int], kernel_size: Sequence[int], pads
                dtype: torch.dtype, channels_last: bool = False) -> bool:
     """Run ``pass_`` of this CUDA depthwise convolution on lkpatch's kernel (True) or PyTorch's?
 
+    ``pass_`` is one of PASSES, or "any": does some pass run on lkpatch's kernel?
     ``channels_last``: the pass's activation comes in (and goes out) channels_last.
     """
     key = (_impl, pass_, tuple(size), tuple(kernel_size), tuple(pads), dtype, channels_last)
@@ -170,6 +172,8 @@ def use_kernel(pass_: str, size: Sequence[int], kernel_size: Sequence[int], pads
 
 
 def _decide(pass_, size, kernel_size, pads, dtype, channels_last) -> bool:
+    if pass_ == "any":
+        return any(use_kernel(p, size, kernel_size, pads, dtype, channels_last) for p in PASSES)
     if _impl == "native" or kernel_unsupported_reason(size, kernel_size, pads, dtype) is not None:
         return False
     if not _extension_ready():
