@@ -25,7 +25,8 @@ import torch
 Pads = Tuple[int, int, int, int]  # (top, bottom, left, right)
 PASSES = ("forward", "input_grad", "weight_grad", "bias_grad")
 
-#: dtypes with a CUDA kernel (storage; the arithmetic is fp32 in all of them).
+#: dtypes with a CUDA kernel (fp32 exact on CUDA cores; fp16 / bf16 on tensor cores where
+#: :func:`tensor_core_pass`, else CUDA cores; fp32 accumulation in all of them).
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 #: largest kernel height or width the kernels take.
 MAX_KERNEL_SIZE = 63
@@ -197,7 +198,8 @@ def _faster_than_native(pass_: str, size: Sequence[int], kernel_size: Sequence[i
     are decided by launch overhead, which is lower for PyTorch's forward. lkpatch's kernels read
     NCHW, so a channels_last tensor costs two layout copies: that loses to cuDNN's channels_last
     half-precision kernels below 13x13, to its channels_last forward below 9x9, and always for
-    the bias gradient (a plain reduction either way).
+    the bias gradient (a plain reduction either way). Passes on tensor cores have their own
+    thresholds, from a bf16 sweep.
     """
     h, w = size[2], size[3]
     area = h * w

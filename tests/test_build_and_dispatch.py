@@ -211,3 +211,20 @@ def test_tensor_core_passes(monkeypatch):
     assert dispatch.tensor_core_pass("weight_grad", (64, 4, 28, 28), torch.bfloat16)
     monkeypatch.setattr(dispatch, "_tensor_cores_off", lambda: True)
     assert not dispatch.tensor_core_pass("forward", (64, 4, 56, 56), torch.bfloat16)
+
+
+def test_any_pass_decision(monkeypatch):
+    """op_padding asks whether any pass runs on the kernel: one cached decision over PASSES."""
+    monkeypatch.setattr(dispatch, "_extension_ready", lambda: True)
+    monkeypatch.setattr(dispatch, "_decisions", {})
+    pads = (15, 15, 15, 15)
+    assert dispatch.use_kernel("any", (64, 384, 64, 64), (31, 31), pads, torch.float32)
+    # channels_last half precision below 13x13: every pass stays with cuDNN
+    small = (1, 1, 1, 1)
+    assert not any(dispatch.use_kernel(p, (64, 96, 56, 56), (3, 3), small, torch.bfloat16, True)
+                   for p in dispatch.PASSES)
+    assert not dispatch.use_kernel("any", (64, 96, 56, 56), (3, 3), small, torch.bfloat16, True)
+    with dispatch.force("kernel"):
+        assert dispatch.use_kernel("any", (64, 96, 56, 56), (3, 3), small, torch.bfloat16, True)
+    with dispatch.force("native"):
+        assert not dispatch.use_kernel("any", (64, 384, 64, 64), (31, 31), pads, torch.float32)
