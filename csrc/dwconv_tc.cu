@@ -223,32 +223,32 @@ __global__ void __launch_bounds__(32 * kMaxWarps, 4) dw_tc_forward(const TcParam
       slot = (slot + kRows) % kSlots;
     }
 
-  // C fragment: (image g, columns 2t, 2t + 1) and (image g + 8, the same columns).
-  const int g = lane >> 2, t = lane & 3;
-  const bool pairs = s.OW % 2 == 0;
+    // C fragment: (image g, columns 2t, 2t + 1) and (image g + 8, the same columns).
+    const int g = lane >> 2, t = lane & 3;
+    const bool pairs = s.OW % 2 == 0;
 #pragma unroll
-  for (int rr = 0; rr < kRH; ++rr) {
-    const int oy = oyw + rr;
-    if (oy >= s.OH) break;
+    for (int rr = 0; rr < kRH; ++rr) {
+      const int oy = oyw + rr;
+      if (oy >= s.OH) break;
 #pragma unroll
-    for (int j = 0; j < NT; ++j) {
-      const int ox = oxT + 8 * j + 2 * t;
-      if (ox >= s.OW) continue;
+      for (int j = 0; j < NT; ++j) {
+        const int ox = oxT + 8 * j + 2 * t;
+        if (ox >= s.OW) continue;
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int n = n0 + g + 8 * h;
-        if (n >= p.N) continue;
-        T* dst = p.out + ((int64_t)n * s.C + c) * s.OH * s.OW + (int64_t)oy * s.OW + ox;
-        const T v0 = from_float<T>(acc[rr][j][2 * h]), v1 = from_float<T>(acc[rr][j][2 * h + 1]);
-        if (pairs) {
-          *reinterpret_cast<uint32_t*>(dst) = pack2(v0, v1);
-        } else {
-          dst[0] = v0;
-          if (ox + 1 < s.OW) dst[1] = v1;
+        for (int h = 0; h < 2; ++h) {
+          const int n = n0 + g + 8 * h;
+          if (n >= p.N) continue;
+          T* dst = p.out + ((int64_t)n * s.C + c) * s.OH * s.OW + (int64_t)oy * s.OW + ox;
+          const T v0 = from_float<T>(acc[rr][j][2 * h]), v1 = from_float<T>(acc[rr][j][2 * h + 1]);
+          if (pairs) {
+            *reinterpret_cast<uint32_t*>(dst) = pack2(v0, v1);
+          } else {
+            dst[0] = v0;
+            if (ox + 1 < s.OW) dst[1] = v1;
+          }
         }
       }
     }
-  }
   }
 }
 
