@@ -126,44 +126,33 @@ def check_case(case, seed, dtype=torch.float32):
     assert got[0].is_contiguous(memory_format=output_memory_format(x))
 
 
-def test_random_sweep_fp32():
-    rng = random.Random(1234)
+def assert_sweep(seed: int, cases: int, dtype=torch.float32, batch=None):
+    """``cases`` random cases (``draw_case``) through ``check_case``; all failures reported together."""
+    rng = random.Random(seed)
     failures = []
-    for i in range(SWEEP_CASES):
-        case = draw_case(rng)
-        try:
-            check_case(case, seed=i)
-        except AssertionError as e:
-            failures.append(str(e))
-    assert not failures, f"{len(failures)} of {SWEEP_CASES} cases failed:\n" + "\n".join(failures[:20])
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_random_sweep_half(dtype):
-    rng = random.Random(4321)
-    failures = []
-    for i in range(HALF_SWEEP_CASES):
-        case = draw_case(rng)
+    for i in range(cases):
+        case = draw_case(rng, batch)
         try:
             check_case(case, seed=i, dtype=dtype)
         except AssertionError as e:
             failures.append(str(e))
-    assert not failures, f"{len(failures)} of {HALF_SWEEP_CASES} cases failed:\n" + "\n".join(failures[:20])
+    assert not failures, f"{len(failures)} of {cases} cases failed:\n" + "\n".join(failures[:20])
+
+
+def test_random_sweep_fp32():
+    assert_sweep(1234, SWEEP_CASES)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_random_sweep_half(dtype):
+    assert_sweep(4321, HALF_SWEEP_CASES, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_random_sweep_tensor_cores(dtype):
     """Batches of 8 and more, which the half-precision tensor-core kernels take (16 images per
     matrix row block: partial blocks, one and several of them)."""
-    rng = random.Random(2468)
-    failures = []
-    for i in range(HALF_SWEEP_CASES):
-        case = draw_case(rng, batch=(8, 40))
-        try:
-            check_case(case, seed=i, dtype=dtype)
-        except AssertionError as e:
-            failures.append(str(e))
-    assert not failures, f"{len(failures)} of {HALF_SWEEP_CASES} cases failed:\n" + "\n".join(failures[:20])
+    assert_sweep(2468, HALF_SWEEP_CASES, dtype, batch=(8, 40))
 
 
 def test_autocast_bf16_training_step():
