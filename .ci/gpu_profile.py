@@ -5,6 +5,10 @@
       (LKPATCH_PROFILE_DTYPE=bfloat16 for the half-precision kernels):
       ncu --section SpeedOfLight --section Occupancy --section WarpStateStats \\
           -k regex:dw_ python .ci/gpu_profile.py kernels
+  python .ci/gpu_profile.py hostbound       host time per fwd+bwd vs its GPU time (small maps)
+  python .ci/gpu_profile.py model [bfloat16|float16|float32]
+      RepLKNet-31B training step (batch 64): converted vs without its depthwise convolutions,
+      and the converted step's GPU time per kernel (torch.profiler)
 """
 import os
 import sys
@@ -146,6 +150,76 @@ def kernels(names):
         print("launched", name, flush=True)
 
 
+def model(amp):
+    import copy
+    import timm
+    from torch.profiler import ProfilerActivity, profile
+    from lkpatch import bench, convert_model
+    build.build()
+    base = timm.create_model("replknet_31b", num_classes=1000).cuda().train()
+    conv = convert_model(copy.deepcopy(base))
+    bare = copy.deepcopy(base)  # the depthwise branches removed entirely (the issue's ceiling)
+    for name, mod in list(bare.named_modules()):
+        if type(mod).__name__ == "ReparamLargeKernelConv":
+            parent = bare.get_submodule(name.rsplit(".", 1)[0])
+            setattr(parent, name.rsplit(".", 1)[1], torch.nn.Identity())
+    print(bench.time_train_steps({"converted": conv, "no_depthwise": bare}, 64, 224, amp, steps=6))
+    x = torch.randn(64, 3, 224, 224, device="cuda")
+    y = torch.randint(0, 1000, (64,), device="cuda")
+    opt = torch.optim.SGD(conv.parameters(), lr=1e-3, momentum=0.9)
+
+    def step():
+        with torch.autocast("cuda", dtype=getattr(torch, amp), enabled=amp != "float32"):
+            loss = F.cross_entropy(conv(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize()
+    rows = {}
+    for e in prof.events():
+        if e.device_type.name == "CUDA":
+            r = rows.setdefault(e.name[:90], [0.0, 0])
+            r[0] += e.time_range.elapsed_us() / 2e3  # ms per step
+            r[1] += 1
+    total = sum(v[0] for v in rows.values())
+    print(f"GPU kernel time per step: {total:.1f} ms")
+    for name, (ms, n) in sorted(rows.items(), key=lambda kv: -kv[1][0])[:28]:
+        print(f"{ms:8.2f} ms {n // 2:5d}x  {name}")
+
+
+def hostbound():
+    """Host microseconds per forward + backward of a converted layer against its GPU time."""
+    import cProfile
+    import pstats
+    from lkpatch import bench
+    build.build()
+    for (n, c, h, w, k), dtype in [((64, 1024, 7, 7, 13), torch.float32), ((64, 1024, 7, 7, 13), torch.bfloat16),
+                                   ((64, 512, 14, 14, 27), torch.float32)]:
+        x = torch.randn(n, c, h, w, device="cuda", dtype=dtype, requires_grad=True)
+        wt = torch.randn(c, 1, k, k, device="cuda", dtype=dtype, requires_grad=True)
+        b = torch.randn(c, device="cuda", dtype=dtype, requires_grad=True)
+        g = torch.randn(n, c, h, w, device="cuda", dtype=dtype)
+        with dispatch.force("kernel"):
+            step = lambda: torch.autograd.grad(lkpatch.depthwise_conv2d(x, wt, b, padding=k // 2), (x, wt, b), g)
+            host = host_us(step, 200)
+            gpu = bench.time_ms(lambda i: step(), reps=20)
+            print(f"{n}x{c}x{h}x{w} k{k} {dtype}: host {host:.1f} us per fwd+bwd, queued events {gpu * 1e3:.1f} us")
+            if dtype == torch.float32 and h == 7:
+                prof = cProfile.Profile()
+                prof.enable()
+                for _ in range(200):
+                    step()
+                prof.disable()
+                torch.cuda.synchronize()
+                pstats.Stats(prof).sort_stats("tottime").print_stats(12)
+
+
 def mismatch():
     """The input-grad op called with an input size that does not match grad_output."""
     build.build()
@@ -160,5 +234,5 @@ def mismatch():
 
 if __name__ == "__main__":
     {"overhead": lambda: overhead(), "kernels": lambda: kernels(sys.argv[2:]),
-     "mismatch": lambda: mismatch(), "python": lambda: python_profile(),
+     "mismatch": lambda: mismatch(), "hostbound": lambda: hostbound(), "model": lambda: model(sys.argv[2] if len(sys.argv) > 2 else "bfloat16"), "python": lambda: python_profile(),
      "autograd": lambda: autograd_variants()}[sys.argv[1]]()

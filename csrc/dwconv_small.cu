@@ -10,6 +10,7 @@
 //   (8 outputs of a row x 8 inputs of a row) for 8-column tiles whose offset is a kernel tap;
 //   the block's diagonals are the taps' sums, added up per tap in a fixed order.
 #include <algorithm>
+#include <climits>
 
 #include "dwconv_core.cuh"
 
@@ -21,6 +22,47 @@ constexpr int kTile = 8;  // outputs per thread row / columns per G tile
 // Floats per staged pixel for NB images: a multiple of 4 whose quarter is odd, so that the
 // staging writes (8 columns x 4 images per warp) fall in 32 different banks.
 __host__ __device__ inline int pixel_stride(int NB) { return NB + ((NB / 4) % 2 == 0 ? 4 : 8); }
+
+// Stage elements begin, begin + step, .. < end as floats in shared memory; where(t) gives each
+// one's destination, source and whether it lies inside the tensor (else a zero).
+template <typename T>
+struct StageCopy {
+  float* dst;
+  const T* src;
+  bool valid;
+};
+
+template <typename T, typename Where>
+__device__ __forceinline__ void stage_floats(int begin, int end, int step, Where where) {
+  if constexpr (std::is_same_v<T, float>) {
+    for (int t = begin; t < end; t += step) {
+      const StageCopy<T> e = where(t);
+      copy_async(e.dst, e.src, e.valid);
+    }
+  } else {
+    // Half types convert on the way, so no cp.async: a thread issues kBatch loads before its
+    // stores, keeping that many in flight (one at a time left the copy latency-bound).
+    constexpr int kBatch = 8;
+    for (int t0 = begin; t0 < end; t0 += kBatch * step) {
+      float v[kBatch];
+      float* d[kBatch];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        const int t = t0 + u * step;
+        d[u] = nullptr;
+        v[u] = 0.f;
+        if (t < end) {
+          const StageCopy<T> e = where(t);
+          d[u] = e.dst;
+          if (e.valid) v[u] = load(e.src);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u)
+        if (d[u]) *d[u] = v[u];
+    }
+  }
+}
 
 // ---- forward / input-grad ----------------------------------------------------------------------
 
@@ -47,17 +89,13 @@ __global__ void __launch_bounds__(256, IMG == 8 ? 2 : 3) dw_small_forward(const 
   // Stage the NB images of channel c: a warp copies 8 columns x 4 images at a time.
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
   const int xg = p.XW / 8, ng = NB / 4;
-  for (int t = warp; t < s.H * xg * ng; t += nwarps) {
+  stage_floats<T>(warp, s.H * xg * ng, nwarps, [&](int t) {
     const int iy = t / (xg * ng), rest = t - iy * xg * ng;
     const int ix = (rest / ng) * 8 + (lane & 7), n = (rest % ng) * 4 + (lane >> 3);
     const bool valid = ix < s.W && n0 + n < p.N;
     const T* src = p.in + ((int64_t)(valid ? n0 + n : 0) * s.C + c) * s.H * s.W + iy * s.W + (valid ? ix : 0);
-    float* dst = X + (iy * p.XW + ix) * NBs + n;
-    if constexpr (std::is_same_v<T, float>)
-      copy_async(dst, src, valid);
-    else
-      *dst = valid ? load(src) : 0.f;
-  }
+    return StageCopy<T>{X + (iy * p.XW + ix) * NBs + n, src, valid};
+  });
   const T* wsrc = p.w + (int64_t)c * s.KH * s.KW;
   for (int i = threadIdx.x; i < s.KH * p.WP; i += blockDim.x) {
     const int kh = i / p.WP, kw = i - kh * p.WP - p.WOFF;
@@ -148,14 +186,11 @@ __global__ void __launch_bounds__(256, 2) dw_small_weight_grad(const SmallWgradP
   // copy walks the padded planes element by element with every lane busy.
   const auto stage = [&](float* dst, const T* src, int rows, int cols, int pitch) {
     const int plane = rows * pitch;
-    for (int t = threadIdx.x; t < nimg * plane; t += blockDim.x) {
+    stage_floats<T>(threadIdx.x, nimg * plane, blockDim.x, [&](int t) {
       const int n = t / plane, e = t - n * plane, y = e / pitch, x = e - y * pitch;
       const T* from = src + ((int64_t)(n0 + n) * s.C + c) * rows * cols + y * cols + min(x, cols - 1);
-      if constexpr (std::is_same_v<T, float>)
-        copy_async(dst + t, from, x < cols);
-      else
-        dst[t] = x < cols ? load(from) : 0.f;
-    }
+      return StageCopy<T>{dst + t, from, x < cols};
+    });
   };
   stage(X, p.in, s.H, s.W, p.XW);
   stage(D, p.grad, s.OH, s.OW, p.OXW);
@@ -259,8 +294,14 @@ cudaError_t small_forward(const T* in, const T* w, const T* bias, T* out, const 
   p.WP = small_forward_wp(s, &p.WOFF);
   const int img = small_forward_images();
   const int positions = s.OH * p.OXT;
-  p.IG = std::max(1, std::min({64 / img, 256 / positions, ceil_div(p.N, img)}));
-  while (p.IG > 1 && small_forward_smem(s, img * p.IG, p.WP) > kSmemBudget) --p.IG;
+  // Image groups per block: as many as fit, but the last block's idle image columns count, so
+  // for 64 images 8 groups (2 blocks of 32) beat 9 (2 blocks of 36).
+  p.IG = 1;
+  for (int ig = 1, waste = INT_MAX; ig <= std::max(1, std::min({64 / img, 256 / positions, ceil_div(p.N, img)})); ++ig) {
+    if (ig > 1 && small_forward_smem(s, img * ig, p.WP) > kSmemBudget) break;
+    const int slots = ceil_div(p.N, img * ig) * img * ig - p.N;
+    if (slots <= waste) waste = slots, p.IG = ig;
+  }
   const int threads = round_up(positions * p.IG, 32);
   const int64_t blocks = (int64_t)s.C * ceil_div(p.N, img * p.IG);
   const size_t smem = small_forward_smem(s, img * p.IG, p.WP);
@@ -286,7 +327,10 @@ SmallWgradPlan plan_small_weight_grad(const DwShape& s) {
   const int by_smem = budget > fixed ? (int)((budget - fixed) / per_image) : 0;
   plan.NB = std::max(1, std::min({N, 64, by_smem}));
   plan.G = ceil_div(N, plan.NB);
-  plan.threads = (int)std::min<size_t>(256, round_up((int)pairs, 32));
+  // As few threads as keep the number of rounds over the pairs: 784 pairs take 4 rounds of 224
+  // threads rather than 3 full rounds of 256 and one of 16.
+  const int rounds = ceil_div((int)pairs, 256);
+  plan.threads = round_up(ceil_div((int)pairs, rounds), 32);
   plan.smem = sizeof(float) * (fixed + per_image * plan.NB);
   return plan;
 }

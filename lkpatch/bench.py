@@ -29,19 +29,22 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def time_ms(fn: Callable[[int], None], n_inputs: int = 1, warmup: int = 3, reps: int = 20) -> float:
-    """Median milliseconds of ``fn(i)`` (i cycles over the input sets), timed with CUDA events."""
+    """Median milliseconds of ``fn(i)`` (i cycles over the input sets), timed with CUDA events.
+
+    The repeats are queued back to back, as a training loop queues its layers: the host's time
+    per call shows only where it exceeds the GPU's (a host wait after each call would add the
+    launch latency to every sample).
+    """
     for i in range(warmup):
         fn(i % n_inputs)
     torch.cuda.synchronize()
-    times = []
-    for i in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for i, (start, end) in enumerate(events):
         start.record()
         fn(i % n_inputs)
         end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in events)
 
 
 def measured_fp32_tflops() -> float:
