@@ -207,9 +207,28 @@ def hostbound():
         g = torch.randn(n, c, h, w, device="cuda", dtype=dtype)
         with dispatch.force("kernel"):
             step = lambda: torch.autograd.grad(lkpatch.depthwise_conv2d(x, wt, b, padding=k // 2), (x, wt, b), g)
-            host = host_us(step, 200)
+            host = host_us(step, 100)
             gpu = bench.time_ms(lambda i: step(), reps=20)
-            print(f"{n}x{c}x{h}x{w} k{k} {dtype}: host {host:.1f} us per fwd+bwd, queued events {gpu * 1e3:.1f} us")
+            synced = []
+            for _ in range(20):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                step()
+                end.record()
+                end.synchronize()
+                synced.append(start.elapsed_time(end))
+            from torch.profiler import ProfilerActivity, profile
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(20):
+                    step()
+                torch.cuda.synchronize()
+            kernels = {}
+            for e in prof.events():
+                if e.device_type.name == "CUDA":
+                    kernels[e.name[:60]] = kernels.get(e.name[:60], 0.0) + e.time_range.elapsed_us() / 20
+            print(f"{n}x{c}x{h}x{w} k{k} {dtype}: host {host:.1f} us per fwd+bwd, queued events {gpu * 1e3:.1f} us, "
+                  f"synced events {sorted(synced)[10] * 1e3:.1f} us, kernels {sum(kernels.values()):.1f} us: "
+                  + ", ".join(f"{v:.1f} {k}" for k, v in kernels.items()))
             if dtype == torch.float32 and h == 7:
                 prof = cProfile.Profile()
                 prof.enable()

@@ -228,7 +228,10 @@ bool dwconv2d_tc_weight_grad_fits(DType t, const DwShape& s) {
   static const char* env = getenv("LKPATCH_TENSOR_CORES");
   if (t == DType::f32 || (env && env[0] == 'n')) return false;
   // Below about 20 x 20 the CUDA-core small-map kernel is faster (H100, bf16: 14 x 14 vs 28 x 28).
-  if ((int64_t)s.OH * s.OW < 400) return false;
+  // LKPATCH_TC_WGRAD_AREA moves that bound (benchmarking).
+  static const char* area_env = getenv("LKPATCH_TC_WGRAD_AREA");
+  static const int64_t min_area = area_env ? atoll(area_env) : 400;
+  if ((int64_t)s.OH * s.OW < min_area) return false;
   DeviceLimits lim;
   if (device_limits(&lim) != cudaSuccess || lim.cc_major < 8) return false;
   const WgradPlan q = plan(s, lim.sms);

@@ -191,50 +191,50 @@ def effective_macs(size: Sequence[int], kernel_size: Sequence[int], pads: Sequen
     return n * c * taps(h, kernel_size[0], pads[0], pads[1]) * taps(w, kernel_size[1], pads[2], pads[3])
 
 
+# Below these multiply-adds (taps inside the image) a pass is bound by host time per call, which
+# is lower for PyTorch's path (H100: 8x64x28x28 with 7x7, 18 M, lost every pass; 64x512x14x14
+# with 1x7, 39 M, won the bf16 forward; 16x128x56x56 with 3x3, 58 M, won all but the bias grad).
+_TINY_MACS = {"forward": 30_000_000, "input_grad": 25_000_000, "weight_grad": 25_000_000}
+
+
 def _faster_than_native(pass_: str, size: Sequence[int], kernel_size: Sequence[int], pads: Sequence[int],
                         dtype: torch.dtype = torch.float32, channels_last: bool = False) -> bool:
     """The measured rule: where lkpatch's kernel beat PyTorch's on an H100 (README, "When lkpatch
-    uses its kernel"). Thin kernels (one side <= 3) are where PyTorch stays ahead; tiny problems
-    are decided by launch overhead, which is lower for PyTorch's forward. lkpatch's kernels read
-    NCHW, so a channels_last tensor costs two layout copies: that loses to cuDNN's channels_last
-    half-precision kernels below 13x13, to its channels_last forward below 9x9, and always for
-    the bias gradient (a plain reduction either way). Passes on tensor cores have their own
-    thresholds, from a bf16 sweep.
+    uses its kernel"; GPU time of back-to-back calls, ``lkpatch bench --passes``). Small maps need
+    larger kernels to win, thin kernels (one side <= 3) lose the weight gradient, and tiny problems
+    are decided by host time. lkpatch's kernels read NCHW, so a channels_last tensor costs two
+    layout copies: that loses to cuDNN's channels_last half-precision kernels below 13x13, to its
+    channels_last forward below 9x9, and always for the bias gradient.
     """
-    h, w = size[2], size[3]
+    n, c, h, w = size
     area = h * w
     kmin, kmax = min(kernel_size), max(kernel_size)
+    half = dtype in (torch.float16, torch.bfloat16)
     if channels_last:
-        if pass_ == "bias_grad" or (dtype in (torch.float16, torch.bfloat16) and kmin < 13):
+        if pass_ == "bias_grad" or (half and kmin < 13):
             return False
         if pass_ == "forward" and kmin < 9:
             return False
-    if pass_ != "bias_grad" and tensor_core_pass(pass_, size, dtype):
-        # fp16 / bf16 tensor-core kernels (H100 sweep: N 32, C 256, maps 14..112, bf16)
+    if pass_ == "bias_grad":  # a plain reduction, close either way: only large maps of large tensors
+        return area >= 56 * 56 and n * c * area >= 16_000_000
+    if effective_macs(size, kernel_size, pads) < _TINY_MACS[pass_]:
+        return False
+    if tensor_core_pass(pass_, size, dtype):  # fp16 / bf16 sweep: N 64, C 256-1024, maps 14-56
         if pass_ == "forward":
-            if area <= 14 * 14:
-                return kmin >= 9
-            if area <= 28 * 28:
-                return kmin >= 7 or kmax >= 31
-            return kmax > 3 or area >= 100 * 100
+            return area >= 28 * 28 or kmax >= 5
         if pass_ == "input_grad":
-            return area > 14 * 14 or kmin >= 5 or kmax >= 31
-        return kmin >= 5 or kmax >= 31  # weight_grad
-    if pass_ == "forward":
-        if area >= 56 * 56:
             return True
-        if area >= 28 * 28 and (kmin == 1 or kmin >= 7):
-            return True
-        return kmin >= 5 and effective_macs(size, kernel_size, pads) >= 50_000_000
-    if pass_ == "input_grad":
-        if kmin <= 3 and area <= 14 * 14:
-            return False
-        return effective_macs(size, kernel_size, pads) >= 10_000_000
+        return kmin >= 5 or kmax >= 31 or (area >= 56 * 56 and kmin >= 3)
+    # CUDA-core kernels: fp32, and fp16 / bf16 on 8x8 maps and below or under 8 images.
     if pass_ == "weight_grad":
         if kmin <= 3:
             return kmax >= 31 or (area >= 56 * 56 and not (kmin == 1 and kmax <= 7))
         return True
-    return area >= 56 * 56  # bias_grad: a plain reduction, close either way
+    if area >= 28 * 28:
+        return True
+    if area >= 14 * 14:
+        return kmin >= 5
+    return kmin >= (9 if pass_ == "forward" and not half else 7)
 
 
 def tensor_core_pass(pass_: str, size: Sequence[int], dtype: torch.dtype) -> bool:

@@ -121,16 +121,26 @@ def test_same_padding_matches_pytorch():
 @pytest.mark.parametrize("pass_,size,k,expected", [
     ("forward", (64, 384, 64, 64), (31, 31), True),    # large maps: always the kernel
     ("forward", (64, 384, 56, 56), (3, 3), True),
-    ("forward", (32, 256, 7, 7), (13, 13), False),     # tiny problem: PyTorch's lower launch overhead
+    ("forward", (32, 256, 7, 7), (13, 13), False),     # tiny problem: PyTorch's lower host time
     ("forward", (64, 1024, 7, 7), (13, 13), True),
-    ("forward", (32, 256, 14, 14), (5, 5), False),
+    ("forward", (64, 1024, 7, 7), (7, 7), False),      # 7x7 maps: kernels from 9x9 (forward)
+    ("input_grad", (64, 1024, 7, 7), (7, 7), True),    # and from 7x7 (input-grad)
+    ("input_grad", (64, 1024, 7, 7), (5, 5), False),
+    ("forward", (8, 64, 14, 14), (5, 5), False),       # tiny
+    ("forward", (64, 512, 14, 14), (5, 5), True),      # 14x14 maps: from 5x5
+    ("forward", (64, 512, 14, 14), (1, 7), False),
+    ("forward", (64, 256, 28, 28), (3, 3), True),      # 28x28 maps and larger: every kernel
     ("input_grad", (32, 256, 7, 7), (3, 3), False),
     ("input_grad", (64, 512, 14, 14), (27, 27), True),
+    ("input_grad", (8, 64, 28, 28), (7, 7), False),    # tiny
     ("weight_grad", (32, 256, 56, 56), (1, 7), False),  # thin kernels: PyTorch's weight-grad wins
     ("weight_grad", (32, 256, 56, 56), (1, 11), True),
     ("weight_grad", (32, 256, 28, 28), (3, 3), False),
-    ("weight_grad", (32, 256, 14, 14), (1, 31), True),
+    ("weight_grad", (64, 256, 28, 28), (1, 31), True),
+    ("weight_grad", (64, 1024, 7, 7), (5, 5), True),
+    ("weight_grad", (8, 64, 28, 28), (7, 7), False),   # tiny
     ("bias_grad", (64, 96, 56, 56), (1, 1), True),
+    ("bias_grad", (16, 128, 56, 56), (1, 1), False),   # too few elements
     ("bias_grad", (64, 96, 28, 28), (1, 1), False),
 ])
 def test_measured_rule(pass_, size, k, expected):
@@ -184,16 +194,21 @@ def test_measured_rule_channels_last(pass_, k, dtype, expected):
 
 
 @pytest.mark.parametrize("pass_,size,k,expected", [
-    ("forward", (32, 256, 7, 7), (13, 13), False),     # 7x7 maps: CUDA-core kernels, the fp32 rule
-    ("forward", (32, 256, 14, 14), (7, 7), False),
+    ("forward", (32, 256, 7, 7), (13, 13), False),     # tiny problem
+    ("forward", (64, 1024, 7, 7), (7, 7), True),       # 7x7 maps: CUDA-core kernels, from 7x7 in half
+    ("forward", (64, 1024, 7, 7), (5, 5), False),
+    ("forward", (64, 512, 14, 14), (3, 3), False),     # tensor cores on 14x14 maps: from 5 taps wide
+    ("forward", (64, 512, 14, 14), (1, 7), True),
     ("forward", (32, 256, 14, 14), (13, 13), True),
-    ("forward", (32, 256, 28, 28), (5, 5), False),
-    ("forward", (32, 256, 28, 28), (1, 31), True),
-    ("forward", (32, 256, 56, 56), (3, 3), False),     # the fp32 rule would take it
-    ("input_grad", (32, 256, 14, 14), (1, 7), False),
-    ("input_grad", (32, 256, 14, 14), (5, 5), True),
+    ("forward", (32, 256, 28, 28), (5, 5), True),
+    ("forward", (64, 256, 56, 56), (3, 3), True),
+    ("input_grad", (32, 256, 14, 14), (1, 7), False),  # tiny
+    ("input_grad", (64, 512, 14, 14), (3, 3), True),
     ("weight_grad", (32, 256, 28, 28), (1, 11), False),
+    ("weight_grad", (32, 256, 28, 28), (3, 3), False),
+    ("weight_grad", (64, 128, 56, 56), (3, 3), True),
     ("weight_grad", (32, 256, 28, 28), (5, 5), True),
+    ("weight_grad", (64, 512, 14, 14), (1, 7), False),  # CUDA-core weight-grad below 20x20: thin loses
     ("weight_grad", (4, 256, 56, 56), (3, 3), True),   # 4 images: no tensor cores, the fp32 rule
 ])
 def test_measured_rule_tensor_cores(monkeypatch, pass_, size, k, expected):
