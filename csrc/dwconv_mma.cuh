@@ -42,6 +42,16 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], unsigned addr) {
 #endif
 }
 
+// The same, each matrix transposed: lane l's row l % 8 of matrix l / 8 is a column of the result
+// (an operand stored K-major, such as an image index that runs slowest, becomes a fragment).
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], unsigned addr) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+#endif
+}
+
 // BYTES (4, 8 or 16, aligned so) from global to shared memory asynchronously; zeros if !valid
 // (src must still be a valid address).
 template <int BYTES>

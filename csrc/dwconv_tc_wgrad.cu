@@ -11,6 +11,13 @@
 // Toeplitz, each lane needs only the pairs x[o], x[o + 1] at o = lane offset + 8m, and
 // consecutive column chunks share all but two of them. Block partial sums go to a workspace that
 // is added up in a fixed order: deterministic.
+//
+// Maps up to 16 x 16 take a second kernel (dw_tc_small_weight_grad): there the output columns are
+// too few for a K dimension, so the images are: for kernel row i,
+//   D_i[ox][ix] = sum_{n, oy} g[n][oy][ox] * x[n][oy + i - pad_t][ix]
+// is one 16 x 16 product per output row with K = 16 images per mma, and grad_w[i][j] is the sum
+// of D_i's diagonal ix - ox = j - pad_l. Both planes are staged as they lie in memory (image,
+// row, 16 columns); ldmatrix.trans turns them into A (ox x images) and B (images x ix) fragments.
 #include <algorithm>
 
 #include "dwconv_core.cuh"
@@ -187,6 +194,124 @@ __global__ void __launch_bounds__(32 * kWarps) dw_tc_weight_grad(const TcWgradPa
   }
 }
 
+// ---- small maps --------------------------------------------------------------------------------
+constexpr int kSmallWarps = 8;
+constexpr int kSmallImages = 64;  // most images a block stages (and sums)
+
+template <typename T>
+struct TcSmallWgradParams {
+  const T* grad;
+  const T* in;
+  float* parts;  // [slices][C][KH][KW]
+  DwShape s;
+  int N, per_slice;     // images, images per block (a multiple of 16, at most kSmallImages)
+  int gplane, xplane;   // staged plane pitches (elements): rows * 16 + 8, an odd number of 16-byte units
+  bool gpairs, xpairs;  // rows copy as 4-byte pairs (even width, aligned base)
+};
+
+template <typename T>
+__global__ void __launch_bounds__(32 * kSmallWarps) dw_tc_small_weight_grad(const TcSmallWgradParams<T> p) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const DwShape& s = p.s;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int slice = blockIdx.x, c = blockIdx.y;
+  const int n_begin = slice * p.per_slice, nimg = min(p.N - n_begin, p.per_slice);
+  const int ksteps = ceil_div(nimg, 16);
+  T* G = reinterpret_cast<T*>(smem_raw);                                  // [image][oy][16]
+  T* X = G + p.per_slice * p.gplane;                                      // [image][iy][16]
+  float* D = reinterpret_cast<float*>(X + p.per_slice * p.xplane) + warp * 256;  // this warp's 16 x 16
+
+  // Stage 16 * ksteps images (zeros past the batch and past the row ends), two columns per item.
+  const T zero = from_float<T>(0.f);
+  const auto stage = [&](T* dst, const T* src, int rows, int cols, int pitch, bool pairs) {
+    for (int u = threadIdx.x; u < 16 * ksteps * rows * 8; u += blockDim.x) {
+      const int x = 2 * (u & 7), r = u >> 3, m = r / rows, y = r - m * rows;
+      T* d = dst + m * pitch + y * 16 + x;
+      const T* from = src + ((int64_t)(n_begin + m) * s.C + c) * rows * cols + y * cols + x;
+      const bool img = m < nimg;
+      if (pairs) {
+        copy_async<4>(d, img && x < cols ? from : src, img && x < cols);
+      } else {
+        d[0] = img && x < cols ? from[0] : zero;
+        d[1] = img && x + 1 < cols ? from[1] : zero;
+      }
+    }
+  };
+  stage(G, p.grad, s.OH, s.OW, p.gplane, p.gpairs);
+  stage(X, p.in, s.H, s.W, p.xplane, p.xpairs);
+  copy_async_commit();
+  copy_async_wait_group<0>();
+  __syncthreads();
+
+  // Lane l of ldmatrix.x4.trans addresses image (l & 7) + 8 * (matrix bit) at column 8 * (other bit):
+  // A = (ox 0-7 | 8-15) x (images 0-7 | 8-15) in a0..a3 order; B = images x (ix 0-7, then 8-15).
+  const int mtx = lane >> 3, row = lane & 7;
+  const unsigned g_lane = (unsigned)__cvta_generic_to_shared(G) +
+                          (unsigned)(((row + 8 * (mtx >> 1)) * p.gplane + 8 * (mtx & 1)) * sizeof(T));
+  const unsigned x_lane = (unsigned)__cvta_generic_to_shared(X) +
+                          (unsigned)(((row + 8 * (mtx & 1)) * p.xplane + 8 * (mtx >> 1)) * sizeof(T));
+  const int g = lane >> 2, t = lane & 3;
+  float* out = p.parts + ((int64_t)slice * s.C + c) * s.KH * s.KW;
+  // Kernel rows that reach the plane: some oy in [0, OH) reads iy = oy + i - pad_t in [0, H).
+  const int i_lo = max(0, s.pad_t - s.OH + 1), i_hi = min(s.KH, s.H + s.pad_t);
+  for (int i = i_lo + warp; i < i_hi; i += kSmallWarps) {
+    float acc[2][4] = {};
+    const int oy_lo = max(0, s.pad_t - i), oy_hi = min(s.OH, s.H + s.pad_t - i);
+    for (int oy = oy_lo; oy < oy_hi; ++oy) {
+      const unsigned ga = g_lane + (unsigned)(oy * 16 * sizeof(T));
+      const unsigned xa = x_lane + (unsigned)((oy + i - s.pad_t) * 16 * sizeof(T));
+      for (int k = 0; k < ksteps; ++k) {
+        uint32_t A[4], B[4];
+        ldmatrix_x4_trans(A, ga + (unsigned)(16 * k * p.gplane * sizeof(T)));
+        ldmatrix_x4_trans(B, xa + (unsigned)(16 * k * p.xplane * sizeof(T)));
+        mma16816<T>(acc[0], A[0], A[1], A[2], A[3], B[0], B[1]);
+        mma16816<T>(acc[1], A[0], A[1], A[2], A[3], B[2], B[3]);
+      }
+    }
+    // C fragment: D[ox = g (+8)][ix = 8 j + 2 t (+1)]; lane 15 + d sums diagonal ix - ox = d.
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) D[(g + 8 * (q >> 1)) * 16 + 8 * j + 2 * t + (q & 1)] = acc[j][q];
+    __syncwarp();
+    const int d = lane - 15;
+    float diag = 0.f;
+#pragma unroll
+    for (int ox = 0; ox < 16; ++ox)
+      if (ox + d >= 0 && ox + d < 16) diag += D[ox * 17 + d];
+    __syncwarp();  // D is reused by the next kernel row
+    for (int j0 = 0; j0 < s.KW; j0 += 32) {
+      const int j = j0 + lane, dj = j - s.pad_l;
+      const float v = __shfl_sync(0xffffffffu, diag, min(max(dj + 15, 0), 31));
+      if (j < s.KW) out[i * s.KW + j] = dj >= -15 && dj <= 15 ? v : 0.f;
+    }
+  }
+  for (int e = threadIdx.x; e < s.KH * s.KW; e += blockDim.x) {  // kernel rows that never reach the map
+    const int i = e / s.KW;
+    if (i < i_lo || i >= i_hi) out[e] = 0.f;
+  }
+}
+
+struct TcSmallWgradPlan {
+  int slices, per_slice, gplane, xplane;
+  size_t smem;
+};
+
+bool small_map(const DwShape& s) { return s.H <= 16 && s.W <= 16 && s.OH <= 16 && s.OW <= 16; }
+
+TcSmallWgradPlan plan_small(const DwShape& s, int sms) {
+  TcSmallWgradPlan q{};
+  const int N = (int)(s.planes / s.C);
+  q.gplane = s.OH * 16 + 8;
+  q.xplane = s.H * 16 + 8;
+  // At most kSmallImages images per block, at least 16, and enough blocks for two per SM.
+  const int want = std::max(ceil_div(N, kSmallImages), std::min(ceil_div(N, 16), ceil_div(2 * sms, s.C)));
+  q.per_slice = std::min(kSmallImages, round_up(ceil_div(N, want), 16));
+  q.slices = ceil_div(N, q.per_slice);
+  q.smem = (size_t)q.per_slice * (q.gplane + q.xplane) * 2 + kSmallWarps * 256 * sizeof(float);
+  return q;
+}
+
 struct WgradPlan {
   int JT, IT, OWp, gpitch, xw, tiles_j, tiles_i, slices, per_slice, IB;
   size_t smem;
@@ -227,13 +352,12 @@ cudaError_t launch_wgrad(const TcWgradParams<T>& p, const WgradPlan& q, int C, c
 bool dwconv2d_tc_weight_grad_fits(DType t, const DwShape& s) {
   static const char* env = getenv("LKPATCH_TENSOR_CORES");
   if (t == DType::f32 || (env && env[0] == 'n')) return false;
-  // Below about 20 x 20 the CUDA-core small-map kernel is faster (H100, bf16: 14 x 14 vs 28 x 28).
-  // LKPATCH_TC_WGRAD_AREA moves that bound (benchmarking).
-  static const char* area_env = getenv("LKPATCH_TC_WGRAD_AREA");
-  static const int64_t min_area = area_env ? atoll(area_env) : 400;
-  if ((int64_t)s.OH * s.OW < min_area) return false;
+  if (s.planes / s.C < 8) return false;  // M or K = 16 images / columns: too few images waste them
   DeviceLimits lim;
   if (device_limits(&lim) != cudaSuccess || lim.cc_major < 8) return false;
+  if (small_map(s)) return s.C <= 65535 && plan_small(s, lim.sms).smem <= (size_t)lim.max_smem_optin;
+  // Between 16 x 16 and about 20 x 20 the CUDA-core kernel is faster (H100, bf16).
+  if ((int64_t)s.OH * s.OW < 400) return false;
   const WgradPlan q = plan(s, lim.sms);
   // An image's output-gradient plane and input rows are staged whole: maps up to about 100 x 100.
   return s.C <= 65535 && q.tiles_i * q.tiles_j <= 64 && q.smem <= std::min<size_t>(lim.max_smem_optin, 100 * 1024);
@@ -242,7 +366,8 @@ bool dwconv2d_tc_weight_grad_fits(DType t, const DwShape& s) {
 size_t dwconv2d_tc_weight_grad_workspace(const DwShape& s) {
   DeviceLimits lim;
   if (device_limits(&lim) != cudaSuccess) return 0;
-  return (size_t)plan(s, lim.sms).slices * s.C * s.KH * s.KW * sizeof(float);
+  const int slices = small_map(s) ? plan_small(s, lim.sms).slices : plan(s, lim.sms).slices;
+  return (size_t)slices * s.C * s.KH * s.KW * sizeof(float);
 }
 
 cudaError_t dwconv2d_tc_weight_grad(DType t, const void* grad_out, const void* in, void* grad_w, float* workspace,
@@ -255,6 +380,23 @@ cudaError_t dwconv2d_tc_weight_grad(DType t, const void* grad_out, const void* i
     using T = decltype(tag);
     if constexpr (std::is_same_v<T, float>) {
       return cudaErrorInvalidValue;
+    } else if (small_map(s)) {
+      const TcSmallWgradPlan sq = plan_small(s, lim.sms);
+      TcSmallWgradParams<T> p{};
+      p.grad = static_cast<const T*>(grad_out);
+      p.in = static_cast<const T*>(in);
+      p.parts = workspace;
+      p.s = s;
+      p.N = (int)(s.planes / s.C);
+      p.per_slice = sq.per_slice;
+      p.gplane = sq.gplane;
+      p.xplane = sq.xplane;
+      p.gpairs = s.OW % 2 == 0 && reinterpret_cast<uintptr_t>(grad_out) % 4 == 0;
+      p.xpairs = s.W % 2 == 0 && reinterpret_cast<uintptr_t>(in) % 4 == 0;
+      cudaError_t e = launch(dw_tc_small_weight_grad<T>, dim3(sq.slices, s.C), dim3(32 * kSmallWarps), sq.smem,
+                             stream, p);
+      if (e != cudaSuccess) return e;
+      return sum_partials(workspace, static_cast<T*>(grad_w), sq.slices, (int64_t)s.C * s.KH * s.KW, stream);
     } else {
       TcWgradParams<T> p{};
       p.grad = static_cast<const T*>(grad_out);

@@ -208,7 +208,7 @@ def test_measured_rule_channels_last(pass_, k, dtype, expected):
     ("weight_grad", (32, 256, 28, 28), (3, 3), False),
     ("weight_grad", (64, 128, 56, 56), (3, 3), True),
     ("weight_grad", (32, 256, 28, 28), (5, 5), True),
-    ("weight_grad", (64, 512, 14, 14), (1, 7), False),  # CUDA-core weight-grad below 20x20: thin loses
+    ("weight_grad", (64, 512, 14, 14), (1, 7), False),  # thin kernels lose the weight-grad
     ("weight_grad", (4, 256, 56, 56), (3, 3), True),   # 4 images: no tensor cores, the fp32 rule
 ])
 def test_measured_rule_tensor_cores(monkeypatch, pass_, size, k, expected):
@@ -222,7 +222,8 @@ def test_tensor_core_passes(monkeypatch):
     assert dispatch.tensor_core_pass("forward", (8, 4, 14, 14), torch.float16)
     assert not dispatch.tensor_core_pass("forward", (7, 4, 14, 14), torch.float16)    # under 8 images
     assert not dispatch.tensor_core_pass("forward", (64, 4, 14, 14), torch.float32)   # no TF32 path
-    assert not dispatch.tensor_core_pass("weight_grad", (64, 4, 14, 14), torch.bfloat16)
+    assert dispatch.tensor_core_pass("weight_grad", (64, 4, 14, 14), torch.bfloat16)       # small maps
+    assert not dispatch.tensor_core_pass("weight_grad", (64, 4, 18, 18), torch.bfloat16)
     assert dispatch.tensor_core_pass("weight_grad", (64, 4, 28, 28), torch.bfloat16)
     monkeypatch.setattr(dispatch, "_tensor_cores_off", lambda: True)
     assert not dispatch.tensor_core_pass("forward", (64, 4, 56, 56), torch.bfloat16)

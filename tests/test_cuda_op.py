@@ -126,12 +126,22 @@ def check_case(case, seed, dtype=torch.float32):
     assert got[0].is_contiguous(memory_format=output_memory_format(x))
 
 
-def assert_sweep(seed: int, cases: int, dtype=torch.float32, batch=None):
-    """``cases`` random cases (``draw_case``) through ``check_case``; all failures reported together."""
+def draw_small_map_case(rng: random.Random, batch=None):
+    """A random case whose input and output maps are at most 16 x 16 (drawn until one is)."""
+    while True:
+        case = draw_case(rng, batch)
+        p = case["pads"]
+        oh, ow = case["h"] + p[0] + p[1] - case["kh"] + 1, case["w"] + p[2] + p[3] - case["kw"] + 1
+        if max(case["h"], case["w"], oh, ow) <= 16:
+            return case
+
+
+def assert_sweep(seed: int, cases: int, dtype=torch.float32, batch=None, draw=draw_case):
+    """``cases`` random cases (``draw``) through ``check_case``; all failures reported together."""
     rng = random.Random(seed)
     failures = []
     for i in range(cases):
-        case = draw_case(rng, batch)
+        case = draw(rng, batch)
         try:
             check_case(case, seed=i, dtype=dtype)
         except AssertionError as e:
@@ -153,6 +163,13 @@ def test_random_sweep_tensor_cores(dtype):
     """Batches of 8 and more, which the half-precision tensor-core kernels take (16 images per
     matrix row block: partial blocks, one and several of them)."""
     assert_sweep(2468, HALF_SWEEP_CASES, dtype, batch=(8, 40))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_random_sweep_tensor_cores_small_maps(dtype):
+    """Maps up to 16 x 16, whose weight-gradient sums over images on tensor cores: batches up to
+    80 (several 64-image blocks, partial 16-image steps) and kernels much larger than the map."""
+    assert_sweep(1357, HALF_SWEEP_CASES, dtype, batch=(8, 80), draw=draw_small_map_case)
 
 
 def test_autocast_bf16_training_step():
