@@ -252,6 +252,135 @@ __global__ void __launch_bounds__(32 * kMaxWarps, 4) dw_tc_forward(const TcParam
   }
 }
 
+// ---- maps up to 16 x 16 -----------------------------------------------------------------------
+// A row of such a map is one 16-column k-step, so output row oy of 16 images is
+//   sum over kernel rows i of  in_row(oy + i - pad_t) [16 images x 16 columns]  x  T_i [16 x 16]:
+// two mma per (oy, i). A block takes up to 64 images of one channel, stages their planes as
+// stored (rows padded to 16 columns with zeros), builds every T_i's fragments once, and its warps
+// take (output row, 16 images) jobs, each walking only the kernel rows that reach the map.
+constexpr int kSmallWarps = 8;
+constexpr int kSmallImages = 64;
+
+template <typename T>
+struct TcSmallParams : ConvArgs<T> {
+  int per_slice;  // images per block: a multiple of 16, at most kSmallImages
+  int xplane;     // staged plane pitch (elements): H * 16 + 8, an odd number of 16-byte units
+  bool pairs;     // rows copy as 4-byte pairs (even width, aligned base)
+};
+
+template <typename T>
+__global__ void __launch_bounds__(32 * kSmallWarps) dw_tc_small_forward(const TcSmallParams<T> p) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const DwShape& s = p.s;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int slice = blockIdx.x, c = blockIdx.y;
+  const int n_begin = slice * p.per_slice, nimg = min(p.N - n_begin, p.per_slice);
+  const int groups = ceil_div(nimg, 16);
+  // Kernel rows that reach the map from some output row: iy = oy + i - pad_t in [0, H).
+  const int i_lo = max(0, s.pad_t - s.OH + 1), i_hi = min(s.KH, s.H + s.pad_t);
+  uint4* Bf = reinterpret_cast<uint4*>(smem_raw);  // [i - i_lo][lane]: T_i's fragments, both column tiles
+  T* X = reinterpret_cast<T*>(Bf + 32 * max(0, i_hi - i_lo));  // [image][iy][16]
+
+  const T zero = from_float<T>(0.f);
+  for (int u = threadIdx.x; u < 16 * groups * s.H * 8; u += blockDim.x) {
+    const int x = 2 * (u & 7), r = u >> 3, m = r / s.H, y = r - m * s.H;
+    T* d = X + m * p.xplane + y * 16 + x;
+    const T* from = p.in + ((int64_t)(n_begin + m) * s.C + c) * s.H * s.W + y * s.W + x;
+    const bool img = m < nimg;
+    if (p.pairs) {
+      copy_async<4>(d, img && x < s.W ? from : p.in, img && x < s.W);
+    } else {
+      d[0] = img && x < s.W ? from[0] : zero;
+      d[1] = img && x + 1 < s.W ? from[1] : zero;
+    }
+  }
+  copy_async_commit();
+  // B fragment of column tile j, lane (g, t): T_i[ix][ox] = w[i][ix - ox + pad_l] at ox = 8 j + g and
+  // ix = 2t, 2t + 1 (b0), 2t + 8, 2t + 9 (b1); zero off the band.
+  const T* wsrc = p.w + (int64_t)c * s.KH * s.KW;
+  for (int e = threadIdx.x; e < 32 * (i_hi - i_lo); e += blockDim.x) {
+    const int i = i_lo + (e >> 5), g = (e & 31) >> 2, t = e & 3;
+    uint32_t r[4];
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        T v[2];
+#pragma unroll
+        for (int b = 0; b < 2; ++b) {
+          const int kw = 2 * t + b + 8 * h - 8 * j - g + s.pad_l;
+          const bool in_band = kw >= 0 && kw < s.KW;
+          v[b] = in_band ? wsrc[p.flip ? (s.KH - 1 - i) * s.KW + (s.KW - 1 - kw) : i * s.KW + kw] : zero;
+        }
+        r[2 * j + h] = pack2(v[0], v[1]);
+      }
+    Bf[e] = make_uint4(r[0], r[1], r[2], r[3]);
+  }
+  copy_async_wait_group<0>();
+  __syncthreads();
+
+  // ldmatrix: lane l addresses image (l & 7) + 8 * ((l >> 3) & 1), column 8 * (l >> 4).
+  const unsigned x_lane = (unsigned)__cvta_generic_to_shared(X) +
+                          (unsigned)((((lane & 7) + 8 * ((lane >> 3) & 1)) * p.xplane + 8 * (lane >> 4)) * sizeof(T));
+  const float bias = p.bias ? load(p.bias + c) : 0.f;
+  const int g = lane >> 2, t = lane & 3;
+  for (int job = warp; job < s.OH * groups; job += kSmallWarps) {
+    const int oy = job / groups, grp = job - oy * groups;
+    float acc[2][4];
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) acc[j][q] = bias;
+    const int i_a = max(i_lo, s.pad_t - oy), i_b = min(i_hi, s.H + s.pad_t - oy);
+    const unsigned a_base = x_lane + (unsigned)((16 * grp * p.xplane + (oy - s.pad_t) * 16) * (int)sizeof(T));
+    for (int i = i_a; i < i_b; ++i) {
+      const uint4 b = Bf[(i - i_lo) * 32 + lane];
+      uint32_t A[4];
+      ldmatrix_x4(A, a_base + (unsigned)(i * 16 * sizeof(T)));
+      mma16816<T>(acc[0], A[0], A[1], A[2], A[3], b.x, b.y);
+      mma16816<T>(acc[1], A[0], A[1], A[2], A[3], b.z, b.w);
+    }
+    // C fragment: images g, g + 8 of the group; columns 8 j + 2 t, + 1.
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int m = 16 * grp + g + 8 * h;
+      if (m >= nimg) continue;
+      T* row = p.out + ((int64_t)(n_begin + m) * s.C + c) * s.OH * s.OW + (int64_t)oy * s.OW;
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int ox = 8 * j + 2 * t;
+        const T v0 = from_float<T>(acc[j][2 * h]), v1 = from_float<T>(acc[j][2 * h + 1]);
+        if (s.OW % 2 == 0 && ox + 1 < s.OW) {
+          *reinterpret_cast<uint32_t*>(row + ox) = pack2(v0, v1);
+        } else {
+          if (ox < s.OW) row[ox] = v0;
+          if (ox + 1 < s.OW) row[ox + 1] = v1;
+        }
+      }
+    }
+  }
+}
+
+struct TcSmallPlan {
+  int slices, per_slice, xplane;
+  size_t smem;
+};
+
+bool small_map(const DwShape& s) { return s.H <= 16 && s.W <= 16 && s.OH <= 16 && s.OW <= 16; }
+
+TcSmallPlan plan_small(const DwShape& s, int sms) {
+  TcSmallPlan q{};
+  const int N = (int)(s.planes / s.C);
+  q.xplane = s.H * 16 + 8;
+  // At most kSmallImages images per block, at least 16, and enough blocks for two per SM.
+  const int want = std::max(ceil_div(N, kSmallImages), std::min(ceil_div(N, 16), ceil_div(2 * sms, s.C)));
+  q.per_slice = std::min(kSmallImages, round_up(ceil_div(N, want), 16));
+  q.slices = ceil_div(N, q.per_slice);
+  const int rows = std::max(0, std::min(s.KH, s.H + s.pad_t) - std::max(0, s.pad_t - s.OH + 1));
+  q.smem = (size_t)rows * 32 * 16 + (size_t)q.per_slice * q.xplane * 2;
+  return q;
+}
+
 struct TcPlan {
   int NT, S, sh, WA, pitch, warps, tiles_x, tiles, whole;
   size_t smem;
@@ -289,8 +418,7 @@ bool dwconv2d_tc_forward_fits(DType t, const DwShape& s) {
   if (device_limits(&lim) != cudaSuccess || lim.cc_major < 8) return false;
   const int64_t N = s.planes / s.C;
   if (N < 8) return false;  // M = 16 images: fewer than 8 would waste most of the tensor core
-  // On 8 x 8 maps and smaller the CUDA-core small-map kernel is faster (H100, bf16, 7 x 7 maps).
-  if ((int64_t)s.OH * s.OW <= 64) return false;
+  if (small_map(s)) return s.C <= 65535 && plan_small(s, lim.sms).smem <= (size_t)lim.max_smem_optin;
   const TcPlan q = plan(s);
   return (int64_t)s.C * ceil_div((int)N, 16) <= 65535 && q.tiles <= 0x7fffffff && q.smem <= (size_t)lim.max_smem_optin;
 }
@@ -301,6 +429,18 @@ cudaError_t dwconv2d_tc_forward(DType t, const void* in, const void* w, const vo
     using T = decltype(tag);
     if constexpr (std::is_same_v<T, float>) {
       return cudaErrorInvalidValue;
+    } else if (small_map(s)) {
+      DeviceLimits lim;
+      cudaError_t err = device_limits(&lim);
+      if (err != cudaSuccess) return err;
+      const TcSmallPlan q = plan_small(s, lim.sms);
+      TcSmallParams<T> p{};
+      p.set(static_cast<const T*>(in), static_cast<const T*>(w), static_cast<const T*>(bias), static_cast<T*>(out), s,
+            flip_kernel);
+      p.per_slice = q.per_slice;
+      p.xplane = q.xplane;
+      p.pairs = s.W % 2 == 0 && reinterpret_cast<uintptr_t>(in) % 4 == 0;
+      return launch(dw_tc_small_forward<T>, dim3(q.slices, s.C), dim3(32 * kSmallWarps), q.smem, stream, p);
     } else {
       const TcPlan q = plan(s);
       TcParams<T> p{};

@@ -224,7 +224,7 @@ def _faster_than_native(pass_: str, size: Sequence[int], kernel_size: Sequence[i
             return area >= 28 * 28 or kmax >= 5
         if pass_ == "input_grad":
             return True
-        return kmin >= 5 or kmax >= 31 or (area >= 56 * 56 and kmin >= 3)
+        return max(h, w) <= 16 or kmin >= 5 or kmax >= 31 or (area >= 56 * 56 and kmin >= 3)
     # CUDA-core kernels: fp32, and fp16 / bf16 on 8x8 maps and below or under 8 images.
     if pass_ == "weight_grad":
         if kmin <= 3:
@@ -239,15 +239,13 @@ def _faster_than_native(pass_: str, size: Sequence[int], kernel_size: Sequence[i
 
 def tensor_core_pass(pass_: str, size: Sequence[int], dtype: torch.dtype) -> bool:
     """Whether the CUDA kernels run this pass on tensor cores: fp16 / bf16, 8 or more images,
-    an sm_80+ GPU, and maps above 8 x 8 (forward, input-grad), or up to 16 x 16 and from about
-    20 x 20 (weight-grad). The kernels make this choice themselves (csrc/dwconv_tc*.cu); the
-    speed rule mirrors it. ``size`` is the input's (N, C, H, W)."""
+    an sm_80+ GPU, and maps up to 16 x 16 (their own kernels) or above 8 x 8 (forward,
+    input-grad) or from about 20 x 20 (weight-grad). The kernels make this choice themselves
+    (csrc/dwconv_tc*.cu); the speed rule mirrors it. ``size`` is the input's (N, C, H, W)."""
     if dtype not in (torch.float16, torch.bfloat16) or size[0] < 8 or _tensor_cores_off():
         return False
     h, w = size[2], size[3]
-    if pass_ == "weight_grad":
-        return h * w >= 400 or max(h, w) <= 16
-    return h * w > 64
+    return max(h, w) <= 16 or h * w >= (400 if pass_ == "weight_grad" else 65)
 
 
 @torch.compiler.assume_constant_result

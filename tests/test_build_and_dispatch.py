@@ -208,7 +208,8 @@ def test_measured_rule_channels_last(pass_, k, dtype, expected):
     ("weight_grad", (32, 256, 28, 28), (3, 3), False),
     ("weight_grad", (64, 128, 56, 56), (3, 3), True),
     ("weight_grad", (32, 256, 28, 28), (5, 5), True),
-    ("weight_grad", (64, 512, 14, 14), (1, 7), False),  # thin kernels lose the weight-grad
+    ("weight_grad", (64, 512, 14, 14), (1, 7), True),   # maps up to 16x16: images as K, every kernel wins
+    ("weight_grad", (64, 256, 28, 28), (1, 7), False),  # larger maps: thin kernels lose the weight-grad
     ("weight_grad", (4, 256, 56, 56), (3, 3), True),   # 4 images: no tensor cores, the fp32 rule
 ])
 def test_measured_rule_tensor_cores(monkeypatch, pass_, size, k, expected):
@@ -224,6 +225,8 @@ def test_tensor_core_passes(monkeypatch):
     assert not dispatch.tensor_core_pass("forward", (64, 4, 14, 14), torch.float32)   # no TF32 path
     assert dispatch.tensor_core_pass("weight_grad", (64, 4, 14, 14), torch.bfloat16)       # small maps
     assert not dispatch.tensor_core_pass("weight_grad", (64, 4, 18, 18), torch.bfloat16)
+    assert dispatch.tensor_core_pass("forward", (64, 4, 7, 7), torch.bfloat16)            # small maps
+    assert not dispatch.tensor_core_pass("forward", (64, 4, 3, 20), torch.bfloat16)
     assert dispatch.tensor_core_pass("weight_grad", (64, 4, 28, 28), torch.bfloat16)
     monkeypatch.setattr(dispatch, "_tensor_cores_off", lambda: True)
     assert not dispatch.tensor_core_pass("forward", (64, 4, 56, 56), torch.bfloat16)
