@@ -5,8 +5,10 @@ weight and bias gradients) for PyTorch (``F.conv2d``) and lkpatch (kernels force
 ratio, and the fraction of the fp32 floor -- the multiply-adds whose taps land inside the input,
 over the fp32 rate measured on this GPU with a large SGEMM. ``--passes`` adds each pass alone,
 the numbers behind ``dispatch``'s rule. Model mode (``--model NAME``): training-step images/s of
-a timm model, unconverted and converted. Timing: CUDA events, warm-up, median of repeats,
-inputs rotated so that small ones do not sit in L2.
+a timm model, unconverted and converted. Timing: CUDA events, warm-up, median of repeats queued
+back to back, inputs rotated so that small ones do not sit in L2. "GPU PT / GPU lk": forward +
+backward captured in a CUDA graph and replayed, the GPU's time without the host's (which bounds
+small layers timed alone).
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import copy
 import json
 import statistics
 import sys
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +47,25 @@ def time_ms(fn: Callable[[int], None], n_inputs: int = 1, warmup: int = 3, reps:
         end.record()
     torch.cuda.synchronize()
     return statistics.median(start.elapsed_time(end) for start, end in events)
+
+
+def graph_time_ms(fn: Callable[[int], None], reps: int = 20) -> Optional[float]:
+    """Median milliseconds of replaying ``fn(0)`` captured in a CUDA graph: the GPU's time alone,
+    as a layer inside a busy network (or under ``torch.compile(mode="reduce-overhead")``) costs.
+    None where the capture fails."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn(0)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn(0)
+    except RuntimeError:
+        return None
+    return time_ms(lambda i: graph.replay(), reps=reps)
 
 
 def measured_fp32_tflops() -> float:
@@ -100,6 +121,8 @@ def bench_shape(shape, dtype, channels_last: bool, reps: int, passes: bool) -> D
     row["lkpatch_fwd_ms"] = time_ms(fwd(ours), n_inputs, reps=reps)
     row["native_fwd_bwd_ms"] = time_ms(fwd_bwd(native), n_inputs, reps=reps)
     row["lkpatch_fwd_bwd_ms"] = time_ms(fwd_bwd(ours), n_inputs, reps=reps)
+    row["native_fwd_bwd_gpu_ms"] = graph_time_ms(fwd_bwd(native), reps)
+    row["lkpatch_fwd_bwd_gpu_ms"] = graph_time_ms(fwd_bwd(ours), reps)
     if passes:
         x0 = xs[0].detach()
         with dispatch.force("kernel"):
@@ -188,7 +211,7 @@ def _shape(text: str):
 
 def format_table(rows: List[Dict], peak_tflops: float) -> str:
     head = ["N x C x H x W, kernel", "dtype", "layout", "fwd PT", "fwd lk", "fwd+bwd PT", "fwd+bwd lk", "speed-up",
-            "% fp32 floor"]
+            "% fp32 floor", "GPU PT", "GPU lk"]
     lines = [head]
     for r in rows:
         n, c, h, w, kh, kw = r["shape"]
@@ -196,11 +219,16 @@ def format_table(rows: List[Dict], peak_tflops: float) -> str:
         lines.append([f"{n}x{c}x{h}x{w}, {kh}x{kw}", r["dtype"], r["layout"], f"{r['native_fwd_ms']:.3f}",
                       f"{r['lkpatch_fwd_ms']:.3f}", f"{r['native_fwd_bwd_ms']:.3f}", f"{r['lkpatch_fwd_bwd_ms']:.3f}",
                       f"{r['native_fwd_bwd_ms'] / r['lkpatch_fwd_bwd_ms']:.2f}x",
-                      f"{100 * floor_ms / r['lkpatch_fwd_bwd_ms']:.0f}%"])
+                      f"{100 * floor_ms / r['lkpatch_fwd_bwd_ms']:.0f}%",
+                      _ms(r.get("native_fwd_bwd_gpu_ms")), _ms(r.get("lkpatch_fwd_bwd_gpu_ms"))])
     widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
     text = ["  ".join(v.rjust(wd) for v, wd in zip(row, widths)) for row in lines]
     text.insert(1, "  ".join("-" * wd for wd in widths))
     return "\n".join(text)
+
+
+def _ms(v: Optional[float]) -> str:
+    return "-" if v is None else f"{v:.3f}"
 
 
 def format_passes(rows: List[Dict]) -> str:

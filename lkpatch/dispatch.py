@@ -219,11 +219,11 @@ def _faster_than_native(pass_: str, size: Sequence[int], kernel_size: Sequence[i
         return area >= 56 * 56 and n * c * area >= 16_000_000
     if effective_macs(size, kernel_size, pads) < _TINY_MACS[pass_]:
         return False
-    if tensor_core_pass(pass_, size, dtype):  # fp16 / bf16 sweep: N 64, C 256-1024, maps 14-56
+    if tensor_core_pass(pass_, size, dtype):  # fp16 / bf16 sweep: N 64, C 256-1024, maps 7-56
         if pass_ == "forward":
-            return area >= 28 * 28 or kmax >= 5
+            return area >= 28 * 28 or (kmax >= 5 if area >= 14 * 14 else kmin >= 7)
         if pass_ == "input_grad":
-            return True
+            return area >= 14 * 14 or kmin >= 5
         return max(h, w) <= 16 or kmin >= 5 or kmax >= 31 or (area >= 56 * 56 and kmin >= 3)
     # CUDA-core kernels: fp32, and fp16 / bf16 on 8x8 maps and below or under 8 images.
     if pass_ == "weight_grad":

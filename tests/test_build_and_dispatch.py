@@ -195,8 +195,11 @@ def test_measured_rule_channels_last(pass_, k, dtype, expected):
 
 @pytest.mark.parametrize("pass_,size,k,expected", [
     ("forward", (32, 256, 7, 7), (13, 13), False),     # tiny problem
-    ("forward", (64, 1024, 7, 7), (7, 7), True),       # 7x7 maps: CUDA-core kernels, from 7x7 in half
+    ("forward", (64, 1024, 7, 7), (7, 7), True),       # 7x7 maps: from 7x7 (forward), 5x5 (input-grad)
     ("forward", (64, 1024, 7, 7), (5, 5), False),
+    ("input_grad", (64, 1024, 7, 7), (5, 5), True),
+    ("input_grad", (64, 1024, 7, 7), (3, 3), False),
+    ("forward", (16, 1024, 7, 7), (13, 13), True),
     ("forward", (64, 512, 14, 14), (3, 3), False),     # tensor cores on 14x14 maps: from 5 taps wide
     ("forward", (64, 512, 14, 14), (1, 7), True),
     ("forward", (32, 256, 14, 14), (13, 13), True),

@@ -5,6 +5,7 @@ cannot route a case to PyTorch, and under ``torch.use_deterministic_algorithms(T
 makes PyTorch fill every fresh allocation -- our outputs and workspaces included -- with NaN:
 an element a kernel fails to write shows up as NaN in the comparison.
 """
+import json
 import math
 import os
 import random
@@ -380,3 +381,16 @@ def test_bad_inputs_raise_like_pytorch():
         with pytest.raises(RuntimeError):
             torch.ops.lkpatch.dwconv2d_input_grad(x, w, [5, 5], [1, 1, 1, 1])
     torch.cuda.synchronize()  # no asynchronous fault was left behind
+
+
+def test_bench_rows_and_json(tmp_path):
+    """`lkpatch bench` times both implementations (queued and CUDA-graph replay) and writes JSON."""
+    from lkpatch import bench
+    out = tmp_path / "bench.json"
+    assert bench.main(["--shapes", "8,16,12,12,5", "--dtype", "float32", "bfloat16", "--passes", "--reps", "3",
+                       "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["dtype"] for r in rows] == ["float32", "bfloat16"]
+    for r in rows:
+        for key in ("fwd_ms", "fwd_bwd_ms", "fwd_bwd_gpu_ms", "input_grad_ms", "weight_grad_ms", "bias_grad_ms"):
+            assert r[f"native_{key}"] > 0 and r[f"lkpatch_{key}"] > 0, key
