@@ -324,6 +324,7 @@ __global__ void __launch_bounds__(32 * kSmallWarps) dw_tc_small_forward(const Tc
                           (unsigned)((((lane & 7) + 8 * ((lane >> 3) & 1)) * p.xplane + 8 * (lane >> 4)) * sizeof(T));
   const float bias = p.bias ? load(p.bias + c) : 0.f;
   const int g = lane >> 2, t = lane & 3;
+  const bool two_tiles = s.OW > 8;  // output columns 8-15 exist
   for (int job = warp; job < s.OH * groups; job += kSmallWarps) {
     const int oy = job / groups, grp = job - oy * groups;
     float acc[2][4];
@@ -338,7 +339,7 @@ __global__ void __launch_bounds__(32 * kSmallWarps) dw_tc_small_forward(const Tc
       uint32_t A[4];
       ldmatrix_x4(A, a_base + (unsigned)(i * 16 * sizeof(T)));
       mma16816<T>(acc[0], A[0], A[1], A[2], A[3], b.x, b.y);
-      mma16816<T>(acc[1], A[0], A[1], A[2], A[3], b.z, b.w);
+      if (two_tiles) mma16816<T>(acc[1], A[0], A[1], A[2], A[3], b.z, b.w);
     }
     // C fragment: images g, g + 8 of the group; columns 8 j + 2 t, + 1.
 #pragma unroll

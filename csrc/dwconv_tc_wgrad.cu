@@ -12,11 +12,11 @@
 // consecutive column chunks share all but two of them. Block partial sums go to a workspace that
 // is added up in a fixed order: deterministic.
 //
-// Maps up to 16 x 16 take a second kernel (dw_tc_small_weight_grad): there the output columns are
+// Maps up to 32 x 32 take a second kernel (dw_tc_small_weight_grad): there the output columns are
 // too few for a K dimension, so the images are: for kernel row i,
 //   D_i[ox][ix] = sum_{n, oy} g[n][oy][ox] * x[n][oy + i - pad_t][ix]
-// is one 16 x 16 product per output row with K = 16 images per mma, and grad_w[i][j] is the sum
-// of D_i's diagonal ix - ox = j - pad_l. Both planes are staged as they lie in memory (image,
+// is one 16 x 16 (or 32 x 32) product per output row with K = 16 images per mma, and
+// grad_w[i][j] is the sum of D_i's diagonal ix - ox = j - pad_l. Both planes are staged as they lie in memory (image,
 // row, 16 columns); ldmatrix.trans turns them into A (ox x images) and B (images x ix) fragments.
 #include <algorithm>
 
@@ -196,7 +196,8 @@ __global__ void __launch_bounds__(32 * kWarps) dw_tc_weight_grad(const TcWgradPa
 
 // ---- small maps --------------------------------------------------------------------------------
 constexpr int kSmallWarps = 8;
-constexpr int kSmallImages = 64;  // most images a block stages (and sums)
+constexpr int kSmallImages = 64;          // most images a block stages (and sums)
+constexpr size_t kSmallSmem = 100 * 1024;  // shared memory a block may take
 
 template <typename T>
 struct TcSmallWgradParams {
@@ -205,28 +206,30 @@ struct TcSmallWgradParams {
   float* parts;  // [slices][C][KH][KW]
   DwShape s;
   int N, per_slice;     // images, images per block (a multiple of 16, at most kSmallImages)
-  int gplane, xplane;   // staged plane pitches (elements): rows * 16 + 8, an odd number of 16-byte units
+  int gplane, xplane;   // staged plane pitches (elements): rows * 16 TW + 8, an odd number of 16-byte units
   bool gpairs, xpairs;  // rows copy as 4-byte pairs (even width, aligned base)
 };
 
-template <typename T>
+// TW: 16-column tiles per row (maps up to 16 TW columns): D_i is (16 TW) x (16 TW).
+template <typename T, int TW>
 __global__ void __launch_bounds__(32 * kSmallWarps) dw_tc_small_weight_grad(const TcSmallWgradParams<T> p) {
+  constexpr int COLS = 16 * TW, DIAGS = 2 * COLS - 1, REPS = (DIAGS + 31) / 32;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const DwShape& s = p.s;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int slice = blockIdx.x, c = blockIdx.y;
   const int n_begin = slice * p.per_slice, nimg = min(p.N - n_begin, p.per_slice);
   const int ksteps = ceil_div(nimg, 16);
-  T* G = reinterpret_cast<T*>(smem_raw);                                  // [image][oy][16]
-  T* X = G + p.per_slice * p.gplane;                                      // [image][iy][16]
-  float* D = reinterpret_cast<float*>(X + p.per_slice * p.xplane) + warp * 256;  // this warp's 16 x 16
+  T* G = reinterpret_cast<T*>(smem_raw);                                  // [image][oy][COLS]
+  T* X = G + p.per_slice * p.gplane;                                      // [image][iy][COLS]
+  float* D = reinterpret_cast<float*>(X + p.per_slice * p.xplane) + warp * COLS * COLS;  // this warp's D_i
 
   // Stage 16 * ksteps images (zeros past the batch and past the row ends), two columns per item.
   const T zero = from_float<T>(0.f);
   const auto stage = [&](T* dst, const T* src, int rows, int cols, int pitch, bool pairs) {
-    for (int u = threadIdx.x; u < 16 * ksteps * rows * 8; u += blockDim.x) {
-      const int x = 2 * (u & 7), r = u >> 3, m = r / rows, y = r - m * rows;
-      T* d = dst + m * pitch + y * 16 + x;
+    for (int u = threadIdx.x; u < 16 * ksteps * rows * (COLS / 2); u += blockDim.x) {
+      const int x = 2 * (u % (COLS / 2)), r = u / (COLS / 2), m = r / rows, y = r - m * rows;
+      T* d = dst + m * pitch + y * COLS + x;
       const T* from = src + ((int64_t)(n_begin + m) * s.C + c) * rows * cols + y * cols + x;
       const bool img = m < nimg;
       if (pairs) {
@@ -251,39 +254,64 @@ __global__ void __launch_bounds__(32 * kSmallWarps) dw_tc_small_weight_grad(cons
   const unsigned x_lane = (unsigned)__cvta_generic_to_shared(X) +
                           (unsigned)(((row + 8 * (mtx & 1)) * p.xplane + 8 * (mtx >> 1)) * sizeof(T));
   const int g = lane >> 2, t = lane & 3;
+  // 16-column tiles of ox (A) and 8-column tiles of ix (B) that hold map columns.
+  const int m_tiles = ceil_div(s.OW, 16), n_tiles = ceil_div(s.W, 8);
   float* out = p.parts + ((int64_t)slice * s.C + c) * s.KH * s.KW;
   // Kernel rows that reach the plane: some oy in [0, OH) reads iy = oy + i - pad_t in [0, H).
   const int i_lo = max(0, s.pad_t - s.OH + 1), i_hi = min(s.KH, s.H + s.pad_t);
   for (int i = i_lo + warp; i < i_hi; i += kSmallWarps) {
-    float acc[2][4] = {};
+    float acc[TW][2 * TW][4] = {};
     const int oy_lo = max(0, s.pad_t - i), oy_hi = min(s.OH, s.H + s.pad_t - i);
     for (int oy = oy_lo; oy < oy_hi; ++oy) {
-      const unsigned ga = g_lane + (unsigned)(oy * 16 * sizeof(T));
-      const unsigned xa = x_lane + (unsigned)((oy + i - s.pad_t) * 16 * sizeof(T));
+      const unsigned ga = g_lane + (unsigned)(oy * COLS * sizeof(T));
+      const unsigned xa = x_lane + (unsigned)((oy + i - s.pad_t) * COLS * sizeof(T));
       for (int k = 0; k < ksteps; ++k) {
-        uint32_t A[4], B[4];
-        ldmatrix_x4_trans(A, ga + (unsigned)(16 * k * p.gplane * sizeof(T)));
-        ldmatrix_x4_trans(B, xa + (unsigned)(16 * k * p.xplane * sizeof(T)));
-        mma16816<T>(acc[0], A[0], A[1], A[2], A[3], B[0], B[1]);
-        mma16816<T>(acc[1], A[0], A[1], A[2], A[3], B[2], B[3]);
+        uint32_t A[TW][4], B[TW][4];
+#pragma unroll
+        for (int mt = 0; mt < TW; ++mt)
+          if (mt < m_tiles) ldmatrix_x4_trans(A[mt], ga + (unsigned)((16 * k * p.gplane + 16 * mt) * sizeof(T)));
+#pragma unroll
+        for (int nt = 0; nt < TW; ++nt)
+          if (2 * nt < n_tiles) ldmatrix_x4_trans(B[nt], xa + (unsigned)((16 * k * p.xplane + 16 * nt) * sizeof(T)));
+#pragma unroll
+        for (int mt = 0; mt < TW; ++mt) {
+          if (mt >= m_tiles) continue;
+#pragma unroll
+          for (int n = 0; n < 2 * TW; ++n)
+            if (n < n_tiles)
+              mma16816<T>(acc[mt][n], A[mt][0], A[mt][1], A[mt][2], A[mt][3], B[n / 2][2 * (n & 1)],
+                          B[n / 2][2 * (n & 1) + 1]);
+        }
       }
     }
-    // C fragment: D[ox = g (+8)][ix = 8 j + 2 t (+1)]; lane 15 + d sums diagonal ix - ox = d.
+    // C fragment: D[ox = 16 mt + g (+8)][ix = 8 n + 2 t (+1)]; lane l sums diagonal ix - ox = l - COLS + 1
+    // (and l + 31 - COLS + 1 when COLS is 32).
 #pragma unroll
-    for (int j = 0; j < 2; ++j)
+    for (int mt = 0; mt < TW; ++mt)
 #pragma unroll
-      for (int q = 0; q < 4; ++q) D[(g + 8 * (q >> 1)) * 16 + 8 * j + 2 * t + (q & 1)] = acc[j][q];
+      for (int n = 0; n < 2 * TW; ++n)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) D[(16 * mt + g + 8 * (q >> 1)) * COLS + 8 * n + 2 * t + (q & 1)] = acc[mt][n][q];
     __syncwarp();
-    const int d = lane - 15;
-    float diag = 0.f;
+    float diag[REPS];
 #pragma unroll
-    for (int ox = 0; ox < 16; ++ox)
-      if (ox + d >= 0 && ox + d < 16) diag += D[ox * 17 + d];
+    for (int r = 0; r < REPS; ++r) {
+      const int d = lane + 32 * r - (COLS - 1);
+      diag[r] = 0.f;
+#pragma unroll 4
+      for (int ox = max(0, -d); ox < min(COLS, COLS - d); ++ox) diag[r] += D[ox * (COLS + 1) + d];
+    }
     __syncwarp();  // D is reused by the next kernel row
     for (int j0 = 0; j0 < s.KW; j0 += 32) {
-      const int j = j0 + lane, dj = j - s.pad_l;
-      const float v = __shfl_sync(0xffffffffu, diag, min(max(dj + 15, 0), 31));
-      if (j < s.KW) out[i * s.KW + j] = dj >= -15 && dj <= 15 ? v : 0.f;
+      const int j = j0 + lane, idx = j - s.pad_l + COLS - 1;  // diagonal index in [0, DIAGS) if reachable
+      const int src = min(max(idx, 0), DIAGS - 1);
+      float v = 0.f;
+#pragma unroll
+      for (int r = 0; r < REPS; ++r) {
+        const float w = __shfl_sync(0xffffffffu, diag[r], src & 31);
+        if (src >> 5 == r) v = w;
+      }
+      if (j < s.KW) out[i * s.KW + j] = idx >= 0 && idx < DIAGS ? v : 0.f;
     }
   }
   for (int e = threadIdx.x; e < s.KH * s.KW; e += blockDim.x) {  // kernel rows that never reach the map
@@ -293,22 +321,33 @@ __global__ void __launch_bounds__(32 * kSmallWarps) dw_tc_small_weight_grad(cons
 }
 
 struct TcSmallWgradPlan {
-  int slices, per_slice, gplane, xplane;
+  int TW, slices, per_slice, gplane, xplane;
   size_t smem;
 };
 
-bool small_map(const DwShape& s) { return s.H <= 16 && s.W <= 16 && s.OH <= 16 && s.OW <= 16; }
+// 16-column tiles per row for the small-map kernel: 1 (maps up to 16 x 16), 2 (up to 32 x 32), or 0.
+int small_map_tiles(const DwShape& s) {
+  const int most = std::max({s.H, s.W, s.OH, s.OW});
+  return most <= 16 ? 1 : most <= 32 ? 2 : 0;
+}
 
 TcSmallWgradPlan plan_small(const DwShape& s, int sms) {
   TcSmallWgradPlan q{};
   const int N = (int)(s.planes / s.C);
-  q.gplane = s.OH * 16 + 8;
-  q.xplane = s.H * 16 + 8;
-  // At most kSmallImages images per block, at least 16, and enough blocks for two per SM.
-  const int want = std::max(ceil_div(N, kSmallImages), std::min(ceil_div(N, 16), ceil_div(2 * sms, s.C)));
-  q.per_slice = std::min(kSmallImages, round_up(ceil_div(N, want), 16));
+  q.TW = std::max(1, small_map_tiles(s));
+  const int cols = 16 * q.TW;
+  q.gplane = s.OH * cols + 8;
+  q.xplane = s.H * cols + 8;
+  const size_t scratch = (size_t)kSmallWarps * cols * cols * sizeof(float);
+  const size_t per_image = (size_t)(q.gplane + q.xplane) * 2;
+  // Images per block: a multiple of 16 within the budget and kSmallImages, and enough blocks for
+  // two per SM.
+  const int fit = (int)std::max<size_t>(16, (kSmallSmem - std::min(kSmallSmem, scratch)) / per_image / 16 * 16);
+  const int most = std::min(kSmallImages, fit);
+  const int want = std::max(ceil_div(N, most), std::min(ceil_div(N, 16), ceil_div(2 * sms, s.C)));
+  q.per_slice = std::min(most, round_up(ceil_div(N, want), 16));
   q.slices = ceil_div(N, q.per_slice);
-  q.smem = (size_t)q.per_slice * (q.gplane + q.xplane) * 2 + kSmallWarps * 256 * sizeof(float);
+  q.smem = (size_t)q.per_slice * per_image + scratch;
   return q;
 }
 
@@ -355,8 +394,8 @@ bool dwconv2d_tc_weight_grad_fits(DType t, const DwShape& s) {
   if (s.planes / s.C < 8) return false;  // M or K = 16 images / columns: too few images waste them
   DeviceLimits lim;
   if (device_limits(&lim) != cudaSuccess || lim.cc_major < 8) return false;
-  if (small_map(s)) return s.C <= 65535 && plan_small(s, lim.sms).smem <= (size_t)lim.max_smem_optin;
-  // Between 16 x 16 and about 20 x 20 the CUDA-core kernel is faster (H100, bf16).
+  if (small_map_tiles(s)) return s.C <= 65535 && plan_small(s, lim.sms).smem <= (size_t)lim.max_smem_optin;
+  // Narrow maps (a side above 32, under 20 x 20 in area) stay on the CUDA-core kernel.
   if ((int64_t)s.OH * s.OW < 400) return false;
   const WgradPlan q = plan(s, lim.sms);
   // An image's output-gradient plane and input rows are staged whole: maps up to about 100 x 100.
@@ -366,7 +405,7 @@ bool dwconv2d_tc_weight_grad_fits(DType t, const DwShape& s) {
 size_t dwconv2d_tc_weight_grad_workspace(const DwShape& s) {
   DeviceLimits lim;
   if (device_limits(&lim) != cudaSuccess) return 0;
-  const int slices = small_map(s) ? plan_small(s, lim.sms).slices : plan(s, lim.sms).slices;
+  const int slices = small_map_tiles(s) ? plan_small(s, lim.sms).slices : plan(s, lim.sms).slices;
   return (size_t)slices * s.C * s.KH * s.KW * sizeof(float);
 }
 
@@ -380,7 +419,7 @@ cudaError_t dwconv2d_tc_weight_grad(DType t, const void* grad_out, const void* i
     using T = decltype(tag);
     if constexpr (std::is_same_v<T, float>) {
       return cudaErrorInvalidValue;
-    } else if (small_map(s)) {
+    } else if (small_map_tiles(s)) {
       const TcSmallWgradPlan sq = plan_small(s, lim.sms);
       TcSmallWgradParams<T> p{};
       p.grad = static_cast<const T*>(grad_out);
@@ -393,8 +432,9 @@ cudaError_t dwconv2d_tc_weight_grad(DType t, const void* grad_out, const void* i
       p.xplane = sq.xplane;
       p.gpairs = s.OW % 2 == 0 && reinterpret_cast<uintptr_t>(grad_out) % 4 == 0;
       p.xpairs = s.W % 2 == 0 && reinterpret_cast<uintptr_t>(in) % 4 == 0;
-      cudaError_t e = launch(dw_tc_small_weight_grad<T>, dim3(sq.slices, s.C), dim3(32 * kSmallWarps), sq.smem,
-                             stream, p);
+      const dim3 grid(sq.slices, s.C), block(32 * kSmallWarps);
+      cudaError_t e = sq.TW == 1 ? launch(dw_tc_small_weight_grad<T, 1>, grid, block, sq.smem, stream, p)
+                                 : launch(dw_tc_small_weight_grad<T, 2>, grid, block, sq.smem, stream, p);
       if (e != cudaSuccess) return e;
       return sum_partials(workspace, static_cast<T*>(grad_w), sq.slices, (int64_t)s.C * s.KH * s.KW, stream);
     } else {

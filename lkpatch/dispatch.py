@@ -239,13 +239,15 @@ def _faster_than_native(pass_: str, size: Sequence[int], kernel_size: Sequence[i
 
 def tensor_core_pass(pass_: str, size: Sequence[int], dtype: torch.dtype) -> bool:
     """Whether the CUDA kernels run this pass on tensor cores: fp16 / bf16, 8 or more images,
-    an sm_80+ GPU, and maps up to 16 x 16 (their own kernels) or above 8 x 8 (forward,
-    input-grad) or from about 20 x 20 (weight-grad). The kernels make this choice themselves
-    (csrc/dwconv_tc*.cu); the speed rule mirrors it. ``size`` is the input's (N, C, H, W)."""
+    an sm_80+ GPU, and maps up to 16 x 16 (weight-grad: 32 x 32; small-map kernels) or above
+    8 x 8 (forward, input-grad) or from 20 x 20 (weight-grad). The kernels make this choice
+    themselves (csrc/dwconv_tc*.cu); the speed rule mirrors it. ``size`` is the input's (N, C, H, W)."""
     if dtype not in (torch.float16, torch.bfloat16) or size[0] < 8 or _tensor_cores_off():
         return False
     h, w = size[2], size[3]
-    return max(h, w) <= 16 or h * w >= (400 if pass_ == "weight_grad" else 65)
+    if pass_ == "weight_grad":
+        return max(h, w) <= 32 or h * w >= 400
+    return max(h, w) <= 16 or h * w > 64
 
 
 @torch.compiler.assume_constant_result

@@ -227,7 +227,8 @@ def test_tensor_core_passes(monkeypatch):
     assert not dispatch.tensor_core_pass("forward", (7, 4, 14, 14), torch.float16)    # under 8 images
     assert not dispatch.tensor_core_pass("forward", (64, 4, 14, 14), torch.float32)   # no TF32 path
     assert dispatch.tensor_core_pass("weight_grad", (64, 4, 14, 14), torch.bfloat16)       # small maps
-    assert not dispatch.tensor_core_pass("weight_grad", (64, 4, 18, 18), torch.bfloat16)
+    assert dispatch.tensor_core_pass("weight_grad", (64, 4, 18, 18), torch.bfloat16)       # up to 32x32
+    assert not dispatch.tensor_core_pass("weight_grad", (64, 4, 6, 40), torch.bfloat16)
     assert dispatch.tensor_core_pass("forward", (64, 4, 7, 7), torch.bfloat16)            # small maps
     assert not dispatch.tensor_core_pass("forward", (64, 4, 3, 20), torch.bfloat16)
     assert dispatch.tensor_core_pass("weight_grad", (64, 4, 28, 28), torch.bfloat16)

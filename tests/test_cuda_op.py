@@ -127,13 +127,13 @@ def check_case(case, seed, dtype=torch.float32):
     assert got[0].is_contiguous(memory_format=output_memory_format(x))
 
 
-def draw_small_map_case(rng: random.Random, batch=None):
-    """A random case whose input and output maps are at most 16 x 16 (drawn until one is)."""
+def draw_small_map_case(rng: random.Random, batch=None, most=16):
+    """A random case whose input and output maps are at most ``most`` x ``most`` (drawn until one is)."""
     while True:
         case = draw_case(rng, batch)
         p = case["pads"]
         oh, ow = case["h"] + p[0] + p[1] - case["kh"] + 1, case["w"] + p[2] + p[3] - case["kw"] + 1
-        if max(case["h"], case["w"], oh, ow) <= 16:
+        if max(case["h"], case["w"], oh, ow) <= most and (most == 16 or max(case["h"], case["w"], oh, ow) > 16):
             return case
 
 
@@ -171,6 +171,13 @@ def test_random_sweep_tensor_cores_small_maps(dtype):
     """Maps up to 16 x 16, whose weight-gradient sums over images on tensor cores: batches up to
     80 (several 64-image blocks, partial 16-image steps) and kernels much larger than the map."""
     assert_sweep(1357, HALF_SWEEP_CASES, dtype, batch=(8, 80), draw=draw_small_map_case)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_random_sweep_tensor_cores_maps_to_32(dtype):
+    """Maps from 17 to 32 on a side, whose weight-gradient sums over images in 32 x 32 tiles."""
+    assert_sweep(9753, HALF_SWEEP_CASES // 2, dtype, batch=(8, 80),
+                 draw=lambda rng, batch: draw_small_map_case(rng, batch, most=32))
 
 
 def test_autocast_bf16_training_step():
