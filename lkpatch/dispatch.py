@@ -224,7 +224,7 @@ def _faster_than_native(pass_: str, size: Sequence[int], kernel_size: Sequence[i
             return area >= 28 * 28 or (kmax >= 5 if area >= 14 * 14 else kmin >= 7)
         if pass_ == "input_grad":
             return area >= 14 * 14 or kmin >= 5
-        return max(h, w) <= 16 or kmin >= 5 or kmax >= 31 or (area >= 56 * 56 and kmin >= 3)
+        return max(h, w) <= 32 or kmin >= 5 or kmax >= 31 or (area >= 56 * 56 and kmin >= 3)
     # CUDA-core kernels: fp32, and fp16 / bf16 on 8x8 maps and below or under 8 images.
     if pass_ == "weight_grad":
         if kmin <= 3:

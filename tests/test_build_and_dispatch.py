@@ -207,12 +207,13 @@ def test_measured_rule_channels_last(pass_, k, dtype, expected):
     ("forward", (64, 256, 56, 56), (3, 3), True),
     ("input_grad", (32, 256, 14, 14), (1, 7), False),  # tiny
     ("input_grad", (64, 512, 14, 14), (3, 3), True),
-    ("weight_grad", (32, 256, 28, 28), (1, 11), False),
-    ("weight_grad", (32, 256, 28, 28), (3, 3), False),
+    ("weight_grad", (32, 256, 28, 28), (3, 3), True),
     ("weight_grad", (64, 128, 56, 56), (3, 3), True),
+    ("weight_grad", (64, 128, 40, 40), (3, 3), False),
     ("weight_grad", (32, 256, 28, 28), (5, 5), True),
-    ("weight_grad", (64, 512, 14, 14), (1, 7), True),   # maps up to 16x16: images as K, every kernel wins
-    ("weight_grad", (64, 256, 28, 28), (1, 7), False),  # larger maps: thin kernels lose the weight-grad
+    ("weight_grad", (64, 512, 14, 14), (1, 7), True),   # maps up to 32x32: images as K, every kernel wins
+    ("weight_grad", (64, 256, 28, 28), (1, 7), True),
+    ("weight_grad", (64, 96, 56, 56), (1, 7), False),   # larger maps: thin kernels lose the weight-grad
     ("weight_grad", (4, 256, 56, 56), (3, 3), True),   # 4 images: no tensor cores, the fp32 rule
 ])
 def test_measured_rule_tensor_cores(monkeypatch, pass_, size, k, expected):
