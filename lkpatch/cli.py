@@ -359,7 +359,7 @@ def _path_for(dtype: torch.dtype, cuda: bool, built: bool, impl: str) -> str:
     if dtype == torch.float32:
         arith = "exact fp32 (CUDA cores)"
     elif dispatch.tensor_core_pass("forward", (8, 1, 9, 9), dtype):
-        arith = "tensor cores from 8 images and 9x9 maps, else CUDA cores; fp32 accumulation"
+        arith = "tensor cores from 8 images, else CUDA cores; fp32 accumulation"
     else:
         arith = "CUDA cores, fp32 accumulation"
     return f"{where}, {arith}" + ("" if built else "; builds on first use")
