@@ -33,22 +33,19 @@ __device__ __forceinline__ void mma16816(float (&d)[4], uint32_t a0, uint32_t a1
 }
 
 // Four 8 x 8 matrices of 16-bit values from shared memory; lane l gives the address of row l % 8
-// of matrix l / 8 (16-byte aligned).
+// of matrix l / 8 (16-byte aligned). TRANS: each matrix transposed, so lane l's row is a column of
+// the result (an operand stored K-major, such as an image index that runs slowest, becomes a fragment).
+template <bool TRANS = false>
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], unsigned addr) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-#endif
-}
-
-// The same, each matrix transposed: lane l's row l % 8 of matrix l / 8 is a column of the result
-// (an operand stored K-major, such as an image index that runs slowest, becomes a fragment).
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], unsigned addr) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
+  if constexpr (TRANS)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+  else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
 #endif
 }
 
@@ -78,6 +75,27 @@ __device__ __forceinline__ void copy_async_wait_group() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 #endif
+}
+
+// Planes of images n_begin .. n_begin + 16 * groups - 1 of channel c (rows x cols each, in an
+// N x C x rows x cols tensor) into dst[image][row][COLS], `pitch` elements per image: zeros past
+// the nimg real images and past each row's end. `pairs`: 4-byte asynchronous copies (even cols,
+// aligned base; the caller commits and waits); else plain loads. For the small-map kernels.
+template <int COLS, typename T>
+__device__ __forceinline__ void stage_planes(T* dst, const T* src, int C, int c, int n_begin, int nimg, int groups,
+                                             int rows, int cols, int pitch, bool pairs, T zero) {
+  for (int u = threadIdx.x; u < 16 * groups * rows * (COLS / 2); u += blockDim.x) {
+    const int x = 2 * (u % (COLS / 2)), r = u / (COLS / 2), m = r / rows, y = r - m * rows;
+    T* d = dst + m * pitch + y * COLS + x;
+    const T* from = src + ((int64_t)(n_begin + m) * C + c) * rows * cols + y * cols + x;
+    const bool img = m < nimg;
+    if (pairs) {
+      copy_async<4>(d, img && x < cols ? from : src, img && x < cols);
+    } else {
+      d[0] = img && x < cols ? from[0] : zero;
+      d[1] = img && x + 1 < cols ? from[1] : zero;
+    }
+  }
 }
 
 }  // namespace lkpatch

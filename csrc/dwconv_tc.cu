@@ -282,18 +282,7 @@ __global__ void __launch_bounds__(32 * kSmallWarps) dw_tc_small_forward(const Tc
   T* X = reinterpret_cast<T*>(Bf + 32 * max(0, i_hi - i_lo));  // [image][iy][16]
 
   const T zero = from_float<T>(0.f);
-  for (int u = threadIdx.x; u < 16 * groups * s.H * 8; u += blockDim.x) {
-    const int x = 2 * (u & 7), r = u >> 3, m = r / s.H, y = r - m * s.H;
-    T* d = X + m * p.xplane + y * 16 + x;
-    const T* from = p.in + ((int64_t)(n_begin + m) * s.C + c) * s.H * s.W + y * s.W + x;
-    const bool img = m < nimg;
-    if (p.pairs) {
-      copy_async<4>(d, img && x < s.W ? from : p.in, img && x < s.W);
-    } else {
-      d[0] = img && x < s.W ? from[0] : zero;
-      d[1] = img && x + 1 < s.W ? from[1] : zero;
-    }
-  }
+  stage_planes<16>(X, p.in, s.C, c, n_begin, nimg, groups, s.H, s.W, p.xplane, p.pairs, zero);
   copy_async_commit();
   // B fragment of column tile j, lane (g, t): T_i[ix][ox] = w[i][ix - ox + pad_l] at ox = 8 j + g and
   // ix = 2t, 2t + 1 (b0), 2t + 8, 2t + 9 (b1); zero off the band.

@@ -226,22 +226,8 @@ __global__ void __launch_bounds__(32 * kSmallWarps) dw_tc_small_weight_grad(cons
 
   // Stage 16 * ksteps images (zeros past the batch and past the row ends), two columns per item.
   const T zero = from_float<T>(0.f);
-  const auto stage = [&](T* dst, const T* src, int rows, int cols, int pitch, bool pairs) {
-    for (int u = threadIdx.x; u < 16 * ksteps * rows * (COLS / 2); u += blockDim.x) {
-      const int x = 2 * (u % (COLS / 2)), r = u / (COLS / 2), m = r / rows, y = r - m * rows;
-      T* d = dst + m * pitch + y * COLS + x;
-      const T* from = src + ((int64_t)(n_begin + m) * s.C + c) * rows * cols + y * cols + x;
-      const bool img = m < nimg;
-      if (pairs) {
-        copy_async<4>(d, img && x < cols ? from : src, img && x < cols);
-      } else {
-        d[0] = img && x < cols ? from[0] : zero;
-        d[1] = img && x + 1 < cols ? from[1] : zero;
-      }
-    }
-  };
-  stage(G, p.grad, s.OH, s.OW, p.gplane, p.gpairs);
-  stage(X, p.in, s.H, s.W, p.xplane, p.xpairs);
+  stage_planes<COLS>(G, p.grad, s.C, c, n_begin, nimg, ksteps, s.OH, s.OW, p.gplane, p.gpairs, zero);
+  stage_planes<COLS>(X, p.in, s.C, c, n_begin, nimg, ksteps, s.H, s.W, p.xplane, p.xpairs, zero);
   copy_async_commit();
   copy_async_wait_group<0>();
   __syncthreads();
@@ -269,10 +255,10 @@ __global__ void __launch_bounds__(32 * kSmallWarps) dw_tc_small_weight_grad(cons
         uint32_t A[TW][4], B[TW][4];
 #pragma unroll
         for (int mt = 0; mt < TW; ++mt)
-          if (mt < m_tiles) ldmatrix_x4_trans(A[mt], ga + (unsigned)((16 * k * p.gplane + 16 * mt) * sizeof(T)));
+          if (mt < m_tiles) ldmatrix_x4<true>(A[mt], ga + (unsigned)((16 * k * p.gplane + 16 * mt) * sizeof(T)));
 #pragma unroll
         for (int nt = 0; nt < TW; ++nt)
-          if (2 * nt < n_tiles) ldmatrix_x4_trans(B[nt], xa + (unsigned)((16 * k * p.xplane + 16 * nt) * sizeof(T)));
+          if (2 * nt < n_tiles) ldmatrix_x4<true>(B[nt], xa + (unsigned)((16 * k * p.xplane + 16 * nt) * sizeof(T)));
 #pragma unroll
         for (int mt = 0; mt < TW; ++mt) {
           if (mt >= m_tiles) continue;
