@@ -5,6 +5,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <map>
 #include <mutex>
@@ -271,6 +272,26 @@ bool dwconv2d_tc_weight_grad_fits(DType t, const DwShape& s);
 size_t dwconv2d_tc_weight_grad_workspace(const DwShape& s);
 cudaError_t dwconv2d_tc_weight_grad(DType t, const void* grad_out, const void* in, void* grad_w, float* workspace,
                                     const DwShape& s, cudaStream_t stream);
+
+// The tensor-core small-map kernels (dwconv_tc*.cu) stage whole planes with rows padded to 16
+// columns: 16-column tiles per row, 1 (every side up to 16), 2 (up to 32), or 0 (larger).
+inline int small_map_tiles(const DwShape& s) {
+  const int most = std::max(std::max(s.H, s.W), std::max(s.OH, s.OW));
+  return most <= 16 ? 1 : most <= 32 ? 2 : 0;
+}
+
+// Their blocks take one channel's images in slices: a multiple of 16, at most `most`, and enough
+// blocks for two per SM.
+struct ImageSlices {
+  int per_slice, slices;
+};
+inline ImageSlices image_slices(int N, int C, int sms, int most) {
+  const int want = std::max(ceil_div(N, most), std::min(ceil_div(N, 16), ceil_div(2 * sms, C)));
+  ImageSlices q{};
+  q.per_slice = std::min(most, round_up(ceil_div(N, want), 16));
+  q.slices = ceil_div(N, q.per_slice);
+  return q;
+}
 
 // Whether a pass takes the small-map variant where it fits. LKPATCH_SMALL_MAP=never|always
 // overrides the rule (benchmarking).

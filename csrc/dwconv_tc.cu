@@ -356,16 +356,14 @@ struct TcSmallPlan {
   size_t smem;
 };
 
-bool small_map(const DwShape& s) { return s.H <= 16 && s.W <= 16 && s.OH <= 16 && s.OW <= 16; }
+bool small_map(const DwShape& s) { return small_map_tiles(s) == 1; }
 
 TcSmallPlan plan_small(const DwShape& s, int sms) {
   TcSmallPlan q{};
-  const int N = (int)(s.planes / s.C);
   q.xplane = s.H * 16 + 8;
-  // At most kSmallImages images per block, at least 16, and enough blocks for two per SM.
-  const int want = std::max(ceil_div(N, kSmallImages), std::min(ceil_div(N, 16), ceil_div(2 * sms, s.C)));
-  q.per_slice = std::min(kSmallImages, round_up(ceil_div(N, want), 16));
-  q.slices = ceil_div(N, q.per_slice);
+  const ImageSlices slices = image_slices((int)(s.planes / s.C), s.C, sms, kSmallImages);
+  q.per_slice = slices.per_slice;
+  q.slices = slices.slices;
   const int rows = std::max(0, std::min(s.KH, s.H + s.pad_t) - std::max(0, s.pad_t - s.OH + 1));
   q.smem = (size_t)rows * 32 * 16 + (size_t)q.per_slice * q.xplane * 2;
   return q;
@@ -415,14 +413,14 @@ bool dwconv2d_tc_forward_fits(DType t, const DwShape& s) {
 
 cudaError_t dwconv2d_tc_forward(DType t, const void* in, const void* w, const void* bias, void* out,
                                 const DwShape& s, bool flip_kernel, cudaStream_t stream) {
+  DeviceLimits lim;
+  const cudaError_t err = device_limits(&lim);
+  if (err != cudaSuccess) return err;
   return with_dtype(t, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
     if constexpr (std::is_same_v<T, float>) {
       return cudaErrorInvalidValue;
     } else if (small_map(s)) {
-      DeviceLimits lim;
-      cudaError_t err = device_limits(&lim);
-      if (err != cudaSuccess) return err;
       const TcSmallPlan q = plan_small(s, lim.sms);
       TcSmallParams<T> p{};
       p.set(static_cast<const T*>(in), static_cast<const T*>(w), static_cast<const T*>(bias), static_cast<T*>(out), s,
@@ -442,9 +440,6 @@ cudaError_t dwconv2d_tc_forward(DType t, const void* in, const void* w, const vo
             : s.W % 2 == 0 && addr % 4 == 0 ? 4 : 0;
       // Blocks take several 16-image groups of one channel (its B fragments are built once), but
       // leave enough blocks to fill the GPU.
-      DeviceLimits lim;
-      cudaError_t err = device_limits(&lim);
-      if (err != cudaSuccess) return err;
       const int groups = ceil_div(p.N, 16);
       const int64_t base = (int64_t)q.tiles * s.C;
       static const char* env = getenv("LKPATCH_TC_GROUPS");  // benchmarking: most groups per block

@@ -311,12 +311,6 @@ struct TcSmallWgradPlan {
   size_t smem;
 };
 
-// 16-column tiles per row for the small-map kernel: 1 (maps up to 16 x 16), 2 (up to 32 x 32), or 0.
-int small_map_tiles(const DwShape& s) {
-  const int most = std::max({s.H, s.W, s.OH, s.OW});
-  return most <= 16 ? 1 : most <= 32 ? 2 : 0;
-}
-
 TcSmallWgradPlan plan_small(const DwShape& s, int sms) {
   TcSmallWgradPlan q{};
   const int N = (int)(s.planes / s.C);
@@ -326,13 +320,11 @@ TcSmallWgradPlan plan_small(const DwShape& s, int sms) {
   q.xplane = s.H * cols + 8;
   const size_t scratch = (size_t)kSmallWarps * cols * cols * sizeof(float);
   const size_t per_image = (size_t)(q.gplane + q.xplane) * 2;
-  // Images per block: a multiple of 16 within the budget and kSmallImages, and enough blocks for
-  // two per SM.
+  // Images per block: also within the shared-memory budget.
   const int fit = (int)std::max<size_t>(16, (kSmallSmem - std::min(kSmallSmem, scratch)) / per_image / 16 * 16);
-  const int most = std::min(kSmallImages, fit);
-  const int want = std::max(ceil_div(N, most), std::min(ceil_div(N, 16), ceil_div(2 * sms, s.C)));
-  q.per_slice = std::min(most, round_up(ceil_div(N, want), 16));
-  q.slices = ceil_div(N, q.per_slice);
+  const ImageSlices slices = image_slices(N, s.C, sms, std::min(kSmallImages, fit));
+  q.per_slice = slices.per_slice;
+  q.slices = slices.slices;
   q.smem = (size_t)q.per_slice * per_image + scratch;
   return q;
 }
