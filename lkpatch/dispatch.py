@@ -225,7 +225,7 @@ def _faster_than_native(pass_: str, size: Sequence[int], kernel_size: Sequence[i
         if pass_ == "input_grad":
             return area >= 14 * 14 or kmin >= 5
         return max(h, w) <= 32 or kmin >= 5 or kmax >= 31 or (area >= 56 * 56 and kmin >= 3)
-    # CUDA-core kernels: fp32, and fp16 / bf16 on 8x8 maps and below or under 8 images.
+    # CUDA-core kernels: fp32, fp16 / bf16 under 8 images, and half weight-grads on narrow maps.
     if pass_ == "weight_grad":
         if kmin <= 3:
             return kmax >= 31 or (area >= 56 * 56 and not (kmin == 1 and kmax <= 7))
@@ -238,16 +238,14 @@ def _faster_than_native(pass_: str, size: Sequence[int], kernel_size: Sequence[i
 
 
 def tensor_core_pass(pass_: str, size: Sequence[int], dtype: torch.dtype) -> bool:
-    """Whether the CUDA kernels run this pass on tensor cores: fp16 / bf16, 8 or more images,
-    an sm_80+ GPU, and maps up to 16 x 16 (weight-grad: 32 x 32; small-map kernels) or above
-    8 x 8 (forward, input-grad) or from 20 x 20 (weight-grad). The kernels make this choice
-    themselves (csrc/dwconv_tc*.cu); the speed rule mirrors it. ``size`` is the input's (N, C, H, W)."""
+    """Whether the CUDA kernels run this pass on tensor cores: fp16 / bf16, 8 or more images, an
+    sm_80+ GPU; the weight-grad only on maps up to 32 x 32 or from 20 x 20 in area. The kernels
+    make this choice themselves (csrc/dwconv_tc*.cu); the speed rule mirrors it. ``size`` is the
+    input's (N, C, H, W)."""
     if dtype not in (torch.float16, torch.bfloat16) or size[0] < 8 or _tensor_cores_off():
         return False
     h, w = size[2], size[3]
-    if pass_ == "weight_grad":
-        return max(h, w) <= 32 or h * w >= 400
-    return max(h, w) <= 16 or h * w > 64
+    return pass_ != "weight_grad" or max(h, w) <= 32 or h * w >= 400
 
 
 @torch.compiler.assume_constant_result

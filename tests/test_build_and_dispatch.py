@@ -231,7 +231,7 @@ def test_tensor_core_passes(monkeypatch):
     assert dispatch.tensor_core_pass("weight_grad", (64, 4, 18, 18), torch.bfloat16)       # up to 32x32
     assert not dispatch.tensor_core_pass("weight_grad", (64, 4, 6, 40), torch.bfloat16)
     assert dispatch.tensor_core_pass("forward", (64, 4, 7, 7), torch.bfloat16)            # small maps
-    assert not dispatch.tensor_core_pass("forward", (64, 4, 3, 20), torch.bfloat16)
+    assert dispatch.tensor_core_pass("forward", (64, 4, 3, 20), torch.bfloat16)           # and narrow ones
     assert dispatch.tensor_core_pass("weight_grad", (64, 4, 28, 28), torch.bfloat16)
     monkeypatch.setattr(dispatch, "_tensor_cores_off", lambda: True)
     assert not dispatch.tensor_core_pass("forward", (64, 4, 56, 56), torch.bfloat16)
