@@ -150,6 +150,17 @@ def kernels(names):
         print("launched", name, flush=True)
 
 
+def kernel_ms(prof, steps, width=90):
+    """GPU milliseconds per step of each kernel in a torch.profiler run: {name: [ms, launches]}."""
+    rows = {}
+    for e in prof.events():
+        if e.device_type.name == "CUDA":
+            r = rows.setdefault(e.name[:width], [0.0, 0])
+            r[0] += e.time_range.elapsed_us() / 1e3 / steps
+            r[1] += 1
+    return rows
+
+
 def model(amp):
     import copy
     import timm
@@ -181,12 +192,7 @@ def model(amp):
         for _ in range(2):
             step()
         torch.cuda.synchronize()
-    rows = {}
-    for e in prof.events():
-        if e.device_type.name == "CUDA":
-            r = rows.setdefault(e.name[:90], [0.0, 0])
-            r[0] += e.time_range.elapsed_us() / 2e3  # ms per step
-            r[1] += 1
+    rows = kernel_ms(prof, 2)
     total = sum(v[0] for v in rows.values())
     print(f"GPU kernel time per step: {total:.1f} ms")
     for name, (ms, n) in sorted(rows.items(), key=lambda kv: -kv[1][0])[:28]:
@@ -222,10 +228,7 @@ def hostbound():
                 for _ in range(20):
                     step()
                 torch.cuda.synchronize()
-            kernels = {}
-            for e in prof.events():
-                if e.device_type.name == "CUDA":
-                    kernels[e.name[:60]] = kernels.get(e.name[:60], 0.0) + e.time_range.elapsed_us() / 20
+            kernels = {name: ms * 1e3 for name, (ms, _) in kernel_ms(prof, 20, 60).items()}  # us per step
             print(f"{n}x{c}x{h}x{w} k{k} {dtype}: host {host:.1f} us per fwd+bwd, queued events {gpu * 1e3:.1f} us, "
                   f"synced events {sorted(synced)[10] * 1e3:.1f} us, kernels {sum(kernels.values()):.1f} us: "
                   + ", ".join(f"{v:.1f} {k}" for k, v in kernels.items()))
@@ -253,5 +256,6 @@ def mismatch():
 
 if __name__ == "__main__":
     {"overhead": lambda: overhead(), "kernels": lambda: kernels(sys.argv[2:]),
-     "mismatch": lambda: mismatch(), "hostbound": lambda: hostbound(), "model": lambda: model(sys.argv[2] if len(sys.argv) > 2 else "bfloat16"), "python": lambda: python_profile(),
+     "mismatch": lambda: mismatch(), "hostbound": lambda: hostbound(),
+     "model": lambda: model(sys.argv[2] if len(sys.argv) > 2 else "bfloat16"), "python": lambda: python_profile(),
      "autograd": lambda: autograd_variants()}[sys.argv[1]]()
