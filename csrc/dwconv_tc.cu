@@ -20,6 +20,7 @@ namespace lkpatch {
 namespace {
 
 constexpr int kRH = 4;        // output rows per warp
+constexpr int kMaxS = 5;      // k-steps per output tile: ceil((KW + 7 + sh) / 16) with KW <= 63, sh <= 7
 constexpr int kMaxWarps = 4;  // warps per block, stacked down the tile
 constexpr int kRows = 2;      // staged input rows per barrier
 // The ring: rows being applied, rows a slower warp may still apply, rows in flight, rows fetched.
@@ -143,40 +144,60 @@ __global__ void __launch_bounds__(32 * kMaxWarps, 4) dw_tc_forward(const TcParam
   float acc[kRH][NT][4];
   // Input row r (staged at `at`) applied to this warp's output rows.
   auto apply_row = [&](int r, int at) {
-    int brow[kRH];  // index of the row's first B fragment for each output row, or -1
-    bool any = false;
+    int brow[kRH];  // index of the row's first B fragment for each output row (lane's own if none)
+    bool use[kRH], any = false;
 #pragma unroll
     for (int rr = 0; rr < kRH; ++rr) {
       const int i = r + s.pad_t - (oyw + rr);
-      const bool ok = i >= 0 && i < s.KH && oyw + rr < s.OH;
-      brow[rr] = ok ? i * p.S * 32 + lane : -1;
-      any |= ok;
+      use[rr] = i >= 0 && i < s.KH && oyw + rr < s.OH;
+      brow[rr] = use[rr] ? i * p.S * 32 + lane : lane;
+      any |= use[rr];
     }
     if (!any) return;
     const unsigned a_addr = ring_addr + (unsigned)((at * slot_elems + a_lane) * sizeof(T));
+    // Unrolled and software-pipelined: k-step st + 1's fragments load while st's mma run; the A
+    // fragments shared by consecutive k-steps stay in registers, and B's addresses are constant
+    // offsets. Windows start at staged column 16 * st + 8 * j; consecutive k-steps share NT - 2.
     uint32_t A[NT][4];
-    for (int st = 0; st < p.S; ++st) {
-      // Windows start at staged column 16 * st + 8 * j; consecutive k-steps share NT - 2 of them.
+    uint2 B[kRH];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) ldmatrix_x4(A[j], a_addr + (unsigned)(8 * j * sizeof(T)));
+#pragma unroll
+    for (int rr = 0; rr < kRH; ++rr) B[rr] = Bf[brow[rr]];
+#pragma unroll
+    for (int st = 0; st < kMaxS; ++st) {
+      if (st >= p.S) break;
+      // The next k-step's fragments, loaded even after the last k-step (the shared memory has
+      // slack for it): a condition here costs the compiler a select or a spill per register.
+      uint32_t An[NT][4];
+      uint2 Bn[kRH];
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
-        if (NT > 2 && st > 0 && j < NT - 2) {
+        if (NT > 2 && j < NT - 2) {
 #pragma unroll
-          for (int q = 0; q < 4; ++q) A[j][q] = A[j + 2][q];
+          for (int q = 0; q < 4; ++q) An[j][q] = A[j + 2][q];
         } else {
-          ldmatrix_x4(A[j], a_addr + (unsigned)((16 * st + 8 * j) * sizeof(T)));
+          ldmatrix_x4(An[j], a_addr + (unsigned)((16 * (st + 1) + 8 * j) * sizeof(T)));
         }
       }
+#pragma unroll
+      for (int rr = 0; rr < kRH; ++rr) Bn[rr] = Bf[brow[rr] + (st + 1) * 32];
       bool live[NT];
 #pragma unroll
       for (int j = 0; j < NT; ++j) live[j] = !kCheck || (16 * st + 8 * j >= live_lo && 16 * st + 8 * j < live_hi);
 #pragma unroll
       for (int rr = 0; rr < kRH; ++rr) {
-        if (brow[rr] < 0) continue;
-        const uint2 b = Bf[brow[rr] + st * 32];
+        if (!use[rr]) continue;
 #pragma unroll
         for (int j = 0; j < NT; ++j)
-          if (live[j]) mma16816<T>(acc[rr][j], A[j][0], A[j][1], A[j][2], A[j][3], b.x, b.y);
+          if (live[j]) mma16816<T>(acc[rr][j], A[j][0], A[j][1], A[j][2], A[j][3], B[rr].x, B[rr].y);
       }
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) A[j][q] = An[j][q];
+#pragma unroll
+      for (int rr = 0; rr < kRH; ++rr) B[rr] = Bn[rr];
     }
   };
 
@@ -388,7 +409,8 @@ TcPlan plan(const DwShape& s) {
   const size_t b_bytes = (size_t)s.KH * q.S * 256, row_bytes = (size_t)16 * q.pitch * 2;
   const int rows = std::min(s.H, q.warps * kRH + s.KH - 1);
   q.whole = b_bytes + rows * row_bytes <= 64 * 1024 && rows > kSlots;
-  q.smem = b_bytes + (q.whole ? rows : kSlots) * row_bytes;
+  // + slack: the forward's pipelined loads read up to 16 bytes past the last staged row.
+  q.smem = b_bytes + (q.whole ? rows : kSlots) * row_bytes + 64;
   return q;
 }
 
@@ -408,7 +430,7 @@ bool dwconv2d_tc_forward_fits(DType t, const DwShape& s) {
   if (N < 8) return false;  // M = 16 images: fewer than 8 would waste most of the tensor core
   if (small_map(s)) return s.C <= 65535 && plan_small(s, lim.sms).smem <= (size_t)lim.max_smem_optin;
   const TcPlan q = plan(s);
-  return (int64_t)s.C * ceil_div((int)N, 16) <= 65535 && q.tiles <= 0x7fffffff && q.smem <= (size_t)lim.max_smem_optin;
+  return q.S <= kMaxS && (int64_t)s.C * ceil_div((int)N, 16) <= 65535 && q.tiles <= 0x7fffffff && q.smem <= (size_t)lim.max_smem_optin;
 }
 
 cudaError_t dwconv2d_tc_forward(DType t, const void* in, const void* w, const void* bias, void* out,
