@@ -44,25 +44,32 @@ struct TcWgradParams {
   int gvec, xvec; // staging copies of output-gradient / input rows: 2 = 16-byte, 1 = 4-byte, 0 = plain
 };
 
-// dst[e] = src[x0 + e] for e < n, zero where x0 + e is outside [0, len); lanes of one warp.
-// vec 2 / 1: 16- / 4-byte asynchronous copies (x0, len and the row start aligned to 8 / 2 elements).
+// Rows of `rows_per_image` rows for each of `images` images, into dst[row][pitch] (rows of all
+// images one after another): dst[row][e] = src[image][r][x0 + e] for e < n, zero where x0 + e is
+// outside [0, len). The block's threads take the (row, copy) pairs in turn, stepping without a
+// division per copy. vec 2 / 1: 16- / 4-byte asynchronous copies (x0, len and the row starts
+// aligned to 8 / 2 elements); 0: plain element copies.
 template <typename T>
-__device__ __forceinline__ void stage_row(T* dst, const T* src, int x0, int len, int n, int vec, int lane) {
-  if (vec == 2) {
-    for (int e = 8 * lane; e < n; e += 256) {
-      const bool valid = x0 + e >= 0 && x0 + e < len;
-      copy_async<16>(dst + e, valid ? src + x0 + e : src, valid);
-    }
-  } else if (vec == 1) {
-    for (int e = 2 * lane; e < n; e += 64) {
-      const bool valid = x0 + e >= 0 && x0 + e < len;
-      copy_async<4>(dst + e, valid ? src + x0 + e : src, valid);
-    }
-  } else {
-    for (int e = lane; e < n; e += 32) {
-      const bool valid = x0 + e >= 0 && x0 + e < len;
-      dst[e] = valid ? src[x0 + e] : from_float<T>(0.f);
-    }
+__device__ __forceinline__ void stage_rows(T* dst, int pitch, const T* src, int64_t image_stride, int row_stride,
+                                           int rows_per_image, int images, int x0, int len, int n, int vec) {
+  const int per = vec == 2 ? 8 : vec == 1 ? 2 : 1, cpr = n / per;  // copies per row
+  const int rows = rows_per_image * images, step = blockDim.x;
+  const int drow = step / cpr, dk = step - drow * cpr;
+  int row = threadIdx.x / cpr, k = threadIdx.x - row * cpr;
+  int img = row / rows_per_image, r = row - img * rows_per_image;
+  while (row < rows) {
+    const int e = k * per, x = x0 + e;
+    const bool valid = x >= 0 && x < len;
+    const T* from = src + img * image_stride + (int64_t)r * row_stride;
+    T* to = dst + row * pitch + e;
+    if (vec == 2) copy_async<16>(to, valid ? from + x : src, valid);
+    else if (vec == 1) copy_async<4>(to, valid ? from + x : src, valid);
+    else *to = valid ? from[x] : from_float<T>(0.f);
+    k += dk;
+    int adv = drow;
+    if (k >= cpr) { k -= cpr; ++adv; }
+    row += adv;
+    for (r += adv; r >= rows_per_image; r -= rows_per_image) ++img;
   }
 }
 
@@ -112,59 +119,72 @@ __global__ void __launch_bounds__(32 * kWarps) dw_tc_weight_grad(const TcWgradPa
     const int nimg = min(p.IB, n_end - nb);
     __syncthreads();  // the previous images are done with G
     // Stage the output-gradient planes of images nb .. nb + nimg - 1 and the input rows that
-    // reach this tile's kernel rows, x[q][xs + e] for e < xw, a warp per row.
-    for (int rr = warp; rr < nimg * s.OH; rr += kWarps) {
-      const int img = rr / s.OH, r = rr - img * s.OH;
-      const T* src = p.grad + (((int64_t)(nb + img) * s.C + c) * s.OH + r) * s.OW;
-      stage_row<T>(G + rr * p.gpitch, src, 0, s.OW, p.OWp, p.gvec, lane);
-    }
-    for (int rr = warp; rr < nimg * nq; rr += kWarps) {
-      const int img = rr / nq, q = q_lo + rr - img * nq;
-      const T* src = p.in + (((int64_t)(nb + img) * s.C + c) * s.H + q) * s.W;
-      stage_row<T>(X + rr * p.xw, src, xs, s.W, p.xw, p.xvec, lane);
-    }
+    // reach this tile's kernel rows, x[q][xs + e] for e < xw.
+    const int64_t gstride = (int64_t)s.C * s.OH * s.OW, xstride = (int64_t)s.C * s.H * s.W;
+    stage_rows<T>(G, p.gpitch, p.grad + ((int64_t)nb * s.C + c) * s.OH * s.OW, gstride, s.OW, s.OH, nimg, 0, s.OW,
+                  p.OWp, p.gvec);
+    stage_rows<T>(X, p.xw, p.in + (((int64_t)nb * s.C + c) * s.H + q_lo) * s.W, xstride, s.W, nq, nimg, xs, s.W, p.xw,
+                  p.xvec);
     copy_async_commit();
     copy_async_wait_group<0>();
     __syncthreads();
-    for (int item = warp; item < nimg * nq; item += kWarps) {
-      const int img = item / nq, q = q_lo + item - img * nq;
-      const int gbase = img * s.OH;  // this image's first row in G
-      const uint32_t* xwords = reinterpret_cast<const uint32_t*>(X + item * p.xw);
-      // Kernel-row tile pairs with at least one output row inside the plane, and the address of
-      // this lane's B row in each (a zero row outside the plane).
-      const int oy_top = q + s.pad_t - i0;  // output row of kernel row i0
-      bool live[IT / 2];
-      unsigned baddr[IT / 2];
+    // A warp takes input rows q and, for each, every staged image: which kernel-row tiles the row
+    // reaches, and where each lane's B row lies, is worked out once per row.
+    for (int qi = warp; qi < nq; qi += kWarps) {
+      const int oy_top = q_lo + qi + s.pad_t - i0;  // output row of kernel row i0
+      bool live[IT / 2], any = false;  // kernel-row tile pairs with an output row inside the plane
+      int brow[IT / 2];                // this lane's B row in an image's plane, or -1: the zero row
 #pragma unroll
       for (int bp = 0; bp < IT / 2; ++bp) {
         live[bp] = oy_top - 16 * bp >= 0 && oy_top - 16 * bp - 15 < s.OH;
         const int oy = oy_top - 16 * bp - b_row;
-        const int row = oy >= 0 && oy < s.OH ? gbase + oy : zero_row;
-        baddr[bp] = g_addr + (unsigned)((row * p.gpitch + b_col) * sizeof(T));
+        brow[bp] = oy >= 0 && oy < s.OH ? oy : -1;
+        any |= live[bp];
       }
-      uint32_t P[NP];
-      auto pair = [&](int m, int ox0) {
-        const int o = ox0 + lane_off + 8 * m;
-        return __byte_perm(xwords[o >> 1], xwords[(o >> 1) + 1], sel);
-      };
+      if (!any) continue;
+      for (int img = 0; img < nimg; ++img) {
+        unsigned baddr[IT / 2];
 #pragma unroll
-      for (int m = 0; m < NP - 2; ++m) P[m] = pair(m, 0);
-      for (int ox0 = 0; ox0 < p.OWp; ox0 += 16) {
-        P[NP - 2] = pair(NP - 2, ox0);
-        P[NP - 1] = pair(NP - 1, ox0);
+        for (int bp = 0; bp < IT / 2; ++bp)
+          baddr[bp] = g_addr + (unsigned)(((brow[bp] >= 0 ? img * s.OH + brow[bp] : zero_row) * p.gpitch + b_col) *
+                                          sizeof(T));
+        // A pair m of chunk ox0 starts at element ox0 + lane_off + 8 m of the staged row.
+        const uint32_t* xl = reinterpret_cast<const uint32_t*>(X + (img * nq + qi) * p.xw) + (lane_off >> 1);
+        auto pair = [&](int m, int ox0) {
+          const int w = (ox0 >> 1) + 4 * m;
+          return __byte_perm(xl[w], xl[w + 1], sel);
+        };
+        uint32_t P[NP];
 #pragma unroll
-        for (int bp = 0; bp < IT / 2; ++bp) {
-          if (!live[bp]) continue;
-          uint32_t B[4];
-          ldmatrix_x4(B, baddr[bp] + (unsigned)(ox0 * sizeof(T)));
+        for (int m = 0; m < NP - 2; ++m) P[m] = pair(m, 0);
+        // Software-pipelined: the next chunk's B fragments load during this chunk's mma (after
+        // the last chunk they read the next staged row, harmlessly).
+        uint32_t B[IT / 2][4];
 #pragma unroll
-          for (int jt = 0; jt < JT; ++jt) {
-            mma16816<T>(acc[jt][2 * bp], P[2 * jt], P[2 * jt + 1], P[2 * jt + 1], P[2 * jt + 2], B[0], B[1]);
-            mma16816<T>(acc[jt][2 * bp + 1], P[2 * jt], P[2 * jt + 1], P[2 * jt + 1], P[2 * jt + 2], B[2], B[3]);
+        for (int bp = 0; bp < IT / 2; ++bp) ldmatrix_x4(B[bp], baddr[bp]);
+        for (int ox0 = 0; ox0 < p.OWp; ox0 += 16) {
+          P[NP - 2] = pair(NP - 2, ox0);
+          P[NP - 1] = pair(NP - 1, ox0);
+          uint32_t Bn[IT / 2][4];
+#pragma unroll
+          for (int bp = 0; bp < IT / 2; ++bp) ldmatrix_x4(Bn[bp], baddr[bp] + (unsigned)((ox0 + 16) * sizeof(T)));
+#pragma unroll
+          for (int bp = 0; bp < IT / 2; ++bp) {
+            if (!live[bp]) continue;
+#pragma unroll
+            for (int jt = 0; jt < JT; ++jt) {
+              mma16816<T>(acc[jt][2 * bp], P[2 * jt], P[2 * jt + 1], P[2 * jt + 1], P[2 * jt + 2], B[bp][0], B[bp][1]);
+              mma16816<T>(acc[jt][2 * bp + 1], P[2 * jt], P[2 * jt + 1], P[2 * jt + 1], P[2 * jt + 2], B[bp][2],
+                          B[bp][3]);
+            }
           }
-        }
 #pragma unroll
-        for (int m = 0; m < NP - 2; ++m) P[m] = P[m + 2];
+          for (int m = 0; m < NP - 2; ++m) P[m] = P[m + 2];
+#pragma unroll
+          for (int bp = 0; bp < IT / 2; ++bp)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) B[bp][q] = Bn[bp][q];
+        }
       }
     }
   }
