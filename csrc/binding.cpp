@@ -1,9 +1,10 @@
 // Registers lkpatch's CUDA kernels with PyTorch as torch.ops.lkpatch_ext.*.
 //
 // The user-facing ops (torch.ops.lkpatch.*, with autograd, fake tensors and autocast) are defined
-// in lkpatch/_ops.py; their CUDA implementations call these. Inputs arrive contiguous (NCHW);
-// this file checks them, allocates outputs and workspaces through PyTorch's caching allocator,
-// and launches on the current stream -- nothing here synchronizes with the host.
+// in lkpatch/_ops.py; their CUDA implementations call these. Inputs arrive contiguous (NCHW; the
+// to_nchw / to_channels_last copies change formats); this file checks them, allocates outputs and
+// workspaces through PyTorch's caching allocator, and launches on the current stream -- nothing
+// here synchronizes with the host.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -168,6 +169,29 @@ Tensor dwconv2d_bias_grad(const Tensor& grad) {
   return gb;
 }
 
+// The kernels take NCHW; channels_last tensors change format through these copies.
+Tensor to_nchw(const Tensor& x) {
+  TORCH_CHECK(x.is_cuda() && x.dim() == 4, "lkpatch: to_nchw takes a 4-D CUDA tensor");
+  TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast), "lkpatch: to_nchw takes a channels_last tensor");
+  const auto t = dtype_of(x, "input");
+  c10::cuda::CUDAGuard guard(x.device());
+  Tensor y = at::empty(x.sizes(), x.options());
+  check_cuda(lkpatch::transpose_batched(t, x.data_ptr(), y.data_ptr(), x.size(0), x.size(2) * x.size(3), x.size(1),
+                                        c10::cuda::getCurrentCUDAStream().stream()),
+             "channels_last to NCHW copy");
+  return y;
+}
+
+Tensor to_channels_last(const Tensor& x) {
+  check_activation(x, "input");
+  c10::cuda::CUDAGuard guard(x.device());
+  Tensor y = at::empty(x.sizes(), x.options(), at::MemoryFormat::ChannelsLast);
+  check_cuda(lkpatch::transpose_batched(dtype_of(x, "input"), x.data_ptr(), y.data_ptr(), x.size(0), x.size(1),
+                                        x.size(2) * x.size(3), c10::cuda::getCurrentCUDAStream().stream()),
+             "NCHW to channels_last copy");
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(lkpatch_ext, m) {
@@ -175,6 +199,8 @@ TORCH_LIBRARY(lkpatch_ext, m) {
   m.def("dwconv2d_input_grad(Tensor grad_output, Tensor weight, int[2] input_size, int[4] padding) -> Tensor");
   m.def("dwconv2d_weight_grad(Tensor grad_output, Tensor input, int[2] kernel_size, int[4] padding) -> Tensor");
   m.def("dwconv2d_bias_grad(Tensor grad_output) -> Tensor");
+  m.def("to_nchw(Tensor x) -> Tensor");
+  m.def("to_channels_last(Tensor x) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lkpatch_ext, CUDA, m) {
@@ -182,4 +208,6 @@ TORCH_LIBRARY_IMPL(lkpatch_ext, CUDA, m) {
   m.impl("dwconv2d_input_grad", &dwconv2d_input_grad);
   m.impl("dwconv2d_weight_grad", &dwconv2d_weight_grad);
   m.impl("dwconv2d_bias_grad", &dwconv2d_bias_grad);
+  m.impl("to_nchw", &to_nchw);
+  m.impl("to_channels_last", &to_channels_last);
 }

@@ -47,4 +47,9 @@ size_t dwconv2d_bias_grad_workspace(int64_t N, int C, int64_t HW);  // bytes (ma
 cudaError_t dwconv2d_bias_grad(DType t, const void* grad_out, void* grad_b, float* workspace, int64_t N, int C,
                                int64_t HW, cudaStream_t stream);
 
+// out[b][c][r] = in[b][r][c] for `batch` row-major rows x cols matrices: channels_last (NHWC)
+// to NCHW with rows = H * W, cols = C, and back with the two swapped.
+cudaError_t transpose_batched(DType t, const void* in, void* out, int64_t batch, int64_t rows, int64_t cols,
+                              cudaStream_t stream);
+
 }  // namespace lkpatch

@@ -13,6 +13,7 @@ Padding is always ``(top, bottom, left, right)``.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence
 
 import torch
@@ -50,35 +51,57 @@ def _kernels():
 
 
 # The kernels take contiguous NCHW and return NCHW; results come back in the input's format.
+# channels_last tensors change format through lkpatch's tiled copies (PyTorch's strided copy
+# moves them at a fraction of the memory bandwidth).
 def _channels_last(t) -> bool:
     return _native.output_memory_format(t) == torch.channels_last
 
 
+def _nchw(t):
+    """``t`` as a contiguous NCHW tensor, for the kernels."""
+    if t.is_contiguous():
+        return t
+    if t.is_contiguous(memory_format=torch.channels_last) and t.dtype in dispatch.KERNEL_DTYPES:
+        return _kernels().to_nchw(t)
+    return t.contiguous()
+
+
+def _as_format(t, memory_format):
+    """An activation-shaped CUDA result in ``memory_format`` (the input's)."""
+    if (memory_format == torch.channels_last and t.is_cuda and t.is_contiguous()
+            and not t.is_contiguous(memory_format=torch.channels_last) and t.dtype in dispatch.KERNEL_DTYPES
+            and dispatch.kernels_ready()):
+        return _kernels().to_channels_last(t)
+    return t.contiguous(memory_format=memory_format)
+
+
 def _forward_cuda(x, weight, bias, padding):
     if dispatch.use_kernel("forward", x.shape, weight.shape[2:], padding, x.dtype, _channels_last(x)):
-        y = _kernels().dwconv2d(x.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), padding)
-        return y.contiguous(memory_format=_native.output_memory_format(x))
+        y = _kernels().dwconv2d(_nchw(x), weight.contiguous(), None if bias is None else bias.contiguous(), padding)
+        return _as_format(y, _native.output_memory_format(x))
     return _native.forward(x, weight, bias, padding)
 
 
-def _input_grad_cuda(grad, weight, input_size, padding):
+# The gradient passes take `nchw`: the backward of one call changes a channels_last output
+# gradient to NCHW once for all three of them.
+def _input_grad_cuda(grad, weight, input_size, padding, nchw=_nchw):
     size = (grad.shape[0], grad.shape[1], input_size[0], input_size[1])
     if dispatch.use_kernel("input_grad", size, weight.shape[2:], padding, grad.dtype, _channels_last(grad)):
-        gx = _kernels().dwconv2d_input_grad(grad.contiguous(), weight.contiguous(), input_size, padding)
-        return gx.contiguous(memory_format=_native.output_memory_format(grad))
+        gx = _kernels().dwconv2d_input_grad(nchw(grad), weight.contiguous(), input_size, padding)
+        return _as_format(gx, _native.output_memory_format(grad))
     return _native.backward_input(grad, weight, input_size, padding)
 
 
-def _weight_grad_cuda(grad, x, kernel_size, padding):
+def _weight_grad_cuda(grad, x, kernel_size, padding, nchw=_nchw):
     if dispatch.use_kernel("weight_grad", x.shape, kernel_size, padding, x.dtype, _channels_last(x)):
-        return _kernels().dwconv2d_weight_grad(grad.contiguous(), x.contiguous(), kernel_size, padding)
+        return _kernels().dwconv2d_weight_grad(nchw(grad), nchw(x), kernel_size, padding)
     return _native.backward_weight(grad, x, kernel_size, padding)
 
 
-def _bias_grad_cuda(grad):
+def _bias_grad_cuda(grad, nchw=_nchw):
     # The bias gradient does not depend on kernel size or padding; (1, 1) and zero padding stand in.
     if dispatch.use_kernel("bias_grad", grad.shape, (1, 1), (0, 0, 0, 0), grad.dtype, _channels_last(grad)):
-        return _kernels().dwconv2d_bias_grad(grad.contiguous())
+        return _kernels().dwconv2d_bias_grad(nchw(grad))
     return _native.backward_bias(grad)
 
 
@@ -127,7 +150,7 @@ def _gradients(ctx, grad, input_grad, weight_grad, bias_grad):
     gx = gw = gb = None
     if ctx.needs_input_grad[0]:
         # in the input's memory format, as PyTorch's convolutions return it (whatever grad's is)
-        gx = input_grad(grad, weight, ctx.input_size, ctx.padding).contiguous(memory_format=ctx.input_format)
+        gx = _as_format(input_grad(grad, weight, ctx.input_size, ctx.padding), ctx.input_format)
     if ctx.needs_input_grad[1]:
         gw = weight_grad(grad, x, ctx.kernel_size, ctx.padding)
     if len(ctx.needs_input_grad) > 2 and ctx.needs_input_grad[2]:
@@ -200,7 +223,14 @@ class EagerDepthwiseConv2d(torch.autograd.Function):
     def backward(ctx, grad):
         if torch.is_grad_enabled():  # create_graph=True: the ops, whose own autograd gives double backward
             return _backward(ctx, grad)
-        return _gradients(ctx, grad, _input_grad_cuda, _weight_grad_cuda, _bias_grad_cuda)
+        copies = {}
+
+        def nchw(t):  # each channels_last tensor is copied to NCHW once
+            if id(t) not in copies:
+                copies[id(t)] = _nchw(t)
+            return copies[id(t)]
+        return _gradients(ctx, grad, functools.partial(_input_grad_cuda, nchw=nchw),
+                          functools.partial(_weight_grad_cuda, nchw=nchw), functools.partial(_bias_grad_cuda, nchw=nchw))
 
 
 # --- Autocast ----------------------------------------------------------------------------------

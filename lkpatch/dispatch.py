@@ -255,6 +255,11 @@ def _tensor_cores_off() -> bool:
     return not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 8
 
 
+def kernels_ready() -> bool:
+    """Whether lkpatch's CUDA extension is loaded or loads here (built on first use)."""
+    return _extension_ready()
+
+
 @torch.compiler.assume_constant_result
 def _extension_ready() -> bool:
     from . import build

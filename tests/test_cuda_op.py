@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import lkpatch
 from conftest import rel_err
-from lkpatch import dispatch
+from lkpatch import build, dispatch
 from lkpatch._native import output_memory_format
 
 pytestmark = pytest.mark.cuda
@@ -250,6 +250,28 @@ def test_memory_format_follows_pytorch():
         with dispatch.force("kernel"):
             gx = torch.autograd.grad(lkpatch.depthwise_conv2d(xx, w, padding=1), xx, g)[0]
         assert gx.stride() == ref.stride() and torch.allclose(gx, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3, 17, 9, 7), (2, 64, 16, 16), (2, 72, 10, 13), (1, 136, 64, 72), (70001, 2, 1, 3)])
+def test_layout_copies(shape, dtype):
+    """The channels_last <-> NCHW copies: vector and element tiles, edge tiles, more matrices than
+    one grid row holds, and unaligned starts (poisoned outputs: a missed element is NaN)."""
+    ext = torch.ops.lkpatch_ext
+    build.build()
+    n, c, h, w = shape
+    x = torch.randn(shape, device="cuda").to(dtype)
+    cl = ext.to_channels_last(x)
+    assert cl.is_contiguous(memory_format=torch.channels_last) and torch.equal(cl, x)
+    back = ext.to_nchw(cl)
+    assert back.is_contiguous() and torch.equal(back, x)
+    flat = torch.randn(x.numel() + 1, device="cuda").to(dtype)
+    x_odd = flat[1:].view(shape)  # NCHW starting one element past an aligned address
+    assert torch.equal(ext.to_channels_last(x_odd), x_odd)
+    cl_odd = flat[1:].view(n, h, w, c).permute(0, 3, 1, 2)
+    assert torch.equal(ext.to_nchw(cl_odd), cl_odd)
+    with pytest.raises(RuntimeError, match="channels_last"):
+        ext.to_nchw(torch.randn(2, 3, 4, 5, device="cuda"))
 
 
 def test_weight_grad_deterministic():
