@@ -99,9 +99,8 @@ def bench_shape(shape, dtype, channels_last: bool, reps: int, passes: bool) -> D
     def native(i):  # what an unconverted nn.Conv2d runs
         return _native.forward(xs[i], wt, b, pads)
 
-    def ours(i):  # what a converted layer runs, its kernels forced on
-        with dispatch.force("kernel"):
-            return depthwise_conv2d(xs[i], wt, b, padding=pads)
+    def ours(i):  # what a converted layer runs (kernels forced on by `timed`)
+        return depthwise_conv2d(xs[i], wt, b, padding=pads)
 
     def fwd(f):
         def run(i):
@@ -114,15 +113,23 @@ def bench_shape(shape, dtype, channels_last: bool, reps: int, passes: bool) -> D
             torch.autograd.grad(f(i), (xs[i], wt, b), g)
         return run
 
+    def timed(run, f):  # lkpatch's forward and backward both with its kernels forced on
+        if f is native:
+            return run
+        def forced(i):
+            with dispatch.force("kernel"):
+                run(i)
+        return forced
+
     row = {"shape": [n, c, h, w, kh, kw], "dtype": str(dtype).replace("torch.", ""),
            "layout": "channels_last" if channels_last else "nchw",
            "effective_gflop_fwd_bwd": 3 * 2 * dispatch.effective_macs((n, c, h, w), (kh, kw), pads) / 1e9}
-    row["native_fwd_ms"] = time_ms(fwd(native), n_inputs, reps=reps)
-    row["lkpatch_fwd_ms"] = time_ms(fwd(ours), n_inputs, reps=reps)
-    row["native_fwd_bwd_ms"] = time_ms(fwd_bwd(native), n_inputs, reps=reps)
-    row["lkpatch_fwd_bwd_ms"] = time_ms(fwd_bwd(ours), n_inputs, reps=reps)
-    row["native_fwd_bwd_gpu_ms"] = graph_time_ms(fwd_bwd(native), reps)
-    row["lkpatch_fwd_bwd_gpu_ms"] = graph_time_ms(fwd_bwd(ours), reps)
+    for key, f in (("native", native), ("lkpatch", ours)):
+        row[f"{key}_fwd_ms"] = time_ms(timed(fwd(f), f), n_inputs, reps=reps)
+    for key, f in (("native", native), ("lkpatch", ours)):
+        row[f"{key}_fwd_bwd_ms"] = time_ms(timed(fwd_bwd(f), f), n_inputs, reps=reps)
+    for key, f in (("native", native), ("lkpatch", ours)):
+        row[f"{key}_fwd_bwd_gpu_ms"] = graph_time_ms(timed(fwd_bwd(f), f), reps)
     if passes:
         x0 = xs[0].detach()
         with dispatch.force("kernel"):

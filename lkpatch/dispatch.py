@@ -202,18 +202,24 @@ def _faster_than_native(pass_: str, size: Sequence[int], kernel_size: Sequence[i
     """The measured rule: where lkpatch's kernel beat PyTorch's on an H100 (README, "When lkpatch
     uses its kernel"; GPU time of back-to-back calls, ``lkpatch bench --passes``). Small maps need
     larger kernels to win, thin kernels (one side <= 3) lose the weight gradient, and tiny problems
-    are decided by host time. lkpatch's kernels read NCHW, so a channels_last tensor costs two
-    layout copies: that loses to cuDNN's channels_last half-precision kernels below 13x13, to its
-    channels_last forward below 9x9, and always for the bias gradient.
+    are decided by host time. lkpatch's kernels read NCHW, so a channels_last pass costs two
+    layout copies: that loses to cuDNN's channels_last kernels on small kernels (H100, N 64, maps
+    14-56, 3x3-9x9, bf16 and fp32): below 9x9 in the forward and the half weight-grad, below 7x7
+    in the input-grad (5x5 on half maps from 28 x 28) and the fp32 weight-grad, and always in the
+    bias gradient.
     """
     n, c, h, w = size
     area = h * w
     kmin, kmax = min(kernel_size), max(kernel_size)
     half = dtype in (torch.float16, torch.bfloat16)
     if channels_last:
-        if pass_ == "bias_grad" or (half and kmin < 13):
+        if pass_ == "bias_grad":
             return False
-        if pass_ == "forward" and kmin < 9:
+        if pass_ == "input_grad":
+            least = 5 if half and area >= 28 * 28 else 7
+        else:
+            least = 9 if pass_ == "forward" or half else 7
+        if kmin < least:
             return False
     if pass_ == "bias_grad":  # a plain reduction, close either way: only large maps of large tensors
         return area >= 56 * 56 and n * c * area >= 16_000_000

@@ -181,11 +181,17 @@ def test_env_policy_is_validated():
 
 
 @pytest.mark.parametrize("pass_,k,dtype,expected", [
-    ("forward", (7, 7), torch.bfloat16, False),      # cuDNN's channels_last half kernels win below 13x13
-    ("weight_grad", (7, 7), torch.float16, False),
-    ("weight_grad", (13, 13), torch.bfloat16, True),
-    ("forward", (7, 7), torch.float32, False),        # its channels_last forward too, below 9x9
-    ("input_grad", (7, 7), torch.float32, True),      # but not its channels_last fp32 gradients
+    ("forward", (7, 7), torch.bfloat16, False),      # cuDNN's channels_last forward wins below 9x9
+    ("forward", (9, 9), torch.bfloat16, True),
+    ("forward", (7, 7), torch.float32, False),
+    ("weight_grad", (7, 7), torch.float16, False),    # and its half weight-grad
+    ("weight_grad", (9, 9), torch.bfloat16, True),
+    ("weight_grad", (7, 7), torch.float32, True),     # not its fp32 weight-grad from 7x7
+    ("weight_grad", (5, 5), torch.float32, False),
+    ("input_grad", (7, 7), torch.float32, True),      # nor its input-grad from 7x7
+    ("input_grad", (5, 5), torch.float32, False),
+    ("input_grad", (5, 5), torch.bfloat16, True),     # from 5x5 in half precision on large maps
+    ("input_grad", (3, 3), torch.bfloat16, False),
     ("bias_grad", (31, 31), torch.float32, False),
 ])
 def test_measured_rule_channels_last(pass_, k, dtype, expected):
@@ -243,7 +249,7 @@ def test_any_pass_decision(monkeypatch):
     monkeypatch.setattr(dispatch, "_decisions", {})
     pads = (15, 15, 15, 15)
     assert dispatch.use_kernel("any", (64, 384, 64, 64), (31, 31), pads, torch.float32)
-    # channels_last half precision below 13x13: every pass stays with cuDNN
+    # channels_last half precision 3x3: every pass stays with cuDNN
     small = (1, 1, 1, 1)
     assert not any(dispatch.use_kernel(p, (64, 96, 56, 56), (3, 3), small, torch.bfloat16, True)
                    for p in dispatch.PASSES)
