@@ -90,7 +90,14 @@ void check_weight(const Tensor& w, const Tensor& like, int64_t C) {
   TORCH_CHECK(w.is_contiguous(), "lkpatch: weight must be contiguous");
 }
 
-Tensor dwconv2d(const Tensor& x, const Tensor& w, const std::optional<Tensor>& bias, at::IntArrayRef padding) {
+// fp32 tensors with `tf32` (PyTorch allows TF32 convolutions) may take the TF32 tensor-core kernels.
+lkpatch::DType compute_type(const Tensor& t, const char* name, bool tf32) {
+  const lkpatch::DType d = dtype_of(t, name);
+  return tf32 && d == lkpatch::DType::f32 ? lkpatch::DType::tf32 : d;
+}
+
+Tensor dwconv2d(const Tensor& x, const Tensor& w, const std::optional<Tensor>& bias, at::IntArrayRef padding,
+                bool tf32) {
   check_activation(x, "input");
   check_padding(padding);
   const int64_t C = x.size(1);
@@ -103,14 +110,15 @@ Tensor dwconv2d(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b
   const auto s = forward_shape(x.size(0), C, x.size(2), x.size(3), w.size(2), w.size(3), padding);
   c10::cuda::CUDAGuard guard(x.device());
   Tensor y = at::empty({x.size(0), C, s.OH, s.OW}, x.options());
-  check_cuda(lkpatch::dwconv2d_forward(dtype_of(x, "input"), x.data_ptr(), w.data_ptr(),
+  check_cuda(lkpatch::dwconv2d_forward(compute_type(x, "input", tf32), x.data_ptr(), w.data_ptr(),
                                        bias.has_value() ? bias->data_ptr() : nullptr, y.data_ptr(), s, false,
                                        c10::cuda::getCurrentCUDAStream().stream()),
              "depthwise forward");
   return y;
 }
 
-Tensor dwconv2d_input_grad(const Tensor& grad, const Tensor& w, at::IntArrayRef input_size, at::IntArrayRef padding) {
+Tensor dwconv2d_input_grad(const Tensor& grad, const Tensor& w, at::IntArrayRef input_size, at::IntArrayRef padding,
+                           bool tf32) {
   check_activation(grad, "grad_output");
   check_padding(padding);
   TORCH_CHECK(input_size.size() == 2, "lkpatch: input_size must be (H, W)");
@@ -121,7 +129,7 @@ Tensor dwconv2d_input_grad(const Tensor& grad, const Tensor& w, at::IntArrayRef 
               " but the forward output would be ", str(f.OH), "x", str(f.OW));
   c10::cuda::CUDAGuard guard(grad.device());
   Tensor gx = at::empty({grad.size(0), C, input_size[0], input_size[1]}, grad.options());
-  check_cuda(lkpatch::dwconv2d_forward(dtype_of(grad, "grad_output"), grad.data_ptr(), w.data_ptr(), nullptr,
+  check_cuda(lkpatch::dwconv2d_forward(compute_type(grad, "grad_output", tf32), grad.data_ptr(), w.data_ptr(), nullptr,
                                        gx.data_ptr(), lkpatch::dwconv2d_input_grad_shape(f), true,
                                        c10::cuda::getCurrentCUDAStream().stream()),
              "depthwise input-grad");
@@ -195,8 +203,9 @@ Tensor to_channels_last(const Tensor& x) {
 }  // namespace
 
 TORCH_LIBRARY(lkpatch_ext, m) {
-  m.def("dwconv2d(Tensor input, Tensor weight, Tensor? bias, int[4] padding) -> Tensor");
-  m.def("dwconv2d_input_grad(Tensor grad_output, Tensor weight, int[2] input_size, int[4] padding) -> Tensor");
+  m.def("dwconv2d(Tensor input, Tensor weight, Tensor? bias, int[4] padding, bool tf32=False) -> Tensor");
+  m.def("dwconv2d_input_grad(Tensor grad_output, Tensor weight, int[2] input_size, int[4] padding, "
+        "bool tf32=False) -> Tensor");
   m.def("dwconv2d_weight_grad(Tensor grad_output, Tensor input, int[2] kernel_size, int[4] padding) -> Tensor");
   m.def("dwconv2d_bias_grad(Tensor grad_output) -> Tensor");
   m.def("to_nchw(Tensor x) -> Tensor");

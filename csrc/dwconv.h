@@ -25,7 +25,11 @@ struct DwShape {
 
 // Element type of every tensor of a call. Arithmetic is fp32 whatever the storage: fp32 FMA for
 // float, tensor cores with fp32 accumulation for half types where the GPU has them (sm_80+).
-enum class DType { f32, f16, bf16 };
+// tf32: float tensors whose products may be rounded to TF32 (PyTorch allows TF32 convolutions):
+// the forward and input-gradient then run on tensor cores, the other passes as f32.
+enum class DType { f32, f16, bf16, tf32 };
+
+inline size_t elem_bytes(DType t) { return t == DType::f16 || t == DType::bf16 ? 2 : 4; }
 
 // The forward pass; with flip_kernel the kernel is rotated by 180 degrees, which makes it the
 // input-gradient (see dwconv2d_input_grad_shape). bias may be null.

@@ -63,7 +63,7 @@ size_t dwconv2d_bias_grad_workspace(int64_t N, int C, int64_t HW) {
 cudaError_t dwconv2d_bias_grad(DType t, const void* grad_out, void* grad_b, float* workspace, int64_t N, int C,
                                int64_t HW, cudaStream_t stream) {
   if (C == 0) return cudaSuccess;
-  if (N == 0 || HW == 0) return cudaMemsetAsync(grad_b, 0, (t == DType::f32 ? 4 : 2) * (size_t)C, stream);
+  if (N == 0 || HW == 0) return cudaMemsetAsync(grad_b, 0, elem_bytes(t) * (size_t)C, stream);
   DeviceLimits lim;
   cudaError_t err = device_limits(&lim);
   if (err != cudaSuccess) return err;

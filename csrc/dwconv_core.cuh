@@ -48,7 +48,8 @@ struct ConvArgs {
 template <typename F>
 inline cudaError_t with_dtype(DType t, F&& f) {
   switch (t) {
-    case DType::f32: return f(float{});
+    case DType::f32:
+    case DType::tf32: return f(float{});
     case DType::f16: return f(__half{});
     case DType::bf16: return f(__nv_bfloat16{});
   }

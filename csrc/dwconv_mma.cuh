@@ -1,5 +1,6 @@
-// Tensor-core and asynchronous-copy primitives shared by the fp16 / bf16 kernels (sm_80+ PTX;
+// Tensor-core and asynchronous-copy primitives shared by the tensor-core kernels (sm_80+ PTX;
 // they compile to nothing on older targets, where the host never launches those kernels).
+// Element type float means TF32: fp32 storage, tensor-core products of values rounded to TF32.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -15,13 +16,31 @@ __device__ __forceinline__ uint32_t bits(__nv_bfloat16 v) { return __bfloat16_as
 // Two 16-bit values in one register, `lo` in the low half (the order of mma fragments).
 template <typename T> __device__ __forceinline__ uint32_t pack2(T lo, T hi) { return bits(lo) | (bits(hi) << 16); }
 
-// d += A * B for one m16n8k16 tile: A row-major 16 x 16 (a0..a3), B column-major 16 x 8 (b0, b1),
-// fp32 accumulators. Not volatile: it has no side effects, and the compiler may schedule it.
+// An fp32 value rounded to TF32 (to nearest, ties away), as an mma operand register.
+__device__ __forceinline__ uint32_t to_tf32(float v) {
+  uint32_t r = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(v));
+#endif
+  return r;
+}
+
+// Elements of one mma k-step: 16 half values or 8 TF32 values, 32 bytes either way.
+template <typename T> constexpr int kStep = 32 / (int)sizeof(T);
+
+// d += A * B for one m16n8 tile with fp32 accumulators, K = kStep<T>. Half types: m16n8k16, A
+// row-major 16 x 16 (a0..a3, two values a register), B column-major 16 x 8 (b0, b1). float:
+// m16n8k8 TF32, A 16 x 8 (a0..a3), B 8 x 8 (b0, b1), one TF32 value a register. Not volatile: it
+// has no side effects, and the compiler may schedule it.
 template <typename T>
-__device__ __forceinline__ void mma16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+__device__ __forceinline__ void mma_tile(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                          uint32_t b0, uint32_t b1) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  if constexpr (std::is_same_v<T, __half>)
+  if constexpr (std::is_same_v<T, float>)
+    asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  else if constexpr (std::is_same_v<T, __half>)
     asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));

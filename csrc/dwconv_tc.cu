@@ -1,15 +1,16 @@
-// Forward and input-gradient of the fp16 / bf16 depthwise convolution on tensor cores (sm_80+).
+// Forward and input-gradient of the depthwise convolution on tensor cores (sm_80+): fp16 / bf16,
+// and fp32 inputs as TF32 where PyTorch allows it.
 //
 // Per channel, kernel row i applied to one input row is a banded (Toeplitz) matrix product:
 //   out[n][oy][ox0 + col] += sum_u in[n][oy + i - pad_t][x0 + u] * T_i[u][col],
 //   T_i[u][col] = w[i][u - col + x0 - ox0 + pad_l]  (zero off the band).
-// One mma.sync m16n8k16 takes M = 16 images of the channel, N = 8 output columns and K = 16 input
-// columns, accumulating in fp32. T_i does not depend on where the 8 columns start, so its
+// One mma.sync takes M = 16 images of the channel, N = 8 output columns and K = KS input columns
+// (a k-step: 16 half values, m16n8k16, or 8 TF32 values, m16n8k8), accumulating in fp32. T_i does not depend on where the 8 columns start, so its
 // fragments are built once per block in shared memory and serve every column tile. An input
 // row's A fragments serve every output row that reads the row (up to kRH per warp): a block
 // streams the input rows it needs through a small ring of shared-memory slots, one row of 16
 // images per slot, and each warp applies the row to its output rows with the matching kernel
-// rows. The zero band costs 16 * S / KW extra tensor-core work (S k-steps per output tile), far
+// rows. The zero band costs KS * S / KW extra tensor-core work (S k-steps per output tile), far
 // less than the tensor cores' advantage over fp32 FMA.
 #include <algorithm>
 
@@ -20,7 +21,8 @@ namespace lkpatch {
 namespace {
 
 constexpr int kRH = 4;        // output rows per warp
-constexpr int kMaxS = 5;      // k-steps per output tile: ceil((KW + 7 + sh) / 16) with KW <= 63, sh <= 7
+// Most k-steps per output tile: ceil((KW + 7 + sh) / KS) with KW <= 63, sh <= 7.
+template <typename T> constexpr int kMaxS = (63 + 14 + kStep<T> - 1) / kStep<T>;
 constexpr int kMaxWarps = 4;  // warps per block, stacked down the tile
 constexpr int kRows = 2;      // staged input rows per barrier
 // The ring: rows being applied, rows a slower warp may still apply, rows in flight, rows fetched.
@@ -28,11 +30,11 @@ constexpr int kSlots = 4 * kRows;
 
 template <typename T>
 struct TcParams : ConvArgs<T> {
-  int S;          // 16-column k-steps per 8-column output tile
+  int S;          // k-steps (kStep<T> columns each) per 8-column output tile
   int sh;         // staged column 0 is image column ox_tile - pad_l - sh, a multiple of 8
   int WA, pitch;  // staged columns per row, and the row pitch (elements) of one image
   int tiles_x;
-  int vec;        // bytes per asynchronous staging copy: 16 (W % 8 == 0), 8 (W % 4 == 0), 4 (W even), 0: none
+  int vec;        // bytes per asynchronous staging copy (16, 8 or 4: rows and addresses aligned so), 0: none
   int per_block;  // 16-image groups per block (they share the block's B fragments)
   int whole;      // stage every input row of the tile at once (else a ring of kSlots rows)
   int splits;     // blocks per channel and tile
@@ -40,6 +42,8 @@ struct TcParams : ConvArgs<T> {
 
 template <typename T, int NT>
 __global__ void __launch_bounds__(32 * kMaxWarps, 4) dw_tc_forward(const TcParams<T> p) {
+  constexpr int KS = kStep<T>, SH = KS / 8;  // columns per k-step; column tiles it moves
+  constexpr bool kTF32 = std::is_same_v<T, float>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const DwShape& s = p.s;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -54,21 +58,24 @@ __global__ void __launch_bounds__(32 * kMaxWarps, 4) dw_tc_forward(const TcParam
   T* ring = reinterpret_cast<T*>(smem_raw + (size_t)s.KH * p.S * sizeof(uint2) * 32);
   const int slot_elems = 16 * p.pitch;  // [image][pitch]
 
-  // B fragment of k-step st, lane (g, t): rows k = 2t, 2t + 1, 2t + 8, 2t + 9 of column n = g.
+  // B fragment of k-step st, lane (g, t), column n = g: rows k = 2t, 2t + 1, 2t + 8, 2t + 9
+  // (half), or k = t, t + 4 (TF32).
   const T* wsrc = p.w + (int64_t)c * s.KH * s.KW;
   const int nwarps = blockDim.x >> 5;
   for (int is = warp, i = warp / p.S, st = warp % p.S; is < s.KH * p.S; is += nwarps) {
     const int g = lane >> 2, t = lane & 3;
-    T v[4];
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      const int tap = 16 * st + 2 * t + (q & 1) + 8 * (q >> 1) - g - p.sh;
-      float f = 0.f;
-      if (tap >= 0 && tap < s.KW)
-        f = load(wsrc + (p.flip ? (s.KH - 1 - i) * s.KW + (s.KW - 1 - tap) : i * s.KW + tap));
-      v[q] = from_float<T>(f);
+    auto tap_value = [&](int k) {
+      const int tap = KS * st + k - g - p.sh;
+      return tap >= 0 && tap < s.KW ? load(wsrc + (p.flip ? (s.KH - 1 - i) * s.KW + (s.KW - 1 - tap) : i * s.KW + tap))
+                                    : 0.f;
+    };
+    if constexpr (kTF32) {
+      Bf[is * 32 + lane] = make_uint2(to_tf32(tap_value(t)), to_tf32(tap_value(t + 4)));
+    } else {
+      Bf[is * 32 + lane] =
+          make_uint2(pack2(from_float<T>(tap_value(2 * t)), from_float<T>(tap_value(2 * t + 1))),
+                     pack2(from_float<T>(tap_value(2 * t + 8)), from_float<T>(tap_value(2 * t + 9))));
     }
-    Bf[is * 32 + lane] = make_uint2(pack2(v[0], v[1]), pack2(v[2], v[3]));
     for (st += nwarps; st >= p.S; st -= p.S) ++i;
   }
 
@@ -132,12 +139,13 @@ __global__ void __launch_bounds__(32 * kMaxWarps, 4) dw_tc_forward(const TcParam
   const int r_end = min(s.H, oy_end + s.KH - 1 - s.pad_t);
   const float bias = p.bias ? load(p.bias + c) : 0.f;
   const int oyw = oyT + warp * kRH;
-  // ldmatrix: lane l addresses row (l & 7) + 8 * ((l >> 3) & 1) (an image), column 8 * (l >> 4).
-  const int a_lane = ((lane & 7) + 8 * ((lane >> 3) & 1)) * p.pitch + 8 * (lane >> 4);
+  // ldmatrix: lane l addresses row (l & 7) + 8 * ((l >> 3) & 1) (an image), 16 bytes into the
+  // k-step's columns if l >= 16 (the A fragment's right half; 32-bit values come out as TF32's).
+  const int a_lane = ((lane & 7) + 8 * ((lane >> 3) & 1)) * p.pitch + (16 / (int)sizeof(T)) * (lane >> 4);
   const unsigned ring_addr = (unsigned)__cvta_generic_to_shared(ring);
   // Windows (k-step st, column tile j) that lie wholly in the zero columns are skipped; in
   // interior tiles none does, and the check is left out.
-  const int live_lo = -col0 - 15, live_hi = s.W - col0;  // staged start columns that reach the image
+  const int live_lo = -col0 - (KS - 1), live_hi = s.W - col0;  // staged start columns that reach the image
   // Only narrow maps (NT < 4) check; elsewhere few windows are dead and the check costs more.
   constexpr bool kCheck = NT < 4;
 
@@ -157,15 +165,22 @@ __global__ void __launch_bounds__(32 * kMaxWarps, 4) dw_tc_forward(const TcParam
     const unsigned a_addr = ring_addr + (unsigned)((at * slot_elems + a_lane) * sizeof(T));
     // Unrolled and software-pipelined: k-step st + 1's fragments load while st's mma run; the A
     // fragments shared by consecutive k-steps stay in registers, and B's addresses are constant
-    // offsets. Windows start at staged column 16 * st + 8 * j; consecutive k-steps share NT - 2.
+    // offsets. Windows start at staged column KS * st + 8 * j; consecutive k-steps share NT - SH.
     uint32_t A[NT][4];
     uint2 B[kRH];
+    auto load_a = [&](uint32_t(&a)[4], int col) {
+      ldmatrix_x4(a, a_addr + (unsigned)(col * sizeof(T)));
+      if constexpr (kTF32) {
 #pragma unroll
-    for (int j = 0; j < NT; ++j) ldmatrix_x4(A[j], a_addr + (unsigned)(8 * j * sizeof(T)));
+        for (int q = 0; q < 4; ++q) a[q] = to_tf32(__uint_as_float(a[q]));
+      }
+    };
+#pragma unroll
+    for (int j = 0; j < NT; ++j) load_a(A[j], 8 * j);
 #pragma unroll
     for (int rr = 0; rr < kRH; ++rr) B[rr] = Bf[brow[rr]];
 #pragma unroll
-    for (int st = 0; st < kMaxS; ++st) {
+    for (int st = 0; st < kMaxS<T>; ++st) {
       if (st >= p.S) break;
       // The next k-step's fragments, loaded even after the last k-step (the shared memory has
       // slack for it): a condition here costs the compiler a select or a spill per register.
@@ -173,24 +188,24 @@ __global__ void __launch_bounds__(32 * kMaxWarps, 4) dw_tc_forward(const TcParam
       uint2 Bn[kRH];
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
-        if (NT > 2 && j < NT - 2) {
+        if (NT > SH && j < NT - SH) {
 #pragma unroll
-          for (int q = 0; q < 4; ++q) An[j][q] = A[j + 2][q];
+          for (int q = 0; q < 4; ++q) An[j][q] = A[j + SH][q];
         } else {
-          ldmatrix_x4(An[j], a_addr + (unsigned)((16 * (st + 1) + 8 * j) * sizeof(T)));
+          load_a(An[j], KS * (st + 1) + 8 * j);
         }
       }
 #pragma unroll
       for (int rr = 0; rr < kRH; ++rr) Bn[rr] = Bf[brow[rr] + (st + 1) * 32];
       bool live[NT];
 #pragma unroll
-      for (int j = 0; j < NT; ++j) live[j] = !kCheck || (16 * st + 8 * j >= live_lo && 16 * st + 8 * j < live_hi);
+      for (int j = 0; j < NT; ++j) live[j] = !kCheck || (KS * st + 8 * j >= live_lo && KS * st + 8 * j < live_hi);
 #pragma unroll
       for (int rr = 0; rr < kRH; ++rr) {
         if (!use[rr]) continue;
 #pragma unroll
         for (int j = 0; j < NT; ++j)
-          if (live[j]) mma16816<T>(acc[rr][j], A[j][0], A[j][1], A[j][2], A[j][3], B[rr].x, B[rr].y);
+          if (live[j]) mma_tile<T>(acc[rr][j], A[j][0], A[j][1], A[j][2], A[j][3], B[rr].x, B[rr].y);
       }
 #pragma unroll
       for (int j = 0; j < NT; ++j)
@@ -262,7 +277,8 @@ __global__ void __launch_bounds__(32 * kMaxWarps, 4) dw_tc_forward(const TcParam
           T* dst = p.out + ((int64_t)n * s.C + c) * s.OH * s.OW + (int64_t)oy * s.OW + ox;
           const T v0 = from_float<T>(acc[rr][j][2 * h]), v1 = from_float<T>(acc[rr][j][2 * h + 1]);
           if (pairs) {
-            *reinterpret_cast<uint32_t*>(dst) = pack2(v0, v1);
+            if constexpr (kTF32) *reinterpret_cast<float2*>(dst) = make_float2(v0, v1);
+            else *reinterpret_cast<uint32_t*>(dst) = pack2(v0, v1);
           } else {
             dst[0] = v0;
             if (ox + 1 < s.OW) dst[1] = v1;
@@ -348,8 +364,8 @@ __global__ void __launch_bounds__(32 * kSmallWarps) dw_tc_small_forward(const Tc
       const uint4 b = Bf[(i - i_lo) * 32 + lane];
       uint32_t A[4];
       ldmatrix_x4(A, a_base + (unsigned)(i * 16 * sizeof(T)));
-      mma16816<T>(acc[0], A[0], A[1], A[2], A[3], b.x, b.y);
-      if (two_tiles) mma16816<T>(acc[1], A[0], A[1], A[2], A[3], b.z, b.w);
+      mma_tile<T>(acc[0], A[0], A[1], A[2], A[3], b.x, b.y);
+      if (two_tiles) mma_tile<T>(acc[1], A[0], A[1], A[2], A[3], b.z, b.w);
     }
     // C fragment: images g, g + 8 of the group; columns 8 j + 2 t, + 1.
 #pragma unroll
@@ -395,21 +411,23 @@ struct TcPlan {
   size_t smem;
 };
 
-TcPlan plan(const DwShape& s) {
+// esize: bytes per element (2: half types, 4: TF32).
+TcPlan plan(const DwShape& s, int esize) {
   TcPlan q{};
+  const int ks = 32 / esize, unit = 16 / esize;  // elements per k-step, per 16 bytes
   q.NT = s.OW <= 8 ? 1 : s.OW <= 16 ? 2 : 4;
   q.sh = ((-s.pad_l) % 8 + 8) % 8;
-  q.S = ceil_div(s.KW + 7 + q.sh, 16);
-  q.WA = 8 * (q.NT - 1) + 16 * q.S;
-  q.pitch = q.WA + ((q.WA / 8) % 2 == 0 ? 8 : 0);  // an odd number of 16-byte units: no bank conflicts
+  q.S = ceil_div(s.KW + 7 + q.sh, ks);
+  q.WA = 8 * (q.NT - 1) + ks * q.S;
+  q.pitch = q.WA + ((q.WA / unit) % 2 == 0 ? unit : 0);  // an odd number of 16-byte units: no bank conflicts
   q.warps = std::min(kMaxWarps, ceil_div(s.OH, kRH));
   q.tiles_x = ceil_div(s.OW, 8 * q.NT);
   q.tiles = q.tiles_x * ceil_div(s.OH, q.warps * kRH);
   // Small maps: all the input rows a tile reads fit in shared memory, and are staged at once.
-  const size_t b_bytes = (size_t)s.KH * q.S * 256, row_bytes = (size_t)16 * q.pitch * 2;
+  const size_t b_bytes = (size_t)s.KH * q.S * 256, row_bytes = (size_t)16 * q.pitch * esize;
   const int rows = std::min(s.H, q.warps * kRH + s.KH - 1);
   q.whole = b_bytes + rows * row_bytes <= 64 * 1024 && rows > kSlots;
-  // + slack: the forward's pipelined loads read up to 16 bytes past the last staged row.
+  // + slack: the forward's pipelined loads read up to 32 bytes past the last staged row.
   q.smem = b_bytes + (q.whole ? rows : kSlots) * row_bytes + 64;
   return q;
 }
@@ -417,6 +435,43 @@ TcPlan plan(const DwShape& s) {
 template <typename T, int NT>
 cudaError_t launch_tc(const TcParams<T>& p, const TcPlan& q, int64_t blocks_y, cudaStream_t stream) {
   return launch(dw_tc_forward<T, NT>, dim3(q.tiles, (unsigned)blocks_y), dim3(32 * q.warps), q.smem, stream, p);
+}
+
+template <typename T>
+ConvArgs<T> p_args(const void* in, const void* w, const void* bias, void* out, const DwShape& s, bool flip) {
+  ConvArgs<T> a{};
+  a.set(static_cast<const T*>(in), static_cast<const T*>(w), static_cast<const T*>(bias), static_cast<T*>(out), s,
+        flip);
+  return a;
+}
+
+// The general kernel on any map size.
+template <typename T>
+cudaError_t launch_general(const ConvArgs<T>& args, const DeviceLimits& lim, cudaStream_t stream) {
+  const DwShape& s = args.s;
+  const TcPlan q = plan(s, sizeof(T));
+  TcParams<T> p{};
+  static_cast<ConvArgs<T>&>(p) = args;
+  p.S = q.S; p.sh = q.sh; p.WA = q.WA; p.pitch = q.pitch; p.tiles_x = q.tiles_x; p.whole = q.whole;
+  const uintptr_t addr = reinterpret_cast<uintptr_t>(args.in);
+  const int64_t row_bytes = (int64_t)s.W * sizeof(T);
+  p.vec = 0;
+  for (int v : {16, 8, 4})
+    if (p.vec == 0 && row_bytes % v == 0 && addr % v == 0) p.vec = v;
+  // Blocks take several 16-image groups of one channel (its B fragments are built once), but
+  // leave enough blocks to fill the GPU.
+  const int groups = ceil_div(p.N, 16);
+  const int64_t base = (int64_t)q.tiles * s.C;
+  static const char* env = getenv("LKPATCH_TC_GROUPS");  // benchmarking: most groups per block
+  const int cap = env ? std::max(1, atoi(env)) : groups;
+  p.per_block = (int)std::max<int64_t>(1, std::min<int64_t>(std::min(groups, cap), base * groups / (2 * lim.sms)));
+  p.splits = ceil_div(groups, p.per_block);
+  const int64_t blocks_y = (int64_t)s.C * p.splits;
+  switch (q.NT) {
+    case 1: return launch_tc<T, 1>(p, q, blocks_y, stream);
+    case 2: return launch_tc<T, 2>(p, q, blocks_y, stream);
+    default: return launch_tc<T, 4>(p, q, blocks_y, stream);
+  }
 }
 
 }  // namespace
@@ -428,9 +483,11 @@ bool dwconv2d_tc_forward_fits(DType t, const DwShape& s) {
   if (device_limits(&lim) != cudaSuccess || lim.cc_major < 8) return false;
   const int64_t N = s.planes / s.C;
   if (N < 8) return false;  // M = 16 images: fewer than 8 would waste most of the tensor core
-  if (small_map(s)) return s.C <= 65535 && plan_small(s, lim.sms).smem <= (size_t)lim.max_smem_optin;
-  const TcPlan q = plan(s);
-  return q.S <= kMaxS && (int64_t)s.C * ceil_div((int)N, 16) <= 65535 && q.tiles <= 0x7fffffff && q.smem <= (size_t)lim.max_smem_optin;
+  const bool tf32 = t == DType::tf32;  // TF32 takes the general kernel on every map size
+  if (!tf32 && small_map(s)) return s.C <= 65535 && plan_small(s, lim.sms).smem <= (size_t)lim.max_smem_optin;
+  const TcPlan q = plan(s, tf32 ? 4 : 2);
+  return q.S <= (tf32 ? kMaxS<float> : kMaxS<__half>) && (int64_t)s.C * ceil_div((int)N, 16) <= 65535 &&
+         q.tiles <= 0x7fffffff && q.smem <= (size_t)lim.max_smem_optin;
 }
 
 cudaError_t dwconv2d_tc_forward(DType t, const void* in, const void* w, const void* bias, void* out,
@@ -440,8 +497,9 @@ cudaError_t dwconv2d_tc_forward(DType t, const void* in, const void* w, const vo
   if (err != cudaSuccess) return err;
   return with_dtype(t, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
+    if (t == DType::f32) return cudaErrorInvalidValue;  // exact fp32 runs on CUDA cores
     if constexpr (std::is_same_v<T, float>) {
-      return cudaErrorInvalidValue;
+      return launch_general(p_args<T>(in, w, bias, out, s, flip_kernel), lim, stream);
     } else if (small_map(s)) {
       const TcSmallPlan q = plan_small(s, lim.sms);
       TcSmallParams<T> p{};
@@ -452,28 +510,7 @@ cudaError_t dwconv2d_tc_forward(DType t, const void* in, const void* w, const vo
       p.pairs = s.W % 2 == 0 && reinterpret_cast<uintptr_t>(in) % 4 == 0;
       return launch(dw_tc_small_forward<T>, dim3(q.slices, s.C), dim3(32 * kSmallWarps), q.smem, stream, p);
     } else {
-      const TcPlan q = plan(s);
-      TcParams<T> p{};
-      p.set(static_cast<const T*>(in), static_cast<const T*>(w), static_cast<const T*>(bias), static_cast<T*>(out), s,
-            flip_kernel);
-      p.S = q.S; p.sh = q.sh; p.WA = q.WA; p.pitch = q.pitch; p.tiles_x = q.tiles_x; p.whole = q.whole;
-      const uintptr_t addr = reinterpret_cast<uintptr_t>(in);
-      p.vec = s.W % 8 == 0 && addr % 16 == 0 ? 16 : s.W % 4 == 0 && addr % 8 == 0 ? 8
-            : s.W % 2 == 0 && addr % 4 == 0 ? 4 : 0;
-      // Blocks take several 16-image groups of one channel (its B fragments are built once), but
-      // leave enough blocks to fill the GPU.
-      const int groups = ceil_div(p.N, 16);
-      const int64_t base = (int64_t)q.tiles * s.C;
-      static const char* env = getenv("LKPATCH_TC_GROUPS");  // benchmarking: most groups per block
-      const int cap = env ? std::max(1, atoi(env)) : groups;
-      p.per_block = (int)std::max<int64_t>(1, std::min<int64_t>(std::min(groups, cap), base * groups / (2 * lim.sms)));
-      p.splits = ceil_div(groups, p.per_block);
-      const int64_t blocks_y = (int64_t)s.C * p.splits;
-      switch (q.NT) {
-        case 1: return launch_tc<T, 1>(p, q, blocks_y, stream);
-        case 2: return launch_tc<T, 2>(p, q, blocks_y, stream);
-        default: return launch_tc<T, 4>(p, q, blocks_y, stream);
-      }
+      return launch_general(p_args<T>(in, w, bias, out, s, flip_kernel), lim, stream);
     }
   });
 }

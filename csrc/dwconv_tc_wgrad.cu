@@ -173,8 +173,8 @@ __global__ void __launch_bounds__(32 * kWarps) dw_tc_weight_grad(const TcWgradPa
             if (!live[bp]) continue;
 #pragma unroll
             for (int jt = 0; jt < JT; ++jt) {
-              mma16816<T>(acc[jt][2 * bp], P[2 * jt], P[2 * jt + 1], P[2 * jt + 1], P[2 * jt + 2], B[bp][0], B[bp][1]);
-              mma16816<T>(acc[jt][2 * bp + 1], P[2 * jt], P[2 * jt + 1], P[2 * jt + 1], P[2 * jt + 2], B[bp][2],
+              mma_tile<T>(acc[jt][2 * bp], P[2 * jt], P[2 * jt + 1], P[2 * jt + 1], P[2 * jt + 2], B[bp][0], B[bp][1]);
+              mma_tile<T>(acc[jt][2 * bp + 1], P[2 * jt], P[2 * jt + 1], P[2 * jt + 1], P[2 * jt + 2], B[bp][2],
                           B[bp][3]);
             }
           }
@@ -285,7 +285,7 @@ __global__ void __launch_bounds__(32 * kSmallWarps) dw_tc_small_weight_grad(cons
 #pragma unroll
           for (int n = 0; n < 2 * TW; ++n)
             if (n < n_tiles)
-              mma16816<T>(acc[mt][n], A[mt][0], A[mt][1], A[mt][2], A[mt][3], B[n / 2][2 * (n & 1)],
+              mma_tile<T>(acc[mt][n], A[mt][0], A[mt][1], A[mt][2], A[mt][3], B[n / 2][2 * (n & 1)],
                           B[n / 2][2 * (n & 1) + 1]);
         }
       }
@@ -388,7 +388,7 @@ cudaError_t launch_wgrad(const TcWgradParams<T>& p, const WgradPlan& q, int C, c
 
 bool dwconv2d_tc_weight_grad_fits(DType t, const DwShape& s) {
   static const char* env = getenv("LKPATCH_TENSOR_CORES");
-  if (t == DType::f32 || (env && env[0] == 'n')) return false;
+  if (t == DType::f32 || t == DType::tf32 || (env && env[0] == 'n')) return false;  // fp32: CUDA cores
   if (s.planes / s.C < 8) return false;  // M or K = 16 images / columns: too few images waste them
   DeviceLimits lim;
   if (device_limits(&lim) != cudaSuccess || lim.cc_major < 8) return false;

@@ -210,7 +210,7 @@ size_t dwconv2d_weight_grad_workspace(DType t, const DwShape& s) {
 cudaError_t dwconv2d_weight_grad(DType t, const void* grad_out, const void* in, void* grad_w, float* workspace,
                                  const DwShape& s, cudaStream_t stream) {
   const int64_t n_w = (int64_t)s.C * s.KH * s.KW;
-  const size_t elem = t == DType::f32 ? 4 : 2;
+  const size_t elem = elem_bytes(t);
   if (s.planes == 0 || s.OH <= 0 || s.OW <= 0) return cudaMemsetAsync(grad_w, 0, elem * n_w, stream);
   if (dwconv2d_tc_weight_grad_fits(t, s)) {
     if (workspace == nullptr) return cudaErrorInvalidValue;

@@ -77,7 +77,8 @@ def _as_format(t, memory_format):
 
 def _forward_cuda(x, weight, bias, padding):
     if dispatch.use_kernel("forward", x.shape, weight.shape[2:], padding, x.dtype, _channels_last(x)):
-        y = _kernels().dwconv2d(_nchw(x), weight.contiguous(), None if bias is None else bias.contiguous(), padding)
+        y = _kernels().dwconv2d(_nchw(x), weight.contiguous(), None if bias is None else bias.contiguous(), padding,
+                                dispatch.tf32_pass(x.dtype))
         return _as_format(y, _native.output_memory_format(x))
     return _native.forward(x, weight, bias, padding)
 
@@ -87,7 +88,8 @@ def _forward_cuda(x, weight, bias, padding):
 def _input_grad_cuda(grad, weight, input_size, padding, nchw=_nchw):
     size = (grad.shape[0], grad.shape[1], input_size[0], input_size[1])
     if dispatch.use_kernel("input_grad", size, weight.shape[2:], padding, grad.dtype, _channels_last(grad)):
-        gx = _kernels().dwconv2d_input_grad(nchw(grad), weight.contiguous(), input_size, padding)
+        gx = _kernels().dwconv2d_input_grad(nchw(grad), weight.contiguous(), input_size, padding,
+                                            dispatch.tf32_pass(grad.dtype))
         return _as_format(gx, _native.output_memory_format(grad))
     return _native.backward_input(grad, weight, input_size, padding)
 

@@ -27,7 +27,22 @@ DEFAULT_SHAPES = [
     (64, 384, 64, 64, 31, 31), (64, 384, 64, 64, 7, 7), (64, 128, 56, 56, 31, 31), (64, 256, 28, 28, 29, 29),
     (64, 512, 14, 14, 27, 27), (64, 1024, 7, 7, 13, 13), (64, 96, 56, 56, 7, 7),
 ]
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "tf32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class conv_tf32:
+    """PyTorch's TF32 switch for convolutions, which lkpatch follows, set for a block: op-mode
+    "float32" rows run exact (both implementations), "tf32" rows with TF32 allowed."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def __enter__(self):
+        self.saved = torch.backends.cudnn.allow_tf32
+        torch.backends.cudnn.allow_tf32 = self.enabled
+
+    def __exit__(self, *exc):
+        torch.backends.cudnn.allow_tf32 = self.saved
 
 
 def time_ms(fn: Callable[[int], None], n_inputs: int = 1, warmup: int = 3, reps: int = 20) -> float:
@@ -287,7 +302,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for shape in args.shapes or (sweep_shapes() if args.sweep else DEFAULT_SHAPES):
                     if dispatch.kernel_unsupported_reason(shape[:4], shape[4:], (0, 0, 0, 0), DTYPES[dtype]):
                         continue
-                    rows.append(bench_shape(shape, DTYPES[dtype], layout, args.reps, args.passes or args.sweep))
+                    with conv_tf32(dtype == "tf32"):
+                        rows.append(bench_shape(shape, DTYPES[dtype], layout, args.reps, args.passes or args.sweep))
+                    rows[-1]["dtype"] = dtype
                     torch.cuda.empty_cache()
         result["rows"] = rows
         print(f"{result['device']}, torch {result['torch']}; fp32 SGEMM {peak:.1f} TFLOP/s; times in ms, median "

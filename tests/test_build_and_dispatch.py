@@ -232,7 +232,7 @@ def test_tensor_core_passes(monkeypatch):
     monkeypatch.setattr(dispatch, "_tensor_cores_off", lambda: False)
     assert dispatch.tensor_core_pass("forward", (8, 4, 14, 14), torch.float16)
     assert not dispatch.tensor_core_pass("forward", (7, 4, 14, 14), torch.float16)    # under 8 images
-    assert not dispatch.tensor_core_pass("forward", (64, 4, 14, 14), torch.float32)   # no TF32 path
+    assert not dispatch.tensor_core_pass("forward", (64, 4, 14, 14), torch.float32)   # fp32: tf32_pass
     assert dispatch.tensor_core_pass("weight_grad", (64, 4, 14, 14), torch.bfloat16)       # small maps
     assert dispatch.tensor_core_pass("weight_grad", (64, 4, 18, 18), torch.bfloat16)       # up to 32x32
     assert not dispatch.tensor_core_pass("weight_grad", (64, 4, 6, 40), torch.bfloat16)
@@ -258,3 +258,24 @@ def test_any_pass_decision(monkeypatch):
         assert dispatch.use_kernel("any", (64, 96, 56, 56), (3, 3), small, torch.bfloat16, True)
     with dispatch.force("native"):
         assert not dispatch.use_kernel("any", (64, 384, 64, 64), (31, 31), pads, torch.float32)
+
+
+def test_tf32_follows_pytorch(monkeypatch):
+    """fp32 passes take TF32 exactly where PyTorch lets its convolutions do so."""
+    from conftest import tf32
+    monkeypatch.setattr(dispatch, "_tensor_cores_off", lambda: False)
+    with tf32(True):
+        assert dispatch.tf32_pass(torch.float32)
+        assert not dispatch.tf32_pass(torch.bfloat16)  # half types are on tensor cores anyway
+        conv = getattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision", None)
+        if conv is not None:  # torch 2.9+: the per-operator setting
+            torch.backends.cudnn.conv.fp32_precision = "ieee"
+            try:
+                assert not dispatch.tf32_pass(torch.float32)
+            finally:
+                torch.backends.cudnn.conv.fp32_precision = conv
+        monkeypatch.setattr(dispatch, "_tensor_cores_off", lambda: True)  # no sm_80 GPU
+        assert not dispatch.tf32_pass(torch.float32)
+    monkeypatch.setattr(dispatch, "_tensor_cores_off", lambda: False)
+    with tf32(False):
+        assert not dispatch.tf32_pass(torch.float32)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import lkpatch
-from conftest import rel_err
+from conftest import rel_err, tf32
 from lkpatch import build, dispatch
 from lkpatch._native import output_memory_format
 
@@ -112,8 +112,9 @@ def make_inputs(case, gen, dtype=torch.float32):
     return x, wt, b, g
 
 
-def check_case(case, seed, dtype=torch.float32):
-    """Output and gradients against float64 computed from the same (rounded) inputs."""
+def check_case(case, seed, dtype=torch.float32, tol=None):
+    """Output and gradients against float64 computed from the same (rounded) inputs; ``tol``:
+    relative error bounds by name (default: the dtype's for all four)."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
     x, w, b, g = make_inputs(case, gen, dtype)
     got = run_op(x, w, b, case["pads"], g)
@@ -121,10 +122,11 @@ def check_case(case, seed, dtype=torch.float32):
     names = ("output", "grad_input", "grad_weight", "grad_bias")
     assert all(t.dtype == dtype for t in got if t is not None)
     errs = {name: rel_err(a, r) for name, a, r in zip(names, got, ref) if r is not None}
-    bad = {k: v for k, v in errs.items() if not v <= TOL[dtype]}
+    bad = {k: v for k, v in errs.items() if not v <= (tol or {}).get(k, TOL[dtype])}
     assert not bad, f"case {case} seed {seed} {dtype}: relative errors {errs}"
     assert got[0].shape == ref[0].shape and got[1].shape == x.shape
     assert got[0].is_contiguous(memory_format=output_memory_format(x))
+    return errs
 
 
 def draw_small_map_case(rng: random.Random, batch=None, most=16):
@@ -137,14 +139,14 @@ def draw_small_map_case(rng: random.Random, batch=None, most=16):
             return case
 
 
-def assert_sweep(seed: int, cases: int, dtype=torch.float32, batch=None, draw=draw_case):
+def assert_sweep(seed: int, cases: int, dtype=torch.float32, batch=None, draw=draw_case, tol=None):
     """``cases`` random cases (``draw``) through ``check_case``; all failures reported together."""
     rng = random.Random(seed)
     failures = []
     for i in range(cases):
         case = draw(rng, batch)
         try:
-            check_case(case, seed=i, dtype=dtype)
+            check_case(case, seed=i, dtype=dtype, tol=tol)
         except AssertionError as e:
             failures.append(str(e))
     assert not failures, f"{len(failures)} of {cases} cases failed:\n" + "\n".join(failures[:20])
@@ -178,6 +180,27 @@ def test_random_sweep_tensor_cores_maps_to_32(dtype):
     """Maps from 17 to 32 on a side, whose weight-gradient sums over images in 32 x 32 tiles."""
     assert_sweep(9753, HALF_SWEEP_CASES // 2, dtype, batch=(8, 80),
                  draw=lambda rng, batch: draw_small_map_case(rng, batch, most=32))
+
+
+TF32_TOL = {"output": 2e-3, "grad_input": 2e-3}  # the weight and bias gradients stay exact fp32
+
+
+def test_random_sweep_tf32():
+    """fp32 with PyTorch's TF32 switch on: the forward and input-gradient on TF32 tensor cores
+    (batches of 8 and more, every map size), the other gradients exact."""
+    with tf32(True):
+        assert_sweep(8642, HALF_SWEEP_CASES, torch.float32, batch=(8, 40), tol=TF32_TOL)
+
+
+def test_tf32_follows_pytorch_switch():
+    """The same fp32 call rounds to TF32 only while PyTorch allows TF32 convolutions."""
+    case = dict(n=16, c=8, h=40, w=40, kh=31, kw=31, pads=(15, 15, 15, 15), bias=True, layout="contiguous")
+    with tf32(True):
+        errs = check_case(case, seed=5, tol=TF32_TOL)
+    assert errs["output"] > 1e-5 and errs["grad_input"] > 1e-5  # rounded: the TF32 path ran
+    assert errs["grad_weight"] <= 1e-5
+    errs = check_case(case, seed=5)  # exact_fp32: TF32 off
+    assert errs["output"] <= 1e-5 and errs["grad_input"] <= 1e-5
 
 
 def test_autocast_bf16_training_step():

@@ -293,9 +293,14 @@ class _OpaqueKernels:
     def __getattr__(self, name):
         from lkpatch import _native
         fn = {"dwconv2d": _native.forward, "dwconv2d_input_grad": _native.backward_input,
-              "dwconv2d_weight_grad": _native.backward_weight, "dwconv2d_bias_grad": _native.backward_bias}[name]
+              "dwconv2d_weight_grad": _native.backward_weight, "dwconv2d_bias_grad": _native.backward_bias,
+              "to_nchw": torch.Tensor.contiguous,
+              "to_channels_last": lambda t: t.contiguous(memory_format=torch.channels_last)}[name]
 
         def run(*args):
+            if name in ("dwconv2d", "dwconv2d_input_grad"):
+                assert isinstance(args[-1], bool)  # the extension's `tf32` switch
+                args = args[:-1]
             with torch.no_grad():
                 return fn(*args)
         return run
