@@ -136,7 +136,8 @@ Tensor dwconv2d_input_grad(const Tensor& grad, const Tensor& w, at::IntArrayRef 
   return gx;
 }
 
-Tensor dwconv2d_weight_grad(const Tensor& grad, const Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef padding) {
+Tensor dwconv2d_weight_grad(const Tensor& grad, const Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef padding,
+                            bool tf32) {
   check_activation(grad, "grad_output");
   check_activation(x, "input");
   check_padding(padding);
@@ -150,10 +151,11 @@ Tensor dwconv2d_weight_grad(const Tensor& grad, const Tensor& x, at::IntArrayRef
               " but the forward output would be ", str(s.OH), "x", str(s.OW));
   c10::cuda::CUDAGuard guard(x.device());
   Tensor gw = at::empty({x.size(1), 1, kernel_size[0], kernel_size[1]}, x.options());
-  const size_t ws_bytes = lkpatch::dwconv2d_weight_grad_workspace(dtype_of(x, "input"), s);
+  const lkpatch::DType t = compute_type(x, "input", tf32);
+  const size_t ws_bytes = lkpatch::dwconv2d_weight_grad_workspace(t, s);
   Tensor ws;
   if (ws_bytes) ws = at::empty({(int64_t)(ws_bytes / sizeof(float))}, x.options().dtype(at::kFloat));
-  check_cuda(lkpatch::dwconv2d_weight_grad(dtype_of(x, "input"), grad.data_ptr(), x.data_ptr(), gw.data_ptr(),
+  check_cuda(lkpatch::dwconv2d_weight_grad(t, grad.data_ptr(), x.data_ptr(), gw.data_ptr(),
                                            ws_bytes ? ws.data_ptr<float>() : nullptr, s,
                                            c10::cuda::getCurrentCUDAStream().stream()),
              "depthwise weight-grad");
@@ -206,7 +208,8 @@ TORCH_LIBRARY(lkpatch_ext, m) {
   m.def("dwconv2d(Tensor input, Tensor weight, Tensor? bias, int[4] padding, bool tf32=False) -> Tensor");
   m.def("dwconv2d_input_grad(Tensor grad_output, Tensor weight, int[2] input_size, int[4] padding, "
         "bool tf32=False) -> Tensor");
-  m.def("dwconv2d_weight_grad(Tensor grad_output, Tensor input, int[2] kernel_size, int[4] padding) -> Tensor");
+  m.def("dwconv2d_weight_grad(Tensor grad_output, Tensor input, int[2] kernel_size, int[4] padding, "
+        "bool tf32=False) -> Tensor");
   m.def("dwconv2d_bias_grad(Tensor grad_output) -> Tensor");
   m.def("to_nchw(Tensor x) -> Tensor");
   m.def("to_channels_last(Tensor x) -> Tensor");

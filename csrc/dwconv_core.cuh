@@ -261,16 +261,16 @@ size_t dwconv2d_small_weight_grad_workspace(const DwShape& s);
 cudaError_t dwconv2d_small_weight_grad(DType t, const void* grad_out, const void* in, void* grad_w, float* workspace,
                                        const DwShape& s, cudaStream_t stream);
 
-// The tensor-core forward / input-grad for fp16 and bf16 (dwconv_tc.cu), where it applies: sm_80+,
-// 8 or more images. LKPATCH_TENSOR_CORES=never turns it off (benchmarking).
+// The tensor-core forward / input-grad for fp16, bf16 and TF32 (dwconv_tc.cu), where it applies:
+// sm_80+, 8 or more images. LKPATCH_TENSOR_CORES=never turns it off (benchmarking).
 bool dwconv2d_tc_forward_fits(DType t, const DwShape& s);
 cudaError_t dwconv2d_tc_forward(DType t, const void* in, const void* w, const void* bias, void* out,
                                 const DwShape& s, bool flip_kernel, cudaStream_t stream);
 
-// The tensor-core weight-grad for fp16 and bf16 (dwconv_tc_wgrad.cu): sm_80+, output-gradient
-// planes that fit in shared memory. Always takes a workspace.
+// The tensor-core weight-grad for fp16, bf16 and TF32 (dwconv_tc_wgrad.cu): sm_80+, output-gradient
+// planes that fit in shared memory (TF32: maps from 20 x 20 in area). Always takes a workspace.
 bool dwconv2d_tc_weight_grad_fits(DType t, const DwShape& s);
-size_t dwconv2d_tc_weight_grad_workspace(const DwShape& s);
+size_t dwconv2d_tc_weight_grad_workspace(DType t, const DwShape& s);
 cudaError_t dwconv2d_tc_weight_grad(DType t, const void* grad_out, const void* in, void* grad_w, float* workspace,
                                     const DwShape& s, cudaStream_t stream);
 

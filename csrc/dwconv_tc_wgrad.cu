@@ -1,4 +1,5 @@
-// Weight-gradient of the fp16 / bf16 depthwise convolution on tensor cores (sm_80+).
+// Weight-gradient of the depthwise convolution on tensor cores (sm_80+): fp16 / bf16, and fp32
+// as TF32 (maps from 20 x 20 in area) where PyTorch allows it.
 //
 //   grad_w[i][j] = sum_{n, q, ox} x[n][q][ox - pad_l + j] * g[n][q + pad_t - i][ox]
 //
@@ -6,10 +7,11 @@
 // C[j][i] += sum_k A[j][k] B[k][i] with A[j][k] = x[q][ox0 + k - pad_l + j] (a Toeplitz matrix:
 // it depends on j + k only) and B[k][i] = g[q + pad_t - i][ox0 + k] (kernel row i reads output
 // row q + pad_t - i). A warp holds a 16*JT x 8*IT tile of taps in mma.sync accumulators and walks
-// input rows; B comes from the image's staged output-gradient plane through ldmatrix (rows
-// outside the plane point at a zero row), and A straight from the staged input row: because A is
-// Toeplitz, each lane needs only the pairs x[o], x[o + 1] at o = lane offset + 8m, and
-// consecutive column chunks share all but two of them. Block partial sums go to a workspace that
+// input rows in chunks of K = kStep<T> output columns; B comes from the image's staged
+// output-gradient plane through ldmatrix (rows outside the plane point at a zero row), and A
+// straight from the staged input row: because A is Toeplitz, each lane needs only the pairs
+// x[o], x[o + 1] at o = lane offset + 8m (half types), or the values x[o] at o = lane offset + 4m
+// (TF32), and consecutive chunks share all but two of them. Block partial sums go to a workspace that
 // is added up in a fixed order: deterministic.
 //
 // Maps up to 32 x 32 take a second kernel (dw_tc_small_weight_grad): there the output columns are
@@ -41,18 +43,18 @@ struct TcWgradParams {
   int xw;         // staged input row length (elements), even
   int tiles_j;    // kernel-column tiles of 16 * JT
   int IB;         // images staged at once
-  int gvec, xvec; // staging copies of output-gradient / input rows: 2 = 16-byte, 1 = 4-byte, 0 = plain
+  int gvec, xvec; // bytes per staging copy of output-gradient / input rows: 16, 4, or 0 (element copies)
 };
 
 // Rows of `rows_per_image` rows for each of `images` images, into dst[row][pitch] (rows of all
 // images one after another): dst[row][e] = src[image][r][x0 + e] for e < n, zero where x0 + e is
 // outside [0, len). The block's threads take the (row, copy) pairs in turn, stepping without a
-// division per copy. vec 2 / 1: 16- / 4-byte asynchronous copies (x0, len and the row starts
-// aligned to 8 / 2 elements); 0: plain element copies.
+// division per copy. vec 16 / 4: asynchronous copies of that many bytes (x0, len and the row
+// starts aligned to them); 0: plain element copies.
 template <typename T>
 __device__ __forceinline__ void stage_rows(T* dst, int pitch, const T* src, int64_t image_stride, int row_stride,
                                            int rows_per_image, int images, int x0, int len, int n, int vec) {
-  const int per = vec == 2 ? 8 : vec == 1 ? 2 : 1, cpr = n / per;  // copies per row
+  const int per = vec ? vec / (int)sizeof(T) : 1, cpr = n / per;  // elements per copy, copies per row
   const int rows = rows_per_image * images, step = blockDim.x;
   const int drow = step / cpr, dk = step - drow * cpr;
   int row = threadIdx.x / cpr, k = threadIdx.x - row * cpr;
@@ -62,8 +64,8 @@ __device__ __forceinline__ void stage_rows(T* dst, int pitch, const T* src, int6
     const bool valid = x >= 0 && x < len;
     const T* from = src + img * image_stride + (int64_t)r * row_stride;
     T* to = dst + row * pitch + e;
-    if (vec == 2) copy_async<16>(to, valid ? from + x : src, valid);
-    else if (vec == 1) copy_async<4>(to, valid ? from + x : src, valid);
+    if (vec == 16) copy_async<16>(to, valid ? from + x : src, valid);
+    else if (vec == 4) copy_async<4>(to, valid ? from + x : src, valid);
     else *to = valid ? from[x] : from_float<T>(0.f);
     k += dk;
     int adv = drow;
@@ -76,6 +78,8 @@ __device__ __forceinline__ void stage_rows(T* dst, int pitch, const T* src, int6
 template <typename T, int JT, int IT>
 __global__ void __launch_bounds__(32 * kWarps) dw_tc_weight_grad(const TcWgradParams<T> p) {
   static_assert(IT % 2 == 0, "B fragments are loaded two kernel-row tiles at a time");
+  constexpr bool kTF32 = std::is_same_v<T, float>;
+  constexpr int KS = kStep<T>;  // output columns per chunk (32 bytes)
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const DwShape& s = p.s;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -102,16 +106,20 @@ __global__ void __launch_bounds__(32 * kWarps) dw_tc_weight_grad(const TcWgradPa
   // Input rows that reach this tile's kernel rows: output row q + pad_t - i in [0, OH).
   const int q_lo = max(0, i0 - s.pad_t), q_hi = min(s.H, i0 + 8 * IT - 1 - s.pad_t + s.OH);
   const int g = lane >> 2, t = lane & 3;
-  const int lane_off0 = g + 2 * t;
-  // B: lane l addresses kernel row i0 + 8 * (2 * pair + (l >> 4)) + (l & 7), column 8 * ((l >> 3) & 1).
-  const int b_row = (lane & 7) + 8 * (lane >> 4), b_col = 8 * ((lane >> 3) & 1);
+  // A fragment rows g, g + 8 and columns 2t, 2t + 1, 2t + 8, 2t + 9 (half types; a Toeplitz
+  // tile's values then come in pairs), or columns t, t + 4 (TF32).
+  const int lane_off0 = kTF32 ? g + t : g + 2 * t;
+  // B: lane l addresses kernel row i0 + 8 * (2 * pair + (l >> 4)) + (l & 7), 16 bytes into the
+  // chunk's columns if (l >> 3) & 1.
+  const int b_row = (lane & 7) + 8 * (lane >> 4), b_col = (16 / (int)sizeof(T)) * ((lane >> 3) & 1);
   const unsigned g_addr = (unsigned)__cvta_generic_to_shared(G);
-  constexpr int NP = 2 * JT + 1;  // A pairs alive per chunk
+  // A values alive per chunk: pairs at lane offset + 8m (half), or TF32 values at + 4m.
+  constexpr int NP = kTF32 ? 4 * JT : 2 * JT + 1;
 
   const int nq = max(0, q_hi - q_lo);
-  // Input rows are staged from column xs = j0 - pad_l - d, aligned for the copies; A pair m of
-  // chunk 0 then starts at d + lane offset + 8m.
-  const int align = p.xvec == 2 ? 8 : p.xvec == 1 ? 2 : 1;
+  // Input rows are staged from column xs = j0 - pad_l - d, aligned for the copies; A value m of
+  // chunk 0 then starts at d + lane offset + (8 or 4) m.
+  const int align = p.xvec ? p.xvec / (int)sizeof(T) : 1;
   const int d = ((j0 - s.pad_l) % align + align) % align, xs = j0 - s.pad_l - d;
   const int lane_off = lane_off0 + d;
   const unsigned sel = (lane_off & 1) ? 0x5432u : 0x3210u;  // odd offsets straddle two words
@@ -128,6 +136,18 @@ __global__ void __launch_bounds__(32 * kWarps) dw_tc_weight_grad(const TcWgradPa
     copy_async_commit();
     copy_async_wait_group<0>();
     __syncthreads();
+    if constexpr (kTF32) {  // the staged values rounded to TF32 once, not in every fragment
+      const int ng = nimg * s.OH * p.gpitch / 4, nx = nimg * nq * p.xw / 4;  // float4s
+      float4* v = reinterpret_cast<float4*>(G);
+      for (int e = threadIdx.x; e < ng + nx; e += blockDim.x) {
+        float4* at = e < ng ? v + e : reinterpret_cast<float4*>(X) + (e - ng);
+        float4 f = *at;
+        f.x = __uint_as_float(to_tf32(f.x)); f.y = __uint_as_float(to_tf32(f.y));
+        f.z = __uint_as_float(to_tf32(f.z)); f.w = __uint_as_float(to_tf32(f.w));
+        *at = f;
+      }
+      __syncthreads();
+    }
     // A warp takes input rows q and, for each, every staged image: which kernel-row tiles the row
     // reaches, and where each lane's B row lies, is worked out once per row.
     for (int qi = warp; qi < nq; qi += kWarps) {
@@ -148,11 +168,17 @@ __global__ void __launch_bounds__(32 * kWarps) dw_tc_weight_grad(const TcWgradPa
         for (int bp = 0; bp < IT / 2; ++bp)
           baddr[bp] = g_addr + (unsigned)(((brow[bp] >= 0 ? img * s.OH + brow[bp] : zero_row) * p.gpitch + b_col) *
                                           sizeof(T));
-        // A pair m of chunk ox0 starts at element ox0 + lane_off + 8 m of the staged row.
-        const uint32_t* xl = reinterpret_cast<const uint32_t*>(X + (img * nq + qi) * p.xw) + (lane_off >> 1);
-        auto pair = [&](int m, int ox0) {
-          const int w = (ox0 >> 1) + 4 * m;
-          return __byte_perm(xl[w], xl[w + 1], sel);
+        // A value m of chunk ox0: the pair at element ox0 + lane_off + 8 m of the staged row (half),
+        // or the element ox0 + lane_off + 4 m (TF32).
+        const T* xrow = X + (img * nq + qi) * p.xw;
+        const uint32_t* xl = reinterpret_cast<const uint32_t*>(xrow) + (kTF32 ? lane_off : lane_off >> 1);
+        auto pair = [&](int m, int ox0) -> uint32_t {
+          if constexpr (kTF32) {
+            return xl[ox0 + 4 * m];
+          } else {
+            const int w = (ox0 >> 1) + 4 * m;
+            return __byte_perm(xl[w], xl[w + 1], sel);
+          }
         };
         uint32_t P[NP];
 #pragma unroll
@@ -162,20 +188,22 @@ __global__ void __launch_bounds__(32 * kWarps) dw_tc_weight_grad(const TcWgradPa
         uint32_t B[IT / 2][4];
 #pragma unroll
         for (int bp = 0; bp < IT / 2; ++bp) ldmatrix_x4(B[bp], baddr[bp]);
-        for (int ox0 = 0; ox0 < p.OWp; ox0 += 16) {
+        for (int ox0 = 0; ox0 < p.OWp; ox0 += KS) {
           P[NP - 2] = pair(NP - 2, ox0);
           P[NP - 1] = pair(NP - 1, ox0);
           uint32_t Bn[IT / 2][4];
 #pragma unroll
-          for (int bp = 0; bp < IT / 2; ++bp) ldmatrix_x4(Bn[bp], baddr[bp] + (unsigned)((ox0 + 16) * sizeof(T)));
+          for (int bp = 0; bp < IT / 2; ++bp) ldmatrix_x4(Bn[bp], baddr[bp] + (unsigned)((ox0 + KS) * sizeof(T)));
 #pragma unroll
           for (int bp = 0; bp < IT / 2; ++bp) {
             if (!live[bp]) continue;
 #pragma unroll
             for (int jt = 0; jt < JT; ++jt) {
-              mma_tile<T>(acc[jt][2 * bp], P[2 * jt], P[2 * jt + 1], P[2 * jt + 1], P[2 * jt + 2], B[bp][0], B[bp][1]);
-              mma_tile<T>(acc[jt][2 * bp + 1], P[2 * jt], P[2 * jt + 1], P[2 * jt + 1], P[2 * jt + 2], B[bp][2],
-                          B[bp][3]);
+              // A rows 16 jt .. 16 jt + 15: registers a0..a3 as the Toeplitz values fall.
+              const uint32_t a0 = P[kTF32 ? 4 * jt : 2 * jt], a1 = P[kTF32 ? 4 * jt + 2 : 2 * jt + 1],
+                             a2 = P[kTF32 ? 4 * jt + 1 : 2 * jt + 1], a3 = P[kTF32 ? 4 * jt + 3 : 2 * jt + 2];
+              mma_tile<T>(acc[jt][2 * bp], a0, a1, a2, a3, B[bp][0], B[bp][1]);
+              mma_tile<T>(acc[jt][2 * bp + 1], a0, a1, a2, a3, B[bp][2], B[bp][3]);
             }
           }
 #pragma unroll
@@ -354,12 +382,14 @@ struct WgradPlan {
   size_t smem;
 };
 
-WgradPlan plan(const DwShape& s, int sms) {
+// esize: bytes per element (2: half types, 4: TF32).
+WgradPlan plan(const DwShape& s, int sms, int esize) {
   WgradPlan q{};
+  const int unit = 16 / esize;  // elements per 16 bytes
   q.JT = s.KW <= 16 ? 1 : 2;
   q.IT = s.KH <= 16 ? 2 : 4;
   q.OWp = round_up(s.OW, 16);
-  q.gpitch = q.OWp + ((q.OWp / 8) % 2 == 0 ? 8 : 0);
+  q.gpitch = q.OWp + ((q.OWp / unit) % 2 == 0 ? unit : 0);
   q.xw = q.OWp + 16 * q.JT + 16;  // 8 more than the pairs reach: the staged start may move left by up to 7
   q.tiles_j = ceil_div(s.KW, 16 * q.JT);
   q.tiles_i = ceil_div(s.KH, 8 * q.IT);
@@ -371,9 +401,9 @@ WgradPlan plan(const DwShape& s, int sms) {
   // Images staged at once (output-gradient plane and input rows): fewer block-wide
   // synchronizations per image on small maps.
   const int nq = std::min(s.H, 8 * q.IT - 1 + s.OH);
-  const size_t image_bytes = ((size_t)s.OH * q.gpitch + (size_t)nq * q.xw) * 2;
+  const size_t image_bytes = ((size_t)s.OH * q.gpitch + (size_t)nq * q.xw) * esize;
   q.IB = (int)std::max<size_t>(1, std::min<size_t>(std::min(q.per_slice, 16), (48 * 1024) / image_bytes));
-  q.smem = std::max(((size_t)(q.IB * s.OH + 1) * q.gpitch + (size_t)q.IB * nq * q.xw) * 2,
+  q.smem = std::max(((size_t)(q.IB * s.OH + 1) * q.gpitch + (size_t)q.IB * nq * q.xw) * esize,
                     (size_t)kWarps * 16 * q.JT * 8 * q.IT * sizeof(float));
   return q;
 }
@@ -388,22 +418,24 @@ cudaError_t launch_wgrad(const TcWgradParams<T>& p, const WgradPlan& q, int C, c
 
 bool dwconv2d_tc_weight_grad_fits(DType t, const DwShape& s) {
   static const char* env = getenv("LKPATCH_TENSOR_CORES");
-  if (t == DType::f32 || t == DType::tf32 || (env && env[0] == 'n')) return false;  // fp32: CUDA cores
+  if (t == DType::f32 || (env && env[0] == 'n')) return false;  // exact fp32: CUDA cores
   if (s.planes / s.C < 8) return false;  // M or K = 16 images / columns: too few images waste them
   DeviceLimits lim;
   if (device_limits(&lim) != cudaSuccess || lim.cc_major < 8) return false;
-  if (small_map_tiles(s)) return s.C <= 65535 && plan_small(s, lim.sms).smem <= (size_t)lim.max_smem_optin;
+  const bool tf32 = t == DType::tf32;  // TF32: the banded kernel only
+  if (!tf32 && small_map_tiles(s)) return s.C <= 65535 && plan_small(s, lim.sms).smem <= (size_t)lim.max_smem_optin;
   // Narrow maps (a side above 32, under 20 x 20 in area) stay on the CUDA-core kernel.
   if ((int64_t)s.OH * s.OW < 400) return false;
-  const WgradPlan q = plan(s, lim.sms);
+  const WgradPlan q = plan(s, lim.sms, tf32 ? 4 : 2);
   // An image's output-gradient plane and input rows are staged whole: maps up to about 100 x 100.
   return s.C <= 65535 && q.tiles_i * q.tiles_j <= 64 && q.smem <= std::min<size_t>(lim.max_smem_optin, 100 * 1024);
 }
 
-size_t dwconv2d_tc_weight_grad_workspace(const DwShape& s) {
+size_t dwconv2d_tc_weight_grad_workspace(DType t, const DwShape& s) {
   DeviceLimits lim;
   if (device_limits(&lim) != cudaSuccess) return 0;
-  const int slices = small_map_tiles(s) ? plan_small(s, lim.sms).slices : plan(s, lim.sms).slices;
+  const int slices = t != DType::tf32 && small_map_tiles(s) ? plan_small(s, lim.sms).slices
+                                                             : plan(s, lim.sms, (int)elem_bytes(t)).slices;
   return (size_t)slices * s.C * s.KH * s.KW * sizeof(float);
 }
 
@@ -412,30 +444,32 @@ cudaError_t dwconv2d_tc_weight_grad(DType t, const void* grad_out, const void* i
   DeviceLimits lim;
   cudaError_t err = device_limits(&lim);
   if (err != cudaSuccess) return err;
-  const WgradPlan q = plan(s, lim.sms);
+  if (t == DType::f32) return cudaErrorInvalidValue;  // exact fp32 runs on CUDA cores
   return with_dtype(t, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
-    if constexpr (std::is_same_v<T, float>) {
-      return cudaErrorInvalidValue;
-    } else if (small_map_tiles(s)) {
-      const TcSmallWgradPlan sq = plan_small(s, lim.sms);
-      TcSmallWgradParams<T> p{};
-      p.grad = static_cast<const T*>(grad_out);
-      p.in = static_cast<const T*>(in);
-      p.parts = workspace;
-      p.s = s;
-      p.N = (int)(s.planes / s.C);
-      p.per_slice = sq.per_slice;
-      p.gplane = sq.gplane;
-      p.xplane = sq.xplane;
-      p.gpairs = s.OW % 2 == 0 && reinterpret_cast<uintptr_t>(grad_out) % 4 == 0;
-      p.xpairs = s.W % 2 == 0 && reinterpret_cast<uintptr_t>(in) % 4 == 0;
-      const dim3 grid(sq.slices, s.C), block(32 * kSmallWarps);
-      cudaError_t e = sq.TW == 1 ? launch(dw_tc_small_weight_grad<T, 1>, grid, block, sq.smem, stream, p)
-                                 : launch(dw_tc_small_weight_grad<T, 2>, grid, block, sq.smem, stream, p);
-      if (e != cudaSuccess) return e;
-      return sum_partials(workspace, static_cast<T*>(grad_w), sq.slices, (int64_t)s.C * s.KH * s.KW, stream);
-    } else {
+    if constexpr (!std::is_same_v<T, float>) {  // TF32 takes the banded kernel on every map
+      if (small_map_tiles(s)) {
+        const TcSmallWgradPlan sq = plan_small(s, lim.sms);
+        TcSmallWgradParams<T> p{};
+        p.grad = static_cast<const T*>(grad_out);
+        p.in = static_cast<const T*>(in);
+        p.parts = workspace;
+        p.s = s;
+        p.N = (int)(s.planes / s.C);
+        p.per_slice = sq.per_slice;
+        p.gplane = sq.gplane;
+        p.xplane = sq.xplane;
+        p.gpairs = s.OW % 2 == 0 && reinterpret_cast<uintptr_t>(grad_out) % 4 == 0;
+        p.xpairs = s.W % 2 == 0 && reinterpret_cast<uintptr_t>(in) % 4 == 0;
+        const dim3 grid(sq.slices, s.C), block(32 * kSmallWarps);
+        cudaError_t e = sq.TW == 1 ? launch(dw_tc_small_weight_grad<T, 1>, grid, block, sq.smem, stream, p)
+                                   : launch(dw_tc_small_weight_grad<T, 2>, grid, block, sq.smem, stream, p);
+        if (e != cudaSuccess) return e;
+        return sum_partials(workspace, static_cast<T*>(grad_w), sq.slices, (int64_t)s.C * s.KH * s.KW, stream);
+      }
+    }
+    {  // the banded kernel
+      const WgradPlan q = plan(s, lim.sms, sizeof(T));
       TcWgradParams<T> p{};
       p.grad = static_cast<const T*>(grad_out);
       p.in = static_cast<const T*>(in);
@@ -445,8 +479,11 @@ cudaError_t dwconv2d_tc_weight_grad(DType t, const void* grad_out, const void* i
       p.per_slice = q.per_slice;
       p.OWp = q.OWp; p.gpitch = q.gpitch; p.xw = q.xw; p.tiles_j = q.tiles_j; p.IB = q.IB;
       const uintptr_t ga = reinterpret_cast<uintptr_t>(grad_out), xa = reinterpret_cast<uintptr_t>(in);
-      p.gvec = s.OW % 8 == 0 && ga % 16 == 0 ? 2 : s.OW % 2 == 0 && ga % 4 == 0 ? 1 : 0;
-      p.xvec = s.W % 8 == 0 && xa % 16 == 0 ? 2 : s.W % 2 == 0 && xa % 4 == 0 ? 1 : 0;
+      auto vec = [](int64_t row_bytes, uintptr_t addr) {
+        return row_bytes % 16 == 0 && addr % 16 == 0 ? 16 : row_bytes % 4 == 0 && addr % 4 == 0 ? 4 : 0;
+      };
+      p.gvec = vec((int64_t)s.OW * sizeof(T), ga);
+      p.xvec = vec((int64_t)s.W * sizeof(T), xa);
       cudaError_t e;
       if (q.JT == 1)
         e = q.IT == 2 ? launch_wgrad<T, 1, 2>(p, q, s.C, stream) : launch_wgrad<T, 1, 4>(p, q, s.C, stream);

@@ -199,7 +199,7 @@ cudaError_t launch_weight_grad(const WgradPlan& plan, const T* grad_out, const T
 
 size_t dwconv2d_weight_grad_workspace(DType t, const DwShape& s) {
   if (s.planes == 0 || s.OH <= 0 || s.OW <= 0) return 0;
-  if (dwconv2d_tc_weight_grad_fits(t, s)) return dwconv2d_tc_weight_grad_workspace(s);
+  if (dwconv2d_tc_weight_grad_fits(t, s)) return dwconv2d_tc_weight_grad_workspace(t, s);
   if (use_small_map(dwconv2d_small_weight_grad_fits(s), s)) return dwconv2d_small_weight_grad_workspace(s);
   DeviceLimits lim;
   if (device_limits(&lim) != cudaSuccess) return 0;

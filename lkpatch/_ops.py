@@ -96,7 +96,7 @@ def _input_grad_cuda(grad, weight, input_size, padding, nchw=_nchw):
 
 def _weight_grad_cuda(grad, x, kernel_size, padding, nchw=_nchw):
     if dispatch.use_kernel("weight_grad", x.shape, kernel_size, padding, x.dtype, _channels_last(x)):
-        return _kernels().dwconv2d_weight_grad(nchw(grad), nchw(x), kernel_size, padding)
+        return _kernels().dwconv2d_weight_grad(nchw(grad), nchw(x), kernel_size, padding, dispatch.tf32_pass(x.dtype))
     return _native.backward_weight(grad, x, kernel_size, padding)
 
 

@@ -25,8 +25,8 @@ import torch
 Pads = Tuple[int, int, int, int]  # (top, bottom, left, right)
 PASSES = ("forward", "input_grad", "weight_grad", "bias_grad")
 
-#: dtypes with a CUDA kernel (fp32 exact on CUDA cores, or its forward and input-grad on TF32
-#: tensor cores where :func:`tf32_pass`; fp16 / bf16 on tensor cores where
+#: dtypes with a CUDA kernel (fp32 exact on CUDA cores, or on TF32 tensor cores where
+#: :func:`tf32_pass`; fp16 / bf16 on tensor cores where
 #: :func:`tensor_core_pass`, else CUDA cores; fp32 accumulation in all of them).
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 #: largest kernel height or width the kernels take.
@@ -256,10 +256,11 @@ def tensor_core_pass(pass_: str, size: Sequence[int], dtype: torch.dtype) -> boo
 
 
 def tf32_pass(dtype: torch.dtype) -> bool:
-    """Whether an fp32 forward / input-grad runs on TF32 tensor cores: PyTorch allows TF32
-    convolutions (``torch.backends.cudnn.conv.fp32_precision == "tf32"`` from torch 2.9, else
+    """Whether fp32 passes may run on TF32 tensor cores: PyTorch allows TF32 convolutions
+    (``torch.backends.cudnn.conv.fp32_precision == "tf32"`` from torch 2.9, else
     ``torch.backends.cudnn.allow_tf32``; both on by default) on an sm_80+ GPU. Read per call, as
-    cuDNN reads it. The weight and bias gradients stay exact fp32."""
+    cuDNN reads it. Then the forward and input-grad (8+ images) and the weight-grad (8+ images,
+    maps from 20 x 20 in area) use TF32; the bias gradient and the rest stay exact fp32."""
     return dtype == torch.float32 and _conv_tf32_allowed() and not _tensor_cores_off()
 
 

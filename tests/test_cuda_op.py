@@ -182,12 +182,12 @@ def test_random_sweep_tensor_cores_maps_to_32(dtype):
                  draw=lambda rng, batch: draw_small_map_case(rng, batch, most=32))
 
 
-TF32_TOL = {"output": 2e-3, "grad_input": 2e-3}  # the weight and bias gradients stay exact fp32
+TF32_TOL = {"output": 2e-3, "grad_input": 2e-3, "grad_weight": 2e-3}  # the bias gradient stays exact
 
 
 def test_random_sweep_tf32():
     """fp32 with PyTorch's TF32 switch on: the forward and input-gradient on TF32 tensor cores
-    (batches of 8 and more, every map size), the other gradients exact."""
+    (batches of 8 and more, every map size), the weight-gradient on maps from 20 x 20 in area."""
     with tf32(True):
         assert_sweep(8642, HALF_SWEEP_CASES, torch.float32, batch=(8, 40), tol=TF32_TOL)
 
@@ -197,10 +197,11 @@ def test_tf32_follows_pytorch_switch():
     case = dict(n=16, c=8, h=40, w=40, kh=31, kw=31, pads=(15, 15, 15, 15), bias=True, layout="contiguous")
     with tf32(True):
         errs = check_case(case, seed=5, tol=TF32_TOL)
-    assert errs["output"] > 1e-5 and errs["grad_input"] > 1e-5  # rounded: the TF32 path ran
-    assert errs["grad_weight"] <= 1e-5
+    for name in ("output", "grad_input", "grad_weight"):
+        assert errs[name] > 1e-5, errs  # rounded: the TF32 kernels ran
+    assert errs["grad_bias"] <= 1e-5
     errs = check_case(case, seed=5)  # exact_fp32: TF32 off
-    assert errs["output"] <= 1e-5 and errs["grad_input"] <= 1e-5
+    assert max(errs.values()) <= 1e-5
 
 
 def test_autocast_bf16_training_step():

@@ -298,7 +298,7 @@ class _OpaqueKernels:
               "to_channels_last": lambda t: t.contiguous(memory_format=torch.channels_last)}[name]
 
         def run(*args):
-            if name in ("dwconv2d", "dwconv2d_input_grad"):
+            if name in ("dwconv2d", "dwconv2d_input_grad", "dwconv2d_weight_grad"):
                 assert isinstance(args[-1], bool)  # the extension's `tf32` switch
                 args = args[:-1]
             with torch.no_grad():
