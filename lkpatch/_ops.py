@@ -66,6 +66,21 @@ def _nchw(t):
     return t.contiguous()
 
 
+class _SharedNCHW:
+    """``_nchw`` for the passes of one backward: each channels_last tensor is copied once."""
+
+    def __init__(self):
+        self.copies = {}  # id(tensor) -> (tensor, its NCHW copy)
+
+    def __call__(self, t):
+        if id(t) not in self.copies:
+            self.copies[id(t)] = (t, _nchw(t))
+        return self.copies[id(t)][1]
+
+    def has_copy(self, t) -> bool:
+        return id(t) in self.copies
+
+
 def _as_format(t, memory_format):
     """An activation-shaped CUDA result in ``memory_format`` (the input's)."""
     if (memory_format == torch.channels_last and t.is_cuda and t.is_contiguous()
@@ -83,8 +98,8 @@ def _forward_cuda(x, weight, bias, padding):
     return _native.forward(x, weight, bias, padding)
 
 
-# The gradient passes take `nchw`: the backward of one call changes a channels_last output
-# gradient to NCHW once for all three of them.
+# The gradient passes take `nchw`: in eager mode the backward's passes share a _SharedNCHW, so a
+# channels_last output gradient is copied to NCHW once for all three.
 def _input_grad_cuda(grad, weight, input_size, padding, nchw=_nchw):
     size = (grad.shape[0], grad.shape[1], input_size[0], input_size[1])
     if dispatch.use_kernel("input_grad", size, weight.shape[2:], padding, grad.dtype, _channels_last(grad)):
@@ -102,7 +117,10 @@ def _weight_grad_cuda(grad, x, kernel_size, padding, nchw=_nchw):
 
 def _bias_grad_cuda(grad, nchw=_nchw):
     # The bias gradient does not depend on kernel size or padding; (1, 1) and zero padding stand in.
-    if dispatch.use_kernel("bias_grad", grad.shape, (1, 1), (0, 0, 0, 0), grad.dtype, _channels_last(grad)):
+    # A channels_last gradient that the other passes already copied to NCHW counts as NCHW.
+    copied = isinstance(nchw, _SharedNCHW) and nchw.has_copy(grad)
+    if dispatch.use_kernel("bias_grad", grad.shape, (1, 1), (0, 0, 0, 0), grad.dtype,
+                           _channels_last(grad) and not copied):
         return _kernels().dwconv2d_bias_grad(nchw(grad))
     return _native.backward_bias(grad)
 
@@ -217,6 +235,8 @@ class EagerDepthwiseConv2d(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, padding):
+        # The input itself is saved, not the forward's NCHW copy of a channels_last one: double
+        # backward differentiates through it.
         y = _forward_cuda(x, weight, bias, padding)
         _setup_context(ctx, (x, weight, bias, padding), y)
         return y
@@ -225,12 +245,7 @@ class EagerDepthwiseConv2d(torch.autograd.Function):
     def backward(ctx, grad):
         if torch.is_grad_enabled():  # create_graph=True: the ops, whose own autograd gives double backward
             return _backward(ctx, grad)
-        copies = {}
-
-        def nchw(t):  # each channels_last tensor is copied to NCHW once
-            if id(t) not in copies:
-                copies[id(t)] = _nchw(t)
-            return copies[id(t)]
+        nchw = _SharedNCHW()
         return _gradients(ctx, grad, functools.partial(_input_grad_cuda, nchw=nchw),
                           functools.partial(_weight_grad_cuda, nchw=nchw), functools.partial(_bias_grad_cuda, nchw=nchw))
 
