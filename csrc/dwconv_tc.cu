@@ -182,8 +182,10 @@ __global__ void __launch_bounds__(32 * kMaxWarps, 4) dw_tc_forward(const TcParam
 #pragma unroll
     for (int st = 0; st < kMaxS<T>; ++st) {
       if (st >= p.S) break;
-      // The next k-step's fragments, loaded even after the last k-step (the shared memory has
-      // slack for it): a condition here costs the compiler a select or a spill per register.
+      // The next k-step's fragments. After the last k-step the loads repeat this step's addresses
+      // (unused, and never memory another warp is writing): a condition on the loads themselves
+      // costs the compiler a select or a spill per register.
+      const int nx = st + 1 < p.S ? st + 1 : st;
       uint32_t An[NT][4];
       uint2 Bn[kRH];
 #pragma unroll
@@ -192,11 +194,11 @@ __global__ void __launch_bounds__(32 * kMaxWarps, 4) dw_tc_forward(const TcParam
 #pragma unroll
           for (int q = 0; q < 4; ++q) An[j][q] = A[j + SH][q];
         } else {
-          load_a(An[j], KS * (st + 1) + 8 * j);
+          load_a(An[j], KS * nx + 8 * j);
         }
       }
 #pragma unroll
-      for (int rr = 0; rr < kRH; ++rr) Bn[rr] = Bf[brow[rr] + (st + 1) * 32];
+      for (int rr = 0; rr < kRH; ++rr) Bn[rr] = Bf[brow[rr] + nx * 32];
       bool live[NT];
 #pragma unroll
       for (int j = 0; j < NT; ++j) live[j] = !kCheck || (KS * st + 8 * j >= live_lo && KS * st + 8 * j < live_hi);
@@ -427,8 +429,7 @@ TcPlan plan(const DwShape& s, int esize) {
   const size_t b_bytes = (size_t)s.KH * q.S * 256, row_bytes = (size_t)16 * q.pitch * esize;
   const int rows = std::min(s.H, q.warps * kRH + s.KH - 1);
   q.whole = b_bytes + rows * row_bytes <= 64 * 1024 && rows > kSlots;
-  // + slack: the forward's pipelined loads read up to 32 bytes past the last staged row.
-  q.smem = b_bytes + (q.whole ? rows : kSlots) * row_bytes + 64;
+  q.smem = b_bytes + (q.whole ? rows : kSlots) * row_bytes;
   return q;
 }
 
