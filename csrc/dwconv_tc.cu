@@ -485,6 +485,9 @@ bool dwconv2d_tc_forward_fits(DType t, const DwShape& s) {
   const int64_t N = s.planes / s.C;
   if (N < 8) return false;  // M = 16 images: fewer than 8 would waste most of the tensor core
   const bool tf32 = t == DType::tf32;  // TF32 takes the general kernel on every map size
+  // TF32 beat the exact CUDA-core kernels (H100, N 64) only from 28 x 28 maps and 9 taps a row:
+  // 56 x 56 with 7 x 7 and 14 x 14 with 27 x 27 ran slower, so they stay exact.
+  if (tf32 && ((int64_t)s.OH * s.OW < 28 * 28 || s.KW < 9)) return false;
   if (!tf32 && small_map(s)) return s.C <= 65535 && plan_small(s, lim.sms).smem <= (size_t)lim.max_smem_optin;
   const TcPlan q = plan(s, tf32 ? 4 : 2);
   return q.S <= (tf32 ? kMaxS<float> : kMaxS<__half>) && (int64_t)s.C * ceil_div((int)N, 16) <= 65535 &&

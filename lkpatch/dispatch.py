@@ -256,8 +256,9 @@ def tf32_pass(dtype: torch.dtype) -> bool:
     """Whether fp32 passes may run on TF32 tensor cores: PyTorch allows TF32 convolutions
     (``torch.backends.cudnn.conv.fp32_precision == "tf32"`` from torch 2.9, else
     ``torch.backends.cudnn.allow_tf32``; both on by default) on an sm_80+ GPU. Read per call, as
-    cuDNN reads it. Then the forward and input-grad (8+ images) and the weight-grad (8+ images,
-    maps from 20 x 20 in area) use TF32; the bias gradient and the rest stay exact fp32."""
+    cuDNN reads it. Then the forward and input-grad (8+ images, maps from 28 x 28, 9+ taps a
+    row) and the weight-grad (8+ images, maps from 20 x 20 in area) use TF32; the bias gradient
+    and the rest stay exact fp32, where the CUDA-core kernels were as fast."""
     return dtype == torch.float32 and _conv_tf32_allowed() and not _tensor_cores_off()
 
 
