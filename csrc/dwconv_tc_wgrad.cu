@@ -296,26 +296,55 @@ __global__ void __launch_bounds__(32 * kSmallWarps) dw_tc_small_weight_grad(cons
   for (int i = i_lo + warp; i < i_hi; i += kSmallWarps) {
     float acc[TW][2 * TW][4] = {};
     const int oy_lo = max(0, s.pad_t - i), oy_hi = min(s.OH, s.H + s.pad_t - i);
-    for (int oy = oy_lo; oy < oy_hi; ++oy) {
-      const unsigned ga = g_lane + (unsigned)(oy * COLS * sizeof(T));
-      const unsigned xa = x_lane + (unsigned)((oy + i - s.pad_t) * COLS * sizeof(T));
-      for (int k = 0; k < ksteps; ++k) {
-        uint32_t A[TW][4], B[TW][4];
+    // The (oy, k-step) pairs in one loop, software-pipelined on maps over 16: the next pair's
+    // fragments load during this pair's mma (past the last pair the loads repeat it: nothing
+    // beyond the planes is read).
+    auto load = [&](int oy, int k, uint32_t(&a)[TW][4], uint32_t(&b)[TW][4]) {
+      const unsigned ga = g_lane + (unsigned)((oy * COLS + 16 * k * p.gplane) * sizeof(T));
+      const unsigned xa = x_lane + (unsigned)(((oy + i - s.pad_t) * COLS + 16 * k * p.xplane) * sizeof(T));
 #pragma unroll
-        for (int mt = 0; mt < TW; ++mt)
-          if (mt < m_tiles) ldmatrix_x4<true>(A[mt], ga + (unsigned)((16 * k * p.gplane + 16 * mt) * sizeof(T)));
+      for (int mt = 0; mt < TW; ++mt)
+        if (mt < m_tiles) ldmatrix_x4<true>(a[mt], ga + (unsigned)(16 * mt * sizeof(T)));
 #pragma unroll
-        for (int nt = 0; nt < TW; ++nt)
-          if (2 * nt < n_tiles) ldmatrix_x4<true>(B[nt], xa + (unsigned)((16 * k * p.xplane + 16 * nt) * sizeof(T)));
+      for (int nt = 0; nt < TW; ++nt)
+        if (2 * nt < n_tiles) ldmatrix_x4<true>(b[nt], xa + (unsigned)(16 * nt * sizeof(T)));
+    };
+    const int pairs = max(0, oy_hi - oy_lo) * ksteps;
+    // Two register sets in turn (no copies between them); pair u is (oy_lo + u / ksteps, u % ksteps).
+    uint32_t A0[TW][4], B0[TW][4], A1[TW][4], B1[TW][4];
+    int oy = oy_lo, k = 0;  // the pair the next load fetches
+    auto fetch = [&](uint32_t(&a)[TW][4], uint32_t(&b)[TW][4], bool more) {
+      load(oy, k, a, b);
+      if (more && ++k == ksteps) {
+        k = 0;
+        ++oy;
+      }
+    };
+    auto apply = [&](const uint32_t(&a)[TW][4], const uint32_t(&b)[TW][4]) {
 #pragma unroll
-        for (int mt = 0; mt < TW; ++mt) {
-          if (mt >= m_tiles) continue;
+      for (int mt = 0; mt < TW; ++mt) {
+        if (mt >= m_tiles) continue;
 #pragma unroll
-          for (int n = 0; n < 2 * TW; ++n)
-            if (n < n_tiles)
-              mma_tile<T>(acc[mt][n], A[mt][0], A[mt][1], A[mt][2], A[mt][3], B[n / 2][2 * (n & 1)],
-                          B[n / 2][2 * (n & 1) + 1]);
+        for (int n = 0; n < 2 * TW; ++n)
+          if (n < n_tiles)
+            mma_tile<T>(acc[mt][n], a[mt][0], a[mt][1], a[mt][2], a[mt][3], b[n / 2][2 * (n & 1)],
+                        b[n / 2][2 * (n & 1) + 1]);
+      }
+    };
+    if constexpr (TW == 1) {  // maps up to 16: the plain loop ran faster (H100, 14 x 14 and 7 x 7)
+      for (int y = oy_lo; y < oy_hi; ++y)
+        for (int kk = 0; kk < ksteps; ++kk) {
+          load(y, kk, A0, B0);
+          apply(A0, B0);
         }
+    } else {
+      if (pairs > 0) fetch(A0, B0, pairs > 1);
+      for (int u = 0; u < pairs; u += 2) {
+        fetch(A1, B1, u + 2 < pairs);  // pair u + 1 (or u again, past the end)
+        apply(A0, B0);
+        if (u + 1 == pairs) break;
+        fetch(A0, B0, u + 3 < pairs);  // pair u + 2
+        apply(A1, B1);
       }
     }
     // C fragment: D[ox = 16 mt + g (+8)][ix = 8 n + 2 t (+1)]; lane l sums diagonal ix - ox = l - COLS + 1
