@@ -52,7 +52,7 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads) transpose_tiles(const T* __restrict__ in, T* __restrict__ out,
                                                             int64_t batch, int rows, int cols, int tiles_c, bool vec) {
   __shared__ T tile[kTile][kTile + 2];  // the pitch spreads column reads over the banks
-  const int r0 = (blockIdx.x / tiles_c) * kTile, c0 = (blockIdx.x % tiles_c) * kTile;
+  const int r0 = (int)(blockIdx.x / tiles_c) * kTile, c0 = (int)(blockIdx.x % tiles_c) * kTile;
   for (int64_t b = blockIdx.y; b < batch; b += gridDim.y) {
     if (b > blockIdx.y) __syncthreads();  // the previous matrix's tile has been read
     transpose_tile(in + b * rows * cols, out + b * rows * cols, tile, rows, cols, r0, c0, vec);
@@ -64,8 +64,9 @@ __global__ void __launch_bounds__(kThreads) transpose_tiles(const T* __restrict_
 cudaError_t transpose_batched(DType t, const void* in, void* out, int64_t batch, int64_t rows, int64_t cols,
                               cudaStream_t stream) {
   if (batch == 0 || rows == 0 || cols == 0) return cudaSuccess;
-  if (rows > INT32_MAX || cols > INT32_MAX || rows * cols > INT32_MAX) return cudaErrorInvalidValue;
-  const int64_t tiles_c = ceil_div((int)cols, kTile), tiles = ceil_div((int)rows, kTile) * tiles_c;
+  // Offsets are 64-bit; a side's tile start plus the tile must fit an int.
+  if (rows > INT32_MAX - kTile || cols > INT32_MAX - kTile) return cudaErrorInvalidValue;
+  const int64_t tiles_c = (cols + kTile - 1) / kTile, tiles = (rows + kTile - 1) / kTile * tiles_c;
   if (tiles > INT32_MAX) return cudaErrorInvalidValue;
   return with_dtype(t, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);

@@ -54,6 +54,7 @@ struct TcWgradParams {
 template <typename T>
 __device__ __forceinline__ void stage_rows(T* dst, int pitch, const T* src, int64_t image_stride, int row_stride,
                                            int rows_per_image, int images, int x0, int len, int n, int vec) {
+  if (rows_per_image <= 0 || images <= 0) return;  // nothing to stage (no division by zero below)
   const int per = vec ? vec / (int)sizeof(T) : 1, cpr = n / per;  // elements per copy, copies per row
   const int rows = rows_per_image * images, step = blockDim.x;
   const int drow = step / cpr, dk = step - drow * cpr;

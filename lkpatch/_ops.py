@@ -81,7 +81,7 @@ class _SharedNCHW:
         return id(t) in self.copies
 
 
-def _as_format(t, memory_format):
+def _as_format(t, memory_format=torch.contiguous_format):
     """An activation-shaped CUDA result in ``memory_format`` (the input's)."""
     if (memory_format == torch.channels_last and t.is_cuda and t.is_contiguous()
             and not t.is_contiguous(memory_format=torch.channels_last) and t.dtype in dispatch.KERNEL_DTYPES
@@ -165,12 +165,14 @@ def _setup_context(ctx, inputs, output):
                           weight if ctx.needs_input_grad[0] else None)
 
 
-def _gradients(ctx, grad, input_grad, weight_grad, bias_grad):
+def _gradients(ctx, grad, input_grad, weight_grad, bias_grad, as_format=torch.Tensor.contiguous):
+    """The backward. ``as_format(t, memory_format)`` changes the input gradient's format: a
+    differentiable, traceable PyTorch copy unless the caller runs eagerly without create_graph."""
     x, weight = ctx.saved_tensors
     gx = gw = gb = None
     if ctx.needs_input_grad[0]:
         # in the input's memory format, as PyTorch's convolutions return it (whatever grad's is)
-        gx = _as_format(input_grad(grad, weight, ctx.input_size, ctx.padding), ctx.input_format)
+        gx = as_format(input_grad(grad, weight, ctx.input_size, ctx.padding), memory_format=ctx.input_format)
     if ctx.needs_input_grad[1]:
         gw = weight_grad(grad, x, ctx.kernel_size, ctx.padding)
     if len(ctx.needs_input_grad) > 2 and ctx.needs_input_grad[2]:
@@ -247,7 +249,8 @@ class EagerDepthwiseConv2d(torch.autograd.Function):
             return _backward(ctx, grad)
         nchw = _SharedNCHW()
         return _gradients(ctx, grad, functools.partial(_input_grad_cuda, nchw=nchw),
-                          functools.partial(_weight_grad_cuda, nchw=nchw), functools.partial(_bias_grad_cuda, nchw=nchw))
+                          functools.partial(_weight_grad_cuda, nchw=nchw), functools.partial(_bias_grad_cuda, nchw=nchw),
+                          _as_format)
 
 
 # --- Autocast ----------------------------------------------------------------------------------

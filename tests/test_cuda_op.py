@@ -277,6 +277,50 @@ def test_memory_format_follows_pytorch():
         assert gx.stride() == ref.stride() and torch.allclose(gx, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("grad_fmt", [torch.contiguous_format, torch.channels_last])
+def test_eager_channels_last_gradients(grad_fmt):
+    """The eager path on a channels_last input: all three gradients (the output gradient's one
+    NCHW copy shared by the passes, the bias gradient on it) against float64, and the input
+    gradient in the input's format, with the output gradient in either format."""
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    pads = (15, 15, 15, 15)
+    x = torch.randn(16, 8, 40, 40, device="cuda", generator=gen).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(8, 1, 31, 31, device="cuda", generator=gen) / 31
+    b = torch.randn(8, device="cuda", generator=gen)
+    g = torch.randn(16, 8, 40, 40, device="cuda", generator=gen).contiguous(memory_format=grad_fmt)
+    ref = reference(x, w, b, pads, g)
+    xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
+    with dispatch.force("kernel"):
+        y = lkpatch.depthwise_conv2d(xs, ws, bs, padding=pads)  # EagerDepthwiseConv2d on CUDA
+        got = (y,) + torch.autograd.grad(y, (xs, ws, bs), g)
+    for name, a, r in zip(("output", "grad_input", "grad_weight", "grad_bias"), got, ref):
+        assert rel_err(a, r) <= 1e-5, name
+    assert got[1].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_double_backward_channels_last():
+    """create_graph through the eager path with a channels_last input and an NCHW output gradient:
+    the input gradient's format change stays differentiable (gradient penalty against float64)."""
+    gen = torch.Generator(device="cuda").manual_seed(12)
+    pads = (4, 4, 4, 4)
+    x = torch.randn(8, 4, 20, 20, device="cuda", generator=gen).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(4, 1, 9, 9, device="cuda", generator=gen) / 9
+    b = torch.randn(4, device="cuda", generator=gen)
+    t = torch.randn(8, 4, 20, 20, device="cuda", generator=gen)  # NCHW: y * t's gradient is NCHW
+
+    def penalty_grads(fn, x, w, b):
+        x, w, b = (v.detach().clone().requires_grad_() for v in (x, w, b))
+        grads = torch.autograd.grad((fn(x, w, b) * t).sin().sum(), (x, w, b), create_graph=True)
+        return torch.autograd.grad(sum(gr.square().sum() for gr in grads), (x, w, b))
+
+    ref = penalty_grads(lambda x, w, b: F.conv2d(x, w, b, padding=4, groups=4),
+                        *(v.double() for v in (x, w, b)))
+    with dispatch.force("kernel"):
+        got = penalty_grads(lambda x, w, b: lkpatch.depthwise_conv2d(x, w, b, padding=pads), x, w, b)
+    for a, r in zip(got, ref):
+        assert rel_err(a, r) <= 1e-5
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(3, 17, 9, 7), (2, 64, 16, 16), (2, 72, 10, 13), (1, 136, 64, 72), (70001, 2, 1, 3)])
 def test_layout_copies(shape, dtype):
