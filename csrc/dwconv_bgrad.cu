@@ -1,7 +1,8 @@
 // Bias-gradient: grad_b[c] = sum over n, y, x of grad_out[n, c, y, x].
 //
-// Block (c, s) sums images [s * per, (s + 1) * per) of channel c: each thread a strided share,
-// then a fixed tree. With several image slices the partial sums go to a workspace and a second
+// Block (c, s) sums images [s * per, (s + 1) * per) of channel c: each thread a strided share
+// (planes smaller than the block as one run of elements, which would otherwise leave most threads
+// idle), then a fixed tree. With several image slices the partial sums go to a workspace and a second
 // kernel adds them in order -- deterministic, and enough blocks to fill the GPU when C is small.
 #include <algorithm>
 
@@ -18,9 +19,23 @@ __global__ void __launch_bounds__(kThreads) bias_grad(const T* __restrict__ grad
   const int c = blockIdx.x, slice = blockIdx.y;
   const int n_end = min(N, (slice + 1) * per);
   float sum = 0.f;
-  for (int n = slice * per; n < n_end; ++n) {
-    const T* p = grad + ((int64_t)n * C + c) * HW;
-    for (int64_t i = threadIdx.x; i < HW; i += kThreads) sum += load(p + i);
+  if (HW >= kThreads) {
+    for (int n = slice * per; n < n_end; ++n) {
+      const T* p = grad + ((int64_t)n * C + c) * HW;
+      for (int64_t i = threadIdx.x; i < HW; i += kThreads) sum += load(p + i);
+    }
+  } else {
+    // Planes smaller than the block: element i of image n, each step kThreads elements on.
+    const int dn = kThreads / (int)HW, di = kThreads % (int)HW;
+    int i = threadIdx.x % (int)HW, n = slice * per + threadIdx.x / (int)HW;
+    for (; n < n_end; n += dn) {
+      sum += load(grad + ((int64_t)n * C + c) * HW + i);
+      i += di;
+      if (i >= HW) {
+        i -= (int)HW;
+        ++n;
+      }
+    }
   }
   __shared__ float part[kThreads / 32];
 #pragma unroll
