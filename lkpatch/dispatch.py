@@ -12,11 +12,12 @@ Two questions, two functions:
 
 ``LKPATCH_IMPL=native`` (or :func:`force`) turns the kernels off; ``LKPATCH_IMPL=kernel``
 runs them wherever they implement the case, ignoring the speed rule (tests, benchmarks).
-``LKPATCH_TENSOR_CORES=never`` keeps fp16 / bf16 on the CUDA-core kernels (benchmarks).
+``LKPATCH_TENSOR_CORES=never`` keeps every dtype on the CUDA-core kernels (benchmarks).
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from typing import Iterator, Optional, Sequence, Tuple, Union
 
@@ -274,6 +275,13 @@ def _conv_tf32_allowed() -> bool:
 
 @torch.compiler.assume_constant_result
 def _tensor_cores_off() -> bool:
+    return _tensor_cores_off_once()
+
+
+@functools.lru_cache(maxsize=None)
+def _tensor_cores_off_once() -> bool:
+    # Read once per process, as the extension reads LKPATCH_TENSOR_CORES: tf32_pass asks on every
+    # fp32 call, and the device query costs host time.
     if os.environ.get("LKPATCH_TENSOR_CORES", "").strip().lower().startswith("n"):
         return True
     return not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 8
