@@ -438,14 +438,6 @@ cudaError_t launch_tc(const TcParams<T>& p, const TcPlan& q, int64_t blocks_y, c
   return launch(dw_tc_forward<T, NT>, dim3(q.tiles, (unsigned)blocks_y), dim3(32 * q.warps), q.smem, stream, p);
 }
 
-template <typename T>
-ConvArgs<T> p_args(const void* in, const void* w, const void* bias, void* out, const DwShape& s, bool flip) {
-  ConvArgs<T> a{};
-  a.set(static_cast<const T*>(in), static_cast<const T*>(w), static_cast<const T*>(bias), static_cast<T*>(out), s,
-        flip);
-  return a;
-}
-
 // The general kernel on any map size.
 template <typename T>
 cudaError_t launch_general(const ConvArgs<T>& args, const DeviceLimits& lim, cudaStream_t stream) {
@@ -502,20 +494,21 @@ cudaError_t dwconv2d_tc_forward(DType t, const void* in, const void* w, const vo
   return with_dtype(t, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
     if (t == DType::f32) return cudaErrorInvalidValue;  // exact fp32 runs on CUDA cores
-    if constexpr (std::is_same_v<T, float>) {
-      return launch_general(p_args<T>(in, w, bias, out, s, flip_kernel), lim, stream);
-    } else if (small_map(s)) {
-      const TcSmallPlan q = plan_small(s, lim.sms);
-      TcSmallParams<T> p{};
-      p.set(static_cast<const T*>(in), static_cast<const T*>(w), static_cast<const T*>(bias), static_cast<T*>(out), s,
-            flip_kernel);
-      p.per_slice = q.per_slice;
-      p.xplane = q.xplane;
-      p.pairs = s.W % 2 == 0 && reinterpret_cast<uintptr_t>(in) % 4 == 0;
-      return launch(dw_tc_small_forward<T>, dim3(q.slices, s.C), dim3(32 * kSmallWarps), q.smem, stream, p);
-    } else {
-      return launch_general(p_args<T>(in, w, bias, out, s, flip_kernel), lim, stream);
+    ConvArgs<T> args{};
+    args.set(static_cast<const T*>(in), static_cast<const T*>(w), static_cast<const T*>(bias), static_cast<T*>(out), s,
+             flip_kernel);
+    if constexpr (!std::is_same_v<T, float>) {  // TF32 takes the general kernel on every map size
+      if (small_map(s)) {
+        const TcSmallPlan q = plan_small(s, lim.sms);
+        TcSmallParams<T> p{};
+        static_cast<ConvArgs<T>&>(p) = args;
+        p.per_slice = q.per_slice;
+        p.xplane = q.xplane;
+        p.pairs = s.W % 2 == 0 && reinterpret_cast<uintptr_t>(in) % 4 == 0;
+        return launch(dw_tc_small_forward<T>, dim3(q.slices, s.C), dim3(32 * kSmallWarps), q.smem, stream, p);
+      }
     }
+    return launch_general(args, lim, stream);
   });
 }
 
