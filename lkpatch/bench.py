@@ -30,21 +30,6 @@ DEFAULT_SHAPES = [
 DTYPES = {"float32": torch.float32, "tf32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class conv_tf32:
-    """PyTorch's TF32 switch for convolutions, which lkpatch follows, set for a block: op-mode
-    "float32" rows run exact (both implementations), "tf32" rows with TF32 allowed."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-
-    def __enter__(self):
-        self.saved = torch.backends.cudnn.allow_tf32
-        torch.backends.cudnn.allow_tf32 = self.enabled
-
-    def __exit__(self, *exc):
-        torch.backends.cudnn.allow_tf32 = self.saved
-
-
 def time_ms(fn: Callable[[int], None], n_inputs: int = 1, warmup: int = 3, reps: int = 20) -> float:
     """Median milliseconds of ``fn(i)`` (i cycles over the input sets), timed with CUDA events.
 
@@ -302,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for shape in args.shapes or (sweep_shapes() if args.sweep else DEFAULT_SHAPES):
                     if dispatch.kernel_unsupported_reason(shape[:4], shape[4:], (0, 0, 0, 0), DTYPES[dtype]):
                         continue
-                    with conv_tf32(dtype == "tf32"):
+                    with dispatch.conv_tf32(dtype == "tf32"):  # "float32" rows: exact, both sides
                         rows.append(bench_shape(shape, DTYPES[dtype], layout, args.reps, args.passes or args.sweep))
                     rows[-1]["dtype"] = dtype
                     torch.cuda.empty_cache()

@@ -143,13 +143,15 @@ def _make_model(name: str, model_args: Dict[str, object], sd: Dict[str, torch.Te
 
 @contextlib.contextmanager
 def _exact_fp32():
-    """Compare in full fp32: TF32 off for the duration (it is on by default for cuDNN convolutions)."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    """Compare in full fp32: TF32 off for the duration (it is on by default for convolutions)."""
+    from . import dispatch
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        yield
+        with dispatch.conv_tf32(False):
+            yield
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+        torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def _outputs(model: nn.Module, x: torch.Tensor) -> List[torch.Tensor]:

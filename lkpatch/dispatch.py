@@ -263,6 +263,18 @@ def tf32_pass(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 and _conv_tf32_allowed() and not _tensor_cores_off()
 
 
+@contextlib.contextmanager
+def conv_tf32(enabled: bool) -> Iterator[None]:
+    """Set PyTorch's TF32 switch for convolutions (cuDNN's, which :func:`tf32_pass` follows) for a
+    block, restoring it after."""
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved
+
+
 def _conv_tf32_allowed() -> bool:
     getter = getattr(torch._C, "_get_fp32_precision_getter", None)
     if getter is not None:

@@ -1,4 +1,3 @@
-import contextlib
 import math
 import os
 from pathlib import Path
@@ -25,23 +24,15 @@ def shared_data() -> Path:
     return d
 
 
+tf32 = dispatch.conv_tf32  # PyTorch's TF32 switch for convolutions, set for a block
+
+
 @pytest.fixture(autouse=True)
 def exact_fp32():
     """fp32 convolutions exact (no TF32) unless a test asks for TF32 with ``tf32(True)``: the fp32
     checks compare against float64 at 1e-5, for lkpatch's kernels and PyTorch's alike."""
     with tf32(False):
         yield
-
-
-@contextlib.contextmanager
-def tf32(enabled: bool):
-    """PyTorch's TF32 switch for convolutions (cuDNN's, which lkpatch follows), restored after."""
-    prev = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32 = prev
 
 
 def pytest_collection_modifyitems(config, items):
