@@ -91,21 +91,25 @@ def _as_format(t, memory_format=torch.contiguous_format):
 
 
 def _forward_cuda(x, weight, bias, padding):
-    if dispatch.use_kernel("forward", x.shape, weight.shape[2:], padding, x.dtype, _channels_last(x)):
+    fmt = _native.output_memory_format(x)
+    if dispatch.use_kernel("forward", x.shape, weight.shape[2:], padding, x.dtype, fmt == torch.channels_last):
         y = _kernels().dwconv2d(_nchw(x), weight.contiguous(), None if bias is None else bias.contiguous(), padding,
                                 dispatch.tf32_pass(x.dtype))
-        return _as_format(y, _native.output_memory_format(x))
+        return _as_format(y, fmt)
     return _native.forward(x, weight, bias, padding)
 
 
 # The gradient passes take `nchw`: in eager mode the backward's passes share a _SharedNCHW, so a
 # channels_last output gradient is copied to NCHW once for all three.
-def _input_grad_cuda(grad, weight, input_size, padding, nchw=_nchw):
+def _input_grad_cuda(grad, weight, input_size, padding, nchw=_nchw, memory_format=None):
+    """``memory_format``: the kernel result's (default: the output gradient's, as the op returns it;
+    the eager backward asks for the input's directly instead of changing it twice)."""
     size = (grad.shape[0], grad.shape[1], input_size[0], input_size[1])
-    if dispatch.use_kernel("input_grad", size, weight.shape[2:], padding, grad.dtype, _channels_last(grad)):
+    fmt = _native.output_memory_format(grad)
+    if dispatch.use_kernel("input_grad", size, weight.shape[2:], padding, grad.dtype, fmt == torch.channels_last):
         gx = _kernels().dwconv2d_input_grad(nchw(grad), weight.contiguous(), input_size, padding,
                                             dispatch.tf32_pass(grad.dtype))
-        return _as_format(gx, _native.output_memory_format(grad))
+        return _as_format(gx, fmt if memory_format is None else memory_format)
     return _native.backward_input(grad, weight, input_size, padding)
 
 
@@ -248,9 +252,9 @@ class EagerDepthwiseConv2d(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: the ops, whose own autograd gives double backward
             return _backward(ctx, grad)
         nchw = _SharedNCHW()
-        return _gradients(ctx, grad, functools.partial(_input_grad_cuda, nchw=nchw),
-                          functools.partial(_weight_grad_cuda, nchw=nchw), functools.partial(_bias_grad_cuda, nchw=nchw),
-                          _as_format)
+        input_grad = functools.partial(_input_grad_cuda, nchw=nchw, memory_format=ctx.input_format)
+        return _gradients(ctx, grad, input_grad, functools.partial(_weight_grad_cuda, nchw=nchw),
+                          functools.partial(_bias_grad_cuda, nchw=nchw), _as_format)
 
 
 # --- Autocast ----------------------------------------------------------------------------------

@@ -322,9 +322,11 @@ def test_eager_cuda_function_with_opaque_kernels(monkeypatch):
     ref = _padded_ref(x, w, b, pads)
     out = _ops.EagerDepthwiseConv2d.apply(x, w, b, pads)
     assert out.stride() == ref.stride() and rel_err(out, ref) <= 1e-12
-    g = torch.randn(ref.shape, dtype=torch.float64, generator=gen).contiguous(memory_format=torch.channels_last)
-    for a, r in zip(torch.autograd.grad(out, (x, w, b), g), torch.autograd.grad(ref, (x, w, b), g)):
-        assert a.stride() == r.stride() and rel_err(a, r) <= 1e-12
+    for fmt in (torch.channels_last, torch.contiguous_format):  # the input gradient takes the input's format
+        g = torch.randn(ref.shape, dtype=torch.float64, generator=gen).contiguous(memory_format=fmt)
+        got = torch.autograd.grad(out, (x, w, b), g, retain_graph=True)
+        for a, r in zip(got, torch.autograd.grad(ref, (x, w, b), g, retain_graph=True)):
+            assert a.stride() == r.stride() and rel_err(a, r) <= 1e-12
     t = torch.randn(ref.shape, dtype=torch.float64, generator=gen)
     want = _double_backward(lambda x, w, b: _padded_ref(x, w, b, pads), x, w, b, t)
     got = _double_backward(lambda x, w, b: _ops.EagerDepthwiseConv2d.apply(x, w, b, pads), x, w, b, t)
