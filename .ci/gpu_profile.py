@@ -6,6 +6,8 @@
       ncu --section SpeedOfLight --section Occupancy --section WarpStateStats \\
           -k regex:dw_ python .ci/gpu_profile.py kernels
   python .ci/gpu_profile.py hostbound       host time per fwd+bwd vs its GPU time (small maps)
+  python .ci/gpu_profile.py perkernel [S...] host time and each kernel's GPU time per fwd+bwd,
+      NCHW and channels_last (LKPATCH_PROFILE_DTYPE, default bfloat16)
   python .ci/gpu_profile.py model [bfloat16|float16|float32]
       RepLKNet-31B training step (batch 64): converted vs without its depthwise convolutions,
       and the converted step's GPU time per kernel (torch.profiler)
@@ -243,6 +245,31 @@ def hostbound():
                 pstats.Stats(prof).sort_stats("tottime").print_stats(12)
 
 
+def perkernel(names):
+    """bf16 forward + backward with lkpatch's kernels forced, per shape and memory format: host
+    microseconds per step and each kernel's GPU microseconds (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+    build.build()
+    dtype = getattr(torch, os.environ.get("LKPATCH_PROFILE_DTYPE", "bfloat16"))
+    for name in names or ("28x29", "14x27", "7x13"):
+        n, c, h, w, k = SHAPES[name]
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            x = torch.randn(n, c, h, w, device="cuda", dtype=dtype).contiguous(memory_format=fmt).requires_grad_()
+            wt = torch.randn(c, 1, k, k, device="cuda", dtype=dtype, requires_grad=True)
+            b = torch.randn(c, device="cuda", dtype=dtype, requires_grad=True)
+            g = torch.randn(n, c, h, w, device="cuda", dtype=dtype).contiguous(memory_format=fmt)
+            with dispatch.force("kernel"):
+                step = lambda: torch.autograd.grad(lkpatch.depthwise_conv2d(x, wt, b, padding=k // 2), (x, wt, b), g)
+                host = host_us(step, 100)
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(20):
+                        step()
+                    torch.cuda.synchronize()
+            kernels = {kn: ms * 1e3 for kn, (ms, _) in kernel_ms(prof, 20, 48).items()}
+            print(f"{name} {dtype} {'CL' if fmt == torch.channels_last else 'NCHW'}: host {host:.1f} us, "
+                  f"kernels {sum(kernels.values()):.1f} us: " + ", ".join(f"{v:.1f} {kn}" for kn, v in kernels.items()))
+
+
 def mismatch():
     """The input-grad op called with an input size that does not match grad_output."""
     build.build()
@@ -257,6 +284,6 @@ def mismatch():
 
 if __name__ == "__main__":
     {"overhead": lambda: overhead(), "kernels": lambda: kernels(sys.argv[2:]),
-     "mismatch": lambda: mismatch(), "hostbound": lambda: hostbound(),
+     "mismatch": lambda: mismatch(), "perkernel": lambda: perkernel(sys.argv[2:]), "hostbound": lambda: hostbound(),
      "model": lambda: model(sys.argv[2] if len(sys.argv) > 2 else "bfloat16"), "python": lambda: python_profile(),
      "autograd": lambda: autograd_variants()}[sys.argv[1]]()

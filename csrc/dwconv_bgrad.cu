@@ -1,8 +1,8 @@
 // Bias-gradient: grad_b[c] = sum over n, y, x of grad_out[n, c, y, x].
 //
-// Block (c, s) sums images [s * per, (s + 1) * per) of channel c: each thread a strided share
-// (planes smaller than the block as one run of elements, which would otherwise leave most threads
-// idle), then a fixed tree. With several image slices the partial sums go to a workspace and a second
+// Block (c, s) sums images [s * per, (s + 1) * per) of channel c: its planes as one run of
+// vector loads (small planes would otherwise leave most threads idle), each thread a strided
+// share, then a fixed tree. With several image slices the partial sums go to a workspace and a second
 // kernel adds them in order -- deterministic, and enough blocks to fill the GPU when C is small.
 #include <algorithm>
 
@@ -13,28 +13,47 @@ namespace {
 
 constexpr int kThreads = 256;
 
-template <typename T, typename O>
+// B bytes of consecutive elements, loaded at once.
+template <int B>
+struct alignas(B) Chunk {
+  unsigned char bytes[B];
+};
+
+// B: bytes per load (16, 8, or one element), where HW and the tensor's address allow it. The
+// block's images are one run of HW / V loads per plane; each thread takes every kThreads-th load,
+// kUnroll in flight.
+template <typename T, int B, typename O>
 __global__ void __launch_bounds__(kThreads) bias_grad(const T* __restrict__ grad, O* __restrict__ out, int N, int C,
                                                       int64_t HW, int per) {
+  constexpr int V = B / sizeof(T), kUnroll = 4;
   const int c = blockIdx.x, slice = blockIdx.y;
   const int n_end = min(N, (slice + 1) * per);
+  const int64_t loads = HW / V;  // per plane
+  // Load i of image n; each step moves kThreads loads on: dn images and di loads.
+  const int dn = (int)(kThreads / loads), di = (int)(kThreads % loads);
+  int n = slice * per + (int)(threadIdx.x / loads);
+  int64_t i = threadIdx.x % loads;
   float sum = 0.f;
-  if (HW >= kThreads) {
-    for (int n = slice * per; n < n_end; ++n) {
-      const T* p = grad + ((int64_t)n * C + c) * HW;
-      for (int64_t i = threadIdx.x; i < HW; i += kThreads) sum += load(p + i);
-    }
-  } else {
-    // Planes smaller than the block: element i of image n, each step kThreads elements on.
-    const int dn = kThreads / (int)HW, di = kThreads % (int)HW;
-    int i = threadIdx.x % (int)HW, n = slice * per + threadIdx.x / (int)HW;
-    for (; n < n_end; n += dn) {
-      sum += load(grad + ((int64_t)n * C + c) * HW + i);
+  while (n < n_end) {
+    Chunk<B> v[kUnroll];
+    bool ok[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      ok[u] = n < n_end;
+      if (ok[u]) v[u] = reinterpret_cast<const Chunk<B>*>(grad + ((int64_t)n * C + c) * HW)[i];
+      n += dn;
       i += di;
-      if (i >= HW) {
-        i -= (int)HW;
+      if (i >= loads) {
+        i -= loads;
         ++n;
       }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (!ok[u]) continue;
+      const T* e = reinterpret_cast<const T*>(v[u].bytes);
+#pragma unroll
+      for (int k = 0; k < V; ++k) sum += to_float(e[k]);
     }
   }
   __shared__ float part[kThreads / 32];
@@ -88,15 +107,23 @@ cudaError_t dwconv2d_bias_grad(DType t, const void* grad_out, void* grad_b, floa
   return with_dtype(t, [&](auto tag) {
     using T = decltype(tag);
     const T* g = static_cast<const T*>(grad_out);
-    if (slices == 1) {
-      bias_grad<T, T><<<dim3(C, 1), kThreads, 0, stream>>>(g, static_cast<T*>(grad_b), (int)N, C, HW, per);
+    const uintptr_t addr = reinterpret_cast<uintptr_t>(grad_out);
+    const int64_t bytes = HW * (int64_t)sizeof(T);  // per plane
+    auto run = [&](auto chunk) -> cudaError_t {
+      constexpr int B = decltype(chunk)::value;
+      if (slices == 1) {
+        bias_grad<T, B, T><<<dim3(C, 1), kThreads, 0, stream>>>(g, static_cast<T*>(grad_b), (int)N, C, HW, per);
+        return cudaGetLastError();
+      }
+      bias_grad<T, B, float><<<dim3(C, slices), kThreads, 0, stream>>>(g, workspace, (int)N, C, HW, per);
+      cudaError_t e = cudaGetLastError();
+      if (e != cudaSuccess) return e;
+      sum_slices<T><<<(C + 255) / 256, 256, 0, stream>>>(workspace, static_cast<T*>(grad_b), slices, C);
       return cudaGetLastError();
-    }
-    bias_grad<T, float><<<dim3(C, slices), kThreads, 0, stream>>>(g, workspace, (int)N, C, HW, per);
-    cudaError_t e = cudaGetLastError();
-    if (e != cudaSuccess) return e;
-    sum_slices<T><<<(C + 255) / 256, 256, 0, stream>>>(workspace, static_cast<T*>(grad_b), slices, C);
-    return cudaGetLastError();
+    };
+    if (bytes % 16 == 0 && addr % 16 == 0) return run(std::integral_constant<int, 16>());
+    if (bytes % 8 == 0 && addr % 8 == 0) return run(std::integral_constant<int, 8>());
+    return run(std::integral_constant<int, (int)sizeof(T)>());
   });
 }
 

@@ -1,9 +1,14 @@
 // Memory-format changes for channels_last tensors: out[b][c][r] = in[b][r][c] for each of `batch`
 // rows x cols matrices. NHWC -> NCHW is rows = H * W, cols = C; NCHW -> NHWC the reverse.
 //
-// PyTorch's strided copy moves these at a fraction of the memory bandwidth; a tile of 64 x 64
-// elements goes through shared memory here, read and written in 16-byte vectors along the
-// contiguous dimension of each side, so both sides are coalesced.
+// PyTorch's strided copy moves these at a fraction of the memory bandwidth. Here tiles go through
+// shared memory and both sides move in 16-byte vectors:
+// * where a side is short (up to kFlatMax: the pixels of small maps, or the channels), a tile
+//   spans all of it and a run of the other, so one side of the tile is a single contiguous block
+//   of memory, copied flat;
+// * otherwise (and where both sides are multiples of 64) 64 x 64 tiles, read and written along
+//   the contiguous dimension of each side.
+// Shapes or addresses that do not allow vectors take the element-wise 64 x 64 path.
 #include "dwconv_core.cuh"
 
 namespace lkpatch {
@@ -48,6 +53,57 @@ __device__ __forceinline__ void transpose_tile(const T* __restrict__ src, T* __r
   }
 }
 
+// Flat tiles. kFlatOut: the tile is all `rows` by `span` columns from c0; its columns are one
+// contiguous block of `out` (span * rows elements). Otherwise it is `span` rows from r0 by all
+// `cols`, one contiguous block of `in`. `buf` holds the contiguous side's layout, so that side is
+// a straight vector copy and the other side gathers or scatters elements in shared memory.
+// Needs the strided side's length (cols if kFlatOut, else rows) and `span` to be multiples of
+// the vector, and 16-byte aligned tensors.
+constexpr int kFlatMax = 1024;          // longest flat side
+constexpr int kFlatBytes = 16 * 1024;   // target tile size
+template <typename T, bool kFlatOut>
+__global__ void __launch_bounds__(kThreads) transpose_flat(const T* __restrict__ in, T* __restrict__ out, int64_t batch,
+                                                           int rows, int cols, int span) {
+  constexpr int V = 16 / sizeof(T);
+  extern __shared__ uint4 smem_vec[];
+  T* buf = reinterpret_cast<T*>(smem_vec);
+  const int flat = kFlatOut ? rows : cols;                   // the tile's full side
+  const int side = kFlatOut ? cols : rows;                   // the side split into spans
+  const int t0 = blockIdx.x * span, n = min(span, side - t0);  // this tile's run of it, a multiple of V
+  const int nvec = n / V * flat;                              // vectors of the tile either way
+  for (int64_t b = blockIdx.y; b < batch; b += gridDim.y) {
+    if (b > blockIdx.y) __syncthreads();  // the previous matrix's tile has been written out
+    const T* src = in + b * rows * cols;
+    T* dst = out + b * rows * cols;
+    if constexpr (kFlatOut) {
+      // in: row r holds the tile's n columns from t0; buf[c][r] is out's block, row-major.
+      for (int e = threadIdx.x; e < nvec; e += kThreads) {
+        const int r = e / (n / V), c = (e - r * (n / V)) * V;
+        const uint4 v = *reinterpret_cast<const uint4*>(src + (int64_t)r * cols + t0 + c);
+        const T* vals = reinterpret_cast<const T*>(&v);
+#pragma unroll
+        for (int k = 0; k < V; ++k) buf[(c + k) * rows + r] = vals[k];
+      }
+      __syncthreads();
+      uint4* o = reinterpret_cast<uint4*>(dst + (int64_t)t0 * rows);
+      for (int e = threadIdx.x; e < nvec; e += kThreads) o[e] = smem_vec[e];
+    } else {
+      // in's block (rows t0 .. t0 + n, all columns) as it is; out: column c takes n rows from t0.
+      const uint4* i4 = reinterpret_cast<const uint4*>(src + (int64_t)t0 * cols);
+      for (int e = threadIdx.x; e < nvec; e += kThreads) smem_vec[e] = i4[e];
+      __syncthreads();
+      for (int e = threadIdx.x; e < nvec; e += kThreads) {
+        const int c = e / (n / V), r = (e - c * (n / V)) * V;
+        uint4 v;
+        T* vals = reinterpret_cast<T*>(&v);
+#pragma unroll
+        for (int k = 0; k < V; ++k) vals[k] = buf[(r + k) * cols + c];
+        *reinterpret_cast<uint4*>(dst + (int64_t)c * rows + t0 + r) = v;
+      }
+    }
+  }
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads) transpose_tiles(const T* __restrict__ in, T* __restrict__ out,
                                                             int64_t batch, int rows, int cols, int tiles_c, bool vec) {
@@ -71,9 +127,31 @@ cudaError_t transpose_batched(DType t, const void* in, void* out, int64_t batch,
   return with_dtype(t, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
     constexpr int V = 16 / sizeof(T);
-    const bool vec = rows % V == 0 && cols % V == 0 && reinterpret_cast<uintptr_t>(in) % 16 == 0 &&
-                     reinterpret_cast<uintptr_t>(out) % 16 == 0;
-    transpose_tiles<T><<<dim3((unsigned)tiles, (unsigned)std::min<int64_t>(batch, 65535)), kThreads, 0, stream>>>(
+    const unsigned grid_y = (unsigned)std::min<int64_t>(batch, 65535);
+    const bool aligned = reinterpret_cast<uintptr_t>(in) % 16 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0;
+    // Flat tiles where one side is short; the other must be a multiple of the vector.
+    // Where both sides are multiples of the tile, the 64 x 64 tiles are all whole, and read
+    // 128-byte runs on both sides.
+    const bool whole = rows % kTile == 0 && cols % kTile == 0;
+    const bool flat_out = rows <= kFlatMax && cols % V == 0, flat_in = cols <= kFlatMax && rows % V == 0;
+    if (aligned && !whole && (flat_out || flat_in)) {
+      const int64_t flat = flat_out ? rows : cols, side = flat_out ? cols : rows;
+      // Spans of 2 vectors at least (a 32-byte sector per row), 64 elements at most.
+      const int span = (int)std::min<int64_t>({64, side, std::max<int64_t>(2 * V, kFlatBytes / sizeof(T) / flat / V * V)});
+      const int64_t spans = (side + span - 1) / span;
+      if (spans > INT32_MAX) return cudaErrorInvalidValue;
+      const size_t smem = (size_t)span * flat * sizeof(T);
+      const dim3 grid((unsigned)spans, grid_y);
+      if (flat_out)
+        transpose_flat<T, true><<<grid, kThreads, smem, stream>>>(static_cast<const T*>(in), static_cast<T*>(out), batch,
+                                                                 (int)rows, (int)cols, span);
+      else
+        transpose_flat<T, false><<<grid, kThreads, smem, stream>>>(static_cast<const T*>(in), static_cast<T*>(out), batch,
+                                                                  (int)rows, (int)cols, span);
+      return cudaGetLastError();
+    }
+    const bool vec = aligned && rows % V == 0 && cols % V == 0;
+    transpose_tiles<T><<<dim3((unsigned)tiles, grid_y), kThreads, 0, stream>>>(
         static_cast<const T*>(in), static_cast<T*>(out), batch, (int)rows, (int)cols, (int)tiles_c, vec);
     return cudaGetLastError();
   });

@@ -6,8 +6,8 @@
 * Meta / fake tensors, Autograd and Autocast each get their own registration below.
 
 ``EagerDepthwiseConv2d`` runs the same CUDA passes and the same backward formula without going
-through the dispatcher for each pass: eager-mode calls cost about half the host time. Under
-``torch.compile`` the op itself is traced instead.
+through the dispatcher for each pass: eager-mode calls cost about half the host time
+(``eager_dwconv2d`` is its entry). Under ``torch.compile`` the op itself is traced instead.
 
 Padding is always ``(top, bottom, left, right)``.
 """
@@ -255,6 +255,41 @@ class EagerDepthwiseConv2d(torch.autograd.Function):
         input_grad = functools.partial(_input_grad_cuda, nchw=nchw, memory_format=ctx.input_format)
         return _gradients(ctx, grad, input_grad, functools.partial(_weight_grad_cuda, nchw=nchw),
                           functools.partial(_bias_grad_cuda, nchw=nchw), _as_format)
+
+
+# A channels_last input whose forward runs on lkpatch's kernel goes through NCHW as a whole: the
+# copies in and out are autograd nodes of their own, so the convolution saves the forward's NCHW
+# copy (instead of the input: no more memory) and its backward needs no copy of the input again --
+# four layout copies per forward + backward instead of five. Under create_graph the copies'
+# gradients are PyTorch's differentiable ones.
+class _ChannelsLastAsNCHW(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t):
+        return _nchw(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if torch.is_grad_enabled():
+            return grad.contiguous(memory_format=torch.channels_last)
+        return _as_format(grad, torch.channels_last)
+
+
+class _NCHWAsChannelsLast(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t):
+        return _as_format(t, torch.channels_last)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous() if torch.is_grad_enabled() else _nchw(grad)
+
+
+def eager_dwconv2d(x, weight, bias, padding):
+    """``lkpatch::dwconv2d`` on CUDA tensors in eager mode (``EagerDepthwiseConv2d``)."""
+    if _channels_last(x) and dispatch.use_kernel("forward", x.shape, weight.shape[2:], padding, x.dtype, True):
+        y = EagerDepthwiseConv2d.apply(_ChannelsLastAsNCHW.apply(x), weight, bias, padding)
+        return _NCHWAsChannelsLast.apply(y)
+    return EagerDepthwiseConv2d.apply(x, weight, bias, padding)
 
 
 # --- Autocast ----------------------------------------------------------------------------------

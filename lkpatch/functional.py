@@ -23,7 +23,7 @@ def depthwise_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     if pads is not None:
         if input.is_cuda and not torch.compiler.is_compiling():
             x, w, b = _ops.autocast_inputs("cuda", input, weight, bias)
-            return _ops.EagerDepthwiseConv2d.apply(x, w, b, pads)
+            return _ops.eager_dwconv2d(x, w, b, pads)
         return torch.ops.lkpatch.dwconv2d(input, weight, bias, pads)
     groups = input.shape[-3] if isinstance(input, torch.Tensor) and input.dim() >= 3 else 1
     return padded_conv2d(input, weight, bias, stride, padding, dilation, groups)

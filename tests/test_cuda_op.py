@@ -322,10 +322,14 @@ def test_double_backward_channels_last():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(3, 17, 9, 7), (2, 64, 16, 16), (2, 72, 10, 13), (1, 136, 64, 72), (70001, 2, 1, 3)])
+@pytest.mark.parametrize("shape", [
+    (3, 17, 9, 7), (2, 64, 16, 16), (2, 72, 10, 13), (1, 136, 64, 72), (70001, 2, 1, 3),  # 64 x 64 tiles
+    (3, 1024, 7, 7), (2, 520, 14, 14), (2, 256, 28, 28), (2, 40, 32, 32), (2, 96, 33, 33), (1, 24, 5, 5),  # flat
+    (2, 8, 1, 1), (1, 1032, 3, 8)])
 def test_layout_copies(shape, dtype):
-    """The channels_last <-> NCHW copies: vector and element tiles, edge tiles, more matrices than
-    one grid row holds, and unaligned starts (poisoned outputs: a missed element is NaN)."""
+    """The channels_last <-> NCHW copies: vector and element tiles, flat tiles (a short side,
+    partial spans), edge tiles, more matrices than one grid row holds, and unaligned starts
+    (poisoned outputs: a missed element is NaN)."""
     ext = torch.ops.lkpatch_ext
     build.build()
     n, c, h, w = shape

@@ -306,11 +306,14 @@ class _OpaqueKernels:
         return run
 
 
-def test_eager_cuda_function_with_opaque_kernels(monkeypatch):
+@pytest.mark.parametrize("entry", ["EagerDepthwiseConv2d", "eager_dwconv2d"])
+def test_eager_cuda_function_with_opaque_kernels(monkeypatch, entry):
     """``EagerDepthwiseConv2d`` (the CUDA eager path) with kernel stand-ins on CPU tensors:
     values, gradients, memory format, and double backward (which must not go through the
-    kernels' autograd-less outputs)."""
+    kernels' autograd-less outputs). ``eager_dwconv2d`` sends this channels_last input through
+    NCHW as a whole (its layout copies as autograd nodes)."""
     from lkpatch import _ops
+    apply = _ops.EagerDepthwiseConv2d.apply if entry == "EagerDepthwiseConv2d" else _ops.eager_dwconv2d
     monkeypatch.setattr(_ops, "_kernels", lambda: _OpaqueKernels())
     monkeypatch.setattr(_ops.dispatch, "use_kernel", lambda *args, **kwargs: True)
     pads = (2, 0, 1, 3)
@@ -320,7 +323,7 @@ def test_eager_cuda_function_with_opaque_kernels(monkeypatch):
     w = torch.randn(3, 1, 3, 5, dtype=torch.float64, generator=gen, requires_grad=True)
     b = torch.randn(3, dtype=torch.float64, generator=gen, requires_grad=True)
     ref = _padded_ref(x, w, b, pads)
-    out = _ops.EagerDepthwiseConv2d.apply(x, w, b, pads)
+    out = apply(x, w, b, pads)
     assert out.stride() == ref.stride() and rel_err(out, ref) <= 1e-12
     for fmt in (torch.channels_last, torch.contiguous_format):  # the input gradient takes the input's format
         g = torch.randn(ref.shape, dtype=torch.float64, generator=gen).contiguous(memory_format=fmt)
@@ -329,6 +332,6 @@ def test_eager_cuda_function_with_opaque_kernels(monkeypatch):
             assert a.stride() == r.stride() and rel_err(a, r) <= 1e-12
     t = torch.randn(ref.shape, dtype=torch.float64, generator=gen)
     want = _double_backward(lambda x, w, b: _padded_ref(x, w, b, pads), x, w, b, t)
-    got = _double_backward(lambda x, w, b: _ops.EagerDepthwiseConv2d.apply(x, w, b, pads), x, w, b, t)
+    got = _double_backward(lambda x, w, b: apply(x, w, b, pads), x, w, b, t)
     for a, r in zip(got, want):
         assert rel_err(a, r) <= 1e-10
