@@ -60,7 +60,7 @@ __device__ __forceinline__ void transpose_tile(const T* __restrict__ src, T* __r
 // Needs the strided side's length (cols if kFlatOut, else rows) and `span` to be multiples of
 // the vector, and 16-byte aligned tensors.
 constexpr int kFlatMax = 1024;          // longest flat side
-constexpr int kFlatBytes = 16 * 1024;   // target tile size
+constexpr int kFlatBytes = 32 * 1024;   // most shared memory a tile takes
 template <typename T, bool kFlatOut>
 __global__ void __launch_bounds__(kThreads) transpose_flat(const T* __restrict__ in, T* __restrict__ out, int64_t batch,
                                                            int rows, int cols, int span) {
@@ -136,8 +136,10 @@ cudaError_t transpose_batched(DType t, const void* in, void* out, int64_t batch,
     const bool flat_out = rows <= kFlatMax && cols % V == 0, flat_in = cols <= kFlatMax && rows % V == 0;
     if (aligned && !whole && (flat_out || flat_in)) {
       const int64_t flat = flat_out ? rows : cols, side = flat_out ? cols : rows;
-      // Spans of 2 vectors at least (a 32-byte sector per row), 64 elements at most.
-      const int span = (int)std::min<int64_t>({64, side, std::max<int64_t>(2 * V, kFlatBytes / sizeof(T) / flat / V * V)});
+      // Spans of whole 32-byte sectors (2 vectors), 64 elements at most: a span that ends inside a
+      // sector makes the strided side touch more sectors than it moves.
+      const int span = (int)std::min<int64_t>(
+          {64, side, std::max<int64_t>(2 * V, kFlatBytes / sizeof(T) / flat / (2 * V) * (2 * V))});
       const int64_t spans = (side + span - 1) / span;
       if (spans > INT32_MAX) return cudaErrorInvalidValue;
       const size_t smem = (size_t)span * flat * sizeof(T);

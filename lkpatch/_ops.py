@@ -288,7 +288,9 @@ def eager_dwconv2d(x, weight, bias, padding):
     """``lkpatch::dwconv2d`` on CUDA tensors in eager mode (``EagerDepthwiseConv2d``)."""
     if _channels_last(x) and dispatch.use_kernel("forward", x.shape, weight.shape[2:], padding, x.dtype, True):
         y = EagerDepthwiseConv2d.apply(_ChannelsLastAsNCHW.apply(x), weight, bias, padding)
-        return _NCHWAsChannelsLast.apply(y)
+        # A 1 x 1 output is channels_last already; passed through the copy node unchanged, it
+        # would be a view that in-place ops (a ReLU(inplace=True) after it) must not modify.
+        return y if y.is_contiguous(memory_format=torch.channels_last) else _NCHWAsChannelsLast.apply(y)
     return EagerDepthwiseConv2d.apply(x, weight, bias, padding)
 
 

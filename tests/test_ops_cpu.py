@@ -335,3 +335,12 @@ def test_eager_cuda_function_with_opaque_kernels(monkeypatch, entry):
     got = _double_backward(lambda x, w, b: apply(x, w, b, pads), x, w, b, t)
     for a, r in zip(got, want):
         assert rel_err(a, r) <= 1e-10
+    # a 1 x 1 output (channels_last and NCHW at once) takes in-place ops, as F.conv2d's does
+    w_full = torch.randn(3, 1, 7, 8, dtype=torch.float64, generator=gen, requires_grad=True)
+    out = apply(x, w_full, b, (0, 0, 0, 0))
+    ref = _padded_ref(x, w_full, b, (0, 0, 0, 0))
+    out.relu_()
+    assert rel_err(out, ref.relu()) <= 1e-12
+    got = torch.autograd.grad(out.sum(), (x, w_full, b))
+    for a, r in zip(got, torch.autograd.grad(ref.relu().sum(), (x, w_full, b))):
+        assert a.stride() == r.stride() and rel_err(a, r) <= 1e-12
