@@ -241,8 +241,8 @@ class EagerDepthwiseConv2d(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, padding):
-        # The input itself is saved, not the forward's NCHW copy of a channels_last one: double
-        # backward differentiates through it.
+        # The input itself is saved, not an NCHW copy made here: double backward differentiates
+        # through it (eager_dwconv2d makes its copy an autograd node for that).
         y = _forward_cuda(x, weight, bias, padding)
         _setup_context(ctx, (x, weight, bias, padding), y)
         return y
@@ -259,9 +259,11 @@ class EagerDepthwiseConv2d(torch.autograd.Function):
 
 # A channels_last input whose forward runs on lkpatch's kernel goes through NCHW as a whole: the
 # copies in and out are autograd nodes of their own, so the convolution saves the forward's NCHW
-# copy (instead of the input: no more memory) and its backward needs no copy of the input again --
-# four layout copies per forward + backward instead of five. Under create_graph the copies'
-# gradients are PyTorch's differentiable ones.
+# copy and its backward needs no copy of the input again -- four layout copies per forward +
+# backward instead of five. The saved copy takes the input's place: memory stays the same unless
+# something else keeps the input for the backward too (a ReLU just before the layer saves its
+# output), which then holds one more activation-sized tensor until the backward. Under
+# create_graph the copies' gradients are PyTorch's differentiable ones.
 class _ChannelsLastAsNCHW(torch.autograd.Function):
     @staticmethod
     def forward(ctx, t):
