@@ -198,6 +198,31 @@ def model(amp):
     rows = kernel_ms(prof, 2)
     total = sum(v[0] for v in rows.values())
     print(f"GPU kernel time per step: {total:.1f} ms")
+    # The same for the model without its depthwise branches: GPU idle (step time minus kernel
+    # time) that the converted model has beyond it is host time of the converted layers.
+    opt_bare = torch.optim.SGD(bare.parameters(), lr=1e-3, momentum=0.9)
+
+    def bare_step():
+        with torch.autocast("cuda", dtype=getattr(torch, amp), enabled=amp != "float32"):
+            loss = F.cross_entropy(bare(x), y)
+        opt_bare.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_bare.step()
+    for _ in range(3):
+        bare_step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof_bare:
+        for _ in range(2):
+            bare_step()
+        torch.cuda.synchronize()
+    print(f"no_depthwise GPU kernel time per step: {sum(v[0] for v in kernel_ms(prof_bare, 2).values()):.1f} ms")
+    for name, fn in (("converted", step), ("no_depthwise", bare_step)):  # host time to queue one step
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        print(f"{name}: host {1e3 * (t1 - t0):.1f} ms to queue a step, {1e3 * (time.perf_counter() - t0):.1f} ms to finish")
     for name, (ms, n) in sorted(rows.items(), key=lambda kv: -kv[1][0])[:28]:
         print(f"{ms:8.2f} ms {n // 2:5d}x  {name}")
 

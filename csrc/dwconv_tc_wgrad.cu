@@ -253,6 +253,7 @@ struct TcSmallWgradParams {
   const T* grad;
   const T* in;
   float* parts;  // [slices][C][KH][KW]
+  T* grad_w;     // with one slice the block's sums are final: written here instead of parts
   DwShape s;
   int N, per_slice;     // images, images per block (a multiple of 16, at most kSmallImages)
   int gplane, xplane;   // staged plane pitches (elements): rows * 16 TW + 8, an odd number of 16-byte units
@@ -291,7 +292,11 @@ __global__ void __launch_bounds__(32 * kSmallWarps) dw_tc_small_weight_grad(cons
   const int g = lane >> 2, t = lane & 3;
   // 16-column tiles of ox (A) and 8-column tiles of ix (B) that hold map columns.
   const int m_tiles = ceil_div(s.OW, 16), n_tiles = ceil_div(s.W, 8);
-  float* out = p.parts + ((int64_t)slice * s.C + c) * s.KH * s.KW;
+  const int64_t out_at = ((int64_t)slice * s.C + c) * s.KH * s.KW;
+  auto put = [&](int e, float v) {
+    if (p.grad_w) p.grad_w[out_at + e] = from_float<T>(v);
+    else p.parts[out_at + e] = v;
+  };
   // Kernel rows that reach the plane: some oy in [0, OH) reads iy = oy + i - pad_t in [0, H).
   const int i_lo = max(0, s.pad_t - s.OH + 1), i_hi = min(s.KH, s.H + s.pad_t);
   for (int i = i_lo + warp; i < i_hi; i += kSmallWarps) {
@@ -375,12 +380,12 @@ __global__ void __launch_bounds__(32 * kSmallWarps) dw_tc_small_weight_grad(cons
         const float w = __shfl_sync(0xffffffffu, diag[r], src & 31);
         if (src >> 5 == r) v = w;
       }
-      if (j < s.KW) out[i * s.KW + j] = idx >= 0 && idx < DIAGS ? v : 0.f;
+      if (j < s.KW) put(i * s.KW + j, idx >= 0 && idx < DIAGS ? v : 0.f);
     }
   }
   for (int e = threadIdx.x; e < s.KH * s.KW; e += blockDim.x) {  // kernel rows that never reach the map
     const int i = e / s.KW;
-    if (i < i_lo || i >= i_hi) out[e] = 0.f;
+    if (i < i_lo || i >= i_hi) put(e, 0.f);
   }
 }
 
@@ -484,6 +489,7 @@ cudaError_t dwconv2d_tc_weight_grad(DType t, const void* grad_out, const void* i
         p.grad = static_cast<const T*>(grad_out);
         p.in = static_cast<const T*>(in);
         p.parts = workspace;
+        p.grad_w = sq.slices == 1 ? static_cast<T*>(grad_w) : nullptr;  // no second pass to add slices
         p.s = s;
         p.N = (int)(s.planes / s.C);
         p.per_slice = sq.per_slice;
@@ -494,7 +500,7 @@ cudaError_t dwconv2d_tc_weight_grad(DType t, const void* grad_out, const void* i
         const dim3 grid(sq.slices, s.C), block(32 * kSmallWarps);
         cudaError_t e = sq.TW == 1 ? launch(dw_tc_small_weight_grad<T, 1>, grid, block, sq.smem, stream, p)
                                    : launch(dw_tc_small_weight_grad<T, 2>, grid, block, sq.smem, stream, p);
-        if (e != cudaSuccess) return e;
+        if (e != cudaSuccess || sq.slices == 1) return e;
         return sum_partials(workspace, static_cast<T*>(grad_w), sq.slices, (int64_t)s.C * s.KH * s.KW, stream);
       }
     }

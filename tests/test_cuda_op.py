@@ -205,13 +205,15 @@ def test_tf32_follows_pytorch_switch():
     assert max(errs.values()) <= 1e-5
 
 
-def test_autocast_bf16_training_step():
-    """Under bf16 autocast the converted model is at least as close to fp32 as PyTorch's own."""
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_autocast_bf16_training_step(fmt):
+    """Under bf16 autocast the converted model is at least as close to fp32 as PyTorch's own
+    (channels_last: the layers go through NCHW as a whole, their copies as autograd nodes)."""
     import copy
     torch.manual_seed(0)
-    model = _small_convnet(k=31).cuda()
+    model = _small_convnet(k=31).cuda().to(memory_format=fmt)
     converted = lkpatch.convert_model(copy.deepcopy(model))
-    x = torch.randn(4, 3, 40, 40, device="cuda")
+    x = torch.randn(4, 3, 40, 40, device="cuda").contiguous(memory_format=fmt)
 
     def step(m, amp):
         m.zero_grad(set_to_none=True)
@@ -223,7 +225,7 @@ def test_autocast_bf16_training_step():
     ref_out, ref_grads = step(model, amp=False)  # fp32, unconverted
     pt_out, pt_grads = step(model, amp=True)
     lk_out, lk_grads = step(converted, amp=True)
-    assert lk_out.dtype == pt_out.dtype == torch.bfloat16
+    assert lk_out.dtype == pt_out.dtype == torch.bfloat16 and lk_out.stride() == pt_out.stride()
     assert rel_err(lk_out, ref_out) <= max(2 * rel_err(pt_out, ref_out), 1e-2)
     for ours, theirs, ref, p in zip(lk_grads, pt_grads, ref_grads, converted.parameters()):
         assert ours.dtype == p.dtype == torch.float32  # fp32 master weights get fp32 gradients
