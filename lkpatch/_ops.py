@@ -5,9 +5,10 @@
   ``dispatch.use_kernel`` says so, decided per pass.
 * Meta / fake tensors, Autograd and Autocast each get their own registration below.
 
-``EagerDepthwiseConv2d`` runs the same CUDA passes and the same backward formula without going
-through the dispatcher for each pass: eager-mode calls cost about half the host time
-(``eager_dwconv2d`` is its entry). Under ``torch.compile`` the op itself is traced instead.
+In eager mode on CUDA, ``eager_dwconv2d`` runs the same passes with less host time: the
+extension's C++ autograd op where every pass runs on the kernels, else ``EagerDepthwiseConv2d``
+(the same CUDA passes and backward formula, minus the dispatcher for each pass). Under
+``torch.compile`` the op itself is traced instead.
 
 Padding is always ``(top, bottom, left, right)``.
 """
@@ -287,12 +288,22 @@ class _NCHWAsChannelsLast(torch.autograd.Function):
 
 
 def eager_dwconv2d(x, weight, bias, padding):
-    """``lkpatch::dwconv2d`` on CUDA tensors in eager mode (``EagerDepthwiseConv2d``)."""
+    """``lkpatch::dwconv2d`` on CUDA tensors in eager mode."""
     if _channels_last(x) and dispatch.use_kernel("forward", x.shape, weight.shape[2:], padding, x.dtype, True):
-        y = EagerDepthwiseConv2d.apply(_ChannelsLastAsNCHW.apply(x), weight, bias, padding)
+        y = _eager_nchw(_ChannelsLastAsNCHW.apply(x), weight, bias, padding)
         # A 1 x 1 output is channels_last already; passed through the copy node unchanged, it
         # would be a view that in-place ops (a ReLU(inplace=True) after it) must not modify.
         return y if y.is_contiguous(memory_format=torch.channels_last) else _NCHWAsChannelsLast.apply(y)
+    return _eager_nchw(x, weight, bias, padding)
+
+
+def _eager_nchw(x, weight, bias, padding):
+    """Where every pass of an NCHW call runs on the kernels, the extension's C++ autograd op
+    (``csrc/dwconv_autograd.cpp``: its backward runs without Python, which costs less host time);
+    otherwise ``EagerDepthwiseConv2d``, which decides per pass."""
+    if x.is_cuda and x.is_contiguous() and dispatch.use_kernel("all", x.shape, weight.shape[2:], padding, x.dtype):
+        bias_kernel = bias is not None and dispatch.use_kernel("bias_grad", x.shape, (1, 1), (0, 0, 0, 0), x.dtype)
+        return _kernels().dwconv2d_autograd(x, weight, bias, padding, dispatch.tf32_pass(x.dtype), bias_kernel)
     return EagerDepthwiseConv2d.apply(x, weight, bias, padding)
 
 

@@ -164,7 +164,8 @@ def use_kernel(pass_: str, size: Sequence[int], kernel_size: Sequence[int], pads
                dtype: torch.dtype, channels_last: bool = False) -> bool:
     """Run ``pass_`` of this CUDA depthwise convolution on lkpatch's kernel (True) or PyTorch's?
 
-    ``pass_`` is one of PASSES, or "any": does some pass run on lkpatch's kernel?
+    ``pass_`` is one of PASSES, or "any": does some pass run on lkpatch's kernel? Or "all": do
+    the forward, input-grad and weight-grad all run on it?
     ``channels_last``: the pass's activation comes in (and goes out) channels_last.
     """
     key = (_impl, pass_, tuple(size), tuple(kernel_size), tuple(pads), dtype, channels_last)
@@ -177,6 +178,8 @@ def use_kernel(pass_: str, size: Sequence[int], kernel_size: Sequence[int], pads
 def _decide(pass_, size, kernel_size, pads, dtype, channels_last) -> bool:
     if pass_ == "any":
         return any(use_kernel(p, size, kernel_size, pads, dtype, channels_last) for p in PASSES)
+    if pass_ == "all":
+        return all(use_kernel(p, size, kernel_size, pads, dtype, channels_last) for p in PASSES[:3])
     if _impl == "native" or kernel_unsupported_reason(size, kernel_size, pads, dtype) is not None:
         return False
     if not _extension_ready():

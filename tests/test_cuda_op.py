@@ -280,13 +280,14 @@ def test_memory_format_follows_pytorch():
 
 
 @pytest.mark.parametrize("grad_fmt", [torch.contiguous_format, torch.channels_last])
-def test_eager_channels_last_gradients(grad_fmt):
-    """The eager path on a channels_last input: all three gradients (the output gradient's one
-    NCHW copy shared by the passes, the bias gradient on it) against float64, and the input
-    gradient in the input's format, with the output gradient in either format."""
+@pytest.mark.parametrize("x_fmt", [torch.channels_last, torch.contiguous_format])
+def test_eager_gradients(x_fmt, grad_fmt):
+    """The eager path (channels_last: through NCHW as a whole; NCHW: the C++ autograd op): all
+    three gradients against float64, and the input gradient in the input's format, with the
+    output gradient in either format."""
     gen = torch.Generator(device="cuda").manual_seed(11)
     pads = (15, 15, 15, 15)
-    x = torch.randn(16, 8, 40, 40, device="cuda", generator=gen).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(16, 8, 40, 40, device="cuda", generator=gen).contiguous(memory_format=x_fmt)
     w = torch.randn(8, 1, 31, 31, device="cuda", generator=gen) / 31
     b = torch.randn(8, device="cuda", generator=gen)
     g = torch.randn(16, 8, 40, 40, device="cuda", generator=gen).contiguous(memory_format=grad_fmt)
@@ -297,15 +298,44 @@ def test_eager_channels_last_gradients(grad_fmt):
         got = (y,) + torch.autograd.grad(y, (xs, ws, bs), g)
     for name, a, r in zip(("output", "grad_input", "grad_weight", "grad_bias"), got, ref):
         assert rel_err(a, r) <= 1e-5, name
-    assert got[1].is_contiguous(memory_format=torch.channels_last)
+    assert got[1].is_contiguous(memory_format=x_fmt)
 
 
-def test_double_backward_channels_last():
-    """create_graph through the eager path with a channels_last input and an NCHW output gradient:
-    the input gradient's format change stays differentiable (gradient penalty against float64)."""
+@pytest.mark.parametrize("bias_kernel", [True, False])
+def test_cpp_autograd_op(bias_kernel):
+    """The C++ autograd op that the eager path takes where every pass runs on the kernels (NCHW):
+    values and gradients against float64, the bias gradient on the kernel or as PyTorch's sum,
+    inputs that need no gradient, and inference mode."""
+    ext = build.extension_ops()
+    gen = torch.Generator(device="cuda").manual_seed(13)
+    pads = (4, 4, 3, 3)
+    x = torch.randn(8, 6, 23, 29, device="cuda", generator=gen)
+    w = torch.randn(6, 1, 9, 7, device="cuda", generator=gen) / 8
+    b = torch.randn(6, device="cuda", generator=gen)
+    g = torch.randn(8, 6, 23, 29, device="cuda", generator=gen)
+    ref = reference(x, w, b, pads, g)
+    xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
+    y = ext.dwconv2d_autograd(xs, ws, bs, list(pads), False, bias_kernel)
+    assert "DwConv2d" in y.grad_fn.name()
+    got = (y,) + torch.autograd.grad(y, (xs, ws, bs), g)
+    for name, a, r in zip(("output", "grad_input", "grad_weight", "grad_bias"), got, ref):
+        assert rel_err(a, r) <= 1e-5, name
+    gw = torch.autograd.grad(ext.dwconv2d_autograd(x, ws, None, list(pads), False, bias_kernel), ws, g)[0]
+    assert rel_err(gw, ref[2]) <= 1e-5
+    with torch.inference_mode():
+        assert rel_err(ext.dwconv2d_autograd(x, w, b, list(pads), False, bias_kernel), ref[0]) <= 1e-5
+    with dispatch.force("kernel"):  # the eager entry takes it
+        assert "DwConv2d" in lkpatch.depthwise_conv2d(xs, ws, bs, padding=pads).grad_fn.name()
+
+
+@pytest.mark.parametrize("fmt", [torch.channels_last, torch.contiguous_format])
+def test_double_backward_eager(fmt):
+    """create_graph through the eager path (channels_last: the copies as autograd nodes; NCHW: the
+    C++ autograd op) with an NCHW output gradient: the input gradient's format change stays
+    differentiable (gradient penalty against float64)."""
     gen = torch.Generator(device="cuda").manual_seed(12)
     pads = (4, 4, 4, 4)
-    x = torch.randn(8, 4, 20, 20, device="cuda", generator=gen).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(8, 4, 20, 20, device="cuda", generator=gen).contiguous(memory_format=fmt)
     w = torch.randn(4, 1, 9, 9, device="cuda", generator=gen) / 9
     b = torch.randn(4, device="cuda", generator=gen)
     t = torch.randn(8, 4, 20, 20, device="cuda", generator=gen)  # NCHW: y * t's gradient is NCHW
