@@ -45,6 +45,7 @@ class DwConv2d : public torch::autograd::Function<DwConv2d> {
     ctx->saved_data["padding"] = padding;
     ctx->saved_data["tf32"] = tf32;
     ctx->saved_data["bias_kernel"] = bias_kernel;
+    ctx->saved_data["has_bias"] = b.has_value();  // needs_input_grad counts tensor inputs only
     return y;
   }
 
@@ -53,6 +54,7 @@ class DwConv2d : public torch::autograd::Function<DwConv2d> {
     const Tensor &x = saved[0], &w = saved[1];
     const std::vector<int64_t> padding = ctx->saved_data["padding"].toIntVector();
     const std::vector<int64_t> input_size{x.size(2), x.size(3)}, kernel_size{w.size(2), w.size(3)};
+    const bool bias_grad_needed = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2);
     Tensor gx, gw, gb;
     if (at::GradMode::is_enabled()) {  // create_graph: the differentiable ops, for double backward
       static const auto input_grad = op<OpInputGradSig>("lkpatch::dwconv2d_input_grad");
@@ -61,7 +63,7 @@ class DwConv2d : public torch::autograd::Function<DwConv2d> {
       const Tensor& g = grads[0];
       if (ctx->needs_input_grad(0)) gx = input_grad.call(g, w, input_size, padding);
       if (ctx->needs_input_grad(1)) gw = weight_grad.call(g, x, kernel_size, padding);
-      if (ctx->needs_input_grad(2)) gb = bias_grad.call(g);
+      if (bias_grad_needed) gb = bias_grad.call(g);
     } else {
       static const auto input_grad = op<InputGradSig>("lkpatch_ext::dwconv2d_input_grad");
       static const auto weight_grad = op<WeightGradSig>("lkpatch_ext::dwconv2d_weight_grad");
@@ -70,8 +72,7 @@ class DwConv2d : public torch::autograd::Function<DwConv2d> {
       const Tensor g = grads[0].contiguous();
       if (ctx->needs_input_grad(0)) gx = input_grad.call(g, w.contiguous(), input_size, padding, tf32);
       if (ctx->needs_input_grad(1)) gw = weight_grad.call(g, x, kernel_size, padding, tf32);
-      if (ctx->needs_input_grad(2))
-        gb = ctx->saved_data["bias_kernel"].toBool() ? bias_grad.call(g) : g.sum({0, 2, 3});
+      if (bias_grad_needed) gb = ctx->saved_data["bias_kernel"].toBool() ? bias_grad.call(g) : g.sum({0, 2, 3});
     }
     return {gx, gw, gb, Tensor(), Tensor(), Tensor()};
   }

@@ -322,6 +322,8 @@ def test_cpp_autograd_op(bias_kernel):
         assert rel_err(a, r) <= 1e-5, name
     gw = torch.autograd.grad(ext.dwconv2d_autograd(x, ws, None, list(pads), False, bias_kernel), ws, g)[0]
     assert rel_err(gw, ref[2]) <= 1e-5
+    gx, gw = torch.autograd.grad(ext.dwconv2d_autograd(xs, ws, None, list(pads), False, bias_kernel), (xs, ws), g)
+    assert rel_err(gx, ref[1]) <= 1e-5 and rel_err(gw, ref[2]) <= 1e-5
     with torch.inference_mode():
         assert rel_err(ext.dwconv2d_autograd(x, w, b, list(pads), False, bias_kernel), ref[0]) <= 1e-5
     with dispatch.force("kernel"):  # the eager entry takes it
