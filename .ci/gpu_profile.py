@@ -180,50 +180,42 @@ def model(amp):
     print(bench.time_train_steps({"converted": conv, "no_depthwise": bare}, 64, 224, amp, steps=6))
     x = torch.randn(64, 3, 224, 224, device="cuda")
     y = torch.randint(0, 1000, (64,), device="cuda")
-    opt = torch.optim.SGD(conv.parameters(), lr=1e-3, momentum=0.9)
 
-    def step():
-        with torch.autocast("cuda", dtype=getattr(torch, amp), enabled=amp != "float32"):
-            loss = F.cross_entropy(conv(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(2):
+    def profiled(net):
+        """A training step of ``net`` and its GPU kernel time per step: {name: [ms, launches]}."""
+        opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
+
+        def step():
+            with torch.autocast("cuda", dtype=getattr(torch, amp), enabled=amp != "float32"):
+                loss = F.cross_entropy(net(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        for _ in range(3):
             step()
         torch.cuda.synchronize()
-    rows = kernel_ms(prof, 2)
-    total = sum(v[0] for v in rows.values())
-    print(f"GPU kernel time per step: {total:.1f} ms")
-    # The same for the model without its depthwise branches: GPU idle (step time minus kernel
-    # time) that the converted model has beyond it is host time of the converted layers.
-    opt_bare = torch.optim.SGD(bare.parameters(), lr=1e-3, momentum=0.9)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(2):
+                step()
+            torch.cuda.synchronize()
+        return step, kernel_ms(prof, 2)
 
-    def bare_step():
-        with torch.autocast("cuda", dtype=getattr(torch, amp), enabled=amp != "float32"):
-            loss = F.cross_entropy(bare(x), y)
-        opt_bare.zero_grad(set_to_none=True)
-        loss.backward()
-        opt_bare.step()
-    for _ in range(3):
-        bare_step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof_bare:
-        for _ in range(2):
-            bare_step()
-        torch.cuda.synchronize()
-    print(f"no_depthwise GPU kernel time per step: {sum(v[0] for v in kernel_ms(prof_bare, 2).values()):.1f} ms")
-    for name, fn in (("converted", step), ("no_depthwise", bare_step)):  # host time to queue one step
+    # GPU idle (step time minus kernel time) that the converted model has beyond the model without
+    # its depthwise branches is host time of the converted layers.
+    steps = {}
+    for name, net in (("converted", conv), ("no_depthwise", bare)):
+        steps[name], rows = profiled(net)
+        print(f"{name} GPU kernel time per step: {sum(v[0] for v in rows.values()):.1f} ms")
+        if name == "converted":
+            top = sorted(rows.items(), key=lambda kv: -kv[1][0])[:28]
+    for name, fn in steps.items():  # host time to queue one step
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         fn()
         t1 = time.perf_counter()
         torch.cuda.synchronize()
         print(f"{name}: host {1e3 * (t1 - t0):.1f} ms to queue a step, {1e3 * (time.perf_counter() - t0):.1f} ms to finish")
-    for name, (ms, n) in sorted(rows.items(), key=lambda kv: -kv[1][0])[:28]:
+    for name, (ms, n) in top:
         print(f"{ms:8.2f} ms {n // 2:5d}x  {name}")
 
 
