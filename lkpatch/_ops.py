@@ -299,7 +299,7 @@ def eager_dwconv2d(x, weight, bias, padding):
 
 def _eager_nchw(x, weight, bias, padding):
     """Where every pass of an NCHW call runs on the kernels, the extension's C++ autograd op
-    (``csrc/dwconv_autograd.cpp``: its backward runs without Python, which costs less host time);
+    (in ``csrc/binding.cpp``: its backward runs without Python, which costs less host time);
     otherwise ``EagerDepthwiseConv2d``, which decides per pass."""
     if x.is_cuda and x.is_contiguous() and dispatch.use_kernel("all", x.shape, weight.shape[2:], padding, x.dtype):
         bias_kernel = bias is not None and dispatch.use_kernel("bias_grad", x.shape, (1, 1), (0, 0, 0, 0), x.dtype)

@@ -26,7 +26,7 @@ import torch
 
 EXT_NAMESPACE = "lkpatch_ext"
 _SOURCES = ("dwconv_fwd.cu", "dwconv_wgrad.cu", "dwconv_small.cu", "dwconv_bgrad.cu", "dwconv_tc.cu",
-            "dwconv_tc_wgrad.cu", "dwconv_layout.cu", "binding.cpp", "dwconv_autograd.cpp")
+            "dwconv_tc_wgrad.cu", "dwconv_layout.cu", "binding.cpp")
 _CUDA_FLAGS = ["-O3", "-lineinfo"]  # the C++ standard is torch's choice (C++20 from torch 2.10)
 _CXX_FLAGS = ["-O3"]
 
