@@ -260,6 +260,23 @@ def test_any_pass_decision(monkeypatch):
         assert not dispatch.use_kernel("any", (64, 384, 64, 64), (31, 31), pads, torch.float32)
 
 
+def test_all_pass_decision(monkeypatch):
+    """The eager path's C++ autograd op takes a call only where the forward, input-grad and
+    weight-grad all run on the kernel (the bias gradient is decided on its own)."""
+    monkeypatch.setattr(dispatch, "_extension_ready", lambda: True)
+    monkeypatch.setattr(dispatch, "_decisions", {})
+    cases = [((64, 384, 64, 64), (31, 31), (15, 15, 15, 15), torch.bfloat16),  # every pass
+             ((64, 512, 7, 7), (5, 5), (2, 2, 2, 2), torch.bfloat16),  # forward stays with PyTorch
+             ((64, 96, 56, 56), (1, 3), (0, 0, 1, 1), torch.float32)]  # thin kernel: weight-grad does
+    for size, k, pads, dtype in cases:
+        passes = [dispatch.use_kernel(p, size, k, pads, dtype) for p in dispatch.PASSES[:3]]
+        assert dispatch.use_kernel("all", size, k, pads, dtype) == all(passes)
+    assert dispatch.use_kernel("all", *cases[0])
+    assert not dispatch.use_kernel("all", *cases[1]) and not dispatch.use_kernel("all", *cases[2])
+    with dispatch.force("kernel"):
+        assert dispatch.use_kernel("all", *cases[1])
+
+
 def test_tf32_follows_pytorch(monkeypatch):
     """fp32 passes take TF32 exactly where PyTorch lets its convolutions do so."""
     from conftest import tf32
