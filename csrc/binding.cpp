@@ -232,7 +232,11 @@ class DwConv2d : public torch::autograd::Function<DwConv2d> {
                         std::vector<int64_t> padding, bool tf32, bool bias_kernel) {
     const std::optional<Tensor> b = bias.has_value() ? std::optional<Tensor>(bias->contiguous()) : std::nullopt;
     Tensor y = dwconv2d(x, w.contiguous(), b, padding, tf32);
-    ctx->save_for_backward({x, w});
+    // As the Python Function: the input only for the weight's gradient, the weight only for the
+    // input's (a frozen weight keeps no activation alive).
+    ctx->save_for_backward({w.requires_grad() ? x : Tensor(), x.requires_grad() ? w : Tensor()});
+    ctx->saved_data["input_size"] = std::vector<int64_t>{x.size(2), x.size(3)};
+    ctx->saved_data["kernel_size"] = std::vector<int64_t>{w.size(2), w.size(3)};
     ctx->saved_data["padding"] = padding;
     ctx->saved_data["tf32"] = tf32;
     ctx->saved_data["bias_kernel"] = bias_kernel;
@@ -244,7 +248,8 @@ class DwConv2d : public torch::autograd::Function<DwConv2d> {
     const auto saved = ctx->get_saved_variables();
     const Tensor &x = saved[0], &w = saved[1];
     const std::vector<int64_t> padding = ctx->saved_data["padding"].toIntVector();
-    const std::vector<int64_t> input_size{x.size(2), x.size(3)}, kernel_size{w.size(2), w.size(3)};
+    const std::vector<int64_t> input_size = ctx->saved_data["input_size"].toIntVector();
+    const std::vector<int64_t> kernel_size = ctx->saved_data["kernel_size"].toIntVector();
     const bool bias_grad_needed = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2);
     Tensor gx, gw, gb;
     if (at::GradMode::is_enabled()) {  // create_graph: the differentiable ops, for double backward
@@ -252,11 +257,12 @@ class DwConv2d : public torch::autograd::Function<DwConv2d> {
       static const auto weight_grad = op<GradSig>("lkpatch::dwconv2d_weight_grad");
       static const auto bias_grad = op<BiasGradSig>("lkpatch::dwconv2d_bias_grad");
       const Tensor& g = grads[0];
-      if (ctx->needs_input_grad(0)) gx = input_grad.call(g, w, input_size, padding);
+      // in the input's format (NCHW), whatever the output gradient's, as the Python path returns it
+      if (ctx->needs_input_grad(0)) gx = input_grad.call(g, w, input_size, padding).contiguous();
       if (ctx->needs_input_grad(1)) gw = weight_grad.call(g, x, kernel_size, padding);
       if (bias_grad_needed) gb = bias_grad.call(g);
     } else {
-      const bool tf32 = ctx->saved_data["tf32"].toBool();
+      const bool tf32 = ctx->saved_data["tf32"].toBool();  // PyTorch's TF32 switch as it was at the forward
       const Tensor g = grads[0].contiguous();
       if (ctx->needs_input_grad(0)) gx = dwconv2d_input_grad(g, w.contiguous(), input_size, padding, tf32);
       if (ctx->needs_input_grad(1)) gw = dwconv2d_weight_grad(g, x, kernel_size, padding, tf32);
@@ -269,6 +275,9 @@ class DwConv2d : public torch::autograd::Function<DwConv2d> {
 Tensor dwconv2d_autograd(const Tensor& x, const Tensor& w, const std::optional<Tensor>& bias,
                          at::IntArrayRef padding, bool tf32, bool bias_kernel) {
   TORCH_CHECK(x.is_contiguous(), "lkpatch: dwconv2d_autograd takes a contiguous NCHW input");
+  // Fake and other Python-dispatched tensors have no data for the kernels.
+  TORCH_CHECK(!x.key_set().has(c10::DispatchKey::Python) && !w.key_set().has(c10::DispatchKey::Python),
+              "lkpatch: dwconv2d_autograd takes plain CUDA tensors (no fake or subclass tensors)");
   return DwConv2d::apply(x, w, bias, padding.vec(), tf32, bias_kernel);
 }
 

@@ -299,9 +299,11 @@ def eager_dwconv2d(x, weight, bias, padding):
 
 def _eager_nchw(x, weight, bias, padding):
     """Where every pass of an NCHW call runs on the kernels, the extension's C++ autograd op
-    (in ``csrc/binding.cpp``: its backward runs without Python, which costs less host time);
-    otherwise ``EagerDepthwiseConv2d``, which decides per pass."""
-    if x.is_cuda and x.is_contiguous() and dispatch.use_kernel("all", x.shape, weight.shape[2:], padding, x.dtype):
+    (in ``csrc/binding.cpp``: its backward runs without Python, which costs less host time; it
+    reads PyTorch's TF32 switch at the forward, for the backward too); otherwise
+    ``EagerDepthwiseConv2d``, which decides per pass."""
+    if (type(x) is torch.Tensor and x.is_cuda and x.is_contiguous()  # no fake or subclass tensors
+            and dispatch.use_kernel("all", x.shape, weight.shape[2:], padding, x.dtype)):
         bias_kernel = bias is not None and dispatch.use_kernel("bias_grad", x.shape, (1, 1), (0, 0, 0, 0), x.dtype)
         return _kernels().dwconv2d_autograd(x, weight, bias, padding, dispatch.tf32_pass(x.dtype), bias_kernel)
     return EagerDepthwiseConv2d.apply(x, weight, bias, padding)

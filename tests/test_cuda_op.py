@@ -305,7 +305,7 @@ def test_eager_gradients(x_fmt, grad_fmt):
 def test_cpp_autograd_op(bias_kernel):
     """The C++ autograd op that the eager path takes where every pass runs on the kernels (NCHW):
     values and gradients against float64, the bias gradient on the kernel or as PyTorch's sum,
-    inputs that need no gradient, and inference mode."""
+    inputs that need no gradient (and are then not saved), inference mode, and create_graph."""
     ext = build.extension_ops()
     gen = torch.Generator(device="cuda").manual_seed(13)
     pads = (4, 4, 3, 3)
@@ -326,6 +326,15 @@ def test_cpp_autograd_op(bias_kernel):
     assert rel_err(gx, ref[1]) <= 1e-5 and rel_err(gw, ref[2]) <= 1e-5
     with torch.inference_mode():
         assert rel_err(ext.dwconv2d_autograd(x, w, b, list(pads), False, bias_kernel), ref[0]) <= 1e-5
+    # a frozen weight saves no input: changing the input in place after the forward is allowed
+    x2 = xs * 1
+    y = ext.dwconv2d_autograd(x2, w, None, list(pads), False, bias_kernel)
+    x2.add_(1)
+    assert rel_err(torch.autograd.grad(y, xs, g)[0], ref[1]) <= 1e-5
+    # create_graph with a channels_last output gradient: the input gradient in the input's format
+    y = ext.dwconv2d_autograd(xs, ws, bs, list(pads), False, bias_kernel)
+    gx = torch.autograd.grad(y, xs, g.contiguous(memory_format=torch.channels_last), create_graph=True)[0]
+    assert gx.is_contiguous() and rel_err(gx, ref[1]) <= 1e-5
     with dispatch.force("kernel"):  # the eager entry takes it
         assert "DwConv2d" in lkpatch.depthwise_conv2d(xs, ws, bs, padding=pads).grad_fn.name()
 
