@@ -274,6 +274,16 @@ size_t dwconv2d_tc_weight_grad_workspace(DType t, const DwShape& s);
 cudaError_t dwconv2d_tc_weight_grad(DType t, const void* grad_out, const void* in, void* grad_w, float* workspace,
                                     const DwShape& s, cudaStream_t stream);
 
+// Kernel rows [lo, hi) that reach the map from some output row (iy = oy + i - pad_t in [0, H));
+// empty (hi <= lo) where none does.
+struct KernelRows {
+  int lo, hi;
+};
+__host__ __device__ inline KernelRows reaching_kernel_rows(const DwShape& s) {
+  const int lo = s.pad_t - s.OH + 1, hi = s.H + s.pad_t;
+  return {lo > 0 ? lo : 0, hi < s.KH ? hi : s.KH};
+}
+
 // The tensor-core small-map kernels (dwconv_tc*.cu) stage whole planes with rows padded to 16
 // columns: 16-column tiles per row, 1 (every side up to 16), 2 (up to 32), or 0 (larger).
 inline int small_map_tiles(const DwShape& s) {

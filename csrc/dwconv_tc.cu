@@ -315,8 +315,8 @@ __global__ void __launch_bounds__(32 * kSmallWarps) dw_tc_small_forward(const Tc
   const int slice = blockIdx.x, c = blockIdx.y;
   const int n_begin = slice * p.per_slice, nimg = min(p.N - n_begin, p.per_slice);
   const int groups = ceil_div(nimg, 16);
-  // Kernel rows that reach the map from some output row: iy = oy + i - pad_t in [0, H).
-  const int i_lo = max(0, s.pad_t - s.OH + 1), i_hi = min(s.KH, s.H + s.pad_t);
+  const KernelRows reach = reaching_kernel_rows(s);
+  const int i_lo = reach.lo, i_hi = reach.hi;
   uint4* Bf = reinterpret_cast<uint4*>(smem_raw);  // [i - i_lo][lane]: T_i's fragments, both column tiles
   T* X = reinterpret_cast<T*>(Bf + 32 * max(0, i_hi - i_lo));  // [image][iy][16]
 
@@ -403,7 +403,8 @@ TcSmallPlan plan_small(const DwShape& s, int sms) {
   const ImageSlices slices = image_slices((int)(s.planes / s.C), s.C, sms, kSmallImages);
   q.per_slice = slices.per_slice;
   q.slices = slices.slices;
-  const int rows = std::max(0, std::min(s.KH, s.H + s.pad_t) - std::max(0, s.pad_t - s.OH + 1));
+  const KernelRows reach = reaching_kernel_rows(s);
+  const int rows = std::max(0, reach.hi - reach.lo);
   q.smem = (size_t)rows * 32 * 16 + (size_t)q.per_slice * q.xplane * 2;
   return q;
 }

@@ -297,8 +297,8 @@ __global__ void __launch_bounds__(32 * kSmallWarps) dw_tc_small_weight_grad(cons
     if (p.grad_w) p.grad_w[out_at + e] = from_float<T>(v);
     else p.parts[out_at + e] = v;
   };
-  // Kernel rows that reach the plane: some oy in [0, OH) reads iy = oy + i - pad_t in [0, H).
-  const int i_lo = max(0, s.pad_t - s.OH + 1), i_hi = min(s.KH, s.H + s.pad_t);
+  const KernelRows reach = reaching_kernel_rows(s);
+  const int i_lo = reach.lo, i_hi = reach.hi;
   for (int i = i_lo + warp; i < i_hi; i += kSmallWarps) {
     float acc[TW][2 * TW][4] = {};
     const int oy_lo = max(0, s.pad_t - i), oy_hi = min(s.OH, s.H + s.pad_t - i);

@@ -120,12 +120,15 @@ def _weight_grad_cuda(grad, x, kernel_size, padding, nchw=_nchw):
     return _native.backward_weight(grad, x, kernel_size, padding)
 
 
-def _bias_grad_cuda(grad, nchw=_nchw):
+def _bias_on_kernel(shape, dtype, channels_last=False) -> bool:
     # The bias gradient does not depend on kernel size or padding; (1, 1) and zero padding stand in.
+    return dispatch.use_kernel("bias_grad", shape, (1, 1), (0, 0, 0, 0), dtype, channels_last)
+
+
+def _bias_grad_cuda(grad, nchw=_nchw):
     # A channels_last gradient that the other passes already copied to NCHW counts as NCHW.
     copied = isinstance(nchw, _SharedNCHW) and nchw.has_copy(grad)
-    if dispatch.use_kernel("bias_grad", grad.shape, (1, 1), (0, 0, 0, 0), grad.dtype,
-                           _channels_last(grad) and not copied):
+    if _bias_on_kernel(grad.shape, grad.dtype, _channels_last(grad) and not copied):
         return _kernels().dwconv2d_bias_grad(nchw(grad))
     return _native.backward_bias(grad)
 
@@ -304,7 +307,7 @@ def _eager_nchw(x, weight, bias, padding):
     ``EagerDepthwiseConv2d``, which decides per pass."""
     if (type(x) is torch.Tensor and x.is_cuda and x.is_contiguous()  # no fake or subclass tensors
             and dispatch.use_kernel("all", x.shape, weight.shape[2:], padding, x.dtype)):
-        bias_kernel = bias is not None and dispatch.use_kernel("bias_grad", x.shape, (1, 1), (0, 0, 0, 0), x.dtype)
+        bias_kernel = bias is not None and _bias_on_kernel(x.shape, x.dtype)
         return _kernels().dwconv2d_autograd(x, weight, bias, padding, dispatch.tf32_pass(x.dtype), bias_kernel)
     return EagerDepthwiseConv2d.apply(x, weight, bias, padding)
 
