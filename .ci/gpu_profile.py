@@ -8,6 +8,7 @@
   python .ci/gpu_profile.py hostbound       host time per fwd+bwd vs its GPU time (small maps)
   python .ci/gpu_profile.py perkernel [S...] host time and each kernel's GPU time per fwd+bwd,
       NCHW and channels_last (LKPATCH_PROFILE_DTYPE, default bfloat16)
+  python .ci/gpu_profile.py biasgrad        bias gradient: PyTorch's sum vs the kernel, channels_last and NCHW
   python .ci/gpu_profile.py model [bfloat16|float16|float32]
       RepLKNet-31B training step (batch 64): converted vs without its depthwise convolutions,
       and the converted step's GPU time per kernel (torch.profiler)
@@ -158,7 +159,8 @@ def kernel_ms(prof, steps, width=90):
     rows = {}
     for e in prof.events():
         if e.device_type.name == "CUDA":
-            r = rows.setdefault(e.name[:width], [0.0, 0])
+            name = e.name.replace("void ", "").replace("lkpatch::(anonymous namespace)::", "").replace("lkpatch::", "")
+            r = rows.setdefault(name[:width], [0.0, 0])
             r[0] += e.time_range.elapsed_us() / 1e3 / steps
             r[1] += 1
     return rows
@@ -282,9 +284,42 @@ def perkernel(names):
                     for _ in range(20):
                         step()
                     torch.cuda.synchronize()
-            kernels = {kn: ms * 1e3 for kn, (ms, _) in kernel_ms(prof, 20, 48).items()}
+            kernels = {kn: ms * 1e3 for kn, (ms, _) in kernel_ms(prof, 20, 60).items()}
             print(f"{name} {dtype} {'CL' if fmt == torch.channels_last else 'NCHW'}: host {host:.1f} us, "
                   f"kernels {sum(kernels.values()):.1f} us: " + ", ".join(f"{v:.1f} {kn}" for kn, v in kernels.items()))
+
+
+def gpu_us(fn, reps=50):
+    """Median GPU microseconds of fn (CUDA events, after warm-up)."""
+    for _ in range(5):
+        fn()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def biasgrad():
+    """The bias gradient of a channels_last output gradient: PyTorch's sum vs lkpatch's kernel
+    (GPU microseconds, CUDA events), and the NCHW pair, over RepLKNet / ConvNeXt activations."""
+    build.build()
+    ext = torch.ops.lkpatch_ext
+    dtype = getattr(torch, os.environ.get("LKPATCH_PROFILE_DTYPE", "bfloat16"))
+    for n, c, h in [(64, 128, 56), (64, 96, 56), (64, 256, 28), (64, 192, 28), (64, 512, 14), (64, 384, 14),
+                    (64, 1024, 7), (64, 768, 7), (16, 384, 14), (8, 256, 7), (64, 384, 64), (64, 100, 14)]:
+        cells = []
+        for fmt in (torch.channels_last, torch.contiguous_format):
+            g = torch.randn(n, c, h, h, device="cuda", dtype=dtype).contiguous(memory_format=fmt)
+            pt, lk = gpu_us(lambda: g.sum((0, 2, 3))), gpu_us(lambda: ext.dwconv2d_bias_grad(g))
+            ref = g.double().sum((0, 2, 3))
+            err = ((ext.dwconv2d_bias_grad(g).double() - ref).norm() / ref.norm()).item()
+            cells.append(f"{'CL' if fmt == torch.channels_last else 'NCHW'} PT {pt:.1f} lk {lk:.1f} (err {err:.1e})")
+        print(f"{n}x{c}x{h}x{h} ({n * c * h * h / 1e6:.1f} M): " + "; ".join(cells))
 
 
 def mismatch():
@@ -303,4 +338,4 @@ if __name__ == "__main__":
     {"overhead": lambda: overhead(), "kernels": lambda: kernels(sys.argv[2:]),
      "mismatch": lambda: mismatch(), "perkernel": lambda: perkernel(sys.argv[2:]), "hostbound": lambda: hostbound(),
      "model": lambda: model(sys.argv[2] if len(sys.argv) > 2 else "bfloat16"), "python": lambda: python_profile(),
-     "autograd": lambda: autograd_variants()}[sys.argv[1]]()
+     "autograd": lambda: autograd_variants(), "biasgrad": lambda: biasgrad()}[sys.argv[1]]()

@@ -48,11 +48,28 @@ lkpatch::DType dtype_of(const Tensor& t, const char* name) {
   }
 }
 
-void check_activation(const Tensor& t, const char* name) {
+// channels_last in memory (and not NCHW as well, as tensors with C == 1 or H == W == 1 are).
+bool channels_last(const Tensor& t) {
+  return !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+// `nhwc_ok`: the pass may take a channels_last tensor (the caller checks that the kernels do).
+void check_activation(const Tensor& t, const char* name, bool nhwc_ok = false) {
   TORCH_CHECK(t.is_cuda(), "lkpatch: ", name, " must be a CUDA tensor");
   TORCH_CHECK(t.dim() == 4, "lkpatch: ", name, " must be 4-D (N, C, H, W), got ", str(t.dim()), "-D");
   dtype_of(t, name);
-  TORCH_CHECK(t.is_contiguous(), "lkpatch: ", name, " must be contiguous NCHW");
+  TORCH_CHECK(t.is_contiguous() || (nhwc_ok && channels_last(t)), "lkpatch: ", name, " must be contiguous NCHW",
+              nhwc_ok ? " or channels_last" : "");
+}
+
+at::MemoryFormat format_of(const lkpatch::DwShape& s) {
+  return s.nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+// A channels_last call runs only where the kernels take that layout natively.
+void check_nhwc(bool fits, const char* pass) {
+  TORCH_CHECK(fits, "lkpatch: no channels_last ", pass,
+              " kernel for this call (fp16/bf16, 8+ images, maps up to 16x16, sm_80+); pass NCHW tensors");
 }
 
 void check_padding(at::IntArrayRef padding) {
@@ -102,7 +119,7 @@ lkpatch::DType compute_type(const Tensor& t, const char* name, bool tf32) {
 
 Tensor dwconv2d(const Tensor& x, const Tensor& w, const std::optional<Tensor>& bias, at::IntArrayRef padding,
                 bool tf32) {
-  check_activation(x, "input");
+  check_activation(x, "input", true);
   check_padding(padding);
   const int64_t C = x.size(1);
   check_weight(w, x, C);
@@ -111,9 +128,11 @@ Tensor dwconv2d(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b
                     bias->size(0) == C && bias->is_contiguous(),
                 "lkpatch: bias must be a contiguous (C,) tensor on the input's device and dtype");
   }
-  const auto s = forward_shape(x.size(0), C, x.size(2), x.size(3), w.size(2), w.size(3), padding);
+  auto s = forward_shape(x.size(0), C, x.size(2), x.size(3), w.size(2), w.size(3), padding);
+  s.nhwc = channels_last(x);
   c10::cuda::CUDAGuard guard(x.device());
-  Tensor y = at::empty({x.size(0), C, s.OH, s.OW}, x.options());
+  if (s.nhwc) check_nhwc(lkpatch::dwconv2d_forward_nhwc_fits(compute_type(x, "input", tf32), s), "forward");
+  Tensor y = at::empty({x.size(0), C, s.OH, s.OW}, x.options(), format_of(s));
   check_cuda(lkpatch::dwconv2d_forward(compute_type(x, "input", tf32), x.data_ptr(), w.data_ptr(),
                                        bias.has_value() ? bias->data_ptr() : nullptr, y.data_ptr(), s, false,
                                        c10::cuda::getCurrentCUDAStream().stream()),
@@ -123,18 +142,21 @@ Tensor dwconv2d(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b
 
 Tensor dwconv2d_input_grad(const Tensor& grad, const Tensor& w, at::IntArrayRef input_size, at::IntArrayRef padding,
                            bool tf32) {
-  check_activation(grad, "grad_output");
+  check_activation(grad, "grad_output", true);
   check_padding(padding);
   TORCH_CHECK(input_size.size() == 2, "lkpatch: input_size must be (H, W)");
   const int64_t C = grad.size(1);
   check_weight(w, grad, C);
-  const auto f = forward_shape(grad.size(0), C, input_size[0], input_size[1], w.size(2), w.size(3), padding);
+  auto f = forward_shape(grad.size(0), C, input_size[0], input_size[1], w.size(2), w.size(3), padding);
   TORCH_CHECK(f.OH == grad.size(2) && f.OW == grad.size(3), "lkpatch: grad_output is ", str(grad.sizes()),
               " but the forward output would be ", str(f.OH), "x", str(f.OW));
+  f.nhwc = channels_last(grad);
+  const lkpatch::DwShape s = lkpatch::dwconv2d_input_grad_shape(f);
+  const lkpatch::DType t = compute_type(grad, "grad_output", tf32);
   c10::cuda::CUDAGuard guard(grad.device());
-  Tensor gx = at::empty({grad.size(0), C, input_size[0], input_size[1]}, grad.options());
-  check_cuda(lkpatch::dwconv2d_forward(compute_type(grad, "grad_output", tf32), grad.data_ptr(), w.data_ptr(), nullptr,
-                                       gx.data_ptr(), lkpatch::dwconv2d_input_grad_shape(f), true,
+  if (s.nhwc) check_nhwc(lkpatch::dwconv2d_forward_nhwc_fits(t, s), "input-grad");
+  Tensor gx = at::empty({grad.size(0), C, input_size[0], input_size[1]}, grad.options(), format_of(s));
+  check_cuda(lkpatch::dwconv2d_forward(t, grad.data_ptr(), w.data_ptr(), nullptr, gx.data_ptr(), s, true,
                                        c10::cuda::getCurrentCUDAStream().stream()),
              "depthwise input-grad");
   return gx;
@@ -142,20 +164,26 @@ Tensor dwconv2d_input_grad(const Tensor& grad, const Tensor& w, at::IntArrayRef 
 
 Tensor dwconv2d_weight_grad(const Tensor& grad, const Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef padding,
                             bool tf32) {
-  check_activation(grad, "grad_output");
-  check_activation(x, "input");
+  check_activation(grad, "grad_output", true);
+  check_activation(x, "input", true);
   check_padding(padding);
   TORCH_CHECK(kernel_size.size() == 2, "lkpatch: kernel_size must be (KH, KW)");
   TORCH_CHECK(grad.device() == x.device(), "lkpatch: grad_output and input are on different devices");
   TORCH_CHECK(grad.scalar_type() == x.scalar_type(), "lkpatch: grad_output and input dtypes differ");
   TORCH_CHECK(grad.size(0) == x.size(0) && grad.size(1) == x.size(1), "lkpatch: grad_output ", str(grad.sizes()),
               " does not match input ", str(x.sizes()));
-  const auto s = forward_shape(x.size(0), x.size(1), x.size(2), x.size(3), kernel_size[0], kernel_size[1], padding);
+  auto s = forward_shape(x.size(0), x.size(1), x.size(2), x.size(3), kernel_size[0], kernel_size[1], padding);
   TORCH_CHECK(s.OH == grad.size(2) && s.OW == grad.size(3), "lkpatch: grad_output is ", str(grad.sizes()),
               " but the forward output would be ", str(s.OH), "x", str(s.OW));
+  // channels_last if either is (only); then both must be, as a tensor that is NCHW too is.
+  s.nhwc = channels_last(grad) || channels_last(x);
+  TORCH_CHECK(!s.nhwc || (grad.is_contiguous(at::MemoryFormat::ChannelsLast) &&
+                          x.is_contiguous(at::MemoryFormat::ChannelsLast)),
+              "lkpatch: grad_output and input must both be NCHW or both channels_last");
   c10::cuda::CUDAGuard guard(x.device());
   Tensor gw = at::empty({x.size(1), 1, kernel_size[0], kernel_size[1]}, x.options());
   const lkpatch::DType t = compute_type(x, "input", tf32);
+  if (s.nhwc) check_nhwc(lkpatch::dwconv2d_weight_grad_nhwc_fits(t, s), "weight-grad");
   const size_t ws_bytes = lkpatch::dwconv2d_weight_grad_workspace(t, s);
   Tensor ws;
   if (ws_bytes) ws = at::empty({(int64_t)(ws_bytes / sizeof(float))}, x.options().dtype(at::kFloat));
@@ -167,18 +195,19 @@ Tensor dwconv2d_weight_grad(const Tensor& grad, const Tensor& x, at::IntArrayRef
 }
 
 Tensor dwconv2d_bias_grad(const Tensor& grad) {
-  check_activation(grad, "grad_output");
+  check_activation(grad, "grad_output", true);
   check_int(grad.size(0), "N");
   check_int(grad.size(1), "C");
+  const bool nhwc = channels_last(grad);
   c10::cuda::CUDAGuard guard(grad.device());
   Tensor gb = at::empty({grad.size(1)}, grad.options());
   const int64_t hw = grad.size(2) * grad.size(3);
-  const size_t ws_bytes = lkpatch::dwconv2d_bias_grad_workspace(grad.size(0), (int)grad.size(1), hw);
+  const size_t ws_bytes = lkpatch::dwconv2d_bias_grad_workspace(grad.size(0), (int)grad.size(1), hw, nhwc);
   Tensor ws;
   if (ws_bytes) ws = at::empty({(int64_t)(ws_bytes / sizeof(float))}, grad.options().dtype(at::kFloat));
   check_cuda(lkpatch::dwconv2d_bias_grad(dtype_of(grad, "grad_output"), grad.data_ptr(), gb.data_ptr(),
                                          ws_bytes ? ws.data_ptr<float>() : nullptr, grad.size(0), (int)grad.size(1), hw,
-                                         c10::cuda::getCurrentCUDAStream().stream()),
+                                         nhwc, c10::cuda::getCurrentCUDAStream().stream()),
              "depthwise bias-grad");
   return gb;
 }
@@ -241,6 +270,7 @@ class DwConv2d : public torch::autograd::Function<DwConv2d> {
     ctx->saved_data["tf32"] = tf32;
     ctx->saved_data["bias_kernel"] = bias_kernel;
     ctx->saved_data["has_bias"] = b.has_value();  // needs_input_grad counts tensor inputs only
+    ctx->saved_data["channels_last"] = channels_last(x);
     return y;
   }
 
@@ -251,20 +281,25 @@ class DwConv2d : public torch::autograd::Function<DwConv2d> {
     const std::vector<int64_t> input_size = ctx->saved_data["input_size"].toIntVector();
     const std::vector<int64_t> kernel_size = ctx->saved_data["kernel_size"].toIntVector();
     const bool bias_grad_needed = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2);
+    const at::MemoryFormat fmt =  // the input's: the gradients' layout
+        ctx->saved_data["channels_last"].toBool() ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
     Tensor gx, gw, gb;
     if (at::GradMode::is_enabled()) {  // create_graph: the differentiable ops, for double backward
       static const auto input_grad = op<GradSig>("lkpatch::dwconv2d_input_grad");
       static const auto weight_grad = op<GradSig>("lkpatch::dwconv2d_weight_grad");
       static const auto bias_grad = op<BiasGradSig>("lkpatch::dwconv2d_bias_grad");
       const Tensor& g = grads[0];
-      // in the input's format (NCHW), whatever the output gradient's, as the Python path returns it
-      if (ctx->needs_input_grad(0)) gx = input_grad.call(g, w, input_size, padding).contiguous();
+      // in the input's format, whatever the output gradient's, as the Python path returns it
+      if (ctx->needs_input_grad(0)) gx = input_grad.call(g, w, input_size, padding).contiguous(fmt);
       if (ctx->needs_input_grad(1)) gw = weight_grad.call(g, x, kernel_size, padding);
       if (bias_grad_needed) gb = bias_grad.call(g);
     } else {
       const bool tf32 = ctx->saved_data["tf32"].toBool();  // PyTorch's TF32 switch as it was at the forward
-      const Tensor g = grads[0].contiguous();
-      if (ctx->needs_input_grad(0)) gx = dwconv2d_input_grad(g, w.contiguous(), input_size, padding, tf32);
+      const Tensor g = grads[0].contiguous(fmt);
+      if (ctx->needs_input_grad(0)) {
+        gx = dwconv2d_input_grad(g, w.contiguous(), input_size, padding, tf32);
+        if (!gx.is_contiguous(fmt)) gx = gx.contiguous(fmt);  // a 1 x 1 output gradient reads as NCHW
+      }
       if (ctx->needs_input_grad(1)) gw = dwconv2d_weight_grad(g, x, kernel_size, padding, tf32);
       if (bias_grad_needed) gb = ctx->saved_data["bias_kernel"].toBool() ? dwconv2d_bias_grad(g) : g.sum({0, 2, 3});
     }
@@ -274,7 +309,8 @@ class DwConv2d : public torch::autograd::Function<DwConv2d> {
 
 Tensor dwconv2d_autograd(const Tensor& x, const Tensor& w, const std::optional<Tensor>& bias,
                          at::IntArrayRef padding, bool tf32, bool bias_kernel) {
-  TORCH_CHECK(x.is_contiguous(), "lkpatch: dwconv2d_autograd takes a contiguous NCHW input");
+  TORCH_CHECK(x.is_contiguous() || channels_last(x),
+              "lkpatch: dwconv2d_autograd takes a contiguous NCHW or channels_last input");
   // Fake and other Python-dispatched tensors have no data for the kernels.
   TORCH_CHECK(!x.key_set().has(c10::DispatchKey::Python) && !w.key_set().has(c10::DispatchKey::Python),
               "lkpatch: dwconv2d_autograd takes plain CUDA tensors (no fake or subclass tensors)");

@@ -1,7 +1,8 @@
 // lkpatch: depthwise 2-D convolution kernels (stride 1, dilation 1, channel multiplier 1).
 //
 // Plain CUDA C++: no torch headers, so each kernel file compiles with nvcc alone. All tensors
-// are contiguous NCHW; a "plane" is one (n, c) image channel. The binding (binding.cpp) checks
+// are contiguous NCHW (or channels_last where DwShape::nhwc says so); a "plane" is one (n, c)
+// image channel. The binding (binding.cpp) checks
 // arguments, allocates outputs and workspaces, and picks the stream.
 #pragma once
 
@@ -21,6 +22,7 @@ struct DwShape {
   int KH, KW;  // kernel
   int OH, OW;  // output
   int pad_t, pad_l;
+  bool nhwc = false;  // activations channels_last (N x H x W x C in memory), where *_nhwc_fits says so
 };
 
 // Element type of every tensor of a call. Arithmetic is fp32 whatever the storage: fp32 FMA for
@@ -40,16 +42,23 @@ cudaError_t dwconv2d_forward(DType t, const void* in, const void* w, const void*
 // grad_output convolved with the flipped kernel under padding K - 1 - pad.
 DwShape dwconv2d_input_grad_shape(const DwShape& fwd);
 
+// channels_last (DwShape::nhwc) runs natively only where these say so: fp16 / bf16 with 8 or more
+// images on sm_80+ tensor cores, every map side up to 16. Elsewhere such calls fail
+// (cudaErrorInvalidValue); the binding checks first. forward: also the input-gradient's shape.
+bool dwconv2d_forward_nhwc_fits(DType t, const DwShape& s);
+bool dwconv2d_weight_grad_nhwc_fits(DType t, const DwShape& s);
+
 // grad_w[c][kh][kw] = sum_{n,oy,ox} grad_out[n,c][oy][ox] * in[n,c][oy - pad_t + kh][ox - pad_l + kw].
 // Deterministic: partial sums go to an fp32 `workspace` and are added in a fixed order.
 size_t dwconv2d_weight_grad_workspace(DType t, const DwShape& s);  // bytes (may be 0)
 cudaError_t dwconv2d_weight_grad(DType t, const void* grad_out, const void* in, void* grad_w, float* workspace,
                                  const DwShape& s, cudaStream_t stream);
 
-// grad_b[c] = sum over n, y, x of grad_out[n, c, y, x]; deterministic.
-size_t dwconv2d_bias_grad_workspace(int64_t N, int C, int64_t HW);  // bytes (may be 0)
+// grad_b[c] = sum over n, y, x of grad_out[n, c, y, x]; deterministic. channels_last: grad_out is
+// N x H x W x C in memory.
+size_t dwconv2d_bias_grad_workspace(int64_t N, int C, int64_t HW, bool channels_last);  // bytes (may be 0)
 cudaError_t dwconv2d_bias_grad(DType t, const void* grad_out, void* grad_b, float* workspace, int64_t N, int C,
-                               int64_t HW, cudaStream_t stream);
+                               int64_t HW, bool channels_last, cudaStream_t stream);
 
 // out[b][c][r] = in[b][r][c] for `batch` row-major rows x cols matrices: channels_last (NHWC)
 // to NCHW with rows = H * W, cols = C, and back with the two swapped.

@@ -9,6 +9,8 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "dwconv_core.cuh"
+
 namespace lkpatch {
 
 __device__ __forceinline__ uint32_t bits(__half v) { return __half_as_ushort(v); }
@@ -114,6 +116,48 @@ __device__ __forceinline__ void stage_planes(T* dst, const T* src, int C, int c,
       d[0] = img && x < cols ? from[0] : zero;
       d[1] = img && x + 1 < cols ? from[1] : zero;
     }
+  }
+}
+
+// stage_planes for an NHWC tensor (N x rows x cols x C): channels c0 .. c0 + CG - 1 of 16 images
+// from n_begin into dst[channel][image][row][COLS] (pitch elements per image, cpitch per
+// channel), zeros past the nimg real images, past each row's end and past channel C. Each thread
+// loads one pixel's CG channels (one 16- or 8-byte vector where `vec`: C a multiple of CG, aligned
+// base), kBatch pixels in flight, and scatters them to the channel planes: the transpose happens
+// here.
+template <int CG, int COLS, typename T>
+__device__ __forceinline__ void stage_planes_nhwc(T* dst, const T* src, int C, int c0, int n_begin, int nimg,
+                                                  int rows, int cols, int pitch, int cpitch, bool vec) {
+  static_assert(CG * sizeof(T) == 16 || CG * sizeof(T) == 8, "one 16- or 8-byte vector per pixel");
+  using Vec = std::conditional_t<CG * sizeof(T) == 16, uint4, uint2>;
+  constexpr int kBatch = 4;
+  const T zero = from_float<T>(0.f);
+  const int total = 16 * rows * COLS;
+  for (int base = threadIdx.x; base < total; base += kBatch * blockDim.x) {
+    union Pixel {
+      Vec u;
+      T h[CG];
+    } v[kBatch];
+    int at[kBatch];
+#pragma unroll
+    for (int q = 0; q < kBatch; ++q) {
+      const int u = base + q * blockDim.x;
+      const int x = u % COLS, r = u / COLS, m = r / rows, y = r - m * rows;
+      at[q] = u < total ? m * pitch + y * COLS + x : -1;
+      const bool valid = u < total && m < nimg && x < cols;
+      const T* from = src + (((int64_t)(n_begin + m) * rows + y) * cols + x) * C + c0;
+      if (valid && vec) {
+        v[q].u = __ldg(reinterpret_cast<const Vec*>(from));
+      } else {
+#pragma unroll
+        for (int ch = 0; ch < CG; ++ch) v[q].h[ch] = valid && c0 + ch < C ? from[ch] : zero;
+      }
+    }
+#pragma unroll
+    for (int q = 0; q < kBatch; ++q)
+      if (at[q] >= 0)
+#pragma unroll
+        for (int ch = 0; ch < CG; ++ch) dst[ch * cpitch + at[q]] = v[q].h[ch];
   }
 }
 

@@ -304,8 +304,56 @@ template <typename T>
 struct TcSmallParams : ConvArgs<T> {
   int per_slice;  // images per block: a multiple of 16, at most kSmallImages
   int xplane;     // staged plane pitch (elements): H * 16 + 8, an odd number of 16-byte units
-  bool pairs;     // rows copy as 4-byte pairs (even width, aligned base)
+  bool pairs;     // NCHW: rows copy as 4-byte pairs (even width, aligned base)
+  bool vec;       // NHWC: a pixel's channels of the block load and store as one vector
 };
+
+// Every T_i's B fragments (kernel rows i_lo .. i_hi - 1) of the channel whose weights start at
+// wsrc, into Bf[i - i_lo][lane] (the whole block builds them). Lane (g, t) of column tile j holds
+// T_i[ix][ox] = w[i][ix - ox + pad_l] at ox = 8 j + g and ix = 2t, 2t + 1 (b0), 2t + 8, 2t + 9 (b1);
+// zero off the band. Column tile 1 shifts the band by 8: its b1 is tile 0's b0, and the lane
+// reads six taps, not eight.
+template <typename T>
+__device__ __forceinline__ void build_band_fragments(uint4* Bf, const T* wsrc, const DwShape& s, int flip, int i_lo,
+                                                     int i_hi) {
+  const T zero = from_float<T>(0.f);
+  const int step = flip ? -1 : 1;  // the input-gradient reads the kernel rotated by 180 degrees
+  for (int e = threadIdx.x; e < 32 * (i_hi - i_lo); e += blockDim.x) {
+    const int i = i_lo + (e >> 5), g = (e & 31) >> 2, t = e & 3;
+    const T* row = flip ? wsrc + (s.KH - 1 - i) * s.KW + s.KW - 1 : wsrc + i * s.KW;
+    auto tap = [&](int kw) { return (unsigned)kw < (unsigned)s.KW ? __ldg(row + step * kw) : zero; };
+    const int kw0 = 2 * t - g + s.pad_l;
+    const uint32_t mid = pack2(tap(kw0), tap(kw0 + 1));  // tile 0 b0, tile 1 b1
+    const uint32_t hi = pack2(tap(kw0 + 8), tap(kw0 + 9));  // tile 0 b1
+    const uint32_t lo = pack2(tap(kw0 - 8), tap(kw0 - 7));  // tile 1 b0
+    Bf[e] = make_uint4(mid, hi, lo, mid);
+  }
+}
+
+// ldmatrix lane address of a staged plane stack X[image][iy][16] (pitch xplane): lane l addresses
+// image (l & 7) + 8 * ((l >> 3) & 1), column 8 * (l >> 4).
+template <typename T>
+__device__ __forceinline__ unsigned small_lane_address(const T* X, int xplane, int lane) {
+  return (unsigned)__cvta_generic_to_shared(X) +
+         (unsigned)((((lane & 7) + 8 * ((lane >> 3) & 1)) * xplane + 8 * (lane >> 4)) * sizeof(T));
+}
+
+// acc += output row oy of the 16 images at a_base (small_lane_address of their first image):
+// C fragment images g, g + 8; columns 8 j + 2 t, + 1.
+template <typename T>
+__device__ __forceinline__ void small_output_row(float (&acc)[2][4], unsigned a_base, const uint4* Bf,
+                                                 const DwShape& s, int oy, int i_lo, int i_hi, int lane) {
+  const int i_a = max(i_lo, s.pad_t - oy), i_b = min(i_hi, s.H + s.pad_t - oy);
+  const bool two_tiles = s.OW > 8;  // output columns 8-15 exist
+  a_base += (unsigned)((oy - s.pad_t) * 16 * (int)sizeof(T));
+  for (int i = i_a; i < i_b; ++i) {
+    const uint4 b = Bf[(i - i_lo) * 32 + lane];
+    uint32_t A[4];
+    ldmatrix_x4(A, a_base + (unsigned)(i * 16 * sizeof(T)));
+    mma_tile<T>(acc[0], A[0], A[1], A[2], A[3], b.x, b.y);
+    if (two_tiles) mma_tile<T>(acc[1], A[0], A[1], A[2], A[3], b.z, b.w);
+  }
+}
 
 template <typename T>
 __global__ void __launch_bounds__(32 * kSmallWarps) dw_tc_small_forward(const TcSmallParams<T> p) {
@@ -323,36 +371,13 @@ __global__ void __launch_bounds__(32 * kSmallWarps) dw_tc_small_forward(const Tc
   const T zero = from_float<T>(0.f);
   stage_planes<16>(X, p.in, s.C, c, n_begin, nimg, groups, s.H, s.W, p.xplane, p.pairs, zero);
   copy_async_commit();
-  // B fragment of column tile j, lane (g, t): T_i[ix][ox] = w[i][ix - ox + pad_l] at ox = 8 j + g and
-  // ix = 2t, 2t + 1 (b0), 2t + 8, 2t + 9 (b1); zero off the band.
-  const T* wsrc = p.w + (int64_t)c * s.KH * s.KW;
-  for (int e = threadIdx.x; e < 32 * (i_hi - i_lo); e += blockDim.x) {
-    const int i = i_lo + (e >> 5), g = (e & 31) >> 2, t = e & 3;
-    uint32_t r[4];
-#pragma unroll
-    for (int j = 0; j < 2; ++j)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        T v[2];
-#pragma unroll
-        for (int b = 0; b < 2; ++b) {
-          const int kw = 2 * t + b + 8 * h - 8 * j - g + s.pad_l;
-          const bool in_band = kw >= 0 && kw < s.KW;
-          v[b] = in_band ? wsrc[p.flip ? (s.KH - 1 - i) * s.KW + (s.KW - 1 - kw) : i * s.KW + kw] : zero;
-        }
-        r[2 * j + h] = pack2(v[0], v[1]);
-      }
-    Bf[e] = make_uint4(r[0], r[1], r[2], r[3]);
-  }
+  build_band_fragments(Bf, p.w + (int64_t)c * s.KH * s.KW, s, p.flip, i_lo, i_hi);
   copy_async_wait_group<0>();
   __syncthreads();
 
-  // ldmatrix: lane l addresses image (l & 7) + 8 * ((l >> 3) & 1), column 8 * (l >> 4).
-  const unsigned x_lane = (unsigned)__cvta_generic_to_shared(X) +
-                          (unsigned)((((lane & 7) + 8 * ((lane >> 3) & 1)) * p.xplane + 8 * (lane >> 4)) * sizeof(T));
+  const unsigned x_lane = small_lane_address(X, p.xplane, lane);
   const float bias = p.bias ? load(p.bias + c) : 0.f;
   const int g = lane >> 2, t = lane & 3;
-  const bool two_tiles = s.OW > 8;  // output columns 8-15 exist
   for (int job = warp; job < s.OH * groups; job += kSmallWarps) {
     const int oy = job / groups, grp = job - oy * groups;
     float acc[2][4];
@@ -360,15 +385,7 @@ __global__ void __launch_bounds__(32 * kSmallWarps) dw_tc_small_forward(const Tc
     for (int j = 0; j < 2; ++j)
 #pragma unroll
       for (int q = 0; q < 4; ++q) acc[j][q] = bias;
-    const int i_a = max(i_lo, s.pad_t - oy), i_b = min(i_hi, s.H + s.pad_t - oy);
-    const unsigned a_base = x_lane + (unsigned)((16 * grp * p.xplane + (oy - s.pad_t) * 16) * (int)sizeof(T));
-    for (int i = i_a; i < i_b; ++i) {
-      const uint4 b = Bf[(i - i_lo) * 32 + lane];
-      uint32_t A[4];
-      ldmatrix_x4(A, a_base + (unsigned)(i * 16 * sizeof(T)));
-      mma_tile<T>(acc[0], A[0], A[1], A[2], A[3], b.x, b.y);
-      if (two_tiles) mma_tile<T>(acc[1], A[0], A[1], A[2], A[3], b.z, b.w);
-    }
+    small_output_row<T>(acc, x_lane + (unsigned)(16 * grp * p.xplane * sizeof(T)), Bf, s, oy, i_lo, i_hi, lane);
     // C fragment: images g, g + 8 of the group; columns 8 j + 2 t, + 1.
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -390,6 +407,89 @@ __global__ void __launch_bounds__(32 * kSmallWarps) dw_tc_small_forward(const Tc
   }
 }
 
+// channels_last (NHWC): a block takes CG consecutive channels of 16 images. A pixel's channels
+// are one vector in memory, so the block stages all of them at once, transposing into per-channel
+// planes as the NCHW kernel stages them. Then it walks the channels: the warps compute one
+// channel's output rows while they build the next channel's T_i fragments (two buffers: one
+// barrier per channel), and after the barrier a channel's results replace its input plane (no
+// longer read). At the end each thread gathers a pixel's CG channels from the planes and stores
+// them as one vector.
+constexpr int kNhwcJobs = 2;  // output rows per warp: up to 16 rows over kSmallWarps warps
+
+template <typename T, int CG>
+__global__ void __launch_bounds__(32 * kSmallWarps) dw_tc_small_forward_nhwc(const TcSmallParams<T> p) {
+  using Vec = std::conditional_t<CG * sizeof(T) == 16, uint4, uint2>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const DwShape& s = p.s;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int c0 = blockIdx.x * CG, n_begin = blockIdx.y * 16;
+  const int nimg = min(p.N - n_begin, 16), nch = min(s.C - c0, CG);
+  const KernelRows reach = reaching_kernel_rows(s);
+  const int i_lo = reach.lo, i_hi = reach.hi, rows = max(0, i_hi - i_lo);
+  uint4* Bf = reinterpret_cast<uint4*>(smem_raw);  // two buffers of [i - i_lo][lane]
+  T* X = reinterpret_cast<T*>(Bf + 2 * 32 * rows);  // [channel][image][row][16]: input, then output
+  const int cpitch = 16 * p.xplane;
+
+  stage_planes_nhwc<CG, 16>(X, p.in, s.C, c0, n_begin, nimg, s.H, s.W, p.xplane, cpitch, p.vec);
+  const T* w0 = p.w + (int64_t)c0 * s.KH * s.KW;
+  build_band_fragments(Bf, w0, s, p.flip, i_lo, i_hi);
+  __syncthreads();
+
+  const unsigned x_lane = small_lane_address(X, p.xplane, lane);
+  const int g = lane >> 2, t = lane & 3;
+  for (int ch = 0; ch < nch; ++ch) {
+    if (ch + 1 < nch)
+      build_band_fragments(Bf + ((ch + 1) & 1) * 32 * rows, w0 + (int64_t)(ch + 1) * s.KH * s.KW, s, p.flip, i_lo,
+                           i_hi);
+    const uint4* B = Bf + (ch & 1) * 32 * rows;
+    const float bias = p.bias ? load(p.bias + c0 + ch) : 0.f;
+    float acc[kNhwcJobs][2][4];
+#pragma unroll
+    for (int k = 0; k < kNhwcJobs; ++k) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) acc[k][j][q] = bias;
+      const int oy = warp + kSmallWarps * k;
+      if (oy < s.OH)
+        small_output_row<T>(acc[k], x_lane + (unsigned)(ch * cpitch * sizeof(T)), B, s, oy, i_lo, i_hi, lane);
+    }
+    __syncthreads();  // this channel's input plane and the other fragment buffer are free now
+    // C fragment: images g, g + 8; columns 8 j + 2 t, + 1 (past OW: inside the 16-column row)
+    T* Y = X + ch * cpitch;
+#pragma unroll
+    for (int k = 0; k < kNhwcJobs; ++k) {
+      const int oy = warp + kSmallWarps * k;
+      if (oy >= s.OH) continue;
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+          *reinterpret_cast<uint32_t*>(Y + (g + 8 * h) * p.xplane + oy * 16 + 8 * j + 2 * t) =
+              pack2(from_float<T>(acc[k][j][2 * h]), from_float<T>(acc[k][j][2 * h + 1]));
+    }
+  }
+  __syncthreads();
+  const int pixels = s.OH * s.OW;
+  for (int u = threadIdx.x; u < nimg * pixels; u += blockDim.x) {
+    const int m = u / pixels, pix = u - m * pixels, oy = pix / s.OW, ox = pix - oy * s.OW;
+    union {
+      Vec v;
+      T h[CG];
+    } o;
+#pragma unroll
+    for (int ch = 0; ch < CG; ++ch) o.h[ch] = X[ch * cpitch + m * p.xplane + oy * 16 + ox];
+    T* dst = p.out + ((int64_t)(n_begin + m) * pixels + pix) * s.C + c0;
+    if (p.vec) {
+      *reinterpret_cast<Vec*>(dst) = o.v;
+    } else {
+#pragma unroll
+      for (int ch = 0; ch < CG; ++ch)
+        if (ch < nch) dst[ch] = o.h[ch];
+    }
+  }
+}
+
 struct TcSmallPlan {
   int slices, per_slice, xplane;
   size_t smem;
@@ -397,15 +497,25 @@ struct TcSmallPlan {
 
 bool small_map(const DwShape& s) { return small_map_tiles(s) == 1; }
 
+// NHWC: blocks of nhwc_group() channels of 16 images (two fragment buffers; a plane also holds the
+// output): at most 99 KB, within every sm_80+ GPU's limit. 32 images (half the fragment builds,
+// 7 x 7 maps) ran slower on an H100: half the blocks.
+int nhwc_group() {
+  static const char* env = getenv("LKPATCH_NHWC_FWD_CG");  // benchmarking: 4 or 8
+  return env && atoi(env) == 4 ? 4 : 8;
+}
+
 TcSmallPlan plan_small(const DwShape& s, int sms) {
   TcSmallPlan q{};
-  q.xplane = s.H * 16 + 8;
-  const ImageSlices slices = image_slices((int)(s.planes / s.C), s.C, sms, kSmallImages);
+  q.xplane = (s.nhwc ? std::max(s.H, s.OH) : s.H) * 16 + 8;
+  const int N = (int)(s.planes / s.C);
+  const ImageSlices slices = s.nhwc ? ImageSlices{16, ceil_div(N, 16)} : image_slices(N, s.C, sms, kSmallImages);
   q.per_slice = slices.per_slice;
   q.slices = slices.slices;
   const KernelRows reach = reaching_kernel_rows(s);
   const int rows = std::max(0, reach.hi - reach.lo);
-  q.smem = (size_t)rows * 32 * 16 + (size_t)q.per_slice * q.xplane * 2;
+  const int stacks = s.nhwc ? nhwc_group() : 1, buffers = s.nhwc ? 2 : 1;
+  q.smem = (size_t)buffers * rows * 32 * 16 + (size_t)stacks * q.per_slice * q.xplane * 2;
   return q;
 }
 
@@ -481,6 +591,8 @@ bool dwconv2d_tc_forward_fits(DType t, const DwShape& s) {
   // TF32 beat the exact CUDA-core kernels (H100, N 64) only from 28 x 28 maps and 9 taps a row:
   // 56 x 56 with 7 x 7 and 14 x 14 with 27 x 27 ran slower, so they stay exact.
   if (tf32 && ((int64_t)s.OH * s.OW < 28 * 28 || s.KW < 9)) return false;
+  if (s.nhwc)  // channels_last: the small-map kernel only
+    return !tf32 && small_map(s) && N / 16 < 65535 && plan_small(s, lim.sms).smem <= (size_t)lim.max_smem_optin;
   if (!tf32 && small_map(s)) return s.C <= 65535 && plan_small(s, lim.sms).smem <= (size_t)lim.max_smem_optin;
   const TcPlan q = plan(s, tf32 ? 4 : 2);
   return q.S <= (tf32 ? kMaxS<float> : kMaxS<__half>) && (int64_t)s.C * ceil_div((int)N, 16) <= 65535 &&
@@ -505,10 +617,19 @@ cudaError_t dwconv2d_tc_forward(DType t, const void* in, const void* w, const vo
         static_cast<ConvArgs<T>&>(p) = args;
         p.per_slice = q.per_slice;
         p.xplane = q.xplane;
+        if (s.nhwc) {
+          const int cg = nhwc_group(), bytes = cg * (int)sizeof(T);  // one vector per pixel
+          p.vec = s.C % cg == 0 && reinterpret_cast<uintptr_t>(in) % bytes == 0 &&
+                  reinterpret_cast<uintptr_t>(out) % bytes == 0;
+          const dim3 grid(ceil_div(s.C, cg), q.slices), block(32 * kSmallWarps);
+          return cg == 8 ? launch(dw_tc_small_forward_nhwc<T, 8>, grid, block, q.smem, stream, p)
+                         : launch(dw_tc_small_forward_nhwc<T, 4>, grid, block, q.smem, stream, p);
+        }
         p.pairs = s.W % 2 == 0 && reinterpret_cast<uintptr_t>(in) % 4 == 0;
         return launch(dw_tc_small_forward<T>, dim3(q.slices, s.C), dim3(32 * kSmallWarps), q.smem, stream, p);
       }
     }
+    if (s.nhwc) return cudaErrorInvalidValue;  // channels_last: small maps only
     return launch_general(args, lim, stream);
   });
 }

@@ -257,16 +257,119 @@ struct TcSmallWgradParams {
   DwShape s;
   int N, per_slice;     // images, images per block (a multiple of 16, at most kSmallImages)
   int gplane, xplane;   // staged plane pitches (elements): rows * 16 TW + 8, an odd number of 16-byte units
-  bool gpairs, xpairs;  // rows copy as 4-byte pairs (even width, aligned base)
+  bool gpairs, xpairs;  // NCHW: rows copy as 4-byte pairs (even width, aligned base); NHWC: a pixel's
+                        // channels load as one vector (C a multiple of the group, aligned base)
 };
+
+// Kernel row i of one channel, from the channel's staged planes G [image][oy][COLS] (pitch gplane)
+// and X [image][iy][COLS] (pitch xplane) of 16 * ksteps images; D is the warp's COLS x COLS
+// scratch. put(i * KW + j, tap) for every j < KW.
+template <typename T, int TW, typename Put>
+__device__ __forceinline__ void small_weight_grad_row(const T* G, const T* X, int gplane, int xplane, int ksteps,
+                                                      float* D, const DwShape& s, int i, Put&& put) {
+  constexpr int COLS = 16 * TW, DIAGS = 2 * COLS - 1, REPS = (DIAGS + 31) / 32;
+  const int lane = threadIdx.x & 31;
+  // Lane l of ldmatrix.x4.trans addresses image (l & 7) + 8 * (matrix bit) at column 8 * (other bit):
+  // A = (ox 0-7 | 8-15) x (images 0-7 | 8-15) in a0..a3 order; B = images x (ix 0-7, then 8-15).
+  const int mtx = lane >> 3, row = lane & 7;
+  const unsigned g_lane = (unsigned)__cvta_generic_to_shared(G) +
+                          (unsigned)(((row + 8 * (mtx >> 1)) * gplane + 8 * (mtx & 1)) * sizeof(T));
+  const unsigned x_lane = (unsigned)__cvta_generic_to_shared(X) +
+                          (unsigned)(((row + 8 * (mtx & 1)) * xplane + 8 * (mtx >> 1)) * sizeof(T));
+  const int g = lane >> 2, t = lane & 3;
+  // 16-column tiles of ox (A) and 8-column tiles of ix (B) that hold map columns.
+  const int m_tiles = ceil_div(s.OW, 16), n_tiles = ceil_div(s.W, 8);
+  float acc[TW][2 * TW][4] = {};
+  const int oy_lo = max(0, s.pad_t - i), oy_hi = min(s.OH, s.H + s.pad_t - i);
+  // The (oy, k-step) pairs in one loop, software-pipelined on maps over 16: the next pair's
+  // fragments load during this pair's mma (past the last pair the loads repeat it: nothing
+  // beyond the planes is read).
+  auto load = [&](int oy, int k, uint32_t(&a)[TW][4], uint32_t(&b)[TW][4]) {
+    const unsigned ga = g_lane + (unsigned)((oy * COLS + 16 * k * gplane) * sizeof(T));
+    const unsigned xa = x_lane + (unsigned)(((oy + i - s.pad_t) * COLS + 16 * k * xplane) * sizeof(T));
+#pragma unroll
+    for (int mt = 0; mt < TW; ++mt)
+      if (mt < m_tiles) ldmatrix_x4<true>(a[mt], ga + (unsigned)(16 * mt * sizeof(T)));
+#pragma unroll
+    for (int nt = 0; nt < TW; ++nt)
+      if (2 * nt < n_tiles) ldmatrix_x4<true>(b[nt], xa + (unsigned)(16 * nt * sizeof(T)));
+  };
+  const int pairs = max(0, oy_hi - oy_lo) * ksteps;
+  // Two register sets in turn (no copies between them); pair u is (oy_lo + u / ksteps, u % ksteps).
+  uint32_t A0[TW][4], B0[TW][4], A1[TW][4], B1[TW][4];
+  int oy = oy_lo, k = 0;  // the pair the next load fetches
+  auto fetch = [&](uint32_t(&a)[TW][4], uint32_t(&b)[TW][4], bool more) {
+    load(oy, k, a, b);
+    if (more && ++k == ksteps) {
+      k = 0;
+      ++oy;
+    }
+  };
+  auto apply = [&](const uint32_t(&a)[TW][4], const uint32_t(&b)[TW][4]) {
+#pragma unroll
+    for (int mt = 0; mt < TW; ++mt) {
+      if (mt >= m_tiles) continue;
+#pragma unroll
+      for (int n = 0; n < 2 * TW; ++n)
+        if (n < n_tiles)
+          mma_tile<T>(acc[mt][n], a[mt][0], a[mt][1], a[mt][2], a[mt][3], b[n / 2][2 * (n & 1)],
+                      b[n / 2][2 * (n & 1) + 1]);
+    }
+  };
+  if constexpr (TW == 1) {  // maps up to 16: the plain loop ran faster (H100, 14 x 14 and 7 x 7)
+    for (int y = oy_lo; y < oy_hi; ++y)
+      for (int kk = 0; kk < ksteps; ++kk) {
+        load(y, kk, A0, B0);
+        apply(A0, B0);
+      }
+  } else {
+    if (pairs > 0) fetch(A0, B0, pairs > 1);
+    for (int u = 0; u < pairs; u += 2) {
+      fetch(A1, B1, u + 2 < pairs);  // pair u + 1 (or u again, past the end)
+      apply(A0, B0);
+      if (u + 1 == pairs) break;
+      fetch(A0, B0, u + 3 < pairs);  // pair u + 2
+      apply(A1, B1);
+    }
+  }
+  // C fragment: D[ox = 16 mt + g (+8)][ix = 8 n + 2 t (+1)]; lane l sums diagonal ix - ox = l - COLS + 1
+  // (and l + 31 - COLS + 1 when COLS is 32).
+#pragma unroll
+  for (int mt = 0; mt < TW; ++mt)
+#pragma unroll
+    for (int n = 0; n < 2 * TW; ++n)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) D[(16 * mt + g + 8 * (q >> 1)) * COLS + 8 * n + 2 * t + (q & 1)] = acc[mt][n][q];
+  __syncwarp();
+  float diag[REPS];
+#pragma unroll
+  for (int r = 0; r < REPS; ++r) {
+    const int d = lane + 32 * r - (COLS - 1);
+    diag[r] = 0.f;
+#pragma unroll 4
+    for (int ox = max(0, -d); ox < min(COLS, COLS - d); ++ox) diag[r] += D[ox * (COLS + 1) + d];
+  }
+  __syncwarp();  // D is reused by the next kernel row
+  for (int j0 = 0; j0 < s.KW; j0 += 32) {
+    const int j = j0 + lane, idx = j - s.pad_l + COLS - 1;  // diagonal index in [0, DIAGS) if reachable
+    const int src = min(max(idx, 0), DIAGS - 1);
+    float v = 0.f;
+#pragma unroll
+    for (int r = 0; r < REPS; ++r) {
+      const float w = __shfl_sync(0xffffffffu, diag[r], src & 31);
+      if (src >> 5 == r) v = w;
+    }
+    if (j < s.KW) put(i * s.KW + j, idx >= 0 && idx < DIAGS ? v : 0.f);
+  }
+}
 
 // TW: 16-column tiles per row (maps up to 16 TW columns): D_i is (16 TW) x (16 TW).
 template <typename T, int TW>
 __global__ void __launch_bounds__(32 * kSmallWarps) dw_tc_small_weight_grad(const TcSmallWgradParams<T> p) {
-  constexpr int COLS = 16 * TW, DIAGS = 2 * COLS - 1, REPS = (DIAGS + 31) / 32;
+  constexpr int COLS = 16 * TW;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const DwShape& s = p.s;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
   const int slice = blockIdx.x, c = blockIdx.y;
   const int n_begin = slice * p.per_slice, nimg = min(p.N - n_begin, p.per_slice);
   const int ksteps = ceil_div(nimg, 16);
@@ -282,16 +385,6 @@ __global__ void __launch_bounds__(32 * kSmallWarps) dw_tc_small_weight_grad(cons
   copy_async_wait_group<0>();
   __syncthreads();
 
-  // Lane l of ldmatrix.x4.trans addresses image (l & 7) + 8 * (matrix bit) at column 8 * (other bit):
-  // A = (ox 0-7 | 8-15) x (images 0-7 | 8-15) in a0..a3 order; B = images x (ix 0-7, then 8-15).
-  const int mtx = lane >> 3, row = lane & 7;
-  const unsigned g_lane = (unsigned)__cvta_generic_to_shared(G) +
-                          (unsigned)(((row + 8 * (mtx >> 1)) * p.gplane + 8 * (mtx & 1)) * sizeof(T));
-  const unsigned x_lane = (unsigned)__cvta_generic_to_shared(X) +
-                          (unsigned)(((row + 8 * (mtx & 1)) * p.xplane + 8 * (mtx >> 1)) * sizeof(T));
-  const int g = lane >> 2, t = lane & 3;
-  // 16-column tiles of ox (A) and 8-column tiles of ix (B) that hold map columns.
-  const int m_tiles = ceil_div(s.OW, 16), n_tiles = ceil_div(s.W, 8);
   const int64_t out_at = ((int64_t)slice * s.C + c) * s.KH * s.KW;
   auto put = [&](int e, float v) {
     if (p.grad_w) p.grad_w[out_at + e] = from_float<T>(v);
@@ -299,102 +392,64 @@ __global__ void __launch_bounds__(32 * kSmallWarps) dw_tc_small_weight_grad(cons
   };
   const KernelRows reach = reaching_kernel_rows(s);
   const int i_lo = reach.lo, i_hi = reach.hi;
-  for (int i = i_lo + warp; i < i_hi; i += kSmallWarps) {
-    float acc[TW][2 * TW][4] = {};
-    const int oy_lo = max(0, s.pad_t - i), oy_hi = min(s.OH, s.H + s.pad_t - i);
-    // The (oy, k-step) pairs in one loop, software-pipelined on maps over 16: the next pair's
-    // fragments load during this pair's mma (past the last pair the loads repeat it: nothing
-    // beyond the planes is read).
-    auto load = [&](int oy, int k, uint32_t(&a)[TW][4], uint32_t(&b)[TW][4]) {
-      const unsigned ga = g_lane + (unsigned)((oy * COLS + 16 * k * p.gplane) * sizeof(T));
-      const unsigned xa = x_lane + (unsigned)(((oy + i - s.pad_t) * COLS + 16 * k * p.xplane) * sizeof(T));
-#pragma unroll
-      for (int mt = 0; mt < TW; ++mt)
-        if (mt < m_tiles) ldmatrix_x4<true>(a[mt], ga + (unsigned)(16 * mt * sizeof(T)));
-#pragma unroll
-      for (int nt = 0; nt < TW; ++nt)
-        if (2 * nt < n_tiles) ldmatrix_x4<true>(b[nt], xa + (unsigned)(16 * nt * sizeof(T)));
-    };
-    const int pairs = max(0, oy_hi - oy_lo) * ksteps;
-    // Two register sets in turn (no copies between them); pair u is (oy_lo + u / ksteps, u % ksteps).
-    uint32_t A0[TW][4], B0[TW][4], A1[TW][4], B1[TW][4];
-    int oy = oy_lo, k = 0;  // the pair the next load fetches
-    auto fetch = [&](uint32_t(&a)[TW][4], uint32_t(&b)[TW][4], bool more) {
-      load(oy, k, a, b);
-      if (more && ++k == ksteps) {
-        k = 0;
-        ++oy;
-      }
-    };
-    auto apply = [&](const uint32_t(&a)[TW][4], const uint32_t(&b)[TW][4]) {
-#pragma unroll
-      for (int mt = 0; mt < TW; ++mt) {
-        if (mt >= m_tiles) continue;
-#pragma unroll
-        for (int n = 0; n < 2 * TW; ++n)
-          if (n < n_tiles)
-            mma_tile<T>(acc[mt][n], a[mt][0], a[mt][1], a[mt][2], a[mt][3], b[n / 2][2 * (n & 1)],
-                        b[n / 2][2 * (n & 1) + 1]);
-      }
-    };
-    if constexpr (TW == 1) {  // maps up to 16: the plain loop ran faster (H100, 14 x 14 and 7 x 7)
-      for (int y = oy_lo; y < oy_hi; ++y)
-        for (int kk = 0; kk < ksteps; ++kk) {
-          load(y, kk, A0, B0);
-          apply(A0, B0);
-        }
-    } else {
-      if (pairs > 0) fetch(A0, B0, pairs > 1);
-      for (int u = 0; u < pairs; u += 2) {
-        fetch(A1, B1, u + 2 < pairs);  // pair u + 1 (or u again, past the end)
-        apply(A0, B0);
-        if (u + 1 == pairs) break;
-        fetch(A0, B0, u + 3 < pairs);  // pair u + 2
-        apply(A1, B1);
-      }
-    }
-    // C fragment: D[ox = 16 mt + g (+8)][ix = 8 n + 2 t (+1)]; lane l sums diagonal ix - ox = l - COLS + 1
-    // (and l + 31 - COLS + 1 when COLS is 32).
-#pragma unroll
-    for (int mt = 0; mt < TW; ++mt)
-#pragma unroll
-      for (int n = 0; n < 2 * TW; ++n)
-#pragma unroll
-        for (int q = 0; q < 4; ++q) D[(16 * mt + g + 8 * (q >> 1)) * COLS + 8 * n + 2 * t + (q & 1)] = acc[mt][n][q];
-    __syncwarp();
-    float diag[REPS];
-#pragma unroll
-    for (int r = 0; r < REPS; ++r) {
-      const int d = lane + 32 * r - (COLS - 1);
-      diag[r] = 0.f;
-#pragma unroll 4
-      for (int ox = max(0, -d); ox < min(COLS, COLS - d); ++ox) diag[r] += D[ox * (COLS + 1) + d];
-    }
-    __syncwarp();  // D is reused by the next kernel row
-    for (int j0 = 0; j0 < s.KW; j0 += 32) {
-      const int j = j0 + lane, idx = j - s.pad_l + COLS - 1;  // diagonal index in [0, DIAGS) if reachable
-      const int src = min(max(idx, 0), DIAGS - 1);
-      float v = 0.f;
-#pragma unroll
-      for (int r = 0; r < REPS; ++r) {
-        const float w = __shfl_sync(0xffffffffu, diag[r], src & 31);
-        if (src >> 5 == r) v = w;
-      }
-      if (j < s.KW) put(i * s.KW + j, idx >= 0 && idx < DIAGS ? v : 0.f);
-    }
-  }
+  for (int i = i_lo + warp; i < i_hi; i += kSmallWarps)
+    small_weight_grad_row<T, TW>(G, X, p.gplane, p.xplane, ksteps, D, s, i, put);
   for (int e = threadIdx.x; e < s.KH * s.KW; e += blockDim.x) {  // kernel rows that never reach the map
     const int i = e / s.KW;
     if (i < i_lo || i >= i_hi) put(e, 0.f);
   }
 }
 
+// channels_last (NHWC), maps up to 16 x 16: a block takes CG consecutive channels of 16 images and
+// stages both planes of all of them at once (one vector a pixel, transposed into per-channel
+// planes as the NCHW kernel stages them); its warps take the (channel, kernel row) pairs.
+template <typename T, int CG>
+__global__ void __launch_bounds__(32 * kSmallWarps) dw_tc_small_weight_grad_nhwc(const TcSmallWgradParams<T> p) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const DwShape& s = p.s;
+  const int warp = threadIdx.x >> 5;
+  const int c0 = blockIdx.x * CG, slice = blockIdx.y;
+  const int n_begin = slice * p.per_slice, nimg = min(p.N - n_begin, p.per_slice), nch = min(s.C - c0, CG);
+  const int ksteps = ceil_div(nimg, 16);
+  const int gc = p.per_slice * p.gplane, xc = p.per_slice * p.xplane;  // per channel
+  T* G = reinterpret_cast<T*>(smem_raw);                             // [channel][image][oy][16]
+  T* X = G + CG * gc;                                                // [channel][image][iy][16]
+  float* D = reinterpret_cast<float*>(X + CG * xc) + warp * 16 * 16;  // this warp's D_i
+  for (int k = 0; k < ksteps; ++k) {  // 16 images at a time
+    const int n0 = n_begin + 16 * k, m = min(16, nimg - 16 * k);
+    stage_planes_nhwc<CG, 16>(G + 16 * k * p.gplane, p.grad, s.C, c0, n0, m, s.OH, s.OW, p.gplane, gc, p.gpairs);
+    stage_planes_nhwc<CG, 16>(X + 16 * k * p.xplane, p.in, s.C, c0, n0, m, s.H, s.W, p.xplane, xc, p.xpairs);
+  }
+  __syncthreads();
+
+  const KernelRows reach = reaching_kernel_rows(s);
+  const int rows = max(0, reach.hi - reach.lo), taps = s.KH * s.KW;
+  for (int u = warp; u < nch * rows; u += kSmallWarps) {
+    const int ch = u / rows, i = reach.lo + u - ch * rows;
+    const int64_t out_at = ((int64_t)slice * s.C + c0 + ch) * taps;
+    small_weight_grad_row<T, 1>(G + ch * gc, X + ch * xc, p.gplane, p.xplane, ksteps, D, s, i, [&](int e, float v) {
+      if (p.grad_w) p.grad_w[out_at + e] = from_float<T>(v);
+      else p.parts[out_at + e] = v;
+    });
+  }
+  for (int e = threadIdx.x; e < nch * taps; e += blockDim.x) {  // kernel rows that never reach the map
+    const int ch = e / taps, i = (e - ch * taps) / s.KW;
+    if (i >= reach.lo && i < reach.hi) continue;
+    const int64_t at = ((int64_t)slice * s.C + c0) * taps + e;
+    if (p.grad_w) p.grad_w[at] = from_float<T>(0.f);
+    else p.parts[at] = 0.f;
+  }
+}
+
 struct TcSmallWgradPlan {
-  int TW, slices, per_slice, gplane, xplane;
+  int TW, slices, per_slice, gplane, xplane, CG;
   size_t smem;
 };
 
-TcSmallWgradPlan plan_small(const DwShape& s, int sms) {
+// NHWC (maps up to 16): CG channels of per_slice images a block, the most images (64, 32 or 16:
+// fewer partial sums), then the most channels, within kSmallSmem.
+// LKPATCH_NHWC_WGRAD_CG and LKPATCH_NHWC_WGRAD_IMAGES override (benchmarking).
+TcSmallWgradPlan plan_small(const DwShape& s, int sms, int max_smem = 0) {
   TcSmallWgradPlan q{};
   const int N = (int)(s.planes / s.C);
   q.TW = std::max(1, small_map_tiles(s));
@@ -403,6 +458,23 @@ TcSmallWgradPlan plan_small(const DwShape& s, int sms) {
   q.xplane = s.H * cols + 8;
   const size_t scratch = (size_t)kSmallWarps * cols * cols * sizeof(float);
   const size_t per_image = (size_t)(q.gplane + q.xplane) * 2;
+  if (s.nhwc) {
+    static const char* env_cg = getenv("LKPATCH_NHWC_WGRAD_CG");
+    static const char* env_images = getenv("LKPATCH_NHWC_WGRAD_IMAGES");
+    auto smem = [&](int cg, int images) { return scratch + (size_t)cg * images * per_image; };
+    const size_t budget = std::min<size_t>(kSmallSmem, max_smem);
+    const int candidates[][2] = {{8, 64}, {4, 64}, {8, 32}, {4, 32}, {8, 16}, {4, 16}};  // fits any sm_80+
+    for (const auto& cand : candidates) {
+      q.CG = cand[0];
+      q.per_slice = cand[1];
+      if ((q.per_slice == 16 || q.per_slice <= round_up(N, 16)) && smem(q.CG, q.per_slice) <= budget) break;
+    }
+    if (env_cg) q.CG = atoi(env_cg) == 8 ? 8 : 4;
+    if (env_images) q.per_slice = std::max(16, std::min(64, atoi(env_images) / 16 * 16));
+    q.slices = ceil_div(N, q.per_slice);
+    q.smem = smem(q.CG, q.per_slice);
+    return q;
+  }
   // Images per block: also within the shared-memory budget.
   const int fit = (int)std::max<size_t>(16, (kSmallSmem - std::min(kSmallSmem, scratch)) / per_image / 16 * 16);
   const ImageSlices slices = image_slices(N, s.C, sms, std::min(kSmallImages, fit));
@@ -454,10 +526,15 @@ cudaError_t launch_wgrad(const TcWgradParams<T>& p, const WgradPlan& q, int C, c
 bool dwconv2d_tc_weight_grad_fits(DType t, const DwShape& s) {
   static const char* env = getenv("LKPATCH_TENSOR_CORES");
   if (t == DType::f32 || (env && env[0] == 'n')) return false;  // exact fp32: CUDA cores
-  if (s.planes / s.C < 8) return false;  // M or K = 16 images / columns: too few images waste them
+  const int64_t N = s.planes / s.C;
+  if (N < 8) return false;  // M or K = 16 images / columns: too few images waste them
   DeviceLimits lim;
   if (device_limits(&lim) != cudaSuccess || lim.cc_major < 8) return false;
   const bool tf32 = t == DType::tf32;  // TF32: the banded kernel only
+  if (s.nhwc) {  // channels_last: maps up to 16 only
+    return !tf32 && small_map_tiles(s) == 1 && N / 16 < 65535 &&
+           plan_small(s, lim.sms, lim.max_smem_optin).smem <= (size_t)lim.max_smem_optin;
+  }
   if (!tf32 && small_map_tiles(s)) return s.C <= 65535 && plan_small(s, lim.sms).smem <= (size_t)lim.max_smem_optin;
   // Narrow maps (a side above 32, under 20 x 20 in area) stay on the CUDA-core kernel.
   if ((int64_t)s.OH * s.OW < 400) return false;
@@ -469,7 +546,7 @@ bool dwconv2d_tc_weight_grad_fits(DType t, const DwShape& s) {
 size_t dwconv2d_tc_weight_grad_workspace(DType t, const DwShape& s) {
   DeviceLimits lim;
   if (device_limits(&lim) != cudaSuccess) return 0;
-  const int slices = t != DType::tf32 && small_map_tiles(s) ? plan_small(s, lim.sms).slices
+  const int slices = t != DType::tf32 && small_map_tiles(s) ? plan_small(s, lim.sms, lim.max_smem_optin).slices
                                                              : plan(s, lim.sms, (int)elem_bytes(t)).slices;
   return (size_t)slices * s.C * s.KH * s.KW * sizeof(float);
 }
@@ -484,7 +561,7 @@ cudaError_t dwconv2d_tc_weight_grad(DType t, const void* grad_out, const void* i
     using T = decltype(tag);
     if constexpr (!std::is_same_v<T, float>) {  // TF32 takes the banded kernel on every map
       if (small_map_tiles(s)) {
-        const TcSmallWgradPlan sq = plan_small(s, lim.sms);
+        const TcSmallWgradPlan sq = plan_small(s, lim.sms, lim.max_smem_optin);
         TcSmallWgradParams<T> p{};
         p.grad = static_cast<const T*>(grad_out);
         p.in = static_cast<const T*>(in);
@@ -495,15 +572,27 @@ cudaError_t dwconv2d_tc_weight_grad(DType t, const void* grad_out, const void* i
         p.per_slice = sq.per_slice;
         p.gplane = sq.gplane;
         p.xplane = sq.xplane;
-        p.gpairs = s.OW % 2 == 0 && reinterpret_cast<uintptr_t>(grad_out) % 4 == 0;
-        p.xpairs = s.W % 2 == 0 && reinterpret_cast<uintptr_t>(in) % 4 == 0;
-        const dim3 grid(sq.slices, s.C), block(32 * kSmallWarps);
-        cudaError_t e = sq.TW == 1 ? launch(dw_tc_small_weight_grad<T, 1>, grid, block, sq.smem, stream, p)
-                                   : launch(dw_tc_small_weight_grad<T, 2>, grid, block, sq.smem, stream, p);
+        const dim3 block(32 * kSmallWarps);
+        cudaError_t e;
+        if (s.nhwc) {
+          const int bytes = sq.CG * (int)sizeof(T);  // one vector per pixel
+          p.gpairs = s.C % sq.CG == 0 && reinterpret_cast<uintptr_t>(grad_out) % bytes == 0;
+          p.xpairs = s.C % sq.CG == 0 && reinterpret_cast<uintptr_t>(in) % bytes == 0;
+          const dim3 grid(ceil_div(s.C, sq.CG), sq.slices);
+          e = sq.CG == 8 ? launch(dw_tc_small_weight_grad_nhwc<T, 8>, grid, block, sq.smem, stream, p)
+                         : launch(dw_tc_small_weight_grad_nhwc<T, 4>, grid, block, sq.smem, stream, p);
+        } else {
+          p.gpairs = s.OW % 2 == 0 && reinterpret_cast<uintptr_t>(grad_out) % 4 == 0;
+          p.xpairs = s.W % 2 == 0 && reinterpret_cast<uintptr_t>(in) % 4 == 0;
+          const dim3 grid(sq.slices, s.C);
+          e = sq.TW == 1 ? launch(dw_tc_small_weight_grad<T, 1>, grid, block, sq.smem, stream, p)
+                         : launch(dw_tc_small_weight_grad<T, 2>, grid, block, sq.smem, stream, p);
+        }
         if (e != cudaSuccess || sq.slices == 1) return e;
         return sum_partials(workspace, static_cast<T*>(grad_w), sq.slices, (int64_t)s.C * s.KH * s.KW, stream);
       }
     }
+    if (s.nhwc) return cudaErrorInvalidValue;  // channels_last: small maps only
     {  // the banded kernel
       const WgradPlan q = plan(s, lim.sms, sizeof(T));
       TcWgradParams<T> p{};

@@ -197,9 +197,14 @@ cudaError_t launch_weight_grad(const WgradPlan& plan, const T* grad_out, const T
 
 }  // namespace
 
+bool dwconv2d_weight_grad_nhwc_fits(DType t, const DwShape& s) {
+  return s.nhwc && dwconv2d_tc_weight_grad_fits(t, s);
+}
+
 size_t dwconv2d_weight_grad_workspace(DType t, const DwShape& s) {
   if (s.planes == 0 || s.OH <= 0 || s.OW <= 0) return 0;
   if (dwconv2d_tc_weight_grad_fits(t, s)) return dwconv2d_tc_weight_grad_workspace(t, s);
+  if (s.nhwc) return 0;
   if (use_small_map(dwconv2d_small_weight_grad_fits(s), s)) return dwconv2d_small_weight_grad_workspace(s);
   DeviceLimits lim;
   if (device_limits(&lim) != cudaSuccess) return 0;
@@ -216,6 +221,7 @@ cudaError_t dwconv2d_weight_grad(DType t, const void* grad_out, const void* in, 
     if (workspace == nullptr) return cudaErrorInvalidValue;
     return dwconv2d_tc_weight_grad(t, grad_out, in, grad_w, workspace, s, stream);
   }
+  if (s.nhwc) return cudaErrorInvalidValue;
   if (use_small_map(dwconv2d_small_weight_grad_fits(s), s)) return dwconv2d_small_weight_grad(t, grad_out, in, grad_w, workspace, s, stream);
   DeviceLimits lim;
   cudaError_t err = device_limits(&lim);

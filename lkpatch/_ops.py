@@ -91,11 +91,18 @@ def _as_format(t, memory_format=torch.contiguous_format):
     return t.contiguous(memory_format=memory_format)
 
 
+def _native_cl(pass_, t, size, kernel_size, padding) -> bool:
+    """Whether the kernels take ``t`` (this pass's activation) as it is: channels_last where they
+    run it natively (``dispatch.native_channels_last``)."""
+    return _channels_last(t) and dispatch.native_channels_last(pass_, size, kernel_size, padding, t.dtype)
+
+
 def _forward_cuda(x, weight, bias, padding):
     fmt = _native.output_memory_format(x)
     if dispatch.use_kernel("forward", x.shape, weight.shape[2:], padding, x.dtype, fmt == torch.channels_last):
-        y = _kernels().dwconv2d(_nchw(x), weight.contiguous(), None if bias is None else bias.contiguous(), padding,
-                                dispatch.tf32_pass(x.dtype))
+        native_cl = _native_cl("forward", x, x.shape, weight.shape[2:], padding)
+        y = _kernels().dwconv2d(x if native_cl else _nchw(x), weight.contiguous(),
+                                None if bias is None else bias.contiguous(), padding, dispatch.tf32_pass(x.dtype))
         return _as_format(y, fmt)
     return _native.forward(x, weight, bias, padding)
 
@@ -108,15 +115,21 @@ def _input_grad_cuda(grad, weight, input_size, padding, nchw=_nchw, memory_forma
     size = (grad.shape[0], grad.shape[1], input_size[0], input_size[1])
     fmt = _native.output_memory_format(grad)
     if dispatch.use_kernel("input_grad", size, weight.shape[2:], padding, grad.dtype, fmt == torch.channels_last):
-        gx = _kernels().dwconv2d_input_grad(nchw(grad), weight.contiguous(), input_size, padding,
-                                            dispatch.tf32_pass(grad.dtype))
+        native_cl = _native_cl("input_grad", grad, size, weight.shape[2:], padding)
+        gx = _kernels().dwconv2d_input_grad(grad if native_cl else nchw(grad), weight.contiguous(), input_size,
+                                            padding, dispatch.tf32_pass(grad.dtype))
         return _as_format(gx, fmt if memory_format is None else memory_format)
     return _native.backward_input(grad, weight, input_size, padding)
 
 
 def _weight_grad_cuda(grad, x, kernel_size, padding, nchw=_nchw):
-    if dispatch.use_kernel("weight_grad", x.shape, kernel_size, padding, x.dtype, _channels_last(x)):
-        return _kernels().dwconv2d_weight_grad(nchw(grad), nchw(x), kernel_size, padding, dispatch.tf32_pass(x.dtype))
+    cl = _channels_last(x) or _channels_last(grad)
+    if dispatch.use_kernel("weight_grad", x.shape, kernel_size, padding, x.dtype, cl):
+        if cl and dispatch.native_channels_last("weight_grad", x.shape, kernel_size, padding, x.dtype):
+            grad, x = _as_format(grad, torch.channels_last), _as_format(x, torch.channels_last)  # both
+        else:
+            grad, x = nchw(grad), nchw(x)
+        return _kernels().dwconv2d_weight_grad(grad, x, kernel_size, padding, dispatch.tf32_pass(x.dtype))
     return _native.backward_weight(grad, x, kernel_size, padding)
 
 
@@ -126,10 +139,11 @@ def _bias_on_kernel(shape, dtype, channels_last=False) -> bool:
 
 
 def _bias_grad_cuda(grad, nchw=_nchw):
-    # A channels_last gradient that the other passes already copied to NCHW counts as NCHW.
-    copied = isinstance(nchw, _SharedNCHW) and nchw.has_copy(grad)
-    if _bias_on_kernel(grad.shape, grad.dtype, _channels_last(grad) and not copied):
-        return _kernels().dwconv2d_bias_grad(nchw(grad))
+    # A channels_last gradient that the other passes already copied to NCHW counts as NCHW; else
+    # the kernel reads channels_last as it is.
+    cl = _channels_last(grad) and not (isinstance(nchw, _SharedNCHW) and nchw.has_copy(grad))
+    if _bias_on_kernel(grad.shape, grad.dtype, cl):
+        return _kernels().dwconv2d_bias_grad(grad if cl else nchw(grad))
     return _native.backward_bias(grad)
 
 
@@ -292,23 +306,28 @@ class _NCHWAsChannelsLast(torch.autograd.Function):
 
 def eager_dwconv2d(x, weight, bias, padding):
     """``lkpatch::dwconv2d`` on CUDA tensors in eager mode."""
-    if _channels_last(x) and dispatch.use_kernel("forward", x.shape, weight.shape[2:], padding, x.dtype, True):
-        y = _eager_nchw(_ChannelsLastAsNCHW.apply(x), weight, bias, padding)
+    k = weight.shape[2:]
+    if (_channels_last(x) and not dispatch.native_channels_last("all", x.shape, k, padding, x.dtype)
+            and dispatch.use_kernel("forward", x.shape, k, padding, x.dtype, True)):
+        y = _eager_direct(_ChannelsLastAsNCHW.apply(x), weight, bias, padding)
         # A 1 x 1 output is channels_last already; passed through the copy node unchanged, it
         # would be a view that in-place ops (a ReLU(inplace=True) after it) must not modify.
         return y if y.is_contiguous(memory_format=torch.channels_last) else _NCHWAsChannelsLast.apply(y)
-    return _eager_nchw(x, weight, bias, padding)
+    return _eager_direct(x, weight, bias, padding)
 
 
-def _eager_nchw(x, weight, bias, padding):
-    """Where every pass of an NCHW call runs on the kernels, the extension's C++ autograd op
-    (in ``csrc/binding.cpp``: its backward runs without Python, which costs less host time; it
-    reads PyTorch's TF32 switch at the forward, for the backward too); otherwise
-    ``EagerDepthwiseConv2d``, which decides per pass."""
-    if (type(x) is torch.Tensor and x.is_cuda and x.is_contiguous()  # no fake or subclass tensors
-            and dispatch.use_kernel("all", x.shape, weight.shape[2:], padding, x.dtype)):
-        bias_kernel = bias is not None and _bias_on_kernel(x.shape, x.dtype)
-        return _kernels().dwconv2d_autograd(x, weight, bias, padding, dispatch.tf32_pass(x.dtype), bias_kernel)
+def _eager_direct(x, weight, bias, padding):
+    """Where every pass of the call runs on the kernels, on ``x`` as it is (NCHW, or channels_last
+    the kernels take natively), the extension's C++ autograd op (in ``csrc/binding.cpp``: its
+    backward runs without Python, which costs less host time; it reads PyTorch's TF32 switch at
+    the forward, for the backward too); otherwise ``EagerDepthwiseConv2d``, which decides per pass."""
+    if type(x) is torch.Tensor and x.is_cuda:  # no fake or subclass tensors
+        k = weight.shape[2:]
+        cl = not x.is_contiguous()
+        if ((not cl or (_channels_last(x) and dispatch.native_channels_last("all", x.shape, k, padding, x.dtype)))
+                and dispatch.use_kernel("all", x.shape, k, padding, x.dtype, cl)):
+            bias_kernel = bias is not None and _bias_on_kernel(x.shape, x.dtype, cl)
+            return _kernels().dwconv2d_autograd(x, weight, bias, padding, dispatch.tf32_pass(x.dtype), bias_kernel)
     return EagerDepthwiseConv2d.apply(x, weight, bias, padding)
 
 

@@ -164,8 +164,8 @@ def use_kernel(pass_: str, size: Sequence[int], kernel_size: Sequence[int], pads
                dtype: torch.dtype, channels_last: bool = False) -> bool:
     """Run ``pass_`` of this CUDA depthwise convolution on lkpatch's kernel (True) or PyTorch's?
 
-    ``pass_`` is one of PASSES, or "any": does some pass run on lkpatch's kernel? Or "all": do
-    the forward, input-grad and weight-grad all run on it?
+    ``pass_`` is one of PASSES, or "any": does the forward, input-grad or weight-grad run on
+    lkpatch's kernel? Or "all": do they all?
     ``channels_last``: the pass's activation comes in (and goes out) channels_last.
     """
     key = (_impl, pass_, tuple(size), tuple(kernel_size), tuple(pads), dtype, channels_last)
@@ -176,8 +176,8 @@ def use_kernel(pass_: str, size: Sequence[int], kernel_size: Sequence[int], pads
 
 
 def _decide(pass_, size, kernel_size, pads, dtype, channels_last) -> bool:
-    if pass_ == "any":
-        return any(use_kernel(p, size, kernel_size, pads, dtype, channels_last) for p in PASSES)
+    if pass_ == "any":  # the bias gradient alone does not take a layer from PyTorch's convolution
+        return any(use_kernel(p, size, kernel_size, pads, dtype, channels_last) for p in PASSES[:3])
     if pass_ == "all":
         return all(use_kernel(p, size, kernel_size, pads, dtype, channels_last) for p in PASSES[:3])
     if _impl == "native" or kernel_unsupported_reason(size, kernel_size, pads, dtype) is not None:
@@ -200,6 +200,10 @@ def effective_macs(size: Sequence[int], kernel_size: Sequence[int], pads: Sequen
 # is lower for PyTorch's path (H100: 8x64x28x28 with 7x7, 18 M, lost every pass; 64x512x14x14
 # with 1x7, 39 M, won the bf16 forward; 16x128x56x56 with 3x3, 58 M, won all but the bias grad).
 _TINY_MACS = {"forward": 30_000_000, "input_grad": 25_000_000, "weight_grad": 25_000_000}
+# PyTorch's sum over a channels_last output gradient (over N, H, W) ran slower than lkpatch's
+# kernel from 4.8 M elements (H100, bf16: 27.6 vs 19.8 us a call; 146.7 vs 52.5 at 25.7 M); below
+# 2.5 M both took host time alike.
+_CL_BIAS_ELEMENTS = 4_000_000
 
 
 def _faster_than_native(pass_: str, size: Sequence[int], kernel_size: Sequence[int], pads: Sequence[int],
@@ -207,24 +211,27 @@ def _faster_than_native(pass_: str, size: Sequence[int], kernel_size: Sequence[i
     """The measured rule: where lkpatch's kernel beat PyTorch's on an H100 (README, "When lkpatch
     uses its kernel"; GPU time of back-to-back calls, ``lkpatch bench --passes``). Small maps need
     larger kernels to win, thin kernels (one side <= 3) lose the weight gradient, and tiny problems
-    are decided by host time. lkpatch's kernels read NCHW, so a channels_last pass costs two
-    layout copies: that loses to cuDNN's channels_last kernels on small kernels (H100, N 64, maps
-    14-56, 3x3-9x9, bf16 and fp32): below 9x9 in the forward, below 7x7 in the fp32 gradients, and
-    always in the bias gradient. Half-precision gradients stay with cuDNN below 9x9 too: its 7x7
-    input-grad lost alone, but a layer whose forward runs cuDNN pays for every pass lkpatch takes
-    from it (separate calls, the copies), and timm's convnext_tiny trained 7% slower so.
+    are decided by host time. Most of lkpatch's kernels read NCHW, so a channels_last pass costs
+    two layout copies: that loses to cuDNN's channels_last kernels on small kernels (H100, N 64,
+    maps 14-56, 3x3-9x9, bf16 and fp32): below 9x9 in the forward and below 7x7 in the fp32
+    gradients. Half-precision gradients stay with cuDNN below 9x9 too: its 7x7 input-grad lost
+    alone, but a layer whose forward runs cuDNN pays for every pass lkpatch takes from it
+    (separate calls, the copies), and timm's convnext_tiny trained 7% slower so. Where the kernels
+    take channels_last as it is (:func:`native_channels_last`), 7x7 won (bf16 forward + backward,
+    N 64: 14x14 maps 0.129 vs 0.214 ms, 7x7 maps 0.087 vs 0.138) and 3x3 lost.
     """
     n, c, h, w = size
     area = h * w
     kmin, kmax = min(kernel_size), max(kernel_size)
     half = dtype in (torch.float16, torch.bfloat16)
+    if pass_ == "bias_grad":  # a plain reduction
+        if channels_last:  # read as it is
+            return n * c * area >= _CL_BIAS_ELEMENTS
+        return area >= 56 * 56 and n * c * area >= 16_000_000  # close either way: only large maps
     if channels_last:
-        if pass_ == "bias_grad":
+        native = native_channels_last(pass_, size, kernel_size, pads, dtype)
+        if kmin < (7 if native or (not half and pass_ != "forward") else 9):
             return False
-        if kmin < (9 if pass_ == "forward" or half else 7):
-            return False
-    if pass_ == "bias_grad":  # a plain reduction, close either way: only large maps of large tensors
-        return area >= 56 * 56 and n * c * area >= 16_000_000
     if effective_macs(size, kernel_size, pads) < _TINY_MACS[pass_]:
         return False
     if tensor_core_pass(pass_, size, dtype):  # fp16 / bf16 sweep: N 64, C 256-1024, maps 7-56
@@ -243,6 +250,44 @@ def _faster_than_native(pass_: str, size: Sequence[int], kernel_size: Sequence[i
     if area >= 14 * 14:
         return kmin >= 5
     return kmin >= (9 if pass_ == "forward" and not half else 7)
+
+
+# The channels_last kernels (blocks of 8 channels x 16 images, transposed in shared memory) cost
+# more per tap than the NCHW ones -- they build each channel's banded fragments for 16 images,
+# not 64 -- while the layout copies they save cost the same per element. On an H100 (bf16, N 64,
+# GPU time per forward + backward) they won at 49 taps a pixel (7x7 maps, 13x13 kernel: 113 us
+# vs 128 us through NCHW) and lost at 196 (14x14 maps, 27x27: 213 us vs 171 us).
+_NATIVE_CL_TAPS = 100
+
+
+def native_channels_last(pass_: str, size: Sequence[int], kernel_size: Sequence[int], pads: Sequence[int],
+                         dtype: torch.dtype) -> bool:
+    """Whether the kernels take this pass's channels_last tensors as they are, without layout
+    copies. They can for every bias gradient, and for fp16 / bf16 passes on tensor cores
+    (:func:`tensor_core_pass`) whose input and output maps are at most 16 x 16 (``DwShape::nhwc``
+    in csrc/, which this mirrors); of those, they do where they were measured faster than the
+    NCHW kernels with layout copies: up to ``_NATIVE_CL_TAPS`` taps inside the image per output
+    pixel (RepLKNet's 7 x 7 stage, ConvNeXt's 14 x 14 and 7 x 7 ones; not RepLKNet's 14 x 14 with
+    27 x 27). "all": the forward, input-grad and weight-grad (they decide alike)."""
+    key = ("native_channels_last", pass_, tuple(size), tuple(kernel_size), tuple(pads), dtype)
+    decision = _decisions.get(key)
+    if decision is None:
+        decision = _decisions[key] = _native_channels_last(pass_, size, kernel_size, pads, dtype)
+    return decision
+
+
+def _native_channels_last(pass_, size, kernel_size, pads, dtype) -> bool:
+    if pass_ == "all":
+        return all(native_channels_last(p, size, kernel_size, pads, dtype) for p in PASSES[:3])
+    if pass_ == "bias_grad":
+        return dtype in KERNEL_DTYPES
+    if not tensor_core_pass(pass_, size, dtype):
+        return False
+    n, c, h, w = size
+    oh, ow = h + pads[0] + pads[1] - kernel_size[0] + 1, w + pads[2] + pads[3] - kernel_size[1] + 1
+    if max(h, w, oh, ow) > 16:
+        return False
+    return effective_macs(size, kernel_size, pads) <= _NATIVE_CL_TAPS * n * c * oh * ow
 
 
 def tensor_core_pass(pass_: str, size: Sequence[int], dtype: torch.dtype) -> bool:

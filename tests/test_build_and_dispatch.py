@@ -192,7 +192,7 @@ def test_env_policy_is_validated():
     ("input_grad", (5, 5), torch.float32, False),
     ("input_grad", (7, 7), torch.bfloat16, False),    # half precision: every pass below 9x9
     ("input_grad", (9, 9), torch.bfloat16, True),
-    ("bias_grad", (31, 31), torch.float32, False),
+    ("bias_grad", (1, 1), torch.float32, True),       # read channels_last as it is: 19 M elements
 ])
 def test_measured_rule_channels_last(pass_, k, dtype, expected):
     pads = ((k[0] - 1) // 2, k[0] // 2, (k[1] - 1) // 2, k[1] // 2)
@@ -243,16 +243,61 @@ def test_tensor_core_passes(monkeypatch):
     assert not dispatch.tensor_core_pass("forward", (64, 4, 56, 56), torch.bfloat16)
 
 
+def test_native_channels_last(monkeypatch):
+    """Which channels_last passes the kernels take without layout copies: fp16 / bf16 on tensor
+    cores (8+ images, sm_80+), input and output maps up to 16 x 16, up to 100 taps a pixel; every
+    bias gradient."""
+    monkeypatch.setattr(dispatch, "_tensor_cores_off", lambda: False)  # as on an sm_80+ GPU
+    monkeypatch.setattr(dispatch, "_decisions", {})
+    native = dispatch.native_channels_last
+    for pass_ in ("forward", "input_grad", "weight_grad", "all"):
+        assert native(pass_, (64, 1024, 7, 7), (13, 13), (6, 6, 6, 6), torch.bfloat16)  # 49 taps a pixel
+        assert native(pass_, (64, 384, 14, 14), (7, 7), (3, 3, 3, 3), torch.float16)
+        assert native(pass_, (8, 3, 16, 5), (9, 27), (4, 4, 11, 11), torch.float16)  # output 16 x 1
+        assert native(pass_, (64, 512, 14, 14), (3, 3), (2, 2, 1, 1), torch.bfloat16)  # output 16 x 14
+        assert not native(pass_, (64, 512, 14, 14), (27, 27), (13, 13, 13, 13), torch.bfloat16)  # 196 taps
+        assert not native(pass_, (7, 1024, 7, 7), (13, 13), (6, 6, 6, 6), torch.bfloat16)  # under 8 images
+        assert not native(pass_, (64, 1024, 7, 7), (13, 13), (6, 6, 6, 6), torch.float32)  # fp32
+        assert not native(pass_, (64, 512, 17, 14), (3, 3), (1, 1, 1, 1), torch.bfloat16)  # a side over 16
+        assert not native(pass_, (64, 512, 14, 14), (3, 3), (3, 2, 1, 1), torch.bfloat16)  # output 17 rows
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        assert native("bias_grad", (64, 512, 56, 56), (1, 1), (0, 0, 0, 0), dtype)
+    monkeypatch.setattr(dispatch, "_tensor_cores_off", lambda: True)
+    monkeypatch.setattr(dispatch, "_decisions", {})
+    assert not native("forward", (64, 1024, 7, 7), (13, 13), (6, 6, 6, 6), torch.bfloat16)
+
+
+@pytest.mark.parametrize("pass_,size,k,expected", [
+    ("forward", (64, 384, 14, 14), (7, 7), True),       # ConvNeXt's 14 x 14 and 7 x 7 stages
+    ("input_grad", (64, 768, 7, 7), (7, 7), True),
+    ("weight_grad", (64, 768, 7, 7), (7, 7), True),
+    ("forward", (64, 1024, 7, 7), (13, 13), True),      # RepLKNet's 7 x 7 stage
+    ("forward", (64, 512, 14, 14), (5, 5), False),      # under 7 x 7: cuDNN
+    ("weight_grad", (64, 512, 14, 14), (3, 3), False),
+    ("forward", (64, 512, 14, 14), (27, 27), True),     # through NCHW (not native): the copies' rule
+    ("forward", (64, 256, 28, 28), (7, 7), False),
+    ("bias_grad", (64, 512, 14, 14), (1, 1), True),     # read as it is: from 4 M elements
+    ("bias_grad", (16, 384, 14, 14), (1, 1), False),
+])
+def test_measured_rule_native_channels_last(monkeypatch, pass_, size, k, expected):
+    monkeypatch.setattr(dispatch, "_tensor_cores_off", lambda: False)
+    monkeypatch.setattr(dispatch, "_decisions", {})
+    pads = ((k[0] - 1) // 2, k[0] // 2, (k[1] - 1) // 2, k[1] // 2)
+    assert dispatch._faster_than_native(pass_, size, k, pads, torch.bfloat16, channels_last=True) is expected
+
+
 def test_any_pass_decision(monkeypatch):
     """op_padding asks whether any pass runs on the kernel: one cached decision over PASSES."""
     monkeypatch.setattr(dispatch, "_extension_ready", lambda: True)
     monkeypatch.setattr(dispatch, "_decisions", {})
     pads = (15, 15, 15, 15)
     assert dispatch.use_kernel("any", (64, 384, 64, 64), (31, 31), pads, torch.float32)
-    # channels_last half precision 3x3: every pass stays with cuDNN
+    # channels_last half precision 3x3: every convolution pass stays with cuDNN; the bias gradient
+    # alone would take the kernel, but does not take the layer from PyTorch's convolution
     small = (1, 1, 1, 1)
     assert not any(dispatch.use_kernel(p, (64, 96, 56, 56), (3, 3), small, torch.bfloat16, True)
-                   for p in dispatch.PASSES)
+                   for p in dispatch.PASSES[:3])
+    assert dispatch.use_kernel("bias_grad", (64, 96, 56, 56), (3, 3), small, torch.bfloat16, True)
     assert not dispatch.use_kernel("any", (64, 96, 56, 56), (3, 3), small, torch.bfloat16, True)
     with dispatch.force("kernel"):
         assert dispatch.use_kernel("any", (64, 96, 56, 56), (3, 3), small, torch.bfloat16, True)

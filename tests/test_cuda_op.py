@@ -5,6 +5,7 @@ cannot route a case to PyTorch, and under ``torch.use_deterministic_algorithms(T
 makes PyTorch fill every fresh allocation -- our outputs and workspaces included -- with NaN:
 an element a kernel fails to write shows up as NaN in the comparison.
 """
+import collections
 import json
 import math
 import os
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 
 import lkpatch
 from conftest import rel_err, tf32
-from lkpatch import build, dispatch
+from lkpatch import _ops, build, dispatch
 from lkpatch._native import output_memory_format
 
 pytestmark = pytest.mark.cuda
@@ -91,7 +92,10 @@ def draw_case(rng: random.Random, batch=None):
     while c > 1 and (n * c * oh * ow * kh * kw > 2e9 or n * c * max(h * w, oh * ow) > 4e6):
         c = max(1, c // 2)
     layout = rng.choice(["contiguous", "contiguous", "channels_last", "strided"])
-    return dict(n=n, c=c, h=h, w=w, kh=kh, kw=kw, pads=tuple(pads), bias=rng.random() < 0.6, layout=layout)
+    case = dict(n=n, c=c, h=h, w=w, kh=kh, kw=kw, pads=tuple(pads), bias=rng.random() < 0.6, layout=layout)
+    if layout == "channels_last" and rng.random() < 0.5:
+        case["grad_layout"] = "channels_last"  # else an NCHW output gradient for a channels_last input
+    return case
 
 
 def make_inputs(case, gen, dtype=torch.float32):
@@ -107,6 +111,8 @@ def make_inputs(case, gen, dtype=torch.float32):
     b = torch.randn(c, generator=gen, device=dev, dtype=dtype) if case["bias"] else None
     oh, ow = h + pads[0] + pads[1] - kh + 1, w + pads[2] + pads[3] - kw + 1
     g = torch.randn(n, c, oh, ow, generator=gen, device=dev, dtype=dtype)
+    if case.get("grad_layout") == "channels_last":
+        g = g.contiguous(memory_format=torch.channels_last)
     if case["layout"] == "strided":
         g = torch.randn(n, c, ow, oh, generator=gen, device=dev, dtype=dtype).transpose(2, 3)
     return x, wt, b, g
@@ -180,6 +186,79 @@ def test_random_sweep_tensor_cores_maps_to_32(dtype):
     """Maps from 17 to 32 on a side, whose weight-gradient sums over images in 32 x 32 tiles."""
     assert_sweep(9753, HALF_SWEEP_CASES // 2, dtype, batch=(8, 80),
                  draw=lambda rng, batch: draw_small_map_case(rng, batch, most=32))
+
+
+def draw_channels_last_case(rng: random.Random, batch=None):
+    """A small-map case in channels_last, its output gradient too: C a multiple of 8 (16-byte
+    vectors of a pixel's channels) or not (element copies, a partial channel group)."""
+    case = draw_small_map_case(rng, batch)
+    case.update(layout="channels_last", grad_layout="channels_last",
+                c=rng.choice([8, 16, 24, 40, 64, rng.randint(1, 70), rng.randint(1, 70)]))
+    return case
+
+
+class CountingExtension:
+    """The extension's ops, counting the calls of each by name."""
+
+    def __init__(self, ops):
+        self.ops, self.calls = ops, collections.Counter()
+
+    def __getattr__(self, name):
+        fn = getattr(self.ops, name)
+
+        def call(*args, **kwargs):
+            self.calls[name] += 1
+            return fn(*args, **kwargs)
+        return call
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_random_sweep_channels_last_native(dtype, monkeypatch):
+    """channels_last maps up to 16 x 16 with 8+ images, which the fp16 / bf16 kernels take as
+    they are: every pass against float64, and no layout copy made."""
+    ext = CountingExtension(build.extension_ops())
+    monkeypatch.setattr(_ops, "_ext", ext)
+    assert_sweep(2027, HALF_SWEEP_CASES, dtype, batch=(8, 48), draw=draw_channels_last_case)
+    assert ext.calls["dwconv2d"] == HALF_SWEEP_CASES and ext.calls["dwconv2d_weight_grad"] == HALF_SWEEP_CASES
+    assert ext.calls["to_nchw"] == 0 and ext.calls["to_channels_last"] == 0
+
+
+@pytest.mark.parametrize("grad_fmt", [torch.channels_last, torch.contiguous_format])
+def test_channels_last_native_eager(grad_fmt):
+    """The eager path on a channels_last layer the kernels take natively: the C++ autograd op on
+    the tensors as they are, results in the input's format, an output gradient in either format."""
+    gen = torch.Generator(device="cuda").manual_seed(21)
+    pads = (6, 6, 6, 6)
+    cl = torch.channels_last
+    x = torch.randn(20, 24, 14, 14, device="cuda", generator=gen).bfloat16().contiguous(memory_format=cl)
+    w = (torch.randn(24, 1, 13, 13, device="cuda", generator=gen) / 13).bfloat16()
+    b = torch.randn(24, device="cuda", generator=gen).bfloat16()
+    g = torch.randn(20, 24, 14, 14, device="cuda", generator=gen).bfloat16().contiguous(memory_format=grad_fmt)
+    ref = reference(x, w, b, pads, g)
+    xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
+    with dispatch.force("kernel"):
+        y = lkpatch.depthwise_conv2d(xs, ws, bs, padding=pads)
+        got = (y,) + torch.autograd.grad(y, (xs, ws, bs), g)
+    assert "DwConv2d" in y.grad_fn.name()
+    assert y.is_contiguous(memory_format=cl) and got[1].is_contiguous(memory_format=cl)
+    for name, a, r in zip(("output", "grad_input", "grad_weight", "grad_bias"), got, ref):
+        assert rel_err(a, r) <= 1e-2, name
+
+
+def test_channels_last_errors():
+    """The extension takes channels_last only where its kernels do, and says so otherwise."""
+    ext = build.extension_ops()
+    cl = torch.channels_last
+    x = torch.randn(8, 8, 20, 20, device="cuda").contiguous(memory_format=cl)
+    w = torch.randn(8, 1, 5, 5, device="cuda")
+    with pytest.raises(RuntimeError, match="no channels_last forward kernel"):
+        ext.dwconv2d(x, w, None, [2, 2, 2, 2])  # fp32, 20 x 20: NCHW only
+    xh, wh = x[..., :14, :14].bfloat16().contiguous(memory_format=cl), w.bfloat16()
+    with pytest.raises(RuntimeError, match="must both be NCHW or both channels_last"):
+        ext.dwconv2d_weight_grad(xh, xh.contiguous(), [5, 5], [2, 2, 2, 2])
+    with pytest.raises(RuntimeError, match="contiguous NCHW or channels_last"):
+        ext.dwconv2d_bias_grad(xh[..., ::2])
+    assert ext.dwconv2d(xh, wh, None, [2, 2, 2, 2]).is_contiguous(memory_format=cl)
 
 
 TF32_TOL = {"output": 2e-3, "grad_input": 2e-3, "grad_weight": 2e-3}  # the bias gradient stays exact
@@ -390,6 +469,22 @@ def test_layout_copies(shape, dtype):
         ext.to_nchw(torch.randn(2, 3, 4, 5, device="cuda"))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(64, 512, 14, 14), (3, 17, 9, 7), (2, 1, 5, 5), (1, 3000, 1, 1), (200, 24, 30, 30),
+                                   (2, 520, 3, 3), (8, 8, 2, 2)])
+def test_bias_grad_channels_last(shape, dtype):
+    """The bias gradient read channels_last as it is: 16-byte and element loads, partial channel
+    blocks, one and many row slices, an unaligned start (poisoned outputs and workspaces)."""
+    ext = build.extension_ops()
+    n, c, h, w = shape
+    flat = torch.randn(n * c * h * w + 1, device="cuda").to(dtype)
+    for g in (torch.randn(shape, device="cuda").to(dtype).contiguous(memory_format=torch.channels_last),
+              flat[1:].view(n, h, w, c).permute(0, 3, 1, 2)):
+        ref = g.double().sum((0, 2, 3))
+        got = ext.dwconv2d_bias_grad(g)
+        assert got.dtype == dtype and rel_err(got, ref) <= TOL[dtype]
+
+
 def test_weight_grad_deterministic():
     gen = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(8, 32, 56, 56, device="cuda", generator=gen)
@@ -414,6 +509,12 @@ def test_opcheck_all_ops():
         torch.library.opcheck(torch.ops.lkpatch.dwconv2d_input_grad.default, (g, w.detach(), [17, 19], pads))
         torch.library.opcheck(torch.ops.lkpatch.dwconv2d_weight_grad.default, (g, x.detach(), [5, 7], pads))
         torch.library.opcheck(torch.ops.lkpatch.dwconv2d_bias_grad.default, (g,))
+        # channels_last on the kernels as it is (bf16, 8 images, 14 x 14)
+        xc = torch.randn(8, 16, 14, 14, device="cuda", generator=gen).bfloat16().contiguous(
+            memory_format=torch.channels_last)
+        wc = torch.randn(16, 1, 9, 9, device="cuda", generator=gen).bfloat16()
+        torch.library.opcheck(torch.ops.lkpatch.dwconv2d.default, (xc.requires_grad_(), wc.requires_grad_(), None,
+                                                                   [4, 4, 4, 4]))
 
 
 def _small_convnet(c=32, k=13):
