@@ -2,7 +2,8 @@
 
   python .ci/gpu_profile.py overhead        host microseconds per call of each path (tiny shape)
   python .ci/gpu_profile.py kernels [S...]  launch forward and weight-grad once per shape, for ncu
-      (LKPATCH_PROFILE_DTYPE=bfloat16 for the half-precision kernels):
+      (LKPATCH_PROFILE_DTYPE=bfloat16 for the half-precision kernels, LKPATCH_PROFILE_CL=1 channels_last
+      tensors, which small maps take natively):
       ncu --section SpeedOfLight --section Occupancy --section WarpStateStats \\
           -k regex:dw_ python .ci/gpu_profile.py kernels
   python .ci/gpu_profile.py hostbound       host time per fwd+bwd vs its GPU time (small maps)
@@ -22,6 +23,9 @@ import torch.nn.functional as F
 
 import lkpatch
 from lkpatch import _native, build, dispatch
+
+if os.environ.get("NATIVE_CL_TAPS"):  # comparisons: where channels_last runs natively (dispatch's rule)
+    dispatch._NATIVE_CL_TAPS = int(os.environ["NATIVE_CL_TAPS"])
 
 SHAPES = {  # name: N, C, H, W, K
     "64x7": (64, 384, 64, 64, 7), "14x27": (64, 512, 14, 14, 27), "7x13": (64, 1024, 7, 7, 13),
@@ -142,11 +146,12 @@ def autograd_variants():
 def kernels(names):
     build.build()
     dtype = getattr(torch, os.environ.get("LKPATCH_PROFILE_DTYPE", "float32"))
+    fmt = torch.channels_last if os.environ.get("LKPATCH_PROFILE_CL") else torch.contiguous_format
     for name in names or SHAPES:
         n, c, h, w, k = SHAPES[name]
-        x = torch.randn(n, c, h, w, device="cuda", dtype=dtype)
+        x = torch.randn(n, c, h, w, device="cuda", dtype=dtype).contiguous(memory_format=fmt)
         wt = torch.randn(c, 1, k, k, device="cuda", dtype=dtype)
-        g = torch.randn(n, c, h, w, device="cuda", dtype=dtype)
+        g = torch.randn(n, c, h, w, device="cuda", dtype=dtype).contiguous(memory_format=fmt)
         pads = [k // 2] * 4
         torch.ops.lkpatch_ext.dwconv2d(x, wt, None, pads)
         torch.ops.lkpatch_ext.dwconv2d_weight_grad(g, x, [k, k], pads)

@@ -268,7 +268,7 @@ cudaError_t dwconv2d_tc_forward(DType t, const void* in, const void* w, const vo
                                 const DwShape& s, bool flip_kernel, cudaStream_t stream);
 
 // The tensor-core weight-grad for fp16, bf16 and TF32 (dwconv_tc_wgrad.cu): sm_80+, output-gradient
-// planes that fit in shared memory (TF32: maps from 20 x 20 in area). Always takes a workspace.
+// planes that fit in shared memory (TF32: maps from 20 x 20 in area). Takes a workspace (except channels_last).
 bool dwconv2d_tc_weight_grad_fits(DType t, const DwShape& s);
 size_t dwconv2d_tc_weight_grad_workspace(DType t, const DwShape& s);
 cudaError_t dwconv2d_tc_weight_grad(DType t, const void* grad_out, const void* in, void* grad_w, float* workspace,

@@ -125,12 +125,11 @@ __device__ __forceinline__ void stage_planes(T* dst, const T* src, int C, int c,
 // loads one pixel's CG channels (one 16- or 8-byte vector where `vec`: C a multiple of CG, aligned
 // base), kBatch pixels in flight, and scatters them to the channel planes: the transpose happens
 // here.
-template <int CG, int COLS, typename T>
+template <int CG, int COLS, int kBatch = 4, typename T>
 __device__ __forceinline__ void stage_planes_nhwc(T* dst, const T* src, int C, int c0, int n_begin, int nimg,
                                                   int rows, int cols, int pitch, int cpitch, bool vec) {
   static_assert(CG * sizeof(T) == 16 || CG * sizeof(T) == 8, "one 16- or 8-byte vector per pixel");
   using Vec = std::conditional_t<CG * sizeof(T) == 16, uint4, uint2>;
-  constexpr int kBatch = 4;
   const T zero = from_float<T>(0.f);
   const int total = 16 * rows * COLS;
   for (int base = threadIdx.x; base < total; base += kBatch * blockDim.x) {

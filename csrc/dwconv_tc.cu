@@ -309,20 +309,24 @@ struct TcSmallParams : ConvArgs<T> {
 };
 
 // Every T_i's B fragments (kernel rows i_lo .. i_hi - 1) of the channel whose weights start at
-// wsrc, into Bf[i - i_lo][lane] (the whole block builds them). Lane (g, t) of column tile j holds
-// T_i[ix][ox] = w[i][ix - ox + pad_l] at ox = 8 j + g and ix = 2t, 2t + 1 (b0), 2t + 8, 2t + 9 (b1);
-// zero off the band. Column tile 1 shifts the band by 8: its b1 is tile 0's b0, and the lane
-// reads six taps, not eight.
+// wsrc, into Bf[i - i_lo][band_entry(lane)] (the whole block builds them). Lane (g, t) of column
+// tile j holds T_i[ix][ox] = w[i][ix - ox + pad_l] at ox = 8 j + g and ix = 2t, 2t + 1 (b0),
+// 2t + 8, 2t + 9 (b1); zero off the band. Column tile 1 shifts the band by 8: its b1 is tile 0's
+// b0, so a lane reads six taps, w[i][kw0 - 8 ..], kw0 = 2t - g + pad_l; and lanes with the same
+// 2t - g hold the same fragment: kBandEntries per kernel row, not 32.
+constexpr int kBandEntries = 14;  // 2t - g in [-7, 6]
+__device__ __forceinline__ int band_entry(int lane) { return 2 * (lane & 3) - (lane >> 2) + 7; }
+
 template <typename T>
 __device__ __forceinline__ void build_band_fragments(uint4* Bf, const T* wsrc, const DwShape& s, int flip, int i_lo,
                                                      int i_hi) {
   const T zero = from_float<T>(0.f);
   const int step = flip ? -1 : 1;  // the input-gradient reads the kernel rotated by 180 degrees
-  for (int e = threadIdx.x; e < 32 * (i_hi - i_lo); e += blockDim.x) {
-    const int i = i_lo + (e >> 5), g = (e & 31) >> 2, t = e & 3;
+  for (int e = threadIdx.x; e < kBandEntries * (i_hi - i_lo); e += blockDim.x) {
+    const int r = e / kBandEntries, i = i_lo + r;
     const T* row = flip ? wsrc + (s.KH - 1 - i) * s.KW + s.KW - 1 : wsrc + i * s.KW;
     auto tap = [&](int kw) { return (unsigned)kw < (unsigned)s.KW ? __ldg(row + step * kw) : zero; };
-    const int kw0 = 2 * t - g + s.pad_l;
+    const int kw0 = e - r * kBandEntries - 7 + s.pad_l;
     const uint32_t mid = pack2(tap(kw0), tap(kw0 + 1));  // tile 0 b0, tile 1 b1
     const uint32_t hi = pack2(tap(kw0 + 8), tap(kw0 + 9));  // tile 0 b1
     const uint32_t lo = pack2(tap(kw0 - 8), tap(kw0 - 7));  // tile 1 b0
@@ -346,8 +350,9 @@ __device__ __forceinline__ void small_output_row(float (&acc)[2][4], unsigned a_
   const int i_a = max(i_lo, s.pad_t - oy), i_b = min(i_hi, s.H + s.pad_t - oy);
   const bool two_tiles = s.OW > 8;  // output columns 8-15 exist
   a_base += (unsigned)((oy - s.pad_t) * 16 * (int)sizeof(T));
+  Bf += band_entry(lane);
   for (int i = i_a; i < i_b; ++i) {
-    const uint4 b = Bf[(i - i_lo) * 32 + lane];
+    const uint4 b = Bf[(i - i_lo) * kBandEntries];
     uint32_t A[4];
     ldmatrix_x4(A, a_base + (unsigned)(i * 16 * sizeof(T)));
     mma_tile<T>(acc[0], A[0], A[1], A[2], A[3], b.x, b.y);
@@ -365,8 +370,8 @@ __global__ void __launch_bounds__(32 * kSmallWarps) dw_tc_small_forward(const Tc
   const int groups = ceil_div(nimg, 16);
   const KernelRows reach = reaching_kernel_rows(s);
   const int i_lo = reach.lo, i_hi = reach.hi;
-  uint4* Bf = reinterpret_cast<uint4*>(smem_raw);  // [i - i_lo][lane]: T_i's fragments, both column tiles
-  T* X = reinterpret_cast<T*>(Bf + 32 * max(0, i_hi - i_lo));  // [image][iy][16]
+  uint4* Bf = reinterpret_cast<uint4*>(smem_raw);  // [i - i_lo][entry]: T_i's fragments, both column tiles
+  T* X = reinterpret_cast<T*>(Bf + kBandEntries * max(0, i_hi - i_lo));  // [image][iy][16]
 
   const T zero = from_float<T>(0.f);
   stage_planes<16>(X, p.in, s.C, c, n_begin, nimg, groups, s.H, s.W, p.xplane, p.pairs, zero);
@@ -426,8 +431,8 @@ __global__ void __launch_bounds__(32 * kSmallWarps) dw_tc_small_forward_nhwc(con
   const int nimg = min(p.N - n_begin, 16), nch = min(s.C - c0, CG);
   const KernelRows reach = reaching_kernel_rows(s);
   const int i_lo = reach.lo, i_hi = reach.hi, rows = max(0, i_hi - i_lo);
-  uint4* Bf = reinterpret_cast<uint4*>(smem_raw);  // two buffers of [i - i_lo][lane]
-  T* X = reinterpret_cast<T*>(Bf + 2 * 32 * rows);  // [channel][image][row][16]: input, then output
+  uint4* Bf = reinterpret_cast<uint4*>(smem_raw);  // two buffers of [i - i_lo][entry]
+  T* X = reinterpret_cast<T*>(Bf + 2 * kBandEntries * rows);  // [channel][image][row][16]: input, then output
   const int cpitch = 16 * p.xplane;
 
   stage_planes_nhwc<CG, 16>(X, p.in, s.C, c0, n_begin, nimg, s.H, s.W, p.xplane, cpitch, p.vec);
@@ -439,9 +444,9 @@ __global__ void __launch_bounds__(32 * kSmallWarps) dw_tc_small_forward_nhwc(con
   const int g = lane >> 2, t = lane & 3;
   for (int ch = 0; ch < nch; ++ch) {
     if (ch + 1 < nch)
-      build_band_fragments(Bf + ((ch + 1) & 1) * 32 * rows, w0 + (int64_t)(ch + 1) * s.KH * s.KW, s, p.flip, i_lo,
-                           i_hi);
-    const uint4* B = Bf + (ch & 1) * 32 * rows;
+      build_band_fragments(Bf + ((ch + 1) & 1) * kBandEntries * rows, w0 + (int64_t)(ch + 1) * s.KH * s.KW, s,
+                           p.flip, i_lo, i_hi);
+    const uint4* B = Bf + (ch & 1) * kBandEntries * rows;
     const float bias = p.bias ? load(p.bias + c0 + ch) : 0.f;
     float acc[kNhwcJobs][2][4];
 #pragma unroll
@@ -515,7 +520,7 @@ TcSmallPlan plan_small(const DwShape& s, int sms) {
   const KernelRows reach = reaching_kernel_rows(s);
   const int rows = std::max(0, reach.hi - reach.lo);
   const int stacks = s.nhwc ? nhwc_group() : 1, buffers = s.nhwc ? 2 : 1;
-  q.smem = (size_t)buffers * rows * 32 * 16 + (size_t)stacks * q.per_slice * q.xplane * 2;
+  q.smem = (size_t)buffers * rows * kBandEntries * 16 + (size_t)stacks * q.per_slice * q.xplane * 2;
   return q;
 }
 

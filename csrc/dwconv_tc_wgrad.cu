@@ -20,6 +20,8 @@
 // is one 16 x 16 (or 32 x 32) product per output row with K = 16 images per mma, and
 // grad_w[i][j] is the sum of D_i's diagonal ix - ox = j - pad_l. Both planes are staged as they lie in memory (image,
 // row, 16 columns); ldmatrix.trans turns them into A (ox x images) and B (images x ix) fragments.
+// channels_last tensors on maps up to 16 x 16 take a third (dw_tc_small_weight_grad_nhwc), which
+// stages blocks of channels transposed into the same planes.
 #include <algorithm>
 
 #include "dwconv_core.cuh"
@@ -261,13 +263,14 @@ struct TcSmallWgradParams {
                         // channels load as one vector (C a multiple of the group, aligned base)
 };
 
-// Kernel row i of one channel, from the channel's staged planes G [image][oy][COLS] (pitch gplane)
-// and X [image][iy][COLS] (pitch xplane) of 16 * ksteps images; D is the warp's COLS x COLS
-// scratch. put(i * KW + j, tap) for every j < KW.
-template <typename T, int TW, typename Put>
-__device__ __forceinline__ void small_weight_grad_row(const T* G, const T* X, int gplane, int xplane, int ksteps,
-                                                      float* D, const DwShape& s, int i, Put&& put) {
-  constexpr int COLS = 16 * TW, DIAGS = 2 * COLS - 1, REPS = (DIAGS + 31) / 32;
+// acc += kernel row i's D_i over one channel's staged planes G [image][oy][COLS] (pitch gplane)
+// and X [image][iy][COLS] (pitch xplane) of 16 * ksteps images. acc is the mma C fragment of D_i:
+// D[ox = 16 mt + g (+8)][ix = 8 n + 2 t (+1)].
+template <typename T, int TW>
+__device__ __forceinline__ void small_weight_grad_accumulate(float (&acc)[TW][2 * TW][4], const T* G, const T* X,
+                                                             int gplane, int xplane, int ksteps, const DwShape& s,
+                                                             int i) {
+  constexpr int COLS = 16 * TW;
   const int lane = threadIdx.x & 31;
   // Lane l of ldmatrix.x4.trans addresses image (l & 7) + 8 * (matrix bit) at column 8 * (other bit):
   // A = (ox 0-7 | 8-15) x (images 0-7 | 8-15) in a0..a3 order; B = images x (ix 0-7, then 8-15).
@@ -276,10 +279,8 @@ __device__ __forceinline__ void small_weight_grad_row(const T* G, const T* X, in
                           (unsigned)(((row + 8 * (mtx >> 1)) * gplane + 8 * (mtx & 1)) * sizeof(T));
   const unsigned x_lane = (unsigned)__cvta_generic_to_shared(X) +
                           (unsigned)(((row + 8 * (mtx & 1)) * xplane + 8 * (mtx >> 1)) * sizeof(T));
-  const int g = lane >> 2, t = lane & 3;
   // 16-column tiles of ox (A) and 8-column tiles of ix (B) that hold map columns.
   const int m_tiles = ceil_div(s.OW, 16), n_tiles = ceil_div(s.W, 8);
-  float acc[TW][2 * TW][4] = {};
   const int oy_lo = max(0, s.pad_t - i), oy_hi = min(s.OH, s.H + s.pad_t - i);
   // The (oy, k-step) pairs in one loop, software-pipelined on maps over 16: the next pair's
   // fragments load during this pair's mma (past the last pair the loads repeat it: nothing
@@ -332,6 +333,15 @@ __device__ __forceinline__ void small_weight_grad_row(const T* G, const T* X, in
       apply(A1, B1);
     }
   }
+}
+
+// Kernel row i's taps from its D_i (acc, as small_weight_grad_accumulate leaves it), through the
+// warp's COLS x COLS scratch D: put(i * KW + j, tap) for every j < KW.
+template <typename T, int TW, typename Put>
+__device__ __forceinline__ void small_weight_grad_taps(const float (&acc)[TW][2 * TW][4], float* D, const DwShape& s,
+                                                       int i, Put&& put) {
+  constexpr int COLS = 16 * TW, DIAGS = 2 * COLS - 1, REPS = (DIAGS + 31) / 32;
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   // C fragment: D[ox = 16 mt + g (+8)][ix = 8 n + 2 t (+1)]; lane l sums diagonal ix - ox = l - COLS + 1
   // (and l + 31 - COLS + 1 when COLS is 32).
 #pragma unroll
@@ -392,64 +402,80 @@ __global__ void __launch_bounds__(32 * kSmallWarps) dw_tc_small_weight_grad(cons
   };
   const KernelRows reach = reaching_kernel_rows(s);
   const int i_lo = reach.lo, i_hi = reach.hi;
-  for (int i = i_lo + warp; i < i_hi; i += kSmallWarps)
-    small_weight_grad_row<T, TW>(G, X, p.gplane, p.xplane, ksteps, D, s, i, put);
+  for (int i = i_lo + warp; i < i_hi; i += kSmallWarps) {
+    float acc[TW][2 * TW][4] = {};
+    small_weight_grad_accumulate<T, TW>(acc, G, X, p.gplane, p.xplane, ksteps, s, i);
+    small_weight_grad_taps<T, TW>(acc, D, s, i, put);
+  }
   for (int e = threadIdx.x; e < s.KH * s.KW; e += blockDim.x) {  // kernel rows that never reach the map
     const int i = e / s.KW;
     if (i < i_lo || i >= i_hi) put(e, 0.f);
   }
 }
 
-// channels_last (NHWC), maps up to 16 x 16: a block takes CG consecutive channels of 16 images and
-// stages both planes of all of them at once (one vector a pixel, transposed into per-channel
-// planes as the NCHW kernel stages them); its warps take the (channel, kernel row) pairs.
-template <typename T, int CG>
-__global__ void __launch_bounds__(32 * kSmallWarps) dw_tc_small_weight_grad_nhwc(const TcSmallWgradParams<T> p) {
+// channels_last (NHWC), maps up to 16 x 16. Block (channel group, kernel-row group) walks all the
+// images in 16-image chunks, staging both planes of its kNhwcChannels channels per chunk (one
+// vector a pixel, transposed into per-channel planes as the NCHW kernel stages them). Warp w owns
+// the block's (channel, kernel row) pairs w, w + 8, ... and keeps their D_i accumulators in
+// registers over the chunks, so the diagonal sums are taken once per pair, as in the NCHW kernel,
+// and the taps are final: no partial sums.
+constexpr int kNhwcChannels = 4;                                     // 8-byte vectors of half values
+constexpr int kNhwcPairs = 8;                                        // (channel, kernel row) pairs a warp
+constexpr int kNhwcRows = kSmallWarps * kNhwcPairs / kNhwcChannels;  // kernel rows a block
+
+template <typename T>
+__global__ void __launch_bounds__(32 * kSmallWarps, 2) dw_tc_small_weight_grad_nhwc(const TcSmallWgradParams<T> p) {
+  constexpr int CG = kNhwcChannels;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const DwShape& s = p.s;
   const int warp = threadIdx.x >> 5;
-  const int c0 = blockIdx.x * CG, slice = blockIdx.y;
-  const int n_begin = slice * p.per_slice, nimg = min(p.N - n_begin, p.per_slice), nch = min(s.C - c0, CG);
-  const int ksteps = ceil_div(nimg, 16);
-  const int gc = p.per_slice * p.gplane, xc = p.per_slice * p.xplane;  // per channel
+  const int c0 = blockIdx.x * CG, nch = min(s.C - c0, CG), taps = s.KH * s.KW;
+  const KernelRows reach = reaching_kernel_rows(s);
+  const int i0 = reach.lo + blockIdx.y * kNhwcRows, rows = max(1, min(kNhwcRows, reach.hi - i0));
+  const int gc = 16 * p.gplane, xc = 16 * p.xplane;                  // per channel
   T* G = reinterpret_cast<T*>(smem_raw);                             // [channel][image][oy][16]
   T* X = G + CG * gc;                                                // [channel][image][iy][16]
   float* D = reinterpret_cast<float*>(X + CG * xc) + warp * 16 * 16;  // this warp's D_i
-  for (int k = 0; k < ksteps; ++k) {  // 16 images at a time
-    const int n0 = n_begin + 16 * k, m = min(16, nimg - 16 * k);
-    stage_planes_nhwc<CG, 16>(G + 16 * k * p.gplane, p.grad, s.C, c0, n0, m, s.OH, s.OW, p.gplane, gc, p.gpairs);
-    stage_planes_nhwc<CG, 16>(X + 16 * k * p.xplane, p.in, s.C, c0, n0, m, s.H, s.W, p.xplane, xc, p.xpairs);
-  }
-  __syncthreads();
+  const bool any = reach.hi > reach.lo;
 
-  const KernelRows reach = reaching_kernel_rows(s);
-  const int rows = max(0, reach.hi - reach.lo), taps = s.KH * s.KW;
-  for (int u = warp; u < nch * rows; u += kSmallWarps) {
-    const int ch = u / rows, i = reach.lo + u - ch * rows;
-    const int64_t out_at = ((int64_t)slice * s.C + c0 + ch) * taps;
-    small_weight_grad_row<T, 1>(G + ch * gc, X + ch * xc, p.gplane, p.xplane, ksteps, D, s, i, [&](int e, float v) {
-      if (p.grad_w) p.grad_w[out_at + e] = from_float<T>(v);
-      else p.parts[out_at + e] = v;
-    });
+  float acc[kNhwcPairs][1][2][4] = {};
+  for (int n0 = 0; any && n0 < p.N; n0 += 16) {
+    const int m = min(16, p.N - n0);
+    if (n0 > 0) __syncthreads();  // the last chunk's planes are read
+    stage_planes_nhwc<CG, 16, 4>(G, p.grad, s.C, c0, n0, m, s.OH, s.OW, p.gplane, gc, p.gpairs);
+    stage_planes_nhwc<CG, 16, 4>(X, p.in, s.C, c0, n0, m, s.H, s.W, p.xplane, xc, p.xpairs);
+    __syncthreads();
+#pragma unroll
+    for (int k = 0; k < kNhwcPairs; ++k) {
+      const int u = warp + kSmallWarps * k, ch = u / rows;
+      if (ch < nch)
+        small_weight_grad_accumulate<T, 1>(acc[k], G + ch * gc, X + ch * xc, p.gplane, p.xplane, 1, s,
+                                           i0 + u - ch * rows);
+    }
   }
-  for (int e = threadIdx.x; e < nch * taps; e += blockDim.x) {  // kernel rows that never reach the map
-    const int ch = e / taps, i = (e - ch * taps) / s.KW;
-    if (i >= reach.lo && i < reach.hi) continue;
-    const int64_t at = ((int64_t)slice * s.C + c0) * taps + e;
-    if (p.grad_w) p.grad_w[at] = from_float<T>(0.f);
-    else p.parts[at] = 0.f;
+#pragma unroll
+  for (int k = 0; k < kNhwcPairs; ++k) {
+    const int u = warp + kSmallWarps * k, ch = u / rows;
+    if (!any || ch >= nch) continue;
+    T* out = p.grad_w + (int64_t)(c0 + ch) * taps;
+    small_weight_grad_taps<T, 1>(acc[k], D, s, i0 + u - ch * rows, [&](int e, float v) { out[e] = from_float<T>(v); });
+  }
+  if (blockIdx.y == 0) {  // kernel rows that never reach the map
+    for (int e = threadIdx.x; e < nch * taps; e += blockDim.x) {
+      const int i = (e % taps) / s.KW;
+      if (i < reach.lo || i >= reach.hi) p.grad_w[(int64_t)c0 * taps + e] = from_float<T>(0.f);
+    }
   }
 }
 
 struct TcSmallWgradPlan {
-  int TW, slices, per_slice, gplane, xplane, CG;
+  int TW, slices, per_slice, gplane, xplane;
   size_t smem;
 };
 
-// NHWC (maps up to 16): CG channels of per_slice images a block, the most images (64, 32 or 16:
-// fewer partial sums), then the most channels, within kSmallSmem.
-// LKPATCH_NHWC_WGRAD_CG and LKPATCH_NHWC_WGRAD_IMAGES override (benchmarking).
-TcSmallWgradPlan plan_small(const DwShape& s, int sms, int max_smem = 0) {
+// NHWC (maps up to 16): blocks of kNhwcChannels channels by kNhwcRows kernel rows over all images
+// (slices: the kernel-row groups), 16 images staged at a time.
+TcSmallWgradPlan plan_small(const DwShape& s, int sms) {
   TcSmallWgradPlan q{};
   const int N = (int)(s.planes / s.C);
   q.TW = std::max(1, small_map_tiles(s));
@@ -459,20 +485,10 @@ TcSmallWgradPlan plan_small(const DwShape& s, int sms, int max_smem = 0) {
   const size_t scratch = (size_t)kSmallWarps * cols * cols * sizeof(float);
   const size_t per_image = (size_t)(q.gplane + q.xplane) * 2;
   if (s.nhwc) {
-    static const char* env_cg = getenv("LKPATCH_NHWC_WGRAD_CG");
-    static const char* env_images = getenv("LKPATCH_NHWC_WGRAD_IMAGES");
-    auto smem = [&](int cg, int images) { return scratch + (size_t)cg * images * per_image; };
-    const size_t budget = std::min<size_t>(kSmallSmem, max_smem);
-    const int candidates[][2] = {{8, 64}, {4, 64}, {8, 32}, {4, 32}, {8, 16}, {4, 16}};  // fits any sm_80+
-    for (const auto& cand : candidates) {
-      q.CG = cand[0];
-      q.per_slice = cand[1];
-      if ((q.per_slice == 16 || q.per_slice <= round_up(N, 16)) && smem(q.CG, q.per_slice) <= budget) break;
-    }
-    if (env_cg) q.CG = atoi(env_cg) == 8 ? 8 : 4;
-    if (env_images) q.per_slice = std::max(16, std::min(64, atoi(env_images) / 16 * 16));
-    q.slices = ceil_div(N, q.per_slice);
-    q.smem = smem(q.CG, q.per_slice);
+    const KernelRows reach = reaching_kernel_rows(s);
+    q.per_slice = 16;
+    q.slices = std::max(1, ceil_div(reach.hi - reach.lo, kNhwcRows));
+    q.smem = scratch + (size_t)kNhwcChannels * 16 * per_image;  // at most 76 KB: any sm_80+ GPU
     return q;
   }
   // Images per block: also within the shared-memory budget.
@@ -531,10 +547,8 @@ bool dwconv2d_tc_weight_grad_fits(DType t, const DwShape& s) {
   DeviceLimits lim;
   if (device_limits(&lim) != cudaSuccess || lim.cc_major < 8) return false;
   const bool tf32 = t == DType::tf32;  // TF32: the banded kernel only
-  if (s.nhwc) {  // channels_last: maps up to 16 only
-    return !tf32 && small_map_tiles(s) == 1 && N / 16 < 65535 &&
-           plan_small(s, lim.sms, lim.max_smem_optin).smem <= (size_t)lim.max_smem_optin;
-  }
+  if (s.nhwc)  // channels_last: maps up to 16 only
+    return !tf32 && small_map_tiles(s) == 1 && plan_small(s, lim.sms).smem <= (size_t)lim.max_smem_optin;
   if (!tf32 && small_map_tiles(s)) return s.C <= 65535 && plan_small(s, lim.sms).smem <= (size_t)lim.max_smem_optin;
   // Narrow maps (a side above 32, under 20 x 20 in area) stay on the CUDA-core kernel.
   if ((int64_t)s.OH * s.OW < 400) return false;
@@ -546,7 +560,8 @@ bool dwconv2d_tc_weight_grad_fits(DType t, const DwShape& s) {
 size_t dwconv2d_tc_weight_grad_workspace(DType t, const DwShape& s) {
   DeviceLimits lim;
   if (device_limits(&lim) != cudaSuccess) return 0;
-  const int slices = t != DType::tf32 && small_map_tiles(s) ? plan_small(s, lim.sms, lim.max_smem_optin).slices
+  if (s.nhwc) return 0;  // its taps are final
+  const int slices = t != DType::tf32 && small_map_tiles(s) ? plan_small(s, lim.sms).slices
                                                              : plan(s, lim.sms, (int)elem_bytes(t)).slices;
   return (size_t)slices * s.C * s.KH * s.KW * sizeof(float);
 }
@@ -561,7 +576,7 @@ cudaError_t dwconv2d_tc_weight_grad(DType t, const void* grad_out, const void* i
     using T = decltype(tag);
     if constexpr (!std::is_same_v<T, float>) {  // TF32 takes the banded kernel on every map
       if (small_map_tiles(s)) {
-        const TcSmallWgradPlan sq = plan_small(s, lim.sms, lim.max_smem_optin);
+        const TcSmallWgradPlan sq = plan_small(s, lim.sms);
         TcSmallWgradParams<T> p{};
         p.grad = static_cast<const T*>(grad_out);
         p.in = static_cast<const T*>(in);
@@ -575,12 +590,12 @@ cudaError_t dwconv2d_tc_weight_grad(DType t, const void* grad_out, const void* i
         const dim3 block(32 * kSmallWarps);
         cudaError_t e;
         if (s.nhwc) {
-          const int bytes = sq.CG * (int)sizeof(T);  // one vector per pixel
-          p.gpairs = s.C % sq.CG == 0 && reinterpret_cast<uintptr_t>(grad_out) % bytes == 0;
-          p.xpairs = s.C % sq.CG == 0 && reinterpret_cast<uintptr_t>(in) % bytes == 0;
-          const dim3 grid(ceil_div(s.C, sq.CG), sq.slices);
-          e = sq.CG == 8 ? launch(dw_tc_small_weight_grad_nhwc<T, 8>, grid, block, sq.smem, stream, p)
-                         : launch(dw_tc_small_weight_grad_nhwc<T, 4>, grid, block, sq.smem, stream, p);
+          const int bytes = kNhwcChannels * (int)sizeof(T);  // one vector per pixel
+          p.gpairs = s.C % kNhwcChannels == 0 && reinterpret_cast<uintptr_t>(grad_out) % bytes == 0;
+          p.xpairs = s.C % kNhwcChannels == 0 && reinterpret_cast<uintptr_t>(in) % bytes == 0;
+          p.grad_w = static_cast<T*>(grad_w);
+          return launch(dw_tc_small_weight_grad_nhwc<T>, dim3(ceil_div(s.C, kNhwcChannels), sq.slices), block,
+                        sq.smem, stream, p);
         } else {
           p.gpairs = s.OW % 2 == 0 && reinterpret_cast<uintptr_t>(grad_out) % 4 == 0;
           p.xpairs = s.W % 2 == 0 && reinterpret_cast<uintptr_t>(in) % 4 == 0;

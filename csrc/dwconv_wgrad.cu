@@ -218,7 +218,7 @@ cudaError_t dwconv2d_weight_grad(DType t, const void* grad_out, const void* in, 
   const size_t elem = elem_bytes(t);
   if (s.planes == 0 || s.OH <= 0 || s.OW <= 0) return cudaMemsetAsync(grad_w, 0, elem * n_w, stream);
   if (dwconv2d_tc_weight_grad_fits(t, s)) {
-    if (workspace == nullptr) return cudaErrorInvalidValue;
+    if (workspace == nullptr && !s.nhwc) return cudaErrorInvalidValue;  // channels_last: none needed
     return dwconv2d_tc_weight_grad(t, grad_out, in, grad_w, workspace, s, stream);
   }
   if (s.nhwc) return cudaErrorInvalidValue;
