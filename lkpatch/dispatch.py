@@ -200,10 +200,11 @@ def effective_macs(size: Sequence[int], kernel_size: Sequence[int], pads: Sequen
 # is lower for PyTorch's path (H100: 8x64x28x28 with 7x7, 18 M, lost every pass; 64x512x14x14
 # with 1x7, 39 M, won the bf16 forward; 16x128x56x56 with 3x3, 58 M, won all but the bias grad).
 _TINY_MACS = {"forward": 30_000_000, "input_grad": 25_000_000, "weight_grad": 25_000_000}
-# PyTorch's sum over a channels_last output gradient (over N, H, W) ran slower than lkpatch's
-# kernel from 4.8 M elements (H100, bf16: 27.6 vs 19.8 us a call; 146.7 vs 52.5 at 25.7 M); below
-# 2.5 M both took host time alike.
-_CL_BIAS_ELEMENTS = 4_000_000
+# PyTorch's sum over a channels_last output gradient (over N, H, W) took more GPU time than
+# lkpatch's kernel at every size measured (H100, bf16: 10.0 vs 5.5 us at 3.2 M elements, 146.7 vs
+# 52.5 at 25.7 M); as separate calls both are bound by host time up to about 2.5 M. From 1 M
+# elements the kernel takes it.
+_CL_BIAS_ELEMENTS = 1_000_000
 
 
 def _faster_than_native(pass_: str, size: Sequence[int], kernel_size: Sequence[int], pads: Sequence[int],

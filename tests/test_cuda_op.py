@@ -243,6 +243,10 @@ def test_channels_last_native_eager(grad_fmt):
     assert y.is_contiguous(memory_format=cl) and got[1].is_contiguous(memory_format=cl)
     for name, a, r in zip(("output", "grad_input", "grad_weight", "grad_bias"), got, ref):
         assert rel_err(a, r) <= 1e-2, name
+    # a frozen weight: the input and bias gradients alone
+    with dispatch.force("kernel"):
+        gx, gb = torch.autograd.grad(lkpatch.depthwise_conv2d(xs, w, bs, padding=pads), (xs, bs), g)
+    assert rel_err(gx, ref[1]) <= 1e-2 and rel_err(gb, ref[3]) <= 1e-2
 
 
 def test_channels_last_errors():
