@@ -6,7 +6,8 @@
 * Meta / fake tensors, Autograd and Autocast each get their own registration below.
 
 In eager mode on CUDA, ``eager_dwconv2d`` runs the same passes with less host time: the
-extension's C++ autograd op where every pass runs on the kernels, else ``EagerDepthwiseConv2d``
+extension's C++ autograd op where every pass runs on the kernels (NCHW, or channels_last they take
+natively), else ``EagerDepthwiseConv2d``
 (the same CUDA passes and backward formula, minus the dispatcher for each pass). Under
 ``torch.compile`` the op itself is traced instead.
 
@@ -51,9 +52,9 @@ def _kernels():
     return _ext
 
 
-# The kernels take contiguous NCHW and return NCHW; results come back in the input's format.
-# channels_last tensors change format through lkpatch's tiled copies (PyTorch's strided copy
-# moves them at a fraction of the memory bandwidth).
+# The kernels take contiguous NCHW, and channels_last where ``dispatch.native_channels_last`` says
+# so; results come back in the input's format. Other channels_last tensors change format through
+# lkpatch's tiled copies (PyTorch's strided copy moves them at a fraction of the memory bandwidth).
 def _channels_last(t) -> bool:
     return _native.output_memory_format(t) == torch.channels_last
 
@@ -275,13 +276,13 @@ class EagerDepthwiseConv2d(torch.autograd.Function):
                           functools.partial(_bias_grad_cuda, nchw=nchw), _as_format)
 
 
-# A channels_last input whose forward runs on lkpatch's kernel goes through NCHW as a whole: the
-# copies in and out are autograd nodes of their own, so the convolution saves the forward's NCHW
-# copy and its backward needs no copy of the input again -- four layout copies per forward +
-# backward instead of five. The saved copy takes the input's place: memory stays the same unless
-# something else keeps the input for the backward too (a ReLU just before the layer saves its
-# output), which then holds one more activation-sized tensor until the backward. Under
-# create_graph the copies' gradients are PyTorch's differentiable ones.
+# A channels_last input whose forward runs on lkpatch's kernel, but not natively in that layout,
+# goes through NCHW as a whole: the copies in and out are autograd nodes of their own, so the
+# convolution saves the forward's NCHW copy and its backward needs no copy of the input again --
+# four layout copies per forward + backward instead of five. The saved copy takes the input's
+# place: memory stays the same unless something else keeps the input for the backward too (a ReLU
+# just before the layer saves its output), which then holds one more activation-sized tensor until
+# the backward. Under create_graph the copies' gradients are PyTorch's differentiable ones.
 class _ChannelsLastAsNCHW(torch.autograd.Function):
     @staticmethod
     def forward(ctx, t):
