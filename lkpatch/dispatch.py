@@ -253,11 +253,11 @@ def _faster_than_native(pass_: str, size: Sequence[int], kernel_size: Sequence[i
     return kmin >= (9 if pass_ == "forward" and not half else 7)
 
 
-# The channels_last kernels (blocks of 8 channels x 16 images, transposed in shared memory) cost
+# The channels_last kernels (blocks of channels x 16 images, transposed in shared memory) cost
 # more per tap than the NCHW ones -- they build each channel's banded fragments for 16 images,
 # not 64 -- while the layout copies they save cost the same per element. On an H100 (bf16, N 64,
-# GPU time per forward + backward) they won at 49 taps a pixel (7x7 maps, 13x13 kernel: 113 us
-# vs 128 us through NCHW) and lost at 196 (14x14 maps, 27x27: 213 us vs 171 us).
+# GPU time per forward + backward) they won at 49 taps a pixel (7x7 maps, 13x13 kernel: 0.105 ms
+# vs 0.128 through NCHW) and lost at 196 (14x14 maps, 27x27: 198 us of kernels vs 166 us).
 _NATIVE_CL_TAPS = 100
 
 
