@@ -597,7 +597,8 @@ bool dwconv2d_tc_forward_fits(DType t, const DwShape& s) {
   // 56 x 56 with 7 x 7 and 14 x 14 with 27 x 27 ran slower, so they stay exact.
   if (tf32 && ((int64_t)s.OH * s.OW < 28 * 28 || s.KW < 9)) return false;
   if (s.nhwc)  // channels_last: the small-map kernel only
-    return !tf32 && small_map(s) && N / 16 < 65535 && plan_small(s, lim.sms).smem <= (size_t)lim.max_smem_optin;
+    return !tf32 && small_map(s) && (N + 15) / 16 <= 65535 &&
+           plan_small(s, lim.sms).smem <= (size_t)lim.max_smem_optin;
   if (!tf32 && small_map(s)) return s.C <= 65535 && plan_small(s, lim.sms).smem <= (size_t)lim.max_smem_optin;
   const TcPlan q = plan(s, tf32 ? 4 : 2);
   return q.S <= (tf32 ? kMaxS<float> : kMaxS<__half>) && (int64_t)s.C * ceil_div((int)N, 16) <= 65535 &&

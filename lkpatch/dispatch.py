@@ -288,6 +288,8 @@ def _native_channels_last(pass_, size, kernel_size, pads, dtype) -> bool:
     oh, ow = h + pads[0] + pads[1] - kernel_size[0] + 1, w + pads[2] + pads[3] - kernel_size[1] + 1
     if max(h, w, oh, ow) > 16:
         return False
+    if pass_ != "weight_grad" and (n + 15) // 16 > 65535:  # the forward's grid: 16-image slices
+        return False
     return effective_macs(size, kernel_size, pads) <= _NATIVE_CL_TAPS * n * c * oh * ow
 
 

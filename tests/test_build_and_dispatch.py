@@ -260,6 +260,11 @@ def test_native_channels_last(monkeypatch):
         assert not native(pass_, (64, 1024, 7, 7), (13, 13), (6, 6, 6, 6), torch.float32)  # fp32
         assert not native(pass_, (64, 512, 17, 14), (3, 3), (1, 1, 1, 1), torch.bfloat16)  # a side over 16
         assert not native(pass_, (64, 512, 14, 14), (3, 3), (3, 2, 1, 1), torch.bfloat16)  # output 17 rows
+    # the forward's grid holds up to 65535 slices of 16 images; the weight-grad's has no such limit
+    assert native("forward", (16 * 65535, 8, 7, 7), (7, 7), (3, 3, 3, 3), torch.bfloat16)
+    for pass_ in ("forward", "input_grad", "all"):
+        assert not native(pass_, (16 * 65535 + 1, 8, 7, 7), (7, 7), (3, 3, 3, 3), torch.bfloat16)
+    assert native("weight_grad", (16 * 65535 + 1, 8, 7, 7), (7, 7), (3, 3, 3, 3), torch.bfloat16)
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         assert native("bias_grad", (64, 512, 56, 56), (1, 1), (0, 0, 0, 0), dtype)
     monkeypatch.setattr(dispatch, "_tensor_cores_off", lambda: True)
