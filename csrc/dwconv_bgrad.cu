@@ -138,9 +138,11 @@ int slices_for(int64_t N, int C, int64_t HW, int sms) {
   return (int)std::min<int64_t>({by_gpu, by_work, N, 65535});
 }
 
-// channels_last: row slices for ~4 blocks per SM, at least 64 rows each, at most 256 slices.
-int nhwc_slices_for(int64_t rows, int col_blocks, int sms) {
-  const int64_t by_gpu = std::max<int64_t>(1, ceil_div(4 * sms, col_blocks));
+// channels_last: row slices for ~4 blocks per SM (counting blocks of 256 channels, the 16-byte
+// half-type case), at least 64 rows each, at most 256 slices. The workspace and the launch both
+// take it from here.
+int nhwc_slices_for(int64_t rows, int C, int sms) {
+  const int64_t by_gpu = std::max<int64_t>(1, ceil_div(4 * sms, ceil_div(C, 256)));
   return (int)std::min<int64_t>({by_gpu, std::max<int64_t>(1, rows / 64), 256});
 }
 
@@ -151,15 +153,12 @@ int nhwc_load_bytes(int C, const void* grad) {
   return C % (16 / (int)sizeof(T)) == 0 && reinterpret_cast<uintptr_t>(grad) % 16 == 0 ? 16 : (int)sizeof(T);
 }
 
-int nhwc_col_blocks(DType t, int C, int bytes) { return ceil_div(C, 32 * bytes / (int)elem_bytes(t)); }
-
 }  // namespace
 
 size_t dwconv2d_bias_grad_workspace(int64_t N, int C, int64_t HW, bool channels_last) {
   DeviceLimits lim;
   if (N == 0 || C == 0 || device_limits(&lim) != cudaSuccess) return 0;
-  // channels_last: room for the element-load case, which has the most column blocks
-  const int slices = channels_last ? nhwc_slices_for(N * HW, ceil_div(C, 32 * 8), lim.sms) : slices_for(N, C, HW, lim.sms);
+  const int slices = channels_last ? nhwc_slices_for(N * HW, C, lim.sms) : slices_for(N, C, HW, lim.sms);
   return slices > 1 ? sizeof(float) * slices * (size_t)C : 0;
 }
 
@@ -175,11 +174,9 @@ cudaError_t dwconv2d_bias_grad(DType t, const void* grad_out, void* grad_b, floa
       using T = decltype(tag);
       const T* g = static_cast<const T*>(grad_out);
       const int bytes = nhwc_load_bytes<T>(C, grad_out);
-      const int col_blocks = nhwc_col_blocks(t, C, bytes);
+      const int col_blocks = ceil_div(C, 32 * bytes / (int)sizeof(T));  // 32 loads of a row each
       const int64_t rows = N * HW;
-      // never more slices than the workspace was sized for (ceil_div(C, 256) column blocks)
-      const int slices = std::min(nhwc_slices_for(rows, col_blocks, lim.sms),
-                                  nhwc_slices_for(rows, ceil_div(C, 32 * 8), lim.sms));
+      const int slices = nhwc_slices_for(rows, C, lim.sms);
       if (slices > 1 && workspace == nullptr) return cudaErrorInvalidValue;
       const int64_t per = (rows + slices - 1) / slices;
       auto run = [&](auto chunk) -> cudaError_t {

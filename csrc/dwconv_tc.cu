@@ -412,18 +412,21 @@ __global__ void __launch_bounds__(32 * kSmallWarps) dw_tc_small_forward(const Tc
   }
 }
 
-// channels_last (NHWC): a block takes CG consecutive channels of 16 images. A pixel's channels
-// are one vector in memory, so the block stages all of them at once, transposing into per-channel
+// channels_last (NHWC): a block takes kNhwcChannels consecutive channels of 16 images. A pixel's
+// channels are one 16-byte vector in memory, so the block stages all of them at once, transposing into per-channel
 // planes as the NCHW kernel stages them. Then it walks the channels: the warps compute one
 // channel's output rows while they build the next channel's T_i fragments (two buffers: one
 // barrier per channel), and after the barrier a channel's results replace its input plane (no
 // longer read). At the end each thread gathers a pixel's CG channels from the planes and stores
 // them as one vector.
-constexpr int kNhwcJobs = 2;  // output rows per warp: up to 16 rows over kSmallWarps warps
+// (8 channels: 4 ran slower on an H100, 60 vs 49 us on 7 x 7 maps, 109 vs 95 on 14 x 14.)
+constexpr int kNhwcJobs = 2;      // output rows per warp: up to 16 rows over kSmallWarps warps
+constexpr int kNhwcChannels = 8;  // a 16-byte vector of half values
 
-template <typename T, int CG>
+template <typename T>
 __global__ void __launch_bounds__(32 * kSmallWarps) dw_tc_small_forward_nhwc(const TcSmallParams<T> p) {
-  using Vec = std::conditional_t<CG * sizeof(T) == 16, uint4, uint2>;
+  constexpr int CG = kNhwcChannels;
+  using Vec = uint4;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const DwShape& s = p.s;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -502,13 +505,9 @@ struct TcSmallPlan {
 
 bool small_map(const DwShape& s) { return small_map_tiles(s) == 1; }
 
-// NHWC: blocks of nhwc_group() channels of 16 images (two fragment buffers; a plane also holds the
-// output): at most 99 KB, within every sm_80+ GPU's limit. 32 images (half the fragment builds,
-// 7 x 7 maps) ran slower on an H100: half the blocks.
-int nhwc_group() {
-  static const char* env = getenv("LKPATCH_NHWC_FWD_CG");  // benchmarking: 4 or 8
-  return env && atoi(env) == 4 ? 4 : 8;
-}
+// NHWC: blocks of kNhwcChannels channels of 16 images (two fragment buffers; a plane also holds
+// the output): at most 99 KB, within every sm_80+ GPU's limit. 32 images (half the fragment
+// builds, 7 x 7 maps) ran slower on an H100: half the blocks.
 
 TcSmallPlan plan_small(const DwShape& s, int sms) {
   TcSmallPlan q{};
@@ -519,7 +518,7 @@ TcSmallPlan plan_small(const DwShape& s, int sms) {
   q.slices = slices.slices;
   const KernelRows reach = reaching_kernel_rows(s);
   const int rows = std::max(0, reach.hi - reach.lo);
-  const int stacks = s.nhwc ? nhwc_group() : 1, buffers = s.nhwc ? 2 : 1;
+  const int stacks = s.nhwc ? kNhwcChannels : 1, buffers = s.nhwc ? 2 : 1;
   q.smem = (size_t)buffers * rows * kBandEntries * 16 + (size_t)stacks * q.per_slice * q.xplane * 2;
   return q;
 }
@@ -624,12 +623,10 @@ cudaError_t dwconv2d_tc_forward(DType t, const void* in, const void* w, const vo
         p.per_slice = q.per_slice;
         p.xplane = q.xplane;
         if (s.nhwc) {
-          const int cg = nhwc_group(), bytes = cg * (int)sizeof(T);  // one vector per pixel
-          p.vec = s.C % cg == 0 && reinterpret_cast<uintptr_t>(in) % bytes == 0 &&
-                  reinterpret_cast<uintptr_t>(out) % bytes == 0;
-          const dim3 grid(ceil_div(s.C, cg), q.slices), block(32 * kSmallWarps);
-          return cg == 8 ? launch(dw_tc_small_forward_nhwc<T, 8>, grid, block, q.smem, stream, p)
-                         : launch(dw_tc_small_forward_nhwc<T, 4>, grid, block, q.smem, stream, p);
+          p.vec = s.C % kNhwcChannels == 0 && reinterpret_cast<uintptr_t>(in) % 16 == 0 &&
+                  reinterpret_cast<uintptr_t>(out) % 16 == 0;  // one vector per pixel
+          return launch(dw_tc_small_forward_nhwc<T>, dim3(ceil_div(s.C, kNhwcChannels), q.slices),
+                        dim3(32 * kSmallWarps), q.smem, stream, p);
         }
         p.pairs = s.W % 2 == 0 && reinterpret_cast<uintptr_t>(in) % 4 == 0;
         return launch(dw_tc_small_forward<T>, dim3(q.slices, s.C), dim3(32 * kSmallWarps), q.smem, stream, p);

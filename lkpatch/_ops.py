@@ -308,26 +308,25 @@ class _NCHWAsChannelsLast(torch.autograd.Function):
 def eager_dwconv2d(x, weight, bias, padding):
     """``lkpatch::dwconv2d`` on CUDA tensors in eager mode."""
     k = weight.shape[2:]
-    if (_channels_last(x) and not dispatch.native_channels_last("all", x.shape, k, padding, x.dtype)
-            and dispatch.use_kernel("forward", x.shape, k, padding, x.dtype, True)):
-        y = _eager_direct(_ChannelsLastAsNCHW.apply(x), weight, bias, padding)
+    native_cl = _native_cl("all", x, x.shape, k, padding)
+    if not native_cl and _channels_last(x) and dispatch.use_kernel("forward", x.shape, k, padding, x.dtype, True):
+        y = _eager_direct(_ChannelsLastAsNCHW.apply(x), weight, bias, padding, False)
         # A 1 x 1 output is channels_last already; passed through the copy node unchanged, it
         # would be a view that in-place ops (a ReLU(inplace=True) after it) must not modify.
         return y if y.is_contiguous(memory_format=torch.channels_last) else _NCHWAsChannelsLast.apply(y)
-    return _eager_direct(x, weight, bias, padding)
+    return _eager_direct(x, weight, bias, padding, native_cl)
 
 
-def _eager_direct(x, weight, bias, padding):
+def _eager_direct(x, weight, bias, padding, native_cl):
     """Where every pass of the call runs on the kernels, on ``x`` as it is (NCHW, or channels_last
     the kernels take natively), the extension's C++ autograd op (in ``csrc/binding.cpp``: its
     backward runs without Python, which costs less host time; it reads PyTorch's TF32 switch at
-    the forward, for the backward too); otherwise ``EagerDepthwiseConv2d``, which decides per pass."""
+    the forward, for the backward too); otherwise ``EagerDepthwiseConv2d``, which decides per pass.
+    ``native_cl``: ``_native_cl("all", x, ...)``, which the caller has decided already."""
     if type(x) is torch.Tensor and x.is_cuda:  # no fake or subclass tensors
-        k = weight.shape[2:]
-        cl = not x.is_contiguous()
-        if ((not cl or (_channels_last(x) and dispatch.native_channels_last("all", x.shape, k, padding, x.dtype)))
-                and dispatch.use_kernel("all", x.shape, k, padding, x.dtype, cl)):
-            bias_kernel = bias is not None and _bias_on_kernel(x.shape, x.dtype, cl)
+        if ((native_cl or x.is_contiguous())
+                and dispatch.use_kernel("all", x.shape, weight.shape[2:], padding, x.dtype, native_cl)):
+            bias_kernel = bias is not None and _bias_on_kernel(x.shape, x.dtype, native_cl)
             return _kernels().dwconv2d_autograd(x, weight, bias, padding, dispatch.tf32_pass(x.dtype), bias_kernel)
     return EagerDepthwiseConv2d.apply(x, weight, bias, padding)
 
