@@ -419,7 +419,7 @@ __global__ void __launch_bounds__(32 * kSmallWarps) dw_tc_small_forward(const Tc
 // barrier per channel), and after the barrier a channel's results replace its input plane (no
 // longer read). At the end each thread gathers a pixel's CG channels from the planes and stores
 // them as one vector.
-// (8 channels: 4 ran slower on an H100, 60 vs 49 us on 7 x 7 maps, 109 vs 95 on 14 x 14.)
+// (8 channels: 4 ran slower on an H100, 60.1 vs 54.7 us on 7 x 7 maps, 109.0 vs 98.8 on 14 x 14.)
 constexpr int kNhwcJobs = 2;      // output rows per warp: up to 16 rows over kSmallWarps warps
 constexpr int kNhwcChannels = 8;  // a 16-byte vector of half values
 
