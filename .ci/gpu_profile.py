@@ -2,8 +2,8 @@
 
   python .ci/gpu_profile.py overhead        host microseconds per call of each path (tiny shape)
   python .ci/gpu_profile.py kernels [S...]  launch forward and weight-grad once per shape, for ncu
-      (LKPATCH_PROFILE_DTYPE=bfloat16 for the half-precision kernels, LKPATCH_PROFILE_CL=1 channels_last
-      tensors, which small maps take natively):
+      (LKPATCH_PROFILE_DTYPE=bfloat16 for the half-precision kernels, LKPATCH_PROFILE_TF32=1 fp32 on
+      the TF32 ones, LKPATCH_PROFILE_CL=1 channels_last tensors, which small maps take natively):
       ncu --section SpeedOfLight --section Occupancy --section WarpStateStats \\
           -k regex:dw_ python .ci/gpu_profile.py kernels
   python .ci/gpu_profile.py hostbound       host time per fwd+bwd vs its GPU time (small maps)
@@ -153,8 +153,9 @@ def kernels(names):
         wt = torch.randn(c, 1, k, k, device="cuda", dtype=dtype)
         g = torch.randn(n, c, h, w, device="cuda", dtype=dtype).contiguous(memory_format=fmt)
         pads = [k // 2] * 4
-        torch.ops.lkpatch_ext.dwconv2d(x, wt, None, pads)
-        torch.ops.lkpatch_ext.dwconv2d_weight_grad(g, x, [k, k], pads)
+        tf32 = bool(os.environ.get("LKPATCH_PROFILE_TF32"))  # fp32 on the TF32 kernels
+        torch.ops.lkpatch_ext.dwconv2d(x, wt, None, pads, tf32)
+        torch.ops.lkpatch_ext.dwconv2d_weight_grad(g, x, [k, k], pads, tf32)
         torch.cuda.synchronize()
         print("launched", name, flush=True)
 

@@ -18,6 +18,13 @@ __device__ __forceinline__ uint32_t bits(__nv_bfloat16 v) { return __bfloat16_as
 // Two 16-bit values in one register, `lo` in the low half (the order of mma fragments).
 template <typename T> __device__ __forceinline__ uint32_t pack2(T lo, T hi) { return bits(lo) | (bits(hi) << 16); }
 
+// Two consecutive elements as one 4- or 8-byte store (aligned so).
+template <typename T>
+__device__ __forceinline__ void store2(T* at, T lo, T hi) {
+  if constexpr (std::is_same_v<T, float>) *reinterpret_cast<float2*>(at) = make_float2(lo, hi);
+  else *reinterpret_cast<uint32_t*>(at) = pack2(lo, hi);
+}
+
 // An fp32 value rounded to TF32 (to nearest, ties away), as an mma operand register.
 __device__ __forceinline__ uint32_t to_tf32(float v) {
   uint32_t r = 0;
@@ -98,10 +105,15 @@ __device__ __forceinline__ void copy_async_wait_group() {
 #endif
 }
 
+// An fp32 value rounded to TF32, kept as fp32 (staged operands of the TF32 kernels: rounded once,
+// not at every fragment load).
+__device__ __forceinline__ float round_tf32(float v) { return __uint_as_float(to_tf32(v)); }
+
 // Planes of images n_begin .. n_begin + 16 * groups - 1 of channel c (rows x cols each, in an
 // N x C x rows x cols tensor) into dst[image][row][COLS], `pitch` elements per image: zeros past
-// the nimg real images and past each row's end. `pairs`: 4-byte asynchronous copies (even cols,
-// aligned base; the caller commits and waits); else plain loads. For the small-map kernels.
+// the nimg real images and past each row's end. `pairs`: two elements a copy (even cols, aligned
+// base): 4- or 8-byte asynchronous copies (the caller commits and waits); else plain loads. float
+// (TF32): then round_staged_planes. For the small-map kernels.
 template <int COLS, typename T>
 __device__ __forceinline__ void stage_planes(T* dst, const T* src, int C, int c, int n_begin, int nimg, int groups,
                                              int rows, int cols, int pitch, bool pairs, T zero) {
@@ -111,11 +123,24 @@ __device__ __forceinline__ void stage_planes(T* dst, const T* src, int C, int c,
     const T* from = src + ((int64_t)(n_begin + m) * C + c) * rows * cols + y * cols + x;
     const bool img = m < nimg;
     if (pairs) {
-      copy_async<4>(d, img && x < cols ? from : src, img && x < cols);
+      copy_async<2 * sizeof(T)>(d, img && x < cols ? from : src, img && x < cols);
     } else {
       d[0] = img && x < cols ? from[0] : zero;
       d[1] = img && x + 1 < cols ? from[1] : zero;
     }
+  }
+}
+
+// TF32: rounds the elements this thread staged with stage_planes<COLS, float> (the same loop), in
+// place, once its copies have landed (after copy_async_wait_group, before the block's barrier).
+template <int COLS>
+__device__ __forceinline__ void round_staged_planes(float* dst, int groups, int rows, int pitch) {
+  const int total = 16 * groups * rows * (COLS / 2);
+  for (int u = threadIdx.x; u < total; u += blockDim.x) {
+    const int x = 2 * (u % (COLS / 2)), r = u / (COLS / 2), m = r / rows, y = r - m * rows;
+    float2* d = reinterpret_cast<float2*>(dst + m * pitch + y * COLS + x);
+    const float2 v = *d;
+    *d = make_float2(round_tf32(v.x), round_tf32(v.y));
   }
 }
 

@@ -292,54 +292,79 @@ __global__ void __launch_bounds__(32 * kMaxWarps, 4) dw_tc_forward(const TcParam
 }
 
 // ---- maps up to 16 x 16 -----------------------------------------------------------------------
-// A row of such a map is one 16-column k-step, so output row oy of 16 images is
+// A row of such a map is one 16-column k-step (two in TF32), so output row oy of 16 images is
 //   sum over kernel rows i of  in_row(oy + i - pad_t) [16 images x 16 columns]  x  T_i [16 x 16]:
-// two mma per (oy, i). A block takes up to 64 images of one channel, stages their planes as
-// stored (rows padded to 16 columns with zeros), builds every T_i's fragments once, and its warps
-// take (output row, 16 images) jobs, each walking only the kernel rows that reach the map.
+// two mma per (oy, i), four in TF32. A block takes up to 32 images of one channel, stages their
+// planes as stored (rows padded to 16 columns with zeros; TF32: rounded once here), builds every
+// T_i's fragments once, and its warps take (output row, 16 images) jobs, each walking only the
+// kernel rows that reach the map.
 constexpr int kSmallWarps = 8;
-constexpr int kSmallImages = 64;
+// Most images a block takes. 32 ran faster than 64 on an H100 (GPU time per forward + backward,
+// N 64): bf16 14 x 14 maps 0.116 vs 0.121 ms with 27 x 27, 0.071 vs 0.076 with 7 x 7, 0.088 vs
+// 0.098 with 5 x 5, even on 7 x 7 and 16 x 16 maps; TF32 14 x 14 with 27 x 27, 105 vs 121 us of
+// forward kernels. (16 was faster still in TF32 on 14 x 14 maps, 98 us, but slower on 7 x 7.)
+constexpr int kSmallImages = 32;
 
 template <typename T>
 struct TcSmallParams : ConvArgs<T> {
   int per_slice;  // images per block: a multiple of 16, at most kSmallImages
-  int xplane;     // staged plane pitch (elements): H * 16 + 8, an odd number of 16-byte units
-  bool pairs;     // NCHW: rows copy as 4-byte pairs (even width, aligned base)
+  int xplane;     // staged plane pitch (elements): H * 16 + 16 bytes, an odd number of 16-byte units
+  bool pairs;     // NCHW: rows copy in pairs of elements (even width, aligned base)
   bool vec;       // NHWC: a pixel's channels of the block load and store as one vector
 };
 
 // Every T_i's B fragments (kernel rows i_lo .. i_hi - 1) of the channel whose weights start at
-// wsrc, into Bf[i - i_lo][band_entry(lane)] (the whole block builds them). Lane (g, t) of column
-// tile j holds T_i[ix][ox] = w[i][ix - ox + pad_l] at ox = 8 j + g and ix = 2t, 2t + 1 (b0),
-// 2t + 8, 2t + 9 (b1); zero off the band. Column tile 1 shifts the band by 8: its b1 is tile 0's
-// b0, so a lane reads six taps, w[i][kw0 - 8 ..], kw0 = 2t - g + pad_l; and lanes with the same
-// 2t - g hold the same fragment: kBandEntries per kernel row, not 32.
-constexpr int kBandEntries = 14;  // 2t - g in [-7, 6]
-__device__ __forceinline__ int band_entry(int lane) { return 2 * (lane & 3) - (lane >> 2) + 7; }
+// wsrc, into Bf[((i - i_lo) * kRowSteps + h) * kBandEntries + band_entry(lane)] (the whole block
+// builds them). A map row is kRowSteps k-steps h of input columns; an entry holds both 8-column
+// output tiles j of one k-step: T_i[ix][ox] = w[i][ix - ox + pad_l] at ox = 8 j + g, zero off
+// the band, for
+//   half types (one k-step): ix = 2t, 2t + 1 (b0), 2t + 8, 2t + 9 (b1), so lanes with the same
+//     2t - g hold the same fragment, and tile 1's b1 is tile 0's b0: six taps from
+//     kw0 = 2t - g + pad_l;
+//   TF32 (two k-steps): ix = 8h + t (b0), 8h + t + 4 (b1): lanes with the same t - g hold the
+//     same fragments, taps kw0 + 8 (h - j) and + 4 from kw0 = t - g + pad_l.
+template <typename T> constexpr int kRowSteps = 16 / kStep<T>;
+constexpr int kBandEntriesHalf = 14, kBandEntriesTf32 = 11;  // 2t - g in [-7, 6]; t - g in [-7, 3]
+template <typename T> constexpr int kBandEntries = std::is_same_v<T, float> ? kBandEntriesTf32 : kBandEntriesHalf;
+// uint4 entries of one kernel row's fragments, by element bytes (the host plans with it).
+__host__ __device__ constexpr int band_row_entries(int esize) {
+  return esize == 4 ? 2 * kBandEntriesTf32 : kBandEntriesHalf;
+}
+template <typename T> __device__ __forceinline__ int band_entry(int lane) {
+  return (std::is_same_v<T, float> ? 1 : 2) * (lane & 3) - (lane >> 2) + 7;
+}
 
 template <typename T>
 __device__ __forceinline__ void build_band_fragments(uint4* Bf, const T* wsrc, const DwShape& s, int flip, int i_lo,
                                                      int i_hi) {
+  constexpr int E = kBandEntries<T>;
   const T zero = from_float<T>(0.f);
   const int step = flip ? -1 : 1;  // the input-gradient reads the kernel rotated by 180 degrees
-  for (int e = threadIdx.x; e < kBandEntries * (i_hi - i_lo); e += blockDim.x) {
-    const int r = e / kBandEntries, i = i_lo + r;
+  for (int e = threadIdx.x; e < E * (i_hi - i_lo); e += blockDim.x) {
+    const int r = e / E, i = i_lo + r;
     const T* row = flip ? wsrc + (s.KH - 1 - i) * s.KW + s.KW - 1 : wsrc + i * s.KW;
     auto tap = [&](int kw) { return (unsigned)kw < (unsigned)s.KW ? __ldg(row + step * kw) : zero; };
-    const int kw0 = e - r * kBandEntries - 7 + s.pad_l;
-    const uint32_t mid = pack2(tap(kw0), tap(kw0 + 1));  // tile 0 b0, tile 1 b1
-    const uint32_t hi = pack2(tap(kw0 + 8), tap(kw0 + 9));  // tile 0 b1
-    const uint32_t lo = pack2(tap(kw0 - 8), tap(kw0 - 7));  // tile 1 b0
-    Bf[e] = make_uint4(mid, hi, lo, mid);
+    const int kw0 = e - r * E - 7 + s.pad_l;
+    if constexpr (std::is_same_v<T, float>) {
+      auto tf = [&](int kw) { return to_tf32(tap(kw)); };
+      uint4* at = Bf + r * 2 * E + e - r * E;
+      at[0] = make_uint4(tf(kw0), tf(kw0 + 4), tf(kw0 - 8), tf(kw0 - 4));  // k-step 0: tiles 0, 1
+      at[E] = make_uint4(tf(kw0 + 8), tf(kw0 + 12), tf(kw0), tf(kw0 + 4));  // k-step 1
+    } else {
+      const uint32_t mid = pack2(tap(kw0), tap(kw0 + 1));  // tile 0 b0, tile 1 b1
+      const uint32_t hi = pack2(tap(kw0 + 8), tap(kw0 + 9));  // tile 0 b1
+      const uint32_t lo = pack2(tap(kw0 - 8), tap(kw0 - 7));  // tile 1 b0
+      Bf[e] = make_uint4(mid, hi, lo, mid);
+    }
   }
 }
 
 // ldmatrix lane address of a staged plane stack X[image][iy][16] (pitch xplane): lane l addresses
-// image (l & 7) + 8 * ((l >> 3) & 1), column 8 * (l >> 4).
+// image (l & 7) + 8 * ((l >> 3) & 1), 16 bytes in if l >= 16 (the right half of a k-step).
 template <typename T>
 __device__ __forceinline__ unsigned small_lane_address(const T* X, int xplane, int lane) {
   return (unsigned)__cvta_generic_to_shared(X) +
-         (unsigned)((((lane & 7) + 8 * ((lane >> 3) & 1)) * xplane + 8 * (lane >> 4)) * sizeof(T));
+         (unsigned)((((lane & 7) + 8 * ((lane >> 3) & 1)) * xplane + (16 / (int)sizeof(T)) * (lane >> 4)) * sizeof(T));
 }
 
 // acc += output row oy of the 16 images at a_base (small_lane_address of their first image):
@@ -347,17 +372,34 @@ __device__ __forceinline__ unsigned small_lane_address(const T* X, int xplane, i
 template <typename T>
 __device__ __forceinline__ void small_output_row(float (&acc)[2][4], unsigned a_base, const uint4* Bf,
                                                  const DwShape& s, int oy, int i_lo, int i_hi, int lane) {
+  constexpr int E = kBandEntries<T>, HS = kRowSteps<T>;
   const int i_a = max(i_lo, s.pad_t - oy), i_b = min(i_hi, s.H + s.pad_t - oy);
   const bool two_tiles = s.OW > 8;  // output columns 8-15 exist
+  const bool two_steps = HS > 1 && s.W > 8;  // TF32: input columns 8-15 exist
   a_base += (unsigned)((oy - s.pad_t) * 16 * (int)sizeof(T));
-  Bf += band_entry(lane);
+  Bf += band_entry<T>(lane);
+  // TF32: the second k-step sums into its own accumulators, so that the chains of dependent mma
+  // are no longer than in half precision. (Loading kernel row i + 1's fragments during row i's
+  // mma ran slower on an H100: bf16 forward kernels 66.9 vs 64.6 us on 14 x 14 maps, 58.2 vs
+  // 55.4 on 7 x 7; TF32 no faster.)
+  float acc1[2][4] = {};
   for (int i = i_a; i < i_b; ++i) {
-    const uint4 b = Bf[(i - i_lo) * kBandEntries];
-    uint32_t A[4];
-    ldmatrix_x4(A, a_base + (unsigned)(i * 16 * sizeof(T)));
-    mma_tile<T>(acc[0], A[0], A[1], A[2], A[3], b.x, b.y);
-    if (two_tiles) mma_tile<T>(acc[1], A[0], A[1], A[2], A[3], b.z, b.w);
+#pragma unroll
+    for (int h = 0; h < HS; ++h) {
+      if (h > 0 && !two_steps) break;
+      float(&d)[2][4] = h == 0 ? acc : acc1;
+      const uint4 b = Bf[((i - i_lo) * HS + h) * E];
+      uint32_t A[4];
+      ldmatrix_x4(A, a_base + (unsigned)((i * 16 + h * kStep<T>) * sizeof(T)));
+      mma_tile<T>(d[0], A[0], A[1], A[2], A[3], b.x, b.y);
+      if (two_tiles) mma_tile<T>(d[1], A[0], A[1], A[2], A[3], b.z, b.w);
+    }
   }
+  if constexpr (HS > 1)
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) acc[j][q] += acc1[j][q];
 }
 
 template <typename T>
@@ -370,14 +412,15 @@ __global__ void __launch_bounds__(32 * kSmallWarps) dw_tc_small_forward(const Tc
   const int groups = ceil_div(nimg, 16);
   const KernelRows reach = reaching_kernel_rows(s);
   const int i_lo = reach.lo, i_hi = reach.hi;
-  uint4* Bf = reinterpret_cast<uint4*>(smem_raw);  // [i - i_lo][entry]: T_i's fragments, both column tiles
-  T* X = reinterpret_cast<T*>(Bf + kBandEntries * max(0, i_hi - i_lo));  // [image][iy][16]
+  uint4* Bf = reinterpret_cast<uint4*>(smem_raw);  // [i - i_lo][k-step][entry]: T_i's fragments, both column tiles
+  T* X = reinterpret_cast<T*>(Bf + band_row_entries(sizeof(T)) * max(0, i_hi - i_lo));  // [image][iy][16]
 
   const T zero = from_float<T>(0.f);
   stage_planes<16>(X, p.in, s.C, c, n_begin, nimg, groups, s.H, s.W, p.xplane, p.pairs, zero);
   copy_async_commit();
   build_band_fragments(Bf, p.w + (int64_t)c * s.KH * s.KW, s, p.flip, i_lo, i_hi);
   copy_async_wait_group<0>();
+  if constexpr (std::is_same_v<T, float>) round_staged_planes<16>(X, groups, s.H, p.xplane);
   __syncthreads();
 
   const unsigned x_lane = small_lane_address(X, p.xplane, lane);
@@ -402,7 +445,7 @@ __global__ void __launch_bounds__(32 * kSmallWarps) dw_tc_small_forward(const Tc
         const int ox = 8 * j + 2 * t;
         const T v0 = from_float<T>(acc[j][2 * h]), v1 = from_float<T>(acc[j][2 * h + 1]);
         if (s.OW % 2 == 0 && ox + 1 < s.OW) {
-          *reinterpret_cast<uint32_t*>(row + ox) = pack2(v0, v1);
+          store2(row + ox, v0, v1);
         } else {
           if (ox < s.OW) row[ox] = v0;
           if (ox + 1 < s.OW) row[ox + 1] = v1;
@@ -435,7 +478,7 @@ __global__ void __launch_bounds__(32 * kSmallWarps) dw_tc_small_forward_nhwc(con
   const KernelRows reach = reaching_kernel_rows(s);
   const int i_lo = reach.lo, i_hi = reach.hi, rows = max(0, i_hi - i_lo);
   uint4* Bf = reinterpret_cast<uint4*>(smem_raw);  // two buffers of [i - i_lo][entry]
-  T* X = reinterpret_cast<T*>(Bf + 2 * kBandEntries * rows);  // [channel][image][row][16]: input, then output
+  T* X = reinterpret_cast<T*>(Bf + 2 * kBandEntries<T> * rows);  // [channel][image][row][16]: input, then output
   const int cpitch = 16 * p.xplane;
 
   stage_planes_nhwc<CG, 16>(X, p.in, s.C, c0, n_begin, nimg, s.H, s.W, p.xplane, cpitch, p.vec);
@@ -447,9 +490,9 @@ __global__ void __launch_bounds__(32 * kSmallWarps) dw_tc_small_forward_nhwc(con
   const int g = lane >> 2, t = lane & 3;
   for (int ch = 0; ch < nch; ++ch) {
     if (ch + 1 < nch)
-      build_band_fragments(Bf + ((ch + 1) & 1) * kBandEntries * rows, w0 + (int64_t)(ch + 1) * s.KH * s.KW, s,
+      build_band_fragments(Bf + ((ch + 1) & 1) * kBandEntries<T> * rows, w0 + (int64_t)(ch + 1) * s.KH * s.KW, s,
                            p.flip, i_lo, i_hi);
-    const uint4* B = Bf + (ch & 1) * kBandEntries * rows;
+    const uint4* B = Bf + (ch & 1) * kBandEntries<T> * rows;
     const float bias = p.bias ? load(p.bias + c0 + ch) : 0.f;
     float acc[kNhwcJobs][2][4];
 #pragma unroll
@@ -509,9 +552,10 @@ bool small_map(const DwShape& s) { return small_map_tiles(s) == 1; }
 // the output): at most 99 KB, within every sm_80+ GPU's limit. 32 images (half the fragment
 // builds, 7 x 7 maps) ran slower on an H100: half the blocks.
 
-TcSmallPlan plan_small(const DwShape& s, int sms) {
+// esize: bytes per element (2: half types, 4: TF32, NCHW only).
+TcSmallPlan plan_small(const DwShape& s, int sms, int esize) {
   TcSmallPlan q{};
-  q.xplane = (s.nhwc ? std::max(s.H, s.OH) : s.H) * 16 + 8;
+  q.xplane = (s.nhwc ? std::max(s.H, s.OH) : s.H) * 16 + 16 / esize;
   const int N = (int)(s.planes / s.C);
   const ImageSlices slices = s.nhwc ? ImageSlices{16, ceil_div(N, 16)} : image_slices(N, s.C, sms, kSmallImages);
   q.per_slice = slices.per_slice;
@@ -519,7 +563,7 @@ TcSmallPlan plan_small(const DwShape& s, int sms) {
   const KernelRows reach = reaching_kernel_rows(s);
   const int rows = std::max(0, reach.hi - reach.lo);
   const int stacks = s.nhwc ? kNhwcChannels : 1, buffers = s.nhwc ? 2 : 1;
-  q.smem = (size_t)buffers * rows * kBandEntries * 16 + (size_t)stacks * q.per_slice * q.xplane * 2;
+  q.smem = (size_t)buffers * rows * band_row_entries(esize) * 16 + (size_t)stacks * q.per_slice * q.xplane * esize;
   return q;
 }
 
@@ -591,14 +635,14 @@ bool dwconv2d_tc_forward_fits(DType t, const DwShape& s) {
   if (device_limits(&lim) != cudaSuccess || lim.cc_major < 8) return false;
   const int64_t N = s.planes / s.C;
   if (N < 8) return false;  // M = 16 images: fewer than 8 would waste most of the tensor core
-  const bool tf32 = t == DType::tf32;  // TF32 takes the general kernel on every map size
-  // TF32 beat the exact CUDA-core kernels (H100, N 64) only from 28 x 28 maps and 9 taps a row:
-  // 56 x 56 with 7 x 7 and 14 x 14 with 27 x 27 ran slower, so they stay exact.
-  if (tf32 && ((int64_t)s.OH * s.OW < 28 * 28 || s.KW < 9)) return false;
-  if (s.nhwc)  // channels_last: the small-map kernel only
+  const bool tf32 = t == DType::tf32;
+  if (s.nhwc)  // channels_last: the small-map kernel, half types only
     return !tf32 && small_map(s) && (N + 15) / 16 <= 65535 &&
-           plan_small(s, lim.sms).smem <= (size_t)lim.max_smem_optin;
-  if (!tf32 && small_map(s)) return s.C <= 65535 && plan_small(s, lim.sms).smem <= (size_t)lim.max_smem_optin;
+           plan_small(s, lim.sms, 2).smem <= (size_t)lim.max_smem_optin;
+  if (small_map(s)) return s.C <= 65535 && plan_small(s, lim.sms, tf32 ? 4 : 2).smem <= (size_t)lim.max_smem_optin;
+  // The general kernel in TF32 beat the exact CUDA-core kernels (H100, N 64) only from 28 x 28
+  // maps and 9 taps a row: 56 x 56 with 7 x 7 ran slower, so it stays exact.
+  if (tf32 && ((int64_t)s.OH * s.OW < 28 * 28 || s.KW < 9)) return false;
   const TcPlan q = plan(s, tf32 ? 4 : 2);
   return q.S <= (tf32 ? kMaxS<float> : kMaxS<__half>) && (int64_t)s.C * ceil_div((int)N, 16) <= 65535 &&
          q.tiles <= 0x7fffffff && q.smem <= (size_t)lim.max_smem_optin;
@@ -615,24 +659,27 @@ cudaError_t dwconv2d_tc_forward(DType t, const void* in, const void* w, const vo
     ConvArgs<T> args{};
     args.set(static_cast<const T*>(in), static_cast<const T*>(w), static_cast<const T*>(bias), static_cast<T*>(out), s,
              flip_kernel);
-    if constexpr (!std::is_same_v<T, float>) {  // TF32 takes the general kernel on every map size
-      if (small_map(s)) {
-        const TcSmallPlan q = plan_small(s, lim.sms);
-        TcSmallParams<T> p{};
-        static_cast<ConvArgs<T>&>(p) = args;
-        p.per_slice = q.per_slice;
-        p.xplane = q.xplane;
-        if (s.nhwc) {
+    const bool small = small_map(s);
+    TcSmallParams<T> p{};
+    static_cast<ConvArgs<T>&>(p) = args;
+    const TcSmallPlan q = small ? plan_small(s, lim.sms, sizeof(T)) : TcSmallPlan{};
+    p.per_slice = q.per_slice;
+    p.xplane = q.xplane;
+    if (s.nhwc) {  // channels_last: small maps, half types
+      if constexpr (!std::is_same_v<T, float>) {
+        if (small) {
           p.vec = s.C % kNhwcChannels == 0 && reinterpret_cast<uintptr_t>(in) % 16 == 0 &&
                   reinterpret_cast<uintptr_t>(out) % 16 == 0;  // one vector per pixel
           return launch(dw_tc_small_forward_nhwc<T>, dim3(ceil_div(s.C, kNhwcChannels), q.slices),
                         dim3(32 * kSmallWarps), q.smem, stream, p);
         }
-        p.pairs = s.W % 2 == 0 && reinterpret_cast<uintptr_t>(in) % 4 == 0;
-        return launch(dw_tc_small_forward<T>, dim3(q.slices, s.C), dim3(32 * kSmallWarps), q.smem, stream, p);
       }
+      return cudaErrorInvalidValue;
     }
-    if (s.nhwc) return cudaErrorInvalidValue;  // channels_last: small maps only
+    if (small) {
+      p.pairs = s.W % 2 == 0 && reinterpret_cast<uintptr_t>(in) % (2 * sizeof(T)) == 0;
+      return launch(dw_tc_small_forward<T>, dim3(q.slices, s.C), dim3(32 * kSmallWarps), q.smem, stream, p);
+    }
     return launch_general(args, lim, stream);
   });
 }

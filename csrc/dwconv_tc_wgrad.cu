@@ -1,5 +1,5 @@
 // Weight-gradient of the depthwise convolution on tensor cores (sm_80+): fp16 / bf16, and fp32
-// as TF32 (maps from 20 x 20 in area) where PyTorch allows it.
+// as TF32 (maps up to 16 x 16 or from 20 x 20 in area) where PyTorch allows it.
 //
 //   grad_w[i][j] = sum_{n, q, ox} x[n][q][ox - pad_l + j] * g[n][q + pad_t - i][ox]
 //
@@ -20,6 +20,8 @@
 // is one 16 x 16 (or 32 x 32) product per output row with K = 16 images per mma, and
 // grad_w[i][j] is the sum of D_i's diagonal ix - ox = j - pad_l. Both planes are staged as they lie in memory (image,
 // row, 16 columns); ldmatrix.trans turns them into A (ox x images) and B (images x ix) fragments.
+// In TF32 (maps up to 16) the staging puts the images innermost instead, so that plain ldmatrix
+// gives those fragments.
 // channels_last tensors on maps up to 16 x 16 take a third (dw_tc_small_weight_grad_nhwc), which
 // stages blocks of channels transposed into the same planes.
 #include <algorithm>
@@ -258,10 +260,54 @@ struct TcSmallWgradParams {
   T* grad_w;     // with one slice the block's sums are final: written here instead of parts
   DwShape s;
   int N, per_slice;     // images, images per block (a multiple of 16, at most kSmallImages)
-  int gplane, xplane;   // staged plane pitches (elements): rows * 16 TW + 8, an odd number of 16-byte units
+  int gplane, xplane;   // staged plane pitches (elements) per image: half types rows * 16 TW + 8, an odd
+                        // number of 16-byte units; TF32 rows * kImagePitch (16 images share 16 planes)
   bool gpairs, xpairs;  // NCHW: rows copy as 4-byte pairs (even width, aligned base); NHWC: a pixel's
                         // channels load as one vector (C a multiple of the group, aligned base)
 };
+
+// TF32 stages images innermost, so that ldmatrix reads the mma fragments of 32-bit values
+// without a transpose (its .trans moves 16-bit halves): a pixel's 16 images, then 4 unused
+// (80 bytes: an odd number of 16-byte units, so a fragment's 8 rows hit distinct banks).
+constexpr int kImagePitch = 20;
+static_assert(kSmallWarps * 32 == 256, "stage_planes_images_inner: one thread per element of a staged row");
+
+// Planes of images n_begin .. n_begin + 16 * groups - 1 of channel c (rows x cols each, NCHW) into
+// dst[group][row][16][kImagePitch]; zeros past the nimg real images and past each row's end. A
+// staged row (16 columns of 16 images) is 256 elements, one for each of the block's 256 threads:
+// thread t copies column (t & 7) + 8 ((t >> 5) & 1) of image 4 ((t >> 6) & 3) + ((t >> 3) & 3) of
+// every row, asynchronously, 4 bytes a copy (the caller commits and waits, then rounds with
+// round_planes_images_inner). A warp's 32 elements are 8 columns of 4 images: 32-byte global
+// segments, and 32 distinct banks. (Loads through registers, 4 in flight a thread, took 113 us
+// on an H100 where these copies take 83: 64 x 512 x 14 x 14, 27 x 27.)
+struct ImagesInner {
+  int x, mm;  // this thread's column and image in a staged row
+  __device__ ImagesInner() : x((threadIdx.x & 7) + 8 * ((threadIdx.x >> 5) & 1)),
+                             mm(4 * ((threadIdx.x >> 6) & 3) + ((threadIdx.x >> 3) & 3)) {}
+  __device__ int offset(int row) const { return (row * 16 + x) * kImagePitch + mm; }
+};
+
+__device__ __forceinline__ void stage_planes_images_inner(float* dst, const float* src, int C, int c, int n_begin,
+                                                          int nimg, int groups, int rows, int cols) {
+  const ImagesInner me;
+  int y = 0, grp = 0;  // image row and group of staged row r
+  for (int r = 0; r < groups * rows; ++r) {
+    const int m = 16 * grp + me.mm;
+    const bool valid = m < nimg && me.x < cols;
+    const float* from = valid ? src + ((int64_t)(n_begin + m) * C + c) * rows * cols + y * cols + me.x : src;
+    copy_async<4>(dst + me.offset(r), from, valid);
+    if (++y == rows) {
+      y = 0;
+      ++grp;
+    }
+  }
+}
+
+// Rounds to TF32, in place, the elements this thread staged (its copies landed).
+__device__ __forceinline__ void round_planes_images_inner(float* dst, int staged_rows) {
+  const ImagesInner me;
+  for (int r = 0; r < staged_rows; ++r) dst[me.offset(r)] = round_tf32(dst[me.offset(r)]);
+}
 
 // acc += kernel row i's D_i over one channel's staged planes G [image][oy][COLS] (pitch gplane)
 // and X [image][iy][COLS] (pitch xplane) of 16 * ksteps images. acc is the mma C fragment of D_i:
@@ -272,6 +318,41 @@ __device__ __forceinline__ void small_weight_grad_accumulate(float (&acc)[TW][2 
                                                              int i) {
   constexpr int COLS = 16 * TW;
   const int lane = threadIdx.x & 31;
+  if constexpr (std::is_same_v<T, float>) {  // TF32, maps up to 16: planes [group][row][16][kImagePitch]
+    static_assert(TW == 1, "TF32: maps up to 16 x 16");
+    constexpr int P = kImagePitch;
+    // ldmatrix lane l addresses row (l & 7) + 8 * (one matrix bit) of a fragment, 4 images (16
+    // bytes) on if the other bit: A = (ox 0-7 | 8-15) x (images 0-3 | 4-7) in a0..a3 order; B =
+    // images 0-3, 4-7 x ix 0-7, then ix 8-15.
+    const int mtx = lane >> 3, row = lane & 7;
+    const unsigned g_lane = (unsigned)__cvta_generic_to_shared(G) + (unsigned)(((row + 8 * (mtx & 1)) * P + 4 * (mtx >> 1)) * 4);
+    const unsigned x_lane = (unsigned)__cvta_generic_to_shared(X) + (unsigned)(((row + 8 * (mtx >> 1)) * P + 4 * (mtx & 1)) * 4);
+    const bool two_tiles = s.W > 8;
+    const int oy_lo = max(0, s.pad_t - i), oy_hi = min(s.OH, s.H + s.pad_t - i);
+    float acc1[2][4] = {};  // images 8-15 of each group: shorter chains of dependent mma
+    // (A software-pipelined loop, the next pair's fragments loading during this pair's mma, was
+    // no faster on an H100: 112.1 vs 111.0 us on 14 x 14 maps, 75.0 vs 74.1 on 7 x 7.)
+    for (int y = oy_lo; y < oy_hi; ++y)
+      for (int k = 0; k < ksteps; ++k) {
+        uint32_t a[2][4], b[2][4];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {  // images 8 h .. 8 h + 7 of the group
+          ldmatrix_x4(a[h], g_lane + (unsigned)((16 * k * gplane + y * 16 * P + 8 * h) * 4));
+          ldmatrix_x4(b[h], x_lane + (unsigned)((16 * k * xplane + (y + i - s.pad_t) * 16 * P + 8 * h) * 4));
+        }
+        mma_tile<T>(acc[0][0], a[0][0], a[0][1], a[0][2], a[0][3], b[0][0], b[0][1]);
+        mma_tile<T>(acc1[0], a[1][0], a[1][1], a[1][2], a[1][3], b[1][0], b[1][1]);
+        if (two_tiles) {
+          mma_tile<T>(acc[0][1], a[0][0], a[0][1], a[0][2], a[0][3], b[0][2], b[0][3]);
+          mma_tile<T>(acc1[1], a[1][0], a[1][1], a[1][2], a[1][3], b[1][2], b[1][3]);
+        }
+      }
+#pragma unroll
+    for (int n = 0; n < 2; ++n)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) acc[0][n][q] += acc1[n][q];
+    return;
+  }
   // Lane l of ldmatrix.x4.trans addresses image (l & 7) + 8 * (matrix bit) at column 8 * (other bit):
   // A = (ox 0-7 | 8-15) x (images 0-7 | 8-15) in a0..a3 order; B = images x (ix 0-7, then 8-15).
   const int mtx = lane >> 3, row = lane & 7;
@@ -383,16 +464,25 @@ __global__ void __launch_bounds__(32 * kSmallWarps) dw_tc_small_weight_grad(cons
   const int slice = blockIdx.x, c = blockIdx.y;
   const int n_begin = slice * p.per_slice, nimg = min(p.N - n_begin, p.per_slice);
   const int ksteps = ceil_div(nimg, 16);
-  T* G = reinterpret_cast<T*>(smem_raw);                                  // [image][oy][COLS]
-  T* X = G + p.per_slice * p.gplane;                                      // [image][iy][COLS]
+  T* G = reinterpret_cast<T*>(smem_raw);  // [image][oy][COLS] (TF32: [group][oy][16][kImagePitch])
+  T* X = G + p.per_slice * p.gplane;      // [image][iy][COLS] (TF32: [group][iy][16][kImagePitch])
   float* D = reinterpret_cast<float*>(X + p.per_slice * p.xplane) + warp * COLS * COLS;  // this warp's D_i
 
   // Stage 16 * ksteps images (zeros past the batch and past the row ends), two columns per item.
-  const T zero = from_float<T>(0.f);
-  stage_planes<COLS>(G, p.grad, s.C, c, n_begin, nimg, ksteps, s.OH, s.OW, p.gplane, p.gpairs, zero);
-  stage_planes<COLS>(X, p.in, s.C, c, n_begin, nimg, ksteps, s.H, s.W, p.xplane, p.xpairs, zero);
+  if constexpr (std::is_same_v<T, float>) {  // rounded below
+    stage_planes_images_inner(G, p.grad, s.C, c, n_begin, nimg, ksteps, s.OH, s.OW);
+    stage_planes_images_inner(X, p.in, s.C, c, n_begin, nimg, ksteps, s.H, s.W);
+  } else {
+    const T zero = from_float<T>(0.f);
+    stage_planes<COLS>(G, p.grad, s.C, c, n_begin, nimg, ksteps, s.OH, s.OW, p.gplane, p.gpairs, zero);
+    stage_planes<COLS>(X, p.in, s.C, c, n_begin, nimg, ksteps, s.H, s.W, p.xplane, p.xpairs, zero);
+  }
   copy_async_commit();
   copy_async_wait_group<0>();
+  if constexpr (std::is_same_v<T, float>) {
+    round_planes_images_inner(G, ksteps * s.OH);
+    round_planes_images_inner(X, ksteps * s.H);
+  }
   __syncthreads();
 
   const int64_t out_at = ((int64_t)slice * s.C + c) * s.KH * s.KW;
@@ -475,15 +565,16 @@ struct TcSmallWgradPlan {
 
 // NHWC (maps up to 16): blocks of kNhwcChannels channels by kNhwcRows kernel rows over all images
 // (slices: the kernel-row groups), 16 images staged at a time.
-TcSmallWgradPlan plan_small(const DwShape& s, int sms) {
+// esize: bytes per element (2: half types, 4: TF32, NCHW maps up to 16 only).
+TcSmallWgradPlan plan_small(const DwShape& s, int sms, int esize) {
   TcSmallWgradPlan q{};
   const int N = (int)(s.planes / s.C);
   q.TW = std::max(1, small_map_tiles(s));
   const int cols = 16 * q.TW;
-  q.gplane = s.OH * cols + 8;
-  q.xplane = s.H * cols + 8;
+  q.gplane = esize == 4 ? s.OH * kImagePitch : s.OH * cols + 8;
+  q.xplane = esize == 4 ? s.H * kImagePitch : s.H * cols + 8;
   const size_t scratch = (size_t)kSmallWarps * cols * cols * sizeof(float);
-  const size_t per_image = (size_t)(q.gplane + q.xplane) * 2;
+  const size_t per_image = (size_t)(q.gplane + q.xplane) * esize;
   if (s.nhwc) {
     const KernelRows reach = reaching_kernel_rows(s);
     q.per_slice = 16;
@@ -539,6 +630,13 @@ cudaError_t launch_wgrad(const TcWgradParams<T>& p, const WgradPlan& q, int C, c
 
 }  // namespace
 
+// Whether the small-map kernels take this map: maps up to 32 x 32 in half types, up to 16 x 16
+// in TF32 (which goes on to the banded kernel from 20 x 20 in area).
+bool small_kernel(DType t, const DwShape& s) {
+  const int tiles = small_map_tiles(s);
+  return tiles == 1 || (tiles == 2 && t != DType::tf32);
+}
+
 bool dwconv2d_tc_weight_grad_fits(DType t, const DwShape& s) {
   static const char* env = getenv("LKPATCH_TENSOR_CORES");
   if (t == DType::f32 || (env && env[0] == 'n')) return false;  // exact fp32: CUDA cores
@@ -546,11 +644,11 @@ bool dwconv2d_tc_weight_grad_fits(DType t, const DwShape& s) {
   if (N < 8) return false;  // M or K = 16 images / columns: too few images waste them
   DeviceLimits lim;
   if (device_limits(&lim) != cudaSuccess || lim.cc_major < 8) return false;
-  const bool tf32 = t == DType::tf32;  // TF32: the banded kernel only
-  if (s.nhwc)  // channels_last: maps up to 16 only
-    return !tf32 && small_map_tiles(s) == 1 && plan_small(s, lim.sms).smem <= (size_t)lim.max_smem_optin;
-  if (!tf32 && small_map_tiles(s)) return s.C <= 65535 && plan_small(s, lim.sms).smem <= (size_t)lim.max_smem_optin;
-  // Narrow maps (a side above 32, under 20 x 20 in area) stay on the CUDA-core kernel.
+  const bool tf32 = t == DType::tf32;
+  if (s.nhwc)  // channels_last: maps up to 16, half types only
+    return !tf32 && small_map_tiles(s) == 1 && plan_small(s, lim.sms, 2).smem <= (size_t)lim.max_smem_optin;
+  if (small_kernel(t, s)) return s.C <= 65535 && plan_small(s, lim.sms, (int)elem_bytes(t)).smem <= (size_t)lim.max_smem_optin;
+  // Narrow maps (a side above 32 (16 in TF32), under 20 x 20 in area) stay on the CUDA-core kernel.
   if ((int64_t)s.OH * s.OW < 400) return false;
   const WgradPlan q = plan(s, lim.sms, tf32 ? 4 : 2);
   // An image's output-gradient plane and input rows are staged whole: maps up to about 100 x 100.
@@ -561,8 +659,8 @@ size_t dwconv2d_tc_weight_grad_workspace(DType t, const DwShape& s) {
   DeviceLimits lim;
   if (device_limits(&lim) != cudaSuccess) return 0;
   if (s.nhwc) return 0;  // its taps are final
-  const int slices = t != DType::tf32 && small_map_tiles(s) ? plan_small(s, lim.sms).slices
-                                                             : plan(s, lim.sms, (int)elem_bytes(t)).slices;
+  const int esize = (int)elem_bytes(t);
+  const int slices = small_kernel(t, s) ? plan_small(s, lim.sms, esize).slices : plan(s, lim.sms, esize).slices;
   return (size_t)slices * s.C * s.KH * s.KW * sizeof(float);
 }
 
@@ -574,38 +672,39 @@ cudaError_t dwconv2d_tc_weight_grad(DType t, const void* grad_out, const void* i
   if (t == DType::f32) return cudaErrorInvalidValue;  // exact fp32 runs on CUDA cores
   return with_dtype(t, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
-    if constexpr (!std::is_same_v<T, float>) {  // TF32 takes the banded kernel on every map
-      if (small_map_tiles(s)) {
-        const TcSmallWgradPlan sq = plan_small(s, lim.sms);
-        TcSmallWgradParams<T> p{};
-        p.grad = static_cast<const T*>(grad_out);
-        p.in = static_cast<const T*>(in);
-        p.parts = workspace;
-        p.grad_w = sq.slices == 1 ? static_cast<T*>(grad_w) : nullptr;  // no second pass to add slices
-        p.s = s;
-        p.N = (int)(s.planes / s.C);
-        p.per_slice = sq.per_slice;
-        p.gplane = sq.gplane;
-        p.xplane = sq.xplane;
-        const dim3 block(32 * kSmallWarps);
-        cudaError_t e;
-        if (s.nhwc) {
-          const int bytes = kNhwcChannels * (int)sizeof(T);  // one vector per pixel
-          p.gpairs = s.C % kNhwcChannels == 0 && reinterpret_cast<uintptr_t>(grad_out) % bytes == 0;
-          p.xpairs = s.C % kNhwcChannels == 0 && reinterpret_cast<uintptr_t>(in) % bytes == 0;
-          p.grad_w = static_cast<T*>(grad_w);
-          return launch(dw_tc_small_weight_grad_nhwc<T>, dim3(ceil_div(s.C, kNhwcChannels), sq.slices), block,
-                        sq.smem, stream, p);
-        } else {
-          p.gpairs = s.OW % 2 == 0 && reinterpret_cast<uintptr_t>(grad_out) % 4 == 0;
-          p.xpairs = s.W % 2 == 0 && reinterpret_cast<uintptr_t>(in) % 4 == 0;
-          const dim3 grid(sq.slices, s.C);
-          e = sq.TW == 1 ? launch(dw_tc_small_weight_grad<T, 1>, grid, block, sq.smem, stream, p)
-                         : launch(dw_tc_small_weight_grad<T, 2>, grid, block, sq.smem, stream, p);
-        }
-        if (e != cudaSuccess || sq.slices == 1) return e;
-        return sum_partials(workspace, static_cast<T*>(grad_w), sq.slices, (int64_t)s.C * s.KH * s.KW, stream);
+    if (small_kernel(t, s)) {
+      const TcSmallWgradPlan sq = plan_small(s, lim.sms, sizeof(T));
+      TcSmallWgradParams<T> p{};
+      p.grad = static_cast<const T*>(grad_out);
+      p.in = static_cast<const T*>(in);
+      p.parts = workspace;
+      p.grad_w = sq.slices == 1 ? static_cast<T*>(grad_w) : nullptr;  // no second pass to add slices
+      p.s = s;
+      p.N = (int)(s.planes / s.C);
+      p.per_slice = sq.per_slice;
+      p.gplane = sq.gplane;
+      p.xplane = sq.xplane;
+      const dim3 block(32 * kSmallWarps);
+      cudaError_t e = cudaErrorInvalidValue;
+      if constexpr (std::is_same_v<T, float>) {  // TF32: NCHW maps up to 16
+        if (s.nhwc || sq.TW != 1) return cudaErrorInvalidValue;
+        e = launch(dw_tc_small_weight_grad<T, 1>, dim3(sq.slices, s.C), block, sq.smem, stream, p);
+      } else if (s.nhwc) {
+        const int bytes = kNhwcChannels * (int)sizeof(T);  // one vector per pixel
+        p.gpairs = s.C % kNhwcChannels == 0 && reinterpret_cast<uintptr_t>(grad_out) % bytes == 0;
+        p.xpairs = s.C % kNhwcChannels == 0 && reinterpret_cast<uintptr_t>(in) % bytes == 0;
+        p.grad_w = static_cast<T*>(grad_w);
+        return launch(dw_tc_small_weight_grad_nhwc<T>, dim3(ceil_div(s.C, kNhwcChannels), sq.slices), block,
+                      sq.smem, stream, p);
+      } else {
+        p.gpairs = s.OW % 2 == 0 && reinterpret_cast<uintptr_t>(grad_out) % 4 == 0;
+        p.xpairs = s.W % 2 == 0 && reinterpret_cast<uintptr_t>(in) % 4 == 0;
+        const dim3 grid(sq.slices, s.C);
+        e = sq.TW == 1 ? launch(dw_tc_small_weight_grad<T, 1>, grid, block, sq.smem, stream, p)
+                       : launch(dw_tc_small_weight_grad<T, 2>, grid, block, sq.smem, stream, p);
       }
+      if (e != cudaSuccess || sq.slices == 1) return e;
+      return sum_partials(workspace, static_cast<T*>(grad_w), sq.slices, (int64_t)s.C * s.KH * s.KW, stream);
     }
     if (s.nhwc) return cudaErrorInvalidValue;  // channels_last: small maps only
     {  // the banded kernel

@@ -359,7 +359,7 @@ def _path_for(dtype: torch.dtype, cuda: bool, built: bool, impl: str) -> str:
         return "PyTorch F.conv2d (LKPATCH_IMPL=native)"
     where = "lkpatch kernel" + (" (forced)" if impl == "kernel" else " where faster, per pass (stride 1, dilation 1)")
     if dtype == torch.float32:
-        arith = ("TF32 tensor cores on large maps and kernels (PyTorch allows TF32 convolutions), else exact fp32"
+        arith = ("TF32 tensor cores on small maps and on large maps and kernels (PyTorch allows TF32 convolutions), else exact fp32"
                  if dispatch.tf32_pass(dtype) else "exact fp32 (CUDA cores)")
     elif dispatch.tensor_core_pass("forward", (8, 1, 9, 9), dtype):
         arith = "tensor cores from 8 images, else CUDA cores; fp32 accumulation"

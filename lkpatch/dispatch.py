@@ -255,7 +255,7 @@ def _faster_than_native(pass_: str, size: Sequence[int], kernel_size: Sequence[i
 
 # The channels_last kernels (blocks of channels x 16 images, transposed in shared memory) cost
 # more per tap than the NCHW ones -- they build each channel's banded fragments for 16 images,
-# not 64 -- while the layout copies they save cost the same per element. On an H100 (bf16, N 64,
+# not 32 -- while the layout copies they save cost the same per element. On an H100 (bf16, N 64,
 # GPU time per forward + backward) they won at 49 taps a pixel (7x7 maps, 13x13 kernel: 0.105 ms
 # vs 0.128 through NCHW) and lost at 196 (14x14 maps, 27x27: 198 us of kernels vs 166 us).
 _NATIVE_CL_TAPS = 100
@@ -308,9 +308,10 @@ def tf32_pass(dtype: torch.dtype) -> bool:
     """Whether fp32 passes may run on TF32 tensor cores: PyTorch allows TF32 convolutions
     (``torch.backends.cudnn.conv.fp32_precision == "tf32"`` from torch 2.9, else
     ``torch.backends.cudnn.allow_tf32``; both on by default) on an sm_80+ GPU. Read per call, as
-    cuDNN reads it. Then the forward and input-grad (8+ images, maps from 28 x 28, 9+ taps a
-    row) and the weight-grad (8+ images, maps from 20 x 20 in area) use TF32; the bias gradient
-    and the rest stay exact fp32, where the CUDA-core kernels were as fast."""
+    cuDNN reads it. Then the forward and input-grad (8+ images; maps up to 16 x 16, or from
+    28 x 28 with 9+ taps a row) and the weight-grad (8+ images; maps up to 16 x 16, or from
+    20 x 20 in area) use TF32; the bias gradient and the rest stay exact fp32, where the
+    CUDA-core kernels were as fast."""
     return dtype == torch.float32 and _conv_tf32_allowed() and not _tensor_cores_off()
 
 

@@ -270,15 +270,26 @@ TF32_TOL = {"output": 2e-3, "grad_input": 2e-3, "grad_weight": 2e-3}  # the bias
 
 def test_random_sweep_tf32():
     """fp32 with PyTorch's TF32 switch on: the forward and input-gradient on TF32 tensor cores
-    (batches of 8 and more, maps from 28 x 28, 9+ taps a row), the weight-gradient on maps from
-    20 x 20 in area; the rest exact."""
+    (batches of 8 and more; maps up to 16 x 16, or from 28 x 28 with 9+ taps a row), the
+    weight-gradient on maps up to 16 x 16 or from 20 x 20 in area; the rest exact."""
     with tf32(True):
         assert_sweep(8642, HALF_SWEEP_CASES, torch.float32, batch=(8, 40), tol=TF32_TOL)
 
 
-def test_tf32_follows_pytorch_switch():
+def test_random_sweep_tf32_small_maps():
+    """fp32 maps up to 16 x 16 with TF32 on: every pass but the bias gradient on the TF32
+    small-map kernels (batches up to 80: several blocks of images, partial 8-image k-steps;
+    maps up to 8 wide, one k-step a row)."""
+    with tf32(True):
+        assert_sweep(3141, HALF_SWEEP_CASES, torch.float32, batch=(8, 80), draw=draw_small_map_case, tol=TF32_TOL)
+
+
+@pytest.mark.parametrize("case", [
+    dict(n=16, c=8, h=40, w=40, kh=31, kw=31, pads=(15, 15, 15, 15), bias=True, layout="contiguous"),
+    dict(n=24, c=8, h=14, w=13, kh=27, kw=27, pads=(13, 13, 13, 13), bias=True, layout="contiguous"),  # small map
+], ids=["general", "small_map"])
+def test_tf32_follows_pytorch_switch(case):
     """The same fp32 call rounds to TF32 only while PyTorch allows TF32 convolutions."""
-    case = dict(n=16, c=8, h=40, w=40, kh=31, kw=31, pads=(15, 15, 15, 15), bias=True, layout="contiguous")
     with tf32(True):
         errs = check_case(case, seed=5, tol=TF32_TOL)
     for name in ("output", "grad_input", "grad_weight"):
