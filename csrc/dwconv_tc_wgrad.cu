@@ -628,14 +628,14 @@ cudaError_t launch_wgrad(const TcWgradParams<T>& p, const WgradPlan& q, int C, c
                 stream, p);
 }
 
-}  // namespace
-
 // Whether the small-map kernels take this map: maps up to 32 x 32 in half types, up to 16 x 16
 // in TF32 (which goes on to the banded kernel from 20 x 20 in area).
 bool small_kernel(DType t, const DwShape& s) {
   const int tiles = small_map_tiles(s);
   return tiles == 1 || (tiles == 2 && t != DType::tf32);
 }
+
+}  // namespace
 
 bool dwconv2d_tc_weight_grad_fits(DType t, const DwShape& s) {
   static const char* env = getenv("LKPATCH_TENSOR_CORES");

@@ -287,7 +287,8 @@ def test_random_sweep_tf32_small_maps():
 @pytest.mark.parametrize("case", [
     dict(n=16, c=8, h=40, w=40, kh=31, kw=31, pads=(15, 15, 15, 15), bias=True, layout="contiguous"),
     dict(n=24, c=8, h=14, w=13, kh=27, kw=27, pads=(13, 13, 13, 13), bias=True, layout="contiguous"),  # small map
-], ids=["general", "small_map"])
+    dict(n=40, c=8, h=16, w=16, kh=13, kw=13, pads=(6, 6, 6, 6), bias=True, layout="contiguous"),  # even: 8-byte copies
+], ids=["general", "small_map", "small_map_even"])
 def test_tf32_follows_pytorch_switch(case):
     """The same fp32 call rounds to TF32 only while PyTorch allows TF32 convolutions."""
     with tf32(True):
