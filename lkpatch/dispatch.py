@@ -294,10 +294,12 @@ def _native_channels_last(pass_, size, kernel_size, pads, dtype) -> bool:
 
 
 def tensor_core_pass(pass_: str, size: Sequence[int], dtype: torch.dtype) -> bool:
-    """Whether the CUDA kernels run this pass on tensor cores: fp16 / bf16, 8 or more images, an
+    """Whether the CUDA kernels run this fp16 / bf16 pass on tensor cores: 8 or more images, an
     sm_80+ GPU; the weight-grad only on maps up to 32 x 32 or from 20 x 20 in area. The kernels
     make this choice themselves (csrc/dwconv_tc*.cu); the speed rule mirrors it. ``size`` is the
-    input's (N, C, H, W)."""
+    input's (N, C, H, W). fp32 passes the kernels run in TF32 (:func:`tf32_pass`) are not
+    counted here: the speed rule judges them by the exact kernels', which the TF32 kernels beat
+    on the shapes timed (README), so it errs towards cuDNN for them."""
     if dtype not in (torch.float16, torch.bfloat16) or size[0] < 8 or _tensor_cores_off():
         return False
     h, w = size[2], size[3]
