@@ -16,7 +16,7 @@ Padding is always ``(top, bottom, left, right)``.
 from __future__ import annotations
 
 import functools
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
@@ -27,10 +27,6 @@ _lib.define("dwconv2d(Tensor input, Tensor weight, Tensor? bias, int[4] padding)
 _lib.define("dwconv2d_input_grad(Tensor grad_output, Tensor weight, int[2] input_size, int[4] padding) -> Tensor")
 _lib.define("dwconv2d_weight_grad(Tensor grad_output, Tensor input, int[2] kernel_size, int[4] padding) -> Tensor")
 _lib.define("dwconv2d_bias_grad(Tensor grad_output) -> Tensor")
-
-
-def _out_size(size: Sequence[int], kernel_size: Sequence[int], pads: Sequence[int]):
-    return size[0] + pads[0] + pads[1] - kernel_size[0] + 1, size[1] + pads[2] + pads[3] - kernel_size[1] + 1
 
 
 # --- CPU ---------------------------------------------------------------------------------------
@@ -157,7 +153,7 @@ _lib.impl("dwconv2d_bias_grad", _bias_grad_cuda, "CUDA")
 # --- Meta / fake tensors -----------------------------------------------------------------------
 @torch.library.register_fake("lkpatch::dwconv2d")
 def _forward_fake(x, weight, bias, padding):
-    oh, ow = _out_size(x.shape[2:], weight.shape[2:], padding)
+    oh, ow = dispatch.output_size(x.shape[2:], weight.shape[2:], padding)
     return x.new_empty((x.shape[0], x.shape[1], oh, ow)).contiguous(memory_format=_native.output_memory_format(x))
 
 

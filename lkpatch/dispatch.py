@@ -142,6 +142,11 @@ def _effective_dtype(x: torch.Tensor, autocast: Optional[torch.dtype]) -> torch.
     return x.dtype
 
 
+def output_size(hw: Sequence[int], kernel_size: Sequence[int], pads: Sequence[int]) -> Tuple[int, int]:
+    """(OH, OW) of the stride-1 convolution of an (H, W) map with this kernel and padding."""
+    return hw[0] + pads[0] + pads[1] - kernel_size[0] + 1, hw[1] + pads[2] + pads[3] - kernel_size[1] + 1
+
+
 def kernel_unsupported_reason(size: Sequence[int], kernel_size: Sequence[int], pads: Sequence[int],
                               dtype: torch.dtype) -> Optional[str]:
     """Why lkpatch's CUDA kernel cannot compute this stride-1 depthwise case (None if it can)."""
@@ -151,7 +156,7 @@ def kernel_unsupported_reason(size: Sequence[int], kernel_size: Sequence[int], p
         return f"no kernel for {str(dtype).replace('torch.', '')}"
     if not (1 <= kh <= MAX_KERNEL_SIZE and 1 <= kw <= MAX_KERNEL_SIZE):
         return f"kernel {kh}x{kw} is larger than {MAX_KERNEL_SIZE}"
-    oh, ow = h + pads[0] + pads[1] - kh + 1, w + pads[2] + pads[3] - kw + 1
+    oh, ow = output_size((h, w), kernel_size, pads)
     if max(h * w, oh * ow) > _MAX_PLANE or n * c > _MAX_PLANE or max(pads) > 4096:
         return "too large for the kernel's indexing"
     return None
@@ -285,7 +290,7 @@ def _native_channels_last(pass_, size, kernel_size, pads, dtype) -> bool:
     if not tensor_core_pass(pass_, size, dtype):
         return False
     n, c, h, w = size
-    oh, ow = h + pads[0] + pads[1] - kernel_size[0] + 1, w + pads[2] + pads[3] - kernel_size[1] + 1
+    oh, ow = output_size((h, w), kernel_size, pads)
     if max(h, w, oh, ow) > 16:
         return False
     if pass_ != "weight_grad" and (n + 15) // 16 > 65535:  # the forward's grid: 16-image slices
