@@ -296,10 +296,8 @@ class DwConv2d : public torch::autograd::Function<DwConv2d> {
     } else {
       const bool tf32 = ctx->saved_data["tf32"].toBool();  // PyTorch's TF32 switch as it was at the forward
       const Tensor g = grads[0].contiguous(fmt);
-      if (ctx->needs_input_grad(0)) {
-        gx = dwconv2d_input_grad(g, w.contiguous(), input_size, padding, tf32);
-        if (!gx.is_contiguous(fmt)) gx = gx.contiguous(fmt);  // a 1 x 1 output gradient reads as NCHW
-      }
+      // .contiguous(fmt): a 1 x 1 output gradient reads as NCHW, and so does its input gradient
+      if (ctx->needs_input_grad(0)) gx = dwconv2d_input_grad(g, w.contiguous(), input_size, padding, tf32).contiguous(fmt);
       if (ctx->needs_input_grad(1)) gw = dwconv2d_weight_grad(g, x, kernel_size, padding, tf32);
       if (bias_grad_needed) gb = ctx->saved_data["bias_kernel"].toBool() ? dwconv2d_bias_grad(g) : g.sum({0, 2, 3});
     }

@@ -109,6 +109,19 @@ __device__ __forceinline__ void copy_async_wait_group() {
 // not at every fragment load).
 __device__ __forceinline__ float round_tf32(float v) { return __uint_as_float(to_tf32(v)); }
 
+// Item u of stage_planes: the column pair x, x + 1 of row y of image m. round_staged_planes walks
+// the same items, so that each thread rounds exactly the elements it copied.
+template <int COLS>
+struct StagedPair {
+  int x, m, y;
+  __device__ StagedPair(int u, int rows) : x(2 * (u % (COLS / 2))) {
+    const int r = u / (COLS / 2);
+    m = r / rows;
+    y = r - m * rows;
+  }
+  __device__ int offset(int pitch) const { return m * pitch + y * COLS + x; }
+};
+
 // Planes of images n_begin .. n_begin + 16 * groups - 1 of channel c (rows x cols each, in an
 // N x C x rows x cols tensor) into dst[image][row][COLS], `pitch` elements per image: zeros past
 // the nimg real images and past each row's end. `pairs`: two elements a copy (even cols, aligned
@@ -118,8 +131,9 @@ template <int COLS, typename T>
 __device__ __forceinline__ void stage_planes(T* dst, const T* src, int C, int c, int n_begin, int nimg, int groups,
                                              int rows, int cols, int pitch, bool pairs, T zero) {
   for (int u = threadIdx.x; u < 16 * groups * rows * (COLS / 2); u += blockDim.x) {
-    const int x = 2 * (u % (COLS / 2)), r = u / (COLS / 2), m = r / rows, y = r - m * rows;
-    T* d = dst + m * pitch + y * COLS + x;
+    const StagedPair<COLS> e(u, rows);
+    const int x = e.x, m = e.m, y = e.y;
+    T* d = dst + e.offset(pitch);
     const T* from = src + ((int64_t)(n_begin + m) * C + c) * rows * cols + y * cols + x;
     const bool img = m < nimg;
     if (pairs) {
@@ -131,14 +145,12 @@ __device__ __forceinline__ void stage_planes(T* dst, const T* src, int C, int c,
   }
 }
 
-// TF32: rounds the elements this thread staged with stage_planes<COLS, float> (the same loop), in
-// place, once its copies have landed (after copy_async_wait_group, before the block's barrier).
+// TF32: rounds the elements this thread staged with stage_planes<COLS, float>, in place, once its
+// copies have landed (after copy_async_wait_group, before the block's barrier).
 template <int COLS>
 __device__ __forceinline__ void round_staged_planes(float* dst, int groups, int rows, int pitch) {
-  const int total = 16 * groups * rows * (COLS / 2);
-  for (int u = threadIdx.x; u < total; u += blockDim.x) {
-    const int x = 2 * (u % (COLS / 2)), r = u / (COLS / 2), m = r / rows, y = r - m * rows;
-    float2* d = reinterpret_cast<float2*>(dst + m * pitch + y * COLS + x);
+  for (int u = threadIdx.x; u < 16 * groups * rows * (COLS / 2); u += blockDim.x) {
+    float2* d = reinterpret_cast<float2*>(dst + StagedPair<COLS>(u, rows).offset(pitch));
     const float2 v = *d;
     *d = make_float2(round_tf32(v.x), round_tf32(v.y));
   }

@@ -477,8 +477,9 @@ __global__ void __launch_bounds__(32 * kSmallWarps) dw_tc_small_forward_nhwc(con
   const int nimg = min(p.N - n_begin, 16), nch = min(s.C - c0, CG);
   const KernelRows reach = reaching_kernel_rows(s);
   const int i_lo = reach.lo, i_hi = reach.hi, rows = max(0, i_hi - i_lo);
-  uint4* Bf = reinterpret_cast<uint4*>(smem_raw);  // two buffers of [i - i_lo][entry]
-  T* X = reinterpret_cast<T*>(Bf + 2 * kBandEntries<T> * rows);  // [channel][image][row][16]: input, then output
+  const int band = band_row_entries(sizeof(T)) * rows;  // a channel's fragments
+  uint4* Bf = reinterpret_cast<uint4*>(smem_raw);     // two buffers of [i - i_lo][entry]
+  T* X = reinterpret_cast<T*>(Bf + 2 * band);         // [channel][image][row][16]: input, then output
   const int cpitch = 16 * p.xplane;
 
   stage_planes_nhwc<CG, 16>(X, p.in, s.C, c0, n_begin, nimg, s.H, s.W, p.xplane, cpitch, p.vec);
@@ -490,9 +491,8 @@ __global__ void __launch_bounds__(32 * kSmallWarps) dw_tc_small_forward_nhwc(con
   const int g = lane >> 2, t = lane & 3;
   for (int ch = 0; ch < nch; ++ch) {
     if (ch + 1 < nch)
-      build_band_fragments(Bf + ((ch + 1) & 1) * kBandEntries<T> * rows, w0 + (int64_t)(ch + 1) * s.KH * s.KW, s,
-                           p.flip, i_lo, i_hi);
-    const uint4* B = Bf + (ch & 1) * kBandEntries<T> * rows;
+      build_band_fragments(Bf + ((ch + 1) & 1) * band, w0 + (int64_t)(ch + 1) * s.KH * s.KW, s, p.flip, i_lo, i_hi);
+    const uint4* B = Bf + (ch & 1) * band;
     const float bias = p.bias ? load(p.bias + c0 + ch) : 0.f;
     float acc[kNhwcJobs][2][4];
 #pragma unroll
@@ -516,8 +516,8 @@ __global__ void __launch_bounds__(32 * kSmallWarps) dw_tc_small_forward_nhwc(con
       for (int h = 0; h < 2; ++h)
 #pragma unroll
         for (int j = 0; j < 2; ++j)
-          *reinterpret_cast<uint32_t*>(Y + (g + 8 * h) * p.xplane + oy * 16 + 8 * j + 2 * t) =
-              pack2(from_float<T>(acc[k][j][2 * h]), from_float<T>(acc[k][j][2 * h + 1]));
+          store2(Y + (g + 8 * h) * p.xplane + oy * 16 + 8 * j + 2 * t, from_float<T>(acc[k][j][2 * h]),
+                 from_float<T>(acc[k][j][2 * h + 1]));
     }
   }
   __syncthreads();
@@ -548,11 +548,10 @@ struct TcSmallPlan {
 
 bool small_map(const DwShape& s) { return small_map_tiles(s) == 1; }
 
-// NHWC: blocks of kNhwcChannels channels of 16 images (two fragment buffers; a plane also holds
-// the output): at most 99 KB, within every sm_80+ GPU's limit. 32 images (half the fragment
-// builds, 7 x 7 maps) ran slower on an H100: half the blocks.
-
-// esize: bytes per element (2: half types, 4: TF32, NCHW only).
+// esize: bytes per element (2: half types, 4: TF32, NCHW only). NHWC: blocks of kNhwcChannels
+// channels of 16 images (two fragment buffers; a plane also holds the output): at most 99 KB,
+// within every sm_80+ GPU's limit. 32 images (half the fragment builds, 7 x 7 maps) ran slower on
+// an H100: half the blocks.
 TcSmallPlan plan_small(const DwShape& s, int sms, int esize) {
   TcSmallPlan q{};
   q.xplane = (s.nhwc ? std::max(s.H, s.OH) : s.H) * 16 + 16 / esize;
