@@ -367,11 +367,14 @@ __device__ __forceinline__ unsigned small_lane_address(const T* X, int xplane, i
          (unsigned)((((lane & 7) + 8 * ((lane >> 3) & 1)) * xplane + (16 / (int)sizeof(T)) * (lane >> 4)) * sizeof(T));
 }
 
-// acc += output row oy of the 16 images at a_base (small_lane_address of their first image):
-// C fragment images g, g + 8; columns 8 j + 2 t, + 1.
-template <typename T>
-__device__ __forceinline__ void small_output_row(float (&acc)[2][4], unsigned a_base, const uint4* Bf,
-                                                 const DwShape& s, int oy, int i_lo, int i_hi, int lane) {
+// acc[u] += output row oy of the 16 images at a_base + u * group_bytes (a_base: small_lane_address
+// of the first group's first image), for NG groups that share each B fragment load (the kernel
+// is bound by shared-memory traffic, and B is half of it with one group). C fragment images g,
+// g + 8; columns 8 j + 2 t, + 1.
+template <typename T, int NG>
+__device__ __forceinline__ void small_output_row(float (&acc)[NG][2][4], unsigned a_base, unsigned group_bytes,
+                                                 const uint4* Bf, const DwShape& s, int oy, int i_lo, int i_hi,
+                                                 int lane) {
   constexpr int E = kBandEntries<T>, HS = kRowSteps<T>;
   const int i_a = max(i_lo, s.pad_t - oy), i_b = min(i_hi, s.H + s.pad_t - oy);
   const bool two_tiles = s.OW > 8;  // output columns 8-15 exist
@@ -382,28 +385,40 @@ __device__ __forceinline__ void small_output_row(float (&acc)[2][4], unsigned a_
   // are no longer than in half precision. (Loading kernel row i + 1's fragments during row i's
   // mma ran slower on an H100: bf16 forward kernels 66.9 vs 64.6 us on 14 x 14 maps, 58.2 vs
   // 55.4 on 7 x 7; TF32 no faster.)
-  float acc1[2][4] = {};
+  float acc1[NG][2][4] = {};
   for (int i = i_a; i < i_b; ++i) {
 #pragma unroll
     for (int h = 0; h < HS; ++h) {
       if (h > 0 && !two_steps) break;
-      float(&d)[2][4] = h == 0 ? acc : acc1;
+      float(&d)[NG][2][4] = h == 0 ? acc : acc1;
       const uint4 b = Bf[((i - i_lo) * HS + h) * E];
-      uint32_t A[4];
-      ldmatrix_x4(A, a_base + (unsigned)((i * 16 + h * kStep<T>) * sizeof(T)));
-      mma_tile<T>(d[0], A[0], A[1], A[2], A[3], b.x, b.y);
-      if (two_tiles) mma_tile<T>(d[1], A[0], A[1], A[2], A[3], b.z, b.w);
+#pragma unroll
+      for (int u = 0; u < NG; ++u) {
+        uint32_t A[4];
+        ldmatrix_x4(A, a_base + u * group_bytes + (unsigned)((i * 16 + h * kStep<T>) * sizeof(T)));
+        mma_tile<T>(d[u][0], A[0], A[1], A[2], A[3], b.x, b.y);
+        if (two_tiles) mma_tile<T>(d[u][1], A[0], A[1], A[2], A[3], b.z, b.w);
+      }
     }
   }
   if constexpr (HS > 1)
 #pragma unroll
-    for (int j = 0; j < 2; ++j)
+    for (int u = 0; u < NG; ++u)
 #pragma unroll
-      for (int q = 0; q < 4; ++q) acc[j][q] += acc1[j][q];
+      for (int j = 0; j < 2; ++j)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) acc[u][j][q] += acc1[u][j][q];
 }
 
-template <typename T>
-__global__ void __launch_bounds__(32 * kSmallWarps) dw_tc_small_forward(const TcSmallParams<T> p) {
+// NG = 2: a warp's job is an output row of both 16-image groups of the block, which share each B
+// fragment load (the kernel is bound by shared-memory traffic, and B is half of it with one
+// group); its registers allow 4 blocks an SM. On an H100 (N 64) that ran faster on 14 x 14
+// maps (bf16 55.6 vs 58.7 us of forward kernels with 27 x 27, TF32 96.1 vs 105.1) and slower on
+// 7 x 7 (59.1 vs 54.7, TF32 74.4 vs 68.2), where 7 jobs leave a warp of the 8 idle: the host
+// takes it for maps of more than kSmallWarps output rows.
+template <int NG> constexpr int kSmallForwardBlocks = NG == 2 ? 4 : 0;  // blocks an SM (0: no minimum)
+template <typename T, int NG>
+__global__ void __launch_bounds__(32 * kSmallWarps, kSmallForwardBlocks<NG>) dw_tc_small_forward(const TcSmallParams<T> p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const DwShape& s = p.s;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -426,33 +441,50 @@ __global__ void __launch_bounds__(32 * kSmallWarps) dw_tc_small_forward(const Tc
   const unsigned x_lane = small_lane_address(X, p.xplane, lane);
   const float bias = p.bias ? load(p.bias + c) : 0.f;
   const int g = lane >> 2, t = lane & 3;
-  for (int job = warp; job < s.OH * groups; job += kSmallWarps) {
-    const int oy = job / groups, grp = job - oy * groups;
-    float acc[2][4];
+  auto run = [&](auto groups_a_job) {
+    constexpr int J = decltype(groups_a_job)::value;
+    const int per_row = groups / J;
+    for (int job = warp; job < s.OH * per_row; job += kSmallWarps) {
+      const int oy = job / per_row, grp0 = (job - oy * per_row) * J;
+      float acc[J][2][4];
 #pragma unroll
-    for (int j = 0; j < 2; ++j)
+      for (int u = 0; u < J; ++u)
 #pragma unroll
-      for (int q = 0; q < 4; ++q) acc[j][q] = bias;
-    small_output_row<T>(acc, x_lane + (unsigned)(16 * grp * p.xplane * sizeof(T)), Bf, s, oy, i_lo, i_hi, lane);
-    // C fragment: images g, g + 8 of the group; columns 8 j + 2 t, + 1.
+        for (int j = 0; j < 2; ++j)
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int m = 16 * grp + g + 8 * h;
-      if (m >= nimg) continue;
-      T* row = p.out + ((int64_t)(n_begin + m) * s.C + c) * s.OH * s.OW + (int64_t)oy * s.OW;
+          for (int q = 0; q < 4; ++q) acc[u][j][q] = bias;
+      const unsigned group_bytes = (unsigned)(16 * p.xplane * sizeof(T));
+      small_output_row<T, J>(acc, x_lane + grp0 * group_bytes, group_bytes, Bf, s, oy, i_lo, i_hi, lane);
+      // C fragment: images g, g + 8 of each group; columns 8 j + 2 t, + 1.
 #pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        const int ox = 8 * j + 2 * t;
-        const T v0 = from_float<T>(acc[j][2 * h]), v1 = from_float<T>(acc[j][2 * h + 1]);
-        if (s.OW % 2 == 0 && ox + 1 < s.OW) {
-          store2(row + ox, v0, v1);
-        } else {
-          if (ox < s.OW) row[ox] = v0;
-          if (ox + 1 < s.OW) row[ox + 1] = v1;
+      for (int u = 0; u < J; ++u)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int m = 16 * (grp0 + u) + g + 8 * h;
+          if (m >= nimg) continue;
+          T* row = p.out + ((int64_t)(n_begin + m) * s.C + c) * s.OH * s.OW + (int64_t)oy * s.OW;
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            const int ox = 8 * j + 2 * t;
+            const T v0 = from_float<T>(acc[u][j][2 * h]), v1 = from_float<T>(acc[u][j][2 * h + 1]);
+            if (s.OW % 2 == 0 && ox + 1 < s.OW) {
+              store2(row + ox, v0, v1);
+            } else {
+              if (ox < s.OW) row[ox] = v0;
+              if (ox + 1 < s.OW) row[ox + 1] = v1;
+            }
+          }
         }
-      }
+    }
+  };
+  static_assert(kSmallImages == 32, "blocks of one or two 16-image groups");
+  if constexpr (NG == 2) {
+    if (groups == 2) {
+      run(std::integral_constant<int, 2>{});
+      return;
     }
   }
+  run(std::integral_constant<int, 1>{});
 }
 
 // channels_last (NHWC): a block takes kNhwcChannels consecutive channels of 16 images. A pixel's
@@ -494,16 +526,16 @@ __global__ void __launch_bounds__(32 * kSmallWarps) dw_tc_small_forward_nhwc(con
       build_band_fragments(Bf + ((ch + 1) & 1) * band, w0 + (int64_t)(ch + 1) * s.KH * s.KW, s, p.flip, i_lo, i_hi);
     const uint4* B = Bf + (ch & 1) * band;
     const float bias = p.bias ? load(p.bias + c0 + ch) : 0.f;
-    float acc[kNhwcJobs][2][4];
+    float acc[kNhwcJobs][1][2][4];
 #pragma unroll
     for (int k = 0; k < kNhwcJobs; ++k) {
 #pragma unroll
       for (int j = 0; j < 2; ++j)
 #pragma unroll
-        for (int q = 0; q < 4; ++q) acc[k][j][q] = bias;
+        for (int q = 0; q < 4; ++q) acc[k][0][j][q] = bias;
       const int oy = warp + kSmallWarps * k;
       if (oy < s.OH)
-        small_output_row<T>(acc[k], x_lane + (unsigned)(ch * cpitch * sizeof(T)), B, s, oy, i_lo, i_hi, lane);
+        small_output_row<T, 1>(acc[k], x_lane + (unsigned)(ch * cpitch * sizeof(T)), 0, B, s, oy, i_lo, i_hi, lane);
     }
     __syncthreads();  // this channel's input plane and the other fragment buffer are free now
     // C fragment: images g, g + 8; columns 8 j + 2 t, + 1 (past OW: inside the 16-column row)
@@ -516,8 +548,8 @@ __global__ void __launch_bounds__(32 * kSmallWarps) dw_tc_small_forward_nhwc(con
       for (int h = 0; h < 2; ++h)
 #pragma unroll
         for (int j = 0; j < 2; ++j)
-          store2(Y + (g + 8 * h) * p.xplane + oy * 16 + 8 * j + 2 * t, from_float<T>(acc[k][j][2 * h]),
-                 from_float<T>(acc[k][j][2 * h + 1]));
+          store2(Y + (g + 8 * h) * p.xplane + oy * 16 + 8 * j + 2 * t, from_float<T>(acc[k][0][j][2 * h]),
+                 from_float<T>(acc[k][0][j][2 * h + 1]));
     }
   }
   __syncthreads();
@@ -677,7 +709,9 @@ cudaError_t dwconv2d_tc_forward(DType t, const void* in, const void* w, const vo
     }
     if (small) {
       p.pairs = s.W % 2 == 0 && reinterpret_cast<uintptr_t>(in) % (2 * sizeof(T)) == 0;
-      return launch(dw_tc_small_forward<T>, dim3(q.slices, s.C), dim3(32 * kSmallWarps), q.smem, stream, p);
+      const dim3 grid(q.slices, s.C), block(32 * kSmallWarps);
+      return q.per_slice == 32 && s.OH > kSmallWarps ? launch(dw_tc_small_forward<T, 2>, grid, block, q.smem, stream, p)
+                                                     : launch(dw_tc_small_forward<T, 1>, grid, block, q.smem, stream, p);
     }
     return launch_general(args, lim, stream);
   });

@@ -416,6 +416,67 @@ __device__ __forceinline__ void small_weight_grad_accumulate(float (&acc)[TW][2 
   }
 }
 
+// Half types: kernel rows i and i + 1 together. Input row r feeds output row oy = r - i + pad_t
+// through D_i and output row oy - 1 through D_{i+1}, so walking oy, each output-gradient fragment
+// (A) serves both rows and each input fragment (B) serves row i + 1 now and row i at the next oy:
+// half the shared-memory loads per mma of one row at a time (the kernel is bound by them).
+// acc1 may belong to a kernel row past the map's (the caller drops it).
+template <typename T, int TW>
+__device__ __forceinline__ void small_weight_grad_accumulate_pair(float (&acc0)[TW][2 * TW][4],
+                                                                  float (&acc1)[TW][2 * TW][4], const T* G,
+                                                                  const T* X, int gplane, int xplane, int ksteps,
+                                                                  const DwShape& s, int i) {
+  constexpr int COLS = 16 * TW;
+  const int lane = threadIdx.x & 31, mtx = lane >> 3, row = lane & 7;
+  const unsigned g_lane = (unsigned)__cvta_generic_to_shared(G) +
+                          (unsigned)(((row + 8 * (mtx >> 1)) * gplane + 8 * (mtx & 1)) * sizeof(T));
+  const unsigned x_lane = (unsigned)__cvta_generic_to_shared(X) +
+                          (unsigned)(((row + 8 * (mtx & 1)) * xplane + 8 * (mtx >> 1)) * sizeof(T));
+  const int m_tiles = ceil_div(s.OW, 16), n_tiles = ceil_div(s.W, 8);
+  // Output rows where row i + 1 reads the map (its input row r + 1 >= 0) through those where row i does (r < H).
+  const int oy_lo = max(0, s.pad_t - i - 1), oy_hi = min(s.OH, s.H + s.pad_t - i);
+  auto load_b = [&](uint32_t(&b)[TW][4], int r, int k) {
+#pragma unroll
+    for (int nt = 0; nt < TW; ++nt) {
+      if (r >= 0 && r < s.H && 2 * nt < n_tiles) {
+        ldmatrix_x4<true>(b[nt], x_lane + (unsigned)((r * COLS + 16 * k * xplane + 16 * nt) * sizeof(T)));
+      } else {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) b[nt][q] = 0u;
+      }
+    }
+  };
+  auto apply = [&](float(&acc)[TW][2 * TW][4], const uint32_t(&a)[TW][4], const uint32_t(&b)[TW][4]) {
+#pragma unroll
+    for (int mt = 0; mt < TW; ++mt) {
+      if (mt >= m_tiles) continue;
+#pragma unroll
+      for (int n = 0; n < 2 * TW; ++n)
+        if (n < n_tiles)
+          mma_tile<T>(acc[mt][n], a[mt][0], a[mt][1], a[mt][2], a[mt][3], b[n / 2][2 * (n & 1)],
+                      b[n / 2][2 * (n & 1) + 1]);
+    }
+  };
+  for (int k = 0; k < ksteps; ++k) {
+    uint32_t B0[TW][4], B1[TW][4];
+    load_b(B0, oy_lo + i - s.pad_t, k);  // row i's input row at the first output row
+    for (int oy = oy_lo; oy < oy_hi; ++oy) {
+      uint32_t A[TW][4];
+      const unsigned ga = g_lane + (unsigned)((oy * COLS + 16 * k * gplane) * sizeof(T));
+#pragma unroll
+      for (int mt = 0; mt < TW; ++mt)
+        if (mt < m_tiles) ldmatrix_x4<true>(A[mt], ga + (unsigned)(16 * mt * sizeof(T)));
+      load_b(B1, oy + i + 1 - s.pad_t, k);
+      apply(acc0, A, B0);
+      apply(acc1, A, B1);
+#pragma unroll
+      for (int nt = 0; nt < TW; ++nt)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) B0[nt][q] = B1[nt][q];
+    }
+  }
+}
+
 // Kernel row i's taps from its D_i (acc, as small_weight_grad_accumulate leaves it), through the
 // warp's COLS x COLS scratch D: put(i * KW + j, tap) for every j < KW.
 template <typename T, int TW, typename Put>
@@ -492,10 +553,30 @@ __global__ void __launch_bounds__(32 * kSmallWarps) dw_tc_small_weight_grad(cons
   };
   const KernelRows reach = reaching_kernel_rows(s);
   const int i_lo = reach.lo, i_hi = reach.hi;
-  for (int i = i_lo + warp; i < i_hi; i += kSmallWarps) {
-    float acc[TW][2 * TW][4] = {};
-    small_weight_grad_accumulate<T, TW>(acc, G, X, p.gplane, p.xplane, ksteps, s, i);
-    small_weight_grad_taps<T, TW>(acc, D, s, i, put);
+  auto row_by_row = [&]() {
+    for (int i = i_lo + warp; i < i_hi; i += kSmallWarps) {
+      float acc[TW][2 * TW][4] = {};
+      small_weight_grad_accumulate<T, TW>(acc, G, X, p.gplane, p.xplane, ksteps, s, i);
+      small_weight_grad_taps<T, TW>(acc, D, s, i, put);
+    }
+  };
+  if constexpr (!std::is_same_v<T, float>) {
+    // Half types: warps take pairs of kernel rows where a warp would take three rows or more one
+    // at a time. On an H100 (N 64) pairs ran faster with 27 rows (14 x 14 maps: 41.9 vs 47.6 us)
+    // and 29 (28 x 28: 158.2 vs 171.4), slower with 13 (7 x 7: 35.8 vs 34.8), where they leave
+    // one warp of the 8 idle.
+    if (i_hi - i_lo > 2 * kSmallWarps) {
+      for (int i = i_lo + 2 * warp; i < i_hi; i += 2 * kSmallWarps) {
+        float acc0[TW][2 * TW][4] = {}, acc1[TW][2 * TW][4] = {};
+        small_weight_grad_accumulate_pair<T, TW>(acc0, acc1, G, X, p.gplane, p.xplane, ksteps, s, i);
+        small_weight_grad_taps<T, TW>(acc0, D, s, i, put);
+        if (i + 1 < i_hi) small_weight_grad_taps<T, TW>(acc1, D, s, i + 1, put);
+      }
+    } else {
+      row_by_row();
+    }
+  } else {
+    row_by_row();
   }
   for (int e = threadIdx.x; e < s.KH * s.KW; e += blockDim.x) {  // kernel rows that never reach the map
     const int i = e / s.KW;

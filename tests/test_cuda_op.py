@@ -356,6 +356,23 @@ def test_small_map_half(dtype):
                seed=3, dtype=dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, "tf32"])
+@pytest.mark.parametrize("case", [
+    dict(n=40, c=320, h=14, w=13, kh=27, kw=27, pads=(13, 13, 13, 13), bias=True, layout="contiguous"),
+    dict(n=50, c=320, h=16, w=16, kh=5, kw=5, pads=(1, 3, 2, 2), bias=False, layout="contiguous"),
+    dict(n=50, c=320, h=12, w=15, kh=17, kw=19, pads=(8, 8, 9, 9), bias=True, layout="contiguous"),
+], ids=["14x13_k27_n40", "16x16_k5_n50", "12x15_k17x19_n50"])
+def test_small_map_wide_layers(case, dtype):
+    """Small maps with enough channels for 32-image blocks: the forward's warps take an output row
+    of both 16-image groups (a last block of one group, or of a partial second one), and the
+    half-precision weight-gradient's warps take pairs of kernel rows (17+ rows, an odd count)."""
+    if dtype == "tf32":
+        with tf32(True):
+            check_case(case, seed=17, tol=TF32_TOL)
+    else:
+        check_case(case, seed=17, dtype=dtype)
+
+
 def test_memory_format_follows_pytorch():
     x = torch.randn(2, 8, 9, 9, device="cuda").contiguous(memory_format=torch.channels_last)
     w = torch.randn(8, 1, 3, 3, device="cuda")
