@@ -162,8 +162,10 @@ Tensor dwconv2d_input_grad(const Tensor& grad, const Tensor& w, at::IntArrayRef 
   return gx;
 }
 
-Tensor dwconv2d_weight_grad(const Tensor& grad, const Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef padding,
-                            bool tf32) {
+// `grad_b`: where not null and the weight-gradient kernel sums the bias gradient along the way
+// (dwconv2d_weight_grad_takes_bias), set to it; else left as it is.
+Tensor weight_grad(const Tensor& grad, const Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef padding,
+                   bool tf32, Tensor* grad_b) {
   check_activation(grad, "grad_output", true);
   check_activation(x, "input", true);
   check_padding(padding);
@@ -184,14 +186,24 @@ Tensor dwconv2d_weight_grad(const Tensor& grad, const Tensor& x, at::IntArrayRef
   Tensor gw = at::empty({x.size(1), 1, kernel_size[0], kernel_size[1]}, x.options());
   const lkpatch::DType t = compute_type(x, "input", tf32);
   if (s.nhwc) check_nhwc(lkpatch::dwconv2d_weight_grad_nhwc_fits(t, s), "weight-grad");
-  const size_t ws_bytes = lkpatch::dwconv2d_weight_grad_workspace(t, s);
+  const bool with_bias = grad_b != nullptr && lkpatch::dwconv2d_weight_grad_takes_bias(t, s);
+  Tensor gb;
+  if (with_bias) gb = at::empty({x.size(1)}, x.options());
+  const size_t ws_bytes = lkpatch::dwconv2d_weight_grad_workspace(t, s, with_bias);
   Tensor ws;
   if (ws_bytes) ws = at::empty({(int64_t)(ws_bytes / sizeof(float))}, x.options().dtype(at::kFloat));
   check_cuda(lkpatch::dwconv2d_weight_grad(t, grad.data_ptr(), x.data_ptr(), gw.data_ptr(),
                                            ws_bytes ? ws.data_ptr<float>() : nullptr, s,
-                                           c10::cuda::getCurrentCUDAStream().stream()),
+                                           c10::cuda::getCurrentCUDAStream().stream(),
+                                           with_bias ? gb.data_ptr() : nullptr),
              "depthwise weight-grad");
+  if (with_bias) *grad_b = gb;
   return gw;
+}
+
+Tensor dwconv2d_weight_grad(const Tensor& grad, const Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef padding,
+                            bool tf32) {
+  return weight_grad(grad, x, kernel_size, padding, tf32, nullptr);
 }
 
 Tensor dwconv2d_bias_grad(const Tensor& grad) {
@@ -298,8 +310,11 @@ class DwConv2d : public torch::autograd::Function<DwConv2d> {
       const Tensor g = grads[0].contiguous(fmt);
       // .contiguous(fmt): a 1 x 1 output gradient reads as NCHW, and so does its input gradient
       if (ctx->needs_input_grad(0)) gx = dwconv2d_input_grad(g, w.contiguous(), input_size, padding, tf32).contiguous(fmt);
-      if (ctx->needs_input_grad(1)) gw = dwconv2d_weight_grad(g, x, kernel_size, padding, tf32);
-      if (bias_grad_needed) gb = ctx->saved_data["bias_kernel"].toBool() ? dwconv2d_bias_grad(g) : g.sum({0, 2, 3});
+      const bool bias_kernel = ctx->saved_data["bias_kernel"].toBool();
+      // The weight-gradient kernel may sum the bias gradient on the way (then gb is set here).
+      if (ctx->needs_input_grad(1))
+        gw = weight_grad(g, x, kernel_size, padding, tf32, bias_grad_needed && bias_kernel ? &gb : nullptr);
+      if (bias_grad_needed && !gb.defined()) gb = bias_kernel ? dwconv2d_bias_grad(g) : g.sum({0, 2, 3});
     }
     return {gx, gw, gb, Tensor(), Tensor(), Tensor()};
   }

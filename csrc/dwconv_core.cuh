@@ -268,11 +268,14 @@ cudaError_t dwconv2d_tc_forward(DType t, const void* in, const void* w, const vo
                                 const DwShape& s, bool flip_kernel, cudaStream_t stream);
 
 // The tensor-core weight-grad for fp16, bf16 and TF32 (dwconv_tc_wgrad.cu): sm_80+, output-gradient
-// planes that fit in shared memory (TF32: maps from 20 x 20 in area). Takes a workspace (except channels_last).
+// planes that fit in shared memory (TF32: maps from 20 x 20 in area). Takes a workspace (except
+// channels_last). Where it fits and takes_bias says so (the small-map kernel, NCHW), a non-null
+// grad_b also gets the bias gradient (workspace with_bias).
 bool dwconv2d_tc_weight_grad_fits(DType t, const DwShape& s);
-size_t dwconv2d_tc_weight_grad_workspace(DType t, const DwShape& s);
+bool dwconv2d_tc_weight_grad_takes_bias(DType t, const DwShape& s);
+size_t dwconv2d_tc_weight_grad_workspace(DType t, const DwShape& s, bool with_bias);
 cudaError_t dwconv2d_tc_weight_grad(DType t, const void* grad_out, const void* in, void* grad_w, float* workspace,
-                                    const DwShape& s, cudaStream_t stream);
+                                    const DwShape& s, cudaStream_t stream, void* grad_b);
 
 // Kernel rows [lo, hi) that reach the map from some output row (iy = oy + i - pad_t in [0, H));
 // empty (hi <= lo) where none does.

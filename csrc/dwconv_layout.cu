@@ -60,6 +60,7 @@ __device__ __forceinline__ void transpose_tile(const T* __restrict__ src, T* __r
 // Needs the strided side's length (cols if kFlatOut, else rows) and `span` to be multiples of
 // the vector, and 16-byte aligned tensors.
 constexpr int kFlatMax = 1024;          // longest flat side
+constexpr int kLoads = 4;               // 16-byte loads in flight a thread (flat output side)
 constexpr int kFlatBytes = 32 * 1024;   // most shared memory a tile takes
 template <typename T, bool kFlatOut>
 __global__ void __launch_bounds__(kThreads) transpose_flat(const T* __restrict__ in, T* __restrict__ out, int64_t batch,
@@ -76,13 +77,25 @@ __global__ void __launch_bounds__(kThreads) transpose_flat(const T* __restrict__
     const T* src = in + b * rows * cols;
     T* dst = out + b * rows * cols;
     if constexpr (kFlatOut) {
+      // kLoads loads a thread in flight, issued before their values are scattered (H100, bf16
+      // 64 x 512 x 14 x 14 to NCHW: 9.6 us a copy, 11.7 one load at a time). The other side's
+      // plain loop stays: batched there it ran slower (13.5 vs 11.5 us to channels_last).
       // in: row r holds the tile's n columns from t0; buf[c][r] is out's block, row-major.
-      for (int e = threadIdx.x; e < nvec; e += kThreads) {
-        const int r = e / (n / V), c = (e - r * (n / V)) * V;
-        const uint4 v = *reinterpret_cast<const uint4*>(src + (int64_t)r * cols + t0 + c);
-        const T* vals = reinterpret_cast<const T*>(&v);
+      for (int e0 = threadIdx.x; e0 < nvec; e0 += kLoads * kThreads) {
+        uint4 v[kLoads];
 #pragma unroll
-        for (int k = 0; k < V; ++k) buf[(c + k) * rows + r] = vals[k];
+        for (int q = 0; q < kLoads; ++q) {
+          const int e = e0 + q * kThreads, r = e / (n / V), c = (e - r * (n / V)) * V;
+          if (e < nvec) v[q] = *reinterpret_cast<const uint4*>(src + (int64_t)r * cols + t0 + c);
+        }
+#pragma unroll
+        for (int q = 0; q < kLoads; ++q) {
+          const int e = e0 + q * kThreads, r = e / (n / V), c = (e - r * (n / V)) * V;
+          const T* vals = reinterpret_cast<const T*>(&v[q]);
+          if (e < nvec)
+#pragma unroll
+            for (int k = 0; k < V; ++k) buf[(c + k) * rows + r] = vals[k];
+        }
       }
       __syncthreads();
       uint4* o = reinterpret_cast<uint4*>(dst + (int64_t)t0 * rows);

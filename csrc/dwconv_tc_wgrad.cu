@@ -256,8 +256,10 @@ template <typename T>
 struct TcSmallWgradParams {
   const T* grad;
   const T* in;
-  float* parts;  // [slices][C][KH][KW]
+  float* parts;  // [slices][C][KH][KW], then the bias gradient's [slices][C] where asked for
   T* grad_w;     // with one slice the block's sums are final: written here instead of parts
+  T* grad_b;     // NCHW, with one slice: the bias gradient's final sums (else into parts, if bias)
+  bool bias;     // NCHW: also sum the bias gradient (the staged output-gradient planes)
   DwShape s;
   int N, per_slice;     // images, images per block (a multiple of 16, at most kSmallImages)
   int gplane, xplane;   // staged plane pitches (elements) per image: half types rows * 16 TW + 8, an odd
@@ -301,6 +303,14 @@ __device__ __forceinline__ void stage_planes_images_inner(float* dst, const floa
       ++grp;
     }
   }
+}
+
+// The sum of the elements this thread staged (its copies landed), as they are.
+__device__ __forceinline__ float sum_planes_images_inner(const float* dst, int staged_rows) {
+  const ImagesInner me;
+  float sum = 0.f;
+  for (int r = 0; r < staged_rows; ++r) sum += dst[me.offset(r)];
+  return sum;
 }
 
 // Rounds to TF32, in place, the elements this thread staged (its copies landed).
@@ -515,6 +525,20 @@ __device__ __forceinline__ void small_weight_grad_taps(const float (&acc)[TW][2 
   }
 }
 
+// The sum of v over the block's threads (all of them call it), in a fixed order: deterministic.
+// scratch: kSmallWarps floats of shared memory, free until the call returns.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = v;
+  __syncthreads();
+  float total = 0.f;
+#pragma unroll
+  for (int w = 0; w < kSmallWarps; ++w) total += scratch[w];
+  __syncthreads();  // every thread has read the scratch
+  return total;
+}
+
 // TW: 16-column tiles per row (maps up to 16 TW columns): D_i is (16 TW) x (16 TW).
 template <typename T, int TW>
 __global__ void __launch_bounds__(32 * kSmallWarps) dw_tc_small_weight_grad(const TcSmallWgradParams<T> p) {
@@ -540,11 +564,24 @@ __global__ void __launch_bounds__(32 * kSmallWarps) dw_tc_small_weight_grad(cons
   }
   copy_async_commit();
   copy_async_wait_group<0>();
+  // The bias gradient (p.bias): the sum of the output-gradient planes, written by one thread.
+  auto put_bias = [&](float total) {
+    if (p.grad_b) p.grad_b[c] = from_float<T>(total);
+    else p.parts[(int64_t)gridDim.x * s.C * s.KH * s.KW + (int64_t)slice * s.C + c] = total;  // after the taps
+  };
   if constexpr (std::is_same_v<T, float>) {
+    // TF32: each thread sums the elements it staged, exact, before they are rounded.
+    const float own = p.bias ? sum_planes_images_inner(G, ksteps * s.OH) : 0.f;
     round_planes_images_inner(G, ksteps * s.OH);
     round_planes_images_inner(X, ksteps * s.H);
+    __syncthreads();
+    if (p.bias) {
+      const float total = block_sum(own, D - warp * COLS * COLS);  // warp 0's D_i scratch, not yet in use
+      if (threadIdx.x == 0) put_bias(total);
+    }
+  } else {
+    __syncthreads();
   }
-  __syncthreads();
 
   const int64_t out_at = ((int64_t)slice * s.C + c) * s.KH * s.KW;
   auto put = [&](int e, float v) {
@@ -577,6 +614,30 @@ __global__ void __launch_bounds__(32 * kSmallWarps) dw_tc_small_weight_grad(cons
     }
   } else {
     row_by_row();
+  }
+  if constexpr (!std::is_same_v<T, float>) {
+    // Half types: the last warp, which takes the fewest kernel rows, sums every staged element
+    // (zeros past the map and the batch), 16 bytes a load (a plane starts 16-byte aligned:
+    // gplane is an odd number of 16-byte units). (At the start, before the rows, every warp
+    // waited for it.)
+    if (p.bias && warp == kSmallWarps - 1) {
+      const int lane = threadIdx.x & 31, per_plane = s.OH * COLS / 8;
+      float part[8] = {};
+      for (int v = lane; v < per_plane; v += 32)  // lane: 16-byte chunk v of every plane
+#pragma unroll 4
+        for (int m = 0; m < 16 * ksteps; ++m) {
+          const uint4 q = *reinterpret_cast<const uint4*>(G + m * p.gplane + 8 * v);
+          const T* h = reinterpret_cast<const T*>(&q);
+#pragma unroll
+          for (int k = 0; k < 8; ++k) part[k] += to_float(h[k]);
+        }
+      float total = 0.f;
+#pragma unroll
+      for (int k = 0; k < 8; ++k) total += part[k];
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) total += __shfl_xor_sync(0xffffffffu, total, o);
+      if (lane == 0) put_bias(total);
+    }
   }
   for (int e = threadIdx.x; e < s.KH * s.KW; e += blockDim.x) {  // kernel rows that never reach the map
     const int i = e / s.KW;
@@ -736,17 +797,19 @@ bool dwconv2d_tc_weight_grad_fits(DType t, const DwShape& s) {
   return s.C <= 65535 && q.tiles_i * q.tiles_j <= 64 && q.smem <= std::min<size_t>(lim.max_smem_optin, 100 * 1024);
 }
 
-size_t dwconv2d_tc_weight_grad_workspace(DType t, const DwShape& s) {
+bool dwconv2d_tc_weight_grad_takes_bias(DType t, const DwShape& s) { return !s.nhwc && small_kernel(t, s); }
+
+size_t dwconv2d_tc_weight_grad_workspace(DType t, const DwShape& s, bool with_bias) {
   DeviceLimits lim;
   if (device_limits(&lim) != cudaSuccess) return 0;
   if (s.nhwc) return 0;  // its taps are final
   const int esize = (int)elem_bytes(t);
   const int slices = small_kernel(t, s) ? plan_small(s, lim.sms, esize).slices : plan(s, lim.sms, esize).slices;
-  return (size_t)slices * s.C * s.KH * s.KW * sizeof(float);
+  return (size_t)slices * s.C * (s.KH * s.KW + (with_bias ? 1 : 0)) * sizeof(float);
 }
 
 cudaError_t dwconv2d_tc_weight_grad(DType t, const void* grad_out, const void* in, void* grad_w, float* workspace,
-                                    const DwShape& s, cudaStream_t stream) {
+                                    const DwShape& s, cudaStream_t stream, void* grad_b) {
   DeviceLimits lim;
   cudaError_t err = device_limits(&lim);
   if (err != cudaSuccess) return err;
@@ -760,6 +823,9 @@ cudaError_t dwconv2d_tc_weight_grad(DType t, const void* grad_out, const void* i
       p.in = static_cast<const T*>(in);
       p.parts = workspace;
       p.grad_w = sq.slices == 1 ? static_cast<T*>(grad_w) : nullptr;  // no second pass to add slices
+      p.grad_b = sq.slices == 1 ? static_cast<T*>(grad_b) : nullptr;
+      p.bias = grad_b != nullptr;
+      if (p.bias && s.nhwc) return cudaErrorInvalidValue;
       p.s = s;
       p.N = (int)(s.planes / s.C);
       p.per_slice = sq.per_slice;
@@ -785,9 +851,12 @@ cudaError_t dwconv2d_tc_weight_grad(DType t, const void* grad_out, const void* i
                        : launch(dw_tc_small_weight_grad<T, 2>, grid, block, sq.smem, stream, p);
       }
       if (e != cudaSuccess || sq.slices == 1) return e;
-      return sum_partials(workspace, static_cast<T*>(grad_w), sq.slices, (int64_t)s.C * s.KH * s.KW, stream);
+      const int64_t taps = (int64_t)s.C * s.KH * s.KW;
+      e = sum_partials(workspace, static_cast<T*>(grad_w), sq.slices, taps, stream);
+      if (e != cudaSuccess || grad_b == nullptr) return e;
+      return sum_partials(workspace + sq.slices * taps, static_cast<T*>(grad_b), sq.slices, (int64_t)s.C, stream);
     }
-    if (s.nhwc) return cudaErrorInvalidValue;  // channels_last: small maps only
+    if (s.nhwc || grad_b != nullptr) return cudaErrorInvalidValue;  // channels_last, the bias: small maps only
     {  // the banded kernel
       const WgradPlan q = plan(s, lim.sms, sizeof(T));
       TcWgradParams<T> p{};

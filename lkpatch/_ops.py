@@ -130,16 +130,11 @@ def _weight_grad_cuda(grad, x, kernel_size, padding, nchw=_nchw):
     return _native.backward_weight(grad, x, kernel_size, padding)
 
 
-def _bias_on_kernel(shape, dtype, channels_last=False) -> bool:
-    # The bias gradient does not depend on kernel size or padding; (1, 1) and zero padding stand in.
-    return dispatch.use_kernel("bias_grad", shape, (1, 1), (0, 0, 0, 0), dtype, channels_last)
-
-
 def _bias_grad_cuda(grad, nchw=_nchw):
     # A channels_last gradient that the other passes already copied to NCHW counts as NCHW; else
     # the kernel reads channels_last as it is.
     cl = _channels_last(grad) and not (isinstance(nchw, _SharedNCHW) and nchw.has_copy(grad))
-    if _bias_on_kernel(grad.shape, grad.dtype, cl):
+    if dispatch.bias_grad_on_kernel(grad.shape, grad.dtype, cl):
         return _kernels().dwconv2d_bias_grad(grad if cl else nchw(grad))
     return _native.backward_bias(grad)
 
@@ -322,7 +317,8 @@ def _eager_direct(x, weight, bias, padding, native_cl):
     if type(x) is torch.Tensor and x.is_cuda:  # no fake or subclass tensors
         if ((native_cl or x.is_contiguous())
                 and dispatch.use_kernel("all", x.shape, weight.shape[2:], padding, x.dtype, native_cl)):
-            bias_kernel = bias is not None and _bias_on_kernel(x.shape, x.dtype, native_cl)
+            bias_kernel = bias is not None and dispatch.bias_grad_on_kernel(x.shape, x.dtype, native_cl,
+                                                                            weight.shape[2:], padding)
             return _kernels().dwconv2d_autograd(x, weight, bias, padding, dispatch.tf32_pass(x.dtype), bias_kernel)
     return EagerDepthwiseConv2d.apply(x, weight, bias, padding)
 

@@ -298,6 +298,37 @@ def _native_channels_last(pass_, size, kernel_size, pads, dtype) -> bool:
     return effective_macs(size, kernel_size, pads) <= _NATIVE_CL_TAPS * n * c * oh * ow
 
 
+def bias_grad_on_kernel(size: Sequence[int], dtype: torch.dtype, channels_last: bool = False,
+                        kernel_size: Optional[Sequence[int]] = None, pads: Optional[Sequence[int]] = None) -> bool:
+    """Whether a bias gradient runs on lkpatch's kernel. As a pass of its own it does not depend on
+    the convolution's kernel or padding; with them given (the eager path's C++ backward, where
+    the weight-gradient runs on the kernels too), also wherever the weight-gradient's kernel gives
+    it on the way (:func:`weight_grad_sums_bias`): then it costs no pass of its own."""
+    layer = None if kernel_size is None or channels_last else (tuple(kernel_size), tuple(pads))
+    key = ("bias_grad_on_kernel", _impl, tuple(size), dtype, channels_last, layer,
+           dtype == torch.float32 and tf32_pass(dtype))
+    decision = _decisions.get(key)
+    if decision is None:
+        decision = _decisions[key] = ((layer is not None and weight_grad_sums_bias(size, kernel_size, pads, dtype))
+                                      or use_kernel("bias_grad", size, (1, 1), (0, 0, 0, 0), dtype, channels_last))
+    return decision
+
+
+def weight_grad_sums_bias(size: Sequence[int], kernel_size: Sequence[int], pads: Sequence[int],
+                          dtype: torch.dtype) -> bool:
+    """Whether the weight-gradient of this NCHW call, on lkpatch's kernel, also gives the bias
+    gradient: the small-map tensor-core kernel (fp16 / bf16 maps up to 32 x 32, TF32 up to
+    16 x 16; 8+ images) sums the output gradient it stages anyway (csrc:
+    ``dwconv2d_weight_grad_takes_bias``, which this mirrors)."""
+    if not use_kernel("weight_grad", size, kernel_size, pads, dtype):
+        return False
+    n, c, h, w = size
+    most = max(h, w, *output_size((h, w), kernel_size, pads))
+    if dtype in (torch.float16, torch.bfloat16):
+        return tensor_core_pass("weight_grad", size, dtype) and most <= 32
+    return tf32_pass(dtype) and n >= 8 and most <= 16
+
+
 def tensor_core_pass(pass_: str, size: Sequence[int], dtype: torch.dtype) -> bool:
     """Whether the CUDA kernels run this fp16 / bf16 pass on tensor cores: 8 or more images, an
     sm_80+ GPU; the weight-grad only on maps up to 32 x 32 or from 20 x 20 in area. The kernels

@@ -327,6 +327,32 @@ def test_all_pass_decision(monkeypatch):
         assert dispatch.use_kernel("all", *cases[1])
 
 
+def test_bias_gradient_rides_on_the_small_map_weight_gradient(monkeypatch):
+    """A bias gradient that is a pass of its own stays with PyTorch on small NCHW maps; where the
+    eager C++ backward's weight-gradient runs the small-map tensor-core kernel, which sums the
+    bias gradient on the way, it is lkpatch's. Not in channels_last, fp32 without TF32, under 8
+    images, or on maps over 32 (16 in TF32)."""
+    monkeypatch.setattr(dispatch, "_extension_ready", lambda: True)
+    monkeypatch.setattr(dispatch, "_tensor_cores_off", lambda: False)
+    monkeypatch.setattr(dispatch, "_decisions", {})
+    on = dispatch.bias_grad_on_kernel
+    k, pads = (27, 27), (13, 13, 13, 13)
+    assert not on((64, 512, 14, 14), torch.bfloat16)  # a pass of its own
+    assert on((64, 512, 14, 14), torch.bfloat16, False, k, pads)
+    assert on((64, 256, 28, 28), torch.float16, False, (29, 29), (14, 14, 14, 14))
+    big = (64, 128, 56, 56)  # the banded weight-gradient kernel: the bias gradient's own rule
+    assert not dispatch.weight_grad_sums_bias(big, (31, 31), (15, 15, 15, 15), torch.bfloat16)
+    assert on(big, torch.bfloat16, False, (31, 31), (15, 15, 15, 15)) == on(big, torch.bfloat16)
+    assert not on((4, 512, 14, 14), torch.bfloat16, False, k, pads)  # CUDA cores
+    # channels_last: read as it is from 1 M elements, whatever the kernel
+    assert on((64, 512, 14, 14), torch.bfloat16, True, k, pads) == on((64, 512, 14, 14), torch.bfloat16, True)
+    with dispatch.conv_tf32(True):
+        assert on((64, 512, 14, 14), torch.float32, False, k, pads)
+        assert not on((64, 256, 28, 28), torch.float32, False, (29, 29), (14, 14, 14, 14))
+    with dispatch.conv_tf32(False):  # exact fp32: the CUDA-core kernels
+        assert not on((64, 512, 14, 14), torch.float32, False, k, pads)
+
+
 def test_tf32_follows_pytorch(monkeypatch):
     """fp32 passes take TF32 exactly where PyTorch lets its convolutions do so."""
     from conftest import tf32

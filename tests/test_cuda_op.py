@@ -373,6 +373,42 @@ def test_small_map_wide_layers(case, dtype):
         check_case(case, seed=17, dtype=dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, "tf32"])
+@pytest.mark.parametrize("n,c,h,w,k", [(24, 300, 14, 13, 27), (80, 5, 9, 11, 7), (40, 6, 20, 23, 29)],
+                         ids=["one_block_a_channel", "five_slices", "maps_to_32"])
+def test_eager_bias_gradient_from_the_weight_gradient(n, c, h, w, k, dtype):
+    """The eager path's C++ backward takes the bias gradient from the small-map tensor-core
+    weight-gradient kernel (half types: maps up to 32; TF32: up to 16, exact, before the
+    rounding): no bias-gradient kernel runs, and all gradients match float64; elsewhere (TF32 on
+    a 20 x 23 map) the bias-gradient kernel runs as before."""
+    from torch.profiler import ProfilerActivity, profile
+    tf32_on = dtype == "tf32"
+    dtype = torch.float32 if tf32_on else dtype
+    gen = torch.Generator(device="cuda").manual_seed(23)
+    pads = (k // 2, k // 2, k // 2, k // 2)
+    x = torch.randn(n, c, h, w, device="cuda", generator=gen).to(dtype)
+    wt = (torch.randn(c, 1, k, k, device="cuda", generator=gen) / k).to(dtype)
+    b = torch.randn(c, device="cuda", generator=gen).to(dtype)
+    g = torch.randn(n, c, h, w, device="cuda", generator=gen).to(dtype)
+    ref = reference(x, wt, b, pads, g)
+    xs, ws, bs = (t.clone().requires_grad_() for t in (x, wt, b))
+    with tf32(tf32_on), dispatch.force("kernel"):
+        fused = dispatch.weight_grad_sums_bias((n, c, h, w), (k, k), pads, dtype)
+        assert fused == (not tf32_on or max(h, w) <= 16)
+        y = lkpatch.depthwise_conv2d(xs, ws, bs, padding=pads)
+        assert "DwConv2d" in y.grad_fn.name()  # the C++ autograd op
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            grads = torch.autograd.grad(y, (xs, ws, bs), g)
+            torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type.name == "CUDA"]
+    if not os.environ.get("LKPATCH_SANITIZER"):  # compute-sanitizer keeps the profiler from seeing kernels
+        assert any("weight_grad" in name for name in kernels), kernels
+        assert any("bias_grad" in name for name in kernels) != fused, kernels
+    tol = TF32_TOL if tf32_on else {name: TOL[dtype] for name in ("output", "grad_input", "grad_weight")}
+    for name, got, want in zip(("output", "grad_input", "grad_weight", "grad_bias"), (y,) + grads, ref):
+        assert rel_err(got, want) <= tol.get(name, TOL[dtype]), name
+
+
 def test_memory_format_follows_pytorch():
     x = torch.randn(2, 8, 9, 9, device="cuda").contiguous(memory_format=torch.channels_last)
     w = torch.randn(8, 1, 3, 3, device="cuda")
