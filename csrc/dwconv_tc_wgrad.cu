@@ -319,6 +319,34 @@ __device__ __forceinline__ void round_planes_images_inner(float* dst, int staged
   for (int r = 0; r < staged_rows; ++r) dst[me.offset(r)] = round_tf32(dst[me.offset(r)]);
 }
 
+// Half types: ldmatrix.x4.trans lane addresses of the staged planes G and X (their first image).
+// Lane l addresses image (l & 7) + 8 * (matrix bit) at column 8 * (other bit): A = (ox 0-7 |
+// 8-15) x (images 0-7 | 8-15) in a0..a3 order; B = images x (ix 0-7, then 8-15).
+struct PlaneLanes {
+  unsigned g, x;
+};
+template <typename T>
+__device__ __forceinline__ PlaneLanes half_plane_lanes(const T* G, const T* X, int gplane, int xplane) {
+  const int lane = threadIdx.x & 31, mtx = lane >> 3, row = lane & 7;
+  return {(unsigned)__cvta_generic_to_shared(G) + (unsigned)(((row + 8 * (mtx >> 1)) * gplane + 8 * (mtx & 1)) * sizeof(T)),
+          (unsigned)__cvta_generic_to_shared(X) + (unsigned)(((row + 8 * (mtx & 1)) * xplane + 8 * (mtx >> 1)) * sizeof(T))};
+}
+
+// acc += one (output row, k-step) pair's product: A (ox x images) by B (images x ix) fragments,
+// over the 16-column tiles of ox (m_tiles) and 8-column tiles of ix (n_tiles) that hold map columns.
+template <typename T, int TW>
+__device__ __forceinline__ void small_weight_grad_mma(float (&acc)[TW][2 * TW][4], const uint32_t (&a)[TW][4],
+                                                      const uint32_t (&b)[TW][4], int m_tiles, int n_tiles) {
+#pragma unroll
+  for (int mt = 0; mt < TW; ++mt) {
+    if (mt >= m_tiles) continue;
+#pragma unroll
+    for (int n = 0; n < 2 * TW; ++n)
+      if (n < n_tiles)
+        mma_tile<T>(acc[mt][n], a[mt][0], a[mt][1], a[mt][2], a[mt][3], b[n / 2][2 * (n & 1)], b[n / 2][2 * (n & 1) + 1]);
+  }
+}
+
 // acc += kernel row i's D_i over one channel's staged planes G [image][oy][COLS] (pitch gplane)
 // and X [image][iy][COLS] (pitch xplane) of 16 * ksteps images. acc is the mma C fragment of D_i:
 // D[ox = 16 mt + g (+8)][ix = 8 n + 2 t (+1)].
@@ -363,14 +391,8 @@ __device__ __forceinline__ void small_weight_grad_accumulate(float (&acc)[TW][2 
       for (int q = 0; q < 4; ++q) acc[0][n][q] += acc1[n][q];
     return;
   }
-  // Lane l of ldmatrix.x4.trans addresses image (l & 7) + 8 * (matrix bit) at column 8 * (other bit):
-  // A = (ox 0-7 | 8-15) x (images 0-7 | 8-15) in a0..a3 order; B = images x (ix 0-7, then 8-15).
-  const int mtx = lane >> 3, row = lane & 7;
-  const unsigned g_lane = (unsigned)__cvta_generic_to_shared(G) +
-                          (unsigned)(((row + 8 * (mtx >> 1)) * gplane + 8 * (mtx & 1)) * sizeof(T));
-  const unsigned x_lane = (unsigned)__cvta_generic_to_shared(X) +
-                          (unsigned)(((row + 8 * (mtx & 1)) * xplane + 8 * (mtx >> 1)) * sizeof(T));
-  // 16-column tiles of ox (A) and 8-column tiles of ix (B) that hold map columns.
+  const PlaneLanes lanes = half_plane_lanes(G, X, gplane, xplane);
+  const unsigned g_lane = lanes.g, x_lane = lanes.x;
   const int m_tiles = ceil_div(s.OW, 16), n_tiles = ceil_div(s.W, 8);
   const int oy_lo = max(0, s.pad_t - i), oy_hi = min(s.OH, s.H + s.pad_t - i);
   // The (oy, k-step) pairs in one loop, software-pipelined on maps over 16: the next pair's
@@ -398,15 +420,7 @@ __device__ __forceinline__ void small_weight_grad_accumulate(float (&acc)[TW][2 
     }
   };
   auto apply = [&](const uint32_t(&a)[TW][4], const uint32_t(&b)[TW][4]) {
-#pragma unroll
-    for (int mt = 0; mt < TW; ++mt) {
-      if (mt >= m_tiles) continue;
-#pragma unroll
-      for (int n = 0; n < 2 * TW; ++n)
-        if (n < n_tiles)
-          mma_tile<T>(acc[mt][n], a[mt][0], a[mt][1], a[mt][2], a[mt][3], b[n / 2][2 * (n & 1)],
-                      b[n / 2][2 * (n & 1) + 1]);
-    }
+    small_weight_grad_mma<T, TW>(acc, a, b, m_tiles, n_tiles);
   };
   if constexpr (TW == 1) {  // maps up to 16: the plain loop ran faster (H100, 14 x 14 and 7 x 7)
     for (int y = oy_lo; y < oy_hi; ++y)
@@ -437,11 +451,8 @@ __device__ __forceinline__ void small_weight_grad_accumulate_pair(float (&acc0)[
                                                                   const T* X, int gplane, int xplane, int ksteps,
                                                                   const DwShape& s, int i) {
   constexpr int COLS = 16 * TW;
-  const int lane = threadIdx.x & 31, mtx = lane >> 3, row = lane & 7;
-  const unsigned g_lane = (unsigned)__cvta_generic_to_shared(G) +
-                          (unsigned)(((row + 8 * (mtx >> 1)) * gplane + 8 * (mtx & 1)) * sizeof(T));
-  const unsigned x_lane = (unsigned)__cvta_generic_to_shared(X) +
-                          (unsigned)(((row + 8 * (mtx & 1)) * xplane + 8 * (mtx >> 1)) * sizeof(T));
+  const PlaneLanes lanes = half_plane_lanes(G, X, gplane, xplane);
+  const unsigned g_lane = lanes.g, x_lane = lanes.x;
   const int m_tiles = ceil_div(s.OW, 16), n_tiles = ceil_div(s.W, 8);
   // Output rows where row i + 1 reads the map (its input row r + 1 >= 0) through those where row i does (r < H).
   const int oy_lo = max(0, s.pad_t - i - 1), oy_hi = min(s.OH, s.H + s.pad_t - i);
@@ -456,17 +467,6 @@ __device__ __forceinline__ void small_weight_grad_accumulate_pair(float (&acc0)[
       }
     }
   };
-  auto apply = [&](float(&acc)[TW][2 * TW][4], const uint32_t(&a)[TW][4], const uint32_t(&b)[TW][4]) {
-#pragma unroll
-    for (int mt = 0; mt < TW; ++mt) {
-      if (mt >= m_tiles) continue;
-#pragma unroll
-      for (int n = 0; n < 2 * TW; ++n)
-        if (n < n_tiles)
-          mma_tile<T>(acc[mt][n], a[mt][0], a[mt][1], a[mt][2], a[mt][3], b[n / 2][2 * (n & 1)],
-                      b[n / 2][2 * (n & 1) + 1]);
-    }
-  };
   for (int k = 0; k < ksteps; ++k) {
     uint32_t B0[TW][4], B1[TW][4];
     load_b(B0, oy_lo + i - s.pad_t, k);  // row i's input row at the first output row
@@ -477,8 +477,8 @@ __device__ __forceinline__ void small_weight_grad_accumulate_pair(float (&acc0)[
       for (int mt = 0; mt < TW; ++mt)
         if (mt < m_tiles) ldmatrix_x4<true>(A[mt], ga + (unsigned)(16 * mt * sizeof(T)));
       load_b(B1, oy + i + 1 - s.pad_t, k);
-      apply(acc0, A, B0);
-      apply(acc1, A, B1);
+      small_weight_grad_mma<T, TW>(acc0, A, B0, m_tiles, n_tiles);
+      small_weight_grad_mma<T, TW>(acc1, A, B1, m_tiles, n_tiles);
 #pragma unroll
       for (int nt = 0; nt < TW; ++nt)
 #pragma unroll
