@@ -317,8 +317,10 @@ def _eager_direct(x, weight, bias, padding, native_cl):
     if type(x) is torch.Tensor and x.is_cuda:  # no fake or subclass tensors
         if ((native_cl or x.is_contiguous())
                 and dispatch.use_kernel("all", x.shape, weight.shape[2:], padding, x.dtype, native_cl)):
+            # The weight-gradient's kernel can give the bias gradient only where it runs (a trained weight).
+            layer_k = weight.shape[2:] if weight.requires_grad else None
             bias_kernel = bias is not None and dispatch.bias_grad_on_kernel(x.shape, x.dtype, native_cl,
-                                                                            weight.shape[2:], padding)
+                                                                            layer_k, padding)
             return _kernels().dwconv2d_autograd(x, weight, bias, padding, dispatch.tf32_pass(x.dtype), bias_kernel)
     return EagerDepthwiseConv2d.apply(x, weight, bias, padding)
 
