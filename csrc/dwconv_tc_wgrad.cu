@@ -824,8 +824,7 @@ cudaError_t dwconv2d_tc_weight_grad(DType t, const void* grad_out, const void* i
       p.parts = workspace;
       p.grad_w = sq.slices == 1 ? static_cast<T*>(grad_w) : nullptr;  // no second pass to add slices
       p.grad_b = sq.slices == 1 ? static_cast<T*>(grad_b) : nullptr;
-      p.bias = grad_b != nullptr;
-      if (p.bias && s.nhwc) return cudaErrorInvalidValue;
+      p.bias = grad_b != nullptr;  // only where dwconv2d_tc_weight_grad_takes_bias (the caller checks)
       p.s = s;
       p.N = (int)(s.planes / s.C);
       p.per_slice = sq.per_slice;
@@ -856,7 +855,7 @@ cudaError_t dwconv2d_tc_weight_grad(DType t, const void* grad_out, const void* i
       if (e != cudaSuccess || grad_b == nullptr) return e;
       return sum_partials(workspace + sq.slices * taps, static_cast<T*>(grad_b), sq.slices, (int64_t)s.C, stream);
     }
-    if (s.nhwc || grad_b != nullptr) return cudaErrorInvalidValue;  // channels_last, the bias: small maps only
+    if (s.nhwc) return cudaErrorInvalidValue;  // channels_last: small maps only
     {  // the banded kernel
       const WgradPlan q = plan(s, lim.sms, sizeof(T));
       TcWgradParams<T> p{};

@@ -147,6 +147,12 @@ def output_size(hw: Sequence[int], kernel_size: Sequence[int], pads: Sequence[in
     return hw[0] + pads[0] + pads[1] - kernel_size[0] + 1, hw[1] + pads[2] + pads[3] - kernel_size[1] + 1
 
 
+def _longest_side(size: Sequence[int], kernel_size: Sequence[int], pads: Sequence[int]) -> int:
+    """The longest side of the input and output maps: what sends a pass to the small-map kernels
+    (csrc: ``small_map_tiles``, up to 16, or 32 for the half-type weight-gradient)."""
+    return max(*size[2:], *output_size(size[2:], kernel_size, pads))
+
+
 def kernel_unsupported_reason(size: Sequence[int], kernel_size: Sequence[int], pads: Sequence[int],
                               dtype: torch.dtype) -> Optional[str]:
     """Why lkpatch's CUDA kernel cannot compute this stride-1 depthwise case (None if it can)."""
@@ -291,7 +297,7 @@ def _native_channels_last(pass_, size, kernel_size, pads, dtype) -> bool:
         return False
     n, c, h, w = size
     oh, ow = output_size((h, w), kernel_size, pads)
-    if max(h, w, oh, ow) > 16:
+    if _longest_side(size, kernel_size, pads) > 16:
         return False
     if pass_ != "weight_grad" and (n + 15) // 16 > 65535:  # the forward's grid: 16-image slices
         return False
@@ -322,11 +328,10 @@ def weight_grad_sums_bias(size: Sequence[int], kernel_size: Sequence[int], pads:
     ``dwconv2d_weight_grad_takes_bias``, which this mirrors)."""
     if not use_kernel("weight_grad", size, kernel_size, pads, dtype):
         return False
-    n, c, h, w = size
-    most = max(h, w, *output_size((h, w), kernel_size, pads))
+    most = _longest_side(size, kernel_size, pads)
     if dtype in (torch.float16, torch.bfloat16):
         return tensor_core_pass("weight_grad", size, dtype) and most <= 32
-    return tf32_pass(dtype) and n >= 8 and most <= 16
+    return tf32_pass(dtype) and size[0] >= 8 and most <= 16
 
 
 def tensor_core_pass(pass_: str, size: Sequence[int], dtype: torch.dtype) -> bool:
