@@ -8,7 +8,9 @@
           -k regex:dw_ python .ci/gpu_profile.py kernels
   python .ci/gpu_profile.py hostbound       host time per fwd+bwd vs its GPU time (small maps)
   python .ci/gpu_profile.py perkernel [S...] host time and each kernel's GPU time per fwd+bwd,
-      NCHW and channels_last (LKPATCH_PROFILE_DTYPE, default bfloat16)
+      NCHW and channels_last (LKPATCH_PROFILE_DTYPE, default bfloat16; LKPATCH_PROFILE_CL=1 channels_last only)
+  python .ci/gpu_profile.py copies [S...]    GPU microseconds and GB/s of the layout copies, both directions
+      (LKPATCH_PROFILE_DTYPE, default bfloat16)
   python .ci/gpu_profile.py biasgrad        bias gradient: PyTorch's sum vs the kernel, channels_last and NCHW
   python .ci/gpu_profile.py model [bfloat16|float16|float32]
       RepLKNet-31B training step (batch 64): converted vs without its depthwise convolutions,
@@ -278,7 +280,8 @@ def perkernel(names):
     dtype = getattr(torch, os.environ.get("LKPATCH_PROFILE_DTYPE", "bfloat16"))
     for name in names or ("28x29", "14x27", "7x13"):
         n, c, h, w, k = SHAPES[name]
-        for fmt in (torch.contiguous_format, torch.channels_last):
+        cl_only = bool(os.environ.get("LKPATCH_PROFILE_CL"))
+        for fmt in (torch.channels_last,) if cl_only else (torch.contiguous_format, torch.channels_last):
             x = torch.randn(n, c, h, w, device="cuda", dtype=dtype).contiguous(memory_format=fmt).requires_grad_()
             wt = torch.randn(c, 1, k, k, device="cuda", dtype=dtype, requires_grad=True)
             b = torch.randn(c, device="cuda", dtype=dtype, requires_grad=True)
@@ -293,6 +296,32 @@ def perkernel(names):
             kernels = {kn: ms * 1e3 for kn, (ms, _) in kernel_ms(prof, 20, 60).items()}
             print(f"{name} {dtype} {'CL' if fmt == torch.channels_last else 'NCHW'}: host {host:.1f} us, "
                   f"kernels {sum(kernels.values()):.1f} us: " + ", ".join(f"{v:.1f} {kn}" for kn, v in kernels.items()))
+
+
+def copies(names):
+    """The layout copies alone: each one's GPU microseconds (torch.profiler, mean of 50) and the GB/s
+    it moves (read + write)."""
+    from torch.profiler import ProfilerActivity, profile
+    build.build()
+    ext = torch.ops.lkpatch_ext
+    dtype = getattr(torch, os.environ.get("LKPATCH_PROFILE_DTYPE", "bfloat16"))
+    for name in names or SHAPES:
+        n, c, h, w, _ = SHAPES[name]
+        x = torch.randn(n, c, h, w, device="cuda", dtype=dtype)
+        cl = x.contiguous(memory_format=torch.channels_last)
+        mb = 2 * x.numel() * x.element_size() / 1e6
+        times = []
+        for fn in (lambda: ext.to_channels_last(x), lambda: ext.to_nchw(cl)):
+            for _ in range(10):
+                fn()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(50):
+                    fn()
+                torch.cuda.synchronize()
+            times.append(sum(ms for ms, _ in kernel_ms(prof, 50).values()) * 1e3)
+        print(f"copies {name} {dtype} ({mb:.1f} MB moved): to channels_last {times[0]:.2f} us "
+              f"({mb / times[0] * 1e3:.0f} GB/s), to NCHW {times[1]:.2f} us ({mb / times[1] * 1e3:.0f} GB/s)")
 
 
 def gpu_us(fn, reps=50):
@@ -344,4 +373,5 @@ if __name__ == "__main__":
     {"overhead": lambda: overhead(), "kernels": lambda: kernels(sys.argv[2:]),
      "mismatch": lambda: mismatch(), "perkernel": lambda: perkernel(sys.argv[2:]), "hostbound": lambda: hostbound(),
      "model": lambda: model(sys.argv[2] if len(sys.argv) > 2 else "bfloat16"), "python": lambda: python_profile(),
-     "autograd": lambda: autograd_variants(), "biasgrad": lambda: biasgrad()}[sys.argv[1]]()
+     "autograd": lambda: autograd_variants(), "biasgrad": lambda: biasgrad(),
+     "copies": lambda: copies(sys.argv[2:])}[sys.argv[1]]()
