@@ -40,7 +40,9 @@ struct TcParams : ConvArgs<T> {
   int splits;     // blocks per channel and tile
 };
 
-template <typename T, int NT>
+// FS: the k-step count where fixed at compile time (0: p.S), so that the unrolled k-step loop
+// has no per-step checks.
+template <typename T, int NT, int FS>
 __global__ void __launch_bounds__(32 * kMaxWarps, 4) dw_tc_forward(const TcParams<T> p) {
   constexpr int KS = kStep<T>, SH = KS / 8;  // columns per k-step; column tiles it moves
   constexpr bool kTF32 = std::is_same_v<T, float>;
@@ -150,6 +152,7 @@ __global__ void __launch_bounds__(32 * kMaxWarps, 4) dw_tc_forward(const TcParam
   constexpr bool kCheck = NT < 4;
 
   float acc[kRH][NT][4];
+  const int S = FS ? FS : p.S;
   // Input row r (staged at `at`) applied to this warp's output rows.
   auto apply_row = [&](int r, int at) {
     int brow[kRH];  // index of the row's first B fragment for each output row (lane's own if none)
@@ -158,7 +161,7 @@ __global__ void __launch_bounds__(32 * kMaxWarps, 4) dw_tc_forward(const TcParam
     for (int rr = 0; rr < kRH; ++rr) {
       const int i = r + s.pad_t - (oyw + rr);
       use[rr] = i >= 0 && i < s.KH && oyw + rr < s.OH;
-      brow[rr] = use[rr] ? i * p.S * 32 + lane : lane;
+      brow[rr] = use[rr] ? i * S * 32 + lane : lane;
       any |= use[rr];
     }
     if (!any) return;
@@ -180,12 +183,12 @@ __global__ void __launch_bounds__(32 * kMaxWarps, 4) dw_tc_forward(const TcParam
 #pragma unroll
     for (int rr = 0; rr < kRH; ++rr) B[rr] = Bf[brow[rr]];
 #pragma unroll
-    for (int st = 0; st < kMaxS<T>; ++st) {
-      if (st >= p.S) break;
+    for (int st = 0; st < (FS ? FS : kMaxS<T>); ++st) {
+      if (st >= S) break;
       // The next k-step's fragments. After the last k-step the loads repeat this step's addresses
       // (unused, and never memory another warp is writing): a condition on the loads themselves
       // costs the compiler a select or a spill per register.
-      const int nx = st + 1 < p.S ? st + 1 : st;
+      const int nx = st + 1 < S ? st + 1 : st;
       uint32_t An[NT][4];
       uint2 Bn[kRH];
 #pragma unroll
@@ -623,9 +626,9 @@ TcPlan plan(const DwShape& s, int esize) {
   return q;
 }
 
-template <typename T, int NT>
+template <typename T, int NT, int FS = 0>
 cudaError_t launch_tc(const TcParams<T>& p, const TcPlan& q, int64_t blocks_y, cudaStream_t stream) {
-  return launch(dw_tc_forward<T, NT>, dim3(q.tiles, (unsigned)blocks_y), dim3(32 * q.warps), q.smem, stream, p);
+  return launch(dw_tc_forward<T, NT, FS>, dim3(q.tiles, (unsigned)blocks_y), dim3(32 * q.warps), q.smem, stream, p);
 }
 
 // The general kernel on any map size.
@@ -653,7 +656,16 @@ cudaError_t launch_general(const ConvArgs<T>& args, const DeviceLimits& lim, cud
   switch (q.NT) {
     case 1: return launch_tc<T, 1>(p, q, blocks_y, stream);
     case 2: return launch_tc<T, 2>(p, q, blocks_y, stream);
-    default: return launch_tc<T, 4>(p, q, blocks_y, stream);
+    default:
+      // Wide maps in half types: the k-step counts of kernels 5-31 wide fixed at compile time.
+      // On an H100 (bf16, N 64, forward + input-gradient kernels, us): S = 3, 290-291 vs 306-311
+      // on 28 x 28 maps with 29 x 29, 700-704 vs 749-759 on 56 x 56 with 31 x 31; S = 2, 651-653
+      // vs 739-743 on 64 x 64 with 7 x 7.
+      if constexpr (!std::is_same_v<T, float>) {
+        if (q.S == 2) return launch_tc<T, 4, 2>(p, q, blocks_y, stream);
+        if (q.S == 3) return launch_tc<T, 4, 3>(p, q, blocks_y, stream);
+      }
+      return launch_tc<T, 4>(p, q, blocks_y, stream);
   }
 }
 
