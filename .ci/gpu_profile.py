@@ -8,7 +8,7 @@
           -k regex:dw_ python .ci/gpu_profile.py kernels
   python .ci/gpu_profile.py hostbound       host time per fwd+bwd vs its GPU time (small maps)
   python .ci/gpu_profile.py perkernel [S...] host time and each kernel's GPU time per fwd+bwd,
-      NCHW and channels_last (LKPATCH_PROFILE_DTYPE, default bfloat16; LKPATCH_PROFILE_CL=1 channels_last only)
+      NCHW and channels_last (LKPATCH_PROFILE_DTYPE, default bfloat16; LKPATCH_PROFILE_CL=1 channels_last only, =0 NCHW only)
   python .ci/gpu_profile.py copies [S...]    GPU microseconds and GB/s of the layout copies, both directions
       (LKPATCH_PROFILE_DTYPE, default bfloat16)
   python .ci/gpu_profile.py biasgrad        bias gradient: PyTorch's sum vs the kernel, channels_last and NCHW
@@ -148,7 +148,7 @@ def autograd_variants():
 def kernels(names):
     build.build()
     dtype = getattr(torch, os.environ.get("LKPATCH_PROFILE_DTYPE", "float32"))
-    fmt = torch.channels_last if os.environ.get("LKPATCH_PROFILE_CL") else torch.contiguous_format
+    fmt = torch.channels_last if os.environ.get("LKPATCH_PROFILE_CL") == "1" else torch.contiguous_format
     for name in names or SHAPES:
         n, c, h, w, k = SHAPES[name]
         x = torch.randn(n, c, h, w, device="cuda", dtype=dtype).contiguous(memory_format=fmt)
@@ -280,8 +280,10 @@ def perkernel(names):
     dtype = getattr(torch, os.environ.get("LKPATCH_PROFILE_DTYPE", "bfloat16"))
     for name in names or ("28x29", "14x27", "7x13"):
         n, c, h, w, k = SHAPES[name]
-        cl_only = bool(os.environ.get("LKPATCH_PROFILE_CL"))
-        for fmt in (torch.channels_last,) if cl_only else (torch.contiguous_format, torch.channels_last):
+        only = os.environ.get("LKPATCH_PROFILE_CL")
+        formats = {"1": (torch.channels_last,), "0": (torch.contiguous_format,)}.get(only, (torch.contiguous_format,
+                                                                                      torch.channels_last))
+        for fmt in formats:
             x = torch.randn(n, c, h, w, device="cuda", dtype=dtype).contiguous(memory_format=fmt).requires_grad_()
             wt = torch.randn(c, 1, k, k, device="cuda", dtype=dtype, requires_grad=True)
             b = torch.randn(c, device="cuda", dtype=dtype, requires_grad=True)
@@ -300,7 +302,7 @@ def perkernel(names):
 
 def copies(names):
     """The layout copies alone: each one's GPU microseconds (torch.profiler, mean of 50) and the GB/s
-    it moves (read + write)."""
+    it moves (read + write), next to a plain clone of the same tensor (the bandwidth to expect)."""
     from torch.profiler import ProfilerActivity, profile
     build.build()
     ext = torch.ops.lkpatch_ext
@@ -311,7 +313,7 @@ def copies(names):
         cl = x.contiguous(memory_format=torch.channels_last)
         mb = 2 * x.numel() * x.element_size() / 1e6
         times = []
-        for fn in (lambda: ext.to_channels_last(x), lambda: ext.to_nchw(cl)):
+        for fn in (lambda: ext.to_channels_last(x), lambda: ext.to_nchw(cl), lambda: x.clone()):
             for _ in range(10):
                 fn()
             torch.cuda.synchronize()
@@ -321,7 +323,8 @@ def copies(names):
                 torch.cuda.synchronize()
             times.append(sum(ms for ms, _ in kernel_ms(prof, 50).values()) * 1e3)
         print(f"copies {name} {dtype} ({mb:.1f} MB moved): to channels_last {times[0]:.2f} us "
-              f"({mb / times[0] * 1e3:.0f} GB/s), to NCHW {times[1]:.2f} us ({mb / times[1] * 1e3:.0f} GB/s)")
+              f"({mb / times[0] * 1e3:.0f} GB/s), to NCHW {times[1]:.2f} us ({mb / times[1] * 1e3:.0f} GB/s); "
+              f"PyTorch's clone {times[2]:.2f} us ({mb / times[2] * 1e3:.0f} GB/s)")
 
 
 def gpu_us(fn, reps=50):
