@@ -657,11 +657,13 @@ cudaError_t launch_general(const ConvArgs<T>& args, const DeviceLimits& lim, cud
     case 1: return launch_tc<T, 1>(p, q, blocks_y, stream);
     case 2: return launch_tc<T, 2>(p, q, blocks_y, stream);
     default:
-      // Wide maps in half types: the k-step counts of kernels 5-31 wide fixed at compile time.
-      // On an H100 (bf16, N 64, forward + input-gradient kernels, us): S = 3, 290-291 vs 306-311
-      // on 28 x 28 maps with 29 x 29, 700-704 vs 749-759 on 56 x 56 with 31 x 31; S = 2, 651-653
-      // vs 739-743 on 64 x 64 with 7 x 7.
-      if constexpr (!std::is_same_v<T, float>) {
+      // Wide maps: the k-step counts of the common kernel widths fixed at compile time (half
+      // types 2 and 3: 5-31 wide; TF32 5: 27-31 wide). On an H100 (bf16, N 64, forward +
+      // input-gradient kernels, us): S = 3, 290-291 vs 306-311 on 28 x 28 maps with 29 x 29,
+      // 700-704 vs 749-759 on 56 x 56 with 31 x 31; S = 2, 651-653 vs 739-743 on 64 x 64 with 7 x 7.
+      if constexpr (std::is_same_v<T, float>) {
+        if (q.S == 5) return launch_tc<T, 4, 5>(p, q, blocks_y, stream);
+      } else {
         if (q.S == 2) return launch_tc<T, 4, 2>(p, q, blocks_y, stream);
         if (q.S == 3) return launch_tc<T, 4, 3>(p, q, blocks_y, stream);
       }

@@ -38,7 +38,9 @@ template <typename T>
 struct TcWgradParams {
   const T* grad;
   const T* in;
-  float* parts;  // [slices][C][KH][KW]
+  float* parts;       // [slices][C][KH][KW]
+  float* bias_parts;  // TF32: [slices][C], the bias gradient's part of each block of the first
+                      // kernel tile (the sum of the planes it stages), or null
   DwShape s;
   int N;
   int per_slice;  // images per block
@@ -128,6 +130,10 @@ __global__ void __launch_bounds__(32 * kWarps) dw_tc_weight_grad(const TcWgradPa
   const int d = ((j0 - s.pad_l) % align + align) % align, xs = j0 - s.pad_l - d;
   const int lane_off = lane_off0 + d;
   const unsigned sel = (lane_off & 1) ? 0x5432u : 0x3210u;  // odd offsets straddle two words
+  // TF32, where asked: the bias gradient's part, from the first kernel tile's blocks (every tile
+  // stages the same planes). Each thread sums the elements it reads, in a fixed order.
+  const bool sums_bias = kTF32 && p.bias_parts != nullptr && blockIdx.z == 0;
+  float bias_sum = 0.f;
   for (int nb = n_begin; nb < n_end; nb += p.IB) {
     const int nimg = min(p.IB, n_end - nb);
     __syncthreads();  // the previous images are done with G
@@ -141,7 +147,17 @@ __global__ void __launch_bounds__(32 * kWarps) dw_tc_weight_grad(const TcWgradPa
     copy_async_commit();
     copy_async_wait_group<0>();
     __syncthreads();
-    if constexpr (kTF32) {  // the staged values rounded to TF32 once, not in every fragment
+    if constexpr (kTF32) {
+      if (sums_bias) {  // the exact values, before they are rounded (the pitch's last columns are never staged)
+        const int per_row = p.OWp / 4, n4 = nimg * s.OH * per_row;
+        for (int e = threadIdx.x; e < n4; e += blockDim.x) {
+          const int row = e / per_row;
+          const float4 f = reinterpret_cast<const float4*>(G + row * p.gpitch)[e - row * per_row];
+          bias_sum += (f.x + f.y) + (f.z + f.w);
+        }
+        __syncthreads();
+      }
+      // The staged values rounded to TF32 once, not in every fragment.
       const int ng = nimg * s.OH * p.gpitch / 4, nx = nimg * nq * p.xw / 4;  // float4s
       float4* v = reinterpret_cast<float4*>(G);
       for (int e = threadIdx.x; e < ng + nx; e += blockDim.x) {
@@ -235,7 +251,18 @@ __global__ void __launch_bounds__(32 * kWarps) dw_tc_weight_grad(const TcWgradPa
         const int j = 16 * jt + g + 8 * (q >> 1), i = 8 * it + 2 * t + (q & 1);
         mine[j * TI + i] = acc[jt][it][q];
       }
+  if (sums_bias) {  // warp sums after the tiles' scratch, added in warp order below
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) bias_sum += __shfl_xor_sync(0xffffffffu, bias_sum, o);
+    if (lane == 0) red[kWarps * TJ * TI + warp] = bias_sum;
+  }
   __syncthreads();
+  if (sums_bias && threadIdx.x == 0) {
+    float total = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) total += red[kWarps * TJ * TI + w];
+    p.bias_parts[(int64_t)slice * s.C + c] = total;
+  }
   float* out = p.parts + ((int64_t)slice * s.C + c) * s.KH * s.KW;
   for (int e = threadIdx.x; e < TJ * TI; e += blockDim.x) {
     const int j = e / TI, i = e - j * TI;
@@ -256,10 +283,12 @@ template <typename T>
 struct TcSmallWgradParams {
   const T* grad;
   const T* in;
-  float* parts;  // [slices][C][KH][KW], then the bias gradient's [slices][C] where asked for
-  T* grad_w;     // with one slice the block's sums are final: written here instead of parts
-  T* grad_b;     // NCHW, with one slice: the bias gradient's final sums (else into parts, if bias)
-  bool bias;     // NCHW: also sum the bias gradient (the staged output-gradient planes)
+  float* parts;       // [slices][C][KH][KW]
+  T* grad_w;          // with one slice the block's sums are final: written here instead of parts
+  // NCHW: the bias gradient too (the sum of the staged output-gradient planes), where either is
+  // set: grad_b with one slice (final sums), else bias_parts ([slices][C]).
+  T* grad_b;
+  float* bias_parts;
   DwShape s;
   int N, per_slice;     // images, images per block (a multiple of 16, at most kSmallImages)
   int gplane, xplane;   // staged plane pitches (elements) per image: half types rows * 16 TW + 8, an odd
@@ -573,18 +602,19 @@ __global__ void __launch_bounds__(32 * kSmallWarps) dw_tc_small_weight_grad(cons
   }
   copy_async_commit();
   copy_async_wait_group<0>();
-  // The bias gradient (p.bias): the sum of the output-gradient planes, written by one thread.
+  // The bias gradient: the sum of the output-gradient planes, written by one thread.
+  const bool bias = p.grad_b != nullptr || p.bias_parts != nullptr;
   auto put_bias = [&](float total) {
     if (p.grad_b) p.grad_b[c] = from_float<T>(total);
-    else p.parts[(int64_t)gridDim.x * s.C * s.KH * s.KW + (int64_t)slice * s.C + c] = total;  // after the taps
+    else p.bias_parts[(int64_t)slice * s.C + c] = total;
   };
   if constexpr (std::is_same_v<T, float>) {
     // TF32: each thread sums the elements it staged, exact, before they are rounded.
-    const float own = p.bias ? sum_planes_images_inner(G, ksteps * s.OH) : 0.f;
+    const float own = bias ? sum_planes_images_inner(G, ksteps * s.OH) : 0.f;
     round_planes_images_inner(G, ksteps * s.OH);
     round_planes_images_inner(X, ksteps * s.H);
     __syncthreads();
-    if (p.bias) {
+    if (bias) {
       const float total = block_sum(own, D - warp * scratch_floats(COLS));  // warp 0's D_i scratch, not yet in use
       if (threadIdx.x == 0) put_bias(total);
     }
@@ -629,7 +659,7 @@ __global__ void __launch_bounds__(32 * kSmallWarps) dw_tc_small_weight_grad(cons
     // (zeros past the map and the batch), 16 bytes a load (a plane starts 16-byte aligned:
     // gplane is an odd number of 16-byte units). (At the start, before the rows, every warp
     // waited for it.)
-    if (p.bias && warp == kSmallWarps - 1) {
+    if (bias && warp == kSmallWarps - 1) {
       const int lane = threadIdx.x & 31, per_plane = s.OH * COLS / 8;
       float part[8] = {};
       for (int v = lane; v < per_plane; v += 32)  // lane: 16-byte chunk v of every plane
@@ -769,7 +799,7 @@ WgradPlan plan(const DwShape& s, int sms, int esize) {
   const size_t image_bytes = ((size_t)s.OH * q.gpitch + (size_t)nq * q.xw) * esize;
   q.IB = (int)std::max<size_t>(1, std::min<size_t>(std::min(q.per_slice, 16), (48 * 1024) / image_bytes));
   q.smem = std::max(((size_t)(q.IB * s.OH + 1) * q.gpitch + (size_t)q.IB * nq * q.xw) * esize,
-                    (size_t)kWarps * 16 * q.JT * 8 * q.IT * sizeof(float));
+                    (size_t)kWarps * (16 * q.JT * 8 * q.IT + 1) * sizeof(float));  // the end's scratch
   return q;
 }
 
@@ -806,7 +836,11 @@ bool dwconv2d_tc_weight_grad_fits(DType t, const DwShape& s) {
   return s.C <= 65535 && q.tiles_i * q.tiles_j <= 64 && q.smem <= std::min<size_t>(lim.max_smem_optin, 100 * 1024);
 }
 
-bool dwconv2d_tc_weight_grad_takes_bias(DType t, const DwShape& s) { return !s.nhwc && small_kernel(t, s); }
+// NCHW, where the kernel walks the staged output-gradient planes anyway: the small-map kernels,
+// and the TF32 rounding pass of the banded one.
+bool dwconv2d_tc_weight_grad_takes_bias(DType t, const DwShape& s) {
+  return !s.nhwc && (small_kernel(t, s) || t == DType::tf32);
+}
 
 size_t dwconv2d_tc_weight_grad_workspace(DType t, const DwShape& s, bool with_bias) {
   DeviceLimits lim;
@@ -823,8 +857,17 @@ cudaError_t dwconv2d_tc_weight_grad(DType t, const void* grad_out, const void* i
   cudaError_t err = device_limits(&lim);
   if (err != cudaSuccess) return err;
   if (t == DType::f32) return cudaErrorInvalidValue;  // exact fp32 runs on CUDA cores
+  // grad_b (only where dwconv2d_tc_weight_grad_takes_bias: the caller checks): the workspace holds
+  // the slices' taps, then their bias parts; add_slices sums both.
+  const int64_t taps = (int64_t)s.C * s.KH * s.KW;
+  auto bias_parts = [&](int slices) { return grad_b ? workspace + slices * taps : nullptr; };
   return with_dtype(t, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
+    auto add_slices = [&](int slices) {
+      cudaError_t e = sum_partials(workspace, static_cast<T*>(grad_w), slices, taps, stream);
+      if (e != cudaSuccess || grad_b == nullptr) return e;
+      return sum_partials(workspace + slices * taps, static_cast<T*>(grad_b), slices, (int64_t)s.C, stream);
+    };
     if (small_kernel(t, s)) {
       const TcSmallWgradPlan sq = plan_small(s, lim.sms, sizeof(T));
       TcSmallWgradParams<T> p{};
@@ -833,7 +876,7 @@ cudaError_t dwconv2d_tc_weight_grad(DType t, const void* grad_out, const void* i
       p.parts = workspace;
       p.grad_w = sq.slices == 1 ? static_cast<T*>(grad_w) : nullptr;  // no second pass to add slices
       p.grad_b = sq.slices == 1 ? static_cast<T*>(grad_b) : nullptr;
-      p.bias = grad_b != nullptr;  // only where dwconv2d_tc_weight_grad_takes_bias (the caller checks)
+      p.bias_parts = sq.slices == 1 ? nullptr : bias_parts(sq.slices);
       p.s = s;
       p.N = (int)(s.planes / s.C);
       p.per_slice = sq.per_slice;
@@ -859,10 +902,7 @@ cudaError_t dwconv2d_tc_weight_grad(DType t, const void* grad_out, const void* i
                        : launch(dw_tc_small_weight_grad<T, 2>, grid, block, sq.smem, stream, p);
       }
       if (e != cudaSuccess || sq.slices == 1) return e;
-      const int64_t taps = (int64_t)s.C * s.KH * s.KW;
-      e = sum_partials(workspace, static_cast<T*>(grad_w), sq.slices, taps, stream);
-      if (e != cudaSuccess || grad_b == nullptr) return e;
-      return sum_partials(workspace + sq.slices * taps, static_cast<T*>(grad_b), sq.slices, (int64_t)s.C, stream);
+      return add_slices(sq.slices);
     }
     if (s.nhwc) return cudaErrorInvalidValue;  // channels_last: small maps only
     {  // the banded kernel
@@ -871,6 +911,7 @@ cudaError_t dwconv2d_tc_weight_grad(DType t, const void* grad_out, const void* i
       p.grad = static_cast<const T*>(grad_out);
       p.in = static_cast<const T*>(in);
       p.parts = workspace;
+      p.bias_parts = bias_parts(q.slices);
       p.s = s;
       p.N = (int)(s.planes / s.C);
       p.per_slice = q.per_slice;
@@ -887,7 +928,7 @@ cudaError_t dwconv2d_tc_weight_grad(DType t, const void* grad_out, const void* i
       else
         e = q.IT == 2 ? launch_wgrad<T, 2, 2>(p, q, s.C, stream) : launch_wgrad<T, 2, 4>(p, q, s.C, stream);
       if (e != cudaSuccess) return e;
-      return sum_partials(workspace, static_cast<T*>(grad_w), q.slices, (int64_t)s.C * s.KH * s.KW, stream);
+      return add_slices(q.slices);
     }
   });
 }

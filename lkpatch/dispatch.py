@@ -323,15 +323,37 @@ def bias_grad_on_kernel(size: Sequence[int], dtype: torch.dtype, channels_last: 
 def weight_grad_sums_bias(size: Sequence[int], kernel_size: Sequence[int], pads: Sequence[int],
                           dtype: torch.dtype) -> bool:
     """Whether the weight-gradient of this NCHW call, on lkpatch's kernel, also gives the bias
-    gradient: the small-map tensor-core kernel (fp16 / bf16 maps up to 32 x 32, TF32 up to
-    16 x 16; 8+ images) sums the output gradient it stages anyway (csrc:
-    ``dwconv2d_weight_grad_takes_bias``, which this mirrors)."""
+    gradient: the tensor-core kernels that walk every staged element of the output gradient anyway
+    -- the small-map ones (fp16 / bf16 maps up to 32 x 32, TF32 up to 16 x 16; 8+ images) and
+    TF32's banded one, in its rounding pass (csrc: ``dwconv2d_weight_grad_takes_bias``, which
+    this mirrors)."""
     if not use_kernel("weight_grad", size, kernel_size, pads, dtype):
         return False
-    most = _longest_side(size, kernel_size, pads)
     if dtype in (torch.float16, torch.bfloat16):
-        return tensor_core_pass("weight_grad", size, dtype) and most <= 32
-    return tf32_pass(dtype) and size[0] >= 8 and most <= 16
+        return tensor_core_pass("weight_grad", size, dtype) and _longest_side(size, kernel_size, pads) <= 32
+    return tf32_pass(dtype) and _tf32_weight_grad_fits(size, kernel_size, pads)
+
+
+def _tf32_weight_grad_fits(size: Sequence[int], kernel_size: Sequence[int], pads: Sequence[int]) -> bool:
+    """Whether the TF32 weight-gradient runs on tensor cores (csrc: ``dwconv2d_tc_weight_grad_fits``
+    and the banded kernel's plan, which this mirrors): 8+ images; maps up to 16 x 16, or from
+    20 x 20 in area where an image's staged output-gradient plane and input rows fit in 100 KB
+    (about 100 x 100) and the kernel in 64 tiles of 32 x 32."""
+    n, c, h, w = size
+    kh, kw = kernel_size
+    if n < 8 or c > 65535:
+        return False
+    if _longest_side(size, kernel_size, pads) <= 16:
+        return True
+    oh, ow = output_size((h, w), kernel_size, pads)
+    if oh * ow < 400:
+        return False
+    jt, it = (1 if kw <= 16 else 2), (2 if kh <= 16 else 4)  # tiles of 16 jt kernel columns, 8 it rows
+    owp = -(-ow // 16) * 16
+    gpitch = owp + (4 if owp // 4 % 2 == 0 else 0)  # floats a staged output-gradient row
+    rows, xw = min(h, 8 * it - 1 + oh), owp + 16 * jt + 16  # staged input rows, floats each
+    tiles = -(-kw // (16 * jt)) * -(-kh // (8 * it))
+    return tiles <= 64 and ((oh + 1) * gpitch + rows * xw) * 4 <= 100 * 1024
 
 
 def tensor_core_pass(pass_: str, size: Sequence[int], dtype: torch.dtype) -> bool:

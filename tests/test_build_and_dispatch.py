@@ -329,9 +329,10 @@ def test_all_pass_decision(monkeypatch):
 
 def test_bias_gradient_rides_on_the_small_map_weight_gradient(monkeypatch):
     """A bias gradient that is a pass of its own stays with PyTorch on small NCHW maps; where the
-    eager C++ backward's weight-gradient runs the small-map tensor-core kernel, which sums the
-    bias gradient on the way, it is lkpatch's. Not in channels_last, fp32 without TF32, under 8
-    images, or on maps over 32 (16 in TF32)."""
+    eager C++ backward's weight-gradient runs a tensor-core kernel that sums the bias gradient on
+    the way (the small-map ones; TF32's banded one), it is lkpatch's. Not in channels_last, fp32
+    without TF32, under 8 images, on half-type maps over 32, or where TF32 stays on CUDA cores
+    (maps over 16 and under 20 x 20 in area, or too large to stage)."""
     monkeypatch.setattr(dispatch, "_extension_ready", lambda: True)
     monkeypatch.setattr(dispatch, "_tensor_cores_off", lambda: False)
     monkeypatch.setattr(dispatch, "_decisions", {})
@@ -348,7 +349,11 @@ def test_bias_gradient_rides_on_the_small_map_weight_gradient(monkeypatch):
     assert on((64, 512, 14, 14), torch.bfloat16, True, k, pads) == on((64, 512, 14, 14), torch.bfloat16, True)
     with dispatch.conv_tf32(True):
         assert on((64, 512, 14, 14), torch.float32, False, k, pads)
-        assert not on((64, 256, 28, 28), torch.float32, False, (29, 29), (14, 14, 14, 14))
+        assert on((64, 256, 28, 28), torch.float32, False, (29, 29), (14, 14, 14, 14))  # banded, TF32
+        assert on(big, torch.float32, False, (31, 31), (15, 15, 15, 15))
+        assert not dispatch.weight_grad_sums_bias((64, 256, 18, 18), (7, 7), (3, 3, 3, 3), torch.float32)  # CUDA cores
+        assert not dispatch.weight_grad_sums_bias((8, 4, 256, 256), (31, 31), (15, 15, 15, 15), torch.float32)
+        assert dispatch.weight_grad_sums_bias((8, 4, 96, 96), (31, 31), (15, 15, 15, 15), torch.float32)
     with dispatch.conv_tf32(False):  # exact fp32: the CUDA-core kernels
         assert not on((64, 512, 14, 14), torch.float32, False, k, pads)
 
