@@ -162,6 +162,20 @@ def kernels(names):
         print("launched", name, flush=True)
 
 
+def profile_kernels(fn, steps, warmup=0, width=90):
+    """GPU milliseconds per call of each kernel fn launches: `warmup` calls, then `steps` under
+    torch.profiler ({name: [ms, launches]}, as kernel_ms)."""
+    from torch.profiler import ProfilerActivity, profile
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    return kernel_ms(prof, steps, width)
+
+
 def kernel_ms(prof, steps, width=90):
     """GPU milliseconds per step of each kernel in a torch.profiler run: {name: [ms, launches]}."""
     rows = {}
@@ -177,7 +191,6 @@ def kernel_ms(prof, steps, width=90):
 def model(amp):
     import copy
     import timm
-    from torch.profiler import ProfilerActivity, profile
     from lkpatch import bench, convert_model
     build.build()
     base = timm.create_model("replknet_31b", num_classes=1000).cuda().train()
@@ -201,14 +214,7 @@ def model(amp):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        for _ in range(3):
-            step()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(2):
-                step()
-            torch.cuda.synchronize()
-        return step, kernel_ms(prof, 2)
+        return step, profile_kernels(step, 2, warmup=3)
 
     # GPU idle (step time minus kernel time) that the converted model has beyond the model without
     # its depthwise branches is host time of the converted layers.
@@ -253,12 +259,7 @@ def hostbound():
                 end.record()
                 end.synchronize()
                 synced.append(start.elapsed_time(end))
-            from torch.profiler import ProfilerActivity, profile
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(20):
-                    step()
-                torch.cuda.synchronize()
-            kernels = {name: ms * 1e3 for name, (ms, _) in kernel_ms(prof, 20, 60).items()}  # us per step
+            kernels = {name: ms * 1e3 for name, (ms, _) in profile_kernels(step, 20, width=60).items()}  # us per step
             print(f"{n}x{c}x{h}x{w} k{k} {dtype}: host {host:.1f} us per fwd+bwd, queued events {gpu * 1e3:.1f} us, "
                   f"synced events {sorted(synced)[10] * 1e3:.1f} us, kernels {sum(kernels.values()):.1f} us: "
                   + ", ".join(f"{v:.1f} {k}" for k, v in kernels.items()))
@@ -275,7 +276,6 @@ def hostbound():
 def perkernel(names):
     """bf16 forward + backward with lkpatch's kernels forced, per shape and memory format: host
     microseconds per step and each kernel's GPU microseconds (torch.profiler)."""
-    from torch.profiler import ProfilerActivity, profile
     build.build()
     dtype = getattr(torch, os.environ.get("LKPATCH_PROFILE_DTYPE", "bfloat16"))
     for name in names or ("28x29", "14x27", "7x13"):
@@ -291,11 +291,7 @@ def perkernel(names):
             with dispatch.force("kernel"):
                 step = lambda: torch.autograd.grad(lkpatch.depthwise_conv2d(x, wt, b, padding=k // 2), (x, wt, b), g)
                 host = host_us(step, 100)
-                with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                    for _ in range(20):
-                        step()
-                    torch.cuda.synchronize()
-            kernels = {kn: ms * 1e3 for kn, (ms, _) in kernel_ms(prof, 20, 60).items()}
+                kernels = {kn: ms * 1e3 for kn, (ms, _) in profile_kernels(step, 20, width=60).items()}
             print(f"{name} {dtype} {'CL' if fmt == torch.channels_last else 'NCHW'}: host {host:.1f} us, "
                   f"kernels {sum(kernels.values()):.1f} us: " + ", ".join(f"{v:.1f} {kn}" for kn, v in kernels.items()))
 
@@ -303,7 +299,6 @@ def perkernel(names):
 def copies(names):
     """The layout copies alone: each one's GPU microseconds (torch.profiler, mean of 50) and the GB/s
     it moves (read + write), next to a plain clone of the same tensor (the bandwidth to expect)."""
-    from torch.profiler import ProfilerActivity, profile
     build.build()
     ext = torch.ops.lkpatch_ext
     dtype = getattr(torch, os.environ.get("LKPATCH_PROFILE_DTYPE", "bfloat16"))
@@ -312,16 +307,8 @@ def copies(names):
         x = torch.randn(n, c, h, w, device="cuda", dtype=dtype)
         cl = x.contiguous(memory_format=torch.channels_last)
         mb = 2 * x.numel() * x.element_size() / 1e6
-        times = []
-        for fn in (lambda: ext.to_channels_last(x), lambda: ext.to_nchw(cl), lambda: x.clone()):
-            for _ in range(10):
-                fn()
-            torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(50):
-                    fn()
-                torch.cuda.synchronize()
-            times.append(sum(ms for ms, _ in kernel_ms(prof, 50).values()) * 1e3)
+        times = [sum(ms for ms, _ in profile_kernels(fn, 50, warmup=10).values()) * 1e3
+                 for fn in (lambda: ext.to_channels_last(x), lambda: ext.to_nchw(cl), lambda: x.clone())]
         print(f"copies {name} {dtype} ({mb:.1f} MB moved): to channels_last {times[0]:.2f} us "
               f"({mb / times[0] * 1e3:.0f} GB/s), to NCHW {times[1]:.2f} us ({mb / times[1] * 1e3:.0f} GB/s); "
               f"PyTorch's clone {times[2]:.2f} us ({mb / times[2] * 1e3:.0f} GB/s)")
