@@ -516,19 +516,20 @@ __device__ __forceinline__ void small_weight_grad_accumulate_pair(float (&acc0)[
   }
 }
 
-// A warp's D_i scratch: COLS rows of scratch_pitch(COLS) floats. The 8 floats past COLS put the
-// 8 rows g of a C fragment 8 banks apart, so the fragment's 8-byte stores fill distinct banks.
-// (Rows COLS floats apart hit the same banks, 8-way at COLS 32: on an H100 the weight-gradient
-// of bf16 64 x 256 x 28 x 28 maps with 29 x 29 took 155-159 us so, 129 with the pitch.)
-__host__ __device__ constexpr int scratch_pitch(int cols) { return cols + 8; }
-__host__ __device__ constexpr int scratch_floats(int cols) { return cols * scratch_pitch(cols); }
+// A warp's D_i scratch: COLS rows of scratch_pitch(COLS, pad) floats. Padded, the 8 floats past
+// COLS put the 8 rows g of a C fragment 8 banks apart, so the fragment's 8-byte stores fill
+// distinct banks. (Rows COLS floats apart hit the same banks, 8-way at COLS 32: on an H100 the
+// weight-gradient of bf16 64 x 256 x 28 x 28 maps with 29 x 29 took 155-159 us so, 129 padded.)
+// Unpadded only where the padded block would not fit the GPU (32-column maps on 99 KB GPUs).
+__host__ __device__ constexpr int scratch_pitch(int cols, bool pad = true) { return pad ? cols + 8 : cols; }
+__host__ __device__ constexpr int scratch_floats(int cols, bool pad = true) { return cols * scratch_pitch(cols, pad); }
 
 // Kernel row i's taps from its D_i (acc, as small_weight_grad_accumulate leaves it), through the
 // warp's scratch D: put(i * KW + j, tap) for every j < KW.
-template <typename T, int TW, typename Put>
+template <typename T, int TW, bool PAD, typename Put>
 __device__ __forceinline__ void small_weight_grad_taps(const float (&acc)[TW][2 * TW][4], float* D, const DwShape& s,
                                                        int i, Put&& put) {
-  constexpr int COLS = 16 * TW, P = scratch_pitch(COLS), DIAGS = 2 * COLS - 1, REPS = (DIAGS + 31) / 32;
+  constexpr int COLS = 16 * TW, P = scratch_pitch(COLS, PAD), DIAGS = 2 * COLS - 1, REPS = (DIAGS + 31) / 32;
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   // C fragment: D[ox = 16 mt + g (+8)][ix = 8 n + 2 t (+1)]; lane l sums diagonal ix - ox = l - COLS + 1
   // (and l + 31 - COLS + 1 when COLS is 32).
@@ -577,8 +578,9 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
   return total;
 }
 
-// TW: 16-column tiles per row (maps up to 16 TW columns): D_i is (16 TW) x (16 TW).
-template <typename T, int TW>
+// TW: 16-column tiles per row (maps up to 16 TW columns): D_i is (16 TW) x (16 TW). PAD: the
+// D_i scratch's rows padded (scratch_pitch).
+template <typename T, int TW, bool PAD = true>
 __global__ void __launch_bounds__(32 * kSmallWarps) dw_tc_small_weight_grad(const TcSmallWgradParams<T> p) {
   constexpr int COLS = 16 * TW;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -589,7 +591,7 @@ __global__ void __launch_bounds__(32 * kSmallWarps) dw_tc_small_weight_grad(cons
   const int ksteps = ceil_div(nimg, 16);
   T* G = reinterpret_cast<T*>(smem_raw);  // [image][oy][COLS] (TF32: [group][oy][16][kImagePitch])
   T* X = G + p.per_slice * p.gplane;      // [image][iy][COLS] (TF32: [group][iy][16][kImagePitch])
-  float* D = reinterpret_cast<float*>(X + p.per_slice * p.xplane) + warp * scratch_floats(COLS);  // this warp's D_i
+  float* D = reinterpret_cast<float*>(X + p.per_slice * p.xplane) + warp * scratch_floats(COLS, PAD);  // this warp's D_i
 
   // Stage 16 * ksteps images (zeros past the batch and past the row ends), two columns per item.
   if constexpr (std::is_same_v<T, float>) {  // rounded below
@@ -615,7 +617,7 @@ __global__ void __launch_bounds__(32 * kSmallWarps) dw_tc_small_weight_grad(cons
     round_planes_images_inner(X, ksteps * s.H);
     __syncthreads();
     if (bias) {
-      const float total = block_sum(own, D - warp * scratch_floats(COLS));  // warp 0's D_i scratch, not yet in use
+      const float total = block_sum(own, D - warp * scratch_floats(COLS, PAD));  // warp 0's D_i scratch, not yet in use
       if (threadIdx.x == 0) put_bias(total);
     }
   } else {
@@ -633,7 +635,7 @@ __global__ void __launch_bounds__(32 * kSmallWarps) dw_tc_small_weight_grad(cons
     for (int i = i_lo + warp; i < i_hi; i += kSmallWarps) {
       float acc[TW][2 * TW][4] = {};
       small_weight_grad_accumulate<T, TW>(acc, G, X, p.gplane, p.xplane, ksteps, s, i);
-      small_weight_grad_taps<T, TW>(acc, D, s, i, put);
+      small_weight_grad_taps<T, TW, PAD>(acc, D, s, i, put);
     }
   };
   if constexpr (!std::is_same_v<T, float>) {
@@ -645,8 +647,8 @@ __global__ void __launch_bounds__(32 * kSmallWarps) dw_tc_small_weight_grad(cons
       for (int i = i_lo + 2 * warp; i < i_hi; i += 2 * kSmallWarps) {
         float acc0[TW][2 * TW][4] = {}, acc1[TW][2 * TW][4] = {};
         small_weight_grad_accumulate_pair<T, TW>(acc0, acc1, G, X, p.gplane, p.xplane, ksteps, s, i);
-        small_weight_grad_taps<T, TW>(acc0, D, s, i, put);
-        if (i + 1 < i_hi) small_weight_grad_taps<T, TW>(acc1, D, s, i + 1, put);
+        small_weight_grad_taps<T, TW, PAD>(acc0, D, s, i, put);
+        if (i + 1 < i_hi) small_weight_grad_taps<T, TW, PAD>(acc1, D, s, i + 1, put);
       }
     } else {
       row_by_row();
@@ -729,7 +731,7 @@ __global__ void __launch_bounds__(32 * kSmallWarps, 2) dw_tc_small_weight_grad_n
     const int u = warp + kSmallWarps * k, ch = u / rows;
     if (!any || ch >= nch) continue;
     T* out = p.grad_w + (int64_t)(c0 + ch) * taps;
-    small_weight_grad_taps<T, 1>(acc[k], D, s, i0 + u - ch * rows, [&](int e, float v) { out[e] = from_float<T>(v); });
+    small_weight_grad_taps<T, 1, true>(acc[k], D, s, i0 + u - ch * rows, [&](int e, float v) { out[e] = from_float<T>(v); });
   }
   if (blockIdx.y == 0) {  // kernel rows that never reach the map
     for (int e = threadIdx.x; e < nch * taps; e += blockDim.x) {
@@ -741,20 +743,22 @@ __global__ void __launch_bounds__(32 * kSmallWarps, 2) dw_tc_small_weight_grad_n
 
 struct TcSmallWgradPlan {
   int TW, slices, per_slice, gplane, xplane;
+  bool pad;  // the D_i scratch padded (scratch_pitch)
   size_t smem;
 };
 
 // NHWC (maps up to 16): blocks of kNhwcChannels channels by kNhwcRows kernel rows over all images
 // (slices: the kernel-row groups), 16 images staged at a time.
 // esize: bytes per element (2: half types, 4: TF32, NCHW maps up to 16 only).
-TcSmallWgradPlan plan_small(const DwShape& s, int sms, int esize) {
+TcSmallWgradPlan plan_small(const DwShape& s, int sms, int esize, bool pad) {
   TcSmallWgradPlan q{};
+  q.pad = pad;
   const int N = (int)(s.planes / s.C);
   q.TW = std::max(1, small_map_tiles(s));
   const int cols = 16 * q.TW;
   q.gplane = esize == 4 ? s.OH * kImagePitch : s.OH * cols + 8;
   q.xplane = esize == 4 ? s.H * kImagePitch : s.H * cols + 8;
-  const size_t scratch = (size_t)kSmallWarps * scratch_floats(cols) * sizeof(float);
+  const size_t scratch = (size_t)kSmallWarps * scratch_floats(cols, pad) * sizeof(float);
   const size_t per_image = (size_t)(q.gplane + q.xplane) * esize;
   if (s.nhwc) {
     const KernelRows reach = reaching_kernel_rows(s);
@@ -770,6 +774,13 @@ TcSmallWgradPlan plan_small(const DwShape& s, int sms, int esize) {
   q.slices = slices.slices;
   q.smem = (size_t)q.per_slice * per_image + scratch;
   return q;
+}
+
+// The padded scratch where the block fits the GPU (every map up to 16, and 17-32 on GPUs with
+// more than 99 KB a block), else the unpadded one.
+TcSmallWgradPlan plan_small(const DwShape& s, const DeviceLimits& lim, int esize) {
+  const TcSmallWgradPlan q = plan_small(s, lim.sms, esize, true);
+  return q.smem <= (size_t)lim.max_smem_optin ? q : plan_small(s, lim.sms, esize, false);
 }
 
 struct WgradPlan {
@@ -827,8 +838,8 @@ bool dwconv2d_tc_weight_grad_fits(DType t, const DwShape& s) {
   if (device_limits(&lim) != cudaSuccess || lim.cc_major < 8) return false;
   const bool tf32 = t == DType::tf32;
   if (s.nhwc)  // channels_last: maps up to 16, half types only
-    return !tf32 && small_map_tiles(s) == 1 && plan_small(s, lim.sms, 2).smem <= (size_t)lim.max_smem_optin;
-  if (small_kernel(t, s)) return s.C <= 65535 && plan_small(s, lim.sms, (int)elem_bytes(t)).smem <= (size_t)lim.max_smem_optin;
+    return !tf32 && small_map_tiles(s) == 1 && plan_small(s, lim, 2).smem <= (size_t)lim.max_smem_optin;
+  if (small_kernel(t, s)) return s.C <= 65535 && plan_small(s, lim, (int)elem_bytes(t)).smem <= (size_t)lim.max_smem_optin;
   // Narrow maps (a side above 32 (16 in TF32), under 20 x 20 in area) stay on the CUDA-core kernel.
   if ((int64_t)s.OH * s.OW < 400) return false;
   const WgradPlan q = plan(s, lim.sms, tf32 ? 4 : 2);
@@ -847,7 +858,7 @@ size_t dwconv2d_tc_weight_grad_workspace(DType t, const DwShape& s, bool with_bi
   if (device_limits(&lim) != cudaSuccess) return 0;
   if (s.nhwc) return 0;  // its taps are final
   const int esize = (int)elem_bytes(t);
-  const int slices = small_kernel(t, s) ? plan_small(s, lim.sms, esize).slices : plan(s, lim.sms, esize).slices;
+  const int slices = small_kernel(t, s) ? plan_small(s, lim, esize).slices : plan(s, lim.sms, esize).slices;
   return (size_t)slices * s.C * (s.KH * s.KW + (with_bias ? 1 : 0)) * sizeof(float);
 }
 
@@ -869,7 +880,7 @@ cudaError_t dwconv2d_tc_weight_grad(DType t, const void* grad_out, const void* i
       return sum_partials(workspace + slices * taps, static_cast<T*>(grad_b), slices, (int64_t)s.C, stream);
     };
     if (small_kernel(t, s)) {
-      const TcSmallWgradPlan sq = plan_small(s, lim.sms, sizeof(T));
+      const TcSmallWgradPlan sq = plan_small(s, lim, sizeof(T));
       TcSmallWgradParams<T> p{};
       p.grad = static_cast<const T*>(grad_out);
       p.in = static_cast<const T*>(in);
@@ -899,7 +910,8 @@ cudaError_t dwconv2d_tc_weight_grad(DType t, const void* grad_out, const void* i
         p.xpairs = s.W % 2 == 0 && reinterpret_cast<uintptr_t>(in) % 4 == 0;
         const dim3 grid(sq.slices, s.C);
         e = sq.TW == 1 ? launch(dw_tc_small_weight_grad<T, 1>, grid, block, sq.smem, stream, p)
-                       : launch(dw_tc_small_weight_grad<T, 2>, grid, block, sq.smem, stream, p);
+            : sq.pad   ? launch(dw_tc_small_weight_grad<T, 2>, grid, block, sq.smem, stream, p)
+                       : launch(dw_tc_small_weight_grad<T, 2, false>, grid, block, sq.smem, stream, p);
       }
       if (e != cudaSuccess || sq.slices == 1) return e;
       return add_slices(sq.slices);

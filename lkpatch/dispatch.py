@@ -338,7 +338,8 @@ def _tf32_weight_grad_fits(size: Sequence[int], kernel_size: Sequence[int], pads
     """Whether the TF32 weight-gradient runs on tensor cores (csrc: ``dwconv2d_tc_weight_grad_fits``
     and the banded kernel's plan, which this mirrors): 8+ images; maps up to 16 x 16, or from
     20 x 20 in area where an image's staged output-gradient plane and input rows fit in 100 KB
-    (about 100 x 100) and the kernel in 64 tiles of 32 x 32."""
+    (about 100 x 100; less where the GPU gives a block less) and the kernel in 64 tiles of
+    32 x 32."""
     n, c, h, w = size
     kh, kw = kernel_size
     if n < 8 or c > 65535:
@@ -353,7 +354,16 @@ def _tf32_weight_grad_fits(size: Sequence[int], kernel_size: Sequence[int], pads
     gpitch = owp + (4 if owp // 4 % 2 == 0 else 0)  # floats a staged output-gradient row
     rows, xw = min(h, 8 * it - 1 + oh), owp + 16 * jt + 16  # staged input rows, floats each
     tiles = -(-kw // (16 * jt)) * -(-kh // (8 * it))
-    return tiles <= 64 and ((oh + 1) * gpitch + rows * xw) * 4 <= 100 * 1024
+    return tiles <= 64 and ((oh + 1) * gpitch + rows * xw) * 4 <= min(100 * 1024, _block_smem_limit())
+
+
+def _block_smem_limit() -> int:
+    """Bytes of shared memory a block may opt in to on the current GPU (csrc's
+    ``max_smem_optin``); unbounded where it cannot be read (no GPU, an older torch)."""
+    if not torch.cuda.is_available():
+        return 1 << 30
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return getattr(props, "shared_memory_per_block_optin", 1 << 30)
 
 
 def tensor_core_pass(pass_: str, size: Sequence[int], dtype: torch.dtype) -> bool:
