@@ -354,6 +354,10 @@ def test_bias_gradient_rides_on_the_small_map_weight_gradient(monkeypatch):
         assert not dispatch.weight_grad_sums_bias((64, 256, 18, 18), (7, 7), (3, 3, 3, 3), torch.float32)  # CUDA cores
         assert not dispatch.weight_grad_sums_bias((8, 4, 256, 256), (31, 31), (15, 15, 15, 15), torch.float32)
         assert dispatch.weight_grad_sums_bias((8, 4, 96, 96), (31, 31), (15, 15, 15, 15), torch.float32)
+        # staged in 102,384 bytes: within the 100 KB budget, not within a 99 KB GPU's block
+        for limit_kb, fits in ((227, True), (99, False)):
+            monkeypatch.setattr(dispatch, "_block_smem_limit", lambda: limit_kb * 1024)
+            assert dispatch._tf32_weight_grad_fits((16, 8, 98, 98), (13, 13), (6, 6, 6, 6)) == fits
     with dispatch.conv_tf32(False):  # exact fp32: the CUDA-core kernels
         assert not on((64, 512, 14, 14), torch.float32, False, k, pads)
 
