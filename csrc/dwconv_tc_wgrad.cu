@@ -877,7 +877,7 @@ cudaError_t dwconv2d_tc_weight_grad(DType t, const void* grad_out, const void* i
     auto add_slices = [&](int slices) {
       cudaError_t e = sum_partials(workspace, static_cast<T*>(grad_w), slices, taps, stream);
       if (e != cudaSuccess || grad_b == nullptr) return e;
-      return sum_partials(workspace + slices * taps, static_cast<T*>(grad_b), slices, (int64_t)s.C, stream);
+      return sum_partials(bias_parts(slices), static_cast<T*>(grad_b), slices, (int64_t)s.C, stream);
     };
     if (small_kernel(t, s)) {
       const TcSmallWgradPlan sq = plan_small(s, lim, sizeof(T));
