@@ -269,8 +269,9 @@ cudaError_t dwconv2d_tc_forward(DType t, const void* in, const void* w, const vo
 
 // The tensor-core weight-grad for fp16, bf16 and TF32 (dwconv_tc_wgrad.cu): sm_80+, output-gradient
 // planes that fit in shared memory (TF32: maps from 20 x 20 in area). Takes a workspace (except
-// channels_last). Where it fits and takes_bias says so (NCHW: the small-map kernels, and TF32's
-// banded one), a non-null grad_b also gets the bias gradient (workspace with_bias).
+// channels_last). Where it fits and takes_bias says so (the small-map kernels, NCHW and
+// channels_last, and TF32's banded one), a non-null grad_b also gets the bias gradient
+// (workspace with_bias).
 bool dwconv2d_tc_weight_grad_fits(DType t, const DwShape& s);
 bool dwconv2d_tc_weight_grad_takes_bias(DType t, const DwShape& s);
 size_t dwconv2d_tc_weight_grad_workspace(DType t, const DwShape& s, bool with_bias);

@@ -161,10 +161,12 @@ __device__ __forceinline__ void round_staged_planes(float* dst, int groups, int 
 // channel), zeros past the nimg real images, past each row's end and past channel C. Each thread
 // loads one pixel's CG channels (one 16- or 8-byte vector where `vec`: C a multiple of CG, aligned
 // base), kBatch pixels in flight, and scatters them to the channel planes: the transpose happens
-// here.
-template <int CG, int COLS, int kBatch = 4, typename T>
+// here. kSumStride > 0: also adds each channel's values to sum[channel * kSumStride], this
+// thread's running sums (in shared memory: the caller's registers stay free), in a fixed order.
+template <int CG, int COLS, int kBatch = 4, int kSumStride = 0, typename T>
 __device__ __forceinline__ void stage_planes_nhwc(T* dst, const T* src, int C, int c0, int n_begin, int nimg,
-                                                  int rows, int cols, int pitch, int cpitch, bool vec) {
+                                                  int rows, int cols, int pitch, int cpitch, bool vec,
+                                                  float* sum = nullptr) {
   static_assert(CG * sizeof(T) == 16 || CG * sizeof(T) == 8, "one 16- or 8-byte vector per pixel");
   using Vec = std::conditional_t<CG * sizeof(T) == 16, uint4, uint2>;
   const T zero = from_float<T>(0.f);
@@ -194,6 +196,15 @@ __device__ __forceinline__ void stage_planes_nhwc(T* dst, const T* src, int C, i
       if (at[q] >= 0)
 #pragma unroll
         for (int ch = 0; ch < CG; ++ch) dst[ch * cpitch + at[q]] = v[q].h[ch];
+    if constexpr (kSumStride > 0) {  // zeros where nothing was loaded
+#pragma unroll
+      for (int ch = 0; ch < CG; ++ch) {
+        float t = 0.f;
+#pragma unroll
+        for (int q = 0; q < kBatch; ++q) t += to_float(v[q].h[ch]);
+        sum[ch * kSumStride] += t;
+      }
+    }
   }
 }
 

@@ -285,8 +285,8 @@ struct TcSmallWgradParams {
   const T* in;
   float* parts;       // [slices][C][KH][KW]
   T* grad_w;          // with one slice the block's sums are final: written here instead of parts
-  // NCHW: the bias gradient too (the sum of the staged output-gradient planes), where either is
-  // set: grad_b with one slice (final sums), else bias_parts ([slices][C]).
+  // The bias gradient too (the sum of the staged output-gradient planes), where either is set:
+  // grad_b with one slice (final sums; channels_last: always), else bias_parts ([slices][C]).
   T* grad_b;
   float* bias_parts;
   DwShape s;
@@ -691,7 +691,8 @@ __global__ void __launch_bounds__(32 * kSmallWarps) dw_tc_small_weight_grad(cons
 // vector a pixel, transposed into per-channel planes as the NCHW kernel stages them). Warp w owns
 // the block's (channel, kernel row) pairs w, w + 8, ... and keeps their D_i accumulators in
 // registers over the chunks, so the diagonal sums are taken once per pair, as in the NCHW kernel,
-// and the taps are final: no partial sums.
+// and the taps are final: no partial sums. With p.grad_b, the first kernel-row group's blocks also
+// give their channels' bias gradients: each thread sums the output-gradient pixels it stages.
 constexpr int kNhwcChannels = 4;                                     // 8-byte vectors of half values
 constexpr int kNhwcPairs = 8;                                        // (channel, kernel row) pairs a warp
 constexpr int kNhwcRows = kSmallWarps * kNhwcPairs / kNhwcChannels;  // kernel rows a block
@@ -701,7 +702,7 @@ __global__ void __launch_bounds__(32 * kSmallWarps, 2) dw_tc_small_weight_grad_n
   constexpr int CG = kNhwcChannels;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const DwShape& s = p.s;
-  const int warp = threadIdx.x >> 5;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int c0 = blockIdx.x * CG, nch = min(s.C - c0, CG), taps = s.KH * s.KW;
   const KernelRows reach = reaching_kernel_rows(s);
   const int i0 = reach.lo + blockIdx.y * kNhwcRows, rows = max(1, min(kNhwcRows, reach.hi - i0));
@@ -709,21 +710,45 @@ __global__ void __launch_bounds__(32 * kSmallWarps, 2) dw_tc_small_weight_grad_n
   T* G = reinterpret_cast<T*>(smem_raw);                             // [channel][image][oy][16]
   T* X = G + CG * gc;                                                // [channel][image][iy][16]
   float* D = reinterpret_cast<float*>(X + CG * xc) + warp * scratch_floats(16);  // this warp's D_i
-  const bool any = reach.hi > reach.lo;
+  const bool any = reach.hi > reach.lo, bias = p.grad_b != nullptr && blockIdx.y == 0;
 
+  // Bias: each thread's running sums in its warp's D_i scratch (free until the taps), [channel][lane]:
+  // registers are what the accumulation is short of. Every block sums (branching on `bias` around
+  // the staging made ptxas spill inside the mma loop); only the first row group's add up.
+  float* bsum = D + lane;
+#pragma unroll
+  for (int ch = 0; ch < CG; ++ch) bsum[32 * ch] = 0.f;
   float acc[kNhwcPairs][1][2][4] = {};
-  for (int n0 = 0; any && n0 < p.N; n0 += 16) {
+  for (int n0 = 0; (any || bias) && n0 < p.N; n0 += 16) {
     const int m = min(16, p.N - n0);
     if (n0 > 0) __syncthreads();  // the last chunk's planes are read
-    stage_planes_nhwc<CG, 16, 4>(G, p.grad, s.C, c0, n0, m, s.OH, s.OW, p.gplane, gc, p.gpairs);
+    stage_planes_nhwc<CG, 16, 4, 32>(G, p.grad, s.C, c0, n0, m, s.OH, s.OW, p.gplane, gc, p.gpairs, bsum);
     stage_planes_nhwc<CG, 16, 4>(X, p.in, s.C, c0, n0, m, s.H, s.W, p.xplane, xc, p.xpairs);
     __syncthreads();
 #pragma unroll
     for (int k = 0; k < kNhwcPairs; ++k) {
       const int u = warp + kSmallWarps * k, ch = u / rows;
-      if (ch < nch)
+      if (any && ch < nch)
         small_weight_grad_accumulate<T, 1>(acc[k], G + ch * gc, X + ch * xc, p.gplane, p.xplane, 1, s,
                                            i0 + u - ch * rows);
+    }
+  }
+  if (bias) {  // lanes' sums, then warps' in warp order; the taps reuse the scratch after
+    static_assert(32 * CG <= scratch_floats(16), "a warp's running sums fit its D_i scratch");
+    float* part = D - warp * scratch_floats(16) + kSmallWarps * scratch_floats(16);  // [warp][channel]
+#pragma unroll
+    for (int ch = 0; ch < CG; ++ch) {
+      float v = bsum[32 * ch];
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+      if (lane == 0) part[warp * CG + ch] = v;
+    }
+    __syncthreads();
+    if (threadIdx.x < nch) {
+      float total = 0.f;
+#pragma unroll
+      for (int w = 0; w < kSmallWarps; ++w) total += part[w * CG + threadIdx.x];
+      p.grad_b[c0 + threadIdx.x] = from_float<T>(total);
     }
   }
 #pragma unroll
@@ -764,7 +789,8 @@ TcSmallWgradPlan plan_small(const DwShape& s, int sms, int esize, bool pad) {
     const KernelRows reach = reaching_kernel_rows(s);
     q.per_slice = 16;
     q.slices = std::max(1, ceil_div(reach.hi - reach.lo, kNhwcRows));
-    q.smem = scratch + (size_t)kNhwcChannels * 16 * per_image;  // at most 80 KB: any sm_80+ GPU
+    // and the bias gradient's warp sums: at most 80 KB, any sm_80+ GPU
+    q.smem = scratch + (size_t)kNhwcChannels * 16 * per_image + kSmallWarps * kNhwcChannels * sizeof(float);
     return q;
   }
   // Images per block: also within the shared-memory budget.
@@ -847,10 +873,10 @@ bool dwconv2d_tc_weight_grad_fits(DType t, const DwShape& s) {
   return s.C <= 65535 && q.tiles_i * q.tiles_j <= 64 && q.smem <= std::min<size_t>(lim.max_smem_optin, 100 * 1024);
 }
 
-// NCHW, where the kernel walks the staged output-gradient planes anyway: the small-map kernels,
-// and the TF32 rounding pass of the banded one.
+// Where the kernel walks the staged output-gradient planes anyway: the small-map kernels (NCHW
+// and channels_last), and the TF32 rounding pass of the banded one.
 bool dwconv2d_tc_weight_grad_takes_bias(DType t, const DwShape& s) {
-  return !s.nhwc && (small_kernel(t, s) || t == DType::tf32);
+  return small_kernel(t, s) || t == DType::tf32;
 }
 
 size_t dwconv2d_tc_weight_grad_workspace(DType t, const DwShape& s, bool with_bias) {
@@ -902,7 +928,8 @@ cudaError_t dwconv2d_tc_weight_grad(DType t, const void* grad_out, const void* i
         const int bytes = kNhwcChannels * (int)sizeof(T);  // one vector per pixel
         p.gpairs = s.C % kNhwcChannels == 0 && reinterpret_cast<uintptr_t>(grad_out) % bytes == 0;
         p.xpairs = s.C % kNhwcChannels == 0 && reinterpret_cast<uintptr_t>(in) % bytes == 0;
-        p.grad_w = static_cast<T*>(grad_w);
+        p.grad_w = static_cast<T*>(grad_w);  // final taps and bias gradients: no slices to add
+        p.grad_b = static_cast<T*>(grad_b);
         return launch(dw_tc_small_weight_grad_nhwc<T>, dim3(ceil_div(s.C, kNhwcChannels), sq.slices), block,
                       sq.smem, stream, p);
       } else {

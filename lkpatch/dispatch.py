@@ -310,25 +310,28 @@ def bias_grad_on_kernel(size: Sequence[int], dtype: torch.dtype, channels_last: 
     the convolution's kernel or padding; with them given (the eager path's C++ backward, where
     the weight-gradient runs on the kernels too), also wherever the weight-gradient's kernel gives
     it on the way (:func:`weight_grad_sums_bias`): then it costs no pass of its own."""
-    layer = None if kernel_size is None or channels_last else (tuple(kernel_size), tuple(pads))
+    layer = None if kernel_size is None else (tuple(kernel_size), tuple(pads))
     key = ("bias_grad_on_kernel", _impl, tuple(size), dtype, channels_last, layer,
            dtype == torch.float32 and tf32_pass(dtype))
     decision = _decisions.get(key)
     if decision is None:
-        decision = _decisions[key] = ((layer is not None and weight_grad_sums_bias(size, kernel_size, pads, dtype))
+        decision = _decisions[key] = ((layer is not None
+                                       and weight_grad_sums_bias(size, kernel_size, pads, dtype, channels_last))
                                       or use_kernel("bias_grad", size, (1, 1), (0, 0, 0, 0), dtype, channels_last))
     return decision
 
 
 def weight_grad_sums_bias(size: Sequence[int], kernel_size: Sequence[int], pads: Sequence[int],
-                          dtype: torch.dtype) -> bool:
-    """Whether the weight-gradient of this NCHW call, on lkpatch's kernel, also gives the bias
+                          dtype: torch.dtype, channels_last: bool = False) -> bool:
+    """Whether the weight-gradient of this call, on lkpatch's kernel, also gives the bias
     gradient: the tensor-core kernels that walk every staged element of the output gradient anyway
-    -- the small-map ones (fp16 / bf16 maps up to 32 x 32, TF32 up to 16 x 16; 8+ images) and
-    TF32's banded one, in its rounding pass (csrc: ``dwconv2d_weight_grad_takes_bias``, which
-    this mirrors)."""
-    if not use_kernel("weight_grad", size, kernel_size, pads, dtype):
+    -- the small-map ones (fp16 / bf16 maps up to 32 x 32, TF32 up to 16 x 16; 8+ images; and
+    channels_last where the weight-gradient takes it natively) and TF32's banded one, in its
+    rounding pass (csrc: ``dwconv2d_weight_grad_takes_bias``, which this mirrors)."""
+    if not use_kernel("weight_grad", size, kernel_size, pads, dtype, channels_last):
         return False
+    if channels_last:  # else the weight-gradient runs on NCHW copies, with no bias gradient
+        return native_channels_last("weight_grad", size, kernel_size, pads, dtype)
     if dtype in (torch.float16, torch.bfloat16):
         return tensor_core_pass("weight_grad", size, dtype) and _longest_side(size, kernel_size, pads) <= 32
     return tf32_pass(dtype) and _tf32_weight_grad_fits(size, kernel_size, pads)

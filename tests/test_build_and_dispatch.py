@@ -330,9 +330,10 @@ def test_all_pass_decision(monkeypatch):
 def test_bias_gradient_rides_on_the_small_map_weight_gradient(monkeypatch):
     """A bias gradient that is a pass of its own stays with PyTorch on small NCHW maps; where the
     eager C++ backward's weight-gradient runs a tensor-core kernel that sums the bias gradient on
-    the way (the small-map ones; TF32's banded one), it is lkpatch's. Not in channels_last, fp32
-    without TF32, under 8 images, on half-type maps over 32, or where TF32 stays on CUDA cores
-    (maps over 16 and under 20 x 20 in area, or too large to stage)."""
+    the way (the small-map ones, channels_last ones the kernels take natively too; TF32's banded
+    one), it is lkpatch's. Not in channels_last through NCHW copies, fp32 without TF32, under 8
+    images, on half-type maps over 32, or where TF32 stays on CUDA cores (maps over 16 and under
+    20 x 20 in area, or too large to stage)."""
     monkeypatch.setattr(dispatch, "_extension_ready", lambda: True)
     monkeypatch.setattr(dispatch, "_tensor_cores_off", lambda: False)
     monkeypatch.setattr(dispatch, "_decisions", {})
@@ -345,8 +346,15 @@ def test_bias_gradient_rides_on_the_small_map_weight_gradient(monkeypatch):
     assert not dispatch.weight_grad_sums_bias(big, (31, 31), (15, 15, 15, 15), torch.bfloat16)
     assert on(big, torch.bfloat16, False, (31, 31), (15, 15, 15, 15)) == on(big, torch.bfloat16)
     assert not on((4, 512, 14, 14), torch.bfloat16, False, k, pads)  # CUDA cores
-    # channels_last: read as it is from 1 M elements, whatever the kernel
+    # channels_last through NCHW copies (196 taps a pixel): the bias gradient's own rule
+    assert not dispatch.weight_grad_sums_bias((64, 512, 14, 14), k, pads, torch.bfloat16, True)
     assert on((64, 512, 14, 14), torch.bfloat16, True, k, pads) == on((64, 512, 14, 14), torch.bfloat16, True)
+    # ... and natively (49 taps a pixel): on the weight-gradient's kernel, in half types only
+    assert dispatch.weight_grad_sums_bias((64, 1024, 7, 7), (13, 13), (6, 6, 6, 6), torch.bfloat16, True)
+    assert on((64, 1024, 7, 7), torch.float16, True, (13, 13), (6, 6, 6, 6))
+    assert not dispatch.weight_grad_sums_bias((4, 1024, 7, 7), (13, 13), (6, 6, 6, 6), torch.bfloat16, True)
+    with dispatch.conv_tf32(True):
+        assert not dispatch.weight_grad_sums_bias((64, 1024, 7, 7), (13, 13), (6, 6, 6, 6), torch.float32, True)
     with dispatch.conv_tf32(True):
         assert on((64, 512, 14, 14), torch.float32, False, k, pads)
         assert on((64, 256, 28, 28), torch.float32, False, (29, 29), (14, 14, 14, 14))  # banded, TF32

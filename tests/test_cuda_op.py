@@ -249,6 +249,42 @@ def test_channels_last_native_eager(grad_fmt):
     assert rel_err(gx, ref[1]) <= 1e-2 and rel_err(gb, ref[3]) <= 1e-2
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n,c,h,w,k", [(24, 300, 7, 7, (13, 13)), (17, 5, 9, 11, (7, 7)), (20, 8, 16, 16, (17, 3))],
+                         ids=["vectors", "element_copies", "two_row_groups"])
+def test_channels_last_bias_gradient_from_the_weight_gradient(n, c, h, w, k, dtype):
+    """channels_last layers the kernels take natively: the eager C++ backward's weight-gradient
+    kernel sums the bias gradient as it stages the output gradient, so neither a bias-gradient
+    kernel nor a layout copy runs; all gradients match float64. A second, partial 16-image chunk;
+    C a multiple of 4 (vector loads) or not (element loads, a partial channel group); 17 kernel
+    rows, two row groups of blocks, of which only the first sums."""
+    from torch.profiler import ProfilerActivity, profile
+    gen = torch.Generator(device="cuda").manual_seed(29)
+    pads = ((k[0] - 1) // 2, k[0] // 2, (k[1] - 1) // 2, k[1] // 2)
+    cl = torch.channels_last
+    x = torch.randn(n, c, h, w, device="cuda", generator=gen).to(dtype).contiguous(memory_format=cl)
+    wt = (torch.randn(c, 1, *k, device="cuda", generator=gen) / math.prod(k) ** 0.5).to(dtype)
+    b = torch.randn(c, device="cuda", generator=gen).to(dtype)
+    g = torch.randn(n, c, h, w, device="cuda", generator=gen).to(dtype).contiguous(memory_format=cl)
+    ref = reference(x, wt, b, pads, g)
+    xs, ws, bs = (t.clone().requires_grad_() for t in (x, wt, b))
+    with dispatch.force("kernel"):
+        assert dispatch.native_channels_last("all", x.shape, k, pads, dtype)
+        assert dispatch.weight_grad_sums_bias(x.shape, k, pads, dtype, True)
+        y = lkpatch.depthwise_conv2d(xs, ws, bs, padding=pads)
+        assert "DwConv2d" in y.grad_fn.name()  # the C++ autograd op
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            grads = torch.autograd.grad(y, (xs, ws, bs), g)
+            torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type.name == "CUDA"]
+    if not os.environ.get("LKPATCH_SANITIZER"):  # compute-sanitizer keeps the profiler from seeing kernels
+        assert any("weight_grad_nhwc" in name for name in kernels), kernels
+        assert not any("bias_grad" in name or "transpose" in name for name in kernels), kernels
+    assert grads[0].is_contiguous(memory_format=cl)
+    for name, got, want in zip(("output", "grad_input", "grad_weight", "grad_bias"), (y,) + grads, ref):
+        assert rel_err(got, want) <= TOL[dtype], name
+
+
 def test_channels_last_errors():
     """The extension takes channels_last only where its kernels do, and says so otherwise."""
     ext = build.extension_ops()
