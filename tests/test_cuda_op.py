@@ -249,6 +249,22 @@ def test_channels_last_native_eager(grad_fmt):
     assert rel_err(gx, ref[1]) <= 1e-2 and rel_err(gb, ref[3]) <= 1e-2
 
 
+def eager_step_kernels(x, wt, b, pads, g):
+    """Forward and backward through the eager path's C++ autograd op (under the caller's dispatch
+    and TF32 settings): the output and the three gradients, and the names of the CUDA kernels the
+    backward ran (None under compute-sanitizer, which keeps the profiler from seeing kernels)."""
+    from torch.profiler import ProfilerActivity, profile
+    xs, ws, bs = (t.clone().requires_grad_() for t in (x, wt, b))
+    y = lkpatch.depthwise_conv2d(xs, ws, bs, padding=pads)
+    assert "DwConv2d" in y.grad_fn.name()  # the C++ autograd op
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        grads = torch.autograd.grad(y, (xs, ws, bs), g)
+        torch.cuda.synchronize()
+    if os.environ.get("LKPATCH_SANITIZER"):
+        return (y,) + grads, None
+    return (y,) + grads, [e.name for e in prof.events() if e.device_type.name == "CUDA"]
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("n,c,h,w,k", [(24, 300, 7, 7, (13, 13)), (17, 5, 9, 11, (7, 7)), (20, 8, 16, 16, (17, 3))],
                          ids=["vectors", "element_copies", "two_row_groups"])
@@ -258,7 +274,6 @@ def test_channels_last_bias_gradient_from_the_weight_gradient(n, c, h, w, k, dty
     kernel nor a layout copy runs; all gradients match float64. A second, partial 16-image chunk;
     C a multiple of 4 (vector loads) or not (element loads, a partial channel group); 17 kernel
     rows, two row groups of blocks, of which only the first sums."""
-    from torch.profiler import ProfilerActivity, profile
     gen = torch.Generator(device="cuda").manual_seed(29)
     pads = ((k[0] - 1) // 2, k[0] // 2, (k[1] - 1) // 2, k[1] // 2)
     cl = torch.channels_last
@@ -267,22 +282,16 @@ def test_channels_last_bias_gradient_from_the_weight_gradient(n, c, h, w, k, dty
     b = torch.randn(c, device="cuda", generator=gen).to(dtype)
     g = torch.randn(n, c, h, w, device="cuda", generator=gen).to(dtype).contiguous(memory_format=cl)
     ref = reference(x, wt, b, pads, g)
-    xs, ws, bs = (t.clone().requires_grad_() for t in (x, wt, b))
     with dispatch.force("kernel"):
         assert dispatch.native_channels_last("all", x.shape, k, pads, dtype)
         assert dispatch.weight_grad_sums_bias(x.shape, k, pads, dtype, True)
-        y = lkpatch.depthwise_conv2d(xs, ws, bs, padding=pads)
-        assert "DwConv2d" in y.grad_fn.name()  # the C++ autograd op
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            grads = torch.autograd.grad(y, (xs, ws, bs), g)
-            torch.cuda.synchronize()
-    kernels = [e.name for e in prof.events() if e.device_type.name == "CUDA"]
-    if not os.environ.get("LKPATCH_SANITIZER"):  # compute-sanitizer keeps the profiler from seeing kernels
+        got, kernels = eager_step_kernels(x, wt, b, pads, g)
+    if kernels is not None:
         assert any("weight_grad_nhwc" in name for name in kernels), kernels
         assert not any("bias_grad" in name or "transpose" in name for name in kernels), kernels
-    assert grads[0].is_contiguous(memory_format=cl)
-    for name, got, want in zip(("output", "grad_input", "grad_weight", "grad_bias"), (y,) + grads, ref):
-        assert rel_err(got, want) <= TOL[dtype], name
+    assert got[1].is_contiguous(memory_format=cl)
+    for name, a, want in zip(("output", "grad_input", "grad_weight", "grad_bias"), got, ref):
+        assert rel_err(a, want) <= TOL[dtype], name
 
 
 def test_channels_last_errors():
@@ -420,7 +429,6 @@ def test_eager_bias_gradient_from_the_weight_gradient(n, c, h, w, k, dtype):
     the rounding): no bias-gradient kernel runs, and all gradients match float64; elsewhere (TF32
     on an 18 x 17 map, CUDA cores) the bias-gradient kernel runs as before. Even and odd widths:
     the output gradient staged in 4-byte pairs or element by element."""
-    from torch.profiler import ProfilerActivity, profile
     tf32_on = dtype == "tf32"
     dtype = torch.float32 if tf32_on else dtype
     gen = torch.Generator(device="cuda").manual_seed(23)
@@ -430,22 +438,16 @@ def test_eager_bias_gradient_from_the_weight_gradient(n, c, h, w, k, dtype):
     b = torch.randn(c, device="cuda", generator=gen).to(dtype)
     g = torch.randn(n, c, h, w, device="cuda", generator=gen).to(dtype)
     ref = reference(x, wt, b, pads, g)
-    xs, ws, bs = (t.clone().requires_grad_() for t in (x, wt, b))
     with tf32(tf32_on), dispatch.force("kernel"):
         fused = dispatch.weight_grad_sums_bias((n, c, h, w), (k, k), pads, dtype)
         assert fused == (not tf32_on or max(h, w) <= 16 or h * w >= 400)
-        y = lkpatch.depthwise_conv2d(xs, ws, bs, padding=pads)
-        assert "DwConv2d" in y.grad_fn.name()  # the C++ autograd op
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            grads = torch.autograd.grad(y, (xs, ws, bs), g)
-            torch.cuda.synchronize()
-    kernels = [e.name for e in prof.events() if e.device_type.name == "CUDA"]
-    if not os.environ.get("LKPATCH_SANITIZER"):  # compute-sanitizer keeps the profiler from seeing kernels
+        got, kernels = eager_step_kernels(x, wt, b, pads, g)
+    if kernels is not None:
         assert any("weight_grad" in name for name in kernels), kernels
         assert any("bias_grad" in name for name in kernels) != fused, kernels
     tol = TF32_TOL if tf32_on else {name: TOL[dtype] for name in ("output", "grad_input", "grad_weight")}
-    for name, got, want in zip(("output", "grad_input", "grad_weight", "grad_bias"), (y,) + grads, ref):
-        assert rel_err(got, want) <= tol.get(name, TOL[dtype]), name
+    for name, a, want in zip(("output", "grad_input", "grad_weight", "grad_bias"), got, ref):
+        assert rel_err(a, want) <= tol.get(name, TOL[dtype]), name
 
 
 def test_memory_format_follows_pytorch():
