@@ -5,7 +5,7 @@ weight and bias gradients) for PyTorch (``F.conv2d``) and lkpatch (kernels force
 ratio, and the fraction of the fp32 floor -- the multiply-adds whose taps land inside the input,
 over the fp32 rate measured on this GPU with a large SGEMM. ``--passes`` adds each pass alone,
 the numbers behind ``dispatch``'s rule. Model mode (``--model NAME``): training-step images/s of
-a timm model, unconverted and converted. Timing: CUDA events, warm-up, median of repeats queued
+a timm model, unconverted and converted, each step timed alone and steps queued back to back. Timing: CUDA events, warm-up, median of repeats queued
 back to back, inputs rotated so that small ones do not sit in L2. "GPU PT / GPU lk": forward +
 backward captured in a CUDA graph and replayed, the GPU's time without the host's (which bounds
 small layers timed alone).
@@ -146,24 +146,44 @@ def bench_shape(shape, dtype, channels_last: bool, reps: int, passes: bool) -> D
     return row
 
 
-def bench_model(name: str, batch: int, size: int, amp: str, channels_last: bool, steps: int) -> Dict:
-    """Training steps (forward, loss, backward, SGD) per second, unconverted vs converted."""
+def bench_model(name: str, batch: int, size: int, amp: str, channels_last: bool, steps: int, queue: int = 3) -> Dict:
+    """Training steps (forward, loss, backward, SGD) per second, unconverted vs converted: each
+    step alone, and ``queue`` steps queued back to back (:func:`time_train_steps`)."""
     import timm
 
     from . import convert_model
 
     base = timm.create_model(name, num_classes=1000).cuda().train()
-    out = {"model": name, "batch": batch, "size": size, "amp": amp, "layout": "channels_last" if channels_last else "nchw"}
+    out = {"model": name, "batch": batch, "size": size, "amp": amp, "queue": queue,
+           "layout": "channels_last" if channels_last else "nchw"}
     out.update(time_train_steps({"native": base, "lkpatch": convert_model(copy.deepcopy(base))}, batch, size, amp,
-                                channels_last, steps))
+                                channels_last, steps, queue=queue))
     return out
 
 
-def time_train_steps(models: Dict[str, torch.nn.Module], batch: int, size: int, amp: str, channels_last: bool = False,
-                     steps: int = 10, warmup: int = 3) -> Dict[str, float]:
-    """``{key}_step_ms`` and ``{key}_img_per_s`` of an SGD training step for each model (CUDA).
+def queued_ms(fn: Callable[[], None], n: int) -> float:
+    """Milliseconds per call of ``fn`` with ``n`` calls queued back to back after one that fills
+    the queue: a training loop's steady state, where the host queues a step while the GPU runs
+    the one before (CUDA events; one host wait at the end)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    fn()
+    start.record()
+    for _ in range(n):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / n
 
-    The models' steps alternate, so clock and thermal drift during the run affects them alike.
+
+def time_train_steps(models: Dict[str, torch.nn.Module], batch: int, size: int, amp: str, channels_last: bool = False,
+                     steps: int = 10, warmup: int = 3, queue: int = 3) -> Dict[str, float]:
+    """``{key}_step_ms`` and ``{key}_img_per_s`` of an SGD training step for each model (CUDA):
+    the median of ``steps`` steps each timed alone (the GPU idle when it starts, the host waiting
+    for it at the end); and ``{key}_queued_step_ms`` / ``{key}_queued_img_per_s``: the median of
+    ``steps`` samples of ``queue`` steps queued back to back (:func:`queued_ms`), as a training
+    loop without a host wait per step runs them (0: not timed).
+
+    The models' samples alternate, so clock and thermal drift during the run affects them alike.
     """
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(batch, 3, size, size, device="cuda").contiguous(memory_format=fmt)
@@ -184,14 +204,17 @@ def time_train_steps(models: Dict[str, torch.nn.Module], batch: int, size: int, 
         step_fns[key] = step
         for _ in range(warmup):
             step()
-    samples = {key: [] for key in step_fns}
+    samples = {(key, kind): [] for key in step_fns for kind in ("", "queued_")}
     for _ in range(steps):
         for key, step in step_fns.items():
-            samples[key].append(time_ms(lambda i: step(), warmup=0, reps=1))
+            samples[key, ""].append(time_ms(lambda i: step(), warmup=0, reps=1))
+            if queue:
+                samples[key, "queued_"].append(queued_ms(step, queue))
     out = {}
-    for key, times in samples.items():
-        out[f"{key}_step_ms"] = statistics.median(times)
-        out[f"{key}_img_per_s"] = batch / out[f"{key}_step_ms"] * 1e3
+    for (key, kind), times in samples.items():
+        if times:
+            out[f"{key}_{kind}step_ms"] = statistics.median(times)
+            out[f"{key}_{kind}img_per_s"] = batch / out[f"{key}_{kind}step_ms"] * 1e3
     return out
 
 
@@ -277,7 +300,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             result.setdefault("models", []).append(r)
             print(f"{r['model']} batch {r['batch']} {r['size']}px {r['amp']} {r['layout']}: PyTorch "
                   f"{r['native_img_per_s']:.0f} img/s, lkpatch {r['lkpatch_img_per_s']:.0f} img/s "
-                  f"({r['lkpatch_img_per_s'] / r['native_img_per_s']:.2f}x)")
+                  f"({r['lkpatch_img_per_s'] / r['native_img_per_s']:.2f}x); steps queued {r['queue']} at a "
+                  f"time: PyTorch {r['native_queued_img_per_s']:.0f} img/s, lkpatch "
+                  f"{r['lkpatch_queued_img_per_s']:.0f} img/s "
+                  f"({r['lkpatch_queued_img_per_s'] / r['native_queued_img_per_s']:.2f}x)")
     else:
         peak = measured_fp32_tflops()
         result["fp32_tflops_sgemm"] = peak

@@ -314,7 +314,7 @@ def _demo_timing(native: nn.Module, converted: nn.Module, batch: int, size: int)
 
     for amp in ("float32", "bfloat16"):
         models = {"native": copy.deepcopy(native), "lkpatch": copy.deepcopy(converted)}
-        r = time_train_steps(models, batch, size, amp, steps=5, warmup=2)
+        r = time_train_steps(models, batch, size, amp, steps=5, warmup=2, queue=0)
         label = "bf16 autocast" if amp == "bfloat16" else "fp32"
         _say(f"  {label:13s}: PyTorch {r['native_img_per_s']:7.1f} img/s, lkpatch {r['lkpatch_img_per_s']:7.1f} img/s "
              f"({r['lkpatch_img_per_s'] / r['native_img_per_s']:.2f}x)")

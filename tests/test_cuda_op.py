@@ -739,6 +739,24 @@ def test_bad_inputs_raise_like_pytorch():
     torch.cuda.synchronize()  # no asynchronous fault was left behind
 
 
+def test_train_step_timing_alone_and_queued():
+    """Model mode's timing: each model's steps timed alone and queued back to back (both train the
+    model: its weights move), and no queued numbers where queue is 0."""
+    from lkpatch import bench
+
+    def tiny():
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.AdaptiveAvgPool2d(1),
+                                   torch.nn.Flatten(), torch.nn.Linear(8, 1000)).cuda()
+    models = {"a": tiny(), "b": tiny()}
+    before = models["a"][0].weight.detach().clone()
+    r = bench.time_train_steps(models, 4, 16, "bfloat16", steps=2, warmup=1, queue=2)
+    assert set(r) == {f"{k}_{kind}{unit}" for k in "ab" for kind in ("", "queued_") for unit in ("step_ms", "img_per_s")}
+    for k in "ab":
+        assert r[f"{k}_queued_step_ms"] > 0 and r[f"{k}_queued_img_per_s"] == pytest.approx(4e3 / r[f"{k}_queued_step_ms"])
+    assert not torch.equal(before, models["a"][0].weight)
+    assert "a_queued_step_ms" not in bench.time_train_steps(models, 4, 16, "float32", steps=1, warmup=0, queue=0)
+
+
 def test_bench_rows_and_json(tmp_path):
     """`lkpatch bench` times both implementations (queued and CUDA-graph replay) and writes JSON."""
     from lkpatch import bench
