@@ -897,7 +897,8 @@ cudaError_t dwconv2d_tc_weight_grad(DType t, const void* grad_out, const void* i
   // grad_b (only where dwconv2d_tc_weight_grad_takes_bias: the caller checks): the workspace holds
   // the slices' taps, then their bias parts; add_slices sums both.
   const int64_t taps = (int64_t)s.C * s.KH * s.KW;
-  auto bias_parts = [&](int slices) { return grad_b ? workspace + slices * taps : nullptr; };
+  // (channels_last has no workspace: its sums are final)
+  auto bias_parts = [&](int slices) { return grad_b && workspace ? workspace + slices * taps : nullptr; };
   return with_dtype(t, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
     auto add_slices = [&](int slices) {

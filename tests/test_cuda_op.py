@@ -757,6 +757,19 @@ def test_train_step_timing_alone_and_queued():
     assert "a_queued_step_ms" not in bench.time_train_steps(models, 4, 16, "float32", steps=1, warmup=0, queue=0)
 
 
+def test_bench_model_mode_json(tmp_path, capsys):
+    """`lkpatch bench --model`: both models' img/s, queued too unless `--queue 0`."""
+    from lkpatch import bench
+    for queue in (1, 0):
+        out = tmp_path / f"model{queue}.json"
+        assert bench.main(["--model", "resnet18", "--batch", "4", "--size", "32", "--reps", "1", "--queue", str(queue),
+                           "--json", str(out)]) == 0
+        (r,) = json.loads(out.read_text())["models"]
+        assert r["queue"] == queue and r["native_img_per_s"] > 0 and r["lkpatch_img_per_s"] > 0
+        assert ("lkpatch_queued_img_per_s" in r) == (queue > 0)
+        assert ("queued" in capsys.readouterr().out) == (queue > 0)
+
+
 def test_bench_rows_and_json(tmp_path):
     """`lkpatch bench` times both implementations (queued and CUDA-graph replay) and writes JSON."""
     from lkpatch import bench
