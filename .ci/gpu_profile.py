@@ -8,7 +8,8 @@
           -k regex:dw_ python .ci/gpu_profile.py kernels
   python .ci/gpu_profile.py hostbound       host time per fwd+bwd vs its GPU time (small maps)
   python .ci/gpu_profile.py perkernel [S...] host time and each kernel's GPU time per fwd+bwd,
-      NCHW and channels_last (LKPATCH_PROFILE_DTYPE, default bfloat16; LKPATCH_PROFILE_CL=1 channels_last only, =0 NCHW only)
+      NCHW and channels_last (LKPATCH_PROFILE_DTYPE, default bfloat16; LKPATCH_PROFILE_CL=1
+      channels_last only, =0 NCHW only)
   python .ci/gpu_profile.py copies [S...]    GPU microseconds and GB/s of the layout copies, both directions
       (LKPATCH_PROFILE_DTYPE, default bfloat16)
   python .ci/gpu_profile.py biasgrad        bias gradient: PyTorch's sum vs the kernel, channels_last and NCHW

@@ -57,14 +57,11 @@ __global__ void __launch_bounds__(kThreads) bias_grad(const T* __restrict__ grad
     }
   }
   __shared__ float part[kThreads / 32];
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+  sum = warp_sum(sum);
   if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = sum;
   __syncthreads();
   if (threadIdx.x < 32) {
-    sum = threadIdx.x < kThreads / 32 ? part[threadIdx.x] : 0.f;
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+    sum = warp_sum(threadIdx.x < kThreads / 32 ? part[threadIdx.x] : 0.f);
     if (threadIdx.x == 0) out[(int64_t)slice * C + c] = from_float<O>(sum);
   }
 }

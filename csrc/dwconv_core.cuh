@@ -26,6 +26,13 @@ template <> __device__ __forceinline__ __half from_float<__half>(float v) { retu
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 template <typename T> __device__ __forceinline__ float load(const T* p) { return to_float(__ldg(p)); }
 
+// The sum of v over the warp's 32 lanes, in every lane; the same fixed order each call.
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
 // What every forward-kernel launch takes: the tensors, the shape, whether to flip the kernel (the
 // input-gradient), and the batch size.
 template <typename T>

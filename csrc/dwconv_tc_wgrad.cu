@@ -252,8 +252,7 @@ __global__ void __launch_bounds__(32 * kWarps) dw_tc_weight_grad(const TcWgradPa
         mine[j * TI + i] = acc[jt][it][q];
       }
   if (sums_bias) {  // warp sums after the tiles' scratch, added in warp order below
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) bias_sum += __shfl_xor_sync(0xffffffffu, bias_sum, o);
+    bias_sum = warp_sum(bias_sum);
     if (lane == 0) red[kWarps * TJ * TI + warp] = bias_sum;
   }
   __syncthreads();
@@ -567,8 +566,7 @@ __device__ __forceinline__ void small_weight_grad_taps(const float (&acc)[TW][2 
 // The sum of v over the block's threads (all of them call it), in a fixed order: deterministic.
 // scratch: kSmallWarps floats of shared memory, free until the call returns.
 __device__ __forceinline__ float block_sum(float v, float* scratch) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  v = warp_sum(v);
   if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = v;
   __syncthreads();
   float total = 0.f;
@@ -675,8 +673,7 @@ __global__ void __launch_bounds__(32 * kSmallWarps) dw_tc_small_weight_grad(cons
       float total = 0.f;
 #pragma unroll
       for (int k = 0; k < 8; ++k) total += part[k];
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) total += __shfl_xor_sync(0xffffffffu, total, o);
+      total = warp_sum(total);
       if (lane == 0) put_bias(total);
     }
   }
@@ -738,9 +735,7 @@ __global__ void __launch_bounds__(32 * kSmallWarps, 2) dw_tc_small_weight_grad_n
     float* part = D - warp * scratch_floats(16) + kSmallWarps * scratch_floats(16);  // [warp][channel]
 #pragma unroll
     for (int ch = 0; ch < CG; ++ch) {
-      float v = bsum[32 * ch];
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+      const float v = warp_sum(bsum[32 * ch]);
       if (lane == 0) part[warp * CG + ch] = v;
     }
     __syncthreads();

@@ -5,8 +5,9 @@ weight and bias gradients) for PyTorch (``F.conv2d``) and lkpatch (kernels force
 ratio, and the fraction of the fp32 floor -- the multiply-adds whose taps land inside the input,
 over the fp32 rate measured on this GPU with a large SGEMM. ``--passes`` adds each pass alone,
 the numbers behind ``dispatch``'s rule. Model mode (``--model NAME``): training-step images/s of
-a timm model, unconverted and converted, each step timed alone and steps queued back to back. Timing: CUDA events, warm-up, median of repeats queued
-back to back, inputs rotated so that small ones do not sit in L2. "GPU PT / GPU lk": forward +
+a timm model, unconverted and converted, each step timed alone and steps queued back to back.
+Timing: CUDA events, warm-up, median of repeats queued back to back, inputs rotated so that
+small ones do not sit in L2. "GPU PT / GPU lk": forward +
 backward captured in a CUDA graph and replayed, the GPU's time without the host's (which bounds
 small layers timed alone).
 """
