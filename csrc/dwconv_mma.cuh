@@ -208,4 +208,64 @@ __device__ __forceinline__ void stage_planes_nhwc(T* dst, const T* src, int C, i
   }
 }
 
+// The banded weight-gradient's inner loop (dwconv_tc_wgrad.cu, dwconv_rows.cuh): one staged input
+// row q against the output-gradient rows q + pad_t - i of a 16 JT x 8 IT tile of taps, over
+// `width` output columns (a multiple of kStep<T>), one chunk of K = kStep<T> columns at a time:
+//   acc[jt][it] (j, i) += sum_k x[q][ox0 + k - pad_l + j] * g[q + pad_t - i][ox0 + k].
+// A is Toeplitz, so each lane needs only the pairs x[o], x[o + 1] at o = lane_off + ox0 + 8m (half
+// types), or the values x[o] at o = lane_off + ox0 + 4m (TF32), of the staged row `xrow`, and
+// consecutive chunks share all but two of them. baddr[bp]: the ldmatrix lane address of kernel-row
+// tile pair bp's B rows at output column 0 (rows outside the plane point at a zero row); pairs
+// that are not `live` are skipped. The next chunk's B fragments load during this chunk's mma
+// (after the last chunk they read past the row, harmlessly: shared memory follows).
+template <typename T, int JT, int IT>
+__device__ __forceinline__ void banded_weight_grad_row(float (&acc)[JT][IT][4], const T* xrow, int lane_off,
+                                                       const unsigned (&baddr)[IT / 2], const bool (&live)[IT / 2],
+                                                       int width) {
+  constexpr bool kTF32 = std::is_same_v<T, float>;
+  constexpr int KS = kStep<T>;
+  constexpr int NP = kTF32 ? 4 * JT : 2 * JT + 1;  // A values alive per chunk
+  const uint32_t* xl = reinterpret_cast<const uint32_t*>(xrow) + (kTF32 ? lane_off : lane_off >> 1);
+  const unsigned sel = (lane_off & 1) ? 0x5432u : 0x3210u;  // odd offsets straddle two words
+  auto pair = [&](int m, int ox0) -> uint32_t {
+    if constexpr (kTF32) {
+      return xl[ox0 + 4 * m];
+    } else {
+      const int w = (ox0 >> 1) + 4 * m;
+      return __byte_perm(xl[w], xl[w + 1], sel);
+    }
+  };
+  uint32_t P[NP];
+#pragma unroll
+  for (int m = 0; m < NP - 2; ++m) P[m] = pair(m, 0);
+  uint32_t B[IT / 2][4];
+#pragma unroll
+  for (int bp = 0; bp < IT / 2; ++bp) ldmatrix_x4(B[bp], baddr[bp]);
+  for (int ox0 = 0; ox0 < width; ox0 += KS) {
+    P[NP - 2] = pair(NP - 2, ox0);
+    P[NP - 1] = pair(NP - 1, ox0);
+    uint32_t Bn[IT / 2][4];
+#pragma unroll
+    for (int bp = 0; bp < IT / 2; ++bp) ldmatrix_x4(Bn[bp], baddr[bp] + (unsigned)((ox0 + KS) * sizeof(T)));
+#pragma unroll
+    for (int bp = 0; bp < IT / 2; ++bp) {
+      if (!live[bp]) continue;
+#pragma unroll
+      for (int jt = 0; jt < JT; ++jt) {
+        // A rows 16 jt .. 16 jt + 15: registers a0..a3 as the Toeplitz values fall.
+        const uint32_t a0 = P[kTF32 ? 4 * jt : 2 * jt], a1 = P[kTF32 ? 4 * jt + 2 : 2 * jt + 1],
+                       a2 = P[kTF32 ? 4 * jt + 1 : 2 * jt + 1], a3 = P[kTF32 ? 4 * jt + 3 : 2 * jt + 2];
+        mma_tile<T>(acc[jt][2 * bp], a0, a1, a2, a3, B[bp][0], B[bp][1]);
+        mma_tile<T>(acc[jt][2 * bp + 1], a0, a1, a2, a3, B[bp][2], B[bp][3]);
+      }
+    }
+#pragma unroll
+    for (int m = 0; m < NP - 2; ++m) P[m] = P[m + 2];
+#pragma unroll
+    for (int bp = 0; bp < IT / 2; ++bp)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) B[bp][q] = Bn[bp][q];
+  }
+}
+
 }  // namespace lkpatch

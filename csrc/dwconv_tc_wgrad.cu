@@ -86,7 +86,6 @@ template <typename T, int JT, int IT>
 __global__ void __launch_bounds__(32 * kWarps) dw_tc_weight_grad(const TcWgradParams<T> p) {
   static_assert(IT % 2 == 0, "B fragments are loaded two kernel-row tiles at a time");
   constexpr bool kTF32 = std::is_same_v<T, float>;
-  constexpr int KS = kStep<T>;  // output columns per chunk (32 bytes)
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const DwShape& s = p.s;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -120,8 +119,6 @@ __global__ void __launch_bounds__(32 * kWarps) dw_tc_weight_grad(const TcWgradPa
   // chunk's columns if (l >> 3) & 1.
   const int b_row = (lane & 7) + 8 * (lane >> 4), b_col = (16 / (int)sizeof(T)) * ((lane >> 3) & 1);
   const unsigned g_addr = (unsigned)__cvta_generic_to_shared(G);
-  // A values alive per chunk: pairs at lane offset + 8m (half), or TF32 values at + 4m.
-  constexpr int NP = kTF32 ? 4 * JT : 2 * JT + 1;
 
   const int nq = max(0, q_hi - q_lo);
   // Input rows are staged from column xs = j0 - pad_l - d, aligned for the copies; A value m of
@@ -129,7 +126,6 @@ __global__ void __launch_bounds__(32 * kWarps) dw_tc_weight_grad(const TcWgradPa
   const int align = p.xvec ? p.xvec / (int)sizeof(T) : 1;
   const int d = ((j0 - s.pad_l) % align + align) % align, xs = j0 - s.pad_l - d;
   const int lane_off = lane_off0 + d;
-  const unsigned sel = (lane_off & 1) ? 0x5432u : 0x3210u;  // odd offsets straddle two words
   // TF32, where asked: the bias gradient's part, from the first kernel tile's blocks (every tile
   // stages the same planes). Each thread sums the elements it reads, in a fixed order.
   const bool sums_bias = kTF32 && p.bias_parts != nullptr && blockIdx.z == 0;
@@ -189,51 +185,7 @@ __global__ void __launch_bounds__(32 * kWarps) dw_tc_weight_grad(const TcWgradPa
         for (int bp = 0; bp < IT / 2; ++bp)
           baddr[bp] = g_addr + (unsigned)(((brow[bp] >= 0 ? img * s.OH + brow[bp] : zero_row) * p.gpitch + b_col) *
                                           sizeof(T));
-        // A value m of chunk ox0: the pair at element ox0 + lane_off + 8 m of the staged row (half),
-        // or the element ox0 + lane_off + 4 m (TF32).
-        const T* xrow = X + (img * nq + qi) * p.xw;
-        const uint32_t* xl = reinterpret_cast<const uint32_t*>(xrow) + (kTF32 ? lane_off : lane_off >> 1);
-        auto pair = [&](int m, int ox0) -> uint32_t {
-          if constexpr (kTF32) {
-            return xl[ox0 + 4 * m];
-          } else {
-            const int w = (ox0 >> 1) + 4 * m;
-            return __byte_perm(xl[w], xl[w + 1], sel);
-          }
-        };
-        uint32_t P[NP];
-#pragma unroll
-        for (int m = 0; m < NP - 2; ++m) P[m] = pair(m, 0);
-        // Software-pipelined: the next chunk's B fragments load during this chunk's mma (after
-        // the last chunk they read the next staged row, harmlessly).
-        uint32_t B[IT / 2][4];
-#pragma unroll
-        for (int bp = 0; bp < IT / 2; ++bp) ldmatrix_x4(B[bp], baddr[bp]);
-        for (int ox0 = 0; ox0 < p.OWp; ox0 += KS) {
-          P[NP - 2] = pair(NP - 2, ox0);
-          P[NP - 1] = pair(NP - 1, ox0);
-          uint32_t Bn[IT / 2][4];
-#pragma unroll
-          for (int bp = 0; bp < IT / 2; ++bp) ldmatrix_x4(Bn[bp], baddr[bp] + (unsigned)((ox0 + KS) * sizeof(T)));
-#pragma unroll
-          for (int bp = 0; bp < IT / 2; ++bp) {
-            if (!live[bp]) continue;
-#pragma unroll
-            for (int jt = 0; jt < JT; ++jt) {
-              // A rows 16 jt .. 16 jt + 15: registers a0..a3 as the Toeplitz values fall.
-              const uint32_t a0 = P[kTF32 ? 4 * jt : 2 * jt], a1 = P[kTF32 ? 4 * jt + 2 : 2 * jt + 1],
-                             a2 = P[kTF32 ? 4 * jt + 1 : 2 * jt + 1], a3 = P[kTF32 ? 4 * jt + 3 : 2 * jt + 2];
-              mma_tile<T>(acc[jt][2 * bp], a0, a1, a2, a3, B[bp][0], B[bp][1]);
-              mma_tile<T>(acc[jt][2 * bp + 1], a0, a1, a2, a3, B[bp][2], B[bp][3]);
-            }
-          }
-#pragma unroll
-          for (int m = 0; m < NP - 2; ++m) P[m] = P[m + 2];
-#pragma unroll
-          for (int bp = 0; bp < IT / 2; ++bp)
-#pragma unroll
-            for (int q = 0; q < 4; ++q) B[bp][q] = Bn[bp][q];
-        }
+        banded_weight_grad_row<T, JT, IT>(acc, X + (img * nq + qi) * p.xw, lane_off, baddr, live, p.OWp);
       }
     }
   }
@@ -851,8 +803,7 @@ bool small_kernel(DType t, const DwShape& s) {
 }  // namespace
 
 bool dwconv2d_tc_weight_grad_fits(DType t, const DwShape& s) {
-  static const char* env = getenv("LKPATCH_TENSOR_CORES");
-  if (t == DType::f32 || (env && env[0] == 'n')) return false;  // exact fp32: CUDA cores
+  if (t == DType::f32 || !tensor_cores_enabled()) return false;  // exact fp32: CUDA cores
   const int64_t N = s.planes / s.C;
   if (N < 8) return false;  // M or K = 16 images / columns: too few images waste them
   DeviceLimits lim;
