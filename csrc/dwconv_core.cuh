@@ -259,7 +259,14 @@ inline cudaError_t sum_partials(const float* parts, T* out, int G, int64_t n, cu
   return cudaGetLastError();
 }
 
-// The small-map variants (dwconv_small.cu): whole planes staged, images in the register tile.
+// The CUDA-core kernels (exact fp32 arithmetic, NCHW): general (dwconv_fwd.cu, dwconv_wgrad.cu),
+// choosing the small-map variants (dwconv_small.cu: whole planes staged, images in the register
+// tile) where use_small_map says so.
+cudaError_t dwconv2d_fma_forward(DType t, const void* in, const void* w, const void* bias, void* out,
+                                 const DwShape& s, bool flip_kernel, cudaStream_t stream);
+size_t dwconv2d_fma_weight_grad_workspace(const DwShape& s);
+cudaError_t dwconv2d_fma_weight_grad(DType t, const void* grad_out, const void* in, void* grad_w, float* workspace,
+                                     const DwShape& s, cudaStream_t stream);
 bool dwconv2d_small_forward_fits(const DwShape& s);
 bool dwconv2d_small_weight_grad_fits(const DwShape& s);
 cudaError_t dwconv2d_small_forward(DType t, const void* in, const void* w, const void* bias, void* out,
@@ -284,6 +291,17 @@ bool dwconv2d_tc_weight_grad_takes_bias(DType t, const DwShape& s);
 size_t dwconv2d_tc_weight_grad_workspace(DType t, const DwShape& s, bool with_bias);
 cudaError_t dwconv2d_tc_weight_grad(DType t, const void* grad_out, const void* in, void* grad_w, float* workspace,
                                     const DwShape& s, cudaStream_t stream, void* grad_b);
+
+// The rows family (dwconv_rows*.cu): tensor cores with M = 16 output rows of one image, any
+// batch, NCHW or channels_last (s.nhwc), fp16 / bf16 / TF32, sm_80+. Fits: within the device's
+// limits. The weight-gradient always takes a workspace and never the bias gradient.
+bool dwconv2d_rows_forward_fits(DType t, const DwShape& s);
+cudaError_t dwconv2d_rows_forward(DType t, const void* in, const void* w, const void* bias, void* out,
+                                  const DwShape& s, bool flip_kernel, cudaStream_t stream);
+bool dwconv2d_rows_weight_grad_fits(DType t, const DwShape& s);
+size_t dwconv2d_rows_weight_grad_workspace(DType t, const DwShape& s);
+cudaError_t dwconv2d_rows_weight_grad(DType t, const void* grad_out, const void* in, void* grad_w, float* workspace,
+                                      const DwShape& s, cudaStream_t stream);
 
 // Kernel rows [lo, hi) that reach the map from some output row (iy = oy + i - pad_t in [0, H));
 // empty (hi <= lo) where none does.
@@ -315,22 +333,50 @@ inline ImageSlices image_slices(int N, int C, int sms, int most) {
   return q;
 }
 
-// Whether a pass takes the small-map variant where it fits. LKPATCH_SMALL_MAP=never|always
-// overrides the rule (benchmarking).
+// The benchmarking knobs, read once from the environment (the only place that reads them):
+// LKPATCH_TENSOR_CORES=never keeps every dtype on the CUDA-core kernels; LKPATCH_SMALL_MAP=
+// never|always overrides the fp32 small-map rule; LKPATCH_SMALL_IMAGES and LKPATCH_TC_GROUPS set
+// the images an fp32 small-map thread and the 16-image groups a general tensor-core block take.
+struct Knobs {
+  bool tensor_cores = true;
+  char small_map = 0;  // 'n', 'a' or 0 (the rule)
+  int small_images = 0, tc_groups = 0;
+};
+inline const Knobs& knobs() {
+  static const Knobs k = [] {
+    Knobs r;
+    const char* e = getenv("LKPATCH_TENSOR_CORES");
+    r.tensor_cores = !(e && e[0] == 'n');
+    e = getenv("LKPATCH_SMALL_MAP");
+    r.small_map = e && (e[0] == 'n' || e[0] == 'a') ? e[0] : 0;
+    e = getenv("LKPATCH_SMALL_IMAGES");
+    r.small_images = e ? atoi(e) : 0;  // 8: the fp32 small-map forward takes 8 images a thread, not 4
+    e = getenv("LKPATCH_TC_GROUPS");
+    r.tc_groups = e ? std::max(1, atoi(e)) : 0;
+    return r;
+  }();
+  return k;
+}
+inline bool tensor_cores_enabled() { return knobs().tensor_cores; }
+
+// Whether an fp32 pass takes the small-map variant where it fits.
 inline bool use_small_map(bool fits, const DwShape& s) {
-  static const char* env = getenv("LKPATCH_SMALL_MAP");
-  if (!fits || (env && env[0] == 'n')) return false;
-  return (env && env[0] == 'a') || s.KH * s.KW >= 25;
+  if (!fits || knobs().small_map == 'n') return false;
+  return knobs().small_map == 'a' || s.KH * s.KW >= 25;
 }
 
-struct DeviceLimits {
-  int sms;
-  int max_smem_optin;  // bytes of dynamic shared memory one block may ask for
-  int cc_major;        // compute capability: tensor-core kernels need 8 (Ampere) or later
-};
+// Set (on this thread) by describe_device (dwconv.h).
+inline const DeviceLimits*& described_device() {
+  static thread_local const DeviceLimits* d = nullptr;
+  return d;
+}
 
 // Cached per device: attribute queries are cheap but not free, and launches are frequent.
 inline cudaError_t device_limits(DeviceLimits* out) {
+  if (described_device() != nullptr) {
+    *out = *described_device();
+    return cudaSuccess;
+  }
   static DeviceLimits cache[64];
   static bool known[64] = {};
   int dev = 0;

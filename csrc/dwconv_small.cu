@@ -257,10 +257,7 @@ __global__ void __launch_bounds__(256, 2) dw_small_weight_grad(const SmallWgradP
 constexpr size_t kSmemBudget = 100 * 1024;
 
 // LKPATCH_SMALL_IMAGES=8 makes the small forward take 8 images per thread instead of 4 (benchmarking).
-int small_forward_images() {
-  static const char* env = getenv("LKPATCH_SMALL_IMAGES");
-  return env && env[0] == '8' ? 8 : 4;
-}
+int small_forward_images() { return knobs().small_images == 8 ? 8 : 4; }
 
 size_t small_forward_smem(const DwShape& s, int NB, int WP) {
   return sizeof(float) * (round_up(s.H * round_up(s.W, kTile) * pixel_stride(NB), 4) + (size_t)s.KH * WP);

@@ -648,8 +648,7 @@ cudaError_t launch_general(const ConvArgs<T>& args, const DeviceLimits& lim, cud
   // leave enough blocks to fill the GPU.
   const int groups = ceil_div(p.N, 16);
   const int64_t base = (int64_t)q.tiles * s.C;
-  static const char* env = getenv("LKPATCH_TC_GROUPS");  // benchmarking: most groups per block
-  const int cap = env ? std::max(1, atoi(env)) : groups;
+  const int cap = knobs().tc_groups ? knobs().tc_groups : groups;
   p.per_block = (int)std::max<int64_t>(1, std::min<int64_t>(std::min(groups, cap), base * groups / (2 * lim.sms)));
   p.splits = ceil_div(groups, p.per_block);
   const int64_t blocks_y = (int64_t)s.C * p.splits;
@@ -674,8 +673,7 @@ cudaError_t launch_general(const ConvArgs<T>& args, const DeviceLimits& lim, cud
 }  // namespace
 
 bool dwconv2d_tc_forward_fits(DType t, const DwShape& s) {
-  static const char* env = getenv("LKPATCH_TENSOR_CORES");
-  if (t == DType::f32 || (env && env[0] == 'n')) return false;
+  if (t == DType::f32 || !tensor_cores_enabled()) return false;
   DeviceLimits lim;
   if (device_limits(&lim) != cudaSuccess || lim.cc_major < 8) return false;
   const int64_t N = s.planes / s.C;
