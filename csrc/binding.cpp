@@ -66,10 +66,10 @@ at::MemoryFormat format_of(const lkpatch::DwShape& s) {
   return s.nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
 }
 
-// A channels_last call runs only where the kernels take that layout natively.
-void check_nhwc(bool fits, const char* pass) {
-  TORCH_CHECK(fits, "lkpatch: no channels_last ", pass,
-              " kernel for this call (fp16/bf16, 8+ images, maps up to 16x16, sm_80+); pass NCHW tensors");
+// A channels_last call runs only where the plan reads that layout as it is.
+void check_nhwc(const lkpatch::Plan& plan, const char* pass) {
+  TORCH_CHECK(plan.nhwc, "lkpatch: no channels_last ", pass, " kernel for this call (its ",
+              lkpatch::family_name(plan.family), " kernels read NCHW); pass NCHW tensors");
 }
 
 void check_padding(at::IntArrayRef padding) {
@@ -131,7 +131,7 @@ Tensor dwconv2d(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b
   auto s = forward_shape(x.size(0), C, x.size(2), x.size(3), w.size(2), w.size(3), padding);
   s.nhwc = channels_last(x);
   c10::cuda::CUDAGuard guard(x.device());
-  if (s.nhwc) check_nhwc(lkpatch::dwconv2d_forward_nhwc_fits(compute_type(x, "input", tf32), s), "forward");
+  if (s.nhwc) check_nhwc(lkpatch::dwconv2d_plan(compute_type(x, "input", tf32), s, lkpatch::Pass::forward), "forward");
   Tensor y = at::empty({x.size(0), C, s.OH, s.OW}, x.options(), format_of(s));
   check_cuda(lkpatch::dwconv2d_forward(compute_type(x, "input", tf32), x.data_ptr(), w.data_ptr(),
                                        bias.has_value() ? bias->data_ptr() : nullptr, y.data_ptr(), s, false,
@@ -154,7 +154,7 @@ Tensor dwconv2d_input_grad(const Tensor& grad, const Tensor& w, at::IntArrayRef 
   const lkpatch::DwShape s = lkpatch::dwconv2d_input_grad_shape(f);
   const lkpatch::DType t = compute_type(grad, "grad_output", tf32);
   c10::cuda::CUDAGuard guard(grad.device());
-  if (s.nhwc) check_nhwc(lkpatch::dwconv2d_forward_nhwc_fits(t, s), "input-grad");
+  if (s.nhwc) check_nhwc(lkpatch::dwconv2d_plan(t, f, lkpatch::Pass::input_grad), "input-grad");
   Tensor gx = at::empty({grad.size(0), C, input_size[0], input_size[1]}, grad.options(), format_of(s));
   check_cuda(lkpatch::dwconv2d_forward(t, grad.data_ptr(), w.data_ptr(), nullptr, gx.data_ptr(), s, true,
                                        c10::cuda::getCurrentCUDAStream().stream()),
@@ -163,7 +163,7 @@ Tensor dwconv2d_input_grad(const Tensor& grad, const Tensor& w, at::IntArrayRef 
 }
 
 // `grad_b`: where not null and the weight-gradient kernel sums the bias gradient along the way
-// (dwconv2d_weight_grad_takes_bias), set to it; else left as it is.
+// (the plan's takes_bias), set to it; else left as it is.
 Tensor weight_grad(const Tensor& grad, const Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef padding,
                    bool tf32, Tensor* grad_b) {
   check_activation(grad, "grad_output", true);
@@ -185,8 +185,9 @@ Tensor weight_grad(const Tensor& grad, const Tensor& x, at::IntArrayRef kernel_s
   c10::cuda::CUDAGuard guard(x.device());
   Tensor gw = at::empty({x.size(1), 1, kernel_size[0], kernel_size[1]}, x.options());
   const lkpatch::DType t = compute_type(x, "input", tf32);
-  if (s.nhwc) check_nhwc(lkpatch::dwconv2d_weight_grad_nhwc_fits(t, s), "weight-grad");
-  const bool with_bias = grad_b != nullptr && lkpatch::dwconv2d_weight_grad_takes_bias(t, s);
+  const lkpatch::Plan plan = lkpatch::dwconv2d_plan(t, s, lkpatch::Pass::weight_grad);
+  if (s.nhwc) check_nhwc(plan, "weight-grad");
+  const bool with_bias = grad_b != nullptr && plan.takes_bias;
   Tensor gb;
   if (with_bias) gb = at::empty({x.size(1)}, x.options());
   const size_t ws_bytes = lkpatch::dwconv2d_weight_grad_workspace(t, s, with_bias);
@@ -245,6 +246,57 @@ Tensor to_channels_last(const Tensor& x) {
                                         x.size(2) * x.size(3), c10::cuda::getCurrentCUDAStream().stream()),
              "NCHW to channels_last copy");
   return y;
+}
+
+// The plan of one pass on the current device, for lkpatch.dispatch: "FAMILY LAYOUT BIAS" -- the
+// kernel family (dwconv.h), "nhwc" where channels_last tensors are read as they are (else
+// "nchw": they need NCHW copies), "bias" where the weight-gradient also gives the bias gradient
+// (else "-") -- or "none - - WHY" where no kernel takes the call.
+// `device`: [multiprocessors, shared memory a block may opt in to (bytes), compute capability
+// major] of a GPU to plan for instead of the current one (tests without a GPU).
+std::string plan(const std::string& pass, at::IntArrayRef size, at::IntArrayRef kernel_size, at::IntArrayRef padding,
+                 at::ScalarType dtype, bool tf32, bool channels_last, at::OptionalIntArrayRef device) {
+  auto none = [](const std::string& why) { return "none - - " + why; };
+  if (size.size() != 4 || kernel_size.size() != 2 || padding.size() != 4) return none("malformed shape");
+  lkpatch::DType t;
+  switch (dtype) {
+    case at::kFloat: t = tf32 ? lkpatch::DType::tf32 : lkpatch::DType::f32; break;
+    case at::kHalf: t = lkpatch::DType::f16; break;
+    case at::kBFloat16: t = lkpatch::DType::bf16; break;
+    default: return none("no kernel for " + str(dtype));
+  }
+  lkpatch::Pass p;
+  if (pass == "forward") p = lkpatch::Pass::forward;
+  else if (pass == "input_grad") p = lkpatch::Pass::input_grad;
+  else if (pass == "weight_grad") p = lkpatch::Pass::weight_grad;
+  else return none("unknown pass");
+  const int64_t N = size[0], C = size[1], H = size[2], W = size[3], KH = kernel_size[0], KW = kernel_size[1];
+  for (auto v : padding)
+    if (v < 0 || v > 4096) return none("padding outside [0, 4096]");
+  const int64_t OH = H + padding[0] + padding[1] - KH + 1, OW = W + padding[2] + padding[3] - KW + 1;
+  if (N < 0 || C < 0 || H < 0 || W < 0 || N * C > INT32_MAX || H * W > INT32_MAX || OH * OW > INT32_MAX || C > INT32_MAX)
+    return none("too large for the kernels' 32-bit indexing");
+  lkpatch::DwShape s{};
+  s.planes = N * C; s.C = (int)C;
+  s.H = (int)H; s.W = (int)W;
+  s.KH = (int)KH; s.KW = (int)KW;
+  s.OH = (int)OH; s.OW = (int)OW;
+  s.pad_t = (int)padding[0]; s.pad_l = (int)padding[2];
+  s.nhwc = channels_last;
+  lkpatch::DeviceLimits described{};
+  if (device.has_value()) {
+    if (device->size() != 3) return none("device must be [multiprocessors, block shared memory, major]");
+    described.sms = (int)(*device)[0];
+    described.max_smem_optin = (int)(*device)[1];
+    described.cc_major = (int)(*device)[2];
+  }
+  struct Describe {  // the described GPU for this question only, also if the plan throws
+    explicit Describe(const lkpatch::DeviceLimits* d) { lkpatch::describe_device(d); }
+    ~Describe() { lkpatch::describe_device(nullptr); }
+  } describe(device.has_value() ? &described : nullptr);
+  const lkpatch::Plan q = lkpatch::dwconv2d_plan(t, s, p);
+  if (q.family == lkpatch::Family::none) return none(q.why);
+  return std::string(lkpatch::family_name(q.family)) + (q.nhwc ? " nhwc " : " nchw ") + (q.takes_bias ? "bias" : "-");
 }
 
 // ---- dwconv2d_autograd: the eager training path of a layer whose every pass runs on the kernels
@@ -343,6 +395,8 @@ TORCH_LIBRARY(lkpatch_ext, m) {
   m.def("to_channels_last(Tensor x) -> Tensor");
   m.def("dwconv2d_autograd(Tensor input, Tensor weight, Tensor? bias, int[4] padding, bool tf32, bool bias_kernel) "
         "-> Tensor");
+  m.def("plan(str pass_, int[] size, int[] kernel_size, int[] padding, ScalarType dtype, bool tf32, "
+        "bool channels_last, int[]? device=None) -> str", &plan);
 }
 
 TORCH_LIBRARY_IMPL(lkpatch_ext, CUDA, m) {

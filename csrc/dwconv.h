@@ -22,7 +22,7 @@ struct DwShape {
   int KH, KW;  // kernel
   int OH, OW;  // output
   int pad_t, pad_l;
-  bool nhwc = false;  // activations channels_last (N x H x W x C in memory), where *_nhwc_fits says so
+  bool nhwc = false;  // activations channels_last (N x H x W x C in memory), where the plan says so
 };
 
 // Element type of every tensor of a call. Arithmetic is fp32 whatever the storage: fp32 FMA for
@@ -34,7 +34,8 @@ enum class DType { f32, f16, bf16, tf32 };
 inline size_t elem_bytes(DType t) { return t == DType::f16 || t == DType::bf16 ? 2 : 4; }
 
 // The forward pass; with flip_kernel the kernel is rotated by 180 degrees, which makes it the
-// input-gradient (see dwconv2d_input_grad_shape). bias may be null.
+// input-gradient (see dwconv2d_input_grad_shape). bias may be null. channels_last tensors only
+// where the plan's nhwc says so (else cudaErrorInvalidValue).
 cudaError_t dwconv2d_forward(DType t, const void* in, const void* w, const void* bias, void* out, const DwShape& s,
                              bool flip_kernel, cudaStream_t stream);
 
@@ -42,19 +43,41 @@ cudaError_t dwconv2d_forward(DType t, const void* in, const void* w, const void*
 // grad_output convolved with the flipped kernel under padding K - 1 - pad.
 DwShape dwconv2d_input_grad_shape(const DwShape& fwd);
 
-// channels_last (DwShape::nhwc) runs natively only where these say so: fp16 / bf16 with 8 or more
-// images on sm_80+ tensor cores, every map side up to 16. Elsewhere such calls fail
-// (cudaErrorInvalidValue); the binding checks first. forward: also the input-gradient's shape.
-bool dwconv2d_forward_nhwc_fits(DType t, const DwShape& s);
-bool dwconv2d_weight_grad_nhwc_fits(DType t, const DwShape& s);
+// Which kernel family runs a pass, decided here alone: the launchers below follow it, and the
+// binding answers lkpatch.dispatch's questions with it.
+enum class Pass { forward, input_grad, weight_grad };
+enum class Family {
+  none,       // no lkpatch kernel takes the call (`why` says why)
+  fma,        // exact fp32 arithmetic on CUDA cores (any dtype; NCHW only)
+  tc_images,  // tensor cores, M (or K) = 16 images of a channel: 8+ images, NCHW (channels_last on maps up to 16)
+  tc_rows,    // tensor cores, M = 16 output rows of one image: any batch, NCHW or channels_last
+};
+struct Plan {
+  Family family = Family::none;
+  bool nhwc = false;        // reads and writes channels_last tensors as they are (else they need NCHW copies)
+  bool takes_bias = false;  // weight-grad: a non-null grad_b also gets the bias gradient
+  const char* why = "";     // family none: the reason
+};
+// s: the forward's shape, s.nhwc the layout of the caller's tensors. Queries the current device.
+Plan dwconv2d_plan(DType t, const DwShape& s, Pass pass);
+const char* family_name(Family f);
+
+// What the plan reads of a GPU.
+struct DeviceLimits {
+  int sms;
+  int max_smem_optin;  // bytes of dynamic shared memory one block may ask for
+  int cc_major;        // compute capability: tensor-core kernels need 8 (Ampere) or later
+};
+// Plans on this thread read `d` instead of the current GPU until it is reset with null: plan
+// questions about a described GPU, answered (and tested) without one.
+void describe_device(const DeviceLimits* d);
 
 // grad_w[c][kh][kw] = sum_{n,oy,ox} grad_out[n,c][oy][ox] * in[n,c][oy - pad_t + kh][ox - pad_l + kw].
 // Deterministic: partial sums go to an fp32 `workspace` and are added in a fixed order.
-// Where takes_bias says so (tensor-core kernels that walk every staged element of grad_out
-// anyway: the small-map ones, NCHW and channels_last, TF32's banded one), a non-null grad_b also
-// gets the bias gradient, as dwconv2d_bias_grad gives it; the workspace is then the one asked for
-// with_bias. Elsewhere a non-null grad_b is an error.
-bool dwconv2d_weight_grad_takes_bias(DType t, const DwShape& s);
+// Where the plan's takes_bias says so (tensor-core kernels that walk every staged element of
+// grad_out anyway: the small-map ones, NCHW and channels_last, TF32's banded one), a non-null
+// grad_b also gets the bias gradient, as dwconv2d_bias_grad gives it; the workspace is then the
+// one asked for with_bias. Elsewhere a non-null grad_b is an error.
 size_t dwconv2d_weight_grad_workspace(DType t, const DwShape& s, bool with_bias = false);  // bytes (may be 0)
 cudaError_t dwconv2d_weight_grad(DType t, const void* grad_out, const void* in, void* grad_w, float* workspace,
                                  const DwShape& s, cudaStream_t stream, void* grad_b = nullptr);

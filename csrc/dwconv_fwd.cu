@@ -173,12 +173,8 @@ cudaError_t forward(const T* in, const T* w, const T* bias, T* out, const DwShap
 
 }  // namespace
 
-bool dwconv2d_forward_nhwc_fits(DType t, const DwShape& s) { return s.nhwc && dwconv2d_tc_forward_fits(t, s); }
-
-cudaError_t dwconv2d_forward(DType t, const void* in, const void* w, const void* bias, void* out, const DwShape& s,
-                             bool flip_kernel, cudaStream_t stream) {
-  if (s.planes == 0 || s.OH <= 0 || s.OW <= 0) return cudaSuccess;
-  if (dwconv2d_tc_forward_fits(t, s)) return dwconv2d_tc_forward(t, in, w, bias, out, s, flip_kernel, stream);
+cudaError_t dwconv2d_fma_forward(DType t, const void* in, const void* w, const void* bias, void* out,
+                                 const DwShape& s, bool flip_kernel, cudaStream_t stream) {
   if (s.nhwc) return cudaErrorInvalidValue;
   if (use_small_map(dwconv2d_small_forward_fits(s), s)) return dwconv2d_small_forward(t, in, w, bias, out, s, flip_kernel, stream);
   return with_dtype(t, [&](auto tag) {

@@ -197,19 +197,7 @@ cudaError_t launch_weight_grad(const WgradPlan& plan, const T* grad_out, const T
 
 }  // namespace
 
-bool dwconv2d_weight_grad_nhwc_fits(DType t, const DwShape& s) {
-  return s.nhwc && dwconv2d_tc_weight_grad_fits(t, s);
-}
-
-bool dwconv2d_weight_grad_takes_bias(DType t, const DwShape& s) {
-  return s.planes > 0 && s.OH > 0 && s.OW > 0 && dwconv2d_tc_weight_grad_fits(t, s) &&
-         dwconv2d_tc_weight_grad_takes_bias(t, s);
-}
-
-size_t dwconv2d_weight_grad_workspace(DType t, const DwShape& s, bool with_bias) {
-  if (s.planes == 0 || s.OH <= 0 || s.OW <= 0) return 0;
-  if (dwconv2d_tc_weight_grad_fits(t, s)) return dwconv2d_tc_weight_grad_workspace(t, s, with_bias);
-  if (s.nhwc) return 0;
+size_t dwconv2d_fma_weight_grad_workspace(const DwShape& s) {
   if (use_small_map(dwconv2d_small_weight_grad_fits(s), s)) return dwconv2d_small_weight_grad_workspace(s);
   DeviceLimits lim;
   if (device_limits(&lim) != cudaSuccess) return 0;
@@ -217,16 +205,8 @@ size_t dwconv2d_weight_grad_workspace(DType t, const DwShape& s, bool with_bias)
   return plan.G > 1 ? sizeof(float) * plan.G * (size_t)s.C * s.KH * s.KW : 0;
 }
 
-cudaError_t dwconv2d_weight_grad(DType t, const void* grad_out, const void* in, void* grad_w, float* workspace,
-                                 const DwShape& s, cudaStream_t stream, void* grad_b) {
-  const int64_t n_w = (int64_t)s.C * s.KH * s.KW;
-  const size_t elem = elem_bytes(t);
-  if (grad_b != nullptr && !dwconv2d_weight_grad_takes_bias(t, s)) return cudaErrorInvalidValue;
-  if (s.planes == 0 || s.OH <= 0 || s.OW <= 0) return cudaMemsetAsync(grad_w, 0, elem * n_w, stream);
-  if (dwconv2d_tc_weight_grad_fits(t, s)) {
-    if (workspace == nullptr && !s.nhwc) return cudaErrorInvalidValue;  // channels_last: none needed
-    return dwconv2d_tc_weight_grad(t, grad_out, in, grad_w, workspace, s, stream, grad_b);
-  }
+cudaError_t dwconv2d_fma_weight_grad(DType t, const void* grad_out, const void* in, void* grad_w, float* workspace,
+                                     const DwShape& s, cudaStream_t stream) {
   if (s.nhwc) return cudaErrorInvalidValue;
   if (use_small_map(dwconv2d_small_weight_grad_fits(s), s)) return dwconv2d_small_weight_grad(t, grad_out, in, grad_w, workspace, s, stream);
   DeviceLimits lim;
@@ -235,6 +215,7 @@ cudaError_t dwconv2d_weight_grad(DType t, const void* grad_out, const void* in, 
   const WgradPlan plan = plan_weight_grad(s, lim);
   if (plan.smem > (size_t)lim.max_smem_optin || plan.G > 65535) return cudaErrorInvalidConfiguration;
   if (plan.G > 1 && workspace == nullptr) return cudaErrorInvalidValue;
+  const int64_t n_w = (int64_t)s.C * s.KH * s.KW;
   return with_dtype(t, [&](auto tag) {
     using T = decltype(tag);
     const T* g = static_cast<const T*>(grad_out);

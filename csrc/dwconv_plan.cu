@@ -1,0 +1,128 @@
+// The plan: which kernel family runs each pass of a call, decided in this file alone. The entry
+// points below launch what it says, and the binding answers lkpatch.dispatch's questions with it,
+// so that the speed rule in Python judges exactly the kernels that will run.
+#include "dwconv_core.cuh"
+
+namespace lkpatch {
+namespace {
+
+bool empty(const DwShape& s) { return s.planes == 0 || s.OH <= 0 || s.OW <= 0; }
+
+// Tensor cores: fp16 / bf16, or fp32 as TF32, on sm_80+ (and not turned off for benchmarking).
+bool tensor_cores(DType t) {
+  if (t == DType::f32 || !tensor_cores_enabled()) return false;
+  DeviceLimits lim;
+  return device_limits(&lim) == cudaSuccess && lim.cc_major >= 8;
+}
+
+Plan make(Family f, bool nhwc, bool takes_bias = false) {
+  Plan p;
+  p.family = f;
+  p.nhwc = nhwc;
+  p.takes_bias = takes_bias;
+  return p;
+}
+
+// The forward (or the input-gradient's shape). The images family is the faster where it takes a
+// call (8+ images; channels_last only on maps up to 16); the rows family takes every other
+// tensor-core call. TF32 on the rows family only from 28 x 28 maps and 9 taps a row, as the
+// images family's rule (the exact CUDA-core kernels are as fast below that); channels_last TF32
+// always, which saves the layout copies.
+Plan forward_plan(DType t, const DwShape& s) {
+  if (tensor_cores(t)) {
+    if (dwconv2d_tc_forward_fits(t, s)) return make(Family::tc_images, s.nhwc);
+    const bool tf32_worth = t != DType::tf32 || s.nhwc || (s.KW >= 9 && (int64_t)s.OH * s.OW >= 28 * 28);
+    if (tf32_worth && dwconv2d_rows_forward_fits(t, s)) return make(Family::tc_rows, s.nhwc);
+  }
+  return make(Family::fma, false);  // channels_last tensors through NCHW copies
+}
+
+Plan weight_grad_plan(DType t, const DwShape& s) {
+  if (tensor_cores(t)) {
+    if (dwconv2d_tc_weight_grad_fits(t, s)) return make(Family::tc_images, s.nhwc, dwconv2d_tc_weight_grad_takes_bias(t, s));
+    const bool tf32_worth = t != DType::tf32 || s.nhwc || (int64_t)s.OH * s.OW >= 400;
+    if (tf32_worth && dwconv2d_rows_weight_grad_fits(t, s)) return make(Family::tc_rows, s.nhwc);
+  }
+  return make(Family::fma, false);
+}
+
+Plan none(const char* why) {
+  Plan p;
+  p.why = why;
+  return p;
+}
+
+}  // namespace
+
+void describe_device(const DeviceLimits* d) { described_device() = d; }
+
+const char* family_name(Family f) {
+  switch (f) {
+    case Family::none: return "none";
+    case Family::fma: return "fma";
+    case Family::tc_images: return "tc_images";
+    case Family::tc_rows: return "tc_rows";
+  }
+  return "none";
+}
+
+Plan dwconv2d_plan(DType t, const DwShape& s, Pass pass) {
+  if (s.KH < 1 || s.KH > 63 || s.KW < 1 || s.KW > 63) return none("the kernel is larger than 63 on a side");
+  if (s.C < 1 || s.planes < 1) return none("the input is empty");
+  if (s.OH < 1 || s.OW < 1) return none("the padded input is smaller than the kernel");
+  DeviceLimits lim;
+  if (device_limits(&lim) != cudaSuccess) return none("no CUDA device");
+  switch (pass) {
+    case Pass::forward: return forward_plan(t, s);
+    case Pass::input_grad: return forward_plan(t, dwconv2d_input_grad_shape(s));
+    case Pass::weight_grad: return weight_grad_plan(t, s);
+  }
+  return none("unknown pass");
+}
+
+cudaError_t dwconv2d_forward(DType t, const void* in, const void* w, const void* bias, void* out, const DwShape& s,
+                             bool flip_kernel, cudaStream_t stream) {
+  if (empty(s)) return cudaSuccess;
+  const Plan plan = forward_plan(t, s);
+  if (s.nhwc && !plan.nhwc) return cudaErrorInvalidValue;
+  switch (plan.family) {
+    case Family::tc_images: return dwconv2d_tc_forward(t, in, w, bias, out, s, flip_kernel, stream);
+    case Family::tc_rows: return dwconv2d_rows_forward(t, in, w, bias, out, s, flip_kernel, stream);
+    case Family::fma: return dwconv2d_fma_forward(t, in, w, bias, out, s, flip_kernel, stream);
+    case Family::none: break;
+  }
+  return cudaErrorInvalidValue;
+}
+
+size_t dwconv2d_weight_grad_workspace(DType t, const DwShape& s, bool with_bias) {
+  if (empty(s)) return 0;
+  const Plan plan = weight_grad_plan(t, s);
+  switch (plan.family) {
+    case Family::tc_images: return dwconv2d_tc_weight_grad_workspace(t, s, with_bias && plan.takes_bias);
+    case Family::tc_rows: return dwconv2d_rows_weight_grad_workspace(t, s);
+    case Family::fma: return s.nhwc ? 0 : dwconv2d_fma_weight_grad_workspace(s);
+    case Family::none: break;
+  }
+  return 0;
+}
+
+cudaError_t dwconv2d_weight_grad(DType t, const void* grad_out, const void* in, void* grad_w, float* workspace,
+                                 const DwShape& s, cudaStream_t stream, void* grad_b) {
+  if (empty(s)) {
+    if (grad_b != nullptr) return cudaErrorInvalidValue;
+    return cudaMemsetAsync(grad_w, 0, elem_bytes(t) * (size_t)s.C * s.KH * s.KW, stream);
+  }
+  const Plan plan = weight_grad_plan(t, s);
+  if ((s.nhwc && !plan.nhwc) || (grad_b != nullptr && !plan.takes_bias)) return cudaErrorInvalidValue;
+  switch (plan.family) {
+    case Family::tc_images:
+      if (workspace == nullptr && !s.nhwc) return cudaErrorInvalidValue;  // channels_last: none needed
+      return dwconv2d_tc_weight_grad(t, grad_out, in, grad_w, workspace, s, stream, grad_b);
+    case Family::tc_rows: return dwconv2d_rows_weight_grad(t, grad_out, in, grad_w, workspace, s, stream);
+    case Family::fma: return dwconv2d_fma_weight_grad(t, grad_out, in, grad_w, workspace, s, stream);
+    case Family::none: break;
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace lkpatch

@@ -1,0 +1,531 @@
+// The "rows" tensor-core family: M = 16 output rows of one image, so any batch size fills the
+// tensor cores, and channels_last tensors are read and written as they are.
+//
+// Forward (and input-gradient, with the kernel rotated): for kernel row i, the 16 output rows
+// oy .. oy + 15 of one channel read input rows oy + i - pad_t .. + 15, and
+//   out[oy + m][ox0 + n] += sum_k in[oy + m + i - pad_t][x0 + k] * T_i[k][n]
+// is one mma per 8 output columns and k-step (16 half / 8 TF32 input columns), with the same
+// banded (Toeplitz) B operand T_i[k][n] = w[i][k - n + x0 - ox0 + pad_l] as the images family.
+// A block stages a tile of the input (rows of one image, CG channels) once; each warp takes one
+// (channel, 16-row band, column group) job and, per kernel row, loads the A fragments of its
+// columns through ldmatrix: consecutive 8-column tiles and k-steps share them, so a warp reads
+// (NT - 1) * 8 + 16 S columns (half types) per kernel row for NT * S mma. channels_last tiles are
+// staged one pixel vector (16 bytes of channels) at a time and transposed into channel planes on
+// the way; results go back through shared memory, so that global stores are 16-byte vectors in
+// either layout.
+//
+// Weight-gradient: the banded product of dwconv_tc_wgrad.cu (M = 16 kernel columns, N = 8 kernel
+// rows, K = output columns, banded_weight_grad_row), over items of one image, a band of output
+// rows and a range of output columns, so that a block's staging stays small on any map and with
+// any batch; channels_last blocks stage CG channels transposed and give each channel its own warps.
+#pragma once
+
+#include <algorithm>
+
+#include "dwconv_core.cuh"
+#include "dwconv_mma.cuh"
+
+namespace lkpatch {
+namespace rows {
+
+constexpr int kWarps = 8;
+// n-tiles (8 output columns each) per forward job: half types 8, TF32 4 (twice the k-steps).
+template <typename T> constexpr int kNT = std::is_same_v<T, float> ? 4 : 8;
+// Most k-steps per n-tile: ceil((KW + 7 + sh) / KS) with KW <= 63, sh < 16 bytes.
+template <typename T> constexpr int kMaxSteps = std::is_same_v<T, float> ? 10 : 5;
+// Elements per 16 bytes: a channels_last pixel vector, an ldmatrix row, a staging unit.
+template <typename T> constexpr int kVec = 16 / (int)sizeof(T);
+
+// B fragment table: per staged channel and kernel row, kBandPad + KS * S entries; entry
+// kBandPad + u holds (half types) the pair of taps u, u + 1 packed as a register, (TF32) tap u
+// rounded, zero outside the kernel. A lane's b0 / b1 of k-step st then come from entries
+// kBandPad + KS st + k - g - sh with k = 2t, 2t + 8 (half) or t, t + 4 (TF32): one load each.
+constexpr int kBandPad = 16;
+
+template <typename T>
+struct FwdParams : ConvArgs<T> {
+  int CG;           // channels per block (channels_last: a pixel's vector of them, 16 or 8 bytes)
+  int MT, NG;       // 16-row bands and NT-tile column groups per block: CG * MT * NG <= kWarps jobs
+  int S, sh;        // k-steps per n-tile; staged column 0 = image column ox0 - pad_l - sh
+  int rows, cols;   // staged tile: input rows, columns (a multiple of kVec)
+  int pitch;        // staged row pitch (elements): an odd number of 16-byte units
+  int opitch;       // output tile row pitch (elements), in the same shared memory after the compute
+  int band;         // B table entries per kernel row: kBandPad + KS * S
+  int xbytes;       // bytes of the staged tile (and of the output tile after it): the B table follows
+  int tiles_x;      // column tiles; blockIdx.y = tile row * tiles_x + tile column
+  int vec;          // NCHW: bytes per staging copy (16, 8, 4; 0: elements); NHWC: pixel vectors (1/0)
+  int ovec;         // 16-byte output stores (NCHW: aligned rows; NHWC: pixel vectors)
+};
+
+// One pixel's kVec channels (channels_last), or kVec consecutive elements of a row.
+template <typename T>
+union Vec16 {
+  uint4 u;
+  uint2 v8[2];
+  T h[kVec<T>];
+};
+
+// A pixel's CG channels (CG = kVec or kVec / 2: a 16- or 8-byte vector where `vec`, else
+// element loads; zeros past nch).
+template <typename T>
+__device__ __forceinline__ Vec16<T> load_pixel(const T* from, int CG, int nch, bool valid, bool vec) {
+  Vec16<T> v;
+  if (valid && vec) {
+    if (CG == kVec<T>) v.u = __ldg(reinterpret_cast<const uint4*>(from));
+    else v.v8[0] = __ldg(reinterpret_cast<const uint2*>(from));
+  } else {
+#pragma unroll
+    for (int ch = 0; ch < kVec<T>; ++ch) v.h[ch] = valid && ch < nch ? from[ch] : from_float<T>(0.f);
+  }
+  return v;
+}
+
+template <typename T, bool NHWC, int FS>
+__global__ void __launch_bounds__(32 * kWarps, 2) dw_rows_forward(const FwdParams<T> p) {
+  constexpr bool kTF32 = std::is_same_v<T, float>;
+  constexpr int E = kVec<T>, KS = kStep<T>, UPT = 8 / E;  // units (16-byte columns) per n-tile
+  constexpr int NT = kNT<T>;
+  constexpr int SMAX = FS ? FS : kMaxSteps<T>;
+  constexpr int UMAX = (NT - 1) * UPT + 2 * SMAX;  // units a job reads per kernel row
+  constexpr int LMAX = (UMAX + 1) / 2;             // ldmatrix.x4 loads (two units each)
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const DwShape& s = p.s;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int c0 = blockIdx.x * p.CG, nch = min(p.CG, s.C - c0);
+  const int ty = blockIdx.y / p.tiles_x, tx = blockIdx.y - ty * p.tiles_x;
+  const int n = blockIdx.z;
+  const int TH = 16 * p.MT, TW = 8 * NT * p.NG;
+  const int oy0 = ty * TH, ox0 = tx * TW;
+  const int iy0 = oy0 - s.pad_t, ix0 = ox0 - s.pad_l - p.sh;  // image row / column of staged (0, 0)
+  const int plane = p.rows * p.pitch;
+  T* X = reinterpret_cast<T*>(smem_raw);  // [CG][rows][pitch]; later the output [CG][TH][opitch]
+  const T zero = from_float<T>(0.f);
+
+  // ---- stage the input tile (zeros outside the image and past the channels)
+  if constexpr (NHWC) {
+    // Two horizontally adjacent pixels per item: one paired store per channel plane.
+    const int half_cols = p.cols / 2, total = p.rows * half_cols;
+    constexpr int kBatch = 2;
+    for (int base = threadIdx.x; base < total; base += kBatch * blockDim.x) {
+      Vec16<T> v[kBatch][2];
+      int at[kBatch];
+#pragma unroll
+      for (int q = 0; q < kBatch; ++q) {
+        const int u = base + q * blockDim.x;
+        const int r = u / half_cols, x = 2 * (u - r * half_cols);
+        at[q] = u < total ? r * p.pitch + x : -1;
+        const int iy = iy0 + r;
+#pragma unroll
+        for (int px = 0; px < 2; ++px) {
+          const int ix = ix0 + x + px;
+          const bool valid = u < total && iy >= 0 && iy < s.H && ix >= 0 && ix < s.W;
+          const T* src = p.in + ((((int64_t)n * s.H + (valid ? iy : 0)) * s.W + (valid ? ix : 0)) * s.C + c0);
+          v[q][px] = load_pixel<T>(src, p.CG, nch, valid, p.vec);
+        }
+      }
+#pragma unroll
+      for (int q = 0; q < kBatch; ++q)
+        if (at[q] >= 0)
+#pragma unroll
+          for (int ch = 0; ch < E; ++ch)
+            if (ch < p.CG) store2(X + ch * plane + at[q], v[q][0].h[ch], v[q][1].h[ch]);
+    }
+  } else {
+    const int per = p.vec ? p.vec / (int)sizeof(T) : 1, cpr = p.cols / per, total = p.CG * p.rows * cpr;
+    for (int u = threadIdx.x; u < total; u += blockDim.x) {
+      const int pr = u / cpr, k = u - pr * cpr;
+      const int ch = pr / p.rows, r = pr - ch * p.rows;
+      const int iy = iy0 + r, ix = ix0 + k * per;
+      // copies of `per` elements start at multiples of `per` (sh aligns the tile): wholly in or out
+      const bool valid = ch < nch && iy >= 0 && iy < s.H && ix >= 0 && ix < s.W;
+      const T* src = valid ? p.in + (((int64_t)n * s.C + c0 + ch) * s.H + iy) * s.W + ix : p.in;
+      T* dst = X + ch * plane + r * p.pitch + k * per;
+      if (p.vec == 16) copy_async<16>(dst, src, valid);
+      else if (p.vec == 8) copy_async<8>(dst, src, valid);
+      else if (p.vec == 4) copy_async<4>(dst, src, valid);
+      else *dst = valid ? *src : zero;
+    }
+    copy_async_commit();
+    copy_async_wait_group<0>();
+  }
+  // The B table of every staged channel (the input-gradient reads the kernel rotated).
+  uint32_t* Bt = reinterpret_cast<uint32_t*>(smem_raw + p.xbytes);
+  for (int e = threadIdx.x; e < p.CG * s.KH * p.band; e += blockDim.x) {
+    const int row = e / p.band, ch = row / s.KH, i = row - ch * s.KH, u = e - row * p.band - kBandPad;
+    const T* wc = p.w + (int64_t)(c0 + ch) * s.KH * s.KW;
+    auto tap = [&](int kw) -> T {
+      if (ch >= nch || (unsigned)kw >= (unsigned)s.KW) return zero;
+      return __ldg(p.flip ? wc + (s.KH - 1 - i) * s.KW + (s.KW - 1 - kw) : wc + i * s.KW + kw);
+    };
+    if constexpr (kTF32) Bt[e] = to_tf32(tap(u));
+    else Bt[e] = pack2(tap(u), tap(u + 1));
+  }
+  __syncthreads();
+
+  // ---- one job per warp: channel ch, rows 16 mt .. of the tile, n-tiles NT ng ..
+  const int jobs_per_ch = p.MT * p.NG;
+  const int ch = warp / jobs_per_ch, mt = (warp - ch * jobs_per_ch) / p.NG, ng = warp - ch * jobs_per_ch - mt * p.NG;
+  const int g = lane >> 2, t = lane & 3;
+  const int S = FS ? FS : p.S;
+  // live n-tiles: those with an output column inside the map
+  const int ntl = max(0, min(NT, ceil_div(s.OW - ox0 - 8 * NT * ng, 8)));
+  const bool job = warp < p.CG * jobs_per_ch && ch < nch && oy0 + 16 * mt < s.OH && ntl > 0;
+  float acc[NT][4];
+  if (job) {
+    const float bias = p.bias ? load(p.bias + c0 + ch) : 0.f;
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) acc[j][q] = bias;
+    const int r0 = 16 * mt, top = iy0 + r0;  // image row of the band's first staged row
+    const int i_lo = max(0, -top - 15), i_hi = min(s.KH, s.H - top);  // kernel rows that reach the image
+    const int nunits = (ntl - 1) * UPT + 2 * S, nloads = (nunits + 1) / 2;
+    // ldmatrix.x4: lane l addresses row r0 + i + (l & 15), unit 2q + (l >> 4) of the job's columns.
+    const unsigned a_base = (unsigned)__cvta_generic_to_shared(X) +
+                            (unsigned)((ch * plane + (r0 + (lane & 15)) * p.pitch + (8 * NT * ng) + E * (lane >> 4)) *
+                                       (int)sizeof(T));
+    // this lane's B entries of kernel row 0 (b0; b1 is KS / 2 entries on)
+    const uint32_t* brow = Bt + ch * s.KH * p.band + kBandPad + (kTF32 ? t : 2 * t) - g - p.sh;
+#pragma unroll 2
+    for (int i = i_lo; i < i_hi; ++i) {
+      uint32_t B[SMAX][2];
+#pragma unroll
+      for (int st = 0; st < SMAX; ++st) {
+        if (!FS && st >= S) break;
+        B[st][0] = brow[i * p.band + KS * st];
+        B[st][1] = brow[i * p.band + KS * st + KS / 2];
+      }
+      uint32_t A[2 * LMAX][2];
+      const unsigned a_row = a_base + (unsigned)(i * p.pitch * (int)sizeof(T));
+#pragma unroll
+      for (int q = 0; q < LMAX; ++q) {
+        if (q >= nloads) break;
+        uint32_t r[4];
+        ldmatrix_x4(r, a_row + (unsigned)(2 * q * 16));
+        if constexpr (kTF32) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) r[e] = to_tf32(__uint_as_float(r[e]));
+        }
+        A[2 * q][0] = r[0]; A[2 * q][1] = r[1];
+        A[2 * q + 1][0] = r[2]; A[2 * q + 1][1] = r[3];
+      }
+#pragma unroll
+      for (int st = 0; st < SMAX; ++st) {
+        if (!FS && st >= S) break;
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          if (j >= ntl) break;
+          const int u = j * UPT + 2 * st;
+          mma_tile<T>(acc[j], A[u][0], A[u][1], A[u + 1][0], A[u + 1][1], B[st][0], B[st][1]);
+        }
+      }
+    }
+  }
+  __syncthreads();  // every warp is done with the staged input: the output tile takes its place
+
+  // ---- results through shared memory: O[ch][row][opitch], C fragment rows g, g + 8, columns 2t, 2t + 1
+  T* O = X;
+  const int oplane = TH * p.opitch;
+  if (job) {
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      if (j >= ntl) break;
+      T* at = O + ch * oplane + (16 * mt + g) * p.opitch + 8 * NT * ng + 8 * j + 2 * t;
+      store2(at, from_float<T>(acc[j][0]), from_float<T>(acc[j][1]));
+      store2(at + 8 * p.opitch, from_float<T>(acc[j][2]), from_float<T>(acc[j][3]));
+    }
+  }
+  __syncthreads();
+  const int rows_out = min(TH, s.OH - oy0), cols_out = min(TW, s.OW - ox0);
+  if constexpr (NHWC) {
+    for (int u = threadIdx.x; u < rows_out * cols_out; u += blockDim.x) {
+      const int r = u / cols_out, x = u - r * cols_out;
+      Vec16<T> v;
+#pragma unroll
+      for (int c = 0; c < E; ++c)
+        if (c < p.CG) v.h[c] = O[c * oplane + r * p.opitch + x];
+      T* dst = p.out + (((int64_t)n * s.OH + oy0 + r) * s.OW + ox0 + x) * s.C + c0;
+      if (p.ovec) {
+        if (p.CG == E) __stwb(reinterpret_cast<uint4*>(dst), v.u);
+        else __stwb(reinterpret_cast<uint2*>(dst), v.v8[0]);
+      } else {
+#pragma unroll
+        for (int c = 0; c < E; ++c)
+          if (c < nch) dst[c] = v.h[c];
+      }
+    }
+  } else {
+    if (p.ovec) {  // rows of whole 16-byte vectors (OW a multiple of E, tiles start at multiples of 8)
+      const int vpr = ceil_div(cols_out, E), total = nch * rows_out * vpr;
+      for (int u = threadIdx.x; u < total; u += blockDim.x) {
+        const int pr = u / vpr, k = u - pr * vpr, c = pr / rows_out, r = pr - c * rows_out;
+        const uint4 v = *reinterpret_cast<const uint4*>(O + c * oplane + r * p.opitch + k * E);
+        T* dst = p.out + (((int64_t)n * s.C + c0 + c) * s.OH + oy0 + r) * s.OW + ox0 + k * E;
+        __stwb(reinterpret_cast<uint4*>(dst), v);
+      }
+    } else {
+      const int total = nch * rows_out * cols_out;
+      for (int u = threadIdx.x; u < total; u += blockDim.x) {
+        const int pr = u / cols_out, x = u - pr * cols_out, c = pr / rows_out, r = pr - c * rows_out;
+        p.out[(((int64_t)n * s.C + c0 + c) * s.OH + oy0 + r) * s.OW + ox0 + x] = O[c * oplane + r * p.opitch + x];
+      }
+    }
+  }
+}
+
+// ---- weight-gradient ----------------------------------------------------------------------------
+template <typename T>
+struct WgradParams {
+  const T* grad;
+  const T* in;
+  float* parts;  // [slices][C][KH][KW]: each block's sums for its channels and kernel tile
+  DwShape s;
+  int N;
+  int CG;             // channels per block; kWarps / CG warps per channel split its input rows
+  int BH, BW;         // an item: output rows oy0 .. oy0 + BH - 1, columns ox0 .. ox0 + BW - 1 (BW % KS == 0)
+  int bands, ctiles;  // items per image: bands x column tiles
+  int items, per_slice;  // N * bands * ctiles items, per_slice of them per block (blockIdx.x: the slice)
+  int gpitch;         // staged output-gradient row pitch (elements), an odd number of 16-byte units
+  int xw;             // staged input row length (elements)
+  int nq;             // staged input rows at most: BH + 8 IT - 1
+  int tiles_j;        // kernel-column tiles of 16 JT; blockIdx.z = tile row * tiles_j + tile column
+  int gvec, xvec;     // NCHW: bytes per staging copy (16, 4; 0: elements); NHWC: pixel vectors (1/0)
+};
+
+// Rows [0, nrows) x columns [0, ncols) of CG channel planes starting at image row y0 and column
+// x0 into dst[ch][r][pitch] (zero outside the image and past the channels); plane stride `plane`.
+// NCHW: copies of `vec` bytes (the columns aligned to them) or elements; NHWC: pixel vectors.
+template <typename T, bool NHWC>
+__device__ __forceinline__ void stage_tile(T* dst, int plane, int pitch, const T* src, int n, int c0, int nch, int CG,
+                                           int C, int H, int W, int y0, int x0, int nrows, int ncols, int vec) {
+  constexpr int E = kVec<T>;
+  const T zero = from_float<T>(0.f);
+  if constexpr (NHWC) {
+    const int half_cols = ncols / 2, total = nrows * half_cols;
+    for (int u = threadIdx.x; u < total; u += blockDim.x) {
+      const int r = u / half_cols, x = 2 * (u - r * half_cols), y = y0 + r;
+      Vec16<T> v[2];
+#pragma unroll
+      for (int px = 0; px < 2; ++px) {
+        const int xx = x0 + x + px;
+        const bool valid = y >= 0 && y < H && xx >= 0 && xx < W;
+        const T* from = src + ((((int64_t)n * H + (valid ? y : 0)) * W + (valid ? xx : 0)) * C + c0);
+        if (valid && vec) {
+          v[px].u = __ldg(reinterpret_cast<const uint4*>(from));
+        } else {
+#pragma unroll
+          for (int ch = 0; ch < E; ++ch) v[px].h[ch] = valid && ch < nch ? from[ch] : zero;
+        }
+      }
+#pragma unroll
+      for (int ch = 0; ch < E; ++ch) store2(dst + ch * plane + r * pitch + x, v[0].h[ch], v[1].h[ch]);
+    }
+  } else {
+    const int per = vec ? vec / (int)sizeof(T) : 1, cpr = ncols / per, total = CG * nrows * cpr;
+    for (int u = threadIdx.x; u < total; u += blockDim.x) {
+      const int pr = u / cpr, k = u - pr * cpr, ch = pr / nrows, r = pr - ch * nrows;
+      const int y = y0 + r, x = x0 + k * per;
+      const bool valid = ch < nch && y >= 0 && y < H && x >= 0 && x < W;
+      const T* from = valid ? src + (((int64_t)n * C + c0 + ch) * H + y) * W + x : src;
+      T* to = dst + ch * plane + r * pitch + k * per;
+      if (vec == 16) copy_async<16>(to, from, valid);
+      else if (vec == 4) copy_async<4>(to, from, valid);
+      else *to = valid ? *from : zero;
+    }
+  }
+}
+
+template <typename T, bool NHWC, int JT, int IT>
+__global__ void __launch_bounds__(32 * kWarps) dw_rows_weight_grad(const WgradParams<T> p) {
+  static_assert(IT % 2 == 0, "B fragments are loaded two kernel-row tiles at a time");
+  constexpr bool kTF32 = std::is_same_v<T, float>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const DwShape& s = p.s;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int c0 = blockIdx.y * p.CG, nch = min(p.CG, s.C - c0);
+  const int tile_i = blockIdx.z / p.tiles_j, tile_j = blockIdx.z - tile_i * p.tiles_j;
+  const int i0 = tile_i * 8 * IT, j0 = tile_j * 16 * JT;
+  const int wpc = kWarps / p.CG, ch = warp / wpc, phase = warp - ch * wpc;  // this warp's channel, row phase
+  const int item_begin = blockIdx.x * p.per_slice, item_end = min(p.items, item_begin + p.per_slice);
+
+  const int gplane = (p.BH + 1) * p.gpitch, xplane = p.nq * p.xw;  // a zero row after each G plane
+  T* G = reinterpret_cast<T*>(smem_raw);  // [CG][BH + 1][gpitch]
+  T* X = G + p.CG * gplane;               // [CG][nq][xw]
+  float* red = reinterpret_cast<float*>(smem_raw);  // [warp][16 JT][8 IT], over G and X at the end
+  const T zero = from_float<T>(0.f);
+  for (int e = threadIdx.x; e < p.CG * p.gpitch; e += blockDim.x) {
+    const int c = e / p.gpitch;
+    G[c * gplane + p.BH * p.gpitch + e - c * p.gpitch] = zero;
+  }
+
+  float acc[JT][IT][4];
+#pragma unroll
+  for (int a = 0; a < JT; ++a)
+#pragma unroll
+    for (int b = 0; b < IT; ++b)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) acc[a][b][q] = 0.f;
+
+  const int g = lane >> 2, t = lane & 3;
+  const int lane_off0 = kTF32 ? g + t : g + 2 * t;
+  const int b_row = (lane & 7) + 8 * (lane >> 4), b_col = kVec<T> * ((lane >> 3) & 1);
+  const unsigned g_addr = (unsigned)__cvta_generic_to_shared(G + ch * gplane);
+  // Input rows are staged from column xs = ox0 + j0 - pad_l - d, aligned for the copies.
+  const int align = !NHWC && p.xvec ? p.xvec / (int)sizeof(T) : 1;
+  const int d = ((j0 - s.pad_l) % align + align) % align;  // ox0 is a multiple of KS (and of align)
+  const int lane_off = lane_off0 + d;
+  const bool active = ch < nch;
+  for (int item = item_begin; item < item_end; ++item) {
+    const int n = item / (p.bands * p.ctiles), rest = item - n * p.bands * p.ctiles;
+    const int band = rest / p.ctiles, ct = rest - band * p.ctiles;
+    const int oy0 = band * p.BH, ox0 = ct * p.BW;
+    const int nrows_g = min(p.BH, s.OH - oy0);
+    // input rows that reach the band through this tile's kernel rows: q + pad_t - i in [oy0, oy0 + BH)
+    const int q_lo = max(0, oy0 + i0 - s.pad_t), q_hi = min(s.H, oy0 + nrows_g - 1 + i0 + 8 * IT - 1 - s.pad_t + 1);
+    const int nq = max(0, q_hi - q_lo);
+    const int xs = ox0 + j0 - s.pad_l - d;
+    __syncthreads();  // the previous item is done with G and X
+    stage_tile<T, NHWC>(G, gplane, p.gpitch, p.grad, n, c0, nch, p.CG, s.C, s.OH, s.OW, oy0, ox0, p.BH, p.BW,
+                        p.gvec);
+    stage_tile<T, NHWC>(X, xplane, p.xw, p.in, n, c0, nch, p.CG, s.C, s.H, s.W, q_lo, xs, nq, p.xw, p.xvec);
+    if constexpr (!NHWC) {
+      copy_async_commit();
+      copy_async_wait_group<0>();
+    }
+    __syncthreads();
+    if constexpr (kTF32) {  // the staged values rounded to TF32 once, not in every fragment
+      float4* gv = reinterpret_cast<float4*>(G);
+      const int ng4 = p.CG * gplane / 4;
+      for (int e = threadIdx.x; e < ng4; e += blockDim.x) {
+        float4 f = gv[e];
+        f = make_float4(round_tf32(f.x), round_tf32(f.y), round_tf32(f.z), round_tf32(f.w));
+        gv[e] = f;
+      }
+      for (int c = 0; c < p.CG; ++c) {
+        float4* xv = reinterpret_cast<float4*>(X + c * xplane);
+        for (int e = threadIdx.x; e < nq * p.xw / 4; e += blockDim.x) {
+          float4 f = xv[e];
+          f = make_float4(round_tf32(f.x), round_tf32(f.y), round_tf32(f.z), round_tf32(f.w));
+          xv[e] = f;
+        }
+      }
+      __syncthreads();
+    }
+    if (!active) continue;
+    for (int qi = phase; qi < nq; qi += wpc) {
+      const int oy_top = q_lo + qi + s.pad_t - i0 - oy0;  // band row of kernel row i0
+      bool live[IT / 2], any = false;
+      unsigned baddr[IT / 2];
+#pragma unroll
+      for (int bp = 0; bp < IT / 2; ++bp) {
+        live[bp] = oy_top - 16 * bp >= 0 && oy_top - 16 * bp - 15 < p.BH;
+        const int oy = oy_top - 16 * bp - b_row;
+        baddr[bp] = g_addr + (unsigned)(((oy >= 0 && oy < p.BH ? oy : p.BH) * p.gpitch + b_col) * (int)sizeof(T));
+        any |= live[bp];
+      }
+      if (any)
+        banded_weight_grad_row<T, JT, IT>(acc, X + ch * xplane + qi * p.xw, lane_off, baddr, live, p.BW);
+    }
+  }
+
+  // Add each channel's warps in a fixed order; C fragment: (j = 16 jt + g [+ 8], i = 8 it + 2t [+ 1]).
+  constexpr int TJ = 16 * JT, TI = 8 * IT;
+  __syncthreads();
+  float* mine = red + warp * TJ * TI;
+#pragma unroll
+  for (int jt = 0; jt < JT; ++jt)
+#pragma unroll
+    for (int it = 0; it < IT; ++it)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) mine[(16 * jt + g + 8 * (q >> 1)) * TI + 8 * it + 2 * t + (q & 1)] = acc[jt][it][q];
+  __syncthreads();
+  for (int e = threadIdx.x; e < nch * TJ * TI; e += blockDim.x) {
+    const int c = e / (TJ * TI), k = e - c * TJ * TI, j = k / TI, i = k - j * TI;
+    if (i0 + i >= s.KH || j0 + j >= s.KW) continue;
+    float sum = 0.f;
+    for (int w = 0; w < wpc; ++w) sum += red[(c * wpc + w) * TJ * TI + k];
+    p.parts[((int64_t)blockIdx.x * s.C + c0 + c) * s.KH * s.KW + (i0 + i) * s.KW + j0 + j] = sum;
+  }
+}
+
+// ---- plans (host) -------------------------------------------------------------------------------
+struct FwdPlan {
+  int CG, MT, NG, S, sh, rows, cols, pitch, opitch, tiles_x, tiles_y, band, xbytes;
+  size_t smem;
+};
+
+// esize: bytes per element (2: half types, 4: TF32).
+inline FwdPlan plan_forward(const DwShape& s, int esize) {
+  FwdPlan q{};
+  const int E = 16 / esize, KS = 32 / esize, NT = esize == 2 ? 8 : 4, UPT = 8 / E;
+  // NCHW: the staged tile starts at a 16-byte boundary of the image row (vector copies) where that
+  // costs no extra k-step.
+  const int sh = s.nhwc ? 0 : ((-s.pad_l) % E + E) % E;
+  q.sh = ceil_div(s.KW + 7 + sh, KS) == ceil_div(s.KW + 7, KS) ? sh : 0;
+  q.S = ceil_div(s.KW + 7 + q.sh, KS);
+  const int bands = ceil_div(s.OH, 16), groups = ceil_div(s.OW, 8 * NT);
+  if (s.nhwc) {
+    // A 16-byte pixel vector of channels, or 8 bytes where the staged tile and B table of 16
+    // would leave the SM one block (kernels from about 23 x 23); the remaining warps take more
+    // rows or columns.
+    const size_t per_channel = (size_t)(16 + s.KH - 1) * (ceil_div(NT * 8 + 2 * KS * q.S, 16) * 16 + 8) * esize +
+                               (size_t)s.KH * (kBandPad + KS * q.S) * 4;
+    q.CG = per_channel * E > 110 * 1024 ? E / 2 : E;
+    const int jobs = kWarps / q.CG;
+    q.MT = std::min(jobs, bands);
+    q.NG = std::max(1, std::min(jobs / q.MT, groups));
+  } else {  // up to kWarps jobs: rows and columns first, then channels
+    q.MT = std::min(4, bands);
+    q.NG = std::max(1, std::min(kWarps / q.MT, groups));
+    q.CG = 1;
+    while (2 * q.CG * q.MT * q.NG <= kWarps && q.CG < s.C) q.CG *= 2;
+  }
+  const int TH = 16 * q.MT, TW = 8 * NT * q.NG;
+  const int units = (q.NG - 1) * NT * UPT + 2 * ceil_div((NT - 1) * UPT + 2 * q.S, 2);
+  q.rows = TH + s.KH - 1;
+  q.cols = units * E;
+  q.pitch = q.cols + (units % 2 == 0 ? E : 0);  // an odd number of units: ldmatrix rows hit every bank
+  q.opitch = TW + 8;                            // C fragment stores without bank conflicts
+  q.tiles_x = ceil_div(s.OW, TW);
+  q.tiles_y = ceil_div(s.OH, TH);
+  q.band = kBandPad + KS * q.S;
+  q.xbytes = (int)round_up(q.CG * std::max(q.rows * q.pitch, TH * q.opitch) * esize, 16);
+  q.smem = (size_t)q.xbytes + (size_t)q.CG * s.KH * q.band * 4;
+  return q;
+}
+
+struct WgradPlan {
+  int CG, JT, IT, BH, BW, bands, ctiles, items, slices, per_slice, gpitch, xw, nq, tiles_i, tiles_j;
+  size_t smem;
+};
+
+inline WgradPlan plan_weight_grad(const DwShape& s, int esize, int sms) {
+  WgradPlan q{};
+  const int E = 16 / esize, KS = 32 / esize;
+  q.JT = s.KW <= 16 ? 1 : 2;
+  q.IT = s.KH <= 16 ? 2 : 4;
+  q.tiles_j = ceil_div(s.KW, 16 * q.JT);
+  q.tiles_i = ceil_div(s.KH, 8 * q.IT);
+  q.CG = s.nhwc ? E : 1;
+  // Items small enough for two blocks an SM: channels_last blocks stage CG channels.
+  q.BW = std::min(round_up(s.OW, KS), s.nhwc ? 32 : 128);
+  q.BH = std::min(s.OH, s.nhwc ? 32 : 64);
+  const int units = q.BW / E;
+  q.gpitch = q.BW + (units % 2 == 0 ? E : 0);
+  q.xw = q.BW + 16 * q.JT + 16;  // the Toeplitz pairs reach 16 JT + 8 past the item, plus the aligning shift
+  q.nq = q.BH + 8 * q.IT - 1;
+  q.bands = ceil_div(s.OH, q.BH);
+  q.ctiles = ceil_div(s.OW, q.BW);
+  const int N = (int)(s.planes / s.C);
+  q.items = N * q.bands * q.ctiles;
+  const int64_t blocks = (int64_t)ceil_div(s.C, q.CG) * q.tiles_i * q.tiles_j;
+  q.slices = (int)std::max<int64_t>(1, std::min<int64_t>(q.items, ceil_div(4 * sms, (int)std::min<int64_t>(blocks, 1 << 20))));
+  q.per_slice = ceil_div(q.items, q.slices);
+  q.slices = ceil_div(q.items, q.per_slice);
+  const size_t stage = (size_t)q.CG * ((q.BH + 1) * q.gpitch + q.nq * q.xw) * esize;
+  q.smem = std::max(stage, (size_t)kWarps * 16 * q.JT * 8 * q.IT * sizeof(float));
+  return q;
+}
+
+}  // namespace rows
+}  // namespace lkpatch

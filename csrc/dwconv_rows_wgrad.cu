@@ -1,0 +1,78 @@
+// Launchers of the rows family's weight-gradient (dwconv_rows.cuh): fp16, bf16, TF32.
+#include "dwconv_rows.cuh"
+
+namespace lkpatch {
+namespace {
+
+using rows::WgradParams;
+using rows::WgradPlan;
+
+template <typename T, bool NHWC, int JT, int IT>
+cudaError_t launch_weight_grad(const WgradParams<T>& p, const WgradPlan& q, cudaStream_t stream) {
+  const dim3 grid(q.slices, ceil_div(p.s.C, q.CG), q.tiles_i * q.tiles_j);
+  return launch(rows::dw_rows_weight_grad<T, NHWC, JT, IT>, grid, dim3(32 * rows::kWarps), q.smem, stream, p);
+}
+
+template <typename T, bool NHWC>
+cudaError_t weight_grad_tiles(const WgradParams<T>& p, const WgradPlan& q, cudaStream_t stream) {
+  if (q.JT == 1) return q.IT == 2 ? launch_weight_grad<T, NHWC, 1, 2>(p, q, stream) : launch_weight_grad<T, NHWC, 1, 4>(p, q, stream);
+  return q.IT == 2 ? launch_weight_grad<T, NHWC, 2, 2>(p, q, stream) : launch_weight_grad<T, NHWC, 2, 4>(p, q, stream);
+}
+
+int sms_or_zero() {
+  DeviceLimits lim;
+  return device_limits(&lim) == cudaSuccess ? lim.sms : 0;
+}
+
+}  // namespace
+
+bool dwconv2d_rows_weight_grad_fits(DType t, const DwShape& s) {
+  if (t == DType::f32 || !tensor_cores_enabled()) return false;
+  DeviceLimits lim;
+  if (device_limits(&lim) != cudaSuccess || lim.cc_major < 8) return false;
+  const WgradPlan q = rows::plan_weight_grad(s, (int)elem_bytes(t), lim.sms);
+  return ceil_div(s.C, q.CG) <= 65535 && q.tiles_i * q.tiles_j <= 65535 && q.smem <= (size_t)lim.max_smem_optin &&
+         (int64_t)q.items < (1ll << 31);
+}
+
+size_t dwconv2d_rows_weight_grad_workspace(DType t, const DwShape& s) {
+  const WgradPlan q = rows::plan_weight_grad(s, (int)elem_bytes(t), sms_or_zero());
+  return (size_t)q.slices * s.C * s.KH * s.KW * sizeof(float);
+}
+
+cudaError_t dwconv2d_rows_weight_grad(DType t, const void* grad_out, const void* in, void* grad_w, float* workspace,
+                                      const DwShape& s, cudaStream_t stream) {
+  if (workspace == nullptr) return cudaErrorInvalidValue;
+  const int sms = sms_or_zero();
+  return with_dtype(t, [&](auto tag) -> cudaError_t {
+    using T = decltype(tag);
+    if (t == DType::f32) return cudaErrorInvalidValue;  // exact fp32 runs on CUDA cores
+    const WgradPlan q = rows::plan_weight_grad(s, sizeof(T), sms);
+    WgradParams<T> p{};
+    p.grad = static_cast<const T*>(grad_out);
+    p.in = static_cast<const T*>(in);
+    p.parts = workspace;
+    p.s = s;
+    p.N = (int)(s.planes / s.C);
+    p.CG = q.CG; p.BH = q.BH; p.BW = q.BW; p.bands = q.bands; p.ctiles = q.ctiles; p.items = q.items;
+    p.per_slice = q.per_slice; p.gpitch = q.gpitch; p.xw = q.xw; p.nq = q.nq; p.tiles_j = q.tiles_j;
+    const uintptr_t ga = reinterpret_cast<uintptr_t>(grad_out), xa = reinterpret_cast<uintptr_t>(in);
+    cudaError_t e;
+    if (s.nhwc) {
+      p.gvec = s.C % q.CG == 0 && ga % 16 == 0;
+      p.xvec = s.C % q.CG == 0 && xa % 16 == 0;
+      e = weight_grad_tiles<T, true>(p, q, stream);
+    } else {
+      auto vec = [](int64_t row_bytes, uintptr_t addr) {
+        return row_bytes % 16 == 0 && addr % 16 == 0 ? 16 : row_bytes % 4 == 0 && addr % 4 == 0 ? 4 : 0;
+      };
+      p.gvec = vec((int64_t)s.OW * sizeof(T), ga);
+      p.xvec = vec((int64_t)s.W * sizeof(T), xa);
+      e = weight_grad_tiles<T, false>(p, q, stream);
+    }
+    if (e != cudaSuccess) return e;
+    return sum_partials(workspace, static_cast<T*>(grad_w), q.slices, (int64_t)s.C * s.KH * s.KW, stream);
+  });
+}
+
+}  // namespace lkpatch
