@@ -40,7 +40,8 @@ _lib.impl("dwconv2d_bias_grad", _native.backward_bias, "CPU")
 _ext = None
 
 
-def _kernels():
+def kernels():
+    """The extension's ops (``torch.ops.lkpatch_ext``), built and loaded on first use."""
     global _ext
     if _ext is None:
         from . import build
@@ -48,7 +49,7 @@ def _kernels():
     return _ext
 
 
-# The kernels take contiguous NCHW, and channels_last where ``dispatch.native_channels_last`` says
+# The kernels take contiguous NCHW, and channels_last where ``dispatch.reads_channels_last`` says
 # so; results come back in the input's format. Other channels_last tensors change format through
 # lkpatch's tiled copies (PyTorch's strided copy moves them at a fraction of the memory bandwidth).
 def _channels_last(t) -> bool:
@@ -60,7 +61,7 @@ def _nchw(t):
     if t.is_contiguous():
         return t
     if t.is_contiguous(memory_format=torch.channels_last) and t.dtype in dispatch.KERNEL_DTYPES:
-        return _kernels().to_nchw(t)
+        return kernels().to_nchw(t)
     return t.contiguous()
 
 
@@ -84,21 +85,21 @@ def _as_format(t, memory_format=torch.contiguous_format):
     if (memory_format == torch.channels_last and t.is_cuda and t.is_contiguous()
             and not t.is_contiguous(memory_format=torch.channels_last) and t.dtype in dispatch.KERNEL_DTYPES
             and dispatch.kernels_ready()):
-        return _kernels().to_channels_last(t)
+        return kernels().to_channels_last(t)
     return t.contiguous(memory_format=memory_format)
 
 
-def _native_cl(pass_, t, size, kernel_size, padding) -> bool:
+def _reads_cl(pass_, t, size, kernel_size, padding) -> bool:
     """Whether the kernels take ``t`` (this pass's activation) as it is: channels_last where they
-    run it natively (``dispatch.native_channels_last``)."""
-    return _channels_last(t) and dispatch.native_channels_last(pass_, size, kernel_size, padding, t.dtype)
+    read it so (``dispatch.reads_channels_last``)."""
+    return _channels_last(t) and dispatch.reads_channels_last(pass_, size, kernel_size, padding, t.dtype)
 
 
 def _forward_cuda(x, weight, bias, padding):
     fmt = _native.output_memory_format(x)
     if dispatch.use_kernel("forward", x.shape, weight.shape[2:], padding, x.dtype, fmt == torch.channels_last):
-        native_cl = _native_cl("forward", x, x.shape, weight.shape[2:], padding)
-        y = _kernels().dwconv2d(x if native_cl else _nchw(x), weight.contiguous(),
+        reads_cl = _reads_cl("forward", x, x.shape, weight.shape[2:], padding)
+        y = kernels().dwconv2d(x if reads_cl else _nchw(x), weight.contiguous(),
                                 None if bias is None else bias.contiguous(), padding, dispatch.tf32_pass(x.dtype))
         return _as_format(y, fmt)
     return _native.forward(x, weight, bias, padding)
@@ -112,8 +113,8 @@ def _input_grad_cuda(grad, weight, input_size, padding, nchw=_nchw, memory_forma
     size = (grad.shape[0], grad.shape[1], input_size[0], input_size[1])
     fmt = _native.output_memory_format(grad)
     if dispatch.use_kernel("input_grad", size, weight.shape[2:], padding, grad.dtype, fmt == torch.channels_last):
-        native_cl = _native_cl("input_grad", grad, size, weight.shape[2:], padding)
-        gx = _kernels().dwconv2d_input_grad(grad if native_cl else nchw(grad), weight.contiguous(), input_size,
+        reads_cl = _reads_cl("input_grad", grad, size, weight.shape[2:], padding)
+        gx = kernels().dwconv2d_input_grad(grad if reads_cl else nchw(grad), weight.contiguous(), input_size,
                                             padding, dispatch.tf32_pass(grad.dtype))
         return _as_format(gx, fmt if memory_format is None else memory_format)
     return _native.backward_input(grad, weight, input_size, padding)
@@ -122,11 +123,11 @@ def _input_grad_cuda(grad, weight, input_size, padding, nchw=_nchw, memory_forma
 def _weight_grad_cuda(grad, x, kernel_size, padding, nchw=_nchw):
     cl = _channels_last(x) or _channels_last(grad)
     if dispatch.use_kernel("weight_grad", x.shape, kernel_size, padding, x.dtype, cl):
-        if cl and dispatch.native_channels_last("weight_grad", x.shape, kernel_size, padding, x.dtype):
+        if cl and dispatch.reads_channels_last("weight_grad", x.shape, kernel_size, padding, x.dtype):
             grad, x = _as_format(grad, torch.channels_last), _as_format(x, torch.channels_last)  # both
         else:
             grad, x = nchw(grad), nchw(x)
-        return _kernels().dwconv2d_weight_grad(grad, x, kernel_size, padding, dispatch.tf32_pass(x.dtype))
+        return kernels().dwconv2d_weight_grad(grad, x, kernel_size, padding, dispatch.tf32_pass(x.dtype))
     return _native.backward_weight(grad, x, kernel_size, padding)
 
 
@@ -135,7 +136,7 @@ def _bias_grad_cuda(grad, nchw=_nchw):
     # the kernel reads channels_last as it is.
     cl = _channels_last(grad) and not (isinstance(nchw, _SharedNCHW) and nchw.has_copy(grad))
     if dispatch.bias_grad_on_kernel(grad.shape, grad.dtype, cl):
-        return _kernels().dwconv2d_bias_grad(grad if cl else nchw(grad))
+        return kernels().dwconv2d_bias_grad(grad if cl else nchw(grad))
     return _native.backward_bias(grad)
 
 
@@ -299,29 +300,29 @@ class _NCHWAsChannelsLast(torch.autograd.Function):
 def eager_dwconv2d(x, weight, bias, padding):
     """``lkpatch::dwconv2d`` on CUDA tensors in eager mode."""
     k = weight.shape[2:]
-    native_cl = _native_cl("all", x, x.shape, k, padding)
-    if not native_cl and _channels_last(x) and dispatch.use_kernel("forward", x.shape, k, padding, x.dtype, True):
+    reads_cl = _reads_cl("all", x, x.shape, k, padding)
+    if not reads_cl and _channels_last(x) and dispatch.use_kernel("forward", x.shape, k, padding, x.dtype, True):
         y = _eager_direct(_ChannelsLastAsNCHW.apply(x), weight, bias, padding, False)
         # A 1 x 1 output is channels_last already; passed through the copy node unchanged, it
         # would be a view that in-place ops (a ReLU(inplace=True) after it) must not modify.
         return y if y.is_contiguous(memory_format=torch.channels_last) else _NCHWAsChannelsLast.apply(y)
-    return _eager_direct(x, weight, bias, padding, native_cl)
+    return _eager_direct(x, weight, bias, padding, reads_cl)
 
 
-def _eager_direct(x, weight, bias, padding, native_cl):
+def _eager_direct(x, weight, bias, padding, reads_cl):
     """Where every pass of the call runs on the kernels, on ``x`` as it is (NCHW, or channels_last
     the kernels take natively), the extension's C++ autograd op (in ``csrc/binding.cpp``: its
     backward runs without Python, which costs less host time; it reads PyTorch's TF32 switch at
     the forward, for the backward too); otherwise ``EagerDepthwiseConv2d``, which decides per pass.
-    ``native_cl``: ``_native_cl("all", x, ...)``, which the caller has decided already."""
+    ``reads_cl``: ``_reads_cl("all", x, ...)``, which the caller has decided already."""
     if type(x) is torch.Tensor and x.is_cuda:  # no fake or subclass tensors
-        if ((native_cl or x.is_contiguous())
-                and dispatch.use_kernel("all", x.shape, weight.shape[2:], padding, x.dtype, native_cl)):
+        if ((reads_cl or x.is_contiguous())
+                and dispatch.use_kernel("all", x.shape, weight.shape[2:], padding, x.dtype, reads_cl)):
             # The weight-gradient's kernel can give the bias gradient only where it runs (a trained weight).
             layer_k = weight.shape[2:] if weight.requires_grad else None
-            bias_kernel = bias is not None and dispatch.bias_grad_on_kernel(x.shape, x.dtype, native_cl,
+            bias_kernel = bias is not None and dispatch.bias_grad_on_kernel(x.shape, x.dtype, reads_cl,
                                                                             layer_k, padding)
-            return _kernels().dwconv2d_autograd(x, weight, bias, padding, dispatch.tf32_pass(x.dtype), bias_kernel)
+            return kernels().dwconv2d_autograd(x, weight, bias, padding, dispatch.tf32_pass(x.dtype), bias_kernel)
     return EagerDepthwiseConv2d.apply(x, weight, bias, padding)
 
 

@@ -124,7 +124,9 @@ def bench_shape(shape, dtype, channels_last: bool, reps: int, passes: bool) -> D
 
     row = {"shape": [n, c, h, w, kh, kw], "dtype": str(dtype).replace("torch.", ""),
            "layout": "channels_last" if channels_last else "nchw",
-           "effective_gflop_fwd_bwd": 3 * 2 * dispatch.effective_macs((n, c, h, w), (kh, kw), pads) / 1e9}
+           "effective_gflop_fwd_bwd": 3 * 2 * dispatch.effective_macs((n, c, h, w), (kh, kw), pads) / 1e9,
+           "plan": {p: _plan_text(dispatch.plan(p, (n, c, h, w), (kh, kw), pads, dtype, channels_last))
+                    for p in dispatch.CONV_PASSES}}
     for key, f in (("native", native), ("lkpatch", ours)):
         row[f"{key}_fwd_ms"] = time_ms(timed(fwd(f), f), n_inputs, reps=reps)
     for key, f in (("native", native), ("lkpatch", ours)):
@@ -145,6 +147,11 @@ def bench_shape(shape, dtype, channels_last: bool, reps: int, passes: bool) -> D
             lambda i: _native.backward_weight(g, x0, (kh, kw), pads), reps=reps)
         row["native_bias_grad_ms"] = time_ms(lambda i: _native.backward_bias(g), reps=reps)
     return row
+
+
+def _plan_text(plan) -> str:
+    """A pass's kernel family and how it reads channels_last ("tc_rows", "fma+copies")."""
+    return plan.family + ("" if plan.nhwc or plan.family == "none" else "/nchw")
 
 
 def bench_model(name: str, batch: int, size: int, amp: str, channels_last: bool, steps: int, queue: int = 3) -> Dict:
@@ -318,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for dtype in args.dtype:
             for layout in ([False, True] if args.channels_last else [False]):
                 for shape in args.shapes or (sweep_shapes() if args.sweep else DEFAULT_SHAPES):
-                    if dispatch.kernel_unsupported_reason(shape[:4], shape[4:], (0, 0, 0, 0), DTYPES[dtype]):
+                    if max(shape[4:]) > dispatch.MAX_KERNEL_SIZE:
                         continue
                     with dispatch.conv_tf32(dtype == "tf32"):  # "float32" rows: exact, both sides
                         rows.append(bench_shape(shape, DTYPES[dtype], layout, args.reps, args.passes or args.sweep))

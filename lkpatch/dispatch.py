@@ -1,60 +1,69 @@
 """Which implementation runs a depthwise convolution. Every such decision is made here.
 
-Two questions, two functions:
+Three questions, three functions:
 
 * :func:`op_padding` -- does the ``lkpatch::dwconv2d`` op reproduce this ``F.conv2d`` call
   exactly (depthwise, multiplier 1, stride 1, dilation 1, zero padding, CUDA)? It returns
   the explicit ``(top, bottom, left, right)`` padding if so. It runs inside ``torch.compile``
   graphs, so it only looks at tensor metadata.
-* :func:`use_kernel` -- for one pass (forward, input-grad, weight-grad, bias-grad) of a
-  supported call, run lkpatch's CUDA kernel or PyTorch's? The kernel must implement the
-  case and, by the measured rule below, be faster than PyTorch on it.
+* :func:`plan` -- which of lkpatch's kernel families would run a pass, whether it reads
+  channels_last tensors as they are, and whether its weight-gradient also gives the bias
+  gradient. The extension decides that (``dwconv2d_plan`` in ``csrc/dwconv_plan.cu``); this only
+  asks it, once per shape.
+* :func:`use_kernel` -- for one pass of a supported call, run lkpatch's kernels or PyTorch's?
+  The measured speed rule: :func:`estimate_us` models both on the GPU the rule was measured on.
 
-``LKPATCH_IMPL=native`` (or :func:`force`) turns the kernels off; ``LKPATCH_IMPL=kernel``
-runs them wherever they implement the case, ignoring the speed rule (tests, benchmarks).
-``LKPATCH_TENSOR_CORES=never`` keeps every dtype on the CUDA-core kernels (benchmarks).
+``LKPATCH_IMPL=pytorch`` (or :func:`force`; ``native`` is an older name for it) turns the
+kernels off; ``LKPATCH_IMPL=kernel`` runs them wherever they implement the case, ignoring the
+speed rule (tests, benchmarks). ``LKPATCH_TENSOR_CORES=never`` keeps every dtype on the
+CUDA-core kernels (read by the extension).
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import os
-from typing import Iterator, Optional, Sequence, Tuple, Union
+from typing import Iterator, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
 Pads = Tuple[int, int, int, int]  # (top, bottom, left, right)
 PASSES = ("forward", "input_grad", "weight_grad", "bias_grad")
+CONV_PASSES = PASSES[:3]
 
 #: dtypes with a CUDA kernel (fp32 exact on CUDA cores, or on TF32 tensor cores where
-#: :func:`tf32_pass`; fp16 / bf16 on tensor cores where
-#: :func:`tensor_core_pass`, else CUDA cores; fp32 accumulation in all of them).
+#: :func:`tf32_pass`; fp16 / bf16 on tensor cores; fp32 accumulation in all of them).
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 #: largest kernel height or width the kernels take.
 MAX_KERNEL_SIZE = 63
-#: largest element count of one (N*C) plane stack the kernels index with 32-bit math per plane.
-_MAX_PLANE = 2**31 - 1
 
-_IMPLS = ("auto", "kernel", "native")
-_impl = os.environ.get("LKPATCH_IMPL", "auto").strip().lower() or "auto"
-if _impl not in _IMPLS:
-    raise ValueError(f"LKPATCH_IMPL must be one of {', '.join(_IMPLS)}, not {_impl!r}")
+_ALIASES = {"native": "pytorch"}
+_IMPLS = ("auto", "kernel", "pytorch")
+
+
+def _impl_name(name: str) -> str:
+    name = _ALIASES.get(name, name)
+    if name not in _IMPLS:
+        raise ValueError(f"LKPATCH_IMPL must be one of {', '.join(_IMPLS)} (or native), not {name!r}")
+    return name
+
+
+_impl = _impl_name(os.environ.get("LKPATCH_IMPL", "auto").strip().lower() or "auto")
 # Tests set this to send CPU tensors through the lkpatch ops (whose CPU kernels are PyTorch's),
 # so that the op machinery (autograd, fake tensors, compile) is exercised without a GPU.
 _route_cpu_through_op = False
 
 
 def implementation() -> str:
-    """The current policy: 'auto', 'kernel' or 'native'."""
+    """The current policy: 'auto', 'kernel' or 'pytorch'."""
     return _impl
 
 
 @contextlib.contextmanager
 def force(impl: str, *, cpu_through_op: bool = False) -> Iterator[None]:
-    """Temporarily set the policy ('auto', 'kernel' or 'native')."""
+    """Temporarily set the policy ('auto', 'kernel' or 'pytorch'; 'native' means 'pytorch')."""
     global _impl, _route_cpu_through_op
-    if impl not in _IMPLS:
-        raise ValueError(f"impl must be one of {', '.join(_IMPLS)}, not {impl!r}")
+    impl = _impl_name(impl)
     saved = _impl, _route_cpu_through_op
     _impl, _route_cpu_through_op = impl, cpu_through_op
     try:
@@ -100,7 +109,7 @@ def op_padding(x, weight, bias, stride, padding, dilation) -> Optional[Pads]:
     """The op's padding if ``lkpatch::dwconv2d`` computes ``F.conv2d(x, weight, bias, stride,
     padding, dilation, groups=C)`` exactly and some pass of it runs on lkpatch's kernel; else None
     (then the caller runs ``F.conv2d``, which also raises PyTorch's own error for bad input)."""
-    if _impl == "native" or not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
+    if _impl == "pytorch" or not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
         return None
     if x.dim() != 4 or weight.dim() != 4:
         return None
@@ -128,11 +137,15 @@ def op_padding(x, weight, bias, stride, padding, dilation) -> Optional[Pads]:
         return None
     if n == 0 or c == 0 or h + pads[0] + pads[1] < kh or w + pads[2] + pads[3] < kw:
         return None  # empty or invalid: PyTorch returns or raises
-    if device.type == "cuda" and not use_kernel(
-            "any", (n, c, h, w), (kh, kw), pads, dtype,
-            not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)):
+    if device.type == "cuda" and not use_kernel("any", (n, c, h, w), (kh, kw), pads, dtype, channels_last(x)):
         return None
     return pads
+
+
+def channels_last(t: torch.Tensor) -> bool:
+    """Whether ``t`` is channels_last in memory (and not NCHW as well, as tensors with C == 1 or
+    H == W == 1 are): the layout lkpatch returns its results in."""
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
 def _effective_dtype(x: torch.Tensor, autocast: Optional[torch.dtype]) -> torch.dtype:
@@ -147,57 +160,6 @@ def output_size(hw: Sequence[int], kernel_size: Sequence[int], pads: Sequence[in
     return hw[0] + pads[0] + pads[1] - kernel_size[0] + 1, hw[1] + pads[2] + pads[3] - kernel_size[1] + 1
 
 
-def _longest_side(size: Sequence[int], kernel_size: Sequence[int], pads: Sequence[int]) -> int:
-    """The longest side of the input and output maps: what sends a pass to the small-map kernels
-    (csrc: ``small_map_tiles``, up to 16, or 32 for the half-type weight-gradient)."""
-    return max(*size[2:], *output_size(size[2:], kernel_size, pads))
-
-
-def kernel_unsupported_reason(size: Sequence[int], kernel_size: Sequence[int], pads: Sequence[int],
-                              dtype: torch.dtype) -> Optional[str]:
-    """Why lkpatch's CUDA kernel cannot compute this stride-1 depthwise case (None if it can)."""
-    n, c, h, w = size
-    kh, kw = kernel_size
-    if dtype not in KERNEL_DTYPES:
-        return f"no kernel for {str(dtype).replace('torch.', '')}"
-    if not (1 <= kh <= MAX_KERNEL_SIZE and 1 <= kw <= MAX_KERNEL_SIZE):
-        return f"kernel {kh}x{kw} is larger than {MAX_KERNEL_SIZE}"
-    oh, ow = output_size((h, w), kernel_size, pads)
-    if max(h * w, oh * ow) > _MAX_PLANE or n * c > _MAX_PLANE or max(pads) > 4096:
-        return "too large for the kernel's indexing"
-    return None
-
-
-_decisions: dict = {}
-
-
-def use_kernel(pass_: str, size: Sequence[int], kernel_size: Sequence[int], pads: Sequence[int],
-               dtype: torch.dtype, channels_last: bool = False) -> bool:
-    """Run ``pass_`` of this CUDA depthwise convolution on lkpatch's kernel (True) or PyTorch's?
-
-    ``pass_`` is one of PASSES, or "any": does the forward, input-grad or weight-grad run on
-    lkpatch's kernel? Or "all": do they all?
-    ``channels_last``: the pass's activation comes in (and goes out) channels_last.
-    """
-    key = (_impl, pass_, tuple(size), tuple(kernel_size), tuple(pads), dtype, channels_last)
-    decision = _decisions.get(key)
-    if decision is None:
-        decision = _decisions[key] = _decide(pass_, size, kernel_size, pads, dtype, channels_last)
-    return decision
-
-
-def _decide(pass_, size, kernel_size, pads, dtype, channels_last) -> bool:
-    if pass_ == "any":  # the bias gradient alone does not take a layer from PyTorch's convolution
-        return any(use_kernel(p, size, kernel_size, pads, dtype, channels_last) for p in PASSES[:3])
-    if pass_ == "all":
-        return all(use_kernel(p, size, kernel_size, pads, dtype, channels_last) for p in PASSES[:3])
-    if _impl == "native" or kernel_unsupported_reason(size, kernel_size, pads, dtype) is not None:
-        return False
-    if not _extension_ready():
-        return False
-    return _impl == "kernel" or _faster_than_native(pass_, size, kernel_size, pads, dtype, channels_last)
-
-
 def effective_macs(size: Sequence[int], kernel_size: Sequence[int], pads: Sequence[int]) -> int:
     """Multiply-adds of one pass whose input tap lies inside the image (padding taps excluded)."""
     n, c, h, w = size
@@ -207,101 +169,68 @@ def effective_macs(size: Sequence[int], kernel_size: Sequence[int], pads: Sequen
     return n * c * taps(h, kernel_size[0], pads[0], pads[1]) * taps(w, kernel_size[1], pads[2], pads[3])
 
 
-# Below these multiply-adds (taps inside the image) a pass is bound by host time per call, which
-# is lower for PyTorch's path (H100: 8x64x28x28 with 7x7, 18 M, lost every pass; 64x512x14x14
-# with 1x7, 39 M, won the bf16 forward; 16x128x56x56 with 3x3, 58 M, won all but the bias grad).
-_TINY_MACS = {"forward": 30_000_000, "input_grad": 25_000_000, "weight_grad": 25_000_000}
-# PyTorch's sum over a channels_last output gradient (over N, H, W) took more GPU time than
-# lkpatch's kernel at every size measured (H100, bf16: 10.0 vs 5.5 us at 3.2 M elements, 146.7 vs
-# 52.5 at 25.7 M); as separate calls both are bound by host time up to about 2.5 M. From 1 M
-# elements the kernel takes it.
-_CL_BIAS_ELEMENTS = 1_000_000
+# ---- the plan (asked of the extension) --------------------------------------------------------
+class Plan(NamedTuple):
+    family: str       # "none", "fma" (exact fp32, CUDA cores), "tc_images", "tc_rows" (tensor cores)
+    nhwc: bool        # reads and writes channels_last tensors as they are (else through NCHW copies)
+    takes_bias: bool  # the weight-gradient also gives the bias gradient
+    why: str = ""     # family "none": why no kernel takes the call
+
+    @property
+    def tensor_cores(self) -> bool:
+        return self.family.startswith("tc_")
 
 
-def _faster_than_native(pass_: str, size: Sequence[int], kernel_size: Sequence[int], pads: Sequence[int],
-                        dtype: torch.dtype = torch.float32, channels_last: bool = False) -> bool:
-    """The measured rule: where lkpatch's kernel beat PyTorch's on an H100 (README, "When lkpatch
-    uses its kernel"; GPU time of back-to-back calls, ``lkpatch bench --passes``). Small maps need
-    larger kernels to win, thin kernels (one side <= 3) lose the weight gradient, and tiny problems
-    are decided by host time. Most of lkpatch's kernels read NCHW, so a channels_last pass costs
-    two layout copies: that loses to cuDNN's channels_last kernels on small kernels (H100, N 64,
-    maps 14-56, 3x3-9x9, bf16 and fp32): below 9x9 in the forward and below 7x7 in the fp32
-    gradients. Half-precision gradients stay with cuDNN below 9x9 too: its 7x7 input-grad lost
-    alone, but a layer whose forward runs cuDNN pays for every pass lkpatch takes from it
-    (separate calls, the copies), and timm's convnext_tiny trained 7% slower so. Where the kernels
-    take channels_last as it is (:func:`native_channels_last`), 7x7 won (bf16 forward + backward,
-    N 64: 14x14 maps 0.129 vs 0.214 ms, 7x7 maps 0.087 vs 0.138) and 3x3 lost.
-    """
-    n, c, h, w = size
-    area = h * w
-    kmin, kmax = min(kernel_size), max(kernel_size)
-    half = dtype in (torch.float16, torch.bfloat16)
-    if pass_ == "bias_grad":  # a plain reduction
-        if channels_last:  # read as it is
-            return n * c * area >= _CL_BIAS_ELEMENTS
-        return area >= 56 * 56 and n * c * area >= 16_000_000  # close either way: only large maps
-    if channels_last:
-        native = native_channels_last(pass_, size, kernel_size, pads, dtype)
-        if kmin < (7 if native or (not half and pass_ != "forward") else 9):
-            return False
-    if effective_macs(size, kernel_size, pads) < _TINY_MACS[pass_]:
-        return False
-    if tensor_core_pass(pass_, size, dtype):  # fp16 / bf16 sweep: N 64, C 256-1024, maps 7-56
-        if pass_ == "forward":
-            return area >= 28 * 28 or (kmax >= 5 if area >= 14 * 14 else kmin >= 7)
-        if pass_ == "input_grad":
-            return area >= 14 * 14 or kmin >= 5
-        return max(h, w) <= 32 or kmin >= 5 or kmax >= 31 or (area >= 56 * 56 and kmin >= 3)
-    # CUDA-core kernels: fp32, fp16 / bf16 under 8 images, and half weight-grads on narrow maps.
-    if pass_ == "weight_grad":
-        if kmin <= 3:
-            return kmax >= 31 or (area >= 56 * 56 and not (kmin == 1 and kmax <= 7))
-        return True
-    if area >= 28 * 28:
-        return True
-    if area >= 14 * 14:
-        return kmin >= 5
-    return kmin >= (9 if pass_ == "forward" and not half else 7)
+_NO_EXTENSION = Plan("none", False, False, "lkpatch's CUDA extension is not available")
+_decisions: dict = {}
 
 
-# The channels_last kernels (blocks of channels x 16 images, transposed in shared memory) cost
-# more per tap than the NCHW ones -- they build each channel's banded fragments for 16 images,
-# not 32 -- while the layout copies they save cost the same per element. On an H100 (bf16, N 64,
-# GPU time per forward + backward) they won at 49 taps a pixel (7x7 maps, 13x13 kernel: 0.105 ms
-# vs 0.128 through NCHW) and lost at 196 (14x14 maps, 27x27: 198 us of kernels vs 166 us).
-_NATIVE_CL_TAPS = 100
+def plan(pass_: str, size: Sequence[int], kernel_size: Sequence[int], pads: Sequence[int], dtype: torch.dtype,
+         channels_last: bool = False) -> Plan:
+    """The extension's plan for one convolution pass ("forward", "input_grad", "weight_grad") on
+    the current GPU. ``size``: the input's (N, C, H, W); ``channels_last``: the pass's tensors'
+    layout. fp32 passes are planned as TF32 where :func:`tf32_pass` (read per call, as cuDNN does)."""
+    tf32 = dtype == torch.float32 and tf32_pass(dtype)
+    key = ("plan", pass_, tuple(size), tuple(kernel_size), tuple(pads), dtype, tf32, bool(channels_last))
+    found = _decisions.get(key)
+    if found is None:
+        found = _decisions[key] = _parse_plan(_query_plan(*key[1:]))
+    return found
 
 
-def native_channels_last(pass_: str, size: Sequence[int], kernel_size: Sequence[int], pads: Sequence[int],
-                         dtype: torch.dtype) -> bool:
-    """Whether the kernels take this pass's channels_last tensors as they are, without layout
-    copies. They can for every bias gradient, and for fp16 / bf16 passes on tensor cores
-    (:func:`tensor_core_pass`) whose input and output maps are at most 16 x 16 (``DwShape::nhwc``
-    in csrc/, which this mirrors); of those, they do where they were measured faster than the
-    NCHW kernels with layout copies: up to ``_NATIVE_CL_TAPS`` taps inside the image per output
-    pixel (RepLKNet's 7 x 7 stage, ConvNeXt's 14 x 14 and 7 x 7 ones; not RepLKNet's 14 x 14 with
-    27 x 27). "all": the forward, input-grad and weight-grad (they decide alike)."""
-    key = ("native_channels_last", pass_, tuple(size), tuple(kernel_size), tuple(pads), dtype)
-    decision = _decisions.get(key)
-    if decision is None:
-        decision = _decisions[key] = _native_channels_last(pass_, size, kernel_size, pads, dtype)
-    return decision
+def _parse_plan(text: str) -> Plan:
+    family, layout, bias, *why = text.split(" ", 3)
+    return Plan(family, layout == "nhwc", bias == "bias", why[0] if why else "")
 
 
-def _native_channels_last(pass_, size, kernel_size, pads, dtype) -> bool:
+@torch.compiler.assume_constant_result
+def _query_plan(pass_, size, kernel_size, pads, dtype, tf32, channels_last) -> str:
+    if not _extension_ready():
+        return "none - - " + _NO_EXTENSION.why
+    from . import _ops
+    return _ops.kernels().plan(pass_, list(size), list(kernel_size), list(pads), dtype, tf32, channels_last)
+
+
+def reads_channels_last(pass_: str, size, kernel_size, pads, dtype: torch.dtype) -> bool:
+    """Whether the kernels read this pass's channels_last tensors as they are (no layout copies):
+    the bias gradient always; a convolution pass where its plan can and the layer's route
+    (:func:`channels_last_route`) is "native". "all": the forward, input-grad and weight-grad all do."""
     if pass_ == "all":
-        return all(native_channels_last(p, size, kernel_size, pads, dtype) for p in PASSES[:3])
+        return all(reads_channels_last(p, size, kernel_size, pads, dtype) for p in CONV_PASSES)
     if pass_ == "bias_grad":
         return dtype in KERNEL_DTYPES
-    if not tensor_core_pass(pass_, size, dtype):
+    if not plan(pass_, size, kernel_size, pads, dtype, True).nhwc:
         return False
-    n, c, h, w = size
-    oh, ow = output_size((h, w), kernel_size, pads)
-    if _longest_side(size, kernel_size, pads) > 16:
+    return _impl == "kernel" or channels_last_route(size, kernel_size, pads, dtype) == "native"
+
+
+def weight_grad_sums_bias(size, kernel_size, pads, dtype: torch.dtype, channels_last: bool = False) -> bool:
+    """Whether the weight-gradient of this call, on lkpatch's kernel, also gives the bias gradient
+    (the kernels that walk every staged element of the output gradient anyway)."""
+    if not use_kernel("weight_grad", size, kernel_size, pads, dtype, channels_last):
         return False
-    if pass_ != "weight_grad" and (n + 15) // 16 > 65535:  # the forward's grid: 16-image slices
-        return False
-    return effective_macs(size, kernel_size, pads) <= _NATIVE_CL_TAPS * n * c * oh * ow
+    p = plan("weight_grad", size, kernel_size, pads, dtype, channels_last)
+    return p.takes_bias and (p.nhwc or not channels_last)
 
 
 def bias_grad_on_kernel(size: Sequence[int], dtype: torch.dtype, channels_last: bool = False,
@@ -310,86 +239,178 @@ def bias_grad_on_kernel(size: Sequence[int], dtype: torch.dtype, channels_last: 
     the convolution's kernel or padding; with them given (the eager path's C++ backward, where
     the weight-gradient runs on the kernels too), also wherever the weight-gradient's kernel gives
     it on the way (:func:`weight_grad_sums_bias`): then it costs no pass of its own."""
-    layer = None if kernel_size is None else (tuple(kernel_size), tuple(pads))
-    key = ("bias_grad_on_kernel", _impl, tuple(size), dtype, channels_last, layer,
-           dtype == torch.float32 and tf32_pass(dtype))
+    if kernel_size is not None and weight_grad_sums_bias(size, kernel_size, pads, dtype, channels_last):
+        return True
+    return use_kernel("bias_grad", size, (1, 1), (0, 0, 0, 0), dtype, channels_last)
+
+
+# ---- the speed rule -----------------------------------------------------------------------------
+def use_kernel(pass_: str, size: Sequence[int], kernel_size: Sequence[int], pads: Sequence[int],
+               dtype: torch.dtype, channels_last: bool = False) -> bool:
+    """Run ``pass_`` of this CUDA depthwise convolution on lkpatch's kernel (True) or PyTorch's?
+
+    ``pass_`` is one of PASSES, or "any": does the forward, input-grad or weight-grad run on
+    lkpatch's kernel? Or "all": do they all? ``channels_last``: the pass's activation comes in
+    (and goes out) channels_last. Each pass goes where the model (:func:`estimate_us`) puts it
+    faster, except channels_last layers whose kernels need NCHW copies: those are shared by the
+    passes, so the layer goes through NCHW as a whole or not at all (:func:`channels_last_route`).
+    """
+    if pass_ == "any":  # the bias gradient alone does not take a layer from PyTorch's convolution
+        return any(use_kernel(p, size, kernel_size, pads, dtype, channels_last) for p in CONV_PASSES)
+    if pass_ == "all":
+        return all(use_kernel(p, size, kernel_size, pads, dtype, channels_last) for p in CONV_PASSES)
+    if _impl == "pytorch":
+        return False
+    tf32 = dtype == torch.float32 and tf32_pass(dtype)
+    key = (_impl, pass_, tuple(size), tuple(kernel_size), tuple(pads), dtype, tf32, bool(channels_last))
     decision = _decisions.get(key)
     if decision is None:
-        decision = _decisions[key] = ((layer is not None
-                                       and weight_grad_sums_bias(size, kernel_size, pads, dtype, channels_last))
-                                      or use_kernel("bias_grad", size, (1, 1), (0, 0, 0, 0), dtype, channels_last))
+        decision = _decisions[key] = _decide(pass_, size, kernel_size, pads, dtype, channels_last)
     return decision
 
 
-def weight_grad_sums_bias(size: Sequence[int], kernel_size: Sequence[int], pads: Sequence[int],
-                          dtype: torch.dtype, channels_last: bool = False) -> bool:
-    """Whether the weight-gradient of this call, on lkpatch's kernel, also gives the bias
-    gradient: the tensor-core kernels that walk every staged element of the output gradient anyway
-    -- the small-map ones (fp16 / bf16 maps up to 32 x 32, TF32 up to 16 x 16; 8+ images; and
-    channels_last where the weight-gradient takes it natively) and TF32's banded one, in its
-    rounding pass (csrc: ``dwconv2d_weight_grad_takes_bias``, which this mirrors)."""
-    if not use_kernel("weight_grad", size, kernel_size, pads, dtype, channels_last):
+def _decide(pass_: str, size, kernel_size, pads, dtype, channels_last) -> bool:
+    if dtype not in KERNEL_DTYPES or not _extension_ready():
         return False
-    if channels_last:  # else the weight-gradient runs on NCHW copies, with no bias gradient
-        return native_channels_last("weight_grad", size, kernel_size, pads, dtype)
-    if dtype in (torch.float16, torch.bfloat16):
-        return tensor_core_pass("weight_grad", size, dtype) and _longest_side(size, kernel_size, pads) <= 32
-    return tf32_pass(dtype) and _tf32_weight_grad_fits(size, kernel_size, pads)
+    if pass_ == "bias_grad":
+        return _impl == "kernel" or _bias_kernel_faster(size, channels_last)
+    q = plan(pass_, size, kernel_size, pads, dtype, channels_last)
+    if q.family == "none":
+        return False
+    if _impl == "kernel":
+        return True
+    if channels_last:
+        route = channels_last_route(size, kernel_size, pads, dtype)
+        if route != "native":
+            return route == "copies"
+    return (estimate_us("lkpatch", pass_, size, kernel_size, pads, dtype, channels_last, q)
+            < estimate_us("pytorch", pass_, size, kernel_size, pads, dtype, channels_last))
 
 
-def _tf32_weight_grad_fits(size: Sequence[int], kernel_size: Sequence[int], pads: Sequence[int]) -> bool:
-    """Whether the TF32 weight-gradient runs on tensor cores (csrc: ``dwconv2d_tc_weight_grad_fits``
-    and the banded kernel's plan, which this mirrors): 8+ images; maps up to 16 x 16, or from
-    20 x 20 in area where an image's staged output-gradient plane and input rows fit in 100 KB
-    (about 100 x 100; less where the GPU gives a block less) and the kernel in 64 tiles of
-    32 x 32."""
+def channels_last_route(size, kernel_size, pads, dtype) -> str:
+    """How a channels_last layer runs: "native" (the kernels read channels_last, each pass where
+    it is faster, PyTorch's elsewhere), "copies" (every pass on the kernels through NCHW copies:
+    into NCHW for the input and the output gradient, back for the output and the input
+    gradient) or "pytorch": the fastest by the model, for the three passes together."""
+    tf32 = dtype == torch.float32 and tf32_pass(dtype)
+    key = ("route", tuple(size), tuple(kernel_size), tuple(pads), dtype, tf32)
+    route = _decisions.get(key)
+    if route is None:
+        route = _decisions[key] = _route(size, kernel_size, pads, dtype)
+    return route
+
+
+def _route(size, kernel_size, pads, dtype) -> str:
+    args = (size, kernel_size, pads, dtype)
+    pytorch = {p: estimate_us("pytorch", p, *args, True) for p in CONV_PASSES}
+    options = {"pytorch": sum(pytorch.values())}
+    cl_plans = {p: plan(p, *args, True) for p in CONV_PASSES}
+    if all(q.family != "none" for q in cl_plans.values()):
+        native = [min(estimate_us("lkpatch", p, *args, True, q), pytorch[p]) if q.nhwc else pytorch[p]
+                  for p, q in cl_plans.items()]
+        options["native"] = sum(native)
+    nchw_plans = {p: plan(p, *args, False) for p in CONV_PASSES}
+    if all(q.family != "none" for q in nchw_plans.values()):
+        options["copies"] = sum(estimate_us("lkpatch", p, *args, False, q) for p, q in nchw_plans.items()) + \
+            4 * _copy_us(size, kernel_size, pads, dtype)
+    return min(options, key=options.get)
+
+
+# The model behind the rule, in one place. GPU microseconds of one pass: a fixed cost per call,
+# the bytes it must move at a sustained bandwidth, and its arithmetic at a rate per path --
+# summed, since the kernels stage before they compute. Calibrated on an H100 (docs/kernels.md,
+# "The speed rule", has the sweep that set these numbers and how to rerun it).
+COST = {
+    # sustained bandwidth, bytes per microsecond (read + write)
+    "bandwidth": 2.6e6,
+    # lkpatch: tensor-core families run "band" multiply-adds (see _band_macs) at these rates
+    # (multiply-adds per microsecond); the CUDA-core kernels run the effective multiply-adds.
+    "tc_images": {"half": 1.5e8, "tf32": 0.7e8},
+    "tc_rows": {"half": 0.8e8, "tf32": 0.4e8},
+    "fma": 2.0e7,
+    "lkpatch_call_us": 8.0,
+    "copy_call_us": 4.0,
+    # PyTorch (cuDNN): effective multiply-adds per microsecond by layout, pass and kernel class:
+    # "small" for square kernels up to 7 x 7, which have fast kernels of their own.
+    "pytorch": {
+        "nchw": {"forward": {"small": 1.4e6, "other": 2.5e6}, "input_grad": {"small": 1.1e6, "other": 1.5e6},
+                 "weight_grad": {"small": 0.75e6, "other": 0.7e6}},
+        "channels_last": {"forward": {"small": 7.0e6, "other": 0.3e6}, "input_grad": {"small": 2.1e6, "other": 0.6e6},
+                          "weight_grad": {"small": 8.0e6, "other": 0.4e6}},
+    },
+    "pytorch_call_us": 6.0,
+    # Below this many effective multiply-adds a pass is bound by host time per call, which is
+    # lower for PyTorch's path.
+    "tiny_macs": 25e6,
+}
+
+
+def _band_macs(family: str, pass_: str, size, kernel_size, pads, dtype) -> float:
+    """Multiply-adds a tensor-core family issues: whole 16-row (or 16-image) by 8-column tiles,
+    each kernel row a band of k-steps (16 half / 8 TF32 input columns) per 8 output columns."""
     n, c, h, w = size
     kh, kw = kernel_size
-    if n < 8 or c > 65535:
-        return False
-    if _longest_side(size, kernel_size, pads) <= 16:
-        return True
+    if pass_ == "input_grad":  # the forward over the output gradient with the rotated kernel
+        oh, ow = h, w
+    else:
+        oh, ow = output_size((h, w), kernel_size, pads)
+    ks = 8 if dtype == torch.float32 else 16
+    steps = -(-(kw + 7) // ks)
+    if family == "tc_images":
+        m = -(-n // 16) * 16 * oh
+    else:
+        m = n * -(-oh // 16) * 16
+    return float(c) * m * (-(-ow // 8) * 8) * kh * ks * steps
+
+
+def estimate_us(path: str, pass_: str, size, kernel_size, pads, dtype, channels_last: bool,
+                the_plan: Optional[Plan] = None) -> float:
+    """The modelled GPU time of one convolution pass on ``path`` ("lkpatch" or "pytorch")."""
+    n, c, h, w = size
     oh, ow = output_size((h, w), kernel_size, pads)
-    if oh * ow < 400:
-        return False
-    jt, it = (1 if kw <= 16 else 2), (2 if kh <= 16 else 4)  # tiles of 16 jt kernel columns, 8 it rows
-    owp = -(-ow // 16) * 16
-    gpitch = owp + (4 if owp // 4 % 2 == 0 else 0)  # floats a staged output-gradient row
-    rows, xw = min(h, 8 * it - 1 + oh), owp + 16 * jt + 16  # staged input rows, floats each
-    tiles = -(-kw // (16 * jt)) * -(-kh // (8 * it))
-    return tiles <= 64 and ((oh + 1) * gpitch + rows * xw) * 4 <= min(100 * 1024, _block_smem_limit())
+    elem = torch.empty((), dtype=dtype).element_size()
+    moved = n * c * (h * w + oh * ow) * elem
+    macs = effective_macs(size, kernel_size, pads)
+    kh, kw = kernel_size
+    if path == "pytorch":
+        kind = "small" if kh == kw and kh <= 7 else "other"
+        rate = COST["pytorch"]["channels_last" if channels_last else "nchw"][pass_][kind]
+        return COST["pytorch_call_us"] + moved / COST["bandwidth"] + macs / rate
+    if macs < COST["tiny_macs"]:
+        return float("inf")  # host-bound: PyTorch's call costs less
+    family = the_plan.family
+    t = COST["lkpatch_call_us"] + moved / COST["bandwidth"]
+    if family == "fma":
+        t += macs / COST["fma"]
+    else:
+        kind = "tf32" if dtype == torch.float32 else "half"
+        t += _band_macs(family, pass_, size, kernel_size, pads, dtype) / COST[family][kind]
+    return t
 
 
-def _block_smem_limit() -> int:
-    """Bytes of shared memory a block may opt in to on the current GPU (csrc's
-    ``max_smem_optin``); unbounded where it cannot be read (no GPU, an older torch)."""
-    if not torch.cuda.is_available():
-        return 1 << 30
-    props = torch.cuda.get_device_properties(torch.cuda.current_device())
-    return getattr(props, "shared_memory_per_block_optin", 1 << 30)
+def _copy_us(size, kernel_size, pads, dtype) -> float:
+    """One layout copy of an activation-sized tensor (lkpatch's tiled NHWC <-> NCHW copy)."""
+    n, c, h, w = size
+    elem = torch.empty((), dtype=dtype).element_size()
+    return COST["copy_call_us"] + 2 * n * c * h * w * elem / COST["bandwidth"]
 
 
-def tensor_core_pass(pass_: str, size: Sequence[int], dtype: torch.dtype) -> bool:
-    """Whether the CUDA kernels run this fp16 / bf16 pass on tensor cores: 8 or more images, an
-    sm_80+ GPU; the weight-grad only on maps up to 32 x 32 or from 20 x 20 in area. The kernels
-    make this choice themselves (csrc/dwconv_tc*.cu); the speed rule mirrors it. ``size`` is the
-    input's (N, C, H, W). fp32 passes the kernels run in TF32 (:func:`tf32_pass`) are not
-    counted here: the speed rule judges them by the exact kernels', which the TF32 kernels beat
-    on the shapes timed (README), so it errs towards cuDNN for them."""
-    if dtype not in (torch.float16, torch.bfloat16) or size[0] < 8 or _tensor_cores_off():
-        return False
-    h, w = size[2], size[3]
-    return pass_ != "weight_grad" or max(h, w) <= 32 or h * w >= 400
+# PyTorch's sum over a channels_last output gradient took more GPU time than lkpatch's kernel at
+# every size measured; below about a million elements both are bound by host time. On NCHW maps
+# the two are close, and the kernel takes only large maps.
+def _bias_kernel_faster(size, channels_last: bool) -> bool:
+    n, c, h, w = size
+    if channels_last:
+        return n * c * h * w >= 1_000_000
+    return h * w >= 56 * 56 and n * c * h * w >= 16_000_000
 
 
+# ---- TF32 and the extension ---------------------------------------------------------------------
 def tf32_pass(dtype: torch.dtype) -> bool:
     """Whether fp32 passes may run on TF32 tensor cores: PyTorch allows TF32 convolutions
     (``torch.backends.cudnn.conv.fp32_precision == "tf32"`` from torch 2.9, else
     ``torch.backends.cudnn.allow_tf32``; both on by default) on an sm_80+ GPU. Read per call, as
-    cuDNN reads it. Then the forward and input-grad (8+ images; maps up to 16 x 16, or from
-    28 x 28 with 9+ taps a row) and the weight-grad (8+ images; maps up to 16 x 16, or from
-    20 x 20 in area) use TF32; the bias gradient and the rest stay exact fp32, where the
-    CUDA-core kernels were as fast."""
+    cuDNN reads it. The extension's plan then says which passes use TF32 (the others stay exact)."""
     return dtype == torch.float32 and _conv_tf32_allowed() and not _tensor_cores_off()
 
 

@@ -118,42 +118,6 @@ def test_same_padding_matches_pytorch():
                        F.conv2d(F.pad(x, (pl, pr, pt, pb)), w, groups=3))
 
 
-@pytest.mark.parametrize("pass_,size,k,expected", [
-    ("forward", (64, 384, 64, 64), (31, 31), True),    # large maps: always the kernel
-    ("forward", (64, 384, 56, 56), (3, 3), True),
-    ("forward", (32, 256, 7, 7), (13, 13), False),     # tiny problem: PyTorch's lower host time
-    ("forward", (64, 1024, 7, 7), (13, 13), True),
-    ("forward", (64, 1024, 7, 7), (7, 7), False),      # 7x7 maps: kernels from 9x9 (forward)
-    ("input_grad", (64, 1024, 7, 7), (7, 7), True),    # and from 7x7 (input-grad)
-    ("input_grad", (64, 1024, 7, 7), (5, 5), False),
-    ("forward", (8, 64, 14, 14), (5, 5), False),       # tiny
-    ("forward", (64, 512, 14, 14), (5, 5), True),      # 14x14 maps: from 5x5
-    ("forward", (64, 512, 14, 14), (1, 7), False),
-    ("forward", (64, 256, 28, 28), (3, 3), True),      # 28x28 maps and larger: every kernel
-    ("input_grad", (32, 256, 7, 7), (3, 3), False),
-    ("input_grad", (64, 512, 14, 14), (27, 27), True),
-    ("input_grad", (8, 64, 28, 28), (7, 7), False),    # tiny
-    ("weight_grad", (32, 256, 56, 56), (1, 7), False),  # thin kernels: PyTorch's weight-grad wins
-    ("weight_grad", (32, 256, 56, 56), (1, 11), True),
-    ("weight_grad", (32, 256, 28, 28), (3, 3), False),
-    ("weight_grad", (64, 256, 28, 28), (1, 31), True),
-    ("weight_grad", (64, 1024, 7, 7), (5, 5), True),
-    ("weight_grad", (8, 64, 28, 28), (7, 7), False),   # tiny
-    ("bias_grad", (64, 96, 56, 56), (1, 1), True),
-    ("bias_grad", (16, 128, 56, 56), (1, 1), False),   # too few elements
-    ("bias_grad", (64, 96, 28, 28), (1, 1), False),
-])
-def test_measured_rule(pass_, size, k, expected):
-    pads = ((k[0] - 1) // 2, k[0] // 2, (k[1] - 1) // 2, k[1] // 2)
-    assert dispatch._faster_than_native(pass_, size, k, pads) is expected
-
-
-def test_unsupported_reasons():
-    assert dispatch.kernel_unsupported_reason((1, 1, 8, 8), (3, 3), (1, 1, 1, 1), torch.float32) is None
-    assert "float64" in dispatch.kernel_unsupported_reason((1, 1, 8, 8), (3, 3), (1, 1, 1, 1), torch.float64)
-    assert "63" in dispatch.kernel_unsupported_reason((1, 1, 80, 80), (65, 3), (0, 0, 1, 1), torch.float32)
-
-
 def test_cpu_tensors_never_take_the_op():
     x, w = torch.randn(1, 4, 8, 8), torch.randn(4, 1, 3, 3)
     assert dispatch.op_padding(x, w, None, 1, 1, 1) is None
@@ -180,195 +144,84 @@ def test_env_policy_is_validated():
     assert res.returncode != 0 and "LKPATCH_IMPL" in res.stderr
 
 
-@pytest.mark.parametrize("pass_,k,dtype,expected", [
-    ("forward", (7, 7), torch.bfloat16, False),      # cuDNN's channels_last forward wins below 9x9
-    ("forward", (9, 9), torch.bfloat16, True),
-    ("forward", (7, 7), torch.float32, False),
-    ("weight_grad", (7, 7), torch.float16, False),    # and its half weight-grad
-    ("weight_grad", (9, 9), torch.bfloat16, True),
-    ("weight_grad", (7, 7), torch.float32, True),     # not its fp32 weight-grad from 7x7
-    ("weight_grad", (5, 5), torch.float32, False),
-    ("input_grad", (7, 7), torch.float32, True),      # nor its input-grad from 7x7
-    ("input_grad", (5, 5), torch.float32, False),
-    ("input_grad", (7, 7), torch.bfloat16, False),    # half precision: every pass below 9x9
-    ("input_grad", (9, 9), torch.bfloat16, True),
-    ("bias_grad", (1, 1), torch.float32, True),       # read channels_last as it is: 19 M elements
-])
-def test_measured_rule_channels_last(pass_, k, dtype, expected):
-    pads = ((k[0] - 1) // 2, k[0] // 2, (k[1] - 1) // 2, k[1] // 2)
-    assert dispatch._faster_than_native(pass_, (64, 96, 56, 56), k, pads, dtype, channels_last=True) is expected
+needs_extension = pytest.mark.skipif(build.find_cuda_home() is None or torch.version.cuda is None,
+                                     reason="needs nvcc and a CUDA build of torch")
+H100 = [132, 227 * 1024, 9]  # multiprocessors, shared memory a block may opt in to, compute capability
 
 
-@pytest.mark.parametrize("pass_,size,k,expected", [
-    ("forward", (32, 256, 7, 7), (13, 13), False),     # tiny problem
-    ("forward", (64, 1024, 7, 7), (7, 7), True),       # 7x7 maps: from 7x7 (forward), 5x5 (input-grad)
-    ("forward", (64, 1024, 7, 7), (5, 5), False),
-    ("input_grad", (64, 1024, 7, 7), (5, 5), True),
-    ("input_grad", (64, 1024, 7, 7), (3, 3), False),
-    ("forward", (16, 1024, 7, 7), (13, 13), True),
-    ("forward", (64, 512, 14, 14), (3, 3), False),     # tensor cores on 14x14 maps: from 5 taps wide
-    ("forward", (64, 512, 14, 14), (1, 7), True),
-    ("forward", (32, 256, 14, 14), (13, 13), True),
-    ("forward", (32, 256, 28, 28), (5, 5), True),
-    ("forward", (64, 256, 56, 56), (3, 3), True),
-    ("input_grad", (32, 256, 14, 14), (1, 7), False),  # tiny
-    ("input_grad", (64, 512, 14, 14), (3, 3), True),
-    ("weight_grad", (32, 256, 28, 28), (3, 3), True),
-    ("weight_grad", (64, 128, 56, 56), (3, 3), True),
-    ("weight_grad", (64, 128, 40, 40), (3, 3), False),
-    ("weight_grad", (32, 256, 28, 28), (5, 5), True),
-    ("weight_grad", (64, 512, 14, 14), (1, 7), True),   # maps up to 32x32: images as K, every kernel wins
-    ("weight_grad", (64, 256, 28, 28), (1, 7), True),
-    ("weight_grad", (64, 96, 56, 56), (1, 7), False),   # larger maps: thin kernels lose the weight-grad
-    ("weight_grad", (4, 256, 56, 56), (3, 3), True),   # 4 images: no tensor cores, the fp32 rule
-])
-def test_measured_rule_tensor_cores(monkeypatch, pass_, size, k, expected):
-    monkeypatch.setattr(dispatch, "_tensor_cores_off", lambda: False)  # as on an sm_80+ GPU
-    pads = ((k[0] - 1) // 2, k[0] // 2, (k[1] - 1) // 2, k[1] // 2)
-    assert dispatch._faster_than_native(pass_, size, k, pads, torch.bfloat16) is expected
+def described_plan(device=H100):
+    """dispatch's plan query answered by the extension for a described GPU (no GPU needed)."""
+    def query(pass_, size, kernel_size, pads, dtype, tf32, channels_last):
+        return build.extension_ops().plan(pass_, list(size), list(kernel_size), list(pads), dtype, tf32,
+                                          channels_last, device)
+    return query
 
 
-def test_tensor_core_passes(monkeypatch):
-    monkeypatch.setattr(dispatch, "_tensor_cores_off", lambda: False)
-    assert dispatch.tensor_core_pass("forward", (8, 4, 14, 14), torch.float16)
-    assert not dispatch.tensor_core_pass("forward", (7, 4, 14, 14), torch.float16)    # under 8 images
-    assert not dispatch.tensor_core_pass("forward", (64, 4, 14, 14), torch.float32)   # fp32: tf32_pass
-    assert dispatch.tensor_core_pass("weight_grad", (64, 4, 14, 14), torch.bfloat16)       # small maps
-    assert dispatch.tensor_core_pass("weight_grad", (64, 4, 18, 18), torch.bfloat16)       # up to 32x32
-    assert not dispatch.tensor_core_pass("weight_grad", (64, 4, 6, 40), torch.bfloat16)
-    assert dispatch.tensor_core_pass("forward", (64, 4, 7, 7), torch.bfloat16)            # small maps
-    assert dispatch.tensor_core_pass("forward", (64, 4, 3, 20), torch.bfloat16)           # and narrow ones
-    assert dispatch.tensor_core_pass("weight_grad", (64, 4, 28, 28), torch.bfloat16)
-    monkeypatch.setattr(dispatch, "_tensor_cores_off", lambda: True)
-    assert not dispatch.tensor_core_pass("forward", (64, 4, 56, 56), torch.bfloat16)
-
-
-def test_native_channels_last(monkeypatch):
-    """Which channels_last passes the kernels take without layout copies: fp16 / bf16 on tensor
-    cores (8+ images, sm_80+), input and output maps up to 16 x 16, up to 100 taps a pixel; every
-    bias gradient."""
-    monkeypatch.setattr(dispatch, "_tensor_cores_off", lambda: False)  # as on an sm_80+ GPU
-    monkeypatch.setattr(dispatch, "_decisions", {})
-    native = dispatch.native_channels_last
-    for pass_ in ("forward", "input_grad", "weight_grad", "all"):
-        assert native(pass_, (64, 1024, 7, 7), (13, 13), (6, 6, 6, 6), torch.bfloat16)  # 49 taps a pixel
-        assert native(pass_, (64, 384, 14, 14), (7, 7), (3, 3, 3, 3), torch.float16)
-        assert native(pass_, (8, 3, 16, 5), (9, 27), (4, 4, 11, 11), torch.float16)  # output 16 x 1
-        assert native(pass_, (64, 512, 14, 14), (3, 3), (2, 2, 1, 1), torch.bfloat16)  # output 16 x 14
-        assert not native(pass_, (64, 512, 14, 14), (27, 27), (13, 13, 13, 13), torch.bfloat16)  # 196 taps
-        assert not native(pass_, (7, 1024, 7, 7), (13, 13), (6, 6, 6, 6), torch.bfloat16)  # under 8 images
-        assert not native(pass_, (64, 1024, 7, 7), (13, 13), (6, 6, 6, 6), torch.float32)  # fp32
-        assert not native(pass_, (64, 512, 17, 14), (3, 3), (1, 1, 1, 1), torch.bfloat16)  # a side over 16
-        assert not native(pass_, (64, 512, 14, 14), (3, 3), (3, 2, 1, 1), torch.bfloat16)  # output 17 rows
-    # the forward's grid holds up to 65535 slices of 16 images; the weight-grad's has no such limit
-    assert native("forward", (16 * 65535, 8, 7, 7), (7, 7), (3, 3, 3, 3), torch.bfloat16)
-    for pass_ in ("forward", "input_grad", "all"):
-        assert not native(pass_, (16 * 65535 + 1, 8, 7, 7), (7, 7), (3, 3, 3, 3), torch.bfloat16)
-    assert native("weight_grad", (16 * 65535 + 1, 8, 7, 7), (7, 7), (3, 3, 3, 3), torch.bfloat16)
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        assert native("bias_grad", (64, 512, 56, 56), (1, 1), (0, 0, 0, 0), dtype)
-    monkeypatch.setattr(dispatch, "_tensor_cores_off", lambda: True)
-    monkeypatch.setattr(dispatch, "_decisions", {})
-    assert not native("forward", (64, 1024, 7, 7), (13, 13), (6, 6, 6, 6), torch.bfloat16)
-
-
-@pytest.mark.parametrize("pass_,size,k,expected", [
-    ("forward", (64, 384, 14, 14), (7, 7), True),       # ConvNeXt's 14 x 14 and 7 x 7 stages
-    ("input_grad", (64, 768, 7, 7), (7, 7), True),
-    ("weight_grad", (64, 768, 7, 7), (7, 7), True),
-    ("forward", (64, 1024, 7, 7), (13, 13), True),      # RepLKNet's 7 x 7 stage
-    ("forward", (64, 512, 14, 14), (5, 5), False),      # under 7 x 7: cuDNN
-    ("weight_grad", (64, 512, 14, 14), (3, 3), False),
-    ("forward", (64, 512, 14, 14), (27, 27), True),     # through NCHW (not native): the copies' rule
-    ("forward", (64, 256, 28, 28), (7, 7), False),
-    ("bias_grad", (64, 512, 14, 14), (1, 1), True),     # read as it is: from 1 M elements
-    ("bias_grad", (8, 256, 14, 14), (1, 1), False),
-])
-def test_measured_rule_native_channels_last(monkeypatch, pass_, size, k, expected):
-    monkeypatch.setattr(dispatch, "_tensor_cores_off", lambda: False)
-    monkeypatch.setattr(dispatch, "_decisions", {})
-    pads = ((k[0] - 1) // 2, k[0] // 2, (k[1] - 1) // 2, k[1] // 2)
-    assert dispatch._faster_than_native(pass_, size, k, pads, torch.bfloat16, channels_last=True) is expected
-
-
-def test_any_pass_decision(monkeypatch):
-    """op_padding asks whether any pass runs on the kernel: one cached decision over PASSES."""
-    monkeypatch.setattr(dispatch, "_extension_ready", lambda: True)
-    monkeypatch.setattr(dispatch, "_decisions", {})
-    pads = (15, 15, 15, 15)
-    assert dispatch.use_kernel("any", (64, 384, 64, 64), (31, 31), pads, torch.float32)
-    # channels_last half precision 3x3: every convolution pass stays with cuDNN; the bias gradient
-    # alone would take the kernel, but does not take the layer from PyTorch's convolution
-    small = (1, 1, 1, 1)
-    assert not any(dispatch.use_kernel(p, (64, 96, 56, 56), (3, 3), small, torch.bfloat16, True)
-                   for p in dispatch.PASSES[:3])
-    assert dispatch.use_kernel("bias_grad", (64, 96, 56, 56), (3, 3), small, torch.bfloat16, True)
-    assert not dispatch.use_kernel("any", (64, 96, 56, 56), (3, 3), small, torch.bfloat16, True)
-    with dispatch.force("kernel"):
-        assert dispatch.use_kernel("any", (64, 96, 56, 56), (3, 3), small, torch.bfloat16, True)
-    with dispatch.force("native"):
-        assert not dispatch.use_kernel("any", (64, 384, 64, 64), (31, 31), pads, torch.float32)
-
-
-def test_all_pass_decision(monkeypatch):
-    """The eager path's C++ autograd op takes a call only where the forward, input-grad and
-    weight-grad all run on the kernel (the bias gradient is decided on its own)."""
-    monkeypatch.setattr(dispatch, "_extension_ready", lambda: True)
-    monkeypatch.setattr(dispatch, "_decisions", {})
-    cases = [((64, 384, 64, 64), (31, 31), (15, 15, 15, 15), torch.bfloat16),  # every pass
-             ((64, 512, 7, 7), (5, 5), (2, 2, 2, 2), torch.bfloat16),  # forward stays with PyTorch
-             ((64, 96, 56, 56), (1, 3), (0, 0, 1, 1), torch.float32)]  # thin kernel: weight-grad does
-    for size, k, pads, dtype in cases:
-        passes = [dispatch.use_kernel(p, size, k, pads, dtype) for p in dispatch.PASSES[:3]]
-        assert dispatch.use_kernel("all", size, k, pads, dtype) == all(passes)
-    assert dispatch.use_kernel("all", *cases[0])
-    assert not dispatch.use_kernel("all", *cases[1]) and not dispatch.use_kernel("all", *cases[2])
-    with dispatch.force("kernel"):
-        assert dispatch.use_kernel("all", *cases[1])
-
-
-def test_bias_gradient_rides_on_the_small_map_weight_gradient(monkeypatch):
-    """A bias gradient that is a pass of its own stays with PyTorch on small NCHW maps; where the
-    eager C++ backward's weight-gradient runs a tensor-core kernel that sums the bias gradient on
-    the way (the small-map ones, channels_last ones the kernels take natively too; TF32's banded
-    one), it is lkpatch's. Not in channels_last through NCHW copies, fp32 without TF32, under 8
-    images, on half-type maps over 32, or where TF32 stays on CUDA cores (maps over 16 and under
-    20 x 20 in area, or too large to stage)."""
+@pytest.fixture
+def h100(monkeypatch):
+    """dispatch as on an H100: the extension's plans for it, its TF32 switch, fresh decisions."""
+    build.build(quiet=True)
+    monkeypatch.setattr(dispatch, "_query_plan", described_plan())
     monkeypatch.setattr(dispatch, "_extension_ready", lambda: True)
     monkeypatch.setattr(dispatch, "_tensor_cores_off", lambda: False)
     monkeypatch.setattr(dispatch, "_decisions", {})
-    on = dispatch.bias_grad_on_kernel
-    k, pads = (27, 27), (13, 13, 13, 13)
-    assert not on((64, 512, 14, 14), torch.bfloat16)  # a pass of its own
-    assert on((64, 512, 14, 14), torch.bfloat16, False, k, pads)
-    assert on((64, 256, 28, 28), torch.float16, False, (29, 29), (14, 14, 14, 14))
-    big = (64, 128, 56, 56)  # the banded weight-gradient kernel: the bias gradient's own rule
-    assert not dispatch.weight_grad_sums_bias(big, (31, 31), (15, 15, 15, 15), torch.bfloat16)
-    assert on(big, torch.bfloat16, False, (31, 31), (15, 15, 15, 15)) == on(big, torch.bfloat16)
-    assert not on((4, 512, 14, 14), torch.bfloat16, False, k, pads)  # CUDA cores
-    # channels_last through NCHW copies (196 taps a pixel): the bias gradient's own rule
-    assert not dispatch.weight_grad_sums_bias((64, 512, 14, 14), k, pads, torch.bfloat16, True)
-    assert on((64, 512, 14, 14), torch.bfloat16, True, k, pads) == on((64, 512, 14, 14), torch.bfloat16, True)
-    # ... and natively (49 taps a pixel): on the weight-gradient's kernel, in half types only
-    assert dispatch.weight_grad_sums_bias((64, 1024, 7, 7), (13, 13), (6, 6, 6, 6), torch.bfloat16, True)
-    assert on((64, 1024, 7, 7), torch.float16, True, (13, 13), (6, 6, 6, 6))
-    assert not dispatch.weight_grad_sums_bias((4, 1024, 7, 7), (13, 13), (6, 6, 6, 6), torch.bfloat16, True)
+
+
+@needs_extension
+def test_plan_families(h100):
+    """The extension's plan: the images family for 8+ images on NCHW (channels_last on maps up to
+    16, with the bias gradient from the weight-gradient), the rows family for every other
+    tensor-core call in either layout, exact fp32 on CUDA cores reading NCHW."""
+    plan, bf, f32 = dispatch.plan, torch.bfloat16, torch.float32
+    big, same31, same7 = (64, 384, 64, 64), (15,) * 4, (3,) * 4
+    assert plan("forward", big, (31, 31), same31, bf) == ("tc_images", False, False, "")
+    assert plan("weight_grad", (64, 1024, 7, 7), (13, 13), (6,) * 4, bf, True) == ("tc_images", True, True, "")
+    assert plan("weight_grad", (64, 1024, 7, 7), (13, 13), (6,) * 4, bf) == ("tc_images", False, True, "")
+    for pass_ in dispatch.CONV_PASSES:
+        assert plan(pass_, (4, 384, 64, 64), (31, 31), same31, bf) == ("tc_rows", False, False, "")
+        assert plan(pass_, big, (7, 7), same7, torch.float16, True) == ("tc_rows", True, False, "")
+        assert plan(pass_, (1, 8, 200, 304), (61, 5), (30, 30, 2, 2), bf, True).family == "tc_rows"
+        assert plan(pass_, big, (7, 7), same7, f32) == ("fma", False, False, "")
+        assert plan(pass_, big, (7, 7), same7, f32, True) == ("fma", False, False, "")  # through NCHW copies
     with dispatch.conv_tf32(True):
-        assert not dispatch.weight_grad_sums_bias((64, 1024, 7, 7), (13, 13), (6, 6, 6, 6), torch.float32, True)
-    with dispatch.conv_tf32(True):
-        assert on((64, 512, 14, 14), torch.float32, False, k, pads)
-        assert on((64, 256, 28, 28), torch.float32, False, (29, 29), (14, 14, 14, 14))  # banded, TF32
-        assert on(big, torch.float32, False, (31, 31), (15, 15, 15, 15))
-        assert not dispatch.weight_grad_sums_bias((64, 256, 18, 18), (7, 7), (3, 3, 3, 3), torch.float32)  # CUDA cores
-        assert not dispatch.weight_grad_sums_bias((8, 4, 256, 256), (31, 31), (15, 15, 15, 15), torch.float32)
-        assert dispatch.weight_grad_sums_bias((8, 4, 96, 96), (31, 31), (15, 15, 15, 15), torch.float32)
-        # staged in 102,384 bytes: within the 100 KB budget, not within a 99 KB GPU's block
-        for limit_kb, fits in ((227, True), (99, False)):
-            monkeypatch.setattr(dispatch, "_block_smem_limit", lambda: limit_kb * 1024)
-            assert dispatch._tf32_weight_grad_fits((16, 8, 98, 98), (13, 13), (6, 6, 6, 6)) == fits
-    with dispatch.conv_tf32(False):  # exact fp32: the CUDA-core kernels
-        assert not on((64, 512, 14, 14), torch.float32, False, k, pads)
+        assert plan("forward", (4, 384, 64, 64), (31, 31), same31, f32).family == "tc_rows"
+        assert plan("forward", (4, 384, 64, 64), (7, 7), same7, f32).family == "fma"  # exact is as fast
+        assert plan("forward", (4, 384, 64, 64), (7, 7), same7, f32, True) == ("tc_rows", True, False, "")
+        assert plan("weight_grad", (64, 8, 98, 98), (13, 13), (6,) * 4, f32) == ("tc_images", False, True, "")
+    none = plan("forward", big, (3, 64), (1, 1, 31, 32), bf)
+    assert none.family == "none" and "63" in none.why
 
+
+@needs_extension
+def test_plan_follows_the_gpu(monkeypatch):
+    """What the plan reads of the GPU: no tensor cores before sm_80; shared memory per block."""
+    build.build(quiet=True)
+    monkeypatch.setattr(dispatch, "_extension_ready", lambda: True)
+    monkeypatch.setattr(dispatch, "_tensor_cores_off", lambda: False)
+    for device, family in (([80, 96 * 1024, 7], "fma"), ([108, 163 * 1024, 8], "tc_rows")):
+        monkeypatch.setattr(dispatch, "_decisions", {})
+        monkeypatch.setattr(dispatch, "_query_plan", described_plan(device))
+        assert dispatch.plan("forward", (2, 64, 128, 128), (31, 31), (15,) * 4, torch.bfloat16).family == family
+    # the TF32 banded weight-gradient stages a whole 98 x 98 plane: 102,384 bytes, too much for a
+    # GPU that gives a block 99 KB, so that one runs the rows family
+    for kb, family in ((227, "tc_images"), (99, "tc_rows")):
+        monkeypatch.setattr(dispatch, "_decisions", {})
+        monkeypatch.setattr(dispatch, "_query_plan", described_plan([132, kb * 1024, 9]))
+        with dispatch.conv_tf32(True):
+            assert dispatch.plan("weight_grad", (16, 8, 98, 98), (13, 13), (6,) * 4, torch.float32).family == family
+
+
+@needs_extension
+def test_plan_query_without_a_gpu():
+    """On this machine's current device (none here, or a real one) the query answers, never raises."""
+    build.build(quiet=True)
+    text = build.extension_ops().plan("forward", [2, 8, 16, 16], [3, 3], [1, 1, 1, 1], torch.bfloat16, False, True)
+    family, layout, bias = text.split(" ")[:3]
+    assert family in ("none", "fma", "tc_images", "tc_rows") and layout in ("-", "nhwc", "nchw")
+    if not torch.cuda.is_available():
+        assert text == "none - - no CUDA device"
+    assert build.extension_ops().plan("forward", [2, 8, 16, 16], [3, 3], [1, 1, 1, 1], torch.float64, False,
+                                      False, H100) == "none - - no kernel for Double"
 
 def test_tf32_follows_pytorch(monkeypatch):
     """fp32 passes take TF32 exactly where PyTorch lets its convolutions do so."""

@@ -283,7 +283,7 @@ def test_channels_last_bias_gradient_from_the_weight_gradient(n, c, h, w, k, dty
     g = torch.randn(n, c, h, w, device="cuda", generator=gen).to(dtype).contiguous(memory_format=cl)
     ref = reference(x, wt, b, pads, g)
     with dispatch.force("kernel"):
-        assert dispatch.native_channels_last("all", x.shape, k, pads, dtype)
+        assert dispatch.reads_channels_last("all", x.shape, k, pads, dtype)
         assert dispatch.weight_grad_sums_bias(x.shape, k, pads, dtype, True)
         got, kernels = eager_step_kernels(x, wt, b, pads, g)
     if kernels is not None:
@@ -311,6 +311,127 @@ def test_channels_last_errors():
 
 
 TF32_TOL = {"output": 2e-3, "grad_input": 2e-3, "grad_weight": 2e-3}  # the bias gradient stays exact
+
+
+# ---- the rows family: M = 16 output rows of one image (any batch, NCHW or channels_last) --------
+def draw_rows_case(rng: random.Random, batch=None, layout=None, nchw_grads=0.0):
+    """A case for the rows family: 1-7 images (or ``batch``), maps up to 200 on a side, kernels of
+    every shape (thin, anisotropic, square, larger than the map), channels_last or NCHW, C a
+    multiple of the pixel vector or not; ``nchw_grads``: the share of channels_last cases whose
+    output gradient comes in NCHW (its input gradient then needs a layout copy)."""
+    case = draw_case(rng, batch or (1, 7))
+    if rng.random() < 0.25:  # larger maps (the float64 reference bounds C)
+        case.update(h=rng.randint(60, 200), w=rng.randint(60, 200))
+        p = list(case["pads"])
+        p[1] = max(p[1], case["kh"] - case["h"] - p[0])
+        p[3] = max(p[3], case["kw"] - case["w"] - p[2])
+        case["pads"] = tuple(p)
+        n, oh, ow = case["n"], case["h"] + p[0] + p[1] - case["kh"] + 1, case["w"] + p[2] + p[3] - case["kw"] + 1
+        while case["c"] > 1 and (n * case["c"] * oh * ow * case["kh"] * case["kw"] > 2e9
+                                 or n * case["c"] * max(case["h"] * case["w"], oh * ow) > 4e6):
+            case["c"] = max(1, case["c"] // 2)
+    layout = layout or rng.choice(["contiguous", "channels_last"])
+    case["layout"] = layout
+    case.pop("grad_layout", None)
+    if layout == "channels_last":
+        case["grad_layout"] = "contiguous" if rng.random() < nchw_grads else "channels_last"
+        if rng.random() < 0.5:
+            case["c"] = rng.choice([8, 16, 24, 32])
+    return case
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_random_sweep_rows(dtype, layout, monkeypatch):
+    """1-7 images in fp16 / bf16 run the rows family in both layouts: every pass against float64;
+    channels_last tensors are read as they are (no layout copy)."""
+    ext = CountingExtension(build.extension_ops())
+    monkeypatch.setattr(_ops, "_ext", ext)
+    assert_sweep(777 + (layout == "channels_last"), HALF_SWEEP_CASES, dtype,
+                 draw=lambda rng, batch: draw_rows_case(rng, layout=layout))
+    assert ext.calls["to_nchw"] == 0 and ext.calls["to_channels_last"] == 0, ext.calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_random_sweep_rows_channels_last_batches(dtype, monkeypatch):
+    """channels_last with 8-40 images on maps of every size (the images family takes maps up to
+    16 x 16, the rows family the rest): no layout copy in any pass."""
+    ext = CountingExtension(build.extension_ops())
+    monkeypatch.setattr(_ops, "_ext", ext)
+    assert_sweep(4242, HALF_SWEEP_CASES // 2, dtype, draw=lambda rng, batch: draw_rows_case(
+        rng, batch=(8, 40), layout="channels_last"))
+    assert ext.calls["to_nchw"] == 0 and ext.calls["to_channels_last"] == 0, ext.calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_random_sweep_rows_mixed_gradient_layouts(dtype):
+    """channels_last inputs whose output gradient comes in NCHW (or the other way): the results
+    in the input's format, against float64."""
+    assert_sweep(5151, HALF_SWEEP_CASES // 2, dtype,
+                 draw=lambda rng, batch: draw_rows_case(rng, layout="channels_last", nchw_grads=0.5))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_random_sweep_rows_tf32(layout):
+    """fp32 with TF32 on: 1-7 images on the rows family (NCHW where the kernel is 9+ wide on
+    28 x 28 maps and larger; channels_last always), exact CUDA-core kernels elsewhere."""
+    with tf32(True):
+        assert_sweep(9090 + (layout == "channels_last"), HALF_SWEEP_CASES // 2, torch.float32, tol=TF32_TOL,
+                     draw=lambda rng, batch: draw_rows_case(rng, layout=layout))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n,c,h,w,k,pads", [
+    (1, 128, 64, 64, (31, 31), (15, 15, 15, 15)),    # batch-1 inference, RepLKNet stage 1
+    (2, 16, 200, 304, (31, 31), (15, 15, 15, 15)),   # detection maps: several tiles both ways
+    (2, 24, 25, 38, (13, 13), (6, 6, 6, 6)),         # not a multiple of the tiles
+    (3, 40, 56, 56, (61, 5), (30, 30, 2, 2)),        # SLaK's decomposed kernels
+    (3, 40, 56, 56, (5, 61), (2, 2, 30, 30)),
+    (4, 48, 28, 28, (1, 11), (0, 0, 5, 5)),          # band kernels
+    (4, 48, 28, 28, (11, 1), (5, 5, 0, 0)),
+    (2, 8, 9, 70, (3, 63), (1, 1, 40, 7)),           # the widest kernel, asymmetric padding
+    (2, 8, 5, 5, (17, 17), (8, 8, 8, 8)),            # a map smaller than the kernel
+], ids=["batch1", "detection", "ragged", "61x5", "5x61", "1x11", "11x1", "63_wide", "tiny_map"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_rows_named_layers(n, c, h, w, k, pads, dtype, layout):
+    case = dict(n=n, c=c, h=h, w=w, kh=k[0], kw=k[1], pads=pads, bias=True, layout=layout)
+    if layout == "channels_last":
+        case["grad_layout"] = "channels_last"
+    with dispatch.force("kernel"):
+        for p in dispatch.CONV_PASSES:
+            q = dispatch.plan(p, (n, c, h, w), k, pads, dtype, layout == "channels_last")
+            assert q.family == "tc_rows" and q.nhwc == (layout == "channels_last"), (p, q)
+    check_case(case, seed=3, dtype=dtype)
+
+
+def test_plan_families():
+    """The extension's plan on this GPU: the images family for 8+ images on NCHW (and channels_last
+    maps up to 16), the rows family for every other tensor-core call, exact CUDA cores for fp32."""
+    plan = dispatch.plan
+    bf = torch.bfloat16
+    assert plan("forward", (64, 384, 64, 64), (31, 31), (15,) * 4, bf).family == "tc_images"
+    assert plan("weight_grad", (64, 1024, 7, 7), (13, 13), (6,) * 4, bf, True) == ("tc_images", True, True, "")
+    assert plan("forward", (4, 384, 64, 64), (31, 31), (15,) * 4, bf) == ("tc_rows", False, False, "")
+    assert plan("input_grad", (64, 384, 64, 64), (7, 7), (3,) * 4, bf, True) == ("tc_rows", True, False, "")
+    assert plan("weight_grad", (64, 384, 64, 64), (7, 7), (3,) * 4, bf, True) == ("tc_rows", True, False, "")
+    assert plan("forward", (4, 384, 64, 64), (31, 31), (15,) * 4, torch.float32) == ("fma", False, False, "")
+    with tf32(True):
+        assert plan("forward", (4, 384, 64, 64), (31, 31), (15,) * 4, torch.float32).family == "tc_rows"
+        assert plan("forward", (4, 384, 64, 64), (7, 7), (3,) * 4, torch.float32).family == "fma"
+        assert plan("forward", (4, 384, 64, 64), (7, 7), (3,) * 4, torch.float32, True).family == "tc_rows"
+    assert plan("forward", (4, 384, 64, 64), (71, 3), (35, 35, 1, 1), bf).family == "none"
+
+
+def test_rows_weight_grad_deterministic():
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(2, 32, 120, 120, device="cuda", generator=gen).bfloat16()
+    g = torch.randn(2, 32, 120, 120, device="cuda", generator=gen).bfloat16()
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        xf, gf = x.contiguous(memory_format=fmt), g.contiguous(memory_format=fmt)
+        with dispatch.force("kernel"):
+            a = torch.ops.lkpatch.dwconv2d_weight_grad(gf, xf, (31, 31), (15, 15, 15, 15))
+            b = torch.ops.lkpatch.dwconv2d_weight_grad(gf, xf, (31, 31), (15, 15, 15, 15))
+        assert torch.equal(a, b)
 
 
 def test_random_sweep_tf32():
