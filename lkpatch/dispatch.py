@@ -41,14 +41,14 @@ _ALIASES = {"native": "pytorch"}
 _IMPLS = ("auto", "kernel", "pytorch")
 
 
-def _impl_name(name: str) -> str:
+def _impl_name(name: str, what: str = "impl") -> str:
     name = _ALIASES.get(name, name)
     if name not in _IMPLS:
-        raise ValueError(f"LKPATCH_IMPL must be one of {', '.join(_IMPLS)} (or native), not {name!r}")
+        raise ValueError(f"{what} must be one of {', '.join(_IMPLS)} (or native), not {name!r}")
     return name
 
 
-_impl = _impl_name(os.environ.get("LKPATCH_IMPL", "auto").strip().lower() or "auto")
+_impl = _impl_name(os.environ.get("LKPATCH_IMPL", "auto").strip().lower() or "auto", "LKPATCH_IMPL")
 # Tests set this to send CPU tensors through the lkpatch ops (whose CPU kernels are PyTorch's),
 # so that the op machinery (autograd, fake tensors, compile) is exercised without a GPU.
 _route_cpu_through_op = False

@@ -314,7 +314,7 @@ def test_eager_cuda_function_with_opaque_kernels(monkeypatch, entry):
     NCHW as a whole (its layout copies as autograd nodes)."""
     from lkpatch import _ops
     apply = _ops.EagerDepthwiseConv2d.apply if entry == "EagerDepthwiseConv2d" else _ops.eager_dwconv2d
-    monkeypatch.setattr(_ops, "_kernels", lambda: _OpaqueKernels())
+    monkeypatch.setattr(_ops, "kernels", lambda: _OpaqueKernels())
     monkeypatch.setattr(_ops.dispatch, "use_kernel", lambda *args, **kwargs: True)
     pads = (2, 0, 1, 3)
     gen = torch.Generator().manual_seed(0)

@@ -1,0 +1,96 @@
+"""Fits the speed rule's rates (lkpatch.dispatch.COST) to a sweep from tools/sweep_passes.py and
+reports how the rule's decisions compare with the measured times.
+
+    python tools/fit_rule.py sweep.json [more.json ...]          # fitted rates, then the check
+
+The check: for every pass of every layer, the path the rule picks against the faster measured
+one; a pick more than 5% slower (and 5 us) is a miss, listed with both times.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+
+import torch
+
+from lkpatch import dispatch
+
+DT = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def load(paths):
+    rows = []
+    for p in paths:
+        rows += [r for r in json.load(open(p))["rows"] if "error" not in r]
+    return rows
+
+
+def parts(r, p):
+    n, c, h, w, kh, kw = r["shape"]
+    pads = tuple(r["pads"])
+    dtype = DT[r["dtype"]]
+    elem = torch.empty((), dtype=dtype).element_size()
+    oh, ow = dispatch.output_size((h, w), (kh, kw), pads)
+    moved = n * c * (h * w + oh * ow) * elem
+    return (n, c, h, w), (kh, kw), pads, dtype, moved
+
+
+def fit(rows):
+    C = dispatch.COST
+    groups = {}
+    for r in rows:
+        cl = r["layout"] == "channels_last"
+        for p in dispatch.CONV_PASSES:
+            size, k, pads, dtype, moved = parts(r, p)
+            macs = dispatch.effective_macs(size, k, pads)
+            pt = r.get(f"pytorch_{p}_ms")
+            if pt:
+                kind = "small" if k[0] == k[1] and k[0] <= 7 else "other"
+                left = pt * 1e3 - C["pytorch_call_us"] - moved / C["bandwidth"]
+                if left > 0.2 * pt * 1e3:
+                    groups.setdefault(("pytorch", "channels_last" if cl else "nchw", p, kind), []).append(macs / left)
+            lk = r.get(f"lkpatch_{p}_ms")
+            fam = r.get(f"plan_{p}", "")
+            if lk and fam and "/" not in fam and macs >= C["tiny_macs"]:
+                left = lk * 1e3 - C["lkpatch_call_us"] - moved / C["bandwidth"]
+                if left > 0.2 * lk * 1e3:
+                    if fam == "fma":
+                        groups.setdefault(("fma",), []).append(macs / left)
+                    else:
+                        kind = "tf32" if dtype == torch.float32 else "half"
+                        work = dispatch._band_macs(fam, p, size, k, pads, dtype)
+                        groups.setdefault((fam, kind), []).append(work / left)
+    for key, v in sorted(groups.items()):
+        print(f"{'/'.join(key):40s} n={len(v):3d} median {statistics.median(v):.3g}  "
+              f"q25 {statistics.quantiles(v, n=4)[0] if len(v) > 1 else v[0]:.3g}")
+
+
+def check(rows):
+    misses, total = [], 0
+    for r in rows:
+        cl = r["layout"] == "channels_last"
+        size, k, pads, dtype, _ = parts(r, "forward")
+        dispatch._decisions.clear()
+        with dispatch.conv_tf32(r.get("tf32", False)):
+            for p in dispatch.CONV_PASSES:
+                pt, lk = r.get(f"pytorch_{p}_ms"), r.get(f"lkpatch_{p}_ms")
+                if pt is None or lk is None:
+                    continue
+                total += 1
+                q = dispatch.Plan(r[f"plan_{p}"].split("/")[0], "/" not in r[f"plan_{p}"], False)
+                t_lk = dispatch.estimate_us("lkpatch", p, size, k, pads, dtype, cl and q.nhwc, q)
+                t_pt = dispatch.estimate_us("pytorch", p, size, k, pads, dtype, cl)
+                pick_lk = t_lk < t_pt
+                got, best = (lk if pick_lk else pt), min(lk, pt)
+                if got > 1.05 * best and got - best > 0.005:
+                    misses.append((r["shape"], r["dtype"], r["layout"], p, "lk" if pick_lk else "pt", pt, lk))
+    print(f"{len(misses)} misses of {total} passes")
+    for m in misses:
+        print("  ", m)
+
+
+if __name__ == "__main__":
+    rows = load(sys.argv[1:])
+    fit(rows)
+    check(rows)
