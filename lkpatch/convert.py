@@ -153,6 +153,10 @@ def convert_model(model: nn.Module, *, verbose: bool = False) -> nn.Module:
     Recursive and idempotent; keeps parameters (the same objects), buffers, hooks, train/eval
     mode, ``requires_grad``, devices and dtypes. Returns ``model`` (also when ``model`` is itself
     a convolution). ``verbose=True`` prints :func:`conversion_report`.
+
+    Convert before wrapping (DDP, FSDP, ``torch.compile``) and before capturing (``torch.jit``,
+    ``torch.export``): a wrapped or TorchScript model is refused with a TypeError saying so. A
+    converted model exports, traces and scripts to standard convolutions (``F.conv2d``).
     """
     _refuse_wrapped(model)
     for module in model.modules():

@@ -1,4 +1,5 @@
-"""Deploying a converted model: ONNX (both exporters), torch.export, TorchScript."""
+"""Deploying a converted model: ONNX (both exporters), torch.export, TorchScript, and loading the
+deploy checkpoints ``lkpatch convert --reparam`` writes."""
 import copy
 import io
 import os
@@ -185,6 +186,37 @@ def test_convert_model_on_an_exported_program_says_to_convert_first():
     ep = torch.export.export(_stack(), (torch.randn(1, 3, 8, 8),))
     with pytest.raises(TypeError, match="not ExportedProgram. Convert the nn.Module before torch.export"):
         lkpatch.convert_model(ep)
+
+
+# --- loading deploy checkpoints ------------------------------------------------------------------
+
+def test_load_checkpoint_takes_deploy_and_training_checkpoints(tmp_path):
+    fused = _stack()
+    lkpatch.reparameterize(fused)
+    x = torch.randn(2, 3, 16, 16)
+    expected = _stack()(x)
+    torch.save({"model": {f"module.{k}": v for k, v in fused.state_dict().items()}, "epoch": 3}, tmp_path / "d.pth")
+    model = _stack().train()
+    model[2].running_mean.zero_()  # its own statistics must not leak into the result
+    assert lkpatch.load_checkpoint(model, tmp_path / "d.pth") is model
+    assert not model.training and isinstance(model[2], nn.Identity) and model[1].bias is not None
+    assert torch.allclose(model(x), expected, atol=1e-5)
+    # a checkpoint of the training structure loads as it is, structure and mode untouched
+    model = _stack().train()
+    lkpatch.load_checkpoint(model, _stack().state_dict())
+    assert model.training and isinstance(model[2], nn.BatchNorm2d)
+    with pytest.raises(ValueError, match="fits neither the model nor its deploy structure"):
+        lkpatch.load_checkpoint(nn.Sequential(nn.Conv2d(3, 4, 1)), tmp_path / "d.pth")
+
+
+def test_load_checkpoint_of_replknet_deploy_keys(shared_data):
+    reference = torch.load(shared_data / "replknet_tiny_reference.pt", weights_only=True)
+    model = lkpatch.models.RepLKNet(**reference["config"])  # the training structure
+    lkpatch.convert_model(model)
+    lkpatch.load_checkpoint(model, reference["deploy_state_dict"])
+    with torch.no_grad():
+        out = model(reference["input"])
+    assert (out - reference["output_deploy"]).abs().max().item() <= 1e-4
 
 
 # --- on the GPU: lkpatch's kernels in eager mode, standard graphs when exported -------------------
