@@ -221,8 +221,17 @@ def test_load_checkpoint_of_replknet_deploy_keys(shared_data):
 
 # --- on the GPU: lkpatch's kernels in eager mode, standard graphs when exported -------------------
 
+@pytest.fixture
+def cuda_kernels():
+    """lkpatch's kernels wherever they apply, so the eager model really runs the extension's op."""
+    if not dispatch.kernels_ready():
+        pytest.skip("lkpatch's CUDA extension is not available here")
+    with dispatch.force("kernel"):
+        yield
+
+
 @pytest.mark.cuda
-def test_cuda_exports_of_a_converted_model():
+def test_cuda_exports_of_a_converted_model(cuda_kernels):
     onnx = pytest.importorskip("onnx")
     model, reference = _converted_stack()
     model, reference = model.cuda(), reference.cuda()
@@ -230,6 +239,9 @@ def test_cuda_exports_of_a_converted_model():
     with torch.no_grad():
         expected = reference(x)
         assert torch.allclose(model(x), expected, atol=1e-4)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            model(x)
+    assert any("lkpatch_ext" in e.name for e in prof.events()), "the eager model did not run lkpatch's op"
     ops = _graph_ops(torch.export.export(model, (x,)).run_decompositions().graph_module)
     assert "aten.convolution.default" in ops and not any("lkpatch" in op for op in ops)
     for dynamo in (False, True):
