@@ -57,10 +57,12 @@ def file_format(path: str) -> str:
     """'torch' or 'safetensors', from the file's first bytes (its name where they say neither)."""
     with open(path, "rb") as fh:
         head = fh.read(9)
-    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # torch.save's zip, or a legacy pickle
+    if head[:4] == b"PK\x03\x04":  # torch.save's zip
         return "torch"
     if len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= os.path.getsize(path) - 8:
-        return "safetensors"  # an 8-byte header length, then the JSON header
+        return "safetensors"  # an 8-byte header length (any first byte), then the JSON header
+    if head[:1] == b"\x80":  # a legacy torch.save pickle
+        return "torch"
     return "safetensors" if str(path).endswith(".safetensors") else "torch"
 
 
@@ -95,14 +97,16 @@ def _safe_globals() -> list:
 
 
 def _torch_load(path: Path, weights_only: bool) -> Any:
-    if not weights_only:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    scoped = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
-    if scoped is None:
-        torch.serialization.add_safe_globals(_safe_globals())
-        return torch.load(path, map_location="cpu", weights_only=True)
-    with scoped(_safe_globals()):
-        return torch.load(path, map_location="cpu", weights_only=True)
+    # an open file, not the name: torch.load reads any file named *.safetensors as safetensors
+    with open(path, "rb") as fh:
+        if not weights_only:
+            return torch.load(fh, map_location="cpu", weights_only=False)
+        scoped = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
+        if scoped is None:
+            torch.serialization.add_safe_globals(_safe_globals())
+            return torch.load(fh, map_location="cpu", weights_only=True)
+        with scoped(_safe_globals()):
+            return torch.load(fh, map_location="cpu", weights_only=True)
 
 
 def load(path: str, *, allow_pickled_code: bool = False) -> Any:
@@ -136,6 +140,8 @@ def load(path: str, *, allow_pickled_code: bool = False) -> Any:
                 f"weights_only=True) refuses it. Only if you trust the file, rerun with --unsafe-load-pickle-runs-code "
                 f"(this runs code from the file)") from e
         raise CheckpointError(f"cannot read '{path}': not a PyTorch checkpoint, or corrupted") from e
+    except OSError as e:
+        raise CheckpointError(f"cannot read the checkpoint: {describe_os_error(e, path)}") from e
     except Exception as e:  # noqa: BLE001 - torch.load fails on garbage in many ways (KeyError, EOFError, ...)
         raise CheckpointError(f"cannot read '{path}': not a PyTorch checkpoint, or truncated ({_first_line(e)})") from e
 

@@ -448,3 +448,16 @@ def test_relative_error_counts_nan_and_inf():
     assert cli.relative_error([t([nan, 4.0])], [t([nan, 4.5])]) == 0.125  # the same NaN; the rest compared
     assert cli.relative_error([t([inf, 4.0])], [t([-inf, 4.0])]) == inf
     assert cli.relative_error([t([1.0])], [t([1.0]), t([2.0])]) == inf
+
+
+def test_file_format_comes_from_the_bytes(tmp_path):
+    from safetensors.torch import save_file
+
+    header = b"{" + b" " * 127  # a header length of 0x80: the first byte a pickle also starts with
+    (tmp_path / "a.bin").write_bytes((128).to_bytes(8, "little") + header)
+    assert ckpt_io.file_format(str(tmp_path / "a.bin")) == "safetensors"
+    torch.save({"w": torch.ones(2)}, tmp_path / "legacy.safetensors", _use_new_zipfile_serialization=False)
+    assert ckpt_io.file_format(str(tmp_path / "legacy.safetensors")) == "torch"  # misnamed: the bytes decide
+    assert torch.equal(ckpt_io.load(str(tmp_path / "legacy.safetensors"))["w"], torch.ones(2))
+    save_file({"w": torch.ones(2)}, tmp_path / "st.pth")
+    assert ckpt_io.file_format(str(tmp_path / "st.pth")) == "safetensors"
