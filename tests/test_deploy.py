@@ -22,6 +22,15 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run faster on one intra-op thread than on two contending for a shared CPU."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 def _stack():
     """Every padding form a converted layer takes: TF 'SAME' with stride 2, symmetric, 'same', and
     a BatchNorm after a depthwise conv (what --reparam folds)."""
@@ -142,7 +151,7 @@ def test_exported_and_scripted_programs_load_and_run_without_lkpatch(op_raises, 
         "assert not any(m.startswith('lkpatch') for m in sys.modules), 'lkpatch was imported'\n"
         "print('ok')\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, PYTHONPATH=""), cwd=tmp_path)
+                          env=dict(os.environ, PYTHONPATH="", OMP_NUM_THREADS="1"), cwd=tmp_path)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
 
 
