@@ -5,8 +5,10 @@ import argparse
 import ast
 import contextlib
 import copy
+import dataclasses
 import os
 import platform
+import signal
 import sys
 import tempfile
 import time
@@ -65,24 +67,35 @@ def _parse_model_args(items: Sequence[str]) -> Dict[str, object]:
     return out
 
 
-def build_model(name: str, model_args: Dict[str, object]) -> nn.Module:
-    """A timm model (RepLKNet included) or ``torchvision:NAME``, with random weights."""
+def check_model_name(name: str) -> None:
+    """CLIError unless ``name`` is a timm model (RepLKNet included) or ``torchvision:NAME``; builds nothing."""
     from . import models  # noqa: F401 - registers RepLKNet with timm
 
+    if name.startswith("torchvision:"):
+        import torchvision
+
+        tv_name = name.split(":", 1)[1]
+        if tv_name not in torchvision.models.list_models():
+            raise CLIError(f"unknown torchvision model '{tv_name}' (see torchvision.models.list_models())")
+        return
+    import timm
+
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('.')[0][:12]}*")[:6]
+        hint = f"; similar names: {', '.join(close)}" if close else ""
+        raise CLIError(f"unknown model '{name}' (a timm name, or torchvision:NAME){hint}")
+
+
+def build_model(name: str, model_args: Dict[str, object]) -> nn.Module:
+    """A timm model (RepLKNet included) or ``torchvision:NAME``, with random weights."""
+    check_model_name(name)
     try:
         if name.startswith("torchvision:"):
             import torchvision
 
-            tv_name = name.split(":", 1)[1]
-            if tv_name not in torchvision.models.list_models():
-                raise CLIError(f"unknown torchvision model '{tv_name}' (see torchvision.models.list_models())")
-            return torchvision.models.get_model(tv_name, weights=None, **model_args)
+            return torchvision.models.get_model(name.split(":", 1)[1], weights=None, **model_args)
         import timm
 
-        if not timm.is_model(name):
-            close = timm.list_models(f"*{name.split('.')[0][:12]}*")[:6]
-            hint = f"; similar names: {', '.join(close)}" if close else ""
-            raise CLIError(f"unknown model '{name}' (a timm name, or torchvision:NAME){hint}")
         return timm.create_model(name, pretrained=False, **model_args)
     except TypeError as e:
         raise CLIError(f"cannot build '{name}' with {model_args}: {e}") from e
@@ -111,30 +124,28 @@ def _classifier_mismatch(model: nn.Module, sd: Dict[str, torch.Tensor]) -> Optio
 
 
 def load_strict(model: nn.Module, sd: Dict[str, torch.Tensor], what: str) -> None:
-    own = model.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    shapes = [f"{k} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in sd if k in own and sd[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        def listed(label, items):
-            return f"{len(items)} {label} ({', '.join(items[:3])}{', ...' if len(items) > 3 else ''})" if items else ""
-        parts = [p for p in (listed("missing", missing), listed("unexpected", unexpected),
-                             listed("with another shape", shapes)) if p]
-        raise CLIError(f"the checkpoint does not match {what}: " + "; ".join(parts)
-                       + ". Check --model (and --model-arg for non-default settings)")
+    problem = ckpt_io.mismatch(model.state_dict(), sd)
+    if problem:
+        raise CLIError(f"the checkpoint does not match {what}: {problem}. Check --model (and --model-arg for "
+                       f"non-default settings)")
     model.load_state_dict(sd, strict=True)
 
 
-def _make_model(name: str, model_args: Dict[str, object], sd: Dict[str, torch.Tensor]) -> nn.Module:
+def _make_model(name: str, model_args: Dict[str, object], entry: ckpt_io.StateDictEntry,
+                quiet: bool = False) -> nn.Module:
+    """``name`` built for ``entry``'s state_dict: RepLKNet's deploy structure for its deploy keys,
+    the checkpoint's class count, and a leading key component the model lacks moved to the prefix."""
     from .models import REPLKNET_CONFIGS
 
-    if name in REPLKNET_CONFIGS and any(".lkb_reparam." in k for k in sd):
+    if name in REPLKNET_CONFIGS and any(".lkb_reparam." in k for k in entry.state_dict):
         model_args = {"small_kernel_merged": True, **model_args}  # a deploy checkpoint
     model = build_model(name, model_args)
-    classes = _classifier_mismatch(model, sd)
+    if ckpt_io.fit_prefix(entry, model.state_dict()) and not quiet:
+        _say(f"the keys carry a prefix the model lacks: '{entry.prefix}' (kept in the output)")
+    classes = _classifier_mismatch(model, entry.state_dict)
     if classes is not None and "num_classes" not in model_args:
-        _say(f"the checkpoint's classifier has {classes} classes; building {name} with num_classes={classes}")
+        if not quiet:
+            _say(f"the checkpoint's classifier has {classes} classes; building {name} with num_classes={classes}")
         model = build_model(name, {**model_args, "num_classes": classes})
     return model
 
@@ -167,20 +178,39 @@ def _outputs(model: nn.Module, x: torch.Tensor) -> List[torch.Tensor]:
 
 
 def relative_error(ref: List[torch.Tensor], out: List[torch.Tensor]) -> float:
-    """max |out - ref| over every output, relative to max(1, max |ref|)."""
+    """max |out - ref| over every output, relative to max(1, max |ref|) of the finite values; inf
+    where the outputs differ in number, shape, or where (or which) values are not finite."""
+    if len(ref) != len(out) or any(r.shape != o.shape for r, o in zip(ref, out)):
+        return float("inf")
     err = 0.0
     for r, o in zip(ref, out):
-        scale = max(1.0, r.abs().max().item()) if r.numel() else 1.0
-        err = max(err, (o - r).abs().max().item() / scale if r.numel() else 0.0)
+        finite = torch.isfinite(r)
+        if not torch.equal(finite, torch.isfinite(o)):
+            return float("inf")
+        if not finite.all():  # NaN / inf at the same places: the same there, and compare the rest
+            if not torch.equal(r[~finite].nan_to_num(), o[~finite].nan_to_num()):
+                return float("inf")
+            r, o = r[finite], o[finite]
+        if r.numel():
+            err = max(err, (o - r).abs().max().item() / max(1.0, r.abs().max().item()))
     return err
 
 
-def _check(label: str, ref, out, device: str) -> float:
+def file_tolerance(sd: Dict[str, torch.Tensor], device: str) -> float:
+    """The check's tolerance for a model whose weights are ``sd``'s values: the device's, or twice
+    the machine epsilon of the least precise floating dtype stored (fp16 2e-3, bf16 1.6e-2), which
+    leaves room for the rounding of merged (re-parameterized) weights to that dtype."""
+    eps = [torch.finfo(v.dtype).eps for v in sd.values() if v.is_floating_point()]
+    return max([TOLERANCE[device]] + [2 * e for e in eps])
+
+
+def _check(label: str, ref, out, tolerance: float, path: str = "") -> float:
     err = relative_error(ref, out)
-    ok = err <= TOLERANCE[device]
-    _say(f"{label}: max relative error {err:.2e} ({'ok' if ok else 'FAILED'}, tolerance {TOLERANCE[device]:.0e})")
+    ok = err <= tolerance
+    where = f"; {path}" if path else ""
+    _say(f"{label}: max relative error {err:.2e} ({'ok' if ok else 'FAILED'}, tolerance {tolerance:.1e}){where}")
     if not ok:
-        raise CLIError(f"{label}: outputs differ by {err:.2e} (> {TOLERANCE[device]:.0e}); nothing written")
+        raise CLIError(f"{label}: outputs differ by {err:.2e} (> {tolerance:.1e}); nothing written")
     return err
 
 
@@ -192,78 +222,228 @@ def _device(name: str) -> str:
     return name
 
 
-def reparameterize(model: nn.Module) -> str:
-    """The deploy structure: RepLKNet's own structural re-parameterization, else BN folded into
-    the depthwise convolutions before it. Returns what was done."""
-    from .fuse import find_conv_bn_pairs, fuse_conv_bn
+class _KernelUse:
+    """Counts, during forwards, the converted layers whose forward ran lkpatch's CUDA kernel."""
 
-    if hasattr(model, "structural_reparam"):
-        model.structural_reparam()
-        return "structural re-parameterization (BN and small kernel merged into the large kernel)"
-    pairs = find_conv_bn_pairs(model)
-    fuse_conv_bn(model)
-    return f"{len(pairs)} BatchNorm(s) folded into the depthwise convolution before them"
+    def __init__(self, model: nn.Module):
+        from .modules import DepthwiseConv2d
+
+        self.layers = [m for m in model.modules() if isinstance(m, DepthwiseConv2d)]
+        self.kernel = self.calls = 0
+        self.device = "cpu"
+
+    def _hook(self, module, inputs):
+        from . import dispatch
+        from .modules import tf_same_padding
+
+        x = inputs[0] if inputs else None
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            return
+        self.calls += 1
+        self.device = x.device.type
+        try:  # the dispatch rule's own answer for this call's forward
+            padding = (tf_same_padding(x.shape[-2:], module.weight.shape[-2:], module.stride, module.dilation)
+                       if module.tf_same_padding else module.padding)
+            pads = dispatch.op_padding(x, module.weight, module.bias, module.stride, padding, module.dilation)
+            cl = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+            if x.is_cuda and pads is not None and dispatch.use_kernel("forward", x.shape, module.weight.shape[2:],
+                                                                      pads, x.dtype, cl):
+                self.kernel += 1
+        except Exception:  # noqa: BLE001 - a report only; the forward itself decides
+            pass
+
+    @contextlib.contextmanager
+    def watch(self):
+        handles = [m.register_forward_pre_hook(self._hook) for m in self.layers]
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+
+    def describe(self) -> str:
+        if not self.layers:
+            return "no converted layer"
+        if self.device != "cuda":
+            return "path: PyTorch's F.conv2d on the CPU (lkpatch's kernels need a CUDA GPU)"
+        if self.kernel == self.calls:
+            return f"path: lkpatch's CUDA kernels in all {self.calls} converted layers"
+        return (f"path: lkpatch's CUDA kernels in {self.kernel} of {self.calls} converted layers, PyTorch's "
+                f"convolution in the others (strides the kernels lack, shapes where PyTorch's is faster, or no "
+                f"extension: see lkpatch info)")
+
+
+def _checked_outputs(model: nn.Module, x: torch.Tensor):
+    """The model's outputs, and which path its converted layers ran."""
+    use = _KernelUse(model)
+    with use.watch():
+        out = _outputs(model, x)
+    return out, use.describe()
+
+
+def reparameterize(model: nn.Module) -> str:
+    """:func:`lkpatch.deploy.reparameterize` (kept here for callers of the command's module)."""
+    from .deploy import reparameterize as deploy_reparameterize
+
+    return deploy_reparameterize(model)
 
 
 # ------------------------------------------------------------------------------------ subcommands
 
-def _default_output(path: Path, reparam: bool) -> Path:
-    suffix = ".deploy.pth" if reparam else ".lkpatch.pth"
+def _default_output(path: Path, reparam: bool, fmt: str = "torch") -> Path:
+    ext = ".safetensors" if fmt == "safetensors" else ".pth"
+    suffix = (".deploy" if reparam else ".lkpatch") + ext
     return path.with_name(path.name.rsplit(".", 1)[0] + suffix if "." in path.name else path.name + suffix)
 
 
+def _output_format(requested: Optional[str], out_path: Path, in_fmt: str) -> str:
+    by_name = ckpt_io.format_for(str(out_path), default=None)
+    if requested and by_name and requested != by_name:
+        raise CLIError(f"--format {requested}, but '{out_path}' is named as a {by_name} file; rename it or drop --format")
+    return requested or by_name or in_fmt
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+@dataclasses.dataclass
+class _Checked:
+    """What the written file is compared with: the original checkpoint's model's outputs."""
+    key: Optional[str]
+    x: torch.Tensor
+    ref: List[torch.Tensor]
+
+
 def cmd_convert(args) -> int:
+    with ckpt_io.signals_raise():
+        return _convert(args)
+
+
+def _convert(args) -> int:
     from .convert import conversion_report, convert_model
 
+    # --- everything that can be checked before the (possibly long) work -----------------------
     src = Path(args.checkpoint)
-    out_path = Path(args.output) if args.output else _default_output(src, args.reparam)
-    if out_path.exists() and src.exists() and os.path.samefile(out_path, src):
-        raise CLIError("the output is the input checkpoint; lkpatch convert never modifies its input")
-    if out_path.exists() and not args.force:
-        raise CLIError(f"output '{out_path}' exists; pass --force to overwrite it")
-    model_args = _parse_model_args(args.model_arg)
-    device = _device(args.device)
-
-    with _step(f"loading '{src}'"):
-        obj = ckpt_io.load(str(src), allow_pickled_code=args.unsafe_load_pickle_runs_code)
-    if isinstance(obj, nn.Module):  # only reachable with the opt-in flag
-        _say(f"'{src}' holds a pickled {type(obj).__name__}; converting its state_dict")
-        obj = obj.state_dict()
-    entries = ckpt_io.state_dicts(obj)
+    if not src.exists():
+        raise CLIError(f"checkpoint '{src}' does not exist")
+    if not src.is_file():
+        raise CLIError(f"checkpoint '{src}' is not a file")
     if not args.model:
         raise CLIError("--model NAME is required (a timm name such as replknet_31b, or torchvision:NAME)")
+    model_args = _parse_model_args(args.model_arg)
+    check_model_name(args.model)
+    device = _device(args.device)
+    try:
+        in_fmt = ckpt_io.file_format(str(src))
+    except OSError as e:
+        raise CLIError(f"cannot read the checkpoint: {ckpt_io.describe_os_error(e, str(src))}") from e
+    writer = out_fmt = None
+    if args.output or args.reparam:
+        out_path = Path(args.output) if args.output else _default_output(src, args.reparam, in_fmt)
+        out_fmt = _output_format(args.format, out_path, in_fmt)
+        writer = ckpt_io.SafeWriter(str(out_path), overwrite=args.force, source=str(src))
+    elif args.format:
+        raise CLIError("--format sets the written file's format; nothing is written without -o OUT or --reparam")
 
+    # --- the original checkpoint's model, converted (and re-parameterized) ---------------------
+    with _step(f"loading '{src}'"):
+        obj = ckpt_io.load(str(src), allow_pickled_code=args.unsafe_load_pickle_runs_code)
+    entries = ckpt_io.state_dicts(obj)
+    for entry in entries:
+        if entry.from_module:
+            where = f" under '{entry.key}'" if entry.key else ""
+            _say(f"'{src}' holds a pickled model{where}; the output holds its state_dict (loads with weights_only=True)")
+    if out_fmt == "safetensors" and (len(entries) > 1 or entries[0].key is not None):
+        others = [str(k) for k in obj if k != entries[0].key] if isinstance(obj, dict) else []
+        _say(f"safetensors holds one state_dict of tensors: writing '{entries[0].key}'"
+             + (f"; not written: {', '.join(others)}" if others else ""))
+        entries = entries[:1]
+
+    checked: List[_Checked] = []
     for index, entry in enumerate(entries):
         where = f"'{entry.key}'" if entry.key else "the state_dict"
         prefix = f" ({entry.prefix!r} prefix)" if entry.prefix else ""
         with _step(f"building {args.model} for {where}{prefix}"):
-            model = _make_model(args.model, model_args, entry.state_dict)
+            model = _make_model(args.model, model_args, entry)
             load_strict(model, entry.state_dict, args.model)
             model.eval().to(device)
         size = _input_size(model, args.input_size)
         chans = int(model_args.get("in_chans", model_args.get("in_channels", 3)))
         x = torch.randn(args.batch, chans, size, size, generator=torch.Generator().manual_seed(0)).to(device)
-        with _step(f"reference forward ({args.batch}x{chans}x{size}x{size}, {device})"):
+        with _step(f"original model's forward ({args.batch}x{chans}x{size}x{size}, {device})"):
             ref = _outputs(model, x)
         convert_model(model)
         if index == 0:
             _say(conversion_report(model).table())
-        _check(f"converted {where}", ref, _outputs(model, x), device)
+        out, path = _checked_outputs(model, x)
+        _check(f"converted {where} vs original", ref, out, TOLERANCE[device], path)
         if args.reparam:
             with _step("re-parameterizing"):
                 done = reparameterize(model)
             _say(done)
-            _check(f"re-parameterized {where}", ref, _outputs(model, x), device)
+            out, path = _checked_outputs(model, x)
+            _check(f"re-parameterized {where} vs original", ref, out, TOLERANCE[device], path)
         new_sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         entry.state_dict = _keep_dtypes(entry.state_dict, new_sd)
+        checked.append(_Checked(entry.key, x, ref))
+        del model
 
+    if writer is None:
+        _say("the weights are unchanged by design: a converted model loads the original checkpoint as it is, so "
+             "nothing was written (-o OUT writes a copy; --reparam writes the deploy structure)")
+        return 0
+
+    # --- write, then check the written bytes before putting the file in place -----------------
     result = ckpt_io.replace_state_dicts(obj, entries)
-    with _step(f"writing '{out_path}'"):
-        ckpt_io.save_atomic(result, str(out_path), overwrite=args.force)
+    metadata = None
+    if out_fmt == "safetensors":
+        result = ckpt_io.restored(entries[0])
+        metadata = (ckpt_io.safetensors_metadata(str(src)) if in_fmt == "safetensors" else None) or {"format": "pt"}
+    with writer:
+        with _step(f"writing '{out_path}' ({out_fmt})"):
+            tmp = writer.write(result, out_fmt, metadata)
+        _check_written(tmp, args, model_args, checked, device)
+        writer.commit()
     if args.reparam and isinstance(result, dict) and "optimizer" in result:
         _say("note: the optimizer state refers to the training structure; it is kept as it was")
     _say(f"wrote {out_path}")
+    if args.reparam:
+        _say(f"load it with: lkpatch.load_checkpoint(model, '{out_path}')  (model built as for training; it is put "
+             f"in eval mode and the deploy structure first)")
     return 0
+
+
+def _check_written(tmp: str, args, model_args, checked: List[_Checked], device: str) -> None:
+    """A fresh model built from the written file (its stored dtypes, through lkpatch.load_checkpoint),
+    converted, against the original checkpoint's model on the same input."""
+    from .convert import convert_model
+    from .deploy import load_checkpoint
+
+    written = ckpt_io.state_dicts(ckpt_io.load(tmp, allow_pickled_code=args.unsafe_load_pickle_runs_code))
+    for item in checked:
+        entry = next((e for e in written if e.key == item.key), None) if len(written) > 1 else written[0]
+        where = f"'{item.key}'" if item.key else "the state_dict"
+        if entry is None:
+            raise CLIError(f"the written file lacks {where}; nothing written")
+        with _step(f"loading {where} from the written file into a fresh {args.model}"):
+            model = _make_model(args.model, model_args, entry, quiet=True)
+            try:
+                load_checkpoint(model, ckpt_io.restored(entry))
+            except ValueError as e:
+                raise CLIError(f"the written file does not load into a fresh {args.model}: {e}; nothing written") from e
+            convert_model(model.eval()).to(device)
+        out, path = _checked_outputs(model, item.x)
+        dtypes = sorted({str(v.dtype).replace("torch.", "") for v in entry.state_dict.values() if v.is_floating_point()})
+        _check(f"written file ({'/'.join(dtypes) or 'no float'} weights) vs original", item.ref, out,
+               file_tolerance(entry.state_dict, device), path)
+        del model
 
 
 def _keep_dtypes(old: Dict[str, torch.Tensor], new: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -290,7 +470,8 @@ def cmd_demo(args) -> int:
     with _step("[3/5] convert_model"):
         convert_model(model)
     _say(conversion_report(model).table())
-    _check("converted model vs native", ref, _outputs(model, x), device)
+    out, path = _checked_outputs(model, x)
+    _check("converted model vs native", ref, out, TOLERANCE[device], path)
     with tempfile.TemporaryDirectory(prefix="lkpatch-demo-") as tmp:
         path = os.path.join(tmp, f"{args.model}.pth")
         with _step(f"[4/5] saving the converted model's state_dict to {path} and loading it into a fresh model"):
@@ -298,7 +479,8 @@ def cmd_demo(args) -> int:
             loaded = ckpt_io.state_dicts(ckpt_io.load(path))[0].state_dict
             load_strict(reference_model, loaded, args.model)
             reference_model.to(device)
-        _check("reloaded checkpoint (unconverted model) vs converted", ref, _outputs(reference_model, x), device)
+        _check("reloaded checkpoint (unconverted model) vs converted", ref, _outputs(reference_model, x),
+               TOLERANCE[device])
     if device == "cuda":
         _say(f"[5/5] training steps (batch {args.batch}, {size} px, SGD), native vs converted:")
         _demo_timing(reference_model, model, args.batch, size)
@@ -392,19 +574,27 @@ def make_parser() -> argparse.ArgumentParser:
                      description="Fast depthwise convolution for large-kernel CNNs.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    p = sub.add_parser("convert", parents=[common], help="check and convert a checkpoint",
-                       description="Load CKPT into MODEL strictly, convert it, check that outputs match, write OUT.")
-    p.add_argument("checkpoint", metavar="CKPT", help="a state_dict, or a dict holding one (model, state_dict, model_ema)")
+    p = sub.add_parser("convert", parents=[common], help="check a checkpoint on the converted model; write the deploy structure",
+                       description="Load CKPT into MODEL strictly, convert it, check that outputs match. With --reparam "
+                                   "or -o, write OUT, read it back into a fresh model and check that too before "
+                                   "putting it in place.")
+    p.add_argument("checkpoint", metavar="CKPT",
+                   help="a PyTorch or safetensors file: a state_dict, or a dict holding one (model, state_dict, ...)")
     p.add_argument("--model", "-m", metavar="NAME", help="timm model name (replknet_31b, ...) or torchvision:NAME")
-    p.add_argument("-o", "--output", metavar="OUT", help="default: CKPT with .lkpatch.pth (.deploy.pth with --reparam)")
+    p.add_argument("-o", "--output", metavar="OUT",
+                   help="write OUT (default with --reparam: CKPT with .deploy.pth or .deploy.safetensors; without "
+                        "--reparam nothing is written unless OUT is given)")
+    p.add_argument("--format", choices=ckpt_io.FORMATS,
+                   help="OUT's format (default: from OUT's extension, else CKPT's format)")
     p.add_argument("--reparam", action="store_true",
                    help="write the deploy structure: RepLKNet's structural re-parameterization, else BN folded into "
                         "the depthwise conv before it")
-    p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    p.add_argument("--force", action="store_true", help="overwrite OUT if it exists (it keeps its file mode)")
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="model constructor argument (repeatable)")
-    p.add_argument("--input-size", type=int, help="image size of the check's random input (default: the model's)")
-    p.add_argument("--batch", type=int, default=2, help="batch of the check's random input (default 2)")
-    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu", help="where to run the check")
+    p.add_argument("--input-size", type=_positive_int, help="image size of the check's random input (default: the model's)")
+    p.add_argument("--batch", type=_positive_int, default=2, help="batch of the check's random input (default 2)")
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto",
+                   help="where the check runs (default auto: the GPU where there is one, so lkpatch's kernels run)")
     p.add_argument("--unsafe-load-pickle-runs-code", action="store_true",
                    help="allow a checkpoint holding pickled Python objects (a whole model): loading it RUNS CODE "
                         "FROM THE FILE; only for files you trust")
@@ -443,6 +633,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "demo" and args.batch is None:
             args.batch = 16 if _device(args.device) == "cuda" else 1
         return args.func(args)
+    except ckpt_io.Interrupted as e:
+        print(f"lkpatch: interrupted by {signal.Signals(e.signum).name}; nothing written", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("lkpatch: interrupted", file=sys.stderr)
         return 130

@@ -106,9 +106,31 @@ _WRAPPERS = (  # (module, class, what) -- classes that capture the modules they 
 )
 
 
+def _refuse_uncapturable(model, action: str) -> None:
+    """TorchScript and torch.export hold compiled code, not the Python modules conversion swaps:
+    converting them would silently change nothing."""
+    import torch
+
+    if not isinstance(model, nn.Module):
+        what = type(model).__name__
+        hint = (" Convert the nn.Module before torch.export: model = lkpatch.convert_model(model); "
+                "torch.export.export(model, args)") if what == "ExportedProgram" else ""
+        raise TypeError(f"lkpatch.{action}_model expects an nn.Module, not {what}.{hint}")
+    for name, module in model.named_modules():
+        if isinstance(module, torch.jit.ScriptModule):
+            where = f" (at '{name}')" if name else ""
+            raise TypeError(
+                f"lkpatch.{action}_model: the model is a TorchScript module{where} (torch.jit.script or "
+                f"torch.jit.trace), whose compiled code {action}_model cannot change. {action.capitalize()} before "
+                f"scripting or tracing: model = lkpatch.{action}_model(model); scripted = torch.jit.script(model)")
+
+
 def _refuse_wrapped(model: nn.Module, action: str = "convert") -> None:
-    """Conversion must happen before DDP/FSDP wrapping or torch.compile, which capture the modules."""
+    """Conversion must happen before DDP/FSDP wrapping or torch.compile, which capture the modules,
+    and before TorchScript or torch.export, which compile them."""
     import importlib
+
+    _refuse_uncapturable(model, action)
 
     wrappers = []
     for module_name, cls_name, what in _WRAPPERS:
@@ -131,9 +153,11 @@ def convert_model(model: nn.Module, *, verbose: bool = False) -> nn.Module:
     Recursive and idempotent; keeps parameters (the same objects), buffers, hooks, train/eval
     mode, ``requires_grad``, devices and dtypes. Returns ``model`` (also when ``model`` is itself
     a convolution). ``verbose=True`` prints :func:`conversion_report`.
+
+    Convert before wrapping (DDP, FSDP, ``torch.compile``) and before capturing (``torch.jit``,
+    ``torch.export``): a wrapped or TorchScript model is refused with a TypeError saying so. A
+    converted model exports, traces and scripts to standard convolutions (``F.conv2d``).
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"lkpatch.convert_model expects an nn.Module, not {type(model).__name__}")
     _refuse_wrapped(model)
     for module in model.modules():
         if eligibility.is_depthwise(module) and eligibility.conversion_blocker(module) is None:
@@ -145,8 +169,6 @@ def convert_model(model: nn.Module, *, verbose: bool = False) -> nn.Module:
 
 def revert_model(model: nn.Module) -> nn.Module:
     """Turn every :class:`DepthwiseConv2d` of ``model`` back into the class it came from, in place."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"lkpatch.revert_model expects an nn.Module, not {type(model).__name__}")
     _refuse_wrapped(model, "revert")
     for module in model.modules():
         if isinstance(module, DepthwiseConv2d):

@@ -5,6 +5,7 @@ from typing import Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from . import eligibility
 from . import functional
@@ -29,9 +30,11 @@ def _forward(input: torch.Tensor, weight: torch.Tensor, bias, stride, padding, d
     """``DepthwiseConv2d.forward``."""
     if tf_same:
         padding = tf_same_padding(input.shape[-2:], weight.shape[-2:], stride, dilation)
-    if not isinstance(input, torch.Tensor) or input.dim() not in (3, 4) or input.shape[-3] != groups:
+    if (functional.exporting() or not isinstance(input, torch.Tensor) or input.dim() not in (3, 4)
+            or input.shape[-3] != groups):
         # depthwise_conv2d takes groups from the input, so a wrong channel count could pass as
         # another valid convolution: the module's own groups make F.conv2d raise its error.
+        # Exported graphs get F.conv2d with the module's groups, which no traced shape decides.
         return functional.padded_conv2d(input, weight, bias, stride, padding, dilation, groups)
     return depthwise_conv2d(input, weight, bias, stride, padding, dilation)
 
@@ -83,8 +86,23 @@ class DepthwiseConv2d(nn.Conv2d):
         return self
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles this branch alone: nn.Conv2d's own forward
+            return self._scripted_forward(input)
         return _forward(input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
                         self.tf_same_padding)
+
+    def _scripted_forward(self, input: torch.Tensor) -> torch.Tensor:
+        """The forward ``torch.jit.script`` compiles: ``F.conv2d``, so a scripted model runs and
+        saves without lkpatch (the same numbers as the eager forward off the GPU kernels)."""
+        if self.tf_same_padding:
+            pads = [0, 0, 0, 0]  # left, right, top, bottom (F.pad's order), as tf_same_padding
+            for i in range(2):
+                x, k, s, d = input.shape[i - 2], self.kernel_size[i], self.stride[i], self.dilation[i]
+                total = max(((x + s - 1) // s - 1) * s + (k - 1) * d + 1 - x, 0)
+                pads[2 - 2 * i] = total // 2
+                pads[3 - 2 * i] = total - total // 2
+            return F.conv2d(F.pad(input, pads), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+        return self._conv_forward(input, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         s = super().extra_repr()

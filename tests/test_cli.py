@@ -101,7 +101,7 @@ def test_convert_keeps_the_wrapper_and_never_touches_the_input(capsys, tmp_path,
                 "model_ema": {k: v.half() if v.is_floating_point() else v for k, v in reference["state_dict"].items()}},
                src)
     before = digest(src)
-    code, out, err = run(capsys, "convert", src, *tiny_args(reference))
+    code, out, err = run(capsys, "convert", src, *tiny_args(reference), "-o", tmp_path / "train.lkpatch.pth")
     assert code == 0, err
     assert digest(src) == before
     assert "15 of 15 depthwise convolutions converted" in out
@@ -217,7 +217,7 @@ def test_pickled_module_converts_with_the_opt_in_flag(capsys, tmp_path):
     model = timm.create_model("convnext_atto")
     torch.save(model, tmp_path / "whole.pth")
     code, out, err = run(capsys, "convert", tmp_path / "whole.pth", "--model", "convnext_atto",
-                         "--unsafe-load-pickle-runs-code", "--input-size", "64")
+                         "--unsafe-load-pickle-runs-code", "--input-size", "64", "-o", tmp_path / "whole.lkpatch.pth")
     assert code == 0, err
     written = torch.load(tmp_path / "whole.lkpatch.pth", weights_only=True)
     assert written.keys() == model.state_dict().keys()

@@ -1,0 +1,71 @@
+"""The deploy structure of a model, and loading the checkpoints ``lkpatch convert`` writes.
+
+``lkpatch.load_checkpoint(model, path)`` loads either kind of file into a model built as for
+training: a checkpoint whose keys fit the model as it is loads as it is; one written with
+``--reparam`` (BatchNorms folded into the depthwise convolutions, or RepLKNet's merged kernels)
+first puts the model into that structure, with the same function the command used.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional, Union
+
+import torch.nn as nn
+
+from . import checkpoint as ckpt_io
+
+
+def reparameterize(model: nn.Module) -> str:
+    """The deploy structure, in place: RepLKNet's own structural re-parameterization, else every
+    BatchNorm that follows a depthwise convolution folded into it. The model must be in eval mode
+    (both use the BatchNorm running statistics). Returns what was done."""
+    from .fuse import find_conv_bn_pairs, fuse_conv_bn
+
+    if model.training:
+        raise ValueError("lkpatch.reparameterize: call model.eval() first; the deploy structure uses the "
+                         "BatchNorm running statistics")
+    if hasattr(model, "structural_reparam"):
+        model.structural_reparam()
+        return "structural re-parameterization (BN and small kernel merged into the large kernel)"
+    pairs = find_conv_bn_pairs(model)
+    fuse_conv_bn(model)
+    return f"{len(pairs)} BatchNorm(s) folded into the depthwise convolution before them"
+
+
+def load_checkpoint(model: nn.Module, checkpoint: Union[str, os.PathLike, Any], *, key: Optional[str] = None,
+                    allow_pickled_code: bool = False) -> nn.Module:
+    """Load a checkpoint into ``model`` strictly; for a ``lkpatch convert --reparam`` file, first
+    put ``model`` in eval mode and into the deploy structure (:func:`reparameterize`). Returns
+    ``model``.
+
+    ``checkpoint``: a path (PyTorch or safetensors file, read tensors-only unless
+    ``allow_pickled_code``) or a loaded object: a state_dict, or a dict holding one under
+    ``model``, ``state_dict``, ... (``key`` picks one; default the first found). ``module.`` and
+    ``_orig_mod.`` key prefixes are ignored. ``model`` may be converted or not.
+    """
+    obj = (ckpt_io.load(os.fspath(checkpoint), allow_pickled_code=allow_pickled_code)
+           if isinstance(checkpoint, (str, os.PathLike)) else checkpoint)
+    try:
+        entries = ckpt_io.state_dicts(obj)
+    except ckpt_io.CheckpointError as e:
+        raise ValueError(str(e)) from None
+    if key is None:
+        entry = entries[0]
+    else:
+        found = [e for e in entries if e.key == key]
+        if not found:
+            raise KeyError(f"no state_dict under {key!r}; the checkpoint has {[e.key for e in entries]}")
+        entry = found[0]
+    ckpt_io.fit_prefix(entry, model.state_dict())
+    if ckpt_io.mismatch(model.state_dict(), entry.state_dict) is None:
+        model.load_state_dict(entry.state_dict, strict=True)
+        return model
+    model.eval()
+    done = reparameterize(model)
+    ckpt_io.fit_prefix(entry, model.state_dict())
+    problem = ckpt_io.mismatch(model.state_dict(), entry.state_dict)
+    if problem:
+        raise ValueError(f"the checkpoint fits neither the model nor its deploy structure ({done}; the model is "
+                         f"now in eval mode and that structure): {problem}")
+    model.load_state_dict(entry.state_dict, strict=True)
+    return model
