@@ -383,13 +383,13 @@ class Trainer:
         return loss.detach()
 
 
-def compare_speed(model: nn.Module, args, d: Dist, lr: float, data: SyntheticData, img_size: int) -> None:
+def compare_speed(model: nn.Module, args, d: Dist, lr: float, mixup, data: SyntheticData, img_size: int) -> None:
     """Time training steps of the unconverted model and the converted one, with the same
     settings, on copies (the run itself starts from the untouched model). Warm-up steps are not
     timed; the two models' timed rounds alternate, so drift affects both alike."""
     x, y = data.batch("compare", 0)
-    trainers = {"PyTorch": Trainer(lkpatch.revert_model(copy.deepcopy(model)), args, d, lr),
-                "lkpatch": Trainer(copy.deepcopy(model), args, d, lr)}
+    trainers = {"PyTorch": Trainer(lkpatch.revert_model(copy.deepcopy(model)), args, d, lr, mixup),
+                "lkpatch": Trainer(copy.deepcopy(model), args, d, lr, mixup)}
     rounds = 2 if args.compare_steps >= 2 else 1
     per_round = [args.compare_steps // rounds + (1 if r < args.compare_steps % rounds else 0) for r in range(rounds)]
     seconds = {k: 0.0 for k in trainers}
@@ -453,7 +453,7 @@ def params_digest(model: nn.Module) -> str:
     h = hashlib.sha256()
     for name, p in model.named_parameters():
         h.update(name.encode())
-        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(p.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -589,14 +589,13 @@ def run(args, d: Dist) -> int:
             f"({global_batch} in all), lr {lr:.3g}, amp {args.amp}; {steps_per_epoch} steps an epoch, "
             f"{args.epochs} epochs" + (f", stopping at step {max_steps}" if max_steps < total_steps else ""))
 
-    if args.compare:
-        compare_speed(model, args, d, lr, data if isinstance(data, SyntheticData) else
-                      SyntheticData(args, num_classes, img_size, d), img_size)
-
     mixup = None
     if args.mixup > 0 or args.cutmix > 0:
         mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.smoothing,
                       num_classes=num_classes)
+    if args.compare:
+        compare_speed(model, args, d, lr, mixup, data if isinstance(data, SyntheticData) else
+                      SyntheticData(args, num_classes, img_size, d), img_size)
     trainer = Trainer(model, args, d, lr, mixup)
     scheduler, _ = create_scheduler_v2(trainer.optimizer, sched=args.sched, num_epochs=args.epochs,
                                        warmup_epochs=args.warmup_epochs, warmup_lr=args.warmup_lr,
@@ -731,5 +730,6 @@ if __name__ == "__main__":
     try:
         sys.exit(main())
     except ExampleError as e:
-        print(f"train.py: error: {e}", file=sys.stderr, flush=True)
+        where = f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        print(f"train.py: error{where}: {e}", file=sys.stderr, flush=True)
         sys.exit(1)

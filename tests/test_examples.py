@@ -26,9 +26,11 @@ EXAMPLES = REPO / "examples"
 # structural re-parameterization), through the timm name and --model-arg.
 TINY_REPLKNET = ["--model", "replknet_31b", "--model-arg", "layers=[1,1,1,1]", "channels=[8,16,16,16]",
                  "large_kernel_sizes=[7,7,5,3]", "small_kernel=3"]
-DDP_ARGS = ["--device", "cpu", "--synthetic", *TINY_REPLKNET, "--img-size", "32", "--batch-size", "4",
-            "--synthetic-images", "16", "--epochs", "4", "--warmup-epochs", "0", "--lr", "1e-3",
-            "--model-ema", "--val-batches", "1", "--log-interval", "1"]
+# Drop-path and mixup/cutmix draw from the torch and numpy random states that a resume restores;
+# 2 steps an epoch, so the runs cross epochs (validation, a new data order).
+DDP_ARGS = ["--device", "cpu", "--synthetic", *TINY_REPLKNET, "drop_path_rate=0.2", "--img-size", "32",
+            "--batch-size", "4", "--synthetic-images", "16", "--epochs", "4", "--warmup-epochs", "0", "--lr", "1e-3",
+            "--mixup", "0.8", "--cutmix", "1.0", "--model-ema", "--val-batches", "1", "--log-interval", "1"]
 LOSS = re.compile(r"^step (\d+) epoch \d+ loss ([0-9.]+)", re.M)
 SAME = re.compile(r"^ranks: parameters identical on all 2 processes \(sha256 ([0-9a-f]+)\)", re.M)
 
@@ -71,7 +73,7 @@ def _digest(named_params):
     h = hashlib.sha256()
     for name, p in named_params:
         h.update(name.encode())
-        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(p.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -104,7 +106,7 @@ def test_ddp_on_two_cpu_processes_keeps_ranks_identical(ddp_runs):
         assert ckpt[key], key
     import timm
     model = timm.create_model("replknet_31b", layers=[1, 1, 1, 1], channels=[8, 16, 16, 16],
-                              large_kernel_sizes=[7, 7, 5, 3], small_kernel=3, num_classes=1000)
+                              large_kernel_sizes=[7, 7, 5, 3], small_kernel=3, drop_path_rate=0.2, num_classes=1000)
     model.load_state_dict(ckpt["model"])
     assert _digest(model.named_parameters()).startswith(match.group(1))
     assert not list((ddp_runs["root"] / "a").glob(".*.tmp")), "a temporary checkpoint file was left behind"
