@@ -1,0 +1,173 @@
+"""Helpers the examples share: model arguments, model creation, checkpoints, timing.
+
+Not an example itself; ``train.py``, ``deploy.py`` and ``backbone.py`` import it (Python puts
+the script's folder on ``sys.path``, so ``python examples/train.py`` and ``torchrun`` find it).
+"""
+from __future__ import annotations
+
+import ast
+import contextlib
+import os
+import tempfile
+import time
+from typing import Callable, Dict, Iterable, List, Optional
+
+import torch
+import torch.nn as nn
+
+
+class ExampleError(Exception):
+    """A problem with the user's input, reported as one line (no traceback)."""
+
+
+def parse_model_args(items: Optional[Iterable[str]]) -> Dict[str, object]:
+    """``["layers=[1,1,1,1]", "drop_path_rate=0.1", "act=gelu"]`` -> keyword arguments (Python
+    literals where they parse, else strings)."""
+    out: Dict[str, object] = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise ExampleError(f"--model-arg expects KEY=VALUE (e.g. drop_path_rate=0.1), got '{item}'")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
+def create_model(name: str, **kwargs) -> nn.Module:
+    """``timm.create_model`` (RepLKNet registered by ``import lkpatch``), random weights, with
+    errors that name the fix."""
+    import timm
+
+    import lkpatch  # noqa: F401 - registers replknet_31b, replknet_31l, replknet_xl with timm
+
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('.')[0][:10]}*")[:6]
+        hint = f"; similar names: {', '.join(close)}" if close else ""
+        raise ExampleError(f"unknown model '{name}' (a timm model name){hint}")
+    try:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    except TypeError as e:
+        raise ExampleError(f"cannot build '{name}' with {kwargs}: {e}") from e
+
+
+def save_atomic(obj, path: str) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename over ``path``: a crash
+    mid-write leaves the previous file intact, never a truncated one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_checkpoint(path: str):
+    """A checkpoint read tensors-only (``weights_only=True``: no code from the file runs)."""
+    if not os.path.isfile(path):
+        raise ExampleError(f"checkpoint '{path}' does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch.load fails on bad files in many ways
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ExampleError(f"cannot read checkpoint '{path}': {first}") from e
+
+
+def strip_prefix(state_dict: Dict[str, torch.Tensor], prefix: str = "module.") -> Dict[str, torch.Tensor]:
+    """Keys without a DDP (``module.``) or torch.compile (``_orig_mod.``) prefix."""
+    for p in (prefix, "_orig_mod."):
+        if state_dict and all(k.startswith(p) for k in state_dict):
+            state_dict = {k[len(p):]: v for k, v in state_dict.items()}
+    return state_dict
+
+
+def load_strict(model: nn.Module, state_dict: Dict[str, torch.Tensor], what: str) -> None:
+    """``load_state_dict(strict=True)`` whose error lists what does not match, briefly."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}"
+              for k in state_dict if k in own and state_dict[k].shape != own[k].shape]
+    problems = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)):
+        if items:
+            problems.append(f"{len(items)} {label} ({', '.join(items[:3])}{', ...' if len(items) > 3 else ''})")
+    if problems:
+        raise ExampleError(f"the checkpoint does not match {what}: " + "; ".join(problems)
+                           + ". Check --model and --model-arg")
+    model.load_state_dict(state_dict, strict=True)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ExampleError("--device cuda: no CUDA GPU is visible here (use --device cpu)")
+    return torch.device(name)
+
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
+
+
+def autocast(device: torch.device, amp: str):
+    """``torch.autocast`` for ``--amp bf16|fp16``, a no-op for ``off``."""
+    dtype = AMP_DTYPES[amp]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def build_extension(device: torch.device, quiet: bool = False) -> bool:
+    """Build (or load from the cache) lkpatch's CUDA extension before anything is timed, so the
+    one-off compile is not counted. Concurrent processes (DDP ranks) wait on the build's file
+    lock and load what the first one built. False (with a warning) if it cannot be built: the
+    converted layers then run PyTorch's convolution."""
+    if device.type != "cuda":
+        return False
+    import lkpatch.build
+
+    try:
+        lkpatch.build.build(quiet=quiet)
+        return True
+    except Exception as e:  # noqa: BLE001 - any failure means PyTorch's kernels
+        print(f"warning: lkpatch's CUDA extension is unavailable, converted layers run PyTorch's "
+              f"convolution: {e}", flush=True)
+        return False
+
+
+def time_calls(fn: Callable[[], None], device: torch.device, warmup: int, reps: int) -> List[float]:
+    """Seconds per call of ``fn``: ``warmup`` untimed calls, then ``reps`` calls each timed alone
+    (a host wait before and after each, so every sample is one whole call)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+@contextlib.contextmanager
+def exact_fp32():
+    """fp32 matmuls and convolutions without TF32, for equivalence checks."""
+    from lkpatch import dispatch
+
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with dispatch.conv_tf32(False):  # torch's switch for convolutions (which lkpatch's kernels follow)
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
