@@ -537,14 +537,14 @@ def _path_for(dtype: torch.dtype, cuda: bool, built: bool, impl: str) -> str:
         return "PyTorch F.conv2d (no lkpatch kernel for this dtype)"
     if not cuda:
         return "PyTorch F.conv2d (no CUDA GPU)"
-    if impl == "native":
-        return "PyTorch F.conv2d (LKPATCH_IMPL=native)"
+    if impl == "pytorch":
+        return "PyTorch F.conv2d (LKPATCH_IMPL=pytorch)"
     where = "lkpatch kernel" + (" (forced)" if impl == "kernel" else " where faster, per pass (stride 1, dilation 1)")
     if dtype == torch.float32:
-        arith = ("TF32 tensor cores on small maps and on large maps and kernels (PyTorch allows TF32 convolutions), else exact fp32"
+        arith = ("TF32 tensor cores where the kernels' plan takes it (PyTorch allows TF32 convolutions), else exact fp32"
                  if dispatch.tf32_pass(dtype) else "exact fp32 (CUDA cores)")
-    elif dispatch.tensor_core_pass("forward", (8, 1, 9, 9), dtype):
-        arith = "tensor cores from 8 images, else CUDA cores; fp32 accumulation"
+    elif not dispatch._tensor_cores_off():
+        arith = "tensor cores (any batch, NCHW or channels_last), fp32 accumulation"
     else:
         arith = "CUDA cores, fp32 accumulation"
     return f"{where}, {arith}" + ("" if built else "; builds on first use")

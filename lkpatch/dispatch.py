@@ -214,14 +214,14 @@ def _query_plan(pass_, size, kernel_size, pads, dtype, tf32, channels_last) -> s
 def reads_channels_last(pass_: str, size, kernel_size, pads, dtype: torch.dtype) -> bool:
     """Whether the kernels read this pass's channels_last tensors as they are (no layout copies):
     the bias gradient always; a convolution pass where its plan can and the layer's route
-    (:func:`channels_last_route`) is "native". "all": the forward, input-grad and weight-grad all do."""
+    (:func:`channels_last_route`) is "direct". "all": the forward, input-grad and weight-grad all do."""
     if pass_ == "all":
         return all(reads_channels_last(p, size, kernel_size, pads, dtype) for p in CONV_PASSES)
     if pass_ == "bias_grad":
         return dtype in KERNEL_DTYPES
     if not plan(pass_, size, kernel_size, pads, dtype, True).nhwc:
         return False
-    return _impl == "kernel" or channels_last_route(size, kernel_size, pads, dtype) == "native"
+    return _impl == "kernel" or channels_last_route(size, kernel_size, pads, dtype) == "direct"
 
 
 def weight_grad_sums_bias(size, kernel_size, pads, dtype: torch.dtype, channels_last: bool = False) -> bool:
@@ -281,14 +281,14 @@ def _decide(pass_: str, size, kernel_size, pads, dtype, channels_last) -> bool:
         return True
     if channels_last:
         route = channels_last_route(size, kernel_size, pads, dtype)
-        if route != "native":
+        if route != "direct":
             return route == "copies"
     return (estimate_us("lkpatch", pass_, size, kernel_size, pads, dtype, channels_last, q)
             < estimate_us("pytorch", pass_, size, kernel_size, pads, dtype, channels_last))
 
 
 def channels_last_route(size, kernel_size, pads, dtype) -> str:
-    """How a channels_last layer runs: "native" (the kernels read channels_last, each pass where
+    """How a channels_last layer runs: "direct" (the kernels read channels_last, each pass where
     it is faster, PyTorch's elsewhere), "copies" (every pass on the kernels through NCHW copies:
     into NCHW for the input and the output gradient, back for the output and the input
     gradient) or "pytorch": the fastest by the model, for the three passes together."""
@@ -306,9 +306,9 @@ def _route(size, kernel_size, pads, dtype) -> str:
     options = {"pytorch": sum(pytorch.values())}
     cl_plans = {p: plan(p, *args, True) for p in CONV_PASSES}
     if all(q.family != "none" for q in cl_plans.values()):
-        native = [min(estimate_us("lkpatch", p, *args, True, q), pytorch[p]) if q.nhwc else pytorch[p]
+        direct = [min(estimate_us("lkpatch", p, *args, True, q), pytorch[p]) if q.nhwc else pytorch[p]
                   for p, q in cl_plans.items()]
-        options["native"] = sum(native)
+        options["direct"] = sum(direct)
     nchw_plans = {p: plan(p, *args, False) for p in CONV_PASSES}
     if all(q.family != "none" for q in nchw_plans.values()):
         options["copies"] = sum(estimate_us("lkpatch", p, *args, False, q) for p, q in nchw_plans.items()) + \
