@@ -223,6 +223,72 @@ def test_plan_query_without_a_gpu():
     assert build.extension_ops().plan("forward", [2, 8, 16, 16], [3, 3], [1, 1, 1, 1], torch.float64, False,
                                       False, H100) == "none - - no kernel for Double"
 
+@needs_extension
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_rule_takes_large_kernels(h100, dtype, channels_last):
+    """Large kernels on large maps: every pass on lkpatch's kernels, in every dtype and layout (the
+    kernels are 10-100x faster there); exact fp32 channels_last layers go through NCHW copies, half
+    types with few images read channels_last directly."""
+    for size, k in (((64, 384, 64, 64), (31, 31)), ((2, 128, 200, 304), (31, 31)), ((64, 128, 56, 56), (61, 5)),
+                    ((1, 128, 64, 64), (31, 31))):
+        pads = ((k[0] - 1) // 2, k[0] // 2, (k[1] - 1) // 2, k[1] // 2)
+        assert all(dispatch.use_kernel(p, size, k, pads, dtype, channels_last) for p in dispatch.CONV_PASSES), \
+            (size, k)
+        if channels_last:
+            route = dispatch.channels_last_route(size, k, pads, dtype)
+            assert route in ("direct", "copies")
+            if dtype == torch.float32:
+                assert route == "copies"
+            elif size[0] < 8:
+                assert route == "direct"
+
+
+@needs_extension
+def test_rule_leaves_tiny_problems_to_pytorch(h100):
+    """Below a few tens of millions of multiply-adds a pass is bound by host time per call."""
+    for size, k in (((8, 64, 14, 14), (5, 5)), ((2, 32, 28, 28), (7, 7)), ((1, 16, 7, 7), (3, 3))):
+        pads = ((k[0] - 1) // 2, k[0] // 2, (k[1] - 1) // 2, k[1] // 2)
+        for cl in (False, True):
+            assert not dispatch.use_kernel("any", size, k, pads, torch.bfloat16, cl), (size, k, cl)
+
+
+@needs_extension
+def test_rule_any_all_and_policies(h100):
+    """op_padding asks "any" pass, the eager C++ autograd op "all" of them; decisions are cached
+    per shape; LKPATCH_IMPL's policies override the rule."""
+    size, k, pads = (64, 96, 56, 56), (3, 3), (1, 1, 1, 1)
+    passes = [dispatch.use_kernel(p, size, k, pads, torch.bfloat16) for p in dispatch.CONV_PASSES]
+    assert dispatch.use_kernel("any", size, k, pads, torch.bfloat16) == any(passes)
+    assert dispatch.use_kernel("all", size, k, pads, torch.bfloat16) == all(passes)
+    with dispatch.force("kernel"):
+        assert dispatch.use_kernel("all", size, k, pads, torch.bfloat16, True)
+        assert dispatch.reads_channels_last("all", size, k, pads, torch.bfloat16)  # the rows family
+    with dispatch.force("pytorch"):
+        assert not dispatch.use_kernel("any", (64, 384, 64, 64), (31, 31), (15,) * 4, torch.bfloat16)
+    with dispatch.force("native"):  # the older name
+        assert dispatch.implementation() == "pytorch"
+    assert not dispatch.use_kernel("forward", size, k, pads, torch.float64)
+
+
+@needs_extension
+def test_bias_gradient_from_the_weight_gradient_follows_the_plan(h100):
+    """Where the weight-gradient's kernel (by the plan) also gives the bias gradient -- the
+    images family's small-map ones, NCHW and channels_last, TF32's banded one -- no bias pass of
+    its own runs; elsewhere the bias gradient's own rule decides."""
+    k, pads = (27, 27), (13,) * 4
+    on = dispatch.bias_grad_on_kernel
+    assert not on((64, 512, 14, 14), torch.bfloat16)  # a pass of its own: too small a map
+    assert on((64, 512, 14, 14), torch.bfloat16, False, k, pads)
+    assert on((64, 1024, 7, 7), torch.float16, True, (13, 13), (6,) * 4)
+    assert not dispatch.weight_grad_sums_bias((4, 512, 14, 14), k, pads, torch.bfloat16)  # rows family
+    assert not dispatch.weight_grad_sums_bias((64, 384, 64, 64), (7, 7), (3,) * 4, torch.bfloat16, True)
+    with dispatch.conv_tf32(True):
+        assert dispatch.weight_grad_sums_bias((64, 256, 28, 28), (29, 29), (14,) * 4, torch.float32)
+    with dispatch.conv_tf32(False):
+        assert not dispatch.weight_grad_sums_bias((64, 256, 28, 28), (29, 29), (14,) * 4, torch.float32)
+
+
 def test_tf32_follows_pytorch(monkeypatch):
     """fp32 passes take TF32 exactly where PyTorch lets its convolutions do so."""
     from conftest import tf32
