@@ -148,17 +148,20 @@ __global__ void __launch_bounds__(32 * kWarps, 2) dw_rows_forward(const FwdParam
     copy_async_commit();
     copy_async_wait_group<0>();
   }
-  // The B table of every staged channel (the input-gradient reads the kernel rotated).
+  // The B table of every staged channel (the input-gradient reads the kernel rotated): a warp
+  // per (channel, kernel row), its lanes along the row.
   uint32_t* Bt = reinterpret_cast<uint32_t*>(smem_raw + p.xbytes);
-  for (int e = threadIdx.x; e < p.CG * s.KH * p.band; e += blockDim.x) {
-    const int row = e / p.band, ch = row / s.KH, i = row - ch * s.KH, u = e - row * p.band - kBandPad;
-    const T* wc = p.w + (int64_t)(c0 + ch) * s.KH * s.KW;
-    auto tap = [&](int kw) -> T {
-      if (ch >= nch || (unsigned)kw >= (unsigned)s.KW) return zero;
-      return __ldg(p.flip ? wc + (s.KH - 1 - i) * s.KW + (s.KW - 1 - kw) : wc + i * s.KW + kw);
-    };
-    if constexpr (kTF32) Bt[e] = to_tf32(tap(u));
-    else Bt[e] = pack2(tap(u), tap(u + 1));
+  for (int row = warp; row < p.CG * s.KH; row += kWarps) {
+    const int ch = row / s.KH, i = row - ch * s.KH;
+    const T* wrow = p.w + (int64_t)(c0 + ch) * s.KH * s.KW +
+                    (p.flip ? (int64_t)(s.KH - 1 - i) * s.KW + s.KW - 1 : (int64_t)i * s.KW);
+    const int step = p.flip ? -1 : 1, kw_end = ch < nch ? s.KW : 0;
+    auto tap = [&](int kw) -> T { return (unsigned)kw < (unsigned)kw_end ? __ldg(wrow + step * kw) : zero; };
+    for (int e = lane; e < p.band; e += 32) {
+      const int u = e - kBandPad;
+      if constexpr (kTF32) Bt[row * p.band + e] = to_tf32(tap(u));
+      else Bt[row * p.band + e] = pack2(tap(u), tap(u + 1));
+    }
   }
   __syncthreads();
 

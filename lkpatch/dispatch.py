@@ -323,44 +323,52 @@ def _route(size, kernel_size, pads, dtype) -> str:
 COST = {
     # sustained bandwidth, bytes per microsecond (read + write)
     "bandwidth": 2.6e6,
-    # lkpatch: tensor-core families run "band" multiply-adds (see _band_macs) at these rates
-    # (multiply-adds per microsecond); the CUDA-core kernels run the effective multiply-adds.
-    "tc_images": {"half": 1.5e8, "tf32": 0.7e8},
-    "tc_rows": {"half": 0.8e8, "tf32": 0.4e8},
-    "fma": 2.0e7,
+    # lkpatch: tensor-core families issue the multiply-adds of _band_macs at these rates (per
+    # microsecond); the CUDA-core kernels ("fma") run the effective multiply-adds.
+    "tc_images": {"half": 6.6e7, "half_wgrad": 8.1e7, "tf32": 2.4e7, "tf32_wgrad": 6.2e7},
+    "tc_rows": {"half": 2.6e7, "half_wgrad": 3.5e7, "tf32": 1.5e7, "tf32_wgrad": 2.3e7},
+    "fma": 4.7e6,
     "lkpatch_call_us": 8.0,
     "copy_call_us": 4.0,
-    # PyTorch (cuDNN): effective multiply-adds per microsecond by layout, pass and kernel class:
-    # "small" for square kernels up to 7 x 7, which have fast kernels of their own.
+    # PyTorch (cuDNN): effective multiply-adds per microsecond by layout, pass and kernel: "small"
+    # for square kernels up to 7 x 7, which have fast kernels of their own; "_fp32" for fp32.
     "pytorch": {
-        "nchw": {"forward": {"small": 1.4e6, "other": 2.5e6}, "input_grad": {"small": 1.1e6, "other": 1.5e6},
-                 "weight_grad": {"small": 0.75e6, "other": 0.7e6}},
-        "channels_last": {"forward": {"small": 7.0e6, "other": 0.3e6}, "input_grad": {"small": 2.1e6, "other": 0.6e6},
-                          "weight_grad": {"small": 8.0e6, "other": 0.4e6}},
+        "nchw": {
+            "forward": {"small": 1.4e6, "other": 1.1e6, "small_fp32": 0.85e6, "other_fp32": 1.3e6},
+            "input_grad": {"small": 1.1e6, "other": 0.68e6, "small_fp32": 0.65e6, "other_fp32": 0.98e6},
+            "weight_grad": {"small": 0.7e6, "other": 0.51e6, "small_fp32": 0.42e6, "other_fp32": 0.62e6}},
+        "channels_last": {
+            "forward": {"small": 5.4e6, "other": 0.22e6, "small_fp32": 3.1e6, "other_fp32": 0.22e6},
+            "input_grad": {"small": 2.2e6, "other": 0.48e6, "small_fp32": 1.7e6, "other_fp32": 0.52e6},
+            "weight_grad": {"small": 6.2e6, "other": 0.17e6, "small_fp32": 0.85e6, "other_fp32": 0.12e6}},
     },
     "pytorch_call_us": 6.0,
     # Below this many effective multiply-adds a pass is bound by host time per call, which is
     # lower for PyTorch's path.
-    "tiny_macs": 25e6,
+    "tiny_macs": 5e6,
 }
 
 
 def _band_macs(family: str, pass_: str, size, kernel_size, pads, dtype) -> float:
-    """Multiply-adds a tensor-core family issues: whole 16-row (or 16-image) by 8-column tiles,
-    each kernel row a band of k-steps (16 half / 8 TF32 input columns) per 8 output columns."""
+    """Multiply-adds a tensor-core family issues. Forward and input-gradient: whole 16-row (or
+    16-image) by 8-column tiles, each kernel row that reaches the image a band of k-steps (16 half
+    / 8 TF32 input columns) per 8 output columns. Weight-gradient: every output pixel against a
+    tile of 16-column by 16-row blocks of taps."""
     n, c, h, w = size
     kh, kw = kernel_size
     if pass_ == "input_grad":  # the forward over the output gradient with the rotated kernel
-        oh, ow = h, w
+        oh, ow, ih = h, w, output_size((h, w), kernel_size, pads)[0]
     else:
-        oh, ow = output_size((h, w), kernel_size, pads)
+        (oh, ow), ih = output_size((h, w), kernel_size, pads), h
+    if pass_ == "weight_grad":
+        return float(n) * c * oh * (-(-ow // 16) * 16) * (-(-kw // 16) * 16) * (-(-kh // 16) * 16)
     ks = 8 if dtype == torch.float32 else 16
     steps = -(-(kw + 7) // ks)
     if family == "tc_images":
-        m = -(-n // 16) * 16 * oh
+        m, rows = -(-n // 16) * 16 * oh, min(kh, ih + oh - 1)
     else:
-        m = n * -(-oh // 16) * 16
-    return float(c) * m * (-(-ow // 8) * 8) * kh * ks * steps
+        m, rows = n * -(-oh // 16) * 16, min(kh, ih + 15)
+    return float(c) * m * (-(-ow // 8) * 8) * rows * ks * steps
 
 
 def estimate_us(path: str, pass_: str, size, kernel_size, pads, dtype, channels_last: bool,
@@ -373,7 +381,7 @@ def estimate_us(path: str, pass_: str, size, kernel_size, pads, dtype, channels_
     macs = effective_macs(size, kernel_size, pads)
     kh, kw = kernel_size
     if path == "pytorch":
-        kind = "small" if kh == kw and kh <= 7 else "other"
+        kind = ("small" if kh == kw and kh <= 7 else "other") + ("_fp32" if dtype == torch.float32 else "")
         rate = COST["pytorch"]["channels_last" if channels_last else "nchw"][pass_][kind]
         return COST["pytorch_call_us"] + moved / COST["bandwidth"] + macs / rate
     if macs < COST["tiny_macs"]:
@@ -383,7 +391,7 @@ def estimate_us(path: str, pass_: str, size, kernel_size, pads, dtype, channels_
     if family == "fma":
         t += macs / COST["fma"]
     else:
-        kind = "tf32" if dtype == torch.float32 else "half"
+        kind = ("tf32" if dtype == torch.float32 else "half") + ("_wgrad" if pass_ == "weight_grad" else "")
         t += _band_macs(family, pass_, size, kernel_size, pads, dtype) / COST[family][kind]
     return t
 

@@ -46,7 +46,7 @@ def fit(rows):
             macs = dispatch.effective_macs(size, k, pads)
             pt = r.get(f"pytorch_{p}_ms")
             if pt:
-                kind = "small" if k[0] == k[1] and k[0] <= 7 else "other"
+                kind = ("small" if k[0] == k[1] and k[0] <= 7 else "other") + ("_fp32" if dtype == torch.float32 else "")
                 left = pt * 1e3 - C["pytorch_call_us"] - moved / C["bandwidth"]
                 if left > 0.2 * pt * 1e3:
                     groups.setdefault(("pytorch", "channels_last" if cl else "nchw", p, kind), []).append(macs / left)
@@ -58,7 +58,7 @@ def fit(rows):
                     if fam == "fma":
                         groups.setdefault(("fma",), []).append(macs / left)
                     else:
-                        kind = "tf32" if dtype == torch.float32 else "half"
+                        kind = ("tf32" if dtype == torch.float32 else "half") + ("_wgrad" if p == "weight_grad" else "")
                         work = dispatch._band_macs(fam, p, size, k, pads, dtype)
                         groups.setdefault((fam, kind), []).append(work / left)
     for key, v in sorted(groups.items()):
