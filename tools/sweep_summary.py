@@ -1,5 +1,8 @@
 """Compact view of a `lkpatch bench --sweep --json F` file: per shape, PyTorch / lkpatch time
-ratio of each pass (>1: lkpatch faster). Developer tool for dispatch's rule (not run by CI)."""
+ratio of each pass (>1: lkpatch faster). Developer tool for dispatch's rule (not run by CI).
+
+  python tools/sweep_summary.py sweep.json [more.json ...]
+"""
 import json
 import sys
 
