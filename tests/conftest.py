@@ -12,15 +12,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def shared_data_dir() -> Path:
-    """../shared/data beside the repository (override with LKPATCH_SHARED_DATA)."""
-    return Path(os.environ.get("LKPATCH_SHARED_DATA", REPO.parent / "shared" / "data"))
+    """The official RepLKNet code's reference outputs and key lists: tests/data (a folder of
+    the same files elsewhere with LKPATCH_SHARED_DATA)."""
+    return Path(os.environ.get("LKPATCH_SHARED_DATA") or REPO / "tests" / "data")
 
 
 @pytest.fixture
 def shared_data() -> Path:
     d = shared_data_dir()
     if not d.is_dir():
-        pytest.skip(f"shared reference data not found at {d} (set LKPATCH_SHARED_DATA)")
+        pytest.skip(f"reference data not found at {d} (tests/data, or set LKPATCH_SHARED_DATA)")
     return d
 
 
