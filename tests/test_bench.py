@@ -93,3 +93,17 @@ def test_plot_errors_say_what_is_wrong(tmp_path, capsys, monkeypatch):
     assert main(["bench", "--plot", str(out), "--from", str(good)]) == 1
     assert "pip install 'lkpatch[plot]'" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_results_name_the_commit_of_a_checkout():
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(bench.__file__).resolve().parents[1]
+    if not (repo / ".git").exists():
+        pytest.skip("lkpatch is not running from a git checkout")
+    head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short=7", "HEAD"], capture_output=True, text=True)
+    if head.returncode != 0:
+        pytest.skip("git is not usable here")
+    commit = bench._git_commit()
+    assert commit is not None and commit.replace("+dirty", "").endswith(head.stdout.strip())
