@@ -68,6 +68,7 @@ def test_sources_ship_with_the_package():
         assert (src / name).is_file()
 
 
+@pytest.mark.slow  # the build: about a minute on 2 cores, before the first test, where not cached
 @pytest.mark.skipif(build.find_cuda_home() is None or torch.version.cuda is None,
                     reason="needs nvcc and a CUDA build of torch")
 def test_extension_builds_and_registers_its_ops(extension):
@@ -77,6 +78,7 @@ def test_extension_builds_and_registers_its_ops(extension):
         assert hasattr(torch.ops.lkpatch_ext, name)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("nvcc") is None and build.find_cuda_home() is None, reason="needs nvcc")
 def test_kernel_files_compile_without_torch(tmp_path):
     """csrc's kernel files are plain CUDA C++17: nvcc alone compiles them, no torch headers.
