@@ -28,7 +28,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-# The rows of the fp32 issue: RepLKNet stages, ConvNeXt-T stage 1, and a 64x64 map.
+# The default rows: RepLKNet-31B's stages, ConvNeXt-T's first stage, and a 64x64 map.
 DEFAULT_SHAPES = [
     (64, 384, 64, 64, 31, 31), (64, 384, 64, 64, 7, 7), (64, 128, 56, 56, 31, 31), (64, 256, 28, 28, 29, 29),
     (64, 512, 14, 14, 27, 27), (64, 1024, 7, 7, 13, 13), (64, 96, 56, 56, 7, 7),
@@ -428,7 +428,7 @@ def plot_results(result: Dict, path: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lkpatch bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", nargs="+", type=_shape, help="N,C,H,W,K or N,C,H,W,KH,KW (default: the issue's rows)")
+    parser.add_argument("--shapes", nargs="+", type=_shape, help="N,C,H,W,K or N,C,H,W,KH,KW (default: RepLKNet and ConvNeXt layers)")
     parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["float32"])
     parser.add_argument("--channels-last", action="store_true", help="also time channels_last inputs")
     parser.add_argument("--passes", action="store_true", help="also time each backward pass alone")

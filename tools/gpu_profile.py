@@ -196,7 +196,7 @@ def model(amp):
     build.build()
     base = timm.create_model("replknet_31b", num_classes=1000).cuda().train()
     conv = convert_model(copy.deepcopy(base))
-    bare = copy.deepcopy(base)  # the depthwise branches removed entirely (the ceiling)
+    bare = copy.deepcopy(base)  # the depthwise branches removed entirely: the most faster kernels could gain
     for name, mod in list(bare.named_modules()):
         if type(mod).__name__ == "ReparamLargeKernelConv":
             parent = bare.get_submodule(name.rsplit(".", 1)[0])
