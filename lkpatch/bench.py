@@ -10,20 +10,25 @@ Timing: CUDA events, warm-up, median of repeats queued back to back, inputs rota
 small ones do not sit in L2. "GPU PT / GPU lk": forward +
 backward captured in a CUDA graph and replayed, the GPU's time without the host's (which bounds
 small layers timed alone).
+``--plot FILE.png`` draws PyTorch against lkpatch per layer and per model (matplotlib:
+``pip install 'lkpatch[plot]'``); with ``--from RESULTS.json ...`` it re-plots saved ``--json``
+results, no GPU needed.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import json
+import os
 import statistics
+import subprocess
 import sys
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-# The rows of the fp32 issue: RepLKNet stages, ConvNeXt-T stage 1, and a 64x64 map.
+# The default rows: RepLKNet-31B's stages, ConvNeXt-T's first stage, and a 64x64 map.
 DEFAULT_SHAPES = [
     (64, 384, 64, 64, 31, 31), (64, 384, 64, 64, 7, 7), (64, 128, 56, 56, 31, 31), (64, 256, 28, 28, 29, 29),
     (64, 512, 14, 14, 27, 27), (64, 1024, 7, 7, 13, 13), (64, 96, 56, 56, 7, 7),
@@ -283,9 +288,154 @@ def format_passes(rows: List[Dict]) -> str:
     return "\n".join(out)
 
 
+# --- plots of the results -----------------------------------------------------------------------
+
+PYTORCH = "native"  # the prefix of PyTorch's results in the JSON (lkpatch's: "lkpatch")
+
+
+def result_key(side: str, metric: str) -> str:
+    """The JSON key of one side's result: ``result_key("pytorch", "fwd_bwd_ms")``; side is
+    ``"pytorch"`` or ``"lkpatch"``."""
+    return f"{PYTORCH if side == 'pytorch' else side}_{metric}"
+
+
+def _git_commit() -> Optional[str]:
+    """The commit of the lkpatch checkout being run (``+dirty`` with local changes), or None
+    for an installed copy."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.exists(os.path.join(repo, ".git")):
+        return None
+    try:
+        out = subprocess.run(["git", "-C", repo, "describe", "--always", "--dirty=+dirty", "--abbrev=7"],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() or None
+
+
+class PlotError(RuntimeError):
+    """The plot cannot be drawn; the message says why."""
+
+
+def load_results(paths: Sequence[str]) -> Dict:
+    """Several ``lkpatch bench --json`` files as one result: their op rows and model rows in
+    order, and each distinct device / torch / commit stamp."""
+    merged = {"rows": [], "models": [], "stamps": []}
+    for path in paths:
+        try:
+            with open(path) as fh:
+                data = json.load(fh)
+        except (OSError, ValueError) as e:
+            raise PlotError(f"cannot read {path}: {e}") from e
+        if not isinstance(data, dict) or not (data.get("rows") or data.get("models")):
+            raise PlotError(f"{path} holds no `lkpatch bench --json` results (no rows or models)")
+        merged["rows"] += data.get("rows") or []
+        merged["models"] += data.get("models") or []
+        stamp = _stamp(data)
+        if stamp not in merged["stamps"]:
+            merged["stamps"].append(stamp)
+    return merged
+
+
+def _stamp(result: Dict) -> str:
+    parts = [result.get("device") or "unknown GPU", f"torch {result.get('torch') or '?'}"]
+    if result.get("commit"):
+        parts.append(f"lkpatch {result['commit']}")
+    return ", ".join(parts)
+
+
+def _layer_label(row: Dict) -> str:
+    n, c, h, w, kh, kw = row["shape"]
+    layout = " channels_last" if row.get("layout") == "channels_last" else ""
+    return f"{n}×{c}×{h}×{w}, {kh}×{kw}  {row.get('dtype', '')}{layout}"
+
+
+def _model_label(model: Dict) -> str:
+    layout = " channels_last" if model.get("layout") == "channels_last" else ""
+    return f"{model['model']}  {model.get('amp', '')}{layout}, batch {model.get('batch', '?')}"
+
+
+def plot_results(result: Dict, path: str) -> None:
+    """Draw ``result`` (``lkpatch bench``'s JSON, or :func:`load_results` of several) into the
+    image file ``path``: per layer, PyTorch's and lkpatch's forward + backward time (ms, log
+    scale) with lkpatch's speed-up; per model, training images/s of each (steps alone, and
+    queued where timed)."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        raise PlotError("plotting needs matplotlib: pip install 'lkpatch[plot]'") from e
+
+    rows = [r for r in result.get("rows") or [] if result_key("lkpatch", "fwd_bwd_ms") in r]
+    models = [m for m in result.get("models") or [] if result_key("lkpatch", "img_per_s") in m]
+    if not rows and not models:
+        raise PlotError("nothing to plot: the results hold no op rows and no model rows")
+    colors = {"pytorch": "#8c8c8c", "lkpatch": "#d62728"}
+    row_inches = 0.5 if len(rows) <= 30 else 0.22  # a --sweep has hundreds of rows
+    heights = [0.9 + row_inches * len(rows)] * bool(rows) + [0.9 + 0.6 * len(models)] * bool(models)
+    fig = Figure(figsize=(12, 1.0 + sum(heights)))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(heights), 1, squeeze=False, gridspec_kw={"height_ratios": heights})[:, 0]
+    stamps = result.get("stamps") or [_stamp(result)]
+    fig.suptitle("lkpatch bench: " + "; ".join(stamps), fontsize=10)
+
+    if rows:
+        ax = axes[0]
+        y = list(range(len(rows)))
+        pt = [r[result_key("pytorch", "fwd_bwd_ms")] for r in rows]
+        lk = [r[result_key("lkpatch", "fwd_bwd_ms")] for r in rows]
+        ax.barh([v - 0.2 for v in y], pt, height=0.38, color=colors["pytorch"], label="PyTorch (F.conv2d)")
+        ax.barh([v + 0.2 for v in y], lk, height=0.38, color=colors["lkpatch"], label="lkpatch")
+        for v, a, b in zip(y, pt, lk):
+            ax.annotate(f"{a / b:.1f}×", (max(a, b), v), xytext=(4, 0), textcoords="offset points",
+                        va="center", fontsize=8)
+        ax.set_xscale("log")
+        ax.set_xlim(right=max(pt + lk) * 3)
+        ax.set_yticks(y)
+        ax.set_yticklabels([_layer_label(r) for r in rows], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("forward + backward, ms (log scale; lower is faster)")
+        ax.set_title("per layer", fontsize=10)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+
+    if models:
+        ax = axes[-1]
+        queued = any(result_key("lkpatch", "queued_img_per_s") in m for m in models)
+        kinds = [("", "steps alone")] + [("queued_", "steps queued")] * queued
+        width = 0.8 / (2 * len(kinds))
+        y = list(range(len(models)))
+        i = 0
+        for kind, what in kinds:
+            for side, name in (("pytorch", "PyTorch"), ("lkpatch", "lkpatch")):
+                vals = [m.get(result_key(side, f"{kind}img_per_s"), 0.0) for m in models]
+                pos = [v - 0.4 + width * (i + 0.5) for v in y]
+                ax.barh(pos, vals, height=width * 0.95, color=colors[side], alpha=1.0 if not kind else 0.55,
+                        hatch="//" if kind else None, label=f"{name}, {what}")
+                if side == "lkpatch":
+                    for p, m, v in zip(pos, models, vals):
+                        base = m.get(result_key("pytorch", f"{kind}img_per_s"))
+                        if base and v:
+                            ax.annotate(f"{v / base:.2f}×", (v, p), xytext=(4, 0), textcoords="offset points",
+                                        va="center", fontsize=8)
+                i += 1
+        ax.set_yticks(y)
+        ax.set_yticklabels([_model_label(m) for m in models], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlim(right=max(m.get(result_key(side, f"{kind}img_per_s"), 0.0) for m in models
+                              for side in ("pytorch", "lkpatch") for kind, _ in kinds) * 1.15)
+        ax.set_xlabel("training images / s (higher is faster)")
+        ax.set_title("per model (training step)", fontsize=10)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lkpatch bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", nargs="+", type=_shape, help="N,C,H,W,K or N,C,H,W,KH,KW (default: the issue's rows)")
+    parser.add_argument("--shapes", nargs="+", type=_shape, help="N,C,H,W,K or N,C,H,W,KH,KW (default: RepLKNet and ConvNeXt layers)")
     parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["float32"])
     parser.add_argument("--channels-last", action="store_true", help="also time channels_last inputs")
     parser.add_argument("--passes", action="store_true", help="also time each backward pass alone")
@@ -298,14 +448,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--queue", type=int, default=3,
                         help="model mode: steps queued back to back per queued sample (0: each step alone only)")
     parser.add_argument("--json", help="write the results to this JSON file")
+    parser.add_argument("--plot", metavar="FILE.png",
+                        help="draw PyTorch vs lkpatch per layer and per model into this image (needs matplotlib)")
+    parser.add_argument("--from", dest="from_json", nargs="+", metavar="RESULTS.json",
+                        help="with --plot: plot these saved --json results instead of timing (no GPU needed)")
     args = parser.parse_args(argv)
+    if args.from_json:
+        if not args.plot:
+            parser.error("--from needs --plot FILE.png")
+        try:
+            plot_results(load_results(args.from_json), args.plot)
+        except PlotError as e:
+            print(f"lkpatch: error: {e}", file=sys.stderr)
+            return 1
+        print(f"wrote {args.plot}")
+        return 0
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401  -- before the timings, not after
+        except ImportError:
+            print("lkpatch: error: plotting needs matplotlib: pip install 'lkpatch[plot]'", file=sys.stderr)
+            return 1
     if not torch.cuda.is_available():
         print("lkpatch: error: bench needs a CUDA GPU", file=sys.stderr)
         return 1
     from . import build, dispatch
 
     build.build()
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda}
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
+              "commit": _git_commit()}
     if args.model:
         for layout in ([False, True] if args.channels_last else [False]):
             r = bench_model(args.model, args.batch, args.size, args.amp, layout, args.reps, max(0, args.queue))
@@ -340,6 +511,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=1)
+    if args.plot:
+        try:
+            plot_results(result, args.plot)
+        except PlotError as e:
+            print(f"lkpatch: error: {e}", file=sys.stderr)
+            return 1
+        print(f"wrote {args.plot}")
     return 0
 
 

@@ -1,26 +1,31 @@
 import math
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lkpatch import dispatch
+import lkpatch
+from lkpatch import build, dispatch
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def shared_data_dir() -> Path:
-    """../shared/data beside the repository (override with LKPATCH_SHARED_DATA)."""
-    return Path(os.environ.get("LKPATCH_SHARED_DATA", REPO.parent / "shared" / "data"))
+    """The official RepLKNet code's reference outputs and key lists: tests/data (a folder of
+    the same files elsewhere with LKPATCH_SHARED_DATA)."""
+    return Path(os.environ.get("LKPATCH_SHARED_DATA") or REPO / "tests" / "data")
 
 
 @pytest.fixture
 def shared_data() -> Path:
     d = shared_data_dir()
     if not d.is_dir():
-        pytest.skip(f"shared reference data not found at {d} (set LKPATCH_SHARED_DATA)")
+        pytest.skip(f"reference data not found at {d} (tests/data, or set LKPATCH_SHARED_DATA)")
     return d
 
 
@@ -42,6 +47,49 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+def _needs_extension(item) -> bool:
+    """A test that builds or loads lkpatch's CUDA extension: it asks for the ``extension``
+    fixture, or it is a ``cuda`` test and a GPU is here."""
+    return "extension" in getattr(item, "fixturenames", ()) or \
+        ("cuda" in item.keywords and torch.cuda.is_available())
+
+
+def pytest_collection_finish(session):
+    """Build the CUDA extension once, before the first test, where a selected test needs it and
+    it is not cached yet -- saying so, as it takes about a minute on 2 cores. A separate process
+    builds it, so the tests see the same state as with a cached build."""
+    if session.config.option.collectonly or os.environ.get("LKPATCH_NO_BUILD") or build._missing_toolchain():
+        return
+    if not any(_needs_extension(item) for item in session.items) or build.library_path().is_file():
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+
+    def say(text):
+        if reporter is not None:
+            reporter.write_line(text, flush=True)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    say(f"building lkpatch's CUDA extension for sm_{build.arch_list().replace('.', '')} (once; about a minute "
+        f"on 2 cores; cached in {build.library_path().parent}) ...")
+    package_root = str(Path(lkpatch.__file__).resolve().parents[1])  # the lkpatch under test
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", "from lkpatch import build; build.build(quiet=True)"],
+                          capture_output=True, text=True, env=env)
+    if proc.returncode == 0:
+        say(f"built in {time.perf_counter() - t0:.0f} s")
+    else:  # the tests that need the extension report the whole error
+        last = "\n".join(proc.stderr.strip().splitlines()[-2:])
+        say(f"the build failed after {time.perf_counter() - t0:.0f} s:\n{last}")
+
+
+@pytest.fixture(scope="session")
+def extension() -> Path:
+    """lkpatch's CUDA extension, built (see ``pytest_collection_finish``) and loaded."""
+    return build.build(quiet=True)
 
 
 # --- helpers the test files share (import them: ``from conftest import rel_err``) ---------------

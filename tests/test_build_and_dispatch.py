@@ -1,4 +1,5 @@
 """The just-in-time build and the dispatch rules, on the CPU."""
+import concurrent.futures
 import os
 import shutil
 import stat
@@ -67,24 +68,36 @@ def test_sources_ship_with_the_package():
         assert (src / name).is_file()
 
 
+@pytest.mark.slow  # the build: about a minute on 2 cores, before the first test, where not cached
 @pytest.mark.skipif(build.find_cuda_home() is None or torch.version.cuda is None,
                     reason="needs nvcc and a CUDA build of torch")
-def test_extension_builds_and_registers_its_ops():
+def test_extension_builds_and_registers_its_ops(extension):
     """Builds (or finds cached) the extension -- no GPU needed -- and checks the op schemas."""
-    build.build(quiet=True)
+    assert extension == build.library_path() and extension.is_file()
     for name in ("dwconv2d", "dwconv2d_input_grad", "dwconv2d_weight_grad", "dwconv2d_bias_grad"):
         assert hasattr(torch.ops.lkpatch_ext, name)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("nvcc") is None and build.find_cuda_home() is None, reason="needs nvcc")
 def test_kernel_files_compile_without_torch(tmp_path):
-    """csrc's kernel files are plain CUDA C++: nvcc alone compiles them, no torch headers."""
+    """csrc's kernel files are plain CUDA C++17: nvcc alone compiles them, no torch headers.
+
+    nvcc's front end checks each whole file, host code included, down to PTX; the extension
+    build (test above) runs the rest of the compilation, ptxas and the host compiler."""
     nvcc = os.path.join(build.find_cuda_home(), "bin", "nvcc")
     src = build.csrc_dir()
-    for name in build._SOURCES:
-        if name.endswith(".cu"):
-            subprocess.run([nvcc, "-std=c++17", "-arch=sm_90", "-c", str(src / name), "-o", str(tmp_path / "k.o")],
-                           check=True, capture_output=True)
+    kernel_files = [name for name in build._SOURCES if name.endswith(".cu")]
+    assert kernel_files
+
+    def compile_to_ptx(name):
+        return subprocess.run([nvcc, "-std=c++17", "-arch=sm_90", "--ptx", str(src / name),
+                               "-o", str(tmp_path / f"{name}.ptx")], capture_output=True, text=True)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        for name, proc in zip(kernel_files, pool.map(compile_to_ptx, kernel_files)):
+            assert proc.returncode == 0, f"{name}:\n{proc.stderr[-3000:]}"
+            assert ".entry" in (tmp_path / f"{name}.ptx").read_text(), name  # it holds kernels
 
 
 def _brute_effective_macs(size, k, pads):

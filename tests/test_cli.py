@@ -249,6 +249,7 @@ def test_bench_without_gpu_says_so(capsys):
     assert code == 1 and "needs a CUDA GPU" in err
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end_as_a_command():
     env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-m", "lkpatch", "demo", "--device", "cpu"], capture_output=True,

@@ -1,4 +1,7 @@
-"""Debug: every depthwise layer of a converted model, each pass on the captured tensors vs float64."""
+"""Debug: every depthwise layer of a converted model, each pass on the captured tensors vs float64.
+
+  python tools/diag_model.py MODEL SIZE      e.g. python tools/diag_model.py convnext_tiny 64  (needs a GPU)
+"""
 import copy, sys
 import timm, torch
 import lkpatch

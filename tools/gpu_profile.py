@@ -1,19 +1,19 @@
 """Developer profiling on the GPU machine (never run by CI).
 
-  python .ci/gpu_profile.py overhead        host microseconds per call of each path (tiny shape)
-  python .ci/gpu_profile.py kernels [S...]  launch forward and weight-grad once per shape, for ncu
+  python tools/gpu_profile.py overhead        host microseconds per call of each path (tiny shape)
+  python tools/gpu_profile.py kernels [S...]  launch forward and weight-grad once per shape, for ncu
       (LKPATCH_PROFILE_DTYPE=bfloat16 for the half-precision kernels, LKPATCH_PROFILE_TF32=1 fp32 on
       the TF32 ones, LKPATCH_PROFILE_CL=1 channels_last tensors, which small maps take natively):
       ncu --section SpeedOfLight --section Occupancy --section WarpStateStats \\
-          -k regex:dw_ python .ci/gpu_profile.py kernels
-  python .ci/gpu_profile.py hostbound       host time per fwd+bwd vs its GPU time (small maps)
-  python .ci/gpu_profile.py perkernel [S...] host time and each kernel's GPU time per fwd+bwd,
+          -k regex:dw_ python tools/gpu_profile.py kernels
+  python tools/gpu_profile.py hostbound       host time per fwd+bwd vs its GPU time (small maps)
+  python tools/gpu_profile.py perkernel [S...] host time and each kernel's GPU time per fwd+bwd,
       NCHW and channels_last (LKPATCH_PROFILE_DTYPE, default bfloat16; LKPATCH_PROFILE_CL=1
       channels_last only, =0 NCHW only)
-  python .ci/gpu_profile.py copies [S...]    GPU microseconds and GB/s of the layout copies, both directions
+  python tools/gpu_profile.py copies [S...]    GPU microseconds and GB/s of the layout copies, both directions
       (LKPATCH_PROFILE_DTYPE, default bfloat16)
-  python .ci/gpu_profile.py biasgrad        bias gradient: PyTorch's sum vs the kernel, channels_last and NCHW
-  python .ci/gpu_profile.py model [bfloat16|float16|float32]
+  python tools/gpu_profile.py biasgrad        bias gradient: PyTorch's sum vs the kernel, channels_last and NCHW
+  python tools/gpu_profile.py model [bfloat16|float16|float32]
       RepLKNet-31B training step (batch 64): converted vs without its depthwise convolutions,
       and the converted step's GPU time per kernel (torch.profiler)
 """
@@ -196,7 +196,7 @@ def model(amp):
     build.build()
     base = timm.create_model("replknet_31b", num_classes=1000).cuda().train()
     conv = convert_model(copy.deepcopy(base))
-    bare = copy.deepcopy(base)  # the depthwise branches removed entirely (the issue's ceiling)
+    bare = copy.deepcopy(base)  # the depthwise branches removed entirely: the most faster kernels could gain
     for name, mod in list(bare.named_modules()):
         if type(mod).__name__ == "ReparamLargeKernelConv":
             parent = bare.get_submodule(name.rsplit(".", 1)[0])
@@ -361,8 +361,13 @@ def mismatch():
 
 
 if __name__ == "__main__":
-    {"overhead": lambda: overhead(), "kernels": lambda: kernels(sys.argv[2:]),
-     "mismatch": lambda: mismatch(), "perkernel": lambda: perkernel(sys.argv[2:]), "hostbound": lambda: hostbound(),
-     "model": lambda: model(sys.argv[2] if len(sys.argv) > 2 else "bfloat16"), "python": lambda: python_profile(),
-     "autograd": lambda: autograd_variants(), "biasgrad": lambda: biasgrad(),
-     "copies": lambda: copies(sys.argv[2:])}[sys.argv[1]]()
+    modes = {"overhead": lambda: overhead(), "kernels": lambda: kernels(sys.argv[2:]),
+             "mismatch": lambda: mismatch(), "perkernel": lambda: perkernel(sys.argv[2:]),
+             "hostbound": lambda: hostbound(), "model": lambda: model(sys.argv[2] if len(sys.argv) > 2 else "bfloat16"),
+             "python": lambda: python_profile(), "autograd": lambda: autograd_variants(),
+             "biasgrad": lambda: biasgrad(), "copies": lambda: copies(sys.argv[2:])}
+    if len(sys.argv) < 2 or sys.argv[1] not in modes:
+        print(__doc__)
+        print("modes:", ", ".join(modes))
+        sys.exit(2)
+    modes[sys.argv[1]]()
