@@ -105,7 +105,7 @@ __global__ void __launch_bounds__(32 * kWarps, 2) dw_rows_forward(const FwdParam
   if constexpr (NHWC) {
     // Two horizontally adjacent pixels per item: one paired store per channel plane.
     const int half_cols = p.cols / 2, total = p.rows * half_cols;
-    constexpr int kBatch = 2;
+    constexpr int kBatch = 4;
     for (int base = threadIdx.x; base < total; base += kBatch * blockDim.x) {
       Vec16<T> v[kBatch][2];
       int at[kBatch];
@@ -149,18 +149,33 @@ __global__ void __launch_bounds__(32 * kWarps, 2) dw_rows_forward(const FwdParam
     copy_async_wait_group<0>();
   }
   // The B table of every staged channel (the input-gradient reads the kernel rotated): a warp
-  // per (channel, kernel row), its lanes along the row.
+  // per (channel, kernel row), its lanes along the row; kRowsAtOnce rows' loads in flight before
+  // their stores, as a block's table is built before any of its warps computes.
+  // One k-step (kernels up to 9 wide, half types): each warp loads its own fragments instead,
+  // which costs less than the table's build on such short blocks (kTable false, no table).
+  constexpr bool kTable = FS != 1;
   uint32_t* Bt = reinterpret_cast<uint32_t*>(smem_raw + p.xbytes);
-  for (int row = warp; row < p.CG * s.KH; row += kWarps) {
-    const int ch = row / s.KH, i = row - ch * s.KH;
-    const T* wrow = p.w + (int64_t)(c0 + ch) * s.KH * s.KW +
-                    (p.flip ? (int64_t)(s.KH - 1 - i) * s.KW + s.KW - 1 : (int64_t)i * s.KW);
-    const int step = p.flip ? -1 : 1, kw_end = ch < nch ? s.KW : 0;
-    auto tap = [&](int kw) -> T { return (unsigned)kw < (unsigned)kw_end ? __ldg(wrow + step * kw) : zero; };
+  constexpr int kRowsAtOnce = 4;
+  for (int row0 = warp; kTable && row0 < p.CG * s.KH; row0 += kRowsAtOnce * kWarps) {
     for (int e = lane; e < p.band; e += 32) {
       const int u = e - kBandPad;
-      if constexpr (kTF32) Bt[row * p.band + e] = to_tf32(tap(u));
-      else Bt[row * p.band + e] = pack2(tap(u), tap(u + 1));
+      T lo[kRowsAtOnce], hi[kRowsAtOnce];
+#pragma unroll
+      for (int k = 0; k < kRowsAtOnce; ++k) {
+        const int row = row0 + k * kWarps, ch = row / s.KH, i = row - ch * s.KH;
+        const T* wrow = p.w + (int64_t)(c0 + ch) * s.KH * s.KW +
+                        (p.flip ? (int64_t)(s.KH - 1 - i) * s.KW + s.KW - 1 : (int64_t)i * s.KW);
+        const int step = p.flip ? -1 : 1, kw_end = row < p.CG * s.KH && ch < nch ? s.KW : 0;
+        lo[k] = (unsigned)u < (unsigned)kw_end ? __ldg(wrow + step * u) : zero;
+        hi[k] = (unsigned)(u + 1) < (unsigned)kw_end ? __ldg(wrow + step * (u + 1)) : zero;
+      }
+#pragma unroll
+      for (int k = 0; k < kRowsAtOnce; ++k) {
+        const int row = row0 + k * kWarps;
+        if (row >= p.CG * s.KH) break;
+        if constexpr (kTF32) Bt[row * p.band + e] = to_tf32(lo[k]);
+        else Bt[row * p.band + e] = pack2(lo[k], hi[k]);
+      }
     }
   }
   __syncthreads();
@@ -189,14 +204,28 @@ __global__ void __launch_bounds__(32 * kWarps, 2) dw_rows_forward(const FwdParam
                                        (int)sizeof(T));
     // this lane's B entries of kernel row 0 (b0; b1 is KS / 2 entries on)
     const uint32_t* brow = Bt + ch * s.KH * p.band + kBandPad + (kTF32 ? t : 2 * t) - g - p.sh;
-#pragma unroll 2
+    // without the table: taps KS st + k - g - sh, k = 2t, 2t + 1, 2t + 8, 2t + 9, from the weights
+    const T* wc = p.w + (int64_t)(c0 + ch) * s.KH * s.KW;
+    const int kw_lane = (kTF32 ? t : 2 * t) - g - p.sh;
+    auto tap = [&](int i, int kw) -> T {
+      if ((unsigned)kw >= (unsigned)s.KW) return zero;
+      return __ldg(p.flip ? wc + (s.KH - 1 - i) * s.KW + (s.KW - 1 - kw) : wc + i * s.KW + kw);
+    };
+    constexpr int kUnrollRows = kTable ? 2 : 1;  // registers: the one-step kernels keep 3 blocks an SM
+#pragma unroll kUnrollRows
     for (int i = i_lo; i < i_hi; ++i) {
       uint32_t B[SMAX][2];
 #pragma unroll
       for (int st = 0; st < SMAX; ++st) {
         if (!FS && st >= S) break;
-        B[st][0] = brow[i * p.band + KS * st];
-        B[st][1] = brow[i * p.band + KS * st + KS / 2];
+        if constexpr (kTable) {
+          B[st][0] = brow[i * p.band + KS * st];
+          B[st][1] = brow[i * p.band + KS * st + KS / 2];
+        } else if constexpr (!kTF32) {
+          const int kw = KS * st + kw_lane;
+          B[st][0] = pack2(tap(i, kw), tap(i, kw + 1));
+          B[st][1] = pack2(tap(i, kw + 8), tap(i, kw + 9));
+        }
       }
       uint32_t A[2 * LMAX][2];
       const unsigned a_row = a_base + (unsigned)(i * p.pitch * (int)sizeof(T));
@@ -493,7 +522,8 @@ inline FwdPlan plan_forward(const DwShape& s, int esize) {
   q.tiles_y = ceil_div(s.OH, TH);
   q.band = kBandPad + KS * q.S;
   q.xbytes = (int)round_up(q.CG * std::max(q.rows * q.pitch, TH * q.opitch) * esize, 16);
-  q.smem = (size_t)q.xbytes + (size_t)q.CG * s.KH * q.band * 4;
+  const bool table = !(esize == 2 && q.S == 1);  // the half types' one-k-step kernels load B themselves
+  q.smem = (size_t)q.xbytes + (table ? (size_t)q.CG * s.KH * q.band * 4 : 0);
   return q;
 }
 
