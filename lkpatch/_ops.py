@@ -1,13 +1,13 @@
 """The ``lkpatch::`` custom ops: schemas and one registration per dispatch key.
 
-* CPU: PyTorch's convolution (``_native``) -- the reference, and what runs without a GPU.
+* CPU: PyTorch's convolution (``_pytorch``) -- the reference, and what runs without a GPU.
 * CUDA: lkpatch's kernels from the compiled extension, or PyTorch's where
   ``dispatch.use_kernel`` says so, decided per pass.
 * Meta / fake tensors, Autograd and Autocast each get their own registration below.
 
 In eager mode on CUDA, ``eager_dwconv2d`` runs the same passes with less host time: the
 extension's C++ autograd op where every pass runs on the kernels (NCHW, or channels_last they take
-natively), else ``EagerDepthwiseConv2d``
+directly), else ``EagerDepthwiseConv2d``
 (the same CUDA passes and backward formula, minus the dispatcher for each pass). Under
 ``torch.compile`` the op itself is traced instead.
 
@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from . import _native, dispatch
+from . import _pytorch, dispatch
 
 _lib = torch.library.Library("lkpatch", "DEF")
 _lib.define("dwconv2d(Tensor input, Tensor weight, Tensor? bias, int[4] padding) -> Tensor")
@@ -30,10 +30,10 @@ _lib.define("dwconv2d_bias_grad(Tensor grad_output) -> Tensor")
 
 
 # --- CPU ---------------------------------------------------------------------------------------
-_lib.impl("dwconv2d", _native.forward, "CPU")
-_lib.impl("dwconv2d_input_grad", _native.backward_input, "CPU")
-_lib.impl("dwconv2d_weight_grad", _native.backward_weight, "CPU")
-_lib.impl("dwconv2d_bias_grad", _native.backward_bias, "CPU")
+_lib.impl("dwconv2d", _pytorch.forward, "CPU")
+_lib.impl("dwconv2d_input_grad", _pytorch.backward_input, "CPU")
+_lib.impl("dwconv2d_weight_grad", _pytorch.backward_weight, "CPU")
+_lib.impl("dwconv2d_bias_grad", _pytorch.backward_bias, "CPU")
 
 
 # --- CUDA --------------------------------------------------------------------------------------
@@ -53,7 +53,7 @@ def kernels():
 # so; results come back in the input's format. Other channels_last tensors change format through
 # lkpatch's tiled copies (PyTorch's strided copy moves them at a fraction of the memory bandwidth).
 def _channels_last(t) -> bool:
-    return _native.output_memory_format(t) == torch.channels_last
+    return _pytorch.output_memory_format(t) == torch.channels_last
 
 
 def _nchw(t):
@@ -96,13 +96,13 @@ def _reads_cl(pass_, t, size, kernel_size, padding) -> bool:
 
 
 def _forward_cuda(x, weight, bias, padding):
-    fmt = _native.output_memory_format(x)
+    fmt = _pytorch.output_memory_format(x)
     if dispatch.use_kernel("forward", x.shape, weight.shape[2:], padding, x.dtype, fmt == torch.channels_last):
         reads_cl = _reads_cl("forward", x, x.shape, weight.shape[2:], padding)
         y = kernels().dwconv2d(x if reads_cl else _nchw(x), weight.contiguous(),
                                 None if bias is None else bias.contiguous(), padding, dispatch.tf32_pass(x.dtype))
         return _as_format(y, fmt)
-    return _native.forward(x, weight, bias, padding)
+    return _pytorch.forward(x, weight, bias, padding)
 
 
 # The gradient passes take `nchw`: in eager mode the backward's passes share a _SharedNCHW, so a
@@ -111,13 +111,13 @@ def _input_grad_cuda(grad, weight, input_size, padding, nchw=_nchw, memory_forma
     """``memory_format``: the kernel result's (default: the output gradient's, as the op returns it;
     the eager backward asks for the input's directly instead of changing it twice)."""
     size = (grad.shape[0], grad.shape[1], input_size[0], input_size[1])
-    fmt = _native.output_memory_format(grad)
+    fmt = _pytorch.output_memory_format(grad)
     if dispatch.use_kernel("input_grad", size, weight.shape[2:], padding, grad.dtype, fmt == torch.channels_last):
         reads_cl = _reads_cl("input_grad", grad, size, weight.shape[2:], padding)
         gx = kernels().dwconv2d_input_grad(grad if reads_cl else nchw(grad), weight.contiguous(), input_size,
                                             padding, dispatch.tf32_pass(grad.dtype))
         return _as_format(gx, fmt if memory_format is None else memory_format)
-    return _native.backward_input(grad, weight, input_size, padding)
+    return _pytorch.backward_input(grad, weight, input_size, padding)
 
 
 def _weight_grad_cuda(grad, x, kernel_size, padding, nchw=_nchw):
@@ -128,7 +128,7 @@ def _weight_grad_cuda(grad, x, kernel_size, padding, nchw=_nchw):
         else:
             grad, x = nchw(grad), nchw(x)
         return kernels().dwconv2d_weight_grad(grad, x, kernel_size, padding, dispatch.tf32_pass(x.dtype))
-    return _native.backward_weight(grad, x, kernel_size, padding)
+    return _pytorch.backward_weight(grad, x, kernel_size, padding)
 
 
 def _bias_grad_cuda(grad, nchw=_nchw):
@@ -137,7 +137,7 @@ def _bias_grad_cuda(grad, nchw=_nchw):
     cl = _channels_last(grad) and not (isinstance(nchw, _SharedNCHW) and nchw.has_copy(grad))
     if dispatch.bias_grad_on_kernel(grad.shape, grad.dtype, cl):
         return kernels().dwconv2d_bias_grad(grad if cl else nchw(grad))
-    return _native.backward_bias(grad)
+    return _pytorch.backward_bias(grad)
 
 
 _lib.impl("dwconv2d", _forward_cuda, "CUDA")
@@ -150,13 +150,13 @@ _lib.impl("dwconv2d_bias_grad", _bias_grad_cuda, "CUDA")
 @torch.library.register_fake("lkpatch::dwconv2d")
 def _forward_fake(x, weight, bias, padding):
     oh, ow = dispatch.output_size(x.shape[2:], weight.shape[2:], padding)
-    return x.new_empty((x.shape[0], x.shape[1], oh, ow)).contiguous(memory_format=_native.output_memory_format(x))
+    return x.new_empty((x.shape[0], x.shape[1], oh, ow)).contiguous(memory_format=_pytorch.output_memory_format(x))
 
 
 @torch.library.register_fake("lkpatch::dwconv2d_input_grad")
 def _input_grad_fake(grad, weight, input_size, padding):
     out = grad.new_empty((grad.shape[0], grad.shape[1], input_size[0], input_size[1]))
-    return out.contiguous(memory_format=_native.output_memory_format(grad))
+    return out.contiguous(memory_format=_pytorch.output_memory_format(grad))
 
 
 @torch.library.register_fake("lkpatch::dwconv2d_weight_grad")
@@ -174,7 +174,7 @@ def _setup_context(ctx, inputs, output):
     x, weight, bias, padding = inputs
     ctx.padding = tuple(padding)
     ctx.input_size = tuple(x.shape[2:])
-    ctx.input_format = _native.output_memory_format(x)
+    ctx.input_format = _pytorch.output_memory_format(x)
     ctx.kernel_size = tuple(weight.shape[2:])
     ctx.save_for_backward(x if ctx.needs_input_grad[1] else None,
                           weight if ctx.needs_input_grad[0] else None)
@@ -268,7 +268,7 @@ class EagerDepthwiseConv2d(torch.autograd.Function):
                           functools.partial(_bias_grad_cuda, nchw=nchw), _as_format)
 
 
-# A channels_last input whose forward runs on lkpatch's kernel, but not natively in that layout,
+# A channels_last input whose forward runs on lkpatch's kernel, but not directly in that layout,
 # goes through NCHW as a whole: the copies in and out are autograd nodes of their own, so the
 # convolution saves the forward's NCHW copy and its backward needs no copy of the input again --
 # four layout copies per forward + backward instead of five. The saved copy takes the input's
@@ -311,7 +311,7 @@ def eager_dwconv2d(x, weight, bias, padding):
 
 def _eager_direct(x, weight, bias, padding, reads_cl):
     """Where every pass of the call runs on the kernels, on ``x`` as it is (NCHW, or channels_last
-    the kernels take natively), the extension's C++ autograd op (in ``csrc/binding.cpp``: its
+    the kernels read directly), the extension's C++ autograd op (in ``csrc/binding.cpp``: its
     backward runs without Python, which costs less host time; it reads PyTorch's TF32 switch at
     the forward, for the backward too); otherwise ``EagerDepthwiseConv2d``, which decides per pass.
     ``reads_cl``: ``_reads_cl("all", x, ...)``, which the caller has decided already."""

@@ -88,7 +88,7 @@ def measured_fp32_tflops() -> float:
 
 
 def bench_shape(shape, dtype, channels_last: bool, reps: int, passes: bool) -> Dict:
-    from . import _native, dispatch
+    from . import _pytorch, dispatch
     from .functional import depthwise_conv2d
 
     n, c, h, w, kh, kw = shape
@@ -102,8 +102,8 @@ def bench_shape(shape, dtype, channels_last: bool, reps: int, passes: bool) -> D
     b = torch.randn(c, device="cuda", dtype=dtype).requires_grad_()
     g = torch.randn(n, c, h, w, device="cuda", dtype=dtype).contiguous(memory_format=fmt)
 
-    def native(i):  # what an unconverted nn.Conv2d runs
-        return _native.forward(xs[i], wt, b, pads)
+    def pytorch(i):  # what an unconverted nn.Conv2d runs
+        return _pytorch.forward(xs[i], wt, b, pads)
 
     def ours(i):  # what a converted layer runs (kernels forced on by `timed`)
         return depthwise_conv2d(xs[i], wt, b, padding=pads)
@@ -120,7 +120,7 @@ def bench_shape(shape, dtype, channels_last: bool, reps: int, passes: bool) -> D
         return run
 
     def timed(run, f):  # lkpatch's forward and backward both with its kernels forced on
-        if f is native:
+        if f is pytorch:
             return run
         def forced(i):
             with dispatch.force("kernel"):
@@ -132,11 +132,11 @@ def bench_shape(shape, dtype, channels_last: bool, reps: int, passes: bool) -> D
            "effective_gflop_fwd_bwd": 3 * 2 * dispatch.effective_macs((n, c, h, w), (kh, kw), pads) / 1e9,
            "plan": {p: _plan_text(dispatch.plan(p, (n, c, h, w), (kh, kw), pads, dtype, channels_last))
                     for p in dispatch.CONV_PASSES}}
-    for key, f in (("native", native), ("lkpatch", ours)):
+    for key, f in (("pytorch", pytorch), ("lkpatch", ours)):
         row[f"{key}_fwd_ms"] = time_ms(timed(fwd(f), f), n_inputs, reps=reps)
-    for key, f in (("native", native), ("lkpatch", ours)):
+    for key, f in (("pytorch", pytorch), ("lkpatch", ours)):
         row[f"{key}_fwd_bwd_ms"] = time_ms(timed(fwd_bwd(f), f), n_inputs, reps=reps)
-    for key, f in (("native", native), ("lkpatch", ours)):
+    for key, f in (("pytorch", pytorch), ("lkpatch", ours)):
         row[f"{key}_fwd_bwd_gpu_ms"] = graph_time_ms(timed(fwd_bwd(f), f), reps)
     if passes:
         x0 = xs[0].detach()
@@ -146,11 +146,11 @@ def bench_shape(shape, dtype, channels_last: bool, reps: int, passes: bool) -> D
             row["lkpatch_weight_grad_ms"] = time_ms(
                 lambda i: torch.ops.lkpatch.dwconv2d_weight_grad(g, x0, (kh, kw), pads), reps=reps)
             row["lkpatch_bias_grad_ms"] = time_ms(lambda i: torch.ops.lkpatch.dwconv2d_bias_grad(g), reps=reps)
-        row["native_input_grad_ms"] = time_ms(
-            lambda i: _native.backward_input(g, wt.detach(), (h, w), pads), reps=reps)
-        row["native_weight_grad_ms"] = time_ms(
-            lambda i: _native.backward_weight(g, x0, (kh, kw), pads), reps=reps)
-        row["native_bias_grad_ms"] = time_ms(lambda i: _native.backward_bias(g), reps=reps)
+        row["pytorch_input_grad_ms"] = time_ms(
+            lambda i: _pytorch.backward_input(g, wt.detach(), (h, w), pads), reps=reps)
+        row["pytorch_weight_grad_ms"] = time_ms(
+            lambda i: _pytorch.backward_weight(g, x0, (kh, kw), pads), reps=reps)
+        row["pytorch_bias_grad_ms"] = time_ms(lambda i: _pytorch.backward_bias(g), reps=reps)
     return row
 
 
@@ -169,7 +169,7 @@ def bench_model(name: str, batch: int, size: int, amp: str, channels_last: bool,
     base = timm.create_model(name, num_classes=1000).cuda().train()
     out = {"model": name, "batch": batch, "size": size, "amp": amp, "queue": queue,
            "layout": "channels_last" if channels_last else "nchw"}
-    out.update(time_train_steps({"native": base, "lkpatch": convert_model(copy.deepcopy(base))}, batch, size, amp,
+    out.update(time_train_steps({"pytorch": base, "lkpatch": convert_model(copy.deepcopy(base))}, batch, size, amp,
                                 channels_last, steps, queue=queue))
     return out
 
@@ -261,11 +261,11 @@ def format_table(rows: List[Dict], peak_tflops: float) -> str:
     for r in rows:
         n, c, h, w, kh, kw = r["shape"]
         floor_ms = r["effective_gflop_fwd_bwd"] / peak_tflops
-        lines.append([f"{n}x{c}x{h}x{w}, {kh}x{kw}", r["dtype"], r["layout"], f"{r['native_fwd_ms']:.3f}",
-                      f"{r['lkpatch_fwd_ms']:.3f}", f"{r['native_fwd_bwd_ms']:.3f}", f"{r['lkpatch_fwd_bwd_ms']:.3f}",
-                      f"{r['native_fwd_bwd_ms'] / r['lkpatch_fwd_bwd_ms']:.2f}x",
+        lines.append([f"{n}x{c}x{h}x{w}, {kh}x{kw}", r["dtype"], r["layout"], f"{r['pytorch_fwd_ms']:.3f}",
+                      f"{r['lkpatch_fwd_ms']:.3f}", f"{r['pytorch_fwd_bwd_ms']:.3f}", f"{r['lkpatch_fwd_bwd_ms']:.3f}",
+                      f"{r['pytorch_fwd_bwd_ms'] / r['lkpatch_fwd_bwd_ms']:.2f}x",
                       f"{100 * floor_ms / r['lkpatch_fwd_bwd_ms']:.0f}%",
-                      _ms(r.get("native_fwd_bwd_gpu_ms")), _ms(r.get("lkpatch_fwd_bwd_gpu_ms"))])
+                      _ms(r.get("pytorch_fwd_bwd_gpu_ms")), _ms(r.get("lkpatch_fwd_bwd_gpu_ms"))])
     widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
     text = ["  ".join(v.rjust(wd) for v, wd in zip(row, widths)) for row in lines]
     text.insert(1, "  ".join("-" * wd for wd in widths))
@@ -282,7 +282,7 @@ def format_passes(rows: List[Dict]) -> str:
         if "lkpatch_weight_grad_ms" not in r:
             continue
         n, c, h, w, kh, kw = r["shape"]
-        cells = [f"{p} {r[f'native_{p}_ms']:.3f}/{r[f'lkpatch_{p}_ms']:.3f}"
+        cells = [f"{p} {r[f'pytorch_{p}_ms']:.3f}/{r[f'lkpatch_{p}_ms']:.3f}"
                  for p in ("fwd", "input_grad", "weight_grad", "bias_grad")]
         out.append(f"  {n}x{c}x{h}x{w} {kh}x{kw} {r['dtype']} {r['layout']}: " + ", ".join(cells))
     return "\n".join(out)
@@ -290,7 +290,7 @@ def format_passes(rows: List[Dict]) -> str:
 
 # --- plots of the results -----------------------------------------------------------------------
 
-PYTORCH = "native"  # the prefix of PyTorch's results in the JSON (lkpatch's: "lkpatch")
+PYTORCH = "pytorch"  # the prefix of PyTorch's results in the JSON (lkpatch's: "lkpatch")
 
 
 def result_key(side: str, metric: str) -> str:
@@ -482,12 +482,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             r = bench_model(args.model, args.batch, args.size, args.amp, layout, args.reps, max(0, args.queue))
             result.setdefault("models", []).append(r)
             line = (f"{r['model']} batch {r['batch']} {r['size']}px {r['amp']} {r['layout']}: PyTorch "
-                    f"{r['native_img_per_s']:.0f} img/s, lkpatch {r['lkpatch_img_per_s']:.0f} img/s "
-                    f"({r['lkpatch_img_per_s'] / r['native_img_per_s']:.2f}x)")
+                    f"{r['pytorch_img_per_s']:.0f} img/s, lkpatch {r['lkpatch_img_per_s']:.0f} img/s "
+                    f"({r['lkpatch_img_per_s'] / r['pytorch_img_per_s']:.2f}x)")
             if r["queue"]:
-                line += (f"; steps queued {r['queue']} at a time: PyTorch {r['native_queued_img_per_s']:.0f} img/s, "
+                line += (f"; steps queued {r['queue']} at a time: PyTorch {r['pytorch_queued_img_per_s']:.0f} img/s, "
                          f"lkpatch {r['lkpatch_queued_img_per_s']:.0f} img/s "
-                         f"({r['lkpatch_queued_img_per_s'] / r['native_queued_img_per_s']:.2f}x)")
+                         f"({r['lkpatch_queued_img_per_s'] / r['pytorch_queued_img_per_s']:.2f}x)")
             print(line)
     else:
         peak = measured_fp32_tflops()

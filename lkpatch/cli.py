@@ -465,13 +465,13 @@ def cmd_demo(args) -> int:
         model.to(device)
     size = args.size or _input_size(model, None)
     x = torch.randn(args.batch, 3, size, size, device=device)
-    with _step(f"[2/5] native forward, {args.batch}x3x{size}x{size} on {device}"):
+    with _step(f"[2/5] PyTorch forward, {args.batch}x3x{size}x{size} on {device}"):
         ref = _outputs(model, x)
     with _step("[3/5] convert_model"):
         convert_model(model)
     _say(conversion_report(model).table())
     out, path = _checked_outputs(model, x)
-    _check("converted model vs native", ref, out, TOLERANCE[device], path)
+    _check("converted model vs PyTorch", ref, out, TOLERANCE[device], path)
     with tempfile.TemporaryDirectory(prefix="lkpatch-demo-") as tmp:
         path = os.path.join(tmp, f"{args.model}.pth")
         with _step(f"[4/5] saving the converted model's state_dict to {path} and loading it into a fresh model"):
@@ -482,7 +482,7 @@ def cmd_demo(args) -> int:
         _check("reloaded checkpoint (unconverted model) vs converted", ref, _outputs(reference_model, x),
                TOLERANCE[device])
     if device == "cuda":
-        _say(f"[5/5] training steps (batch {args.batch}, {size} px, SGD), native vs converted:")
+        _say(f"[5/5] training steps (batch {args.batch}, {size} px, SGD), PyTorch vs converted:")
         _demo_timing(reference_model, model, args.batch, size)
     else:
         _say("[5/5] no CUDA GPU here: the converted model ran PyTorch's convolution; timings need a GPU")
@@ -490,16 +490,16 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def _demo_timing(native: nn.Module, converted: nn.Module, batch: int, size: int) -> None:
+def _demo_timing(original: nn.Module, converted: nn.Module, batch: int, size: int) -> None:
     """Training steps (SGD) of both models on random data; they train, so time on copies."""
     from .bench import time_train_steps
 
     for amp in ("float32", "bfloat16"):
-        models = {"native": copy.deepcopy(native), "lkpatch": copy.deepcopy(converted)}
+        models = {"pytorch": copy.deepcopy(original), "lkpatch": copy.deepcopy(converted)}
         r = time_train_steps(models, batch, size, amp, steps=5, warmup=2, queue=0)
         label = "bf16 autocast" if amp == "bfloat16" else "fp32"
-        _say(f"  {label:13s}: PyTorch {r['native_img_per_s']:7.1f} img/s, lkpatch {r['lkpatch_img_per_s']:7.1f} img/s "
-             f"({r['lkpatch_img_per_s'] / r['native_img_per_s']:.2f}x)")
+        _say(f"  {label:13s}: PyTorch {r['pytorch_img_per_s']:7.1f} img/s, lkpatch {r['lkpatch_img_per_s']:7.1f} img/s "
+             f"({r['lkpatch_img_per_s'] / r['pytorch_img_per_s']:.2f}x)")
         del models
         torch.cuda.empty_cache()
 

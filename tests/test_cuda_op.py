@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import lkpatch
 from conftest import rel_err, tf32
 from lkpatch import _ops, build, dispatch
-from lkpatch._native import output_memory_format
+from lkpatch._pytorch import output_memory_format
 
 pytestmark = pytest.mark.cuda
 
@@ -213,7 +213,7 @@ class CountingExtension:
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_random_sweep_channels_last_native(dtype, monkeypatch):
+def test_random_sweep_channels_last_direct(dtype, monkeypatch):
     """channels_last maps up to 16 x 16 with 8+ images, which the fp16 / bf16 kernels take as
     they are: every pass against float64, and no layout copy made."""
     ext = CountingExtension(build.extension_ops())
@@ -224,8 +224,8 @@ def test_random_sweep_channels_last_native(dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("grad_fmt", [torch.channels_last, torch.contiguous_format])
-def test_channels_last_native_eager(grad_fmt):
-    """The eager path on a channels_last layer the kernels take natively: the C++ autograd op on
+def test_channels_last_direct_eager(grad_fmt):
+    """The eager path on a channels_last layer the kernels read directly: the C++ autograd op on
     the tensors as they are, results in the input's format, an output gradient in either format."""
     gen = torch.Generator(device="cuda").manual_seed(21)
     pads = (6, 6, 6, 6)
@@ -269,7 +269,7 @@ def eager_step_kernels(x, wt, b, pads, g):
 @pytest.mark.parametrize("n,c,h,w,k", [(24, 300, 7, 7, (13, 13)), (17, 5, 9, 11, (7, 7)), (20, 8, 16, 16, (17, 3))],
                          ids=["vectors", "element_copies", "two_row_groups"])
 def test_channels_last_bias_gradient_from_the_weight_gradient(n, c, h, w, k, dtype):
-    """channels_last layers the kernels take natively: the eager C++ backward's weight-gradient
+    """channels_last layers the kernels read directly: the eager C++ backward's weight-gradient
     kernel sums the bias gradient as it stages the output gradient, so neither a bias-gradient
     kernel nor a layout copy runs; all gradients match float64. A second, partial 16-image chunk;
     C a multiple of 4 (vector loads) or not (element loads, a partial channel group); 17 kernel
@@ -886,7 +886,7 @@ def test_bench_model_mode_json(tmp_path, capsys):
         assert bench.main(["--model", "resnet18", "--batch", "4", "--size", "32", "--reps", "1", "--queue", str(queue),
                            "--json", str(out)]) == 0
         (r,) = json.loads(out.read_text())["models"]
-        assert r["queue"] == queue and r["native_img_per_s"] > 0 and r["lkpatch_img_per_s"] > 0
+        assert r["queue"] == queue and r["pytorch_img_per_s"] > 0 and r["lkpatch_img_per_s"] > 0
         assert ("lkpatch_queued_img_per_s" in r) == (queue > 0)
         assert ("queued" in capsys.readouterr().out) == (queue > 0)
 
@@ -901,4 +901,4 @@ def test_bench_rows_and_json(tmp_path):
     assert [r["dtype"] for r in rows] == ["float32", "bfloat16"]
     for r in rows:
         for key in ("fwd_ms", "fwd_bwd_ms", "fwd_bwd_gpu_ms", "input_grad_ms", "weight_grad_ms", "bias_grad_ms"):
-            assert r[f"native_{key}"] > 0 and r[f"lkpatch_{key}"] > 0, key
+            assert r[f"pytorch_{key}"] > 0 and r[f"lkpatch_{key}"] > 0, key

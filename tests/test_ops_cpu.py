@@ -326,9 +326,11 @@ class _OpaqueKernels:
     """Stands in for the CUDA extension: PyTorch's values, but no autograd history (like a kernel)."""
 
     def __getattr__(self, name):
-        from lkpatch import _native
-        fn = {"dwconv2d": _native.forward, "dwconv2d_input_grad": _native.backward_input,
-              "dwconv2d_weight_grad": _native.backward_weight, "dwconv2d_bias_grad": _native.backward_bias,
+        from lkpatch import _pytorch
+        if name == "plan":  # kernels that read NCHW (channels_last tensors go through copies)
+            return lambda *args: "fma nchw -"
+        fn = {"dwconv2d": _pytorch.forward, "dwconv2d_input_grad": _pytorch.backward_input,
+              "dwconv2d_weight_grad": _pytorch.backward_weight, "dwconv2d_bias_grad": _pytorch.backward_bias,
               "to_nchw": torch.Tensor.contiguous,
               "to_channels_last": lambda t: t.contiguous(memory_format=torch.channels_last)}[name]
 

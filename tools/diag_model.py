@@ -5,7 +5,7 @@
 import copy, sys
 import timm, torch
 import lkpatch
-from lkpatch import dispatch, _native, _ops
+from lkpatch import dispatch, _pytorch, _ops
 
 name, size = sys.argv[1], int(sys.argv[2])
 torch.manual_seed(0)
@@ -33,14 +33,14 @@ m64 = copy.deepcopy(model).double(); l64, g64 = grads(m64, x.double())
 def rel(a, b): d = b.norm().item(); return (a - b).norm().item() / (d if d > 0 else 1)
 print("loss", l0, l1, l64)
 rows = sorted(((rel(g1[k], g64[k]), rel(g0[k], g64[k]), k) for k in g0), reverse=True)[:12]
-for r in rows: print(f"grad vs fp64: lkpatch {r[0]:.2e}  native {r[1]:.2e}  {r[2]}")
+for r in rows: print(f"grad vs fp64: lkpatch {r[0]:.2e}  pytorch {r[1]:.2e}  {r[2]}")
 bad = 0
 for e in rec:
     if e["stride"] != (1, 1) or e["mult"] != 1 or "g" not in e: continue
     p = e["pad"]; pads = (p[0], p[0], p[1], p[1])
     xd, wd, gd = e["x"].double(), e["w"].double(), e["g"].double()
-    ref = [_native.forward(xd, wd, None, pads), _native.backward_input(gd, wd, xd.shape[2:], pads),
-           _native.backward_weight(gd, xd, e["k"], pads)]
+    ref = [_pytorch.forward(xd, wd, None, pads), _pytorch.backward_input(gd, wd, xd.shape[2:], pads),
+           _pytorch.backward_weight(gd, xd, e["k"], pads)]
     with dispatch.force("kernel"):
         ours = [_ops._forward_cuda(e["x"], e["w"], None, list(pads)), _ops._input_grad_cuda(e["g"], e["w"], list(xd.shape[2:]), list(pads)),
                 _ops._weight_grad_cuda(e["g"], e["x"], list(e["k"]), list(pads))]

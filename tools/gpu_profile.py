@@ -25,10 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import lkpatch
-from lkpatch import _native, build, dispatch
-
-if os.environ.get("NATIVE_CL_TAPS"):  # comparisons: where channels_last runs natively (dispatch's rule)
-    dispatch._NATIVE_CL_TAPS = int(os.environ["NATIVE_CL_TAPS"])
+from lkpatch import _pytorch, build, dispatch
 
 SHAPES = {  # name: N, C, H, W, K
     "64x7": (64, 384, 64, 64, 7), "14x27": (64, 512, 14, 14, 27), "7x13": (64, 1024, 7, 7, 13),
@@ -66,7 +63,7 @@ def overhead():
             rows.append(("lkpatch.dwconv2d op, no_grad", host_us(lambda: torch.ops.lkpatch.dwconv2d(x, w, b, pads))))
             rows.append(("depthwise_conv2d, no_grad", host_us(lambda: lkpatch.depthwise_conv2d(x, w, b, padding=1))))
             rows.append(("input_grad op", host_us(lambda: torch.ops.lkpatch.dwconv2d_input_grad(g, w, [8, 8], pads))))
-        rows.append(("native backward_input", host_us(lambda: _native.backward_input(g, w, (8, 8), pads))))
+        rows.append(("pytorch backward_input", host_us(lambda: _pytorch.backward_input(g, w, (8, 8), pads))))
         rows.append(("dispatch.op_padding", host_us(lambda: dispatch.op_padding(x, w, b, 1, 1, 1))))
         rows.append(("dispatch.use_kernel", host_us(
             lambda: dispatch.use_kernel("forward", x.shape, w.shape[2:], pads, x.dtype))))

@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-from lkpatch import _native, dispatch
+from lkpatch import _pytorch, dispatch
 from lkpatch.bench import graph_time_ms
 
 NAMED = [  # (N, C, H, W, KH, KW)
@@ -68,9 +68,9 @@ def time_case(case, dtype, tf32, channels_last, reps):
     wt = torch.randn(c, 1, kh, kw, device="cuda", dtype=dtype) / (kh * kw) ** 0.5
     g = torch.randn(n, c, h, w, device="cuda", dtype=dtype).contiguous(memory_format=fmt)
     runs = {
-        "pytorch": {"forward": lambda i: _native.forward(x, wt, None, pads),
-                    "input_grad": lambda i: _native.backward_input(g, wt, (h, w), pads),
-                    "weight_grad": lambda i: _native.backward_weight(g, x, (kh, kw), pads)},
+        "pytorch": {"forward": lambda i: _pytorch.forward(x, wt, None, pads),
+                    "input_grad": lambda i: _pytorch.backward_input(g, wt, (h, w), pads),
+                    "weight_grad": lambda i: _pytorch.backward_weight(g, x, (kh, kw), pads)},
         "lkpatch": {"forward": lambda i: torch.ops.lkpatch.dwconv2d(x, wt, None, pads),
                     "input_grad": lambda i: torch.ops.lkpatch.dwconv2d_input_grad(g, wt, (h, w), pads),
                     "weight_grad": lambda i: torch.ops.lkpatch.dwconv2d_weight_grad(g, x, (kh, kw), pads)},
