@@ -25,7 +25,7 @@ namespace {
 using at::Tensor;
 
 // Error messages are built from strings only: streaming integers through the extension's
-// std::ostream crashed (a libstdc++ mismatch between this library and torch's, seen on torch 2.11).
+// std::ostream crashed (a libstdc++ mismatch between this library and torch's).
 std::string str(int64_t v) { return std::to_string(v); }
 std::string str(at::IntArrayRef a) {
   std::string out = "[";

@@ -28,7 +28,7 @@ struct DwShape {
 // Element type of every tensor of a call. Arithmetic is fp32 whatever the storage: fp32 FMA for
 // float, tensor cores with fp32 accumulation for half types where the GPU has them (sm_80+).
 // tf32: float tensors whose products may be rounded to TF32 (PyTorch allows TF32 convolutions):
-// the forward and input-gradient then run on tensor cores, the other passes as f32.
+// the plan then puts passes on tensor cores where that is faster (the others run as f32).
 enum class DType { f32, f16, bf16, tf32 };
 
 inline size_t elem_bytes(DType t) { return t == DType::f16 || t == DType::bf16 ? 2 : 4; }

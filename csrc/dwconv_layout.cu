@@ -16,9 +16,8 @@ namespace {
 
 constexpr int kTile = 64;
 constexpr int kThreads = 256;
-// Vectors built in registers are stored with __stwb (an ordinary write-back store): nvcc 13 split
-// a plain uint4 assignment of them into four 4-byte stores for 2-byte types. On an H100, bf16
-// 64 x 512 x 14 x 14 to channels_last: 6.9 us a copy with __stwb, 10.5 with the split stores.
+// Vectors built in registers are stored with __stwb (an ordinary write-back store): nvcc 13 splits
+// a plain uint4 assignment of them into four 4-byte stores for 2-byte types, four times the requests.
 
 // One kTile x kTile tile of one matrix (r0, c0 its first row and column).
 template <typename T>
@@ -64,9 +63,9 @@ __device__ __forceinline__ void transpose_tile(const T* __restrict__ src, T* __r
 // the vector, and 16-byte aligned tensors.
 constexpr int kFlatMax = 1024;          // longest flat side
 constexpr int kLoads = 4;               // 16-byte loads in flight a thread (flat output side)
-// Shared memory a flat tile aims at: it ran fastest on an H100 for bf16 maps of 7-56 with 96-1024
-// channels in both directions (64 x 256 x 28 x 28 to NCHW: 19.4 us a copy, 25.1 with 32 KB).
-// Spans of at least 2 vectors can take up to 32 KB (kFlatMax elements a line).
+// Shared memory a flat tile aims at: the size measured fastest for maps of 7-56 with 96-1024
+// channels in both directions (docs/benchmarks.md). Spans of at least 2 vectors can take up to
+// 32 KB (kFlatMax elements a line).
 constexpr int kFlatBytes = 16 * 1024;
 template <typename T, bool kFlatOut>
 __global__ void __launch_bounds__(kThreads) transpose_flat(const T* __restrict__ in, T* __restrict__ out, int64_t batch,
@@ -83,9 +82,8 @@ __global__ void __launch_bounds__(kThreads) transpose_flat(const T* __restrict__
     const T* src = in + b * rows * cols;
     T* dst = out + b * rows * cols;
     if constexpr (kFlatOut) {
-      // kLoads loads a thread in flight, issued before their values are scattered (H100, bf16
-      // 64 x 512 x 14 x 14 to NCHW: 9.6 us a copy, 11.7 one load at a time). The other side's
-      // plain loop stays: batched there it ran slower (13.5 vs 11.5 us to channels_last).
+      // kLoads loads a thread in flight, issued before their values are scattered: the flat side's
+      // copies wait on memory latency. The other side's plain loop stays: batched, it ran slower.
       // in: row r holds the tile's n columns from t0; buf[c][r] is out's block, row-major.
       for (int e0 = threadIdx.x; e0 < nvec; e0 += kLoads * kThreads) {
         uint4 v[kLoads];
@@ -155,8 +153,7 @@ cudaError_t transpose_batched(DType t, const void* in, void* out, int64_t batch,
     const bool may_flat_out = rows <= kFlatMax && cols % V == 0, may_flat_in = cols <= kFlatMax && rows % V == 0;
     if (aligned && !whole && (may_flat_out || may_flat_in)) {
       // Where either side may be flat, the shorter one is: the spans of the other are longer, and
-      // so are the strided side's runs (H100, bf16 64 x 256 x 28 x 28 to NCHW: 19.4 us a copy with
-      // the 256 channels flat, 21.9 with the 784 pixels).
+      // so are the strided side's runs.
       const bool flat_out = may_flat_out && (!may_flat_in || rows <= cols);
       const int64_t flat = flat_out ? rows : cols, side = flat_out ? cols : rows;
       // Spans of whole 32-byte sectors (2 vectors), 64 elements at most: a span that ends inside a

@@ -302,10 +302,8 @@ __global__ void __launch_bounds__(32 * kMaxWarps, 4) dw_tc_forward(const TcParam
 // T_i's fragments once, and its warps take (output row, 16 images) jobs, each walking only the
 // kernel rows that reach the map.
 constexpr int kSmallWarps = 8;
-// Most images a block takes. 32 ran faster than 64 on an H100 (GPU time per forward + backward,
-// N 64): bf16 14 x 14 maps 0.116 vs 0.121 ms with 27 x 27, 0.071 vs 0.076 with 7 x 7, 0.088 vs
-// 0.098 with 5 x 5, even on 7 x 7 and 16 x 16 maps; TF32 14 x 14 with 27 x 27, 105 vs 121 us of
-// forward kernels. (16 was faster still in TF32 on 14 x 14 maps, 98 us, but slower on 7 x 7.)
+// Most images a block takes: more blocks for the GPU at a little more fragment building, which
+// measured faster than 64 images on every small map and dtype timed (16 was slower on 7 x 7).
 constexpr int kSmallImages = 32;
 
 template <typename T>
@@ -385,9 +383,8 @@ __device__ __forceinline__ void small_output_row(float (&acc)[NG][2][4], unsigne
   a_base += (unsigned)((oy - s.pad_t) * 16 * (int)sizeof(T));
   Bf += band_entry<T>(lane);
   // TF32: the second k-step sums into its own accumulators, so that the chains of dependent mma
-  // are no longer than in half precision. (Loading kernel row i + 1's fragments during row i's
-  // mma ran slower on an H100: bf16 forward kernels 66.9 vs 64.6 us on 14 x 14 maps, 58.2 vs
-  // 55.4 on 7 x 7; TF32 no faster.)
+  // are no longer than in half precision. (Prefetching the next kernel row's fragments during
+  // this row's mma measured slower: the registers cost more than the latency hidden.)
   float acc1[NG][2][4] = {};
   for (int i = i_a; i < i_b; ++i) {
 #pragma unroll
@@ -415,10 +412,8 @@ __device__ __forceinline__ void small_output_row(float (&acc)[NG][2][4], unsigne
 
 // NG = 2: a warp's job is an output row of both 16-image groups of the block, which share each B
 // fragment load (the kernel is bound by shared-memory traffic, and B is half of it with one
-// group); its registers allow 4 blocks an SM. On an H100 (N 64) that ran faster on 14 x 14
-// maps (bf16 55.6 vs 58.7 us of forward kernels with 27 x 27, TF32 96.1 vs 105.1) and slower on
-// 7 x 7 (59.1 vs 54.7, TF32 74.4 vs 68.2), where 7 jobs leave a warp of the 8 idle: the host
-// takes it for maps of more than kSmallWarps output rows.
+// group); its registers allow 4 blocks an SM. It pays where the 8 warps have jobs enough: the
+// host takes it for maps of more than kSmallWarps output rows (on 7 x 7 maps a warp would idle).
 template <int NG> constexpr int kSmallForwardBlocks = NG == 2 ? 4 : 0;  // blocks an SM (0: no minimum)
 template <typename T, int NG>
 __global__ void __launch_bounds__(32 * kSmallWarps, kSmallForwardBlocks<NG>) dw_tc_small_forward(const TcSmallParams<T> p) {
@@ -497,7 +492,7 @@ __global__ void __launch_bounds__(32 * kSmallWarps, kSmallForwardBlocks<NG>) dw_
 // barrier per channel), and after the barrier a channel's results replace its input plane (no
 // longer read). At the end each thread gathers a pixel's CG channels from the planes and stores
 // them as one vector.
-// (8 channels: 4 ran slower on an H100, 60.1 vs 54.7 us on 7 x 7 maps, 109.0 vs 98.8 on 14 x 14.)
+// (8 channels, a 16-byte vector: 4 measured slower on 7 x 7 and 14 x 14 maps.)
 constexpr int kNhwcJobs = 2;      // output rows per warp: up to 16 rows over kSmallWarps warps
 constexpr int kNhwcChannels = 8;  // a 16-byte vector of half values
 
@@ -585,8 +580,8 @@ bool small_map(const DwShape& s) { return small_map_tiles(s) == 1; }
 
 // esize: bytes per element (2: half types, 4: TF32, NCHW only). NHWC: blocks of kNhwcChannels
 // channels of 16 images (two fragment buffers; a plane also holds the output): at most 99 KB,
-// within every sm_80+ GPU's limit. 32 images (half the fragment builds, 7 x 7 maps) ran slower on
-// an H100: half the blocks.
+// within every sm_80+ GPU's limit. 32 images (half the fragment builds) measured slower: half
+// the blocks.
 TcSmallPlan plan_small(const DwShape& s, int sms, int esize) {
   TcSmallPlan q{};
   q.xplane = (s.nhwc ? std::max(s.H, s.OH) : s.H) * 16 + 16 / esize;
@@ -657,9 +652,8 @@ cudaError_t launch_general(const ConvArgs<T>& args, const DeviceLimits& lim, cud
     case 2: return launch_tc<T, 2>(p, q, blocks_y, stream);
     default:
       // Wide maps: the k-step counts of the common kernel widths fixed at compile time (half
-      // types 2 and 3: 5-31 wide; TF32 5: 27-31 wide). On an H100 (bf16, N 64, forward +
-      // input-gradient kernels, us): S = 3, 290-291 vs 306-311 on 28 x 28 maps with 29 x 29,
-      // 700-704 vs 749-759 on 56 x 56 with 31 x 31; S = 2, 651-653 vs 739-743 on 64 x 64 with 7 x 7.
+      // types 2 and 3: 5-31 wide; TF32 5: 27-31 wide), which drops the unrolled loop's per-step
+      // checks.
       if constexpr (std::is_same_v<T, float>) {
         if (q.S == 5) return launch_tc<T, 4, 5>(p, q, blocks_y, stream);
       } else {
@@ -683,8 +677,8 @@ bool dwconv2d_tc_forward_fits(DType t, const DwShape& s) {
     return !tf32 && small_map(s) && (N + 15) / 16 <= 65535 &&
            plan_small(s, lim.sms, 2).smem <= (size_t)lim.max_smem_optin;
   if (small_map(s)) return s.C <= 65535 && plan_small(s, lim.sms, tf32 ? 4 : 2).smem <= (size_t)lim.max_smem_optin;
-  // The general kernel in TF32 beat the exact CUDA-core kernels (H100, N 64) only from 28 x 28
-  // maps and 9 taps a row: 56 x 56 with 7 x 7 ran slower, so it stays exact.
+  // The general kernel in TF32 beats the exact CUDA-core kernels only from 28 x 28 maps and 9
+  // taps a row (measured): below that, the exact kernels are as fast.
   if (tf32 && ((int64_t)s.OH * s.OW < 28 * 28 || s.KW < 9)) return false;
   const TcPlan q = plan(s, tf32 ? 4 : 2);
   return q.S <= (tf32 ? kMaxS<float> : kMaxS<__half>) && (int64_t)s.C * ceil_div((int)N, 16) <= 65535 &&

@@ -260,8 +260,8 @@ static_assert(kSmallWarps * 32 == 256, "stage_planes_images_inner: one thread pe
 // thread t copies column (t & 7) + 8 ((t >> 5) & 1) of image 4 ((t >> 6) & 3) + ((t >> 3) & 3) of
 // every row, asynchronously, 4 bytes a copy (the caller commits and waits, then rounds with
 // round_planes_images_inner). A warp's 32 elements are 8 columns of 4 images: 32-byte global
-// segments, and 32 distinct banks. (Loads through registers, 4 in flight a thread, took 113 us
-// on an H100 where these copies take 83: 64 x 512 x 14 x 14, 27 x 27.)
+// segments, and 32 distinct banks. (Loads through registers, 4 in flight a thread, measured
+// slower than these asynchronous copies.)
 struct ImagesInner {
   int x, mm;  // this thread's column and image in a staged row
   __device__ ImagesInner() : x((threadIdx.x & 7) + 8 * ((threadIdx.x >> 5) & 1)),
@@ -348,8 +348,8 @@ __device__ __forceinline__ void small_weight_grad_accumulate(float (&acc)[TW][2 
     const bool two_tiles = s.W > 8;
     const int oy_lo = max(0, s.pad_t - i), oy_hi = min(s.OH, s.H + s.pad_t - i);
     float acc1[2][4] = {};  // images 8-15 of each group: shorter chains of dependent mma
-    // (A software-pipelined loop, the next pair's fragments loading during this pair's mma, was
-    // no faster on an H100: 112.1 vs 111.0 us on 14 x 14 maps, 75.0 vs 74.1 on 7 x 7.)
+    // (A software-pipelined loop, the next pair's fragments loading during this pair's mma,
+    // measured no faster: it costs registers.)
     for (int y = oy_lo; y < oy_hi; ++y)
       for (int k = 0; k < ksteps; ++k) {
         uint32_t a[2][4], b[2][4];
@@ -402,7 +402,7 @@ __device__ __forceinline__ void small_weight_grad_accumulate(float (&acc)[TW][2 
   auto apply = [&](const uint32_t(&a)[TW][4], const uint32_t(&b)[TW][4]) {
     small_weight_grad_mma<T, TW>(acc, a, b, m_tiles, n_tiles);
   };
-  if constexpr (TW == 1) {  // maps up to 16: the plain loop ran faster (H100, 14 x 14 and 7 x 7)
+  if constexpr (TW == 1) {  // maps up to 16: the plain loop measured faster
     for (int y = oy_lo; y < oy_hi; ++y)
       for (int kk = 0; kk < ksteps; ++kk) {
         load(y, kk, A0, B0);
@@ -469,8 +469,7 @@ __device__ __forceinline__ void small_weight_grad_accumulate_pair(float (&acc0)[
 
 // A warp's D_i scratch: COLS rows of scratch_pitch(COLS, pad) floats. Padded, the 8 floats past
 // COLS put the 8 rows g of a C fragment 8 banks apart, so the fragment's 8-byte stores fill
-// distinct banks. (Rows COLS floats apart hit the same banks, 8-way at COLS 32: on an H100 the
-// weight-gradient of bf16 64 x 256 x 28 x 28 maps with 29 x 29 took 155-159 us so, 129 padded.)
+// distinct banks. (Rows COLS floats apart hit the same banks, 8-way at COLS 32.)
 // Unpadded only where the padded block would not fit the GPU (32-column maps on 99 KB GPUs).
 __host__ __device__ constexpr int scratch_pitch(int cols, bool pad = true) { return pad ? cols + 8 : cols; }
 __host__ __device__ constexpr int scratch_floats(int cols, bool pad = true) { return cols * scratch_pitch(cols, pad); }
@@ -590,9 +589,7 @@ __global__ void __launch_bounds__(32 * kSmallWarps) dw_tc_small_weight_grad(cons
   };
   if constexpr (!std::is_same_v<T, float>) {
     // Half types: warps take pairs of kernel rows where a warp would take three rows or more one
-    // at a time. On an H100 (N 64) pairs ran faster with 27 rows (14 x 14 maps: 41.9 vs 47.6 us)
-    // and 29 (28 x 28: 158.2 vs 171.4), slower with 13 (7 x 7: 35.8 vs 34.8), where they leave
-    // one warp of the 8 idle.
+    // at a time (each fragment then serves two rows); with fewer rows pairs would leave warps idle.
     if (i_hi - i_lo > 2 * kSmallWarps) {
       for (int i = i_lo + 2 * warp; i < i_hi; i += 2 * kSmallWarps) {
         float acc0[TW][2 * TW][4] = {}, acc1[TW][2 * TW][4] = {};
