@@ -121,3 +121,27 @@ class OpLog(TorchDispatchMode):
 def op_route():
     """CPU tensors through the ``lkpatch::`` ops (whose CPU kernels are PyTorch's), as CUDA ones go."""
     return dispatch.force("auto", cpu_through_op=True)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run faster on one intra-op thread than on two contending for a shared CPU."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+def run_cli(capsys, *argv):
+    """``lkpatch ARGV`` in this process: (exit status, stdout, stderr)."""
+    from lkpatch.cli import main
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def digest(path) -> str:
+    """sha256 of a file's bytes."""
+    import hashlib
+    with open(path, "rb") as fh:
+        return hashlib.sha256(fh.read()).hexdigest()

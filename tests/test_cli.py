@@ -1,5 +1,4 @@
 """The ``lkpatch`` command and checkpoint handling: outputs, files, and every error path."""
-import hashlib
 import os
 import subprocess
 import sys
@@ -10,19 +9,12 @@ import torch.nn as nn
 
 from lkpatch import checkpoint as ckpt_io
 from lkpatch.checkpoint import CheckpointError
-from lkpatch.cli import main
+from conftest import digest, run_cli
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def digest(path):
-    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+run = run_cli
 
 
 @pytest.fixture(scope="module")

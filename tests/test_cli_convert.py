@@ -3,7 +3,6 @@ problems reported before any work, checkpoint formats and wrappers, and what is 
 import argparse
 import errno
 import functools
-import hashlib
 import os
 import re
 import signal
@@ -18,7 +17,9 @@ import torch.nn as nn
 import lkpatch
 from lkpatch import checkpoint as ckpt_io
 from lkpatch import cli
-from lkpatch.cli import main
+from conftest import run_cli
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
@@ -27,23 +28,7 @@ NAME = "mobilenetv3_small_050"  # timm; depthwise convs followed by BatchNorms, 
 ARGS = ["--model", NAME, "--model-arg", "num_classes=10", "--input-size", "32", "--batch", "1"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one intra-op thread than on two contending for a shared CPU."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def digest(path):
-    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+run = run_cli
 
 
 def files(folder):

@@ -5,7 +5,6 @@ import io
 import os
 import subprocess
 import sys
-import warnings
 
 import pytest
 import torch
@@ -19,16 +18,7 @@ from lkpatch.modules import DepthwiseConv2d
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # the exporters warn about deprecations and tracer constants; the tests check the graphs instead
-pytestmark = pytest.mark.filterwarnings("ignore")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one intra-op thread than on two contending for a shared CPU."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.usefixtures("one_thread")]
 
 
 def _stack():
