@@ -97,20 +97,25 @@ def test_eager_calls_go_through_the_op_and_exports_do_not(op_raises):
 
 # --- ONNX ----------------------------------------------------------------------------------------
 
+def _onnx_proto(model, x, dynamo: bool):
+    """The ONNX model of ``model(x)`` from the dynamo or the TorchScript-based exporter."""
+    import onnx
+    if dynamo:
+        return torch.onnx.export(model, (x,), dynamo=True).model_proto
+    buf = io.BytesIO()
+    torch.onnx.export(model, (x,), buf, dynamo=False)
+    return onnx.load_from_string(buf.getvalue())
+
+
 @pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript-exporter", "dynamo-exporter"])
 def test_onnx_export_gives_standard_conv_nodes(op_raises, dynamo):
-    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
     if dynamo:
         pytest.importorskip("onnxscript")
     model, reference = _converted_stack()
     x = torch.randn(2, 3, 16, 16)
-    if dynamo:
-        proto = torch.onnx.export(model, (x,), dynamo=True).model_proto
-    else:
-        buf = io.BytesIO()
-        torch.onnx.export(model, (x,), buf, dynamo=False)
-        proto = onnx.load_from_string(buf.getvalue())
+    proto = _onnx_proto(model, x, dynamo)
     nodes = list(proto.graph.node)
     assert sum(n.op_type == "Conv" for n in nodes) == 4  # 1x1 + three depthwise (BN may fold into one)
     assert {n.domain for n in nodes} <= {"", "ai.onnx"}, {n.domain for n in nodes}
@@ -231,7 +236,7 @@ def cuda_kernels():
 
 @pytest.mark.cuda
 def test_cuda_exports_of_a_converted_model(cuda_kernels):
-    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnx")
     model, reference = _converted_stack()
     model, reference = model.cuda(), reference.cuda()
     x = torch.randn(8, 3, 32, 32, device="cuda")
@@ -244,12 +249,7 @@ def test_cuda_exports_of_a_converted_model(cuda_kernels):
     ops = _graph_ops(torch.export.export(model, (x,)).run_decompositions().graph_module)
     assert "aten.convolution.default" in ops and not any("lkpatch" in op for op in ops)
     for dynamo in (False, True):
-        if dynamo:
-            proto = torch.onnx.export(model, (x,), dynamo=True).model_proto
-        else:
-            buf = io.BytesIO()
-            torch.onnx.export(model, (x,), buf, dynamo=False)
-            proto = onnx.load_from_string(buf.getvalue())
+        proto = _onnx_proto(model, x, dynamo)
         assert sum(n.op_type == "Conv" for n in proto.graph.node) == 4
         assert {n.domain for n in proto.graph.node} <= {"", "ai.onnx"}
     scripted = torch.jit.script(model)
