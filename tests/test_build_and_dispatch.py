@@ -97,7 +97,9 @@ def test_kernel_files_compile_without_torch(tmp_path):
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
         for name, proc in zip(kernel_files, pool.map(compile_to_ptx, kernel_files)):
             assert proc.returncode == 0, f"{name}:\n{proc.stderr[-3000:]}"
-            assert ".entry" in (tmp_path / f"{name}.ptx").read_text(), name  # it holds kernels
+            text = (src / name).read_text()
+            if "launch(" in text or "<<<" in text:  # it launches kernels: it holds them
+                assert ".entry" in (tmp_path / f"{name}.ptx").read_text(), name
 
 
 def _brute_effective_macs(size, k, pads):
