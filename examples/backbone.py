@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import sys
 from typing import Dict, List, Sequence
 
 import torch
@@ -189,8 +188,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except ExampleError as e:
-        print(f"backbone.py: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
+    common.run(main, "backbone.py")

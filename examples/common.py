@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import sys
 import os
 import tempfile
 import time
@@ -159,15 +160,16 @@ def time_calls(fn: Callable[[], None], device: torch.device, warmup: int, reps: 
     return times
 
 
-@contextlib.contextmanager
 def exact_fp32():
     """fp32 matmuls and convolutions without TF32, for equivalence checks."""
     from lkpatch import dispatch
+    return dispatch.exact_fp32()
 
-    saved = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
+
+def run(main: Callable[[], int], script: str) -> None:
+    """Exit with ``main()``'s status; an ExampleError as one line on stderr and status 1."""
     try:
-        with dispatch.conv_tf32(False):  # torch's switch for convolutions (which lkpatch's kernels follow)
-            yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = saved
+        sys.exit(main())
+    except ExampleError as e:
+        print(f"{script}: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)

@@ -20,7 +20,6 @@ import argparse
 import copy
 import os
 import statistics
-import sys
 from typing import Dict, Tuple
 
 import torch
@@ -297,8 +296,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except ExampleError as e:
-        print(f"deploy.py: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
+    common.run(main, "deploy.py")

@@ -152,17 +152,10 @@ def _make_model(name: str, model_args: Dict[str, object], entry: ckpt_io.StateDi
 
 # ------------------------------------------------------------------------------------ equivalence
 
-@contextlib.contextmanager
 def _exact_fp32():
     """Compare in full fp32: TF32 off for the duration (it is on by default for convolutions)."""
     from . import dispatch
-    saved = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        with dispatch.conv_tf32(False):
-            yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = saved
+    return dispatch.exact_fp32()
 
 
 def _outputs(model: nn.Module, x: torch.Tensor) -> List[torch.Tensor]:

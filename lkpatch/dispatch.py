@@ -176,12 +176,7 @@ class Plan(NamedTuple):
     takes_bias: bool  # the weight-gradient also gives the bias gradient
     why: str = ""     # family "none": why no kernel takes the call
 
-    @property
-    def tensor_cores(self) -> bool:
-        return self.family.startswith("tc_")
 
-
-_NO_EXTENSION = Plan("none", False, False, "lkpatch's CUDA extension is not available")
 _decisions: dict = {}
 
 
@@ -206,7 +201,7 @@ def _parse_plan(text: str) -> Plan:
 @torch.compiler.assume_constant_result
 def _query_plan(pass_, size, kernel_size, pads, dtype, tf32, channels_last) -> str:
     if not _extension_ready():
-        return "none - - " + _NO_EXTENSION.why
+        return "none - - lkpatch's CUDA extension is not available"
     from . import _ops
     return _ops.kernels().plan(pass_, list(size), list(kernel_size), list(pads), dtype, tf32, channels_last)
 
@@ -420,6 +415,18 @@ def tf32_pass(dtype: torch.dtype) -> bool:
     ``torch.backends.cudnn.allow_tf32``; both on by default) on an sm_80+ GPU. Read per call, as
     cuDNN reads it. The extension's plan then says which passes use TF32 (the others stay exact)."""
     return dtype == torch.float32 and _conv_tf32_allowed() and not _tensor_cores_off()
+
+
+@contextlib.contextmanager
+def exact_fp32() -> Iterator[None]:
+    """fp32 matrix products and convolutions without TF32 for a block (equivalence checks)."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with conv_tf32(False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 @contextlib.contextmanager
