@@ -371,7 +371,7 @@ def estimate_us(path: str, pass_: str, size, kernel_size, pads, dtype, channels_
     """The modelled GPU time of one convolution pass on ``path`` ("lkpatch" or "pytorch")."""
     n, c, h, w = size
     oh, ow = output_size((h, w), kernel_size, pads)
-    elem = torch.empty((), dtype=dtype).element_size()
+    elem = dtype.itemsize
     moved = n * c * (h * w + oh * ow) * elem
     macs = effective_macs(size, kernel_size, pads)
     kh, kw = kernel_size
@@ -394,7 +394,7 @@ def estimate_us(path: str, pass_: str, size, kernel_size, pads, dtype, channels_
 def _copy_us(size, kernel_size, pads, dtype) -> float:
     """One layout copy of an activation-sized tensor (lkpatch's tiled NHWC <-> NCHW copy)."""
     n, c, h, w = size
-    elem = torch.empty((), dtype=dtype).element_size()
+    elem = dtype.itemsize
     return COST["copy_call_us"] + 2 * n * c * h * w * elem / COST["bandwidth"]
 
 
