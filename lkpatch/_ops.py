@@ -56,6 +56,16 @@ def _channels_last(t) -> bool:
     return _pytorch.output_memory_format(t) == torch.channels_last
 
 
+def dense(t):
+    """A CUDA activation with gaps between its elements (a channel slice of a channels_last map,
+    as InceptionNeXt's token mixer convolves, or its gradient) as a dense copy in its own memory
+    format, which the kernels read: the copy PyTorch's convolutions make too."""
+    if (isinstance(t, torch.Tensor) and t.is_cuda and t.dim() == 4 and not t.is_contiguous()
+            and not t.is_contiguous(memory_format=torch.channels_last)):
+        return t.contiguous(memory_format=_pytorch.output_memory_format(t))
+    return t
+
+
 def _nchw(t):
     """``t`` as a contiguous NCHW tensor, for the kernels."""
     if t.is_contiguous():
@@ -96,6 +106,7 @@ def _reads_cl(pass_, t, size, kernel_size, padding) -> bool:
 
 
 def _forward_cuda(x, weight, bias, padding):
+    x = dense(x)
     fmt = _pytorch.output_memory_format(x)
     if dispatch.use_kernel("forward", x.shape, weight.shape[2:], padding, x.dtype, fmt == torch.channels_last):
         reads_cl = _reads_cl("forward", x, x.shape, weight.shape[2:], padding)
@@ -110,6 +121,7 @@ def _forward_cuda(x, weight, bias, padding):
 def _input_grad_cuda(grad, weight, input_size, padding, nchw=_nchw, memory_format=None):
     """``memory_format``: the kernel result's (default: the output gradient's, as the op returns it;
     the eager backward asks for the input's directly instead of changing it twice)."""
+    grad = dense(grad)
     size = (grad.shape[0], grad.shape[1], input_size[0], input_size[1])
     fmt = _pytorch.output_memory_format(grad)
     if dispatch.use_kernel("input_grad", size, weight.shape[2:], padding, grad.dtype, fmt == torch.channels_last):
@@ -121,6 +133,7 @@ def _input_grad_cuda(grad, weight, input_size, padding, nchw=_nchw, memory_forma
 
 
 def _weight_grad_cuda(grad, x, kernel_size, padding, nchw=_nchw):
+    grad, x = dense(grad), dense(x)
     cl = _channels_last(x) or _channels_last(grad)
     if dispatch.use_kernel("weight_grad", x.shape, kernel_size, padding, x.dtype, cl):
         if cl and dispatch.reads_channels_last("weight_grad", x.shape, kernel_size, padding, x.dtype):
@@ -134,6 +147,7 @@ def _weight_grad_cuda(grad, x, kernel_size, padding, nchw=_nchw):
 def _bias_grad_cuda(grad, nchw=_nchw):
     # A channels_last gradient that the other passes already copied to NCHW counts as NCHW; else
     # the kernel reads channels_last as it is.
+    grad = dense(grad)
     cl = _channels_last(grad) and not (isinstance(nchw, _SharedNCHW) and nchw.has_copy(grad))
     if dispatch.bias_grad_on_kernel(grad.shape, grad.dtype, cl):
         return kernels().dwconv2d_bias_grad(grad if cl else nchw(grad))
@@ -262,6 +276,7 @@ class EagerDepthwiseConv2d(torch.autograd.Function):
     def backward(ctx, grad):
         if torch.is_grad_enabled():  # create_graph=True: the ops, whose own autograd gives double backward
             return _backward(ctx, grad)
+        grad = dense(grad)  # once for the three passes
         nchw = _SharedNCHW()
         input_grad = functools.partial(_input_grad_cuda, nchw=nchw, memory_format=ctx.input_format)
         return _gradients(ctx, grad, input_grad, functools.partial(_weight_grad_cuda, nchw=nchw),
@@ -297,11 +312,18 @@ class _NCHWAsChannelsLast(torch.autograd.Function):
         return grad.contiguous() if torch.is_grad_enabled() else _nchw(grad)
 
 
+def _through_nchw(x, kernel_size, padding, reads_cl: bool) -> bool:
+    """Whether the layer of this channels_last input runs on the kernels through NCHW as a whole
+    (dispatch's route "copies"). ``reads_cl``: ``_reads_cl("all", x, ...)``."""
+    return (not reads_cl and _channels_last(x)
+            and dispatch.use_kernel("forward", x.shape, kernel_size, padding, x.dtype, True))
+
+
 def eager_dwconv2d(x, weight, bias, padding):
     """``lkpatch::dwconv2d`` on CUDA tensors in eager mode."""
     k = weight.shape[2:]
     reads_cl = _reads_cl("all", x, x.shape, k, padding)
-    if not reads_cl and _channels_last(x) and dispatch.use_kernel("forward", x.shape, k, padding, x.dtype, True):
+    if _through_nchw(x, k, padding, reads_cl):
         y = _eager_direct(_ChannelsLastAsNCHW.apply(x), weight, bias, padding, False)
         # A 1 x 1 output is channels_last already; passed through the copy node unchanged, it
         # would be a view that in-place ops (a ReLU(inplace=True) after it) must not modify.
@@ -324,6 +346,34 @@ def _eager_direct(x, weight, bias, padding, reads_cl):
                                                                             layer_k, padding)
             return kernels().dwconv2d_autograd(x, weight, bias, padding, dispatch.tf32_pass(x.dtype), bias_kernel)
     return EagerDepthwiseConv2d.apply(x, weight, bias, padding)
+
+
+# Under torch.compile the layer's copies through NCHW are graph nodes (PyTorch's copies, which
+# Inductor may fuse into the kernels next to them), each direction's gradient the copy back, so
+# the op's passes all see NCHW: its backward needs no copy of its own.
+class _TracedLayoutCopy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t, memory_format, grad_format):
+        ctx.grad_format = grad_format
+        return t.contiguous(memory_format=memory_format)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous(memory_format=ctx.grad_format), None, None
+
+
+def traced_dwconv2d(x, weight, bias, padding):
+    """``lkpatch::dwconv2d`` as ``torch.compile`` traces it (also on CPU tensors sent to the op)."""
+    if x.is_cuda and _channels_last(x):
+        x, weight, bias = autocast_inputs("cuda", x, weight, bias)
+        k = weight.shape[2:]
+        if _through_nchw(x, k, padding, _reads_cl("all", x, x.shape, k, padding)):
+            nchw = _TracedLayoutCopy.apply(x, torch.contiguous_format, torch.channels_last)
+            y = torch.ops.lkpatch.dwconv2d(nchw, weight, bias, padding)
+            if y.is_contiguous(memory_format=torch.channels_last):  # a 1 x 1 output is both
+                return y
+            return _TracedLayoutCopy.apply(y, torch.channels_last, torch.contiguous_format)
+    return torch.ops.lkpatch.dwconv2d(x, weight, bias, padding)
 
 
 # --- Autocast ----------------------------------------------------------------------------------

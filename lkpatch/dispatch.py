@@ -126,20 +126,48 @@ def op_padding(x, weight, bias, stride, padding, dilation) -> Optional[Pads]:
     if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (c,)
                              or bias.device != device or _effective_dtype(bias, autocast) != dtype):
         return None
-    try:
-        if _pair(stride) != (1, 1) or _pair(dilation) != (1, 1):
-            return None
-    except (TypeError, ValueError):  # malformed: F.conv2d raises its own error
-        return None
     kh, kw = weight.shape[2], weight.shape[3]
-    pads = explicit_padding(padding, (kh, kw))
-    if pads is None or min(pads) < 0:
+    pads = _stride1_pads(stride, padding, dilation, kh, kw)
+    if pads is None:
         return None
     if n == 0 or c == 0 or h + pads[0] + pads[1] < kh or w + pads[2] + pads[3] < kw:
         return None  # empty or invalid: PyTorch returns or raises
     if device.type == "cuda" and not use_kernel("any", (n, c, h, w), (kh, kw), pads, dtype, channels_last(x)):
         return None
     return pads
+
+
+_geometry: dict = {}
+
+
+def _stride1_pads(stride, padding, dilation, kh: int, kw: int) -> Optional[Pads]:
+    """The explicit padding of a stride-1, dilation-1 call with valid padding, else None; kept per
+    argument values (a model's layers repeat a few), as the arguments' checks cost host time."""
+    key = (_geometry_key(stride), _geometry_key(padding), _geometry_key(dilation), kh, kw)
+    if None in key[:3]:
+        return _check_geometry(stride, padding, dilation, kh, kw)
+    if key not in _geometry:
+        _geometry[key] = _check_geometry(stride, padding, dilation, kh, kw)
+    return _geometry[key]
+
+
+def _geometry_key(a):
+    """``a`` as a key that no other argument value shares (1.0 == 1 as keys), or None."""
+    if type(a) is int or type(a) is str:
+        return a
+    if type(a) in (tuple, list) and all(type(e) is int for e in a):
+        return tuple(a)
+    return None
+
+
+def _check_geometry(stride, padding, dilation, kh, kw) -> Optional[Pads]:
+    try:
+        if _pair(stride) != (1, 1) or _pair(dilation) != (1, 1):
+            return None
+    except (TypeError, ValueError):  # malformed: F.conv2d raises its own error
+        return None
+    pads = explicit_padding(padding, (kh, kw))
+    return None if pads is None or min(pads) < 0 else pads
 
 
 def channels_last(t: torch.Tensor) -> bool:
@@ -211,7 +239,12 @@ def reads_channels_last(pass_: str, size, kernel_size, pads, dtype: torch.dtype)
     the bias gradient always; a convolution pass where its plan can and the layer's route
     (:func:`channels_last_route`) is "direct". "all": the forward, input-grad and weight-grad all do."""
     if pass_ == "all":
-        return all(reads_channels_last(p, size, kernel_size, pads, dtype) for p in CONV_PASSES)
+        key = ("reads_channels_last", _impl, tuple(size), tuple(kernel_size), tuple(pads), dtype,
+               dtype == torch.float32 and tf32_pass(dtype))
+        found = _decisions.get(key)
+        if found is None:
+            found = _decisions[key] = all(reads_channels_last(p, size, kernel_size, pads, dtype) for p in CONV_PASSES)
+        return found
     if pass_ == "bias_grad":
         return dtype in KERNEL_DTYPES
     if not plan(pass_, size, kernel_size, pads, dtype, True).nhwc:
@@ -250,17 +283,18 @@ def use_kernel(pass_: str, size: Sequence[int], kernel_size: Sequence[int], pads
     faster, except channels_last layers whose kernels need NCHW copies: those are shared by the
     passes, so the layer goes through NCHW as a whole or not at all (:func:`channels_last_route`).
     """
-    if pass_ == "any":  # the bias gradient alone does not take a layer from PyTorch's convolution
-        return any(use_kernel(p, size, kernel_size, pads, dtype, channels_last) for p in CONV_PASSES)
-    if pass_ == "all":
-        return all(use_kernel(p, size, kernel_size, pads, dtype, channels_last) for p in CONV_PASSES)
     if _impl == "pytorch":
         return False
     tf32 = dtype == torch.float32 and tf32_pass(dtype)
     key = (_impl, pass_, tuple(size), tuple(kernel_size), tuple(pads), dtype, tf32, bool(channels_last))
     decision = _decisions.get(key)
     if decision is None:
-        decision = _decisions[key] = _decide(pass_, size, kernel_size, pads, dtype, channels_last)
+        if pass_ in ("any", "all"):  # the bias gradient alone does not take a layer from PyTorch's convolution
+            decision = (any if pass_ == "any" else all)(
+                use_kernel(p, size, kernel_size, pads, dtype, channels_last) for p in CONV_PASSES)
+        else:
+            decision = _decide(pass_, size, kernel_size, pads, dtype, channels_last)
+        _decisions[key] = decision
     return decision
 
 
@@ -441,6 +475,9 @@ def conv_tf32(enabled: bool) -> Iterator[None]:
         torch.backends.cudnn.allow_tf32 = saved
 
 
+# A constant of the graph under torch.compile (Dynamo cannot call the switch's getter); a compiled
+# model reads it when it is traced.
+@torch.compiler.assume_constant_result
 def _conv_tf32_allowed() -> bool:
     getter = getattr(torch._C, "_get_fp32_precision_getter", None)
     if getter is not None:

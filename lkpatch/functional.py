@@ -7,10 +7,14 @@ import torch.nn.functional as F
 from . import _ops
 from . import dispatch
 
-_is_exporting = getattr(torch.compiler, "is_exporting", None)  # torch >= 2.5: set by torch.export
-# Both ONNX exporters set one of the flags above (TorchScript's traces; the dynamo one runs
-# torch.export), so the slower torch.onnx.is_in_onnx_export() is asked only where torch lacks them.
-_onnx_flag = torch.onnx.is_in_onnx_export if _is_exporting is None else (lambda: False)
+# torch.export (and the dynamo ONNX exporter, which runs it) sets this flag; torch.compile does
+# not. It is read rather than asked through torch.compiler.is_exporting(), which Dynamo answers with
+# True in every torch.compile trace before torch 2.12.
+_has_export_flag = hasattr(torch.compiler, "_is_exporting_flag")
+
+
+def _export_flag() -> bool:
+    return torch.compiler._is_exporting_flag if _has_export_flag else torch.onnx.is_in_onnx_export()
 
 
 def exporting() -> bool:
@@ -19,8 +23,7 @@ def exporting() -> bool:
     ``torch.jit.script``. Then a converted layer computes ``F.conv2d`` (the same numbers), so the
     graph holds a standard ``Conv`` / ``aten.convolution``. ``torch.compile`` is not exporting: it
     keeps lkpatch's op."""
-    return bool(torch.jit.is_scripting() or torch.jit.is_tracing()
-                or (_is_exporting is not None and _is_exporting()) or _onnx_flag())
+    return bool(torch.jit.is_scripting() or torch.jit.is_tracing() or _export_flag())
 
 
 def depthwise_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -35,6 +38,7 @@ def depthwise_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     ``(top, bottom, left, right)``, which PyTorch computes as ``F.pad`` followed by the convolution.
     """
     if not exporting():
+        input = _ops.dense(input)
         pads = dispatch.op_padding(input, weight, bias, stride, padding, dilation)
         if pads is not None:
             return _run_op(input, weight, bias, pads)
@@ -43,11 +47,11 @@ def depthwise_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
 
 
 def _run_op(input, weight, bias, pads) -> torch.Tensor:
-    """lkpatch's op: in eager mode on CUDA its low-host-time path, else ``torch.ops.lkpatch.dwconv2d``."""
+    """lkpatch's op: in eager mode on CUDA its low-host-time path, else as ``torch.compile`` traces it."""
     if input.is_cuda and not torch.compiler.is_compiling():
         x, w, b = _ops.autocast_inputs("cuda", input, weight, bias)
         return _ops.eager_dwconv2d(x, w, b, pads)
-    return torch.ops.lkpatch.dwconv2d(input, weight, bias, pads)
+    return _ops.traced_dwconv2d(input, weight, bias, pads)
 
 
 def padded_conv2d(input, weight, bias, stride, padding, dilation, groups) -> torch.Tensor:

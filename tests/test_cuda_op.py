@@ -772,6 +772,70 @@ def test_compile_fullgraph():
     assert all(p.grad is not None for p in model.parameters())
 
 
+@pytest.mark.parametrize("route", ["copies", "direct"])
+def test_compile_channels_last_routes(route, monkeypatch):
+    """A compiled channels_last bf16 model under autocast, fullgraph: outputs and gradients as in
+    eager mode, in the input's format. Through NCHW, the layer's copies are graph nodes, so the
+    op's own passes see NCHW tensors (none of them copies a channels_last tensor); direct, the
+    kernels read channels_last."""
+    monkeypatch.setattr(dispatch, "_decisions", {})
+    monkeypatch.setattr(dispatch, "channels_last_route", lambda *args: route)
+    copied, launched = [], []
+    nchw, kernels = _ops._nchw, _ops.kernels
+    monkeypatch.setattr(_ops, "_nchw", lambda t: (t.is_contiguous() or copied.append(t.shape), nchw(t))[1])
+    monkeypatch.setattr(_ops, "kernels", lambda: (launched.append(1), kernels())[1])
+    torch.manual_seed(0)
+    model = lkpatch.convert_model(torch.nn.Sequential(
+        torch.nn.Conv2d(3, 64, 3, padding=1), torch.nn.Conv2d(64, 64, 13, padding=6, groups=64),
+        torch.nn.GELU(), torch.nn.Conv2d(64, 64, (1, 11), padding=(0, 5), groups=64, bias=False))).cuda()
+    model = model.to(memory_format=torch.channels_last)
+    x = torch.randn(16, 3, 48, 48, device="cuda").contiguous(memory_format=torch.channels_last).requires_grad_()
+
+    def run(net):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = net(x)
+        y.float().square().mean().backward()
+        grads = [x.grad] + [p.grad for p in model.parameters()]
+        x.grad = None
+        model.zero_grad(set_to_none=True)
+        return y, grads
+
+    y0, g0 = run(model)
+    copied.clear()
+    launched.clear()
+    y1, g1 = run(torch.compile(model, fullgraph=True))
+    assert launched, "the compiled model must run lkpatch's kernels"
+    assert copied == [] and y1.is_contiguous(memory_format=torch.channels_last)
+    assert g1[0].is_contiguous(memory_format=torch.channels_last)
+    assert rel_err(y1.float(), y0.float()) <= 1e-2
+    for a, b in zip(g1, g0):
+        assert rel_err(a.float(), b.float()) <= 2e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_channel_slice_of_channels_last(dtype):
+    """A depthwise convolution of a channel slice of a channels_last map (InceptionNeXt's token
+    mixer): the result and the input gradient in PyTorch's formats, values and gradients against
+    float64, eager and compiled."""
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    x = torch.randn(4, 40, 30, 30, device="cuda", generator=gen).to(dtype).contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(12, 1, 1, 11, device="cuda", generator=gen) / 4).to(dtype)
+    g = torch.randn(4, 12, 30, 30, device="cuda", generator=gen).to(dtype).contiguous(memory_format=torch.channels_last)
+    xs = x.requires_grad_()
+    pads = (0, 0, 5, 5)
+    sl = x.detach()[:, 8:20]
+    ref = reference(sl, w, None, pads, g)
+    expect = F.conv2d(xs[:, 8:20], w, None, 1, (0, 5), 1, 12)
+    expect_gx = torch.autograd.grad(expect, xs, g)[0]
+    for fn in (lkpatch.depthwise_conv2d, torch.compile(lkpatch.depthwise_conv2d, fullgraph=True)):
+        with dispatch.force("kernel"), dispatch.exact_fp32():
+            y = fn(xs[:, 8:20], w, None, padding=(0, 5))
+            gx = torch.autograd.grad(y, xs, g)[0]
+        assert y.stride() == expect.stride()
+        assert rel_err(y, ref[0]) <= TOL[dtype] and rel_err(gx[:, 8:20], ref[1]) <= TOL[dtype]
+        assert gx.stride() == expect_gx.stride() and not gx[:, :8].any()
+
+
 def test_cuda_graph_capture():
     torch.manual_seed(0)
     model = lkpatch.convert_model(_small_convnet().cuda())

@@ -255,6 +255,20 @@ def test_channels_last_follows_f_conv2d(pads):
         out = lkpatch.depthwise_conv2d(xc, w, b, padding=pads)
     assert out.stride() == _padded_ref(xc, w, b, pads).stride()
 
+def test_channel_slice_of_channels_last_follows_f_conv2d():
+    """A channel slice of a channels_last map (InceptionNeXt's token mixer) has channels_last
+    strides with gaps: the op returns channels_last there, as F.conv2d does."""
+    x = torch.randn(2, 20, 9, 8).contiguous(memory_format=torch.channels_last)
+    sl = x[:, 4:10]
+    w = torch.randn(6, 1, 3, 5)
+    ref = F.conv2d(sl, w, None, 1, (1, 2), 1, 6)
+    assert ref.is_contiguous(memory_format=torch.channels_last) and not ref.is_contiguous()
+    with op_route(), OpLog() as log:
+        out = lkpatch.depthwise_conv2d(sl, w, padding=(1, 2))
+    assert log.count("lkpatch::dwconv2d") == 1
+    assert out.stride() == ref.stride() and rel_err(out, ref) <= 1e-5
+
+
 @pytest.mark.parametrize("x_fmt,g_fmt", [(torch.channels_last, torch.contiguous_format),
                                          (torch.contiguous_format, torch.channels_last)])
 def test_input_grad_takes_the_input_memory_format_like_f_conv2d(x_fmt, g_fmt):

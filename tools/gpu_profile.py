@@ -13,10 +13,14 @@
   python tools/gpu_profile.py copies [S...]    GPU microseconds and GB/s of the layout copies, both directions
       (LKPATCH_PROFILE_DTYPE, default bfloat16)
   python tools/gpu_profile.py biasgrad        bias gradient: PyTorch's sum vs the kernel, channels_last and NCHW
+  python tools/gpu_profile.py compiled [MODEL [BATCH]]
+      a converted timm model's training step (bf16, channels_last) eager against torch.compile,
+      graph breaks, and each one's top kernels (default replknet_31b, batch 64)
   python tools/gpu_profile.py model [bfloat16|float16|float32]
       RepLKNet-31B training step (batch 64): converted vs without its depthwise convolutions,
       and the converted step's GPU time per kernel (torch.profiler)
 """
+import copy
 import os
 import sys
 import time
@@ -71,6 +75,19 @@ def overhead():
     with dispatch.force("kernel"):
         rows.append(("depthwise_conv2d fwd+bwd", host_us(
             lambda: lkpatch.depthwise_conv2d(xr, wr, br, padding=1).backward(g), 500)))
+    # A layer as a model calls it: nn.Conv2d against the converted module, bf16 channels_last under
+    # autocast from an fp32 input (the cast is part of both).
+    conv = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8).cuda()
+    ours = lkpatch.convert_model(torch.nn.Sequential(copy.deepcopy(conv)))[0]
+    xc = torch.randn(2, 8, 8, 8, device="cuda").contiguous(memory_format=torch.channels_last).requires_grad_()
+    gc = torch.randn(2, 8, 8, 8, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    for label, layer in (("nn.Conv2d", conv), ("converted", ours)):
+        def step(layer=layer):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                y = layer(xc)
+            y.backward(gc)
+        with dispatch.force("kernel"):
+            rows.append((f"{label} module fwd+bwd, AMP bf16 CL", host_us(step, 500)))
     for name, us in rows:
         print(f"{name:40s} {us:8.1f} us")
 
@@ -187,7 +204,6 @@ def kernel_ms(prof, steps, width=90):
 
 
 def model(amp):
-    import copy
     import timm
     from lkpatch import bench, convert_model
     build.build()
@@ -231,6 +247,39 @@ def model(amp):
         print(f"{name}: host {1e3 * (t1 - t0):.1f} ms to queue a step, {1e3 * (time.perf_counter() - t0):.1f} ms to finish")
     for name, (ms, n) in top:
         print(f"{ms:8.2f} ms {n // 2:5d}x  {name}")
+
+
+def compiled(name, batch, amp="bfloat16"):
+    """A converted model's training step (channels_last, AMP) eager against torch.compile: images/s
+    beside PyTorch's eager step, Dynamo's graph breaks, and the kernels whose GPU time per step
+    differs most between the two."""
+    import timm
+    from torch._dynamo.utils import counters
+    from lkpatch import bench, convert_model
+    build.build()
+    base = timm.create_model(name, num_classes=1000).cuda().train().to(memory_format=torch.channels_last)
+    conv = convert_model(copy.deepcopy(base))
+    comp = torch.compile(conv)
+    t0 = time.perf_counter()
+    print(bench.time_train_steps({"pytorch": base, "eager": conv, "compiled": comp}, batch, 224, amp,
+                                 channels_last=True, steps=6, queue=2))
+    print(f"timing took {time.perf_counter() - t0:.0f} s; graph breaks: {dict(counters['graph_break'])}", flush=True)
+    x = torch.randn(batch, 3, 224, 224, device="cuda").contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 1000, (batch,), device="cuda")
+    rows = {}
+    for key, net in (("eager", conv), ("compiled", comp)):
+        def step(net=net):
+            with torch.autocast("cuda", dtype=getattr(torch, amp)):
+                loss = F.cross_entropy(net(x), y)
+            loss.backward()
+        rows[key] = profile_kernels(step, 2, warmup=2, width=70)
+        print(f"{key}: GPU kernel time per step {sum(v[0] for v in rows[key].values()):.1f} ms, "
+              f"{sum(v[1] for v in rows[key].values()) // 2} launches")
+    for key in rows:
+        top = sorted(rows[key].items(), key=lambda kv: -kv[1][0])[:18]
+        print(f"-- {key}: top kernels")
+        for kn, (ms, n) in top:
+            print(f"{ms:8.2f} ms {n // 2:5d}x  {kn}")
 
 
 def hostbound():
@@ -362,7 +411,9 @@ if __name__ == "__main__":
              "mismatch": lambda: mismatch(), "perkernel": lambda: perkernel(sys.argv[2:]),
              "hostbound": lambda: hostbound(), "model": lambda: model(sys.argv[2] if len(sys.argv) > 2 else "bfloat16"),
              "python": lambda: python_profile(), "autograd": lambda: autograd_variants(),
-             "biasgrad": lambda: biasgrad(), "copies": lambda: copies(sys.argv[2:])}
+             "biasgrad": lambda: biasgrad(), "copies": lambda: copies(sys.argv[2:]),
+             "compiled": lambda: compiled(sys.argv[2] if len(sys.argv) > 2 else "replknet_31b",
+                                          int(sys.argv[3]) if len(sys.argv) > 3 else 64)}
     if len(sys.argv) < 2 or sys.argv[1] not in modes:
         print(__doc__)
         print("modes:", ", ".join(modes))
