@@ -60,8 +60,8 @@ def dense(t):
     """A CUDA activation with gaps between its elements (a channel slice of a channels_last map,
     as InceptionNeXt's token mixer convolves, or its gradient) as a dense copy in its own memory
     format, which the kernels read: the copy PyTorch's convolutions make too."""
-    if (isinstance(t, torch.Tensor) and t.is_cuda and t.dim() == 4 and not t.is_contiguous()
-            and not t.is_contiguous(memory_format=torch.channels_last)):
+    if (isinstance(t, torch.Tensor) and t.is_cuda and t.dim() == 4 and dispatch.static_shape(t)
+            and not t.is_contiguous() and not t.is_contiguous(memory_format=torch.channels_last)):
         return t.contiguous(memory_format=_pytorch.output_memory_format(t))
     return t
 
@@ -363,8 +363,9 @@ class _TracedLayoutCopy(torch.autograd.Function):
 
 
 def traced_dwconv2d(x, weight, bias, padding):
-    """``lkpatch::dwconv2d`` as ``torch.compile`` traces it (also on CPU tensors sent to the op)."""
-    if x.is_cuda and _channels_last(x):
+    """``lkpatch::dwconv2d`` as ``torch.compile`` traces it (also on CPU tensors sent to the op).
+    With dynamic (symbolic) sizes, the op alone: its passes decide on their layouts when they run."""
+    if x.is_cuda and dispatch.static_shape(x) and _channels_last(x):
         x, weight, bias = autocast_inputs("cuda", x, weight, bias)
         k = weight.shape[2:]
         if _through_nchw(x, k, padding, _reads_cl("all", x, x.shape, k, padding)):

@@ -132,9 +132,17 @@ def op_padding(x, weight, bias, stride, padding, dilation) -> Optional[Pads]:
         return None
     if n == 0 or c == 0 or h + pads[0] + pads[1] < kh or w + pads[2] + pads[3] < kw:
         return None  # empty or invalid: PyTorch returns or raises
-    if device.type == "cuda" and not use_kernel("any", (n, c, h, w), (kh, kw), pads, dtype, channels_last(x)):
+    # With torch.compile's dynamic (symbolic) sizes the op is taken: each pass decides when it runs.
+    if device.type == "cuda" and static_shape(x) and not use_kernel("any", (n, c, h, w), (kh, kw), pads, dtype,
+                                                                    channels_last(x)):
         return None
     return pads
+
+
+def static_shape(t: torch.Tensor) -> bool:
+    """Whether ``t``'s sizes are plain ints, not the symbolic sizes of a ``torch.compile`` trace with
+    dynamic shapes: the plan and the rule take sizes as they are."""
+    return all(type(d) is int for d in t.shape)
 
 
 _geometry: dict = {}

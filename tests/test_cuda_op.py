@@ -778,6 +778,7 @@ def test_compile_channels_last_routes(route, monkeypatch):
     eager mode, in the input's format. Through NCHW, the layer's copies are graph nodes, so the
     op's own passes see NCHW tensors (none of them copies a channels_last tensor); direct, the
     kernels read channels_last."""
+    torch._dynamo.reset()  # static shapes: sizes seen by earlier compiles of these modules would make them dynamic
     monkeypatch.setattr(dispatch, "_decisions", {})
     monkeypatch.setattr(dispatch, "channels_last_route", lambda *args: route)
     copied, launched = [], []
@@ -810,6 +811,30 @@ def test_compile_channels_last_routes(route, monkeypatch):
     assert rel_err(y1.float(), y0.float()) <= 1e-2
     for a, b in zip(g1, g0):
         assert rel_err(a.float(), b.float()) <= 2e-2
+
+
+@pytest.mark.parametrize("fmt", [torch.channels_last, torch.contiguous_format])
+def test_compile_dynamic_shapes(fmt, monkeypatch):
+    """torch.compile with dynamic (symbolic) sizes, as a second input size makes them: the op is
+    traced without a decision, its passes decide when they run -- on the kernels here, with the
+    same results as eager mode for each size."""
+    launched = []
+    kernels = _ops.kernels
+    monkeypatch.setattr(_ops, "kernels", lambda: (launched.append(1), kernels())[1])
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = lkpatch.convert_model(torch.nn.Sequential(
+        torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.Conv2d(32, 32, 15, padding=7, groups=32),
+        torch.nn.ReLU(), torch.nn.Conv2d(32, 32, (7, 3), padding=(3, 1), groups=32))).cuda().to(memory_format=fmt)
+    compiled = torch.compile(model, dynamic=True, fullgraph=True)
+    for size in (24, 37):
+        x = torch.randn(3, 3, size, size + 5, device="cuda").contiguous(memory_format=fmt)
+        with dispatch.force("kernel"), torch.autocast("cuda", dtype=torch.bfloat16):
+            want = model(x)
+            launched.clear()
+            got = compiled(x)
+        assert launched and got.stride() == want.stride()
+        assert rel_err(got.float(), want.float()) <= 1e-2
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
