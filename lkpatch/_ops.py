@@ -60,7 +60,7 @@ def dense(t):
     """A CUDA activation with gaps between its elements (a channel slice of a channels_last map,
     as InceptionNeXt's token mixer convolves, or its gradient) as a dense copy in its own memory
     format, which the kernels read: the copy PyTorch's convolutions make too."""
-    if (isinstance(t, torch.Tensor) and t.is_cuda and t.dim() == 4 and dispatch.static_shape(t)
+    if (isinstance(t, torch.Tensor) and t.is_cuda and t.dim() == 4 and not torch.compiler.is_compiling()
             and not t.is_contiguous() and not t.is_contiguous(memory_format=torch.channels_last)):
         return t.contiguous(memory_format=_pytorch.output_memory_format(t))
     return t
@@ -312,18 +312,18 @@ class _NCHWAsChannelsLast(torch.autograd.Function):
         return grad.contiguous() if torch.is_grad_enabled() else _nchw(grad)
 
 
-def _through_nchw(x, kernel_size, padding, reads_cl: bool) -> bool:
+def _through_nchw(x, size, kernel_size, padding, reads_cl: bool) -> bool:
     """Whether the layer of this channels_last input runs on the kernels through NCHW as a whole
-    (dispatch's route "copies"). ``reads_cl``: ``_reads_cl("all", x, ...)``."""
+    (dispatch's route "copies"). ``reads_cl``: ``_reads_cl("all", x, size, ...)``."""
     return (not reads_cl and _channels_last(x)
-            and dispatch.use_kernel("forward", x.shape, kernel_size, padding, x.dtype, True))
+            and dispatch.use_kernel("forward", size, kernel_size, padding, x.dtype, True))
 
 
 def eager_dwconv2d(x, weight, bias, padding):
     """``lkpatch::dwconv2d`` on CUDA tensors in eager mode."""
     k = weight.shape[2:]
     reads_cl = _reads_cl("all", x, x.shape, k, padding)
-    if _through_nchw(x, k, padding, reads_cl):
+    if _through_nchw(x, x.shape, k, padding, reads_cl):
         y = _eager_direct(_ChannelsLastAsNCHW.apply(x), weight, bias, padding, False)
         # A 1 x 1 output is channels_last already; passed through the copy node unchanged, it
         # would be a view that in-place ops (a ReLU(inplace=True) after it) must not modify.
@@ -364,11 +364,11 @@ class _TracedLayoutCopy(torch.autograd.Function):
 
 def traced_dwconv2d(x, weight, bias, padding):
     """``lkpatch::dwconv2d`` as ``torch.compile`` traces it (also on CPU tensors sent to the op).
-    With dynamic (symbolic) sizes, the op alone: its passes decide on their layouts when they run."""
-    if x.is_cuda and dispatch.static_shape(x) and _channels_last(x):
+    Tensors with gaps (a channel slice) go to the op as they are: its passes make them dense."""
+    if x.is_cuda and dispatch.channels_last(x):
         x, weight, bias = autocast_inputs("cuda", x, weight, bias)
-        k = weight.shape[2:]
-        if _through_nchw(x, k, padding, _reads_cl("all", x, x.shape, k, padding)):
+        k, size = dispatch.static_sizes(weight)[2:], dispatch.static_sizes(x)
+        if _through_nchw(x, size, k, padding, _reads_cl("all", x, size, k, padding)):
             nchw = _TracedLayoutCopy.apply(x, torch.contiguous_format, torch.channels_last)
             y = torch.ops.lkpatch.dwconv2d(nchw, weight, bias, padding)
             if y.is_contiguous(memory_format=torch.channels_last):  # a 1 x 1 output is both

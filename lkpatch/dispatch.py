@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import operator
 import os
 from typing import Iterator, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -126,23 +127,24 @@ def op_padding(x, weight, bias, stride, padding, dilation) -> Optional[Pads]:
     if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (c,)
                              or bias.device != device or _effective_dtype(bias, autocast) != dtype):
         return None
-    kh, kw = weight.shape[2], weight.shape[3]
+    kh, kw = static_sizes(weight)[2:]
     pads = _stride1_pads(stride, padding, dilation, kh, kw)
     if pads is None:
         return None
     if n == 0 or c == 0 or h + pads[0] + pads[1] < kh or w + pads[2] + pads[3] < kw:
         return None  # empty or invalid: PyTorch returns or raises
-    # With torch.compile's dynamic (symbolic) sizes the op is taken: each pass decides when it runs.
-    if device.type == "cuda" and static_shape(x) and not use_kernel("any", (n, c, h, w), (kh, kw), pads, dtype,
-                                                                    channels_last(x)):
+    if device.type == "cuda" and not use_kernel("any", static_sizes(x), (kh, kw), pads, dtype, channels_last(x)):
         return None
     return pads
 
 
-def static_shape(t: torch.Tensor) -> bool:
-    """Whether ``t``'s sizes are plain ints, not the symbolic sizes of a ``torch.compile`` trace with
-    dynamic shapes: the plan and the rule take sizes as they are."""
-    return all(type(d) is int for d in t.shape)
+def static_sizes(t: torch.Tensor) -> Tuple[int, ...]:
+    """``t``'s sizes as numbers, for the plan and the rule. Under ``torch.compile`` with dynamic
+    shapes they are symbols: ``operator.index`` makes Dynamo specialize the graph to these values
+    (a new size compiles again), as the decisions depend on them."""
+    if torch.compiler.is_compiling():
+        return tuple(operator.index(d) for d in t.shape)
+    return tuple(t.shape)
 
 
 _geometry: dict = {}
@@ -222,7 +224,14 @@ def plan(pass_: str, size: Sequence[int], kernel_size: Sequence[int], pads: Sequ
     the current GPU. ``size``: the input's (N, C, H, W); ``channels_last``: the pass's tensors'
     layout. fp32 passes are planned as TF32 where :func:`tf32_pass` (read per call, as cuDNN does)."""
     tf32 = dtype == torch.float32 and tf32_pass(dtype)
-    key = ("plan", pass_, tuple(size), tuple(kernel_size), tuple(pads), dtype, tf32, bool(channels_last))
+    return _plan_once(("plan", pass_, tuple(size), tuple(kernel_size), tuple(pads), dtype, tf32, bool(channels_last)))
+
+
+# The decisions below are plain Python on numbers, each made once per key. While torch.compile
+# traces, Dynamo runs these functions as they are and keeps their results as constants of the graph
+# (it would otherwise guard on the cache's contents, which they change).
+@torch.compiler.assume_constant_result
+def _plan_once(key) -> Plan:
     found = _decisions.get(key)
     if found is None:
         found = _decisions[key] = _parse_plan(_query_plan(*key[1:]))
@@ -247,17 +256,22 @@ def reads_channels_last(pass_: str, size, kernel_size, pads, dtype: torch.dtype)
     the bias gradient always; a convolution pass where its plan can and the layer's route
     (:func:`channels_last_route`) is "direct". "all": the forward, input-grad and weight-grad all do."""
     if pass_ == "all":
-        key = ("reads_channels_last", _impl, tuple(size), tuple(kernel_size), tuple(pads), dtype,
-               dtype == torch.float32 and tf32_pass(dtype))
-        found = _decisions.get(key)
-        if found is None:
-            found = _decisions[key] = all(reads_channels_last(p, size, kernel_size, pads, dtype) for p in CONV_PASSES)
-        return found
+        return _reads_all_once(("reads_channels_last", _impl, tuple(size), tuple(kernel_size), tuple(pads), dtype,
+                                dtype == torch.float32 and tf32_pass(dtype)))
     if pass_ == "bias_grad":
         return dtype in KERNEL_DTYPES
     if not plan(pass_, size, kernel_size, pads, dtype, True).nhwc:
         return False
     return _impl == "kernel" or channels_last_route(size, kernel_size, pads, dtype) == "direct"
+
+
+@torch.compiler.assume_constant_result  # as _plan_once
+def _reads_all_once(key) -> bool:
+    found = _decisions.get(key)
+    if found is None:
+        _, _, size, kernel_size, pads, dtype, _ = key
+        found = _decisions[key] = all(reads_channels_last(p, size, kernel_size, pads, dtype) for p in CONV_PASSES)
+    return found
 
 
 def weight_grad_sums_bias(size, kernel_size, pads, dtype: torch.dtype, channels_last: bool = False) -> bool:
@@ -295,14 +309,21 @@ def use_kernel(pass_: str, size: Sequence[int], kernel_size: Sequence[int], pads
         return False
     tf32 = dtype == torch.float32 and tf32_pass(dtype)
     key = (_impl, pass_, tuple(size), tuple(kernel_size), tuple(pads), dtype, tf32, bool(channels_last))
-    decision = _decisions.get(key)
-    if decision is None:
-        if pass_ in ("any", "all"):  # the bias gradient alone does not take a layer from PyTorch's convolution
-            decision = (any if pass_ == "any" else all)(
-                use_kernel(p, size, kernel_size, pads, dtype, channels_last) for p in CONV_PASSES)
-        else:
-            decision = _decide(pass_, size, kernel_size, pads, dtype, channels_last)
-        _decisions[key] = decision
+    return _decide_once(key)
+
+
+@torch.compiler.assume_constant_result  # as _plan_once
+def _decide_once(key) -> bool:
+    found = _decisions.get(key)
+    if found is not None:
+        return found
+    _, pass_, size, kernel_size, pads, dtype, _, channels_last = key
+    if pass_ in ("any", "all"):  # the bias gradient alone does not take a layer from PyTorch's convolution
+        decision = (any if pass_ == "any" else all)(
+            use_kernel(p, size, kernel_size, pads, dtype, channels_last) for p in CONV_PASSES)
+    else:
+        decision = _decide(pass_, size, kernel_size, pads, dtype, channels_last)
+    _decisions[key] = decision
     return decision
 
 
@@ -331,8 +352,14 @@ def channels_last_route(size, kernel_size, pads, dtype) -> str:
     gradient) or "pytorch": the fastest by the model, for the three passes together."""
     tf32 = dtype == torch.float32 and tf32_pass(dtype)
     key = ("route", tuple(size), tuple(kernel_size), tuple(pads), dtype, tf32)
+    return _route_once(key)
+
+
+@torch.compiler.assume_constant_result  # as _plan_once
+def _route_once(key) -> str:
     route = _decisions.get(key)
     if route is None:
+        _, size, kernel_size, pads, dtype, _ = key
         route = _decisions[key] = _route(size, kernel_size, pads, dtype)
     return route
 

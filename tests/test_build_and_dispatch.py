@@ -269,6 +269,34 @@ def test_rule_leaves_tiny_problems_to_pytorch(h100):
 
 
 @needs_extension
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_decisions_under_torch_compile_with_dynamic_shapes(h100, fmt):
+    """What a compiled converted layer asks while Dynamo traces it with dynamic (symbolic) sizes,
+    decisions not made yet: the sizes become numbers, and every answer is eager mode's."""
+    def ask(x, w):
+        size, k, pads = dispatch.static_sizes(x), dispatch.static_sizes(w)[2:], (7, 7, 2, 2)
+        return (dispatch.use_kernel("any", size, k, pads, torch.bfloat16, dispatch.channels_last(x)),
+                dispatch.use_kernel("all", size, k, pads, torch.bfloat16, dispatch.channels_last(x)),
+                dispatch.reads_channels_last("all", size, k, pads, torch.bfloat16),
+                dispatch.channels_last_route(size, k, pads, torch.bfloat16))
+
+    answers = []
+
+    def traced(x, w):
+        answers.append(ask(x, w))
+        return x + 1
+
+    compiled = torch.compile(traced, backend="eager", dynamic=True, fullgraph=True)
+    torch._dynamo.reset()
+    for n, h in ((16, 40), (3, 57)):
+        x = torch.randn(n, 48, h, h + 3).contiguous(memory_format=fmt)
+        w = torch.randn(48, 1, 15, 5)
+        compiled(x, w)
+        dispatch._decisions.clear()
+        assert answers.pop() == ask(x, w)
+
+
+@needs_extension
 def test_rule_any_all_and_policies(h100):
     """op_padding asks "any" pass, the eager C++ autograd op "all" of them; decisions are cached
     per shape; LKPATCH_IMPL's policies override the rule."""
