@@ -159,9 +159,11 @@ def _plan_text(plan) -> str:
     return plan.family + ("" if plan.nhwc or plan.family == "none" else "/nchw")
 
 
-def bench_model(name: str, batch: int, size: int, amp: str, channels_last: bool, steps: int, queue: int = 3) -> Dict:
+def bench_model(name: str, batch: int, size: int, amp: str, channels_last: bool, steps: int, queue: int = 3,
+                compiled: bool = False) -> Dict:
     """Training steps (forward, loss, backward, SGD) per second, unconverted vs converted: each
-    step alone, and ``queue`` steps queued back to back (:func:`time_train_steps`)."""
+    step alone, and ``queue`` steps queued back to back (:func:`time_train_steps`). ``compiled``:
+    also the converted model under ``torch.compile`` (keys ``lkpatch_compiled_*``)."""
     import timm
 
     from . import convert_model
@@ -169,8 +171,10 @@ def bench_model(name: str, batch: int, size: int, amp: str, channels_last: bool,
     base = timm.create_model(name, num_classes=1000).cuda().train()
     out = {"model": name, "batch": batch, "size": size, "amp": amp, "queue": queue,
            "layout": "channels_last" if channels_last else "nchw"}
-    out.update(time_train_steps({"pytorch": base, "lkpatch": convert_model(copy.deepcopy(base))}, batch, size, amp,
-                                channels_last, steps, queue=queue))
+    models = {"pytorch": base, "lkpatch": convert_model(copy.deepcopy(base))}
+    if compiled:
+        models["lkpatch_compiled"] = torch.compile(models["lkpatch"])
+    out.update(time_train_steps(models, batch, size, amp, channels_last, steps, queue=queue))
     return out
 
 
@@ -445,6 +449,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--amp", choices=["float32", "bfloat16", "float16"], default="bfloat16")
+    parser.add_argument("--compile", action="store_true",
+                        help="model mode: also time the converted model under torch.compile")
     parser.add_argument("--queue", type=int, default=3,
                         help="model mode: steps queued back to back per queued sample (0: each step alone only)")
     parser.add_argument("--json", help="write the results to this JSON file")
@@ -479,15 +485,21 @@ def main(argv: Sequence[str] | None = None) -> int:
               "commit": _git_commit()}
     if args.model:
         for layout in ([False, True] if args.channels_last else [False]):
-            r = bench_model(args.model, args.batch, args.size, args.amp, layout, args.reps, max(0, args.queue))
+            r = bench_model(args.model, args.batch, args.size, args.amp, layout, args.reps, max(0, args.queue),
+                            args.compile)
             result.setdefault("models", []).append(r)
             line = (f"{r['model']} batch {r['batch']} {r['size']}px {r['amp']} {r['layout']}: PyTorch "
                     f"{r['pytorch_img_per_s']:.0f} img/s, lkpatch {r['lkpatch_img_per_s']:.0f} img/s "
                     f"({r['lkpatch_img_per_s'] / r['pytorch_img_per_s']:.2f}x)")
+            if "lkpatch_compiled_img_per_s" in r:
+                line += (f", compiled {r['lkpatch_compiled_img_per_s']:.0f} img/s "
+                         f"({r['lkpatch_compiled_img_per_s'] / r['pytorch_img_per_s']:.2f}x)")
             if r["queue"]:
                 line += (f"; steps queued {r['queue']} at a time: PyTorch {r['pytorch_queued_img_per_s']:.0f} img/s, "
                          f"lkpatch {r['lkpatch_queued_img_per_s']:.0f} img/s "
                          f"({r['lkpatch_queued_img_per_s'] / r['pytorch_queued_img_per_s']:.2f}x)")
+                if "lkpatch_compiled_queued_img_per_s" in r:
+                    line += f", compiled {r['lkpatch_compiled_queued_img_per_s']:.0f} img/s"
             print(line)
     else:
         peak = measured_fp32_tflops()
