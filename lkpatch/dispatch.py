@@ -224,18 +224,23 @@ def plan(pass_: str, size: Sequence[int], kernel_size: Sequence[int], pads: Sequ
     the current GPU. ``size``: the input's (N, C, H, W); ``channels_last``: the pass's tensors'
     layout. fp32 passes are planned as TF32 where :func:`tf32_pass` (read per call, as cuDNN does)."""
     tf32 = dtype == torch.float32 and tf32_pass(dtype)
-    return _plan_once(("plan", pass_, tuple(size), tuple(kernel_size), tuple(pads), dtype, tf32, bool(channels_last)))
+    return _decided(("plan", pass_, tuple(size), tuple(kernel_size), tuple(pads), dtype, tf32, bool(channels_last)))
 
 
-# The decisions below are plain Python on numbers, each made once per key. While torch.compile
-# traces, Dynamo runs these functions as they are and keeps their results as constants of the graph
-# (it would otherwise guard on the cache's contents, which they change).
+# Every decision is plain Python on numbers, made once per key: ("plan" | "route" |
+# "reads_channels_last" | "use_kernel", its arguments...). While torch.compile traces, Dynamo runs
+# this as it is and keeps the answer as a constant of the graph (it would otherwise guard on the
+# cache's contents, which the decision changes).
 @torch.compiler.assume_constant_result
-def _plan_once(key) -> Plan:
+def _decided(key):
     found = _decisions.get(key)
     if found is None:
-        found = _decisions[key] = _parse_plan(_query_plan(*key[1:]))
+        found = _decisions[key] = _DECIDE[key[0]](*key[1:])
     return found
+
+
+def _plan_now(pass_, size, kernel_size, pads, dtype, tf32, channels_last) -> Plan:
+    return _parse_plan(_query_plan(pass_, size, kernel_size, pads, dtype, tf32, channels_last))
 
 
 def _parse_plan(text: str) -> Plan:
@@ -256,8 +261,8 @@ def reads_channels_last(pass_: str, size, kernel_size, pads, dtype: torch.dtype)
     the bias gradient always; a convolution pass where its plan can and the layer's route
     (:func:`channels_last_route`) is "direct". "all": the forward, input-grad and weight-grad all do."""
     if pass_ == "all":
-        return _reads_all_once(("reads_channels_last", _impl, tuple(size), tuple(kernel_size), tuple(pads), dtype,
-                                dtype == torch.float32 and tf32_pass(dtype)))
+        return _decided(("reads_channels_last", _impl, tuple(size), tuple(kernel_size), tuple(pads), dtype,
+                         dtype == torch.float32 and tf32_pass(dtype)))
     if pass_ == "bias_grad":
         return dtype in KERNEL_DTYPES
     if not plan(pass_, size, kernel_size, pads, dtype, True).nhwc:
@@ -265,13 +270,8 @@ def reads_channels_last(pass_: str, size, kernel_size, pads, dtype: torch.dtype)
     return _impl == "kernel" or channels_last_route(size, kernel_size, pads, dtype) == "direct"
 
 
-@torch.compiler.assume_constant_result  # as _plan_once
-def _reads_all_once(key) -> bool:
-    found = _decisions.get(key)
-    if found is None:
-        _, _, size, kernel_size, pads, dtype, _ = key
-        found = _decisions[key] = all(reads_channels_last(p, size, kernel_size, pads, dtype) for p in CONV_PASSES)
-    return found
+def _reads_all_now(impl, size, kernel_size, pads, dtype, tf32) -> bool:
+    return all(reads_channels_last(p, size, kernel_size, pads, dtype) for p in CONV_PASSES)
 
 
 def weight_grad_sums_bias(size, kernel_size, pads, dtype: torch.dtype, channels_last: bool = False) -> bool:
@@ -308,34 +308,22 @@ def use_kernel(pass_: str, size: Sequence[int], kernel_size: Sequence[int], pads
     if _impl == "pytorch":
         return False
     tf32 = dtype == torch.float32 and tf32_pass(dtype)
-    key = (_impl, pass_, tuple(size), tuple(kernel_size), tuple(pads), dtype, tf32, bool(channels_last))
-    return _decide_once(key)
+    return _decided(("use_kernel", _impl, pass_, tuple(size), tuple(kernel_size), tuple(pads), dtype, tf32,
+                     bool(channels_last)))
 
 
-@torch.compiler.assume_constant_result  # as _plan_once
-def _decide_once(key) -> bool:
-    found = _decisions.get(key)
-    if found is not None:
-        return found
-    _, pass_, size, kernel_size, pads, dtype, _, channels_last = key
+def _use_kernel_now(impl, pass_: str, size, kernel_size, pads, dtype, tf32, channels_last) -> bool:
     if pass_ in ("any", "all"):  # the bias gradient alone does not take a layer from PyTorch's convolution
-        decision = (any if pass_ == "any" else all)(
+        return (any if pass_ == "any" else all)(
             use_kernel(p, size, kernel_size, pads, dtype, channels_last) for p in CONV_PASSES)
-    else:
-        decision = _decide(pass_, size, kernel_size, pads, dtype, channels_last)
-    _decisions[key] = decision
-    return decision
-
-
-def _decide(pass_: str, size, kernel_size, pads, dtype, channels_last) -> bool:
     if dtype not in KERNEL_DTYPES or not _extension_ready():
         return False
     if pass_ == "bias_grad":
-        return _impl == "kernel" or _bias_kernel_faster(size, channels_last)
+        return impl == "kernel" or _bias_kernel_faster(size, channels_last)
     q = plan(pass_, size, kernel_size, pads, dtype, channels_last)
     if q.family == "none":
         return False
-    if _impl == "kernel":
+    if impl == "kernel":
         return True
     if channels_last:
         route = channels_last_route(size, kernel_size, pads, dtype)
@@ -351,20 +339,10 @@ def channels_last_route(size, kernel_size, pads, dtype) -> str:
     into NCHW for the input and the output gradient, back for the output and the input
     gradient) or "pytorch": the fastest by the model, for the three passes together."""
     tf32 = dtype == torch.float32 and tf32_pass(dtype)
-    key = ("route", tuple(size), tuple(kernel_size), tuple(pads), dtype, tf32)
-    return _route_once(key)
+    return _decided(("route", tuple(size), tuple(kernel_size), tuple(pads), dtype, tf32))
 
 
-@torch.compiler.assume_constant_result  # as _plan_once
-def _route_once(key) -> str:
-    route = _decisions.get(key)
-    if route is None:
-        _, size, kernel_size, pads, dtype, _ = key
-        route = _decisions[key] = _route(size, kernel_size, pads, dtype)
-    return route
-
-
-def _route(size, kernel_size, pads, dtype) -> str:
+def _route_now(size, kernel_size, pads, dtype, tf32) -> str:
     args = (size, kernel_size, pads, dtype)
     pytorch = {p: estimate_us("pytorch", p, *args, True) for p in CONV_PASSES}
     options = {"pytorch": sum(pytorch.values())}
@@ -378,6 +356,10 @@ def _route(size, kernel_size, pads, dtype) -> str:
         options["copies"] = sum(estimate_us("lkpatch", p, *args, False, q) for p, q in nchw_plans.items()) + \
             4 * _copy_us(size, kernel_size, pads, dtype)
     return min(options, key=options.get)
+
+
+_DECIDE = {"plan": _plan_now, "route": _route_now, "reads_channels_last": _reads_all_now,
+           "use_kernel": _use_kernel_now}
 
 
 # The model behind the rule, in one place. GPU microseconds of one pass: a fixed cost per call,

@@ -40,13 +40,15 @@ def exact_fp32():
         yield
 
 
+@pytest.hookimpl(trylast=True)  # after -m / -k have deselected tests
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
-    for item in items:
-        if "cuda" in item.keywords:
-            item.add_marker(skip)
+    """GPU tests skip without a GPU; the extension is built before the first test that needs it."""
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU")
+        for item in items:
+            if "cuda" in item.keywords:
+                item.add_marker(skip)
+    _build_extension(config, items)
 
 
 def _needs_extension(item) -> bool:
@@ -56,15 +58,15 @@ def _needs_extension(item) -> bool:
         ("cuda" in item.keywords and torch.cuda.is_available())
 
 
-def pytest_collection_finish(session):
+def _build_extension(config, items) -> None:
     """Build the CUDA extension once, before the first test, where a selected test needs it and
     it is not cached yet -- saying so, as it takes about a minute on 2 cores. A separate process
     builds it, so the tests see the same state as with a cached build."""
-    if session.config.option.collectonly or os.environ.get("LKPATCH_NO_BUILD") or build._missing_toolchain():
+    if config.option.collectonly or os.environ.get("LKPATCH_NO_BUILD") or build._missing_toolchain():
         return
-    if not any(_needs_extension(item) for item in session.items) or build.library_path().is_file():
+    if not any(_needs_extension(item) for item in items) or build.library_path().is_file():
         return
-    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
 
     def say(text):
         if reporter is not None:
@@ -86,9 +88,9 @@ def pytest_collection_finish(session):
         say(f"the build failed after {time.perf_counter() - t0:.0f} s:\n{last}")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def extension() -> Path:
-    """lkpatch's CUDA extension, built (see ``pytest_collection_finish``) and loaded."""
+    """lkpatch's CUDA extension, built (see ``_build_extension``; loaded once per process)."""
     return build.build(quiet=True)
 
 
