@@ -288,6 +288,7 @@ cudaError_t dwconv2d_tc_forward(DType t, const void* in, const void* w, const vo
 // (workspace with_bias).
 bool dwconv2d_tc_weight_grad_fits(DType t, const DwShape& s);
 bool dwconv2d_tc_weight_grad_takes_bias(DType t, const DwShape& s);
+bool dwconv2d_tc_weight_grad_banded(DType t, const DwShape& s);  // else the small-map kernels
 size_t dwconv2d_tc_weight_grad_workspace(DType t, const DwShape& s, bool with_bias);
 cudaError_t dwconv2d_tc_weight_grad(DType t, const void* grad_out, const void* in, void* grad_w, float* workspace,
                                     const DwShape& s, cudaStream_t stream, void* grad_b);
@@ -312,6 +313,12 @@ __host__ __device__ inline KernelRows reaching_kernel_rows(const DwShape& s) {
   const int lo = s.pad_t - s.OH + 1, hi = s.H + s.pad_t;
   return {lo > 0 ? lo : 0, hi < s.KH ? hi : s.KH};
 }
+
+// Kernel-row tiles (8 rows each) of the banded weight-gradients' accumulators (16-column tiles:
+// one, or two from 17 columns): one for kernels up to 8 rows (7 x 7, thin ones), where a second
+// would only multiply zero rows.
+inline int weight_grad_row_tiles(int KH) { return KH <= 8 ? 1 : KH <= 16 ? 2 : 4; }
+inline int weight_grad_col_tiles(int KW) { return KW <= 16 ? 1 : 2; }
 
 // The tensor-core small-map kernels (dwconv_tc*.cu) stage whole planes with rows padded to 16
 // columns: 16-column tiles per row, 1 (every side up to 16), 2 (up to 32), or 0 (larger).

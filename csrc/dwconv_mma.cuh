@@ -15,6 +15,9 @@ namespace lkpatch {
 
 __device__ __forceinline__ uint32_t bits(__half v) { return __half_as_ushort(v); }
 __device__ __forceinline__ uint32_t bits(__nv_bfloat16 v) { return __bfloat16_as_ushort(v); }
+template <typename T> __device__ __forceinline__ T bits_to(unsigned short b);
+template <> __device__ __forceinline__ __half bits_to<__half>(unsigned short b) { return __ushort_as_half(b); }
+template <> __device__ __forceinline__ __nv_bfloat16 bits_to<__nv_bfloat16>(unsigned short b) { return __ushort_as_bfloat16(b); }
 // Two 16-bit values in one register, `lo` in the low half (the order of mma fragments).
 template <typename T> __device__ __forceinline__ uint32_t pack2(T lo, T hi) { return bits(lo) | (bits(hi) << 16); }
 
@@ -23,6 +26,19 @@ template <typename T>
 __device__ __forceinline__ void store2(T* at, T lo, T hi) {
   if constexpr (std::is_same_v<T, float>) *reinterpret_cast<float2*>(at) = make_float2(lo, hi);
   else *reinterpret_cast<uint32_t*>(at) = pack2(lo, hi);
+}
+
+// Two consecutive elements as one 4- or 8-byte load (aligned so).
+template <typename T>
+__device__ __forceinline__ void load2(const T* at, T& lo, T& hi) {
+  if constexpr (std::is_same_v<T, float>) {
+    const float2 f = *reinterpret_cast<const float2*>(at);
+    lo = f.x; hi = f.y;
+  } else {
+    const uint32_t both = *reinterpret_cast<const uint32_t*>(at);
+    lo = bits_to<T>((unsigned short)(both & 0xffffu));
+    hi = bits_to<T>((unsigned short)(both >> 16));
+  }
 }
 
 // An fp32 value rounded to TF32 (to nearest, ties away), as an mma operand register.
@@ -74,6 +90,13 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], unsigned addr) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(addr));
+#endif
+}
+
+// Two 8 x 8 matrices: lanes 0 .. 15 give the row addresses (the other lanes' are not read).
+__device__ __forceinline__ void ldmatrix_x2(uint32_t (&r)[4], unsigned addr) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(addr));
 #endif
 }
 
@@ -215,12 +238,13 @@ __device__ __forceinline__ void stage_planes_nhwc(T* dst, const T* src, int C, i
 // A is Toeplitz, so each lane needs only the pairs x[o], x[o + 1] at o = lane_off + ox0 + 8m (half
 // types), or the values x[o] at o = lane_off + ox0 + 4m (TF32), of the staged row `xrow`, and
 // consecutive chunks share all but two of them. baddr[bp]: the ldmatrix lane address of kernel-row
-// tile pair bp's B rows at output column 0 (rows outside the plane point at a zero row); pairs
+// tile pair bp's B rows (the last pair is one tile where IT is odd) at output column 0 (rows outside the plane point at a zero row); pairs
 // that are not `live` are skipped. The next chunk's B fragments load during this chunk's mma
 // (after the last chunk they read past the row, harmlessly: shared memory follows).
 template <typename T, int JT, int IT>
 __device__ __forceinline__ void banded_weight_grad_row(float (&acc)[JT][IT][4], const T* xrow, int lane_off,
-                                                       const unsigned (&baddr)[IT / 2], const bool (&live)[IT / 2],
+                                                       const unsigned (&baddr)[(IT + 1) / 2],
+                                                       const bool (&live)[(IT + 1) / 2],
                                                        int width) {
   constexpr bool kTF32 = std::is_same_v<T, float>;
   constexpr int KS = kStep<T>;
@@ -238,17 +262,22 @@ __device__ __forceinline__ void banded_weight_grad_row(float (&acc)[JT][IT][4], 
   uint32_t P[NP];
 #pragma unroll
   for (int m = 0; m < NP - 2; ++m) P[m] = pair(m, 0);
-  uint32_t B[IT / 2][4];
+  constexpr int NB = (IT + 1) / 2;  // B loads: two kernel-row tiles each, one where IT is odd
+  auto load_b = [&](uint32_t(&r)[4], int bp, unsigned addr) {
+    if (2 * bp + 1 < IT) ldmatrix_x4(r, addr);
+    else ldmatrix_x2(r, addr);
+  };
+  uint32_t B[NB][4];
 #pragma unroll
-  for (int bp = 0; bp < IT / 2; ++bp) ldmatrix_x4(B[bp], baddr[bp]);
+  for (int bp = 0; bp < NB; ++bp) load_b(B[bp], bp, baddr[bp]);
   for (int ox0 = 0; ox0 < width; ox0 += KS) {
     P[NP - 2] = pair(NP - 2, ox0);
     P[NP - 1] = pair(NP - 1, ox0);
-    uint32_t Bn[IT / 2][4];
+    uint32_t Bn[NB][4];
 #pragma unroll
-    for (int bp = 0; bp < IT / 2; ++bp) ldmatrix_x4(Bn[bp], baddr[bp] + (unsigned)((ox0 + KS) * sizeof(T)));
+    for (int bp = 0; bp < NB; ++bp) load_b(Bn[bp], bp, baddr[bp] + (unsigned)((ox0 + KS) * sizeof(T)));
 #pragma unroll
-    for (int bp = 0; bp < IT / 2; ++bp) {
+    for (int bp = 0; bp < NB; ++bp) {
       if (!live[bp]) continue;
 #pragma unroll
       for (int jt = 0; jt < JT; ++jt) {
@@ -256,13 +285,13 @@ __device__ __forceinline__ void banded_weight_grad_row(float (&acc)[JT][IT][4], 
         const uint32_t a0 = P[kTF32 ? 4 * jt : 2 * jt], a1 = P[kTF32 ? 4 * jt + 2 : 2 * jt + 1],
                        a2 = P[kTF32 ? 4 * jt + 1 : 2 * jt + 1], a3 = P[kTF32 ? 4 * jt + 3 : 2 * jt + 2];
         mma_tile<T>(acc[jt][2 * bp], a0, a1, a2, a3, B[bp][0], B[bp][1]);
-        mma_tile<T>(acc[jt][2 * bp + 1], a0, a1, a2, a3, B[bp][2], B[bp][3]);
+        if (2 * bp + 1 < IT) mma_tile<T>(acc[jt][2 * bp + 1], a0, a1, a2, a3, B[bp][2], B[bp][3]);
       }
     }
 #pragma unroll
     for (int m = 0; m < NP - 2; ++m) P[m] = P[m + 2];
 #pragma unroll
-    for (int bp = 0; bp < IT / 2; ++bp)
+    for (int bp = 0; bp < NB; ++bp)
 #pragma unroll
       for (int q = 0; q < 4; ++q) B[bp][q] = Bn[bp][q];
   }

@@ -1,6 +1,8 @@
 // The plan: which kernel family runs each pass of a call, decided in this file alone. The entry
 // points below launch what it says, and the binding answers lkpatch.dispatch's questions with it,
 // so that the speed rule in Python judges exactly the kernels that will run.
+#include <algorithm>
+
 #include "dwconv_core.cuh"
 
 namespace lkpatch {
@@ -23,6 +25,31 @@ Plan make(Family f, bool nhwc, bool takes_bias = false) {
   return p;
 }
 
+Plan with_macs(Plan p, double macs) {
+  p.macs = macs;
+  return p;
+}
+
+// The multiply-adds a tensor-core family's tiles issue for the forward of shape s (or the
+// input-gradient's shape). Each kernel row that reaches the image is a band of k-steps (16 half /
+// 8 TF32 input columns) per 8 output columns; M = 16 images by every output row (images family)
+// or 16 output rows of each image (rows family).
+double forward_macs(Family f, DType t, const DwShape& s) {
+  const int N = (int)(s.planes / s.C), ks = t == DType::tf32 ? 8 : 16, steps = ceil_div(s.KW + 7, ks);
+  const int64_t m = f == Family::tc_images ? (int64_t)round_up(N, 16) * s.OH : (int64_t)N * round_up(s.OH, 16);
+  const int64_t rows = std::min<int64_t>(s.KH, f == Family::tc_images ? s.H + s.OH - 1 : s.H + 15);
+  return (double)s.C * m * round_up(s.OW, 8) * rows * ks * steps;
+}
+
+// The weight-gradient's: every output pixel against the kernel's tiles of taps, 16 columns by 8
+// rows per accumulator tile (the banded kernels; the images family's small-map kernels: 16 by 16).
+double weight_grad_macs(DType t, const DwShape& s, bool banded) {
+  const int JT = weight_grad_col_tiles(s.KW), IT = weight_grad_row_tiles(s.KH);
+  const int64_t cols = (int64_t)ceil_div(s.KW, 16 * JT) * 16 * JT;
+  const int64_t rows = banded ? (int64_t)ceil_div(s.KH, 8 * IT) * 8 * IT : round_up(s.KH, 16);
+  return (double)s.planes * s.OH * round_up(s.OW, 16) * cols * rows;
+}
+
 // The forward (or the input-gradient's shape). The images family is the faster where it takes a
 // call (8+ images; channels_last only on maps up to 16); the rows family takes every other
 // tensor-core call. TF32 on the rows family only from 28 x 28 maps and 9 taps a row, as the
@@ -30,18 +57,22 @@ Plan make(Family f, bool nhwc, bool takes_bias = false) {
 // always, which saves the layout copies.
 Plan forward_plan(DType t, const DwShape& s) {
   if (tensor_cores(t)) {
-    if (dwconv2d_tc_forward_fits(t, s)) return make(Family::tc_images, s.nhwc);
+    if (dwconv2d_tc_forward_fits(t, s)) return with_macs(make(Family::tc_images, s.nhwc), forward_macs(Family::tc_images, t, s));
     const bool tf32_worth = t != DType::tf32 || s.nhwc || (s.KW >= 9 && (int64_t)s.OH * s.OW >= 28 * 28);
-    if (tf32_worth && dwconv2d_rows_forward_fits(t, s)) return make(Family::tc_rows, s.nhwc);
+    if (tf32_worth && dwconv2d_rows_forward_fits(t, s))
+      return with_macs(make(Family::tc_rows, s.nhwc), forward_macs(Family::tc_rows, t, s));
   }
   return make(Family::fma, false);  // channels_last tensors through NCHW copies
 }
 
 Plan weight_grad_plan(DType t, const DwShape& s) {
   if (tensor_cores(t)) {
-    if (dwconv2d_tc_weight_grad_fits(t, s)) return make(Family::tc_images, s.nhwc, dwconv2d_tc_weight_grad_takes_bias(t, s));
+    if (dwconv2d_tc_weight_grad_fits(t, s))
+      return with_macs(make(Family::tc_images, s.nhwc, dwconv2d_tc_weight_grad_takes_bias(t, s)),
+                       weight_grad_macs(t, s, dwconv2d_tc_weight_grad_banded(t, s)));
     const bool tf32_worth = t != DType::tf32 || s.nhwc || (int64_t)s.OH * s.OW >= 400;
-    if (tf32_worth && dwconv2d_rows_weight_grad_fits(t, s)) return make(Family::tc_rows, s.nhwc);
+    if (tf32_worth && dwconv2d_rows_weight_grad_fits(t, s))
+      return with_macs(make(Family::tc_rows, s.nhwc), weight_grad_macs(t, s, true));
   }
   return make(Family::fma, false);
 }

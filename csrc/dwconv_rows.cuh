@@ -80,6 +80,56 @@ __device__ __forceinline__ Vec16<T> load_pixel(const T* from, int CG, int nch, b
   return v;
 }
 
+// Channels c0 .. c0 + CG - 1 (CG = kVec or kVec / 2) of rows [0, nrows) x columns [0, ncols) of a
+// channels_last image, starting at image row y0 and column x0, into planes dst[ch][r][pitch]
+// (zeros outside the image and past nch; ncols even). A thread keeps one pair of adjacent columns
+// and walks rows, so its addresses step by a row and its column checks are made once; each pair
+// of pixels becomes one 32-bit store per channel plane. vec: pixels load as 16- or 8-byte vectors.
+template <typename T>
+__device__ __forceinline__ void stage_nhwc(T* dst, int plane, int pitch, const T* src, int n, int c0, int nch, int CG,
+                                           int C, int H, int W, int y0, int x0, int nrows, int ncols, bool vec) {
+  constexpr int E = kVec<T>, kBatch = 4;  // rows in flight per thread
+  const int pairs = ncols / 2, tpr = min(pairs, (int)blockDim.x), rstep = blockDim.x / tpr;
+  const int k = threadIdx.x % tpr, r0 = threadIdx.x / tpr;
+  if (r0 >= rstep) return;
+  const bool whole = vec && CG == E;  // 16-byte pixel vectors: plain predicated loads
+  const int64_t step = (int64_t)rstep * W * C;
+  for (int pc = k; pc < pairs; pc += tpr) {
+    const int x = 2 * pc, ix = x0 + x;
+    const bool in0 = ix >= 0 && ix < W, in1 = ix + 1 >= 0 && ix + 1 < W;
+    // pixel (y0 + r0, ix); rows outside the image give addresses that are never read
+    const T* at = src + (((int64_t)n * H + y0 + r0) * W + ix) * C + c0;
+    for (int r = r0; r < nrows; r += kBatch * rstep, at += kBatch * step) {
+      Vec16<T> v[kBatch][2];
+#pragma unroll
+      for (int b = 0; b < kBatch; ++b) {
+        const int y = y0 + r + b * rstep;
+        const bool row_in = r + b * rstep < nrows && y >= 0 && y < H;
+        const T* a = at + b * step;
+        if (whole) {
+          v[b][0].u = row_in && in0 ? __ldg(reinterpret_cast<const uint4*>(a)) : make_uint4(0, 0, 0, 0);
+          v[b][1].u = row_in && in1 ? __ldg(reinterpret_cast<const uint4*>(a + C)) : make_uint4(0, 0, 0, 0);
+        } else {
+          v[b][0] = load_pixel<T>(row_in && in0 ? a : src, CG, nch, row_in && in0, vec);
+          v[b][1] = load_pixel<T>(row_in && in1 ? a + C : src, CG, nch, row_in && in1, vec);
+        }
+      }
+#pragma unroll
+      for (int b = 0; b < kBatch; ++b) {
+        if (r + b * rstep >= nrows) break;
+        T* to = dst + (r + b * rstep) * pitch + x;
+        if (CG == E) {
+#pragma unroll
+          for (int ch = 0; ch < E; ++ch) store2(to + ch * plane, v[b][0].h[ch], v[b][1].h[ch]);
+        } else {
+#pragma unroll
+          for (int ch = 0; ch < E / 2; ++ch) store2(to + ch * plane, v[b][0].h[ch], v[b][1].h[ch]);
+        }
+      }
+    }
+  }
+}
+
 template <typename T, bool NHWC, int FS>
 __global__ void __launch_bounds__(32 * kWarps, 2) dw_rows_forward(const FwdParams<T> p) {
   constexpr bool kTF32 = std::is_same_v<T, float>;
@@ -103,33 +153,7 @@ __global__ void __launch_bounds__(32 * kWarps, 2) dw_rows_forward(const FwdParam
 
   // ---- stage the input tile (zeros outside the image and past the channels)
   if constexpr (NHWC) {
-    // Two horizontally adjacent pixels per item: one paired store per channel plane.
-    const int half_cols = p.cols / 2, total = p.rows * half_cols;
-    constexpr int kBatch = 4;
-    for (int base = threadIdx.x; base < total; base += kBatch * blockDim.x) {
-      Vec16<T> v[kBatch][2];
-      int at[kBatch];
-#pragma unroll
-      for (int q = 0; q < kBatch; ++q) {
-        const int u = base + q * blockDim.x;
-        const int r = u / half_cols, x = 2 * (u - r * half_cols);
-        at[q] = u < total ? r * p.pitch + x : -1;
-        const int iy = iy0 + r;
-#pragma unroll
-        for (int px = 0; px < 2; ++px) {
-          const int ix = ix0 + x + px;
-          const bool valid = u < total && iy >= 0 && iy < s.H && ix >= 0 && ix < s.W;
-          const T* src = p.in + ((((int64_t)n * s.H + (valid ? iy : 0)) * s.W + (valid ? ix : 0)) * s.C + c0);
-          v[q][px] = load_pixel<T>(src, p.CG, nch, valid, p.vec);
-        }
-      }
-#pragma unroll
-      for (int q = 0; q < kBatch; ++q)
-        if (at[q] >= 0)
-#pragma unroll
-          for (int ch = 0; ch < E; ++ch)
-            if (ch < p.CG) store2(X + ch * plane + at[q], v[q][0].h[ch], v[q][1].h[ch]);
-    }
+    stage_nhwc<T>(X, plane, p.pitch, p.in, n, c0, nch, p.CG, s.C, s.H, s.W, iy0, ix0, p.rows, p.cols, p.vec);
   } else {
     const int per = p.vec ? p.vec / (int)sizeof(T) : 1, cpr = p.cols / per, total = p.CG * p.rows * cpr;
     for (int u = threadIdx.x; u < total; u += blockDim.x) {
@@ -270,20 +294,32 @@ __global__ void __launch_bounds__(32 * kWarps, 2) dw_rows_forward(const FwdParam
   __syncthreads();
   const int rows_out = min(TH, s.OH - oy0), cols_out = min(TW, s.OW - ox0);
   if constexpr (NHWC) {
-    for (int u = threadIdx.x; u < rows_out * cols_out; u += blockDim.x) {
-      const int r = u / cols_out, x = u - r * cols_out;
-      Vec16<T> v;
+    // A thread keeps a pair of adjacent columns (one 32-bit load per channel plane) and walks rows.
+    const int pairs = ceil_div(cols_out, 2), tpr = min(pairs, (int)blockDim.x), rstep = blockDim.x / tpr;
+    const int k = threadIdx.x % tpr, r0 = threadIdx.x / tpr;
+    for (int pc = k; r0 < rstep && pc < pairs; pc += tpr) {
+      const int x = 2 * pc;
+      const bool second = x + 1 < cols_out;
+      T* dst = p.out + (((int64_t)n * s.OH + oy0 + r0) * s.OW + ox0 + x) * s.C + c0;
+      for (int r = r0; r < rows_out; r += rstep, dst += (int64_t)rstep * s.OW * s.C) {
+        Vec16<T> v[2];
 #pragma unroll
-      for (int c = 0; c < E; ++c)
-        if (c < p.CG) v.h[c] = O[c * oplane + r * p.opitch + x];
-      T* dst = p.out + (((int64_t)n * s.OH + oy0 + r) * s.OW + ox0 + x) * s.C + c0;
-      if (p.ovec) {
-        if (p.CG == E) __stwb(reinterpret_cast<uint4*>(dst), v.u);
-        else __stwb(reinterpret_cast<uint2*>(dst), v.v8[0]);
-      } else {
+        for (int c = 0; c < E; ++c) {
+          if (c < p.CG) load2(O + c * oplane + r * p.opitch + x, v[0].h[c], v[1].h[c]);
+        }
 #pragma unroll
-        for (int c = 0; c < E; ++c)
-          if (c < nch) dst[c] = v.h[c];
+        for (int px = 0; px < 2; ++px) {
+          if (px == 1 && !second) break;
+          T* to = dst + px * s.C;
+          if (p.ovec) {
+            if (p.CG == E) __stwb(reinterpret_cast<uint4*>(to), v[px].u);
+            else __stwb(reinterpret_cast<uint2*>(to), v[px].v8[0]);
+          } else {
+#pragma unroll
+            for (int c = 0; c < E; ++c)
+              if (c < nch) to[c] = v[px].h[c];
+          }
+        }
       }
     }
   } else {
@@ -330,28 +366,9 @@ struct WgradParams {
 template <typename T, bool NHWC>
 __device__ __forceinline__ void stage_tile(T* dst, int plane, int pitch, const T* src, int n, int c0, int nch, int CG,
                                            int C, int H, int W, int y0, int x0, int nrows, int ncols, int vec) {
-  constexpr int E = kVec<T>;
   const T zero = from_float<T>(0.f);
   if constexpr (NHWC) {
-    const int half_cols = ncols / 2, total = nrows * half_cols;
-    for (int u = threadIdx.x; u < total; u += blockDim.x) {
-      const int r = u / half_cols, x = 2 * (u - r * half_cols), y = y0 + r;
-      Vec16<T> v[2];
-#pragma unroll
-      for (int px = 0; px < 2; ++px) {
-        const int xx = x0 + x + px;
-        const bool valid = y >= 0 && y < H && xx >= 0 && xx < W;
-        const T* from = src + ((((int64_t)n * H + (valid ? y : 0)) * W + (valid ? xx : 0)) * C + c0);
-        if (valid && vec) {
-          v[px].u = __ldg(reinterpret_cast<const uint4*>(from));
-        } else {
-#pragma unroll
-          for (int ch = 0; ch < E; ++ch) v[px].h[ch] = valid && ch < nch ? from[ch] : zero;
-        }
-      }
-#pragma unroll
-      for (int ch = 0; ch < E; ++ch) store2(dst + ch * plane + r * pitch + x, v[0].h[ch], v[1].h[ch]);
-    }
+    stage_nhwc<T>(dst, plane, pitch, src, n, c0, nch, CG, C, H, W, y0, x0, nrows, ncols, vec);
   } else {
     const int per = vec ? vec / (int)sizeof(T) : 1, cpr = ncols / per, total = CG * nrows * cpr;
     for (int u = threadIdx.x; u < total; u += blockDim.x) {
@@ -369,14 +386,15 @@ __device__ __forceinline__ void stage_tile(T* dst, int plane, int pitch, const T
 
 template <typename T, bool NHWC, int JT, int IT>
 __global__ void __launch_bounds__(32 * kWarps) dw_rows_weight_grad(const WgradParams<T> p) {
-  static_assert(IT % 2 == 0, "B fragments are loaded two kernel-row tiles at a time");
   constexpr bool kTF32 = std::is_same_v<T, float>;
+  constexpr int NB = (IT + 1) / 2;  // kernel-row tile pairs (B loads)
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const DwShape& s = p.s;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int c0 = blockIdx.y * p.CG, nch = min(p.CG, s.C - c0);
   const int tile_i = blockIdx.z / p.tiles_j, tile_j = blockIdx.z - tile_i * p.tiles_j;
   const int i0 = tile_i * 8 * IT, j0 = tile_j * 16 * JT;
+  const int kh = min(8 * IT, s.KH - i0);  // this tile's kernel rows inside the kernel
   const int wpc = kWarps / p.CG, ch = warp / wpc, phase = warp - ch * wpc;  // this warp's channel, row phase
   const int item_begin = blockIdx.x * p.per_slice, item_end = min(p.items, item_begin + p.per_slice);
 
@@ -413,7 +431,7 @@ __global__ void __launch_bounds__(32 * kWarps) dw_rows_weight_grad(const WgradPa
     const int oy0 = band * p.BH, ox0 = ct * p.BW;
     const int nrows_g = min(p.BH, s.OH - oy0);
     // input rows that reach the band through this tile's kernel rows: q + pad_t - i in [oy0, oy0 + BH)
-    const int q_lo = max(0, oy0 + i0 - s.pad_t), q_hi = min(s.H, oy0 + nrows_g - 1 + i0 + 8 * IT - 1 - s.pad_t + 1);
+    const int q_lo = max(0, oy0 + i0 - s.pad_t), q_hi = min(s.H, oy0 + nrows_g - 1 + i0 + kh - 1 - s.pad_t + 1);
     const int nq = max(0, q_hi - q_lo);
     const int xs = ox0 + j0 - s.pad_l - d;
     __syncthreads();  // the previous item is done with G and X
@@ -446,11 +464,12 @@ __global__ void __launch_bounds__(32 * kWarps) dw_rows_weight_grad(const WgradPa
     if (!active) continue;
     for (int qi = phase; qi < nq; qi += wpc) {
       const int oy_top = q_lo + qi + s.pad_t - i0 - oy0;  // band row of kernel row i0
-      bool live[IT / 2], any = false;
-      unsigned baddr[IT / 2];
+      bool live[NB], any = false;
+      unsigned baddr[NB];
 #pragma unroll
-      for (int bp = 0; bp < IT / 2; ++bp) {
-        live[bp] = oy_top - 16 * bp >= 0 && oy_top - 16 * bp - 15 < p.BH;
+      for (int bp = 0; bp < NB; ++bp) {
+        const int rows = min(16, kh - 16 * bp);  // the pair's kernel rows inside the kernel
+        live[bp] = rows > 0 && oy_top - 16 * bp >= 0 && oy_top - 16 * bp - (rows - 1) < nrows_g;
         const int oy = oy_top - 16 * bp - b_row;
         baddr[bp] = g_addr + (unsigned)(((oy >= 0 && oy < p.BH ? oy : p.BH) * p.gpitch + b_col) * (int)sizeof(T));
         any |= live[bp];
@@ -535,18 +554,24 @@ struct WgradPlan {
 inline WgradPlan plan_weight_grad(const DwShape& s, int esize, int sms) {
   WgradPlan q{};
   const int E = 16 / esize, KS = 32 / esize;
-  q.JT = s.KW <= 16 ? 1 : 2;
-  q.IT = s.KH <= 16 ? 2 : 4;
+  q.JT = weight_grad_col_tiles(s.KW);
+  q.IT = weight_grad_row_tiles(s.KH);
   q.tiles_j = ceil_div(s.KW, 16 * q.JT);
   q.tiles_i = ceil_div(s.KH, 8 * q.IT);
   q.CG = s.nhwc ? E : 1;
-  // Items small enough for two blocks an SM: channels_last blocks stage CG channels.
-  q.BW = std::min(round_up(s.OW, KS), s.nhwc ? 32 : 128);
-  q.BH = std::min(s.OH, s.nhwc ? 32 : 64);
-  const int units = q.BW / E;
-  q.gpitch = q.BW + (units % 2 == 0 ? E : 0);
-  q.xw = q.BW + 16 * q.JT + 16;  // the Toeplitz pairs reach 16 JT + 8 past the item, plus the aligning shift
-  q.nq = q.BH + 8 * q.IT - 1;
+  const int kh = std::min(s.KH, 8 * q.IT);  // kernel rows of a tile
+  auto shape_items = [&](int BW, int BH) {
+    q.BW = std::min(round_up(s.OW, KS), BW);
+    q.BH = std::min(s.OH, BH);
+    q.gpitch = q.BW + ((q.BW / E) % 2 == 0 ? E : 0);
+    q.xw = q.BW + 16 * q.JT + 16;  // the Toeplitz pairs reach 16 JT + 8 past the item, plus the aligning shift
+    q.nq = q.BH + kh - 1;
+    return (size_t)q.CG * ((q.BH + 1) * q.gpitch + q.nq * q.xw) * esize;
+  };
+  // Items small enough for two blocks an SM: channels_last blocks stage CG channels, 64 output
+  // columns where that fits (longer rows share each row's set-up), else 32.
+  if (!s.nhwc) shape_items(128, 64);
+  else if (shape_items(64, 32) > 110 * 1024) shape_items(32, 32);
   q.bands = ceil_div(s.OH, q.BH);
   q.ctiles = ceil_div(s.OW, q.BW);
   const int N = (int)(s.planes / s.C);

@@ -15,7 +15,11 @@ cudaError_t launch_weight_grad(const WgradParams<T>& p, const WgradPlan& q, cuda
 
 template <typename T, bool NHWC>
 cudaError_t weight_grad_tiles(const WgradParams<T>& p, const WgradPlan& q, cudaStream_t stream) {
-  if (q.JT == 1) return q.IT == 2 ? launch_weight_grad<T, NHWC, 1, 2>(p, q, stream) : launch_weight_grad<T, NHWC, 1, 4>(p, q, stream);
+  if (q.JT == 1) {
+    if (q.IT == 1) return launch_weight_grad<T, NHWC, 1, 1>(p, q, stream);
+    return q.IT == 2 ? launch_weight_grad<T, NHWC, 1, 2>(p, q, stream) : launch_weight_grad<T, NHWC, 1, 4>(p, q, stream);
+  }
+  if (q.IT == 1) return launch_weight_grad<T, NHWC, 2, 1>(p, q, stream);
   return q.IT == 2 ? launch_weight_grad<T, NHWC, 2, 2>(p, q, stream) : launch_weight_grad<T, NHWC, 2, 4>(p, q, stream);
 }
 

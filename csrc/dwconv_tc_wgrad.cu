@@ -84,8 +84,8 @@ __device__ __forceinline__ void stage_rows(T* dst, int pitch, const T* src, int6
 
 template <typename T, int JT, int IT>
 __global__ void __launch_bounds__(32 * kWarps) dw_tc_weight_grad(const TcWgradParams<T> p) {
-  static_assert(IT % 2 == 0, "B fragments are loaded two kernel-row tiles at a time");
   constexpr bool kTF32 = std::is_same_v<T, float>;
+  constexpr int NB = (IT + 1) / 2;  // kernel-row tile pairs (B loads)
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const DwShape& s = p.s;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -109,8 +109,9 @@ __global__ void __launch_bounds__(32 * kWarps) dw_tc_weight_grad(const TcWgradPa
 #pragma unroll
       for (int q = 0; q < 4; ++q) acc[a][b][q] = 0.f;
 
-  // Input rows that reach this tile's kernel rows: output row q + pad_t - i in [0, OH).
-  const int q_lo = max(0, i0 - s.pad_t), q_hi = min(s.H, i0 + 8 * IT - 1 - s.pad_t + s.OH);
+  // Input rows that reach this tile's kernel rows (those of the kernel): output row q + pad_t - i in [0, OH).
+  const int kh = min(8 * IT, s.KH - i0);
+  const int q_lo = max(0, i0 - s.pad_t), q_hi = min(s.H, i0 + kh - 1 - s.pad_t + s.OH);
   const int g = lane >> 2, t = lane & 3;
   // A fragment rows g, g + 8 and columns 2t, 2t + 1, 2t + 8, 2t + 9 (half types; a Toeplitz
   // tile's values then come in pairs), or columns t, t + 4 (TF32).
@@ -169,20 +170,21 @@ __global__ void __launch_bounds__(32 * kWarps) dw_tc_weight_grad(const TcWgradPa
     // reaches, and where each lane's B row lies, is worked out once per row.
     for (int qi = warp; qi < nq; qi += kWarps) {
       const int oy_top = q_lo + qi + s.pad_t - i0;  // output row of kernel row i0
-      bool live[IT / 2], any = false;  // kernel-row tile pairs with an output row inside the plane
-      int brow[IT / 2];                // this lane's B row in an image's plane, or -1: the zero row
+      bool live[NB], any = false;  // kernel-row tile pairs with an output row inside the plane
+      int brow[NB];                // this lane's B row in an image's plane, or -1: the zero row
 #pragma unroll
-      for (int bp = 0; bp < IT / 2; ++bp) {
-        live[bp] = oy_top - 16 * bp >= 0 && oy_top - 16 * bp - 15 < s.OH;
+      for (int bp = 0; bp < NB; ++bp) {
+        const int rows = min(16, kh - 16 * bp);  // the pair's kernel rows inside the kernel
+        live[bp] = rows > 0 && oy_top - 16 * bp >= 0 && oy_top - 16 * bp - (rows - 1) < s.OH;
         const int oy = oy_top - 16 * bp - b_row;
         brow[bp] = oy >= 0 && oy < s.OH ? oy : -1;
         any |= live[bp];
       }
       if (!any) continue;
       for (int img = 0; img < nimg; ++img) {
-        unsigned baddr[IT / 2];
+        unsigned baddr[NB];
 #pragma unroll
-        for (int bp = 0; bp < IT / 2; ++bp)
+        for (int bp = 0; bp < NB; ++bp)
           baddr[bp] = g_addr + (unsigned)(((brow[bp] >= 0 ? img * s.OH + brow[bp] : zero_row) * p.gpitch + b_col) *
                                           sizeof(T));
         banded_weight_grad_row<T, JT, IT>(acc, X + (img * nq + qi) * p.xw, lane_off, baddr, live, p.OWp);
@@ -762,8 +764,8 @@ struct WgradPlan {
 WgradPlan plan(const DwShape& s, int sms, int esize) {
   WgradPlan q{};
   const int unit = 16 / esize;  // elements per 16 bytes
-  q.JT = s.KW <= 16 ? 1 : 2;
-  q.IT = s.KH <= 16 ? 2 : 4;
+  q.JT = weight_grad_col_tiles(s.KW);
+  q.IT = weight_grad_row_tiles(s.KH);
   q.OWp = round_up(s.OW, 16);
   q.gpitch = q.OWp + ((q.OWp / unit) % 2 == 0 ? unit : 0);
   q.xw = q.OWp + 16 * q.JT + 16;  // 8 more than the pairs reach: the staged start may move left by up to 7
@@ -776,7 +778,7 @@ WgradPlan plan(const DwShape& s, int sms, int esize) {
   q.slices = ceil_div(N, q.per_slice);
   // Images staged at once (output-gradient plane and input rows): fewer block-wide
   // synchronizations per image on small maps.
-  const int nq = std::min(s.H, 8 * q.IT - 1 + s.OH);
+  const int nq = std::min(s.H, std::min(s.KH, 8 * q.IT) - 1 + s.OH);
   const size_t image_bytes = ((size_t)s.OH * q.gpitch + (size_t)nq * q.xw) * esize;
   q.IB = (int)std::max<size_t>(1, std::min<size_t>(std::min(q.per_slice, 16), (48 * 1024) / image_bytes));
   q.smem = std::max(((size_t)(q.IB * s.OH + 1) * q.gpitch + (size_t)q.IB * nq * q.xw) * esize,
@@ -798,6 +800,8 @@ bool small_kernel(DType t, const DwShape& s) {
 }
 
 }  // namespace
+
+bool dwconv2d_tc_weight_grad_banded(DType t, const DwShape& s) { return !small_kernel(t, s); }
 
 bool dwconv2d_tc_weight_grad_fits(DType t, const DwShape& s) {
   if (t == DType::f32 || !tensor_cores_enabled()) return false;  // exact fp32: CUDA cores
@@ -907,9 +911,13 @@ cudaError_t dwconv2d_tc_weight_grad(DType t, const void* grad_out, const void* i
       p.xvec = vec((int64_t)s.W * sizeof(T), xa);
       cudaError_t e;
       if (q.JT == 1)
-        e = q.IT == 2 ? launch_wgrad<T, 1, 2>(p, q, s.C, stream) : launch_wgrad<T, 1, 4>(p, q, s.C, stream);
+        e = q.IT == 1   ? launch_wgrad<T, 1, 1>(p, q, s.C, stream)
+            : q.IT == 2 ? launch_wgrad<T, 1, 2>(p, q, s.C, stream)
+                        : launch_wgrad<T, 1, 4>(p, q, s.C, stream);
       else
-        e = q.IT == 2 ? launch_wgrad<T, 2, 2>(p, q, s.C, stream) : launch_wgrad<T, 2, 4>(p, q, s.C, stream);
+        e = q.IT == 1   ? launch_wgrad<T, 2, 1>(p, q, s.C, stream)
+            : q.IT == 2 ? launch_wgrad<T, 2, 2>(p, q, s.C, stream)
+                        : launch_wgrad<T, 2, 4>(p, q, s.C, stream);
       if (e != cudaSuccess) return e;
       return add_slices(q.slices);
     }

@@ -213,6 +213,7 @@ class Plan(NamedTuple):
     nhwc: bool        # reads and writes channels_last tensors as they are (else through NCHW copies)
     takes_bias: bool  # the weight-gradient also gives the bias gradient
     why: str = ""     # family "none": why no kernel takes the call
+    macs: float = 0.0  # the multiply-adds the tensor-core tiles issue (0 for "fma"): the rule's work
 
 
 _decisions: dict = {}
@@ -244,14 +245,14 @@ def _plan_now(pass_, size, kernel_size, pads, dtype, tf32, channels_last) -> Pla
 
 
 def _parse_plan(text: str) -> Plan:
-    family, layout, bias, *why = text.split(" ", 3)
-    return Plan(family, layout == "nhwc", bias == "bias", why[0] if why else "")
+    family, layout, bias, macs, *why = text.split(" ", 4)
+    return Plan(family, layout == "nhwc", bias == "bias", why[0] if why else "", float(macs))
 
 
 @torch.compiler.assume_constant_result
 def _query_plan(pass_, size, kernel_size, pads, dtype, tf32, channels_last) -> str:
     if not _extension_ready():
-        return "none - - lkpatch's CUDA extension is not available"
+        return "none - - 0 lkpatch's CUDA extension is not available"
     from . import _ops
     return _ops.kernels().plan(pass_, list(size), list(kernel_size), list(pads), dtype, tf32, channels_last)
 
@@ -369,8 +370,9 @@ _DECIDE = {"plan": _plan_now, "route": _route_now, "reads_channels_last": _reads
 COST = {
     # sustained bandwidth, bytes per microsecond (read + write)
     "bandwidth": 2.6e6,
-    # lkpatch: tensor-core families issue the multiply-adds of _band_macs at these rates (per
-    # microsecond); the CUDA-core kernels ("fma") run the effective multiply-adds.
+    # lkpatch: tensor-core families issue the multiply-adds of their plan (Plan.macs, counted by
+    # the extension from its tiles) at these rates (per microsecond); the CUDA-core kernels
+    # ("fma") run the effective multiply-adds.
     "tc_images": {"half": 6.6e7, "half_wgrad": 8.1e7, "tf32": 2.4e7, "tf32_wgrad": 6.2e7},
     "tc_rows": {"half": 2.6e7, "half_wgrad": 3.5e7, "tf32": 1.5e7, "tf32_wgrad": 2.3e7},
     "fma": 4.7e6,
@@ -395,28 +397,6 @@ COST = {
 }
 
 
-def _band_macs(family: str, pass_: str, size, kernel_size, pads, dtype) -> float:
-    """Multiply-adds a tensor-core family issues. Forward and input-gradient: whole 16-row (or
-    16-image) by 8-column tiles, each kernel row that reaches the image a band of k-steps (16 half
-    / 8 TF32 input columns) per 8 output columns. Weight-gradient: every output pixel against a
-    tile of 16-column by 16-row blocks of taps."""
-    n, c, h, w = size
-    kh, kw = kernel_size
-    if pass_ == "input_grad":  # the forward over the output gradient with the rotated kernel
-        oh, ow, ih = h, w, output_size((h, w), kernel_size, pads)[0]
-    else:
-        (oh, ow), ih = output_size((h, w), kernel_size, pads), h
-    if pass_ == "weight_grad":
-        return float(n) * c * oh * (-(-ow // 16) * 16) * (-(-kw // 16) * 16) * (-(-kh // 16) * 16)
-    ks = 8 if dtype == torch.float32 else 16
-    steps = -(-(kw + 7) // ks)
-    if family == "tc_images":
-        m, rows = -(-n // 16) * 16 * oh, min(kh, ih + oh - 1)
-    else:
-        m, rows = n * -(-oh // 16) * 16, min(kh, ih + 15)
-    return float(c) * m * (-(-ow // 8) * 8) * rows * ks * steps
-
-
 def estimate_us(path: str, pass_: str, size, kernel_size, pads, dtype, channels_last: bool,
                 the_plan: Optional[Plan] = None) -> float:
     """The modelled GPU time of one convolution pass on ``path`` ("lkpatch" or "pytorch")."""
@@ -438,7 +418,7 @@ def estimate_us(path: str, pass_: str, size, kernel_size, pads, dtype, channels_
         t += macs / COST["fma"]
     else:
         kind = ("tf32" if dtype == torch.float32 else "half") + ("_wgrad" if pass_ == "weight_grad" else "")
-        t += _band_macs(family, pass_, size, kernel_size, pads, dtype) / COST[family][kind]
+        t += the_plan.macs / COST[family][kind]
     return t
 
 

@@ -189,22 +189,41 @@ def test_plan_families(h100):
     tensor-core call in either layout, exact fp32 on CUDA cores reading NCHW."""
     plan, bf, f32 = dispatch.plan, torch.bfloat16, torch.float32
     big, same31, same7 = (64, 384, 64, 64), (15,) * 4, (3,) * 4
-    assert plan("forward", big, (31, 31), same31, bf) == ("tc_images", False, False, "")
-    assert plan("weight_grad", (64, 1024, 7, 7), (13, 13), (6,) * 4, bf, True) == ("tc_images", True, True, "")
-    assert plan("weight_grad", (64, 1024, 7, 7), (13, 13), (6,) * 4, bf) == ("tc_images", False, True, "")
+    assert plan("forward", big, (31, 31), same31, bf)[:4] == ("tc_images", False, False, "")
+    assert plan("weight_grad", (64, 1024, 7, 7), (13, 13), (6,) * 4, bf, True)[:4] == ("tc_images", True, True, "")
+    assert plan("weight_grad", (64, 1024, 7, 7), (13, 13), (6,) * 4, bf)[:4] == ("tc_images", False, True, "")
     for pass_ in dispatch.CONV_PASSES:
-        assert plan(pass_, (4, 384, 64, 64), (31, 31), same31, bf) == ("tc_rows", False, False, "")
-        assert plan(pass_, big, (7, 7), same7, torch.float16, True) == ("tc_rows", True, False, "")
+        assert plan(pass_, (4, 384, 64, 64), (31, 31), same31, bf)[:4] == ("tc_rows", False, False, "")
+        assert plan(pass_, big, (7, 7), same7, torch.float16, True)[:4] == ("tc_rows", True, False, "")
         assert plan(pass_, (1, 8, 200, 304), (61, 5), (30, 30, 2, 2), bf, True).family == "tc_rows"
-        assert plan(pass_, big, (7, 7), same7, f32) == ("fma", False, False, "")
-        assert plan(pass_, big, (7, 7), same7, f32, True) == ("fma", False, False, "")  # through NCHW copies
+        assert plan(pass_, big, (7, 7), same7, f32)[:4] == ("fma", False, False, "")
+        assert plan(pass_, big, (7, 7), same7, f32, True)[:4] == ("fma", False, False, "")  # through NCHW copies
     with dispatch.conv_tf32(True):
         assert plan("forward", (4, 384, 64, 64), (31, 31), same31, f32).family == "tc_rows"
         assert plan("forward", (4, 384, 64, 64), (7, 7), same7, f32).family == "fma"  # exact is as fast
-        assert plan("forward", (4, 384, 64, 64), (7, 7), same7, f32, True) == ("tc_rows", True, False, "")
-        assert plan("weight_grad", (64, 8, 98, 98), (13, 13), (6,) * 4, f32) == ("tc_images", False, True, "")
+        assert plan("forward", (4, 384, 64, 64), (7, 7), same7, f32, True)[:4] == ("tc_rows", True, False, "")
+        assert plan("weight_grad", (64, 8, 98, 98), (13, 13), (6,) * 4, f32)[:4] == ("tc_images", False, True, "")
     none = plan("forward", big, (3, 64), (1, 1, 31, 32), bf)
-    assert none.family == "none" and "63" in none.why
+    assert none.family == "none" and "63" in none.why and none.macs == 0
+
+
+@needs_extension
+def test_plan_counts_the_tiles_work(h100):
+    """The work the speed rule times is the extension's count of what its tiles issue: whole
+    16-row by 8-column tiles with the zero band, and weight-gradient taps in 16-column by 8-row
+    tiles (one row tile for kernels up to 8 rows, two up to 16)."""
+    plan, bf = dispatch.plan, torch.bfloat16
+    n, c, h, w = 4, 96, 128, 128
+    for kh in (7, 8, 9, 16):
+        q = plan("weight_grad", (n, c, h, w), (kh, 7), (kh // 2, (kh - 1) // 2, 3, 3), bf)
+        assert q.family == "tc_rows"
+        assert q.macs == n * c * h * w * 16 * (8 if kh <= 8 else 16)
+    # forward, rows family: every row band of 16, 8-column tiles, 16-column k-steps: 7 wide -> one step
+    q = plan("forward", (n, c, h, w), (7, 7), (3,) * 4, bf)
+    assert q.family == "tc_rows" and q.macs == c * n * h * w * 7 * 16
+    q = plan("forward", (n, c, 100, 100), (31, 31), (15,) * 4, bf)
+    assert q.macs == c * n * 112 * 104 * 31 * 16 * 3
+    assert plan("forward", (n, c, h, w), (7, 7), (3,) * 4, torch.float32).macs == 0  # exact fp32: fma
 
 
 @needs_extension
@@ -234,9 +253,9 @@ def test_plan_query_without_a_gpu():
     family, layout, bias = text.split(" ")[:3]
     assert family in ("none", "fma", "tc_images", "tc_rows") and layout in ("-", "nhwc", "nchw")
     if not torch.cuda.is_available():
-        assert text == "none - - no CUDA device"
+        assert text == "none - - 0 no CUDA device"
     assert build.extension_ops().plan("forward", [2, 8, 16, 16], [3, 3], [1, 1, 1, 1], torch.float64, False,
-                                      False, H100) == "none - - no kernel for Double"
+                                      False, H100) == "none - - 0 no kernel for Double"
 
 @needs_extension
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

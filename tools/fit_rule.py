@@ -36,6 +36,15 @@ def parts(r, p):
     return (n, c, h, w), (kh, kw), pads, dtype, moved
 
 
+def tile_macs(r, p, size, k, pads, dtype):
+    """The multiply-adds the pass's tensor-core tiles issue: as recorded, else the plan's (the
+    layout the sweep ran: NCHW where channels_last went through the copies)."""
+    if r.get(f"macs_{p}") is not None:
+        return r[f"macs_{p}"]
+    read_cl = r["layout"] == "channels_last" and "/" not in r.get(f"plan_{p}", "")
+    return dispatch.plan(p, size, k, pads, dtype, read_cl).macs
+
+
 def fit(rows):
     C = dispatch.COST
     groups = {}
@@ -59,7 +68,7 @@ def fit(rows):
                         groups.setdefault(("fma",), []).append(macs / left)
                     else:
                         kind = ("tf32" if dtype == torch.float32 else "half") + ("_wgrad" if p == "weight_grad" else "")
-                        work = dispatch._band_macs(fam, p, size, k, pads, dtype)
+                        work = tile_macs(r, p, size, k, pads, dtype)
                         groups.setdefault((fam, kind), []).append(work / left)
     for key, v in sorted(groups.items()):
         print(f"{'/'.join(key):40s} n={len(v):3d} median {statistics.median(v):.3g}  "
@@ -78,7 +87,8 @@ def check(rows):
                 if pt is None or lk is None:
                     continue
                 total += 1
-                q = dispatch.Plan(r[f"plan_{p}"].split("/")[0], "/" not in r[f"plan_{p}"], False)
+                q = dispatch.Plan(r[f"plan_{p}"].split("/")[0], "/" not in r[f"plan_{p}"], False,
+                                  macs=tile_macs(r, p, size, k, pads, dtype))
                 t_lk = dispatch.estimate_us("lkpatch", p, size, k, pads, dtype, cl and q.nhwc, q)
                 t_pt = dispatch.estimate_us("pytorch", p, size, k, pads, dtype, cl)
                 pick_lk = t_lk < t_pt
@@ -90,7 +100,19 @@ def check(rows):
         print("  ", m)
 
 
+def plan_as_on_h100():
+    """Without a GPU, the extension plans for an H100 (the GPU the rates were fitted on)."""
+    from lkpatch import build
+    h100 = [132, 227 * 1024, 9]  # multiprocessors, shared memory a block may opt in to, compute capability
+    dispatch._query_plan = lambda p, size, k, pads, dtype, tf32, cl: build.extension_ops().plan(
+        p, list(size), list(k), list(pads), dtype, tf32, cl, h100)
+    dispatch._extension_ready = lambda: True
+    dispatch._tensor_cores_off = lambda: False
+
+
 if __name__ == "__main__":
+    if not torch.cuda.is_available():
+        plan_as_on_h100()
     rows = load(sys.argv[1:])
     fit(rows)
     check(rows)
