@@ -275,6 +275,12 @@ size_t dwconv2d_small_weight_grad_workspace(const DwShape& s);
 cudaError_t dwconv2d_small_weight_grad(DType t, const void* grad_out, const void* in, void* grad_w, float* workspace,
                                        const DwShape& s, cudaStream_t stream);
 
+// The CUDA-core forward / input-grad that reads channels_last as it is (dwconv_nhwc.cu): any
+// dtype, exact fp32 arithmetic; odd kernel widths up to 15, up to 15 rows.
+bool dwconv2d_nhwc_forward_fits(DType t, const DwShape& s);
+cudaError_t dwconv2d_nhwc_forward(DType t, const void* in, const void* w, const void* bias, void* out,
+                                  const DwShape& s, bool flip_kernel, cudaStream_t stream);
+
 // The tensor-core forward / input-grad for fp16, bf16 and TF32 (dwconv_tc.cu), where it applies:
 // sm_80+, 8 or more images. LKPATCH_TENSOR_CORES=never turns it off (benchmarking).
 bool dwconv2d_tc_forward_fits(DType t, const DwShape& s);
@@ -342,11 +348,13 @@ inline ImageSlices image_slices(int N, int C, int sms, int most) {
 
 // The benchmarking knobs, read once from the environment (the only place that reads them):
 // LKPATCH_TENSOR_CORES=never keeps every dtype on the CUDA-core kernels; LKPATCH_SMALL_MAP=
-// never|always overrides the fp32 small-map rule; LKPATCH_SMALL_IMAGES and LKPATCH_TC_GROUPS set
+// never|always overrides the fp32 small-map rule; LKPATCH_NHWC_FMA=never|always the rule for the
+// channels_last CUDA-core forward; LKPATCH_SMALL_IMAGES and LKPATCH_TC_GROUPS set
 // the images an fp32 small-map thread and the 16-image groups a general tensor-core block take.
 struct Knobs {
   bool tensor_cores = true;
   char small_map = 0;  // 'n', 'a' or 0 (the rule)
+  char nhwc_fma = 0;   // LKPATCH_NHWC_FMA: 'n', 'a' or 0 (the plan's rule)
   int small_images = 0, tc_groups = 0;
 };
 inline const Knobs& knobs() {
@@ -356,6 +364,8 @@ inline const Knobs& knobs() {
     r.tensor_cores = !(e && e[0] == 'n');
     e = getenv("LKPATCH_SMALL_MAP");
     r.small_map = e && (e[0] == 'n' || e[0] == 'a') ? e[0] : 0;
+    e = getenv("LKPATCH_NHWC_FMA");
+    r.nhwc_fma = e && (e[0] == 'n' || e[0] == 'a') ? e[0] : 0;
     e = getenv("LKPATCH_SMALL_IMAGES");
     r.small_images = e ? atoi(e) : 0;  // 8: the fp32 small-map forward takes 8 images a thread, not 4
     e = getenv("LKPATCH_TC_GROUPS");

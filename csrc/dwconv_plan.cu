@@ -51,13 +51,24 @@ double weight_grad_macs(DType t, const DwShape& s, bool banded) {
 }
 
 // The forward (or the input-gradient's shape). The images family is the faster where it takes a
-// call (8+ images; channels_last only on maps up to 16); the rows family takes every other
-// tensor-core call. TF32 on the rows family only from 28 x 28 maps and 9 taps a row, as the
+// call (8+ images; channels_last only on maps up to 16); then, on channels_last, the CUDA-core
+// kernel for small kernels (nhwc_fma); the rows family takes every other tensor-core call. TF32 on the rows family only from 28 x 28 maps and 9 taps a row, as the
 // images family's rule (the exact CUDA-core kernels are as fast below that); channels_last TF32
 // always, which saves the layout copies.
+// channels_last with a thin kernel (1 x k, k x 1 up to 15) or one of up to 25 taps, and exact
+// fp32 with any kernel it takes: CUDA cores reading the layout as it is, which beat a tensor-core
+// tile that is mostly zero band; LKPATCH_NHWC_FMA overrides (benchmarking).
+bool nhwc_fma(DType t, const DwShape& s) {
+  if (!dwconv2d_nhwc_forward_fits(t, s) || knobs().nhwc_fma == 'n') return false;
+  return knobs().nhwc_fma == 'a' || t == DType::f32 || !tensor_cores(t) || std::min(s.KH, s.KW) == 1 ||
+         s.KH * s.KW <= 25;
+}
+
 Plan forward_plan(DType t, const DwShape& s) {
+  if (tensor_cores(t) && dwconv2d_tc_forward_fits(t, s))
+    return with_macs(make(Family::tc_images, s.nhwc), forward_macs(Family::tc_images, t, s));
+  if (s.nhwc && nhwc_fma(t, s)) return make(Family::fma, true);
   if (tensor_cores(t)) {
-    if (dwconv2d_tc_forward_fits(t, s)) return with_macs(make(Family::tc_images, s.nhwc), forward_macs(Family::tc_images, t, s));
     const bool tf32_worth = t != DType::tf32 || s.nhwc || (s.KW >= 9 && (int64_t)s.OH * s.OW >= 28 * 28);
     if (tf32_worth && dwconv2d_rows_forward_fits(t, s))
       return with_macs(make(Family::tc_rows, s.nhwc), forward_macs(Family::tc_rows, t, s));
@@ -119,7 +130,9 @@ cudaError_t dwconv2d_forward(DType t, const void* in, const void* w, const void*
   switch (plan.family) {
     case Family::tc_images: return dwconv2d_tc_forward(t, in, w, bias, out, s, flip_kernel, stream);
     case Family::tc_rows: return dwconv2d_rows_forward(t, in, w, bias, out, s, flip_kernel, stream);
-    case Family::fma: return dwconv2d_fma_forward(t, in, w, bias, out, s, flip_kernel, stream);
+    case Family::fma:
+      if (plan.nhwc) return dwconv2d_nhwc_forward(t, in, w, bias, out, s, flip_kernel, stream);
+      return dwconv2d_fma_forward(t, in, w, bias, out, s, flip_kernel, stream);
     case Family::none: break;
   }
   return cudaErrorInvalidValue;

@@ -131,7 +131,7 @@ __device__ __forceinline__ void stage_nhwc(T* dst, int plane, int pitch, const T
 }
 
 template <typename T, bool NHWC, int FS>
-__global__ void __launch_bounds__(32 * kWarps, 2) dw_rows_forward(const FwdParams<T> p) {
+__global__ void __launch_bounds__(32 * kWarps, FS == 1 ? 3 : 2) dw_rows_forward(const FwdParams<T> p) {
   constexpr bool kTF32 = std::is_same_v<T, float>;
   constexpr int E = kVec<T>, KS = kStep<T>, UPT = 8 / E;  // units (16-byte columns) per n-tile
   constexpr int NT = kNT<T>;
@@ -228,13 +228,37 @@ __global__ void __launch_bounds__(32 * kWarps, 2) dw_rows_forward(const FwdParam
                                        (int)sizeof(T));
     // this lane's B entries of kernel row 0 (b0; b1 is KS / 2 entries on)
     const uint32_t* brow = Bt + ch * s.KH * p.band + kBandPad + (kTF32 ? t : 2 * t) - g - p.sh;
-    // without the table: taps KS st + k - g - sh, k = 2t, 2t + 1, 2t + 8, 2t + 9, from the weights
-    const T* wc = p.w + (int64_t)(c0 + ch) * s.KH * s.KW;
+    // Without the table (one k-step): taps k - g - sh, k = 2t, 2t + 1, 2t + 8, 2t + 9, from the
+    // weights; which of them lie inside the kernel, and where, is the same on every kernel row, and
+    // the next row's taps load while this row's mma run.
     const int kw_lane = (kTF32 ? t : 2 * t) - g - p.sh;
-    auto tap = [&](int i, int kw) -> T {
-      if ((unsigned)kw >= (unsigned)s.KW) return zero;
-      return __ldg(p.flip ? wc + (s.KH - 1 - i) * s.KW + (s.KW - 1 - kw) : wc + i * s.KW + kw);
+    const T* wrow = p.w + (int64_t)(c0 + ch) * s.KH * s.KW + (p.flip ? (s.KH - 1) * s.KW : 0);
+    const int wstep = p.flip ? -s.KW : s.KW;
+    int toff[4];
+    bool tin[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const int kw = kw_lane + (k & 1) + 8 * (k >> 1);
+      tin[k] = (unsigned)kw < (unsigned)s.KW;
+      toff[k] = tin[k] ? (p.flip ? s.KW - 1 - kw : kw) : 0;
+    }
+    auto row_taps = [&](int i, uint32_t(&b)[2]) {
+      if constexpr (!kTF32) {
+        const T* r = wrow + i * wstep;
+        T v[4];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {  // every lane loads (toff 0 is a tap of the row): no divergence
+          const T x = __ldg(r + toff[k]);
+          v[k] = tin[k] ? x : zero;
+        }
+        b[0] = pack2(v[0], v[1]);
+        b[1] = pack2(v[2], v[3]);
+      }
     };
+    uint32_t Bnext[2] = {0, 0};
+    if constexpr (!kTable && !kTF32) {
+      if (i_lo < i_hi) row_taps(i_lo, Bnext);
+    }
     constexpr int kUnrollRows = kTable ? 2 : 1;  // registers: the one-step kernels keep 3 blocks an SM
 #pragma unroll kUnrollRows
     for (int i = i_lo; i < i_hi; ++i) {
@@ -246,16 +270,18 @@ __global__ void __launch_bounds__(32 * kWarps, 2) dw_rows_forward(const FwdParam
           B[st][0] = brow[i * p.band + KS * st];
           B[st][1] = brow[i * p.band + KS * st + KS / 2];
         } else if constexpr (!kTF32) {
-          const int kw = KS * st + kw_lane;
-          B[st][0] = pack2(tap(i, kw), tap(i, kw + 1));
-          B[st][1] = pack2(tap(i, kw + 8), tap(i, kw + 9));
+          B[st][0] = Bnext[0];
+          B[st][1] = Bnext[1];
         }
+      }
+      if constexpr (!kTable && !kTF32) {
+        if (i + 1 < i_hi) row_taps(i + 1, Bnext);
       }
       uint32_t A[2 * LMAX][2];
       const unsigned a_row = a_base + (unsigned)(i * p.pitch * (int)sizeof(T));
 #pragma unroll
       for (int q = 0; q < LMAX; ++q) {
-        if (q >= nloads) break;
+        if (!FS && q >= nloads) break;  // k-steps fixed: every load of the job's full width (inside the staged tile)
         uint32_t r[4];
         ldmatrix_x4(r, a_row + (unsigned)(2 * q * 16));
         if constexpr (kTF32) {
@@ -270,7 +296,7 @@ __global__ void __launch_bounds__(32 * kWarps, 2) dw_rows_forward(const FwdParam
         if (!FS && st >= S) break;
 #pragma unroll
         for (int j = 0; j < NT; ++j) {
-          if (j >= ntl) break;
+          if (!FS && j >= ntl) break;  // k-steps fixed: n-tiles past the map run too (never stored)
           const int u = j * UPT + 2 * st;
           mma_tile<T>(acc[j], A[u][0], A[u][1], A[u + 1][0], A[u + 1][1], B[st][0], B[st][1]);
         }

@@ -372,10 +372,11 @@ COST = {
     "bandwidth": 2.6e6,
     # lkpatch: tensor-core families issue the multiply-adds of their plan (Plan.macs, counted by
     # the extension from its tiles) at these rates (per microsecond); the CUDA-core kernels
-    # ("fma") run the effective multiply-adds.
+    # ("fma": NCHW; "fma_nhwc": reading channels_last) run the effective multiply-adds.
     "tc_images": {"half": 6.6e7, "half_wgrad": 8.1e7, "tf32": 2.4e7, "tf32_wgrad": 6.2e7},
     "tc_rows": {"half": 2.6e7, "half_wgrad": 3.5e7, "tf32": 1.5e7, "tf32_wgrad": 2.3e7},
     "fma": 4.7e6,
+    "fma_nhwc": 5.5e6,
     "lkpatch_call_us": 8.0,
     "copy_call_us": 4.0,
     # PyTorch (cuDNN): effective multiply-adds per microsecond by layout, pass and kernel: "small"
@@ -415,7 +416,7 @@ def estimate_us(path: str, pass_: str, size, kernel_size, pads, dtype, channels_
     family = the_plan.family
     t = COST["lkpatch_call_us"] + moved / COST["bandwidth"]
     if family == "fma":
-        t += macs / COST["fma"]
+        t += macs / COST["fma_nhwc" if the_plan.nhwc else "fma"]
     else:
         kind = ("tf32" if dtype == torch.float32 else "half") + ("_wgrad" if pass_ == "weight_grad" else "")
         t += the_plan.macs / COST[family][kind]

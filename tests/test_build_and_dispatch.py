@@ -197,7 +197,12 @@ def test_plan_families(h100):
         assert plan(pass_, big, (7, 7), same7, torch.float16, True)[:4] == ("tc_rows", True, False, "")
         assert plan(pass_, (1, 8, 200, 304), (61, 5), (30, 30, 2, 2), bf, True).family == "tc_rows"
         assert plan(pass_, big, (7, 7), same7, f32)[:4] == ("fma", False, False, "")
-        assert plan(pass_, big, (7, 7), same7, f32, True)[:4] == ("fma", False, False, "")  # through NCHW copies
+        # exact fp32 channels_last: the forward and input-gradient read it as it is, the weight-gradient through NCHW copies
+        assert plan(pass_, big, (7, 7), same7, f32, True)[:4] == ("fma", pass_ != "weight_grad", False, "")
+        # thin kernels and up to 25 taps, channels_last: the CUDA-core forward that reads it, in every dtype
+        assert plan(pass_, big, (1, 11), (0, 0, 5, 5), bf, True)[:2] == (
+            "fma" if pass_ != "weight_grad" else "tc_rows", True)
+        assert plan(pass_, big, (5, 5), (2,) * 4, bf, True).family == ("fma" if pass_ != "weight_grad" else "tc_rows")
     with dispatch.conv_tf32(True):
         assert plan("forward", (4, 384, 64, 64), (31, 31), same31, f32).family == "tc_rows"
         assert plan("forward", (4, 384, 64, 64), (7, 7), same7, f32).family == "fma"  # exact is as fast

@@ -301,13 +301,45 @@ def test_channels_last_errors():
     x = torch.randn(8, 8, 20, 20, device="cuda").contiguous(memory_format=cl)
     w = torch.randn(8, 1, 5, 5, device="cuda")
     with pytest.raises(RuntimeError, match="no channels_last forward kernel"):
-        ext.dwconv2d(x, w, None, [2, 2, 2, 2])  # fp32, 20 x 20: NCHW only
+        ext.dwconv2d(x, torch.randn(8, 1, 17, 17, device="cuda"), None, [8] * 4)  # exact fp32 17 x 17: NCHW only
+    assert ext.dwconv2d(x, w, None, [2, 2, 2, 2]).is_contiguous(memory_format=cl)  # exact fp32 5 x 5: read as it is
     xh, wh = x[..., :14, :14].bfloat16().contiguous(memory_format=cl), w.bfloat16()
     with pytest.raises(RuntimeError, match="must both be NCHW or both channels_last"):
         ext.dwconv2d_weight_grad(xh, xh.contiguous(), [5, 5], [2, 2, 2, 2])
     with pytest.raises(RuntimeError, match="contiguous NCHW or channels_last"):
         ext.dwconv2d_bias_grad(xh[..., ::2])
     assert ext.dwconv2d(xh, wh, None, [2, 2, 2, 2]).is_contiguous(memory_format=cl)
+
+
+def draw_nhwc_fma_case(rng: random.Random, batch=None):
+    """A channels_last case for the CUDA-core forward that reads channels_last: thin kernels (1 x k
+    with k odd up to 15, k x 1 up to 15) or up to 5 x 5 with an odd width; 1-4 images; maps of 1 to
+    80 (smaller than the kernel too) with any padding up to K - 1 a side; C a multiple of the
+    32-channel block, of the 8-channel vector, or neither."""
+    while True:
+        if rng.random() < 0.5:
+            kh, kw = rng.choice([(1, rng.choice([3, 5, 7, 9, 11, 13, 15])), (rng.randint(2, 15), 1)])
+        else:
+            kh, kw = rng.randint(1, 5), rng.choice([1, 3, 5])
+        h, w = rng.randint(1, 80), rng.randint(1, 80)
+        pads = (rng.randint(0, kh - 1), rng.randint(0, kh - 1), rng.randint(0, kw - 1), rng.randint(0, kw - 1))
+        if h + pads[0] + pads[1] >= kh and w + pads[2] + pads[3] >= kw:
+            return dict(n=rng.randint(1, 4), c=rng.choice([32, 64, 8, 24, rng.randint(1, 70)]), h=h, w=w, kh=kh,
+                        kw=kw, pads=pads, bias=rng.random() < 0.7, layout="channels_last",
+                        grad_layout="channels_last")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_random_sweep_nhwc_fma(dtype):
+    """The channels_last CUDA-core forward and input-gradient (the plan's "fma" reading
+    channels_last: exact fp32, and small or thin kernels in half types) against float64."""
+    rng = random.Random(2043)
+    for i in range(HALF_SWEEP_CASES):
+        case = draw_nhwc_fma_case(rng)
+        size, k = (case["n"], case["c"], case["h"], case["w"]), (case["kh"], case["kw"])
+        for pass_ in ("forward", "input_grad"):
+            assert dispatch.plan(pass_, size, k, case["pads"], dtype, True)[:2] == ("fma", True), (case, pass_)
+        check_case(case, seed=i, dtype=dtype)
 
 
 TF32_TOL = {"output": 2e-3, "grad_input": 2e-3, "grad_weight": 2e-3}  # the bias gradient stays exact
@@ -400,7 +432,9 @@ def test_rows_named_layers(n, c, h, w, k, pads, dtype, layout):
     with dispatch.force("kernel"):
         for p in dispatch.CONV_PASSES:
             q = dispatch.plan(p, (n, c, h, w), k, pads, dtype, layout == "channels_last")
-            assert q.family == "tc_rows" and q.nhwc == (layout == "channels_last"), (p, q)
+            # channels_last band kernels: the forward and input-gradient on the CUDA cores that read it
+            thin_cl = layout == "channels_last" and min(k) == 1 and p != "weight_grad"
+            assert q.family == ("fma" if thin_cl else "tc_rows") and q.nhwc == (layout == "channels_last"), (p, q)
     check_case(case, seed=3, dtype=dtype)
 
 
@@ -410,11 +444,13 @@ def test_plan_families():
     plan = dispatch.plan
     bf = torch.bfloat16
     assert plan("forward", (64, 384, 64, 64), (31, 31), (15,) * 4, bf).family == "tc_images"
-    assert plan("weight_grad", (64, 1024, 7, 7), (13, 13), (6,) * 4, bf, True) == ("tc_images", True, True, "")
-    assert plan("forward", (4, 384, 64, 64), (31, 31), (15,) * 4, bf) == ("tc_rows", False, False, "")
-    assert plan("input_grad", (64, 384, 64, 64), (7, 7), (3,) * 4, bf, True) == ("tc_rows", True, False, "")
-    assert plan("weight_grad", (64, 384, 64, 64), (7, 7), (3,) * 4, bf, True) == ("tc_rows", True, False, "")
-    assert plan("forward", (4, 384, 64, 64), (31, 31), (15,) * 4, torch.float32) == ("fma", False, False, "")
+    assert plan("weight_grad", (64, 1024, 7, 7), (13, 13), (6,) * 4, bf, True)[:4] == ("tc_images", True, True, "")
+    assert plan("forward", (4, 384, 64, 64), (31, 31), (15,) * 4, bf)[:4] == ("tc_rows", False, False, "")
+    assert plan("input_grad", (64, 384, 64, 64), (7, 7), (3,) * 4, bf, True)[:4] == ("tc_rows", True, False, "")
+    assert plan("weight_grad", (64, 384, 64, 64), (7, 7), (3,) * 4, bf, True)[:4] == ("tc_rows", True, False, "")
+    assert plan("forward", (4, 384, 64, 64), (31, 31), (15,) * 4, torch.float32)[:4] == ("fma", False, False, "")
+    assert plan("forward", (4, 384, 64, 64), (7, 7), (3,) * 4, torch.float32, True)[:2] == ("fma", True)  # exact, as it is
+    assert plan("input_grad", (64, 192, 28, 28), (1, 11), (0, 0, 5, 5), bf, True)[:2] == ("fma", True)  # thin
     with tf32(True):
         assert plan("forward", (4, 384, 64, 64), (31, 31), (15,) * 4, torch.float32).family == "tc_rows"
         assert plan("forward", (4, 384, 64, 64), (7, 7), (3,) * 4, torch.float32).family == "fma"
