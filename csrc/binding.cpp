@@ -326,13 +326,22 @@ using BiasGradSig = Tensor(const Tensor&);
 
 class DwConv2d : public torch::autograd::Function<DwConv2d> {
  public:
-  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& w, const std::optional<Tensor>& bias,
-                        std::vector<int64_t> padding, bool tf32, bool bias_kernel) {
-    const std::optional<Tensor> b = bias.has_value() ? std::optional<Tensor>(bias->contiguous()) : std::nullopt;
-    Tensor y = dwconv2d(x, w.contiguous(), b, padding, tf32);
+  static Tensor forward(AutogradContext* ctx, const Tensor& x_in, const Tensor& w_in,
+                        const std::optional<Tensor>& bias_in, std::vector<int64_t> padding, bool tf32, bool bias_kernel,
+                        std::optional<at::ScalarType> cast) {
+    // Under autocast (`cast`: its dtype) the inputs are cast here, as PyTorch's convolutions cast
+    // theirs, and the backward casts the gradients back: one autograd node, not one per cast.
+    const auto to = [&](const Tensor& t) {
+      return cast.has_value() && t.is_floating_point() && t.scalar_type() != at::kDouble ? t.to(*cast) : t;
+    };
+    const Tensor x = to(x_in), w = to(w_in).contiguous();
+    const std::optional<Tensor> b = bias_in.has_value() ? std::optional<Tensor>(to(*bias_in).contiguous()) : std::nullopt;
+    Tensor y = dwconv2d(x, w, b, padding, tf32);
+    ctx->saved_data["dtypes"] = std::vector<int64_t>{(int64_t)x_in.scalar_type(), (int64_t)w_in.scalar_type(),
+                                                     bias_in.has_value() ? (int64_t)bias_in->scalar_type() : 0};
     // As the Python Function: the input only for the weight's gradient, the weight only for the
     // input's (a frozen weight keeps no activation alive).
-    ctx->save_for_backward({w.requires_grad() ? x : Tensor(), x.requires_grad() ? w : Tensor()});
+    ctx->save_for_backward({w_in.requires_grad() ? x : Tensor(), x_in.requires_grad() ? w : Tensor()});
     ctx->saved_data["input_size"] = std::vector<int64_t>{x.size(2), x.size(3)};
     ctx->saved_data["kernel_size"] = std::vector<int64_t>{w.size(2), w.size(3)};
     ctx->saved_data["padding"] = padding;
@@ -373,18 +382,24 @@ class DwConv2d : public torch::autograd::Function<DwConv2d> {
         gw = weight_grad(g, x, kernel_size, padding, tf32, bias_grad_needed && bias_kernel ? &gb : nullptr);
       if (bias_grad_needed && !gb.defined()) gb = bias_kernel ? dwconv2d_bias_grad(g) : g.sum({0, 2, 3});
     }
-    return {gx, gw, gb, Tensor(), Tensor(), Tensor()};
+    // each gradient in its input's dtype (the casts' backward, under autocast)
+    const std::vector<int64_t> dtypes = ctx->saved_data["dtypes"].toIntVector();
+    Tensor* grad_of[3] = {&gx, &gw, &gb};
+    for (int i = 0; i < 3; ++i)
+      if (grad_of[i]->defined() && grad_of[i]->scalar_type() != (at::ScalarType)dtypes[i])
+        *grad_of[i] = grad_of[i]->to((at::ScalarType)dtypes[i]);
+    return {gx, gw, gb, Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
 Tensor dwconv2d_autograd(const Tensor& x, const Tensor& w, const std::optional<Tensor>& bias,
-                         at::IntArrayRef padding, bool tf32, bool bias_kernel) {
+                         at::IntArrayRef padding, bool tf32, bool bias_kernel, std::optional<at::ScalarType> cast) {
   TORCH_CHECK(x.is_contiguous() || channels_last(x),
               "lkpatch: dwconv2d_autograd takes a contiguous NCHW or channels_last input");
   // Fake and other Python-dispatched tensors have no data for the kernels.
   TORCH_CHECK(!x.key_set().has(c10::DispatchKey::Python) && !w.key_set().has(c10::DispatchKey::Python),
               "lkpatch: dwconv2d_autograd takes plain CUDA tensors (no fake or subclass tensors)");
-  return DwConv2d::apply(x, w, bias, padding.vec(), tf32, bias_kernel);
+  return DwConv2d::apply(x, w, bias, padding.vec(), tf32, bias_kernel, cast);
 }
 
 }  // namespace
@@ -398,8 +413,8 @@ TORCH_LIBRARY(lkpatch_ext, m) {
   m.def("dwconv2d_bias_grad(Tensor grad_output) -> Tensor");
   m.def("to_nchw(Tensor x) -> Tensor");
   m.def("to_channels_last(Tensor x) -> Tensor");
-  m.def("dwconv2d_autograd(Tensor input, Tensor weight, Tensor? bias, int[4] padding, bool tf32, bool bias_kernel) "
-        "-> Tensor");
+  m.def("dwconv2d_autograd(Tensor input, Tensor weight, Tensor? bias, int[4] padding, bool tf32, bool bias_kernel, "
+        "ScalarType? cast=None) -> Tensor");
   m.def("plan(str pass_, int[] size, int[] kernel_size, int[] padding, ScalarType dtype, bool tf32, "
         "bool channels_last, int[]? device=None) -> str", &plan);
 }

@@ -312,40 +312,45 @@ class _NCHWAsChannelsLast(torch.autograd.Function):
         return grad.contiguous() if torch.is_grad_enabled() else _nchw(grad)
 
 
-def _through_nchw(x, size, kernel_size, padding, reads_cl: bool) -> bool:
+def _through_nchw(x, size, kernel_size, padding, reads_cl: bool, dtype: Optional[torch.dtype] = None) -> bool:
     """Whether the layer of this channels_last input runs on the kernels through NCHW as a whole
-    (dispatch's route "copies"). ``reads_cl``: ``_reads_cl("all", x, size, ...)``."""
+    (dispatch's route "copies"). ``reads_cl``: ``_reads_cl("all", x, size, ...)``; ``dtype``: the
+    computing dtype (default: x's)."""
     return (not reads_cl and _channels_last(x)
-            and dispatch.use_kernel("forward", size, kernel_size, padding, x.dtype, True))
+            and dispatch.use_kernel("forward", size, kernel_size, padding, dtype or x.dtype, True))
 
 
-def eager_dwconv2d(x, weight, bias, padding):
-    """``lkpatch::dwconv2d`` on CUDA tensors in eager mode."""
+def eager_dwconv2d(x, weight, bias, padding, cast: Optional[torch.dtype] = None):
+    """``lkpatch::dwconv2d`` on CUDA tensors in eager mode. ``cast``: autocast's dtype, where it is
+    on (the inputs are cast as PyTorch's convolutions cast theirs)."""
     k = weight.shape[2:]
-    reads_cl = _reads_cl("all", x, x.shape, k, padding)
-    if _through_nchw(x, x.shape, k, padding, reads_cl):
+    dtype = dispatch.compute_dtype(x, cast)
+    reads_cl = _channels_last(x) and dispatch.reads_channels_last("all", x.shape, k, padding, dtype)
+    if _through_nchw(x, x.shape, k, padding, reads_cl, dtype):
+        x, weight, bias = cast_inputs(cast, x, weight, bias)  # the copies are in the computing dtype
         y = _eager_direct(_ChannelsLastAsNCHW.apply(x), weight, bias, padding, False)
         # A 1 x 1 output is channels_last already; passed through the copy node unchanged, it
         # would be a view that in-place ops (a ReLU(inplace=True) after it) must not modify.
         return y if y.is_contiguous(memory_format=torch.channels_last) else _NCHWAsChannelsLast.apply(y)
-    return _eager_direct(x, weight, bias, padding, reads_cl)
+    return _eager_direct(x, weight, bias, padding, reads_cl, cast)
 
 
-def _eager_direct(x, weight, bias, padding, reads_cl):
+def _eager_direct(x, weight, bias, padding, reads_cl, cast: Optional[torch.dtype] = None):
     """Where every pass of the call runs on the kernels, on ``x`` as it is (NCHW, or channels_last
     the kernels read directly), the extension's C++ autograd op (in ``csrc/binding.cpp``: its
-    backward runs without Python, which costs less host time; it reads PyTorch's TF32 switch at
-    the forward, for the backward too); otherwise ``EagerDepthwiseConv2d``, which decides per pass.
-    ``reads_cl``: ``_reads_cl("all", x, ...)``, which the caller has decided already."""
+    backward runs without Python, which costs less host time; it makes autocast's casts itself,
+    one autograd node for all; it reads PyTorch's TF32 switch at the forward, for the backward
+    too); otherwise ``EagerDepthwiseConv2d``, which decides per pass. ``reads_cl``:
+    ``_reads_cl("all", x, ...)`` in the computing dtype, which the caller has decided already."""
+    dtype = dispatch.compute_dtype(x, cast)
     if type(x) is torch.Tensor and x.is_cuda:  # no fake or subclass tensors
-        if ((reads_cl or x.is_contiguous())
-                and dispatch.use_kernel("all", x.shape, weight.shape[2:], padding, x.dtype, reads_cl)):
+        k = weight.shape[2:]
+        if (reads_cl or x.is_contiguous()) and dispatch.use_kernel("all", x.shape, k, padding, dtype, reads_cl):
             # The weight-gradient's kernel can give the bias gradient only where it runs (a trained weight).
-            layer_k = weight.shape[2:] if weight.requires_grad else None
-            bias_kernel = bias is not None and dispatch.bias_grad_on_kernel(x.shape, x.dtype, reads_cl,
-                                                                            layer_k, padding)
-            return kernels().dwconv2d_autograd(x, weight, bias, padding, dispatch.tf32_pass(x.dtype), bias_kernel)
-    return EagerDepthwiseConv2d.apply(x, weight, bias, padding)
+            layer_k = k if weight.requires_grad else None
+            bias_kernel = bias is not None and dispatch.bias_grad_on_kernel(x.shape, dtype, reads_cl, layer_k, padding)
+            return kernels().dwconv2d_autograd(x, weight, bias, padding, dispatch.tf32_pass(dtype), bias_kernel, cast)
+    return EagerDepthwiseConv2d.apply(*cast_inputs(cast, x, weight, bias), padding)
 
 
 # Under torch.compile the layer's copies through NCHW are graph nodes (PyTorch's copies, which
@@ -383,9 +388,19 @@ def traced_dwconv2d(x, weight, bias, padding):
 # so gradients reach fp32 master weights in fp32.
 def autocast_inputs(device_type: str, x, weight, bias):
     """The inputs as PyTorch's convolutions see them under autocast (unchanged without it)."""
-    if not torch.is_autocast_enabled(device_type):
+    return cast_inputs(autocast_dtype(device_type), x, weight, bias)
+
+
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """Autocast's dtype where it is on for ``device_type``, else None."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+def cast_inputs(dtype: Optional[torch.dtype], x, weight, bias):
+    """Every floating-point input except float64 cast to ``dtype`` (None: unchanged), as autocast
+    casts a convolution's."""
+    if dtype is None:
         return x, weight, bias
-    dtype = torch.get_autocast_dtype(device_type)
 
     def cast(t: Optional[torch.Tensor]):
         if t is None or not t.is_floating_point() or t.dtype == torch.float64:

@@ -121,11 +121,11 @@ def op_padding(x, weight, bias, stride, padding, dilation) -> Optional[Pads]:
     # are both cast (by the op's autocast registration too), so they do match.
     device = x.device
     autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
-    dtype = _effective_dtype(x, autocast)
-    if tuple(weight.shape[:2]) != (c, 1) or weight.device != device or _effective_dtype(weight, autocast) != dtype:
+    dtype = compute_dtype(x, autocast)
+    if tuple(weight.shape[:2]) != (c, 1) or weight.device != device or compute_dtype(weight, autocast) != dtype:
         return None
     if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (c,)
-                             or bias.device != device or _effective_dtype(bias, autocast) != dtype):
+                             or bias.device != device or compute_dtype(bias, autocast) != dtype):
         return None
     kh, kw = static_sizes(weight)[2:]
     pads = _stride1_pads(stride, padding, dilation, kh, kw)
@@ -186,8 +186,9 @@ def channels_last(t: torch.Tensor) -> bool:
     return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
-def _effective_dtype(x: torch.Tensor, autocast: Optional[torch.dtype]) -> torch.dtype:
-    """The dtype the convolution computes in: ``autocast``'s (None: autocast off), where it applies."""
+def compute_dtype(x: torch.Tensor, autocast: Optional[torch.dtype]) -> torch.dtype:
+    """The dtype the convolution computes ``x`` in: ``autocast``'s (None: autocast off), where it
+    applies (floating point, except float64)."""
     if autocast is not None and x.is_floating_point() and x.dtype != torch.float64:
         return autocast
     return x.dtype

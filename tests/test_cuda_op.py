@@ -529,6 +529,32 @@ def test_autocast_bf16_training_step(fmt):
         assert rel_err(ours, ref) <= max(2 * rel_err(theirs, ref), 2e-2)
 
 
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_autocast_casts_in_one_node(fmt, x_dtype):
+    """Under autocast the eager op casts its inputs itself: the same output and gradients, bit for
+    bit, as casting first and calling the op without autocast, gradients in the inputs' dtypes,
+    and one autograd node whose inputs are the leaves (no node per cast)."""
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    x = torch.randn(3, 40, 24, 24, device="cuda", generator=gen).to(x_dtype).contiguous(memory_format=fmt)
+    w = torch.randn(40, 1, 7, 7, device="cuda", generator=gen) / 7
+    b = torch.randn(40, device="cuda", generator=gen)
+    g = torch.randn(3, 40, 24, 24, device="cuda", generator=gen).bfloat16().contiguous(memory_format=fmt)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    with dispatch.force("kernel"), torch.autocast("cuda", dtype=torch.bfloat16):
+        y = lkpatch.depthwise_conv2d(*leaves, padding=3)
+    assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=fmt)
+    assert {type(f[0]).__name__ for f in y.grad_fn.next_functions if f[0] is not None} == {"AccumulateGrad"}
+    y.backward(g)
+    ref_leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    with dispatch.force("kernel"):
+        y_ref = lkpatch.depthwise_conv2d(*(t.bfloat16() for t in ref_leaves), padding=3)
+    y_ref.backward(g)
+    assert torch.equal(y, y_ref)
+    for ours, ref in zip(leaves, ref_leaves):
+        assert ours.grad.dtype == ours.dtype and torch.equal(ours.grad, ref.grad)
+
+
 @pytest.mark.parametrize("case", [
     dict(n=2, c=3, h=1, w=1, kh=1, kw=1, pads=(0, 0, 0, 0), bias=True, layout="contiguous"),
     dict(n=1, c=5, h=1, w=1, kh=63, kw=63, pads=(31, 31, 31, 31), bias=True, layout="contiguous"),
