@@ -155,7 +155,8 @@ def bench_shape(shape, dtype, channels_last: bool, reps: int, passes: bool) -> D
 
 
 def _plan_text(plan) -> str:
-    """A pass's kernel family and how it reads channels_last ("tc_rows", "fma+copies")."""
+    """A pass's kernel family, with "/nchw" where its kernels read NCHW only (a channels_last
+    layer's pass then goes through layout copies): "tc_rows", "fma", "tc_images/nchw"."""
     return plan.family + ("" if plan.nhwc or plan.family == "none" else "/nchw")
 
 
