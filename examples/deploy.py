@@ -202,12 +202,12 @@ def export_onnx(deploy: nn.Module, img_size: int, path: str, opset, exporter: st
     except ImportError:
         print(f"wrote {path} ({size:.1f} MiB); onnxruntime is not installed, so it is not run", flush=True)
         return
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    onnx_model = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     worst = 0.0
     for b in (1, 3):  # another batch than the one exported with: the batch dimension is dynamic
         xb = torch.randn(b, 3, img_size, img_size, generator=torch.Generator().manual_seed(b))
         ref = outputs(model, xb)
-        got = torch.from_numpy(session.run(None, {"input": xb.numpy()})[0])
+        got = torch.from_numpy(onnx_model.run(None, {"input": xb.numpy()})[0])
         worst = max(worst, ((got - ref).abs().max() / max(1.0, ref.abs().max().item())).item())
     ok = worst <= TOLERANCE["cpu"]
     print(f"wrote {path} ({size:.1f} MiB); onnxruntime, batch 1 and 3: max relative error {worst:.2e} "

@@ -119,8 +119,8 @@ def test_onnx_export_gives_standard_conv_nodes(op_raises, dynamo):
     nodes = list(proto.graph.node)
     assert sum(n.op_type == "Conv" for n in nodes) == 4  # 1x1 + three depthwise (BN may fold into one)
     assert {n.domain for n in nodes} <= {"", "ai.onnx"}, {n.domain for n in nodes}
-    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    onnx_model = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    out = onnx_model.run(None, {onnx_model.get_inputs()[0].name: x.numpy()})[0]
     assert torch.allclose(torch.from_numpy(out), reference(x), atol=1e-5)
 
 
