@@ -231,6 +231,42 @@ __device__ __forceinline__ void stage_planes_nhwc(T* dst, const T* src, int C, i
   }
 }
 
+// A lane's places in the banded weight-gradient's fragments (banded_weight_grad_row, both
+// families), g = lane / 4, t = lane % 4. A: Toeplitz values from lane_off0 columns into the staged
+// input row (half types: rows g, g + 8 and columns 2t, 2t + 1, 2t + 8, 2t + 9, which then come in
+// pairs; TF32: columns t, t + 4). B: the ldmatrix row b_row of a kernel-row tile pair (kernel row 8 (l >> 4) + (l & 7)),
+// b_col elements (16 bytes) into a chunk's columns where (l >> 3) & 1.
+template <typename T>
+struct BandedWgradLane {
+  int lane_off0, b_row, b_col;
+  __device__ explicit BandedWgradLane(int lane)
+      : lane_off0(std::is_same_v<T, float> ? (lane >> 2) + (lane & 3) : (lane >> 2) + 2 * (lane & 3)),
+        b_row((lane & 7) + 8 * (lane >> 4)), b_col((16 / (int)sizeof(T)) * ((lane >> 3) & 1)) {}
+};
+
+template <int JT, int IT>
+__device__ __forceinline__ void zero_taps(float (&acc)[JT][IT][4]) {
+#pragma unroll
+  for (int a = 0; a < JT; ++a)
+#pragma unroll
+    for (int b = 0; b < IT; ++b)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) acc[a][b][q] = 0.f;
+}
+
+// A warp's tile of taps into its [16 JT][8 IT] scratch `to`; C fragment: (j = 16 jt + g [+ 8],
+// i = 8 it + 2t [+ 1]), g = lane / 4, t = lane % 4.
+template <int JT, int IT>
+__device__ __forceinline__ void store_taps(float* to, const float (&acc)[JT][IT][4], int lane) {
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int jt = 0; jt < JT; ++jt)
+#pragma unroll
+    for (int it = 0; it < IT; ++it)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) to[(16 * jt + g + 8 * (q >> 1)) * 8 * IT + 8 * it + 2 * t + (q & 1)] = acc[jt][it][q];
+}
+
 // The banded weight-gradient's inner loop (dwconv_tc_wgrad.cu, dwconv_rows.cuh): one staged input
 // row q against the output-gradient rows q + pad_t - i of a 16 JT x 8 IT tile of taps, over
 // `width` output columns (a multiple of kStep<T>), one chunk of K = kStep<T> columns at a time:

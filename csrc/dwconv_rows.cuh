@@ -435,21 +435,14 @@ __global__ void __launch_bounds__(32 * kWarps) dw_rows_weight_grad(const WgradPa
   }
 
   float acc[JT][IT][4];
-#pragma unroll
-  for (int a = 0; a < JT; ++a)
-#pragma unroll
-    for (int b = 0; b < IT; ++b)
-#pragma unroll
-      for (int q = 0; q < 4; ++q) acc[a][b][q] = 0.f;
+  zero_taps(acc);
 
-  const int g = lane >> 2, t = lane & 3;
-  const int lane_off0 = kTF32 ? g + t : g + 2 * t;
-  const int b_row = (lane & 7) + 8 * (lane >> 4), b_col = kVec<T> * ((lane >> 3) & 1);
+  const BandedWgradLane<T> ln(lane);
   const unsigned g_addr = (unsigned)__cvta_generic_to_shared(G + ch * gplane);
   // Input rows are staged from column xs = ox0 + j0 - pad_l - d, aligned for the copies.
   const int align = !NHWC && p.xvec ? p.xvec / (int)sizeof(T) : 1;
   const int d = ((j0 - s.pad_l) % align + align) % align;  // ox0 is a multiple of KS (and of align)
-  const int lane_off = lane_off0 + d;
+  const int lane_off = ln.lane_off0 + d;
   const bool active = ch < nch;
   for (int item = item_begin; item < item_end; ++item) {
     const int n = item / (p.bands * p.ctiles), rest = item - n * p.bands * p.ctiles;
@@ -496,8 +489,8 @@ __global__ void __launch_bounds__(32 * kWarps) dw_rows_weight_grad(const WgradPa
       for (int bp = 0; bp < NB; ++bp) {
         const int rows = min(16, kh - 16 * bp);  // the pair's kernel rows inside the kernel
         live[bp] = rows > 0 && oy_top - 16 * bp >= 0 && oy_top - 16 * bp - (rows - 1) < nrows_g;
-        const int oy = oy_top - 16 * bp - b_row;
-        baddr[bp] = g_addr + (unsigned)(((oy >= 0 && oy < p.BH ? oy : p.BH) * p.gpitch + b_col) * (int)sizeof(T));
+        const int oy = oy_top - 16 * bp - ln.b_row;
+        baddr[bp] = g_addr + (unsigned)(((oy >= 0 && oy < p.BH ? oy : p.BH) * p.gpitch + ln.b_col) * (int)sizeof(T));
         any |= live[bp];
       }
       if (any)
@@ -505,16 +498,10 @@ __global__ void __launch_bounds__(32 * kWarps) dw_rows_weight_grad(const WgradPa
     }
   }
 
-  // Add each channel's warps in a fixed order; C fragment: (j = 16 jt + g [+ 8], i = 8 it + 2t [+ 1]).
+  // Add each channel's warps in a fixed order.
   constexpr int TJ = 16 * JT, TI = 8 * IT;
   __syncthreads();
-  float* mine = red + warp * TJ * TI;
-#pragma unroll
-  for (int jt = 0; jt < JT; ++jt)
-#pragma unroll
-    for (int it = 0; it < IT; ++it)
-#pragma unroll
-      for (int q = 0; q < 4; ++q) mine[(16 * jt + g + 8 * (q >> 1)) * TI + 8 * it + 2 * t + (q & 1)] = acc[jt][it][q];
+  store_taps(red + warp * TJ * TI, acc, lane);
   __syncthreads();
   for (int e = threadIdx.x; e < nch * TJ * TI; e += blockDim.x) {
     const int c = e / (TJ * TI), k = e - c * TJ * TI, j = k / TI, i = k - j * TI;

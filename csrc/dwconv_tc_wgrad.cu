@@ -102,23 +102,12 @@ __global__ void __launch_bounds__(32 * kWarps) dw_tc_weight_grad(const TcWgradPa
   for (int e = threadIdx.x; e < p.gpitch; e += blockDim.x) G[zero_row * p.gpitch + e] = zero;
 
   float acc[JT][IT][4];
-#pragma unroll
-  for (int a = 0; a < JT; ++a)
-#pragma unroll
-    for (int b = 0; b < IT; ++b)
-#pragma unroll
-      for (int q = 0; q < 4; ++q) acc[a][b][q] = 0.f;
+  zero_taps(acc);
 
   // Input rows that reach this tile's kernel rows (those of the kernel): output row q + pad_t - i in [0, OH).
   const int kh = min(8 * IT, s.KH - i0);
   const int q_lo = max(0, i0 - s.pad_t), q_hi = min(s.H, i0 + kh - 1 - s.pad_t + s.OH);
-  const int g = lane >> 2, t = lane & 3;
-  // A fragment rows g, g + 8 and columns 2t, 2t + 1, 2t + 8, 2t + 9 (half types; a Toeplitz
-  // tile's values then come in pairs), or columns t, t + 4 (TF32).
-  const int lane_off0 = kTF32 ? g + t : g + 2 * t;
-  // B: lane l addresses kernel row i0 + 8 * (2 * pair + (l >> 4)) + (l & 7), 16 bytes into the
-  // chunk's columns if (l >> 3) & 1.
-  const int b_row = (lane & 7) + 8 * (lane >> 4), b_col = (16 / (int)sizeof(T)) * ((lane >> 3) & 1);
+  const BandedWgradLane<T> ln(lane);
   const unsigned g_addr = (unsigned)__cvta_generic_to_shared(G);
 
   const int nq = max(0, q_hi - q_lo);
@@ -126,7 +115,7 @@ __global__ void __launch_bounds__(32 * kWarps) dw_tc_weight_grad(const TcWgradPa
   // chunk 0 then starts at d + lane offset + (8 or 4) m.
   const int align = p.xvec ? p.xvec / (int)sizeof(T) : 1;
   const int d = ((j0 - s.pad_l) % align + align) % align, xs = j0 - s.pad_l - d;
-  const int lane_off = lane_off0 + d;
+  const int lane_off = ln.lane_off0 + d;
   // TF32, where asked: the bias gradient's part, from the first kernel tile's blocks (every tile
   // stages the same planes). Each thread sums the elements it reads, in a fixed order.
   const bool sums_bias = kTF32 && p.bias_parts != nullptr && blockIdx.z == 0;
@@ -176,7 +165,7 @@ __global__ void __launch_bounds__(32 * kWarps) dw_tc_weight_grad(const TcWgradPa
       for (int bp = 0; bp < NB; ++bp) {
         const int rows = min(16, kh - 16 * bp);  // the pair's kernel rows inside the kernel
         live[bp] = rows > 0 && oy_top - 16 * bp >= 0 && oy_top - 16 * bp - (rows - 1) < s.OH;
-        const int oy = oy_top - 16 * bp - b_row;
+        const int oy = oy_top - 16 * bp - ln.b_row;
         brow[bp] = oy >= 0 && oy < s.OH ? oy : -1;
         any |= live[bp];
       }
@@ -185,26 +174,17 @@ __global__ void __launch_bounds__(32 * kWarps) dw_tc_weight_grad(const TcWgradPa
         unsigned baddr[NB];
 #pragma unroll
         for (int bp = 0; bp < NB; ++bp)
-          baddr[bp] = g_addr + (unsigned)(((brow[bp] >= 0 ? img * s.OH + brow[bp] : zero_row) * p.gpitch + b_col) *
+          baddr[bp] = g_addr + (unsigned)(((brow[bp] >= 0 ? img * s.OH + brow[bp] : zero_row) * p.gpitch + ln.b_col) *
                                           sizeof(T));
         banded_weight_grad_row<T, JT, IT>(acc, X + (img * nq + qi) * p.xw, lane_off, baddr, live, p.OWp);
       }
     }
   }
 
-  // Add the warps' tiles in a fixed order; C fragment: (j = 16 jt + g [+ 8], i = 8 it + 2t [+ 1]).
+  // Add the warps' tiles in a fixed order.
   constexpr int TJ = 16 * JT, TI = 8 * IT;
   __syncthreads();  // every warp is done with G and X
-  float* mine = red + warp * TJ * TI;
-#pragma unroll
-  for (int jt = 0; jt < JT; ++jt)
-#pragma unroll
-    for (int it = 0; it < IT; ++it)
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const int j = 16 * jt + g + 8 * (q >> 1), i = 8 * it + 2 * t + (q & 1);
-        mine[j * TI + i] = acc[jt][it][q];
-      }
+  store_taps(red + warp * TJ * TI, acc, lane);
   if (sums_bias) {  // warp sums after the tiles' scratch, added in warp order below
     bias_sum = warp_sum(bias_sum);
     if (lane == 0) red[kWarps * TJ * TI + warp] = bias_sum;
