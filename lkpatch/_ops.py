@@ -99,10 +99,10 @@ def _as_format(t, memory_format=torch.contiguous_format):
     return t.contiguous(memory_format=memory_format)
 
 
-def _reads_cl(pass_, t, size, kernel_size, padding) -> bool:
+def _reads_cl(pass_, t, size, kernel_size, padding, dtype: Optional[torch.dtype] = None) -> bool:
     """Whether the kernels take ``t`` (this pass's activation) as it is: channels_last where they
-    read it so (``dispatch.reads_channels_last``)."""
-    return _channels_last(t) and dispatch.reads_channels_last(pass_, size, kernel_size, padding, t.dtype)
+    read it so (``dispatch.reads_channels_last``). ``dtype``: the computing dtype (default: t's)."""
+    return _channels_last(t) and dispatch.reads_channels_last(pass_, size, kernel_size, padding, dtype or t.dtype)
 
 
 def _forward_cuda(x, weight, bias, padding):
@@ -325,7 +325,7 @@ def eager_dwconv2d(x, weight, bias, padding, cast: Optional[torch.dtype] = None)
     on (the inputs are cast as PyTorch's convolutions cast theirs)."""
     k = weight.shape[2:]
     dtype = dispatch.compute_dtype(x, cast)
-    reads_cl = _channels_last(x) and dispatch.reads_channels_last("all", x.shape, k, padding, dtype)
+    reads_cl = _reads_cl("all", x, x.shape, k, padding, dtype)
     if _through_nchw(x, x.shape, k, padding, reads_cl, dtype):
         x, weight, bias = cast_inputs(cast, x, weight, bias)  # the copies are in the computing dtype
         y = _eager_direct(_ChannelsLastAsNCHW.apply(x), weight, bias, padding, False)
