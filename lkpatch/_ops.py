@@ -388,12 +388,7 @@ def traced_dwconv2d(x, weight, bias, padding):
 # so gradients reach fp32 master weights in fp32.
 def autocast_inputs(device_type: str, x, weight, bias):
     """The inputs as PyTorch's convolutions see them under autocast (unchanged without it)."""
-    return cast_inputs(autocast_dtype(device_type), x, weight, bias)
-
-
-def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
-    """Autocast's dtype where it is on for ``device_type``, else None."""
-    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    return cast_inputs(dispatch.autocast_dtype(device_type), x, weight, bias)
 
 
 def cast_inputs(dtype: Optional[torch.dtype], x, weight, bias):

@@ -120,7 +120,7 @@ def op_padding(x, weight, bias, stride, padding, dilation) -> Optional[Pads]:
     # Dtypes as the convolution sees them: under autocast, bf16 activations and fp32 weights
     # are both cast (by the op's autocast registration too), so they do match.
     device = x.device
-    autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+    autocast = autocast_dtype(device.type)
     dtype = compute_dtype(x, autocast)
     if tuple(weight.shape[:2]) != (c, 1) or weight.device != device or compute_dtype(weight, autocast) != dtype:
         return None
@@ -184,6 +184,11 @@ def channels_last(t: torch.Tensor) -> bool:
     """Whether ``t`` is channels_last in memory (and not NCHW as well, as tensors with C == 1 or
     H == W == 1 are): the layout lkpatch returns its results in."""
     return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """Autocast's dtype where it is on for ``device_type``, else None."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
 def compute_dtype(x: torch.Tensor, autocast: Optional[torch.dtype]) -> torch.dtype:

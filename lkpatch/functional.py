@@ -49,7 +49,7 @@ def depthwise_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
 def _run_op(input, weight, bias, pads) -> torch.Tensor:
     """lkpatch's op: in eager mode on CUDA its low-host-time path, else as ``torch.compile`` traces it."""
     if input.is_cuda and not torch.compiler.is_compiling():
-        return _ops.eager_dwconv2d(input, weight, bias, pads, _ops.autocast_dtype("cuda"))
+        return _ops.eager_dwconv2d(input, weight, bias, pads, dispatch.autocast_dtype("cuda"))
     return _ops.traced_dwconv2d(input, weight, bias, pads)
 
 
