@@ -19,6 +19,12 @@
   python tools/gpu_profile.py model [bfloat16|float16|float32]
       RepLKNet-31B training step (batch 64): converted vs without its depthwise convolutions,
       and the converted step's GPU time per kernel (torch.profiler)
+  python tools/gpu_profile.py backbone [BATCH [SIZE]]
+      RepLKNet-31B as a backbone (four feature maps), bf16 autocast, channels_last, forward +
+      backward of the summed maps (default batch 2, 512 x 512): PyTorch, converted, and the floor
+      (every stride-1 depthwise conv a per-channel scale), each timed alone and as GPU time
+      (CUDA-graph replay); the converted one under torch.compile(mode="reduce-overhead"); then
+      batch-1 inference of the re-parameterized backbone
 """
 import copy
 import os
@@ -34,7 +40,7 @@ from lkpatch import _pytorch, build, dispatch
 SHAPES = {  # name: N, C, H, W, K
     "64x7": (64, 384, 64, 64, 7), "14x27": (64, 512, 14, 14, 27), "7x13": (64, 1024, 7, 7, 13),
     "64x31": (16, 384, 64, 64, 31), "56x7": (64, 96, 56, 56, 7), "56x31": (64, 128, 56, 56, 31),
-    "28x29": (64, 256, 28, 28, 29),
+    "28x29": (64, 256, 28, 28, 29), "2x128": (2, 128, 128, 128, 31),
 }
 
 
@@ -282,6 +288,90 @@ def compiled(name, batch, amp="bfloat16"):
             print(f"{ms:8.2f} ms {n // 2:5d}x  {kn}")
 
 
+class ChannelScale(torch.nn.Module):
+    """What a depthwise conv costs at least: one multiply per element (the floor's stand-in)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(channels, 1, 1))
+
+    def forward(self, x):
+        return x * self.scale
+
+
+def without_depthwise(net):
+    """``net`` with every stride-1 depthwise nn.Conv2d replaced by a per-channel scale."""
+    for name, mod in list(net.named_modules()):
+        if (type(mod) is torch.nn.Conv2d and mod.groups == mod.in_channels == mod.out_channels
+                and mod.stride == (1, 1)):
+            parent, _, leaf = name.rpartition(".")
+            setattr(net.get_submodule(parent) if parent else net, leaf, ChannelScale(mod.in_channels))
+    return net
+
+
+def backbone(batch, size):
+    from lkpatch import bench
+    from lkpatch.models import REPLKNET_CONFIGS, RepLKNet
+    build.build()
+    torch.manual_seed(0)
+    cl = torch.channels_last
+    base = RepLKNet(**REPLKNET_CONFIGS["replknet_31b"], num_classes=None, out_indices=[0, 1, 2, 3])
+    nets = {"pytorch": base, "converted": lkpatch.convert_model(copy.deepcopy(base)),
+            "floor": without_depthwise(copy.deepcopy(base))}
+    nets = {k: n.cuda().to(memory_format=cl) for k, n in nets.items()}
+    base = nets["pytorch"]
+    x = torch.randn(batch, 3, size, size, device="cuda").contiguous(memory_format=cl)
+
+    def train_step(net):
+        def step():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = sum(f.float().sum() for f in net(x))
+            loss.backward()
+        return step
+
+    def infer_step(net):
+        def step():
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+                net(x1)
+        return step
+
+    def alone_ms(fn, n=9):
+        for _ in range(3):
+            fn()
+        return sorted(bench.time_ms(lambda i: fn(), warmup=0, reps=1) for _ in range(n))[n // 2]
+
+    def report(what, fns):
+        rows = {k: (alone_ms(f), bench.graph_time_ms(lambda i, f=f: f(), reps=10)) for k, f in fns.items()}
+        for k, (a, g) in rows.items():
+            print(f"{what} {k}: alone {a:.2f} ms, GPU (graph replay) {g:.2f} ms", flush=True)
+        return rows
+
+    for net in nets.values():
+        net.train()
+    rows = report(f"train {batch}x3x{size}x{size}", {k: train_step(n) for k, n in nets.items()})
+    print(f"converted GPU time / floor's: {rows['converted'][1] / rows['floor'][1]:.2f}; "
+          f"PyTorch / converted: {rows['pytorch'][1] / rows['converted'][1]:.1f}x", flush=True)
+    t0 = time.perf_counter()
+    comp = torch.compile(nets["converted"], mode="reduce-overhead")
+    step = train_step(comp)
+
+    def marked():
+        torch.compiler.cudagraph_mark_step_begin()
+        step()
+    for _ in range(3):
+        marked()
+    torch.cuda.synchronize()
+    print(f"compiled (reduce-overhead) in {time.perf_counter() - t0:.0f} s: alone {alone_ms(marked):.2f} ms "
+          f"(converted's GPU time {rows['converted'][1]:.2f} ms)", flush=True)
+    x1 = x[:1].clone(memory_format=cl)
+    for net in nets.values():
+        net.eval()
+    deploy = {"pytorch": copy.deepcopy(base).eval().structural_reparam()}
+    deploy["converted"] = lkpatch.convert_model(copy.deepcopy(deploy["pytorch"]))
+    deploy["floor"] = without_depthwise(copy.deepcopy(deploy["pytorch"])).cuda().to(memory_format=cl)
+    report(f"inference 1x3x{size}x{size}, re-parameterized", {k: infer_step(n) for k, n in deploy.items()})
+
+
 def hostbound():
     """Host microseconds per forward + backward of a converted layer against its GPU time."""
     import cProfile
@@ -412,6 +502,8 @@ if __name__ == "__main__":
              "hostbound": lambda: hostbound(), "model": lambda: model(sys.argv[2] if len(sys.argv) > 2 else "bfloat16"),
              "python": lambda: python_profile(), "autograd": lambda: autograd_variants(),
              "biasgrad": lambda: biasgrad(), "copies": lambda: copies(sys.argv[2:]),
+             "backbone": lambda: backbone(int(sys.argv[2]) if len(sys.argv) > 2 else 2,
+                                          int(sys.argv[3]) if len(sys.argv) > 3 else 512),
              "compiled": lambda: compiled(sys.argv[2] if len(sys.argv) > 2 else "replknet_31b",
                                           int(sys.argv[3]) if len(sys.argv) > 3 else 64)}
     if len(sys.argv) < 2 or sys.argv[1] not in modes:

@@ -100,15 +100,19 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--random", type=int, default=100, help="random layers (each in a random dtype and layout)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--named", action="store_true", help="also the named layers, bf16 in both layouts")
+    ap.add_argument("--named", action="store_true", help="also the named layers, in both layouts")
+    ap.add_argument("--named-dtypes", default="bf16", help="comma-separated dtypes of the named layers (default bf16)")
+    ap.add_argument("--named-max-batch", type=int, default=None, help="only the named layers with at most this batch")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--json", required=True)
     args = ap.parse_args(argv)
     rng = random.Random(args.seed)
     todo = []
     if args.named:
-        todo += [(case, "bf16", cl) for case in NAMED for cl in (False, True)]
-    while len(todo) < args.random + (2 * len(NAMED) if args.named else 0):
+        todo += [(case, dt, cl) for dt in args.named_dtypes.split(",") for case in NAMED for cl in (False, True)
+                 if args.named_max_batch is None or case[0] <= args.named_max_batch]
+    named = len(todo)
+    while len(todo) < args.random + named:
         case, dt, cl = random_case(rng), rng.choice(list(DTYPES)), rng.random() < 0.5
         if fits(case, 4, 64 << 20):
             todo.append((case, dt, cl))
