@@ -275,11 +275,16 @@ size_t dwconv2d_small_weight_grad_workspace(const DwShape& s);
 cudaError_t dwconv2d_small_weight_grad(DType t, const void* grad_out, const void* in, void* grad_w, float* workspace,
                                        const DwShape& s, cudaStream_t stream);
 
-// The CUDA-core forward / input-grad that reads channels_last as it is (dwconv_nhwc.cu): any
-// dtype, exact fp32 arithmetic; odd kernel widths up to 15, up to 15 rows.
+// The CUDA-core passes that read channels_last as they are (dwconv_nhwc.cu): any dtype, exact
+// fp32 arithmetic; odd kernel widths up to 15; the forward / input-grad up to 15 rows, the
+// weight-grad up to 49 taps (one column: 15 rows), with a workspace.
 bool dwconv2d_nhwc_forward_fits(DType t, const DwShape& s);
 cudaError_t dwconv2d_nhwc_forward(DType t, const void* in, const void* w, const void* bias, void* out,
                                   const DwShape& s, bool flip_kernel, cudaStream_t stream);
+bool dwconv2d_nhwc_weight_grad_fits(DType t, const DwShape& s);
+size_t dwconv2d_nhwc_weight_grad_workspace(const DwShape& s);
+cudaError_t dwconv2d_nhwc_weight_grad(DType t, const void* grad_out, const void* in, void* grad_w, float* workspace,
+                                      const DwShape& s, cudaStream_t stream);
 
 // The tensor-core forward / input-grad for fp16, bf16 and TF32 (dwconv_tc.cu), where it applies:
 // sm_80+, 8 or more images. LKPATCH_TENSOR_CORES=never turns it off (benchmarking).
@@ -349,7 +354,7 @@ inline ImageSlices image_slices(int N, int C, int sms, int most) {
 // The benchmarking knobs, read once from the environment (the only place that reads them):
 // LKPATCH_TENSOR_CORES=never keeps every dtype on the CUDA-core kernels; LKPATCH_SMALL_MAP=
 // never|always overrides the fp32 small-map rule; LKPATCH_NHWC_FMA=never|always the rule for the
-// channels_last CUDA-core forward; LKPATCH_SMALL_IMAGES and LKPATCH_TC_GROUPS set
+// channels_last CUDA-core kernels; LKPATCH_SMALL_IMAGES and LKPATCH_TC_GROUPS set
 // the images an fp32 small-map thread and the 16-image groups a general tensor-core block take.
 struct Knobs {
   bool tensor_cores = true;

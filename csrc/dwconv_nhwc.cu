@@ -1,15 +1,20 @@
-// The CUDA-core forward / input-gradient that reads and writes channels_last tensors as they are,
-// for small kernels (odd widths up to 15, up to 15 rows), in every dtype with exact fp32
-// arithmetic. A small kernel does few multiply-adds per value it moves, so a tensor-core tile,
-// most of it a zero band, gains little over plain FMAs, while reading channels_last directly
-// saves both the transposition into planes and the layout copies.
+// The CUDA-core passes that read and write channels_last tensors as they are, for small kernels
+// (odd widths up to 15, up to 15 rows), in every dtype with exact fp32 arithmetic. A small kernel
+// does few multiply-adds per value it moves, so a tensor-core tile, most of it a zero band, gains
+// little over plain FMAs, while reading channels_last directly saves both the transposition into
+// planes and the layout copies.
 //
 // A block takes kCh channels (one 32-, 64- or 128-byte run of each pixel) of a TH x kTW output
 // tile. It stages the input tile, converted to fp32 once, as [row][column][channel] (zeros outside
-// the image and past the channels), and the kernel's taps as [tap][channel] (rotated for the
-// input-gradient). A thread owns two adjacent channels and a block of RH rows x kRW columns:
-// per kernel row it keeps the row's taps in registers and slides them along a register window
-// of the input row, so each staged value it loads feeds KW multiply-adds per channel.
+// the image and past the channels). A thread owns two adjacent channels and a block of RH rows x
+// kRW columns; per kernel row it loads a register window of the input row, so each staged value
+// it loads feeds KW multiply-adds per channel.
+// Forward / input-gradient: the kernel's taps staged as [tap][channel] (rotated for the
+// input-gradient); a thread keeps a kernel row's taps in registers and slides them along the window.
+// Weight-gradient (kernels of up to 49 taps, or one column of up to 15): a block walks a slice of
+// the tiles of its channels, staging the output gradient's tile beside the input's; a thread
+// keeps every tap of its channels (a pair up to 25 taps, else one) in registers, and the block adds its threads' sums in a
+// fixed order into its slice's partial sums (added in order by sum_partials: deterministic).
 #include "dwconv_core.cuh"
 
 namespace lkpatch {
@@ -34,6 +39,39 @@ inline Tile tile(const DwShape& s) {
   t.cols = kTW + s.KW - 1;
   t.smem = ((size_t)t.rows * t.cols + (size_t)s.KH * s.KW) * kCh * sizeof(float);
   return t;
+}
+
+// rows x cols pixels of kCh channels (c0 ..) of a channels_last N x H x W x C tensor, from image
+// row y0 and column x0, into fp32 dst[row][col][channel]: zeros outside the image and past nch.
+// vec: 16-byte loads (C a multiple of 16 / sizeof(T) and the tensor aligned).
+template <typename T>
+__device__ __forceinline__ void stage_tile(float* dst, const T* src, int n, int c0, int nch, int C, int H, int W,
+                                           int y0, int x0, int rows, int cols, bool vec) {
+  constexpr int E = 16 / (int)sizeof(T), PIECES = kCh / E;
+  const int total = rows * cols * PIECES;
+  for (int u = threadIdx.x; u < total; u += kThreads) {
+    const int px = u / PIECES, piece = u - px * PIECES;
+    const int r = px / cols, x = px - r * cols;
+    const int iy = y0 + r, ix = x0 + x, c = piece * E;
+    const bool inside = iy >= 0 && iy < H && ix >= 0 && ix < W;
+    const T* from = src + (((int64_t)n * H + (inside ? iy : 0)) * W + (inside ? ix : 0)) * C + c0 + c;
+    float v[E];
+    if (inside && vec && c < nch) {
+      union {
+        uint4 u;
+        T h[E];
+      } in;
+      in.u = __ldg(reinterpret_cast<const uint4*>(from));
+#pragma unroll
+      for (int k = 0; k < E; ++k) v[k] = to_float(in.h[k]);
+    } else {
+#pragma unroll
+      for (int k = 0; k < E; ++k) v[k] = inside && c + k < nch ? load(from + k) : 0.f;
+    }
+    float4* to = reinterpret_cast<float4*>(dst + (size_t)px * kCh + c);
+#pragma unroll
+    for (int k = 0; k < E / 4; ++k) to[k] = make_float4(v[4 * k], v[4 * k + 1], v[4 * k + 2], v[4 * k + 3]);
+  }
 }
 
 template <typename T>
@@ -61,32 +99,8 @@ __global__ void __launch_bounds__(kThreads) dw_nhwc_forward(const Params<T> p) {
     const int src = p.flip ? s.KH * KW - 1 - tap : tap;
     Wt[e] = c < nch ? load(p.w + (int64_t)(c0 + c) * s.KH * KW + src) : 0.f;
   }
-  // ---- the input tile: 16-byte pieces of each pixel's kCh channels
-  constexpr int E = 16 / (int)sizeof(T), PIECES = kCh / E;
-  const int total = p.rows * p.cols * PIECES;
-  for (int u = threadIdx.x; u < total; u += kThreads) {
-    const int px = u / PIECES, piece = u - px * PIECES;
-    const int r = px / p.cols, x = px - r * p.cols;
-    const int iy = iy0 + r, ix = ix0 + x, c = piece * E;
-    const bool inside = iy >= 0 && iy < s.H && ix >= 0 && ix < s.W;
-    const T* src = p.in + (((int64_t)n * s.H + (inside ? iy : 0)) * s.W + (inside ? ix : 0)) * s.C + c0 + c;
-    float v[E];
-    if (inside && p.vec && c < nch) {
-      union {
-        uint4 u;
-        T h[E];
-      } in;
-      in.u = __ldg(reinterpret_cast<const uint4*>(src));
-#pragma unroll
-      for (int k = 0; k < E; ++k) v[k] = to_float(in.h[k]);
-    } else {
-#pragma unroll
-      for (int k = 0; k < E; ++k) v[k] = inside && c + k < nch ? load(src + k) : 0.f;
-    }
-    float4* to = reinterpret_cast<float4*>(X + (size_t)px * kCh + c);
-#pragma unroll
-    for (int k = 0; k < E / 4; ++k) to[k] = make_float4(v[4 * k], v[4 * k + 1], v[4 * k + 2], v[4 * k + 3]);
-  }
+  // ---- the input tile
+  stage_tile<T>(X, p.in, n, c0, nch, s.C, s.H, s.W, iy0, ix0, p.rows, p.cols, p.vec);
   __syncthreads();
 
   // ---- a thread: channels 2 cp, 2 cp + 1; rows kRH rg ..; columns kRW strip ..
@@ -161,6 +175,154 @@ cudaError_t launch_width(const Params<T>& p, dim3 grid, size_t smem, cudaStream_
   return launch(dw_nhwc_forward<T, KW>, grid, dim3(kThreads), smem, stream, p);
 }
 
+
+// ---- weight-gradient ----------------------------------------------------------------------------
+// A thread keeps every tap of CPT channels in registers: two channels up to 25 taps (or one column
+// of kMaxK), one channel up to 49.
+__host__ __device__ constexpr int wgrad_taps(int cpt) { return cpt == 2 ? 25 : 49; }
+__host__ __device__ constexpr int wgrad_max_rows(int kw, int cpt) {
+  return kw == 1 ? kMaxK : (wgrad_taps(cpt) / kw < kMaxK ? wgrad_taps(cpt) / kw : kMaxK);
+}
+inline int wgrad_channels_per_thread(const DwShape& s) {
+  return s.KW == 1 || s.KH * s.KW <= wgrad_taps(2) ? 2 : 1;
+}
+
+template <typename T>
+struct WgradParams {
+  const T* grad;
+  const T* in;
+  float* parts;    // [slices][C][KH * KW]: each block's sums for its channels
+  DwShape s;
+  int rows, cols;  // staged input tile
+  int tiles_x;     // column tiles
+  int tiles;       // tiles of all images: (n * tile rows + tile row) * tiles_x + tile column
+  int per_slice;   // tiles per block; blockIdx.y is the slice
+  int vec;         // 16-byte loads of both tensors
+};
+
+struct WgradPlan {
+  Tile tile;
+  int cpt;  // channels per thread
+  int tiles_x, tiles, slices, per_slice;
+  size_t smem;  // the two staged tiles; the threads' sums reuse them
+};
+
+inline WgradPlan plan_weight_grad(const DwShape& s, int sms) {
+  WgradPlan q{};
+  q.tile = tile(s);
+  q.cpt = wgrad_channels_per_thread(s);
+  q.tiles_x = ceil_div(s.OW, kTW);
+  q.tiles = (int)(s.planes / s.C) * ceil_div(s.OH, kTH) * q.tiles_x;
+  // about four blocks an SM, each walking a slice of the tiles
+  const int groups = ceil_div(s.C, kCh);
+  q.slices = std::max(1, std::min(q.tiles, ceil_div(4 * std::max(sms, 1), groups)));
+  q.per_slice = ceil_div(q.tiles, q.slices);
+  q.slices = ceil_div(q.tiles, q.per_slice);
+  const size_t staged = ((size_t)q.tile.rows * q.tile.cols + (size_t)kTH * kTW) * kCh * sizeof(float);
+  q.smem = std::max(staged, (size_t)s.KH * s.KW * kThreads * q.cpt * sizeof(float));
+  return q;
+}
+
+template <int CPT>
+__device__ __forceinline__ void load_channels(const float* from, float (&v)[CPT]) {
+  if constexpr (CPT == 2) {
+    const float2 f = *reinterpret_cast<const float2*>(from);
+    v[0] = f.x;
+    v[1] = f.y;
+  } else {
+    v[0] = *from;
+  }
+}
+
+// A thread: channels CPT cl ..; of the tile's rows RH rg .. and columns kRW strip ..
+template <typename T, int KW, int CPT>
+__global__ void __launch_bounds__(kThreads) dw_nhwc_weight_grad(const WgradParams<T> p) {
+  constexpr int KHM = wgrad_max_rows(KW, CPT);
+  constexpr int LP = kCh / CPT, GROUPS = kThreads / LP, RH = kTH * kStrips / GROUPS;
+  extern __shared__ __align__(16) float smem_f[];
+  const DwShape& s = p.s;
+  const int c0 = blockIdx.x * kCh, nch = min(kCh, s.C - c0);
+  float* X = smem_f;                          // [rows][cols][kCh]
+  float* G = smem_f + p.rows * p.cols * kCh;  // [kTH][kTW][kCh]
+  const int cl = threadIdx.x % LP, group = threadIdx.x / LP, strip = group % kStrips, rg = group / kStrips;
+  float acc[KHM][KW][CPT];
+#pragma unroll
+  for (int i = 0; i < KHM; ++i)
+#pragma unroll
+    for (int j = 0; j < KW; ++j)
+#pragma unroll
+      for (int k = 0; k < CPT; ++k) acc[i][j][k] = 0.f;
+
+  const int tiles_y = ceil_div(s.OH, kTH);
+  const int t_begin = blockIdx.y * p.per_slice, t_end = min(p.tiles, t_begin + p.per_slice);
+  for (int t = t_begin; t < t_end; ++t) {
+    const int tx = t % p.tiles_x, rest = t / p.tiles_x, ty = rest % tiles_y, n = rest / tiles_y;
+    const int oy0 = ty * kTH, ox0 = tx * kTW;
+    __syncthreads();  // the previous tile is read
+    stage_tile<T>(X, p.in, n, c0, nch, s.C, s.H, s.W, oy0 - s.pad_t, ox0 - s.pad_l, p.rows, p.cols, p.vec);
+    stage_tile<T>(G, p.grad, n, c0, nch, s.C, s.OH, s.OW, oy0, ox0, kTH, kTW, p.vec);
+    __syncthreads();
+    // Each staged input row q once: it meets output row r through kernel row q - r.
+    float g[RH][kRW][CPT];
+#pragma unroll
+    for (int r = 0; r < RH; ++r)
+#pragma unroll
+      for (int x = 0; x < kRW; ++x)
+        load_channels<CPT>(G + ((RH * rg + r) * kTW + kRW * strip + x) * kCh + CPT * cl, g[r][x]);
+#pragma unroll
+    for (int q = 0; q < RH + KHM - 1; ++q) {
+      if (q >= RH - 1 + s.KH) break;
+      const float* row = X + ((size_t)(RH * rg + q) * p.cols + kRW * strip) * kCh + CPT * cl;
+      float win[kRW + KW - 1][CPT];
+#pragma unroll
+      for (int k = 0; k < kRW + KW - 1; ++k) load_channels<CPT>(row + k * kCh, win[k]);
+#pragma unroll
+      for (int r = 0; r < RH; ++r) {
+        const int i = q - r;
+        if (i < 0 || i >= KHM || i >= s.KH) continue;
+#pragma unroll
+        for (int j = 0; j < KW; ++j)
+#pragma unroll
+          for (int x = 0; x < kRW; ++x)
+#pragma unroll
+            for (int k = 0; k < CPT; ++k) acc[i][j][k] = fmaf(g[r][x][k], win[x + j][k], acc[i][j][k]);
+      }
+    }
+  }
+
+  // ---- the block's sums: red[tap][group][channel], added over the groups in order
+  __syncthreads();
+  float* red = smem_f;
+#pragma unroll
+  for (int i = 0; i < KHM; ++i) {
+    if (i >= s.KH) break;
+#pragma unroll
+    for (int j = 0; j < KW; ++j)
+#pragma unroll
+      for (int k = 0; k < CPT; ++k) red[((i * KW + j) * GROUPS + group) * kCh + CPT * cl + k] = acc[i][j][k];
+  }
+  __syncthreads();
+  const int taps = s.KH * KW;
+  for (int e = threadIdx.x; e < taps * kCh; e += kThreads) {
+    const int tap = e / kCh, c = e - tap * kCh;
+    if (c >= nch) continue;
+    float sum = 0.f;
+    for (int gr = 0; gr < GROUPS; ++gr) sum += red[(tap * GROUPS + gr) * kCh + c];
+    p.parts[((int64_t)blockIdx.y * s.C + c0 + c) * taps + tap] = sum;
+  }
+}
+
+template <typename T, int KW>
+cudaError_t launch_weight_grad(const WgradParams<T>& p, int cpt, dim3 grid, size_t smem, cudaStream_t stream) {
+  if (cpt == 2) return launch(dw_nhwc_weight_grad<T, KW, 2>, grid, dim3(kThreads), smem, stream, p);
+  if constexpr (KW > 1) return launch(dw_nhwc_weight_grad<T, KW, 1>, grid, dim3(kThreads), smem, stream, p);
+  return cudaErrorInvalidValue;
+}
+
+int sms_or_zero() {
+  DeviceLimits lim;
+  return device_limits(&lim) == cudaSuccess ? lim.sms : 0;
+}
 }  // namespace nhwc
 
 bool dwconv2d_nhwc_forward_fits(DType t, const DwShape& s) {
@@ -198,6 +360,56 @@ cudaError_t dwconv2d_nhwc_forward(DType t, const void* in, const void* w, const 
       case 15: return nhwc::launch_width<T, 15>(p, grid, q.smem, stream);
     }
     return cudaErrorInvalidValue;
+  });
+}
+
+bool dwconv2d_nhwc_weight_grad_fits(DType t, const DwShape& s) {
+  (void)t;
+  if (!s.nhwc || s.KW % 2 == 0 || s.KW > nhwc::kMaxK) return false;
+  if (s.KH > nhwc::wgrad_max_rows(s.KW, nhwc::wgrad_channels_per_thread(s))) return false;
+  DeviceLimits lim;
+  if (device_limits(&lim) != cudaSuccess) return false;
+  const nhwc::WgradPlan q = nhwc::plan_weight_grad(s, lim.sms);
+  return q.slices <= 65535 && ceil_div(s.C, nhwc::kCh) <= (1 << 20) && q.smem <= (size_t)lim.max_smem_optin;
+}
+
+size_t dwconv2d_nhwc_weight_grad_workspace(const DwShape& s) {
+  const nhwc::WgradPlan q = nhwc::plan_weight_grad(s, nhwc::sms_or_zero());
+  return (size_t)q.slices * s.C * s.KH * s.KW * sizeof(float);
+}
+
+cudaError_t dwconv2d_nhwc_weight_grad(DType t, const void* grad_out, const void* in, void* grad_w, float* workspace,
+                                      const DwShape& s, cudaStream_t stream) {
+  if (workspace == nullptr) return cudaErrorInvalidValue;
+  return with_dtype(t, [&](auto tag) -> cudaError_t {
+    using T = decltype(tag);
+    const nhwc::WgradPlan q = nhwc::plan_weight_grad(s, nhwc::sms_or_zero());
+    nhwc::WgradParams<T> p{};
+    p.grad = static_cast<const T*>(grad_out);
+    p.in = static_cast<const T*>(in);
+    p.parts = workspace;
+    p.s = s;
+    p.rows = q.tile.rows;
+    p.cols = q.tile.cols;
+    p.tiles_x = q.tiles_x;
+    p.tiles = q.tiles;
+    p.per_slice = q.per_slice;
+    p.vec = s.C % (16 / (int)sizeof(T)) == 0 && reinterpret_cast<uintptr_t>(in) % 16 == 0 &&
+            reinterpret_cast<uintptr_t>(grad_out) % 16 == 0;
+    const dim3 grid(ceil_div(s.C, nhwc::kCh), q.slices);
+    cudaError_t e = cudaErrorInvalidValue;
+    switch (s.KW) {
+      case 1: e = nhwc::launch_weight_grad<T, 1>(p, q.cpt, grid, q.smem, stream); break;
+      case 3: e = nhwc::launch_weight_grad<T, 3>(p, q.cpt, grid, q.smem, stream); break;
+      case 5: e = nhwc::launch_weight_grad<T, 5>(p, q.cpt, grid, q.smem, stream); break;
+      case 7: e = nhwc::launch_weight_grad<T, 7>(p, q.cpt, grid, q.smem, stream); break;
+      case 9: e = nhwc::launch_weight_grad<T, 9>(p, q.cpt, grid, q.smem, stream); break;
+      case 11: e = nhwc::launch_weight_grad<T, 11>(p, q.cpt, grid, q.smem, stream); break;
+      case 13: e = nhwc::launch_weight_grad<T, 13>(p, q.cpt, grid, q.smem, stream); break;
+      case 15: e = nhwc::launch_weight_grad<T, 15>(p, q.cpt, grid, q.smem, stream); break;
+    }
+    if (e != cudaSuccess) return e;
+    return sum_partials(workspace, static_cast<T*>(grad_w), q.slices, (int64_t)s.C * s.KH * s.KW, stream);
   });
 }
 

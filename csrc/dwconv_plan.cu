@@ -58,16 +58,19 @@ double weight_grad_macs(DType t, const DwShape& s, bool banded) {
 // channels_last with a thin kernel (1 x k, k x 1 up to 15) or one of up to 25 taps, and exact
 // fp32 with any kernel it takes: CUDA cores reading the layout as it is, which beat a tensor-core
 // tile that is mostly zero band; LKPATCH_NHWC_FMA overrides (benchmarking).
-bool nhwc_fma(DType t, const DwShape& s) {
-  if (!dwconv2d_nhwc_forward_fits(t, s) || knobs().nhwc_fma == 'n') return false;
-  return knobs().nhwc_fma == 'a' || t == DType::f32 || !tensor_cores(t) || std::min(s.KH, s.KW) == 1 ||
-         s.KH * s.KW <= 25;
+bool nhwc_fma(DType t, const DwShape& s, bool fits, Pass pass) {
+  if (!fits || knobs().nhwc_fma == 'n') return false;
+  if (knobs().nhwc_fma == 'a' || t == DType::f32 || !tensor_cores(t)) return true;
+  const bool small = std::min(s.KH, s.KW) == 1 || s.KH * s.KW <= 25;
+  // The weight-gradient's tiles are 8 rows of 32 channels: a kernel taller than 11 rows stages
+  // more input rows than its outputs use, fewer channels leave lanes idle; tc_rows is faster there.
+  return small && (pass != Pass::weight_grad || (s.KH <= 11 && s.C >= 32));
 }
 
 Plan forward_plan(DType t, const DwShape& s) {
   if (tensor_cores(t) && dwconv2d_tc_forward_fits(t, s))
     return with_macs(make(Family::tc_images, s.nhwc), forward_macs(Family::tc_images, t, s));
-  if (s.nhwc && nhwc_fma(t, s)) return make(Family::fma, true);
+  if (s.nhwc && nhwc_fma(t, s, dwconv2d_nhwc_forward_fits(t, s), Pass::forward)) return make(Family::fma, true);
   if (tensor_cores(t)) {
     const bool tf32_worth = t != DType::tf32 || s.nhwc || (s.KW >= 9 && (int64_t)s.OH * s.OW >= 28 * 28);
     if (tf32_worth && dwconv2d_rows_forward_fits(t, s))
@@ -76,11 +79,16 @@ Plan forward_plan(DType t, const DwShape& s) {
   return make(Family::fma, false);  // channels_last tensors through NCHW copies
 }
 
+// The weight-gradient: as the forward, the images family first, then on channels_last the
+// CUDA-core kernel where it takes the call (up to 49 taps) and nhwc_fma's rule says so, then the
+// rows family.
 Plan weight_grad_plan(DType t, const DwShape& s) {
+  if (tensor_cores(t) && dwconv2d_tc_weight_grad_fits(t, s))
+    return with_macs(make(Family::tc_images, s.nhwc, dwconv2d_tc_weight_grad_takes_bias(t, s)),
+                     weight_grad_macs(t, s, dwconv2d_tc_weight_grad_banded(t, s)));
+  if (s.nhwc && nhwc_fma(t, s, dwconv2d_nhwc_weight_grad_fits(t, s), Pass::weight_grad))
+    return make(Family::fma, true);
   if (tensor_cores(t)) {
-    if (dwconv2d_tc_weight_grad_fits(t, s))
-      return with_macs(make(Family::tc_images, s.nhwc, dwconv2d_tc_weight_grad_takes_bias(t, s)),
-                       weight_grad_macs(t, s, dwconv2d_tc_weight_grad_banded(t, s)));
     const bool tf32_worth = t != DType::tf32 || s.nhwc || (int64_t)s.OH * s.OW >= 400;
     if (tf32_worth && dwconv2d_rows_weight_grad_fits(t, s))
       return with_macs(make(Family::tc_rows, s.nhwc), weight_grad_macs(t, s, true));
@@ -144,7 +152,7 @@ size_t dwconv2d_weight_grad_workspace(DType t, const DwShape& s, bool with_bias)
   switch (plan.family) {
     case Family::tc_images: return dwconv2d_tc_weight_grad_workspace(t, s, with_bias && plan.takes_bias);
     case Family::tc_rows: return dwconv2d_rows_weight_grad_workspace(t, s);
-    case Family::fma: return s.nhwc ? 0 : dwconv2d_fma_weight_grad_workspace(s);
+    case Family::fma: return plan.nhwc ? dwconv2d_nhwc_weight_grad_workspace(s) : dwconv2d_fma_weight_grad_workspace(s);
     case Family::none: break;
   }
   return 0;
@@ -163,7 +171,9 @@ cudaError_t dwconv2d_weight_grad(DType t, const void* grad_out, const void* in, 
       if (workspace == nullptr && !s.nhwc) return cudaErrorInvalidValue;  // channels_last: none needed
       return dwconv2d_tc_weight_grad(t, grad_out, in, grad_w, workspace, s, stream, grad_b);
     case Family::tc_rows: return dwconv2d_rows_weight_grad(t, grad_out, in, grad_w, workspace, s, stream);
-    case Family::fma: return dwconv2d_fma_weight_grad(t, grad_out, in, grad_w, workspace, s, stream);
+    case Family::fma:
+      if (plan.nhwc) return dwconv2d_nhwc_weight_grad(t, grad_out, in, grad_w, workspace, s, stream);
+      return dwconv2d_fma_weight_grad(t, grad_out, in, grad_w, workspace, s, stream);
     case Family::none: break;
   }
   return cudaErrorInvalidValue;

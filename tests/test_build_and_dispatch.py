@@ -186,7 +186,8 @@ def h100(monkeypatch):
 def test_plan_families(h100):
     """The extension's plan: the images family for 8+ images on NCHW (channels_last on maps up to
     16, with the bias gradient from the weight-gradient), the rows family for every other
-    tensor-core call in either layout, exact fp32 on CUDA cores reading NCHW."""
+    tensor-core call in either layout, exact fp32 on CUDA cores (reading channels_last where the
+    kernel is small), and the CUDA-core kernels that read channels_last for small and thin kernels."""
     plan, bf, f32 = dispatch.plan, torch.bfloat16, torch.float32
     big, same31, same7 = (64, 384, 64, 64), (15,) * 4, (3,) * 4
     assert plan("forward", big, (31, 31), same31, bf)[:4] == ("tc_images", False, False, "")
@@ -197,12 +198,17 @@ def test_plan_families(h100):
         assert plan(pass_, big, (7, 7), same7, torch.float16, True)[:4] == ("tc_rows", True, False, "")
         assert plan(pass_, (1, 8, 200, 304), (61, 5), (30, 30, 2, 2), bf, True).family == "tc_rows"
         assert plan(pass_, big, (7, 7), same7, f32)[:4] == ("fma", False, False, "")
-        # exact fp32 channels_last: the forward and input-gradient read it as it is, the weight-gradient through NCHW copies
-        assert plan(pass_, big, (7, 7), same7, f32, True)[:4] == ("fma", pass_ != "weight_grad", False, "")
-        # thin kernels and up to 25 taps, channels_last: the CUDA-core forward that reads it, in every dtype
-        assert plan(pass_, big, (1, 11), (0, 0, 5, 5), bf, True)[:2] == (
+        # exact fp32 channels_last: read as it is; the weight-gradient of a kernel over 49 taps through NCHW copies
+        assert plan(pass_, big, (7, 7), same7, f32, True)[:4] == ("fma", True, False, "")
+        assert plan(pass_, big, (9, 9), (4,) * 4, f32, True)[:4] == ("fma", pass_ != "weight_grad", False, "")
+        # thin kernels and up to 25 taps, channels_last: the CUDA-core kernels that read it, in every dtype
+        assert plan(pass_, big, (1, 11), (0, 0, 5, 5), bf, True)[:2] == ("fma", True)
+        # ... but the weight-gradient of a kernel taller than 11 rows, or of fewer than 32 channels, on tc_rows
+        assert plan(pass_, big, (15, 1), (7, 7, 0, 0), bf, True)[:2] == (
             "fma" if pass_ != "weight_grad" else "tc_rows", True)
-        assert plan(pass_, big, (5, 5), (2,) * 4, bf, True).family == ("fma" if pass_ != "weight_grad" else "tc_rows")
+        assert plan(pass_, (128, 12, 56, 56), (1, 11), (0, 0, 5, 5), bf, True)[:2] == (
+            "fma" if pass_ != "weight_grad" else "tc_rows", True)
+        assert plan(pass_, big, (5, 5), (2,) * 4, bf, True)[:2] == ("fma", True)
     with dispatch.conv_tf32(True):
         assert plan("forward", (4, 384, 64, 64), (31, 31), same31, f32).family == "tc_rows"
         assert plan("forward", (4, 384, 64, 64), (7, 7), same7, f32).family == "fma"  # exact is as fast

@@ -311,13 +311,16 @@ def test_channels_last_errors():
     assert ext.dwconv2d(xh, wh, None, [2, 2, 2, 2]).is_contiguous(memory_format=cl)
 
 
-def draw_nhwc_fma_case(rng: random.Random, batch=None):
-    """A channels_last case for the CUDA-core forward that reads channels_last: thin kernels (1 x k
+def draw_nhwc_fma_case(rng: random.Random, batch=None, wide=False):
+    """A channels_last case for the CUDA-core kernels that read channels_last: thin kernels (1 x k
     with k odd up to 15, k x 1 up to 15) or up to 5 x 5 with an odd width; 1-4 images; maps of 1 to
     80 (smaller than the kernel too) with any padding up to K - 1 a side; C a multiple of the
-    32-channel block, of the 8-channel vector, or neither."""
+    32-channel block, of the 8-channel vector, or neither. ``wide``: kernels of 26 to 49 taps (the
+    weight-gradient's one-channel threads; exact fp32 takes them)."""
     while True:
-        if rng.random() < 0.5:
+        if wide:
+            kh, kw = rng.choice([(7, 7), (5, 7), (7, 5), (9, 5), (3, 11), (11, 3), (4, 9), (6, 7), (3, 15), (2, 13)])
+        elif rng.random() < 0.5:
             kh, kw = rng.choice([(1, rng.choice([3, 5, 7, 9, 11, 13, 15])), (rng.randint(2, 15), 1)])
         else:
             kh, kw = rng.randint(1, 5), rng.choice([1, 3, 5])
@@ -331,14 +334,18 @@ def draw_nhwc_fma_case(rng: random.Random, batch=None):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_random_sweep_nhwc_fma(dtype):
-    """The channels_last CUDA-core forward and input-gradient (the plan's "fma" reading
-    channels_last: exact fp32, and small or thin kernels in half types) against float64."""
+    """The channels_last CUDA-core kernels (the plan's "fma" reading channels_last: exact fp32,
+    and small or thin kernels in half types), every pass against float64."""
     rng = random.Random(2043)
     for i in range(HALF_SWEEP_CASES):
-        case = draw_nhwc_fma_case(rng)
+        case = draw_nhwc_fma_case(rng, wide=dtype == torch.float32 and i % 2 == 1)
         size, k = (case["n"], case["c"], case["h"], case["w"]), (case["kh"], case["kw"])
-        for pass_ in ("forward", "input_grad"):
-            assert dispatch.plan(pass_, size, k, case["pads"], dtype, True)[:2] == ("fma", True), (case, pass_)
+        for pass_ in dispatch.CONV_PASSES:
+            q = dispatch.plan(pass_, size, k, case["pads"], dtype, True)
+            # half types' weight-gradients of tall kernels or few channels: on tc_rows (also reading channels_last)
+            tall_or_narrow = dtype != torch.float32 and (k[0] > 11 or size[1] < 32)
+            family = "tc_rows" if pass_ == "weight_grad" and tall_or_narrow else "fma"
+            assert q[:2] == (family, True), (case, pass_)
         check_case(case, seed=i, dtype=dtype)
 
 
@@ -432,8 +439,8 @@ def test_rows_named_layers(n, c, h, w, k, pads, dtype, layout):
     with dispatch.force("kernel"):
         for p in dispatch.CONV_PASSES:
             q = dispatch.plan(p, (n, c, h, w), k, pads, dtype, layout == "channels_last")
-            # channels_last band kernels: the forward and input-gradient on the CUDA cores that read it
-            thin_cl = layout == "channels_last" and min(k) == 1 and p != "weight_grad"
+            # channels_last band kernels: every pass on the CUDA cores that read it
+            thin_cl = layout == "channels_last" and min(k) == 1
             assert q.family == ("fma" if thin_cl else "tc_rows") and q.nhwc == (layout == "channels_last"), (p, q)
     check_case(case, seed=3, dtype=dtype)
 
@@ -458,15 +465,22 @@ def test_plan_families():
     assert plan("forward", (4, 384, 64, 64), (71, 3), (35, 35, 1, 1), bf).family == "none"
 
 
-def test_rows_weight_grad_deterministic():
+@pytest.mark.parametrize("k,pads,family", [((31, 31), (15,) * 4, "tc_rows"), ((1, 11), (0, 0, 5, 5), "fma"),
+                                            ((7, 7), (3,) * 4, "fma")])
+def test_rows_weight_grad_deterministic(k, pads, family):
+    """Weight-gradients that sum partial results are bit-identical from run to run (the rows
+    family; the channels_last CUDA-core kernel: thin in bf16, 7 x 7 in exact fp32)."""
+    dtype = torch.float32 if k == (7, 7) else torch.bfloat16
     gen = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(2, 32, 120, 120, device="cuda", generator=gen).bfloat16()
-    g = torch.randn(2, 32, 120, 120, device="cuda", generator=gen).bfloat16()
+    x = torch.randn(2, 40, 120, 120, device="cuda", generator=gen).to(dtype)
+    g = torch.randn(2, 40, 120, 120, device="cuda", generator=gen).to(dtype)
     for fmt in (torch.contiguous_format, torch.channels_last):
         xf, gf = x.contiguous(memory_format=fmt), g.contiguous(memory_format=fmt)
+        if fmt == torch.channels_last:
+            assert dispatch.plan("weight_grad", x.shape, k, pads, dtype, True)[:2] == (family, True)
         with dispatch.force("kernel"):
-            a = torch.ops.lkpatch.dwconv2d_weight_grad(gf, xf, (31, 31), (15, 15, 15, 15))
-            b = torch.ops.lkpatch.dwconv2d_weight_grad(gf, xf, (31, 31), (15, 15, 15, 15))
+            a = torch.ops.lkpatch.dwconv2d_weight_grad(gf, xf, k, pads)
+            b = torch.ops.lkpatch.dwconv2d_weight_grad(gf, xf, k, pads)
         assert torch.equal(a, b)
 
 
