@@ -213,6 +213,17 @@ def effective_macs(size: Sequence[int], kernel_size: Sequence[int], pads: Sequen
     return n * c * taps(h, kernel_size[0], pads[0], pads[1]) * taps(w, kernel_size[1], pads[2], pads[3])
 
 
+def pytorch_macs(size: Sequence[int], kernel_size: Sequence[int], pads: Sequence[int], channels_last: bool) -> int:
+    """The multiply-adds PyTorch's path spends time on: on channels_last, every tap of the padded
+    window (cuDNN's channels_last depthwise kernels compute them: a kernel larger than the map
+    costs all its taps); on NCHW, the taps inside the image (:func:`effective_macs`), on which its
+    rates were measured."""
+    if channels_last:
+        oh, ow = output_size(size[2:], kernel_size, pads)
+        return size[0] * size[1] * oh * ow * kernel_size[0] * kernel_size[1]
+    return effective_macs(size, kernel_size, pads)
+
+
 # ---- the plan (asked of the extension) --------------------------------------------------------
 class Plan(NamedTuple):
     family: str       # "none", "fma" (exact fp32, CUDA cores), "tc_images", "tc_rows" (tensor cores)
@@ -385,7 +396,7 @@ COST = {
     "fma_nhwc": 5.5e6,
     "lkpatch_call_us": 8.0,
     "copy_call_us": 4.0,
-    # PyTorch (cuDNN): effective multiply-adds per microsecond by layout, pass and kernel: "small"
+    # PyTorch (cuDNN): multiply-adds (pytorch_macs) per microsecond by layout, pass and kernel: "small"
     # for square kernels up to 7 x 7, which have fast kernels of their own; "_fp32" for fp32.
     "pytorch": {
         "nchw": {
@@ -398,8 +409,8 @@ COST = {
             "weight_grad": {"small": 6.2e6, "other": 0.17e6, "small_fp32": 0.85e6, "other_fp32": 0.12e6}},
     },
     "pytorch_call_us": 6.0,
-    # Below this many effective multiply-adds a pass is bound by host time per call, which is
-    # lower for PyTorch's path.
+    # Below this many multiply-adds (effective ones, and PyTorch's) a pass is bound by host time
+    # per call, which is lower for PyTorch's path.
     "tiny_macs": 5e6,
 }
 
@@ -416,8 +427,9 @@ def estimate_us(path: str, pass_: str, size, kernel_size, pads, dtype, channels_
     if path == "pytorch":
         kind = ("small" if kh == kw and kh <= 7 else "other") + ("_fp32" if dtype == torch.float32 else "")
         rate = COST["pytorch"]["channels_last" if channels_last else "nchw"][pass_][kind]
-        return COST["pytorch_call_us"] + moved / COST["bandwidth"] + macs / rate
-    if macs < COST["tiny_macs"]:
+        return COST["pytorch_call_us"] + moved / COST["bandwidth"] + pytorch_macs(size, kernel_size, pads,
+                                                                                   channels_last) / rate
+    if max(macs, pytorch_macs(size, kernel_size, pads, channels_last)) < COST["tiny_macs"]:
         return float("inf")  # host-bound: PyTorch's call costs less
     family = the_plan.family
     t = COST["lkpatch_call_us"] + moved / COST["bandwidth"]

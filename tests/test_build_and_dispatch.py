@@ -299,6 +299,19 @@ def test_rule_leaves_tiny_problems_to_pytorch(h100):
 
 
 @needs_extension
+def test_rule_counts_pytorchs_padded_taps_on_channels_last(h100):
+    """A kernel much larger than a small channels_last map: few taps land inside the image, but
+    cuDNN's channels_last kernels compute the whole padded window (63 x 63 on 7 x 7, batch 1:
+    0.3-0.8 ms a pass against lkpatch's 0.03 on an H100), so the rule takes lkpatch's kernels.
+    NCHW rates count the taps inside, which leave this layer a host-bound call for PyTorch."""
+    size, k, pads = (1, 384, 7, 7), (63, 63), (31,) * 4
+    assert dispatch.pytorch_macs(size, k, pads, True) == 384 * 49 * 63 * 63
+    assert dispatch.pytorch_macs(size, k, pads, False) == dispatch.effective_macs(size, k, pads) == 384 * 49 * 49
+    assert all(dispatch.use_kernel(p, size, k, pads, torch.bfloat16, True) for p in dispatch.CONV_PASSES)
+    assert not dispatch.use_kernel("any", size, k, pads, torch.bfloat16, False)
+
+
+@needs_extension
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
 def test_decisions_under_torch_compile_with_dynamic_shapes(h100, fmt):
     """What a compiled converted layer asks while Dynamo traces it with dynamic (symbolic) sizes,

@@ -55,13 +55,14 @@ def fit(rows):
             macs = dispatch.effective_macs(size, k, pads)
             pt = r.get(f"pytorch_{p}_ms")
             if pt:
+                pt_macs = dispatch.pytorch_macs(size, k, pads, cl)
                 kind = ("small" if k[0] == k[1] and k[0] <= 7 else "other") + ("_fp32" if dtype == torch.float32 else "")
                 left = pt * 1e3 - C["pytorch_call_us"] - moved / C["bandwidth"]
                 if left > 0.2 * pt * 1e3:
-                    groups.setdefault(("pytorch", "channels_last" if cl else "nchw", p, kind), []).append(macs / left)
+                    groups.setdefault(("pytorch", "channels_last" if cl else "nchw", p, kind), []).append(pt_macs / left)
             lk = r.get(f"lkpatch_{p}_ms")
             fam = r.get(f"plan_{p}", "")
-            if lk and fam and "/" not in fam and macs >= C["tiny_macs"]:
+            if lk and fam and "/" not in fam and max(macs, pt_macs if pt else 0) >= C["tiny_macs"]:
                 left = lk * 1e3 - C["lkpatch_call_us"] - moved / C["bandwidth"]
                 if left > 0.2 * lk * 1e3:
                     if fam == "fma":
