@@ -421,6 +421,12 @@ inline cudaError_t device_limits(DeviceLimits* out) {
   return cudaSuccess;
 }
 
+// The GPU's multiprocessors, or 0 where it cannot be asked (plans that size their grids by it).
+inline int sms_or_zero() {
+  DeviceLimits lim;
+  return device_limits(&lim) == cudaSuccess ? lim.sms : 0;
+}
+
 // Launch a kernel that uses `smem` bytes of dynamic shared memory, raising its limit when needed
 // (once per kernel, device and size: the attribute call costs host time on every launch). Kernels
 // launched here declare no static shared memory: up to 48 KB of dynamic memory then needs no

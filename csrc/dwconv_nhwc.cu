@@ -319,10 +319,6 @@ cudaError_t launch_weight_grad(const WgradParams<T>& p, int cpt, dim3 grid, size
   return cudaErrorInvalidValue;
 }
 
-int sms_or_zero() {
-  DeviceLimits lim;
-  return device_limits(&lim) == cudaSuccess ? lim.sms : 0;
-}
 }  // namespace nhwc
 
 bool dwconv2d_nhwc_forward_fits(DType t, const DwShape& s) {
@@ -374,7 +370,7 @@ bool dwconv2d_nhwc_weight_grad_fits(DType t, const DwShape& s) {
 }
 
 size_t dwconv2d_nhwc_weight_grad_workspace(const DwShape& s) {
-  const nhwc::WgradPlan q = nhwc::plan_weight_grad(s, nhwc::sms_or_zero());
+  const nhwc::WgradPlan q = nhwc::plan_weight_grad(s, sms_or_zero());
   return (size_t)q.slices * s.C * s.KH * s.KW * sizeof(float);
 }
 
@@ -383,7 +379,7 @@ cudaError_t dwconv2d_nhwc_weight_grad(DType t, const void* grad_out, const void*
   if (workspace == nullptr) return cudaErrorInvalidValue;
   return with_dtype(t, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
-    const nhwc::WgradPlan q = nhwc::plan_weight_grad(s, nhwc::sms_or_zero());
+    const nhwc::WgradPlan q = nhwc::plan_weight_grad(s, sms_or_zero());
     nhwc::WgradParams<T> p{};
     p.grad = static_cast<const T*>(grad_out);
     p.in = static_cast<const T*>(in);

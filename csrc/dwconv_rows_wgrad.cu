@@ -23,11 +23,6 @@ cudaError_t weight_grad_tiles(const WgradParams<T>& p, const WgradPlan& q, cudaS
   return q.IT == 2 ? launch_weight_grad<T, NHWC, 2, 2>(p, q, stream) : launch_weight_grad<T, NHWC, 2, 4>(p, q, stream);
 }
 
-int sms_or_zero() {
-  DeviceLimits lim;
-  return device_limits(&lim) == cudaSuccess ? lim.sms : 0;
-}
-
 }  // namespace
 
 bool dwconv2d_rows_weight_grad_fits(DType t, const DwShape& s) {
