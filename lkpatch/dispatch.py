@@ -213,12 +213,18 @@ def effective_macs(size: Sequence[int], kernel_size: Sequence[int], pads: Sequen
     return n * c * taps(h, kernel_size[0], pads[0], pads[1]) * taps(w, kernel_size[1], pads[2], pads[3])
 
 
+def pytorch_kernel_class(kernel_size: Sequence[int]) -> str:
+    """PyTorch's kernel class in the speed rule: "small" for square kernels up to 7 x 7, which
+    cuDNN runs on fast kernels of their own, else "other"."""
+    return "small" if kernel_size[0] == kernel_size[1] <= 7 else "other"
+
+
 def pytorch_macs(size: Sequence[int], kernel_size: Sequence[int], pads: Sequence[int], channels_last: bool) -> int:
-    """The multiply-adds PyTorch's path spends time on: on channels_last, every tap of the padded
-    window (cuDNN's channels_last depthwise kernels compute them: a kernel larger than the map
-    costs all its taps); on NCHW, the taps inside the image (:func:`effective_macs`), on which its
-    rates were measured."""
-    if channels_last:
+    """The multiply-adds PyTorch's path spends time on: on channels_last with kernels of the
+    "other" class, every tap of the padded window (cuDNN's general channels_last depthwise kernels
+    compute them: a kernel larger than the map costs all its taps); elsewhere the taps inside the
+    image (:func:`effective_macs`), on which those rates were measured."""
+    if channels_last and pytorch_kernel_class(kernel_size) == "other":
         oh, ow = output_size(size[2:], kernel_size, pads)
         return size[0] * size[1] * oh * ow * kernel_size[0] * kernel_size[1]
     return effective_macs(size, kernel_size, pads)
@@ -423,9 +429,8 @@ def estimate_us(path: str, pass_: str, size, kernel_size, pads, dtype, channels_
     elem = dtype.itemsize
     moved = n * c * (h * w + oh * ow) * elem
     macs = effective_macs(size, kernel_size, pads)
-    kh, kw = kernel_size
     if path == "pytorch":
-        kind = ("small" if kh == kw and kh <= 7 else "other") + ("_fp32" if dtype == torch.float32 else "")
+        kind = pytorch_kernel_class(kernel_size) + ("_fp32" if dtype == torch.float32 else "")
         rate = COST["pytorch"]["channels_last" if channels_last else "nchw"][pass_][kind]
         return COST["pytorch_call_us"] + moved / COST["bandwidth"] + pytorch_macs(size, kernel_size, pads,
                                                                                    channels_last) / rate

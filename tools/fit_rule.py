@@ -56,7 +56,7 @@ def fit(rows):
             pt = r.get(f"pytorch_{p}_ms")
             if pt:
                 pt_macs = dispatch.pytorch_macs(size, k, pads, cl)
-                kind = ("small" if k[0] == k[1] and k[0] <= 7 else "other") + ("_fp32" if dtype == torch.float32 else "")
+                kind = dispatch.pytorch_kernel_class(k) + ("_fp32" if dtype == torch.float32 else "")
                 left = pt * 1e3 - C["pytorch_call_us"] - moved / C["bandwidth"]
                 if left > 0.2 * pt * 1e3:
                     groups.setdefault(("pytorch", "channels_last" if cl else "nchw", p, kind), []).append(pt_macs / left)
