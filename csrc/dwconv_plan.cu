@@ -50,14 +50,10 @@ double weight_grad_macs(DType t, const DwShape& s, bool banded) {
   return (double)s.planes * s.OH * round_up(s.OW, 16) * cols * rows;
 }
 
-// The forward (or the input-gradient's shape). The images family is the faster where it takes a
-// call (8+ images; channels_last only on maps up to 16); then, on channels_last, the CUDA-core
-// kernel for small kernels (nhwc_fma); the rows family takes every other tensor-core call. TF32 on the rows family only from 28 x 28 maps and 9 taps a row, as the
-// images family's rule (the exact CUDA-core kernels are as fast below that); channels_last TF32
-// always, which saves the layout copies.
-// channels_last with a thin kernel (1 x k, k x 1 up to 15) or one of up to 25 taps, and exact
-// fp32 with any kernel it takes: CUDA cores reading the layout as it is, which beat a tensor-core
-// tile that is mostly zero band; LKPATCH_NHWC_FMA overrides (benchmarking).
+// Whether a channels_last pass that the CUDA-core kernel reading channels_last `fits` runs on it:
+// thin kernels (1 x k, k x 1 up to 15) and kernels of up to 25 taps, where a tensor-core tile is
+// mostly zero band, and exact fp32 with any kernel it takes; LKPATCH_NHWC_FMA overrides
+// (benchmarking).
 bool nhwc_fma(DType t, const DwShape& s, bool fits, Pass pass) {
   if (!fits || knobs().nhwc_fma == 'n') return false;
   if (knobs().nhwc_fma == 'a' || t == DType::f32 || !tensor_cores(t)) return true;
@@ -67,6 +63,12 @@ bool nhwc_fma(DType t, const DwShape& s, bool fits, Pass pass) {
   return small && (pass != Pass::weight_grad || (s.KH <= 11 && s.C >= 32));
 }
 
+// The forward (or the input-gradient's shape). The images family is the faster where it takes a
+// call (8+ images; channels_last only on maps up to 16); then, on channels_last, the CUDA-core
+// kernel for small kernels (nhwc_fma); the rows family takes every other tensor-core call. TF32
+// on the rows family only from 28 x 28 maps and 9 taps a row, as the images family's rule (the
+// exact CUDA-core kernels are as fast below that); channels_last TF32 always, which saves the
+// layout copies.
 Plan forward_plan(DType t, const DwShape& s) {
   if (tensor_cores(t) && dwconv2d_tc_forward_fits(t, s))
     return with_macs(make(Family::tc_images, s.nhwc), forward_macs(Family::tc_images, t, s));
