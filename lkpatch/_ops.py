@@ -398,9 +398,7 @@ def cast_inputs(dtype: Optional[torch.dtype], x, weight, bias):
         return x, weight, bias
 
     def cast(t: Optional[torch.Tensor]):
-        if t is None or not t.is_floating_point() or t.dtype == torch.float64:
-            return t
-        return t.to(dtype)
+        return t if t is None else t.to(dispatch.compute_dtype(t, dtype))  # .to() of its own dtype: t itself
     return cast(x), cast(weight), cast(bias)
 
 

@@ -247,7 +247,7 @@ def plan(pass_: str, size: Sequence[int], kernel_size: Sequence[int], pads: Sequ
     """The extension's plan for one convolution pass ("forward", "input_grad", "weight_grad") on
     the current GPU. ``size``: the input's (N, C, H, W); ``channels_last``: the pass's tensors'
     layout. fp32 passes are planned as TF32 where :func:`tf32_pass` (read per call, as cuDNN does)."""
-    tf32 = dtype == torch.float32 and tf32_pass(dtype)
+    tf32 = tf32_pass(dtype)
     return _decided(("plan", pass_, tuple(size), tuple(kernel_size), tuple(pads), dtype, tf32, bool(channels_last)))
 
 
@@ -286,7 +286,7 @@ def reads_channels_last(pass_: str, size, kernel_size, pads, dtype: torch.dtype)
     (:func:`channels_last_route`) is "direct". "all": the forward, input-grad and weight-grad all do."""
     if pass_ == "all":
         return _decided(("reads_channels_last", _impl, tuple(size), tuple(kernel_size), tuple(pads), dtype,
-                         dtype == torch.float32 and tf32_pass(dtype)))
+                         tf32_pass(dtype)))
     if pass_ == "bias_grad":
         return dtype in KERNEL_DTYPES
     if not plan(pass_, size, kernel_size, pads, dtype, True).nhwc:
@@ -331,7 +331,7 @@ def use_kernel(pass_: str, size: Sequence[int], kernel_size: Sequence[int], pads
     """
     if _impl == "pytorch":
         return False
-    tf32 = dtype == torch.float32 and tf32_pass(dtype)
+    tf32 = tf32_pass(dtype)
     return _decided(("use_kernel", _impl, pass_, tuple(size), tuple(kernel_size), tuple(pads), dtype, tf32,
                      bool(channels_last)))
 
@@ -362,7 +362,7 @@ def channels_last_route(size, kernel_size, pads, dtype) -> str:
     it is faster, PyTorch's elsewhere), "copies" (every pass on the kernels through NCHW copies:
     into NCHW for the input and the output gradient, back for the output and the input
     gradient) or "pytorch": the fastest by the model, for the three passes together."""
-    tf32 = dtype == torch.float32 and tf32_pass(dtype)
+    tf32 = tf32_pass(dtype)
     return _decided(("route", tuple(size), tuple(kernel_size), tuple(pads), dtype, tf32))
 
 
