@@ -331,6 +331,24 @@ __host__ __device__ inline KernelRows reaching_kernel_rows(const DwShape& s) {
 inline int weight_grad_row_tiles(int KH) { return KH <= 8 ? 1 : KH <= 16 ? 2 : 4; }
 inline int weight_grad_col_tiles(int KW) { return KW <= 16 ? 1 : 2; }
 
+// f(JT, IT) with the tile counts above as compile-time constants (std::integral_constant): the
+// banded weight-gradients' launchers instantiate their kernels for each pair here.
+template <typename F>
+cudaError_t with_weight_grad_tiles(int JT, int IT, F&& f) {
+  auto rows = [&](auto jt) -> cudaError_t {
+    if (IT == 1) return f(jt, std::integral_constant<int, 1>());
+    if (IT == 2) return f(jt, std::integral_constant<int, 2>());
+    return f(jt, std::integral_constant<int, 4>());
+  };
+  return JT == 1 ? rows(std::integral_constant<int, 1>()) : rows(std::integral_constant<int, 2>());
+}
+
+// Bytes per staging copy of rows `row_bytes` long starting at `addr`: 16 or 4 where every row
+// start is aligned to them, else 0 (element by element).
+inline int copy_bytes(int64_t row_bytes, uintptr_t addr) {
+  return row_bytes % 16 == 0 && addr % 16 == 0 ? 16 : row_bytes % 4 == 0 && addr % 4 == 0 ? 4 : 0;
+}
+
 // The tensor-core small-map kernels (dwconv_tc*.cu) stage whole planes with rows padded to 16
 // columns: 16-column tiles per row, 1 (every side up to 16), 2 (up to 32), or 0 (larger).
 inline int small_map_tiles(const DwShape& s) {

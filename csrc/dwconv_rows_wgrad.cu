@@ -15,12 +15,9 @@ cudaError_t launch_weight_grad(const WgradParams<T>& p, const WgradPlan& q, cuda
 
 template <typename T, bool NHWC>
 cudaError_t weight_grad_tiles(const WgradParams<T>& p, const WgradPlan& q, cudaStream_t stream) {
-  if (q.JT == 1) {
-    if (q.IT == 1) return launch_weight_grad<T, NHWC, 1, 1>(p, q, stream);
-    return q.IT == 2 ? launch_weight_grad<T, NHWC, 1, 2>(p, q, stream) : launch_weight_grad<T, NHWC, 1, 4>(p, q, stream);
-  }
-  if (q.IT == 1) return launch_weight_grad<T, NHWC, 2, 1>(p, q, stream);
-  return q.IT == 2 ? launch_weight_grad<T, NHWC, 2, 2>(p, q, stream) : launch_weight_grad<T, NHWC, 2, 4>(p, q, stream);
+  return with_weight_grad_tiles(q.JT, q.IT, [&](auto jt, auto it) {
+    return launch_weight_grad<T, NHWC, decltype(jt)::value, decltype(it)::value>(p, q, stream);
+  });
 }
 
 }  // namespace
@@ -62,11 +59,8 @@ cudaError_t dwconv2d_rows_weight_grad(DType t, const void* grad_out, const void*
       p.xvec = s.C % q.CG == 0 && xa % 16 == 0;
       e = weight_grad_tiles<T, true>(p, q, stream);
     } else {
-      auto vec = [](int64_t row_bytes, uintptr_t addr) {
-        return row_bytes % 16 == 0 && addr % 16 == 0 ? 16 : row_bytes % 4 == 0 && addr % 4 == 0 ? 4 : 0;
-      };
-      p.gvec = vec((int64_t)s.OW * sizeof(T), ga);
-      p.xvec = vec((int64_t)s.W * sizeof(T), xa);
+      p.gvec = copy_bytes((int64_t)s.OW * sizeof(T), ga);
+      p.xvec = copy_bytes((int64_t)s.W * sizeof(T), xa);
       e = weight_grad_tiles<T, false>(p, q, stream);
     }
     if (e != cudaSuccess) return e;

@@ -884,20 +884,11 @@ cudaError_t dwconv2d_tc_weight_grad(DType t, const void* grad_out, const void* i
       p.per_slice = q.per_slice;
       p.OWp = q.OWp; p.gpitch = q.gpitch; p.xw = q.xw; p.tiles_j = q.tiles_j; p.IB = q.IB;
       const uintptr_t ga = reinterpret_cast<uintptr_t>(grad_out), xa = reinterpret_cast<uintptr_t>(in);
-      auto vec = [](int64_t row_bytes, uintptr_t addr) {
-        return row_bytes % 16 == 0 && addr % 16 == 0 ? 16 : row_bytes % 4 == 0 && addr % 4 == 0 ? 4 : 0;
-      };
-      p.gvec = vec((int64_t)s.OW * sizeof(T), ga);
-      p.xvec = vec((int64_t)s.W * sizeof(T), xa);
-      cudaError_t e;
-      if (q.JT == 1)
-        e = q.IT == 1   ? launch_wgrad<T, 1, 1>(p, q, s.C, stream)
-            : q.IT == 2 ? launch_wgrad<T, 1, 2>(p, q, s.C, stream)
-                        : launch_wgrad<T, 1, 4>(p, q, s.C, stream);
-      else
-        e = q.IT == 1   ? launch_wgrad<T, 2, 1>(p, q, s.C, stream)
-            : q.IT == 2 ? launch_wgrad<T, 2, 2>(p, q, s.C, stream)
-                        : launch_wgrad<T, 2, 4>(p, q, s.C, stream);
+      p.gvec = copy_bytes((int64_t)s.OW * sizeof(T), ga);
+      p.xvec = copy_bytes((int64_t)s.W * sizeof(T), xa);
+      const cudaError_t e = with_weight_grad_tiles(q.JT, q.IT, [&](auto jt, auto it) {
+        return launch_wgrad<T, decltype(jt)::value, decltype(it)::value>(p, q, s.C, stream);
+      });
       if (e != cudaSuccess) return e;
       return add_slices(q.slices);
     }
