@@ -583,8 +583,8 @@ inline WgradPlan plan_weight_grad(const DwShape& s, int esize, int sms) {
   };
   // Items small enough for two blocks an SM: channels_last blocks stage CG channels, 64 output
   // columns where that fits (longer rows share each row's set-up), else 32.
-  if (!s.nhwc) shape_items(128, 64);
-  else if (shape_items(64, 32) > 110 * 1024) shape_items(32, 32);
+  size_t stage = s.nhwc ? shape_items(64, 32) : shape_items(128, 64);
+  if (s.nhwc && stage > 110 * 1024) stage = shape_items(32, 32);
   q.bands = ceil_div(s.OH, q.BH);
   q.ctiles = ceil_div(s.OW, q.BW);
   const int N = (int)(s.planes / s.C);
@@ -593,7 +593,6 @@ inline WgradPlan plan_weight_grad(const DwShape& s, int esize, int sms) {
   q.slices = (int)std::max<int64_t>(1, std::min<int64_t>(q.items, ceil_div(4 * sms, (int)std::min<int64_t>(blocks, 1 << 20))));
   q.per_slice = ceil_div(q.items, q.slices);
   q.slices = ceil_div(q.items, q.per_slice);
-  const size_t stage = (size_t)q.CG * ((q.BH + 1) * q.gpitch + q.nq * q.xw) * esize;
   q.smem = std::max(stage, (size_t)kWarps * 16 * q.JT * 8 * q.IT * sizeof(float));
   return q;
 }
