@@ -4,7 +4,7 @@
 // little over plain FMAs, while reading channels_last directly saves both the transposition into
 // planes and the layout copies.
 //
-// A block takes kCh channels (one 32-, 64- or 128-byte run of each pixel) of a TH x kTW output
+// A block takes kCh channels (one 32-, 64- or 128-byte run of each pixel) of a TH x TW output
 // tile. It stages the input tile, converted to fp32 once, as [row][column][channel] (zeros outside
 // the image and past the channels). A thread owns two adjacent channels and a block of RH rows x
 // kRW columns; per kernel row it loads a register window of the input row, so each staged value
@@ -21,12 +21,16 @@ namespace lkpatch {
 namespace nhwc {
 
 constexpr int kThreads = 256;
-constexpr int kCh = 32;                 // channels per block: 16 threads of channel pairs
-constexpr int kRW = 8, kStrips = 4;     // output columns per thread, column strips: kTW = 32
-constexpr int kTW = kRW * kStrips;
-constexpr int kRH = 2, kRowGroups = kThreads / (kCh / 2) / kStrips;  // 4 groups of kRH rows
-constexpr int kTH = kRH * kRowGroups;   // 8 output rows
+constexpr int kCh = 32;         // channels per block: 16 threads of channel pairs
+constexpr int kRW = 8, kRH = 2;  // output columns and rows of a thread (channel pairs)
 constexpr int kMaxK = 15;
+constexpr int kBatch = 4;       // 16-byte loads a thread keeps in flight while staging
+
+// Output tiles of 8 rows x 32 columns (4 strips of kRW columns, 4 groups of kRH rows); a one-column
+// kernel (k x 1) pays k - 1 halo rows per tile and no halo columns, so it takes 16 x 16.
+__host__ __device__ constexpr int strips(int kw) { return kw == 1 ? 2 : 4; }
+__host__ __device__ constexpr int tile_w(int kw) { return kRW * strips(kw); }
+__host__ __device__ constexpr int tile_h(int kw) { return kRH * (kThreads / (kCh / 2) / strips(kw)); }
 
 struct Tile {
   int rows, cols;  // staged input tile
@@ -35,40 +39,59 @@ struct Tile {
 
 inline Tile tile(const DwShape& s) {
   Tile t;
-  t.rows = kTH + s.KH - 1;
-  t.cols = kTW + s.KW - 1;
+  t.rows = tile_h(s.KW) + s.KH - 1;
+  t.cols = tile_w(s.KW) + s.KW - 1;
   t.smem = ((size_t)t.rows * t.cols + (size_t)s.KH * s.KW) * kCh * sizeof(float);
   return t;
 }
 
 // rows x cols pixels of kCh channels (c0 ..) of a channels_last N x H x W x C tensor, from image
 // row y0 and column x0, into fp32 dst[row][col][channel]: zeros outside the image and past nch.
-// vec: 16-byte loads (C a multiple of 16 / sizeof(T) and the tensor aligned).
+// vec: 16-byte loads (C a multiple of 16 / sizeof(T) and the tensor aligned), kBatch of them in
+// flight per thread: one at a time, the staging waits out a memory latency per load.
 template <typename T>
 __device__ __forceinline__ void stage_tile(float* dst, const T* src, int n, int c0, int nch, int C, int H, int W,
                                            int y0, int x0, int rows, int cols, bool vec) {
   constexpr int E = 16 / (int)sizeof(T), PIECES = kCh / E;
   const int total = rows * cols * PIECES;
-  for (int u = threadIdx.x; u < total; u += kThreads) {
-    const int px = u / PIECES, piece = u - px * PIECES;
-    const int r = px / cols, x = px - r * cols;
-    const int iy = y0 + r, ix = x0 + x, c = piece * E;
-    const bool inside = iy >= 0 && iy < H && ix >= 0 && ix < W;
-    const T* from = src + (((int64_t)n * H + (inside ? iy : 0)) * W + (inside ? ix : 0)) * C + c0 + c;
-    float v[E];
-    if (inside && vec && c < nch) {
+  const T* image = src + (int64_t)n * H * W * C + c0;
+  if (vec) {
+    // nch is a multiple of E here: a piece is all inside the channels or all past them
+    for (int u0 = threadIdx.x; u0 < total; u0 += kBatch * kThreads) {
       union {
         uint4 u;
         T h[E];
-      } in;
-      in.u = __ldg(reinterpret_cast<const uint4*>(from));
+      } in[kBatch];
 #pragma unroll
-      for (int k = 0; k < E; ++k) v[k] = to_float(in.h[k]);
-    } else {
+      for (int b = 0; b < kBatch; ++b) {
+        const int u = u0 + b * kThreads, px = u / PIECES, c = (u - px * PIECES) * E;
+        const int r = px / cols, iy = y0 + r, ix = x0 + px - r * cols;
+        in[b].u = make_uint4(0, 0, 0, 0);  // bits of +0 in every dtype
+        if (u < total && iy >= 0 && iy < H && ix >= 0 && ix < W && c < nch)
+          in[b].u = __ldg(reinterpret_cast<const uint4*>(image + ((int64_t)iy * W + ix) * C + c));
+      }
 #pragma unroll
-      for (int k = 0; k < E; ++k) v[k] = inside && c + k < nch ? load(from + k) : 0.f;
+      for (int b = 0; b < kBatch; ++b) {
+        const int u = u0 + b * kThreads;
+        if (u >= total) break;
+        float4* to = reinterpret_cast<float4*>(dst + (size_t)u * E);
+#pragma unroll
+        for (int k = 0; k < E / 4; ++k)
+          to[k] = make_float4(to_float(in[b].h[4 * k]), to_float(in[b].h[4 * k + 1]), to_float(in[b].h[4 * k + 2]),
+                              to_float(in[b].h[4 * k + 3]));
+      }
     }
-    float4* to = reinterpret_cast<float4*>(dst + (size_t)px * kCh + c);
+    return;
+  }
+  for (int u = threadIdx.x; u < total; u += kThreads) {
+    const int px = u / PIECES, c = (u - px * PIECES) * E;
+    const int r = px / cols, iy = y0 + r, ix = x0 + px - r * cols;
+    const bool inside = iy >= 0 && iy < H && ix >= 0 && ix < W;
+    const T* from = image + ((int64_t)(inside ? iy : 0) * W + (inside ? ix : 0)) * C + c;
+    float v[E];
+#pragma unroll
+    for (int k = 0; k < E; ++k) v[k] = inside && c + k < nch ? load(from + k) : 0.f;
+    float4* to = reinterpret_cast<float4*>(dst + (size_t)u * E);
 #pragma unroll
     for (int k = 0; k < E / 4; ++k) to[k] = make_float4(v[4 * k], v[4 * k + 1], v[4 * k + 2], v[4 * k + 3]);
   }
@@ -88,7 +111,8 @@ __global__ void __launch_bounds__(kThreads) dw_nhwc_forward(const Params<T> p) {
   const int c0 = blockIdx.x * kCh, nch = min(kCh, s.C - c0);
   const int ty = blockIdx.y / p.tiles_x, tx = blockIdx.y - ty * p.tiles_x;
   const int n = blockIdx.z;
-  const int oy0 = ty * kTH, ox0 = tx * kTW;
+  constexpr int S = strips(KW);
+  const int oy0 = ty * tile_h(KW), ox0 = tx * tile_w(KW);
   const int iy0 = oy0 - s.pad_t, ix0 = ox0 - s.pad_l;
   float* X = smem_f;                        // [rows][cols][kCh]
   float* Wt = smem_f + p.rows * p.cols * kCh;  // [KH * KW][kCh]
@@ -104,8 +128,8 @@ __global__ void __launch_bounds__(kThreads) dw_nhwc_forward(const Params<T> p) {
   __syncthreads();
 
   // ---- a thread: channels 2 cp, 2 cp + 1; rows kRH rg ..; columns kRW strip ..
-  const int cp = threadIdx.x % (kCh / 2), strip = (threadIdx.x / (kCh / 2)) % kStrips;
-  const int rg = threadIdx.x / (kCh / 2 * kStrips);
+  const int cp = threadIdx.x % (kCh / 2), strip = (threadIdx.x / (kCh / 2)) % S;
+  const int rg = threadIdx.x / (kCh / 2 * S);
   const float2* X2 = reinterpret_cast<const float2*>(X);
   const float2* W2 = reinterpret_cast<const float2*>(Wt);
   float2 acc[kRH][kRW];
@@ -211,14 +235,14 @@ inline WgradPlan plan_weight_grad(const DwShape& s, int sms) {
   WgradPlan q{};
   q.tile = tile(s);
   q.cpt = wgrad_channels_per_thread(s);
-  q.tiles_x = ceil_div(s.OW, kTW);
-  q.tiles = (int)(s.planes / s.C) * ceil_div(s.OH, kTH) * q.tiles_x;
+  q.tiles_x = ceil_div(s.OW, tile_w(s.KW));
+  q.tiles = (int)(s.planes / s.C) * ceil_div(s.OH, tile_h(s.KW)) * q.tiles_x;
   // about four blocks an SM, each walking a slice of the tiles
   const int groups = ceil_div(s.C, kCh);
   q.slices = std::max(1, std::min(q.tiles, ceil_div(4 * std::max(sms, 1), groups)));
   q.per_slice = ceil_div(q.tiles, q.slices);
   q.slices = ceil_div(q.tiles, q.per_slice);
-  const size_t staged = ((size_t)q.tile.rows * q.tile.cols + (size_t)kTH * kTW) * kCh * sizeof(float);
+  const size_t staged = ((size_t)q.tile.rows * q.tile.cols + (size_t)tile_h(s.KW) * tile_w(s.KW)) * kCh * sizeof(float);
   q.smem = std::max(staged, (size_t)s.KH * s.KW * kThreads * q.cpt * sizeof(float));
   return q;
 }
@@ -238,13 +262,14 @@ __device__ __forceinline__ void load_channels(const float* from, float (&v)[CPT]
 template <typename T, int KW, int CPT>
 __global__ void __launch_bounds__(kThreads) dw_nhwc_weight_grad(const WgradParams<T> p) {
   constexpr int KHM = wgrad_max_rows(KW, CPT);
-  constexpr int LP = kCh / CPT, GROUPS = kThreads / LP, RH = kTH * kStrips / GROUPS;
+  constexpr int TH = tile_h(KW), TW = tile_w(KW), S = strips(KW);
+  constexpr int LP = kCh / CPT, GROUPS = kThreads / LP, RH = TH * S / GROUPS;
   extern __shared__ __align__(16) float smem_f[];
   const DwShape& s = p.s;
   const int c0 = blockIdx.x * kCh, nch = min(kCh, s.C - c0);
   float* X = smem_f;                          // [rows][cols][kCh]
-  float* G = smem_f + p.rows * p.cols * kCh;  // [kTH][kTW][kCh]
-  const int cl = threadIdx.x % LP, group = threadIdx.x / LP, strip = group % kStrips, rg = group / kStrips;
+  float* G = smem_f + p.rows * p.cols * kCh;  // [TH][TW][kCh]
+  const int cl = threadIdx.x % LP, group = threadIdx.x / LP, strip = group % S, rg = group / S;
   float acc[KHM][KW][CPT];
 #pragma unroll
   for (int i = 0; i < KHM; ++i)
@@ -253,14 +278,14 @@ __global__ void __launch_bounds__(kThreads) dw_nhwc_weight_grad(const WgradParam
 #pragma unroll
       for (int k = 0; k < CPT; ++k) acc[i][j][k] = 0.f;
 
-  const int tiles_y = ceil_div(s.OH, kTH);
+  const int tiles_y = ceil_div(s.OH, TH);
   const int t_begin = blockIdx.y * p.per_slice, t_end = min(p.tiles, t_begin + p.per_slice);
   for (int t = t_begin; t < t_end; ++t) {
     const int tx = t % p.tiles_x, rest = t / p.tiles_x, ty = rest % tiles_y, n = rest / tiles_y;
-    const int oy0 = ty * kTH, ox0 = tx * kTW;
+    const int oy0 = ty * TH, ox0 = tx * TW;
     __syncthreads();  // the previous tile is read
     stage_tile<T>(X, p.in, n, c0, nch, s.C, s.H, s.W, oy0 - s.pad_t, ox0 - s.pad_l, p.rows, p.cols, p.vec);
-    stage_tile<T>(G, p.grad, n, c0, nch, s.C, s.OH, s.OW, oy0, ox0, kTH, kTW, p.vec);
+    stage_tile<T>(G, p.grad, n, c0, nch, s.C, s.OH, s.OW, oy0, ox0, TH, TW, p.vec);
     __syncthreads();
     // Each staged input row q once: it meets output row r through kernel row q - r.
     float g[RH][kRW][CPT];
@@ -268,7 +293,7 @@ __global__ void __launch_bounds__(kThreads) dw_nhwc_weight_grad(const WgradParam
     for (int r = 0; r < RH; ++r)
 #pragma unroll
       for (int x = 0; x < kRW; ++x)
-        load_channels<CPT>(G + ((RH * rg + r) * kTW + kRW * strip + x) * kCh + CPT * cl, g[r][x]);
+        load_channels<CPT>(G + ((RH * rg + r) * TW + kRW * strip + x) * kCh + CPT * cl, g[r][x]);
 #pragma unroll
     for (int q = 0; q < RH + KHM - 1; ++q) {
       if (q >= RH - 1 + s.KH) break;
@@ -327,7 +352,7 @@ bool dwconv2d_nhwc_forward_fits(DType t, const DwShape& s) {
   DeviceLimits lim;
   if (device_limits(&lim) != cudaSuccess) return false;
   const int64_t N = s.planes / s.C;
-  const int tiles = ceil_div(s.OH, nhwc::kTH) * ceil_div(s.OW, nhwc::kTW);
+  const int tiles = ceil_div(s.OH, nhwc::tile_h(s.KW)) * ceil_div(s.OW, nhwc::tile_w(s.KW));
   return N <= 65535 && tiles <= 65535 && ceil_div(s.C, nhwc::kCh) <= (1 << 20) &&
          nhwc::tile(s).smem <= (size_t)lim.max_smem_optin;
 }
@@ -342,9 +367,9 @@ cudaError_t dwconv2d_nhwc_forward(DType t, const void* in, const void* w, const 
           flip_kernel);
     p.rows = q.rows;
     p.cols = q.cols;
-    p.tiles_x = ceil_div(s.OW, nhwc::kTW);
+    p.tiles_x = ceil_div(s.OW, nhwc::tile_w(s.KW));
     p.vec = s.C % (16 / (int)sizeof(T)) == 0 && reinterpret_cast<uintptr_t>(in) % 16 == 0;
-    const dim3 grid(ceil_div(s.C, nhwc::kCh), p.tiles_x * ceil_div(s.OH, nhwc::kTH), p.N);
+    const dim3 grid(ceil_div(s.C, nhwc::kCh), p.tiles_x * ceil_div(s.OH, nhwc::tile_h(s.KW)), p.N);
     switch (s.KW) {
       case 1: return nhwc::launch_width<T, 1>(p, grid, q.smem, stream);
       case 3: return nhwc::launch_width<T, 3>(p, grid, q.smem, stream);
