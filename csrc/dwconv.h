@@ -57,8 +57,9 @@ struct Plan {
   bool nhwc = false;        // reads and writes channels_last tensors as they are (else they need NCHW copies)
   bool takes_bias = false;  // weight-grad: a non-null grad_b also gets the bias gradient
   const char* why = "";     // family none: the reason
-  // The multiply-adds the tensor-core families' tiles issue (whole tiles, the zero band, kernel
-  // rows that reach the image): the work lkpatch.dispatch's speed rule times; 0 for fma.
+  // The multiply-adds the kernels' tiles issue (tensor cores: whole tiles, the zero band, kernel
+  // rows that reach the image; fma reading channels_last: whole tiles of 32 channels): the work
+  // lkpatch.dispatch's speed rule times; 0 for fma on NCHW (the rule counts effective taps).
   double macs = 0;
 };
 // s: the forward's shape, s.nhwc the layout of the caller's tensors. Queries the current device.

@@ -285,6 +285,9 @@ bool dwconv2d_nhwc_weight_grad_fits(DType t, const DwShape& s);
 size_t dwconv2d_nhwc_weight_grad_workspace(const DwShape& s);
 cudaError_t dwconv2d_nhwc_weight_grad(DType t, const void* grad_out, const void* in, void* grad_w, float* workspace,
                                       const DwShape& s, cudaStream_t stream);
+// The multiply-adds their tiles issue for shape s (whole tiles of 32 channels, every tap): the
+// same in each pass, which all walk the output tiles.
+double dwconv2d_nhwc_macs(const DwShape& s);
 
 // The tensor-core forward / input-grad for fp16, bf16 and TF32 (dwconv_tc.cu), where it applies:
 // sm_80+, 8 or more images. LKPATCH_TENSOR_CORES=never turns it off (benchmarking).

@@ -384,6 +384,12 @@ cudaError_t dwconv2d_nhwc_forward(DType t, const void* in, const void* w, const 
   });
 }
 
+double dwconv2d_nhwc_macs(const DwShape& s) {
+  const int64_t tiles = (s.planes / s.C) * ceil_div(s.C, nhwc::kCh) * ceil_div(s.OH, nhwc::tile_h(s.KW)) *
+                        ceil_div(s.OW, nhwc::tile_w(s.KW));
+  return (double)tiles * nhwc::kCh * nhwc::tile_h(s.KW) * nhwc::tile_w(s.KW) * s.KH * s.KW;
+}
+
 bool dwconv2d_nhwc_weight_grad_fits(DType t, const DwShape& s) {
   (void)t;
   if (!s.nhwc || s.KW % 2 == 0 || s.KW > nhwc::kMaxK) return false;

@@ -51,16 +51,16 @@ double weight_grad_macs(DType t, const DwShape& s, bool banded) {
 }
 
 // Whether a channels_last pass that the CUDA-core kernel reading channels_last `fits` runs on it:
-// thin kernels (1 x k, k x 1 up to 15) and kernels of up to 25 taps, where a tensor-core tile is
-// mostly zero band, and exact fp32 with any kernel it takes; LKPATCH_NHWC_FMA overrides
+// exact fp32 with any kernel it takes; in half types and TF32 the forward / input-gradient of thin
+// kernels (1 x k, k x 1 up to 15) and kernels of up to 25 taps, where a tensor-core tile is mostly
+// zero band, and the weight-gradient of every kernel it takes (up to 49 taps) on 32 channels or
+// more (fewer leave its lanes idle: tc_rows is faster there). LKPATCH_NHWC_FMA overrides
 // (benchmarking).
 bool nhwc_fma(DType t, const DwShape& s, bool fits, Pass pass) {
   if (!fits || knobs().nhwc_fma == 'n') return false;
   if (knobs().nhwc_fma == 'a' || t == DType::f32 || !tensor_cores(t)) return true;
-  const bool small = std::min(s.KH, s.KW) == 1 || s.KH * s.KW <= 25;
-  // The weight-gradient's tiles are 8 rows of 32 channels: a kernel taller than 11 rows stages
-  // more input rows than its outputs use, fewer channels leave lanes idle; tc_rows is faster there.
-  return small && (pass != Pass::weight_grad || (s.KH <= 11 && s.C >= 32));
+  if (pass == Pass::weight_grad) return s.C >= 32;
+  return std::min(s.KH, s.KW) == 1 || s.KH * s.KW <= 25;
 }
 
 // The forward (or the input-gradient's shape). The images family is the faster where it takes a
@@ -72,7 +72,8 @@ bool nhwc_fma(DType t, const DwShape& s, bool fits, Pass pass) {
 Plan forward_plan(DType t, const DwShape& s) {
   if (tensor_cores(t) && dwconv2d_tc_forward_fits(t, s))
     return with_macs(make(Family::tc_images, s.nhwc), forward_macs(Family::tc_images, t, s));
-  if (s.nhwc && nhwc_fma(t, s, dwconv2d_nhwc_forward_fits(t, s), Pass::forward)) return make(Family::fma, true);
+  if (s.nhwc && nhwc_fma(t, s, dwconv2d_nhwc_forward_fits(t, s), Pass::forward))
+    return with_macs(make(Family::fma, true), dwconv2d_nhwc_macs(s));
   if (tensor_cores(t)) {
     const bool tf32_worth = t != DType::tf32 || s.nhwc || (s.KW >= 9 && (int64_t)s.OH * s.OW >= 28 * 28);
     if (tf32_worth && dwconv2d_rows_forward_fits(t, s))
@@ -89,7 +90,7 @@ Plan weight_grad_plan(DType t, const DwShape& s) {
     return with_macs(make(Family::tc_images, s.nhwc, dwconv2d_tc_weight_grad_takes_bias(t, s)),
                      weight_grad_macs(t, s, dwconv2d_tc_weight_grad_banded(t, s)));
   if (s.nhwc && nhwc_fma(t, s, dwconv2d_nhwc_weight_grad_fits(t, s), Pass::weight_grad))
-    return make(Family::fma, true);
+    return with_macs(make(Family::fma, true), dwconv2d_nhwc_macs(s));
   if (tensor_cores(t)) {
     const bool tf32_worth = t != DType::tf32 || s.nhwc || (int64_t)s.OH * s.OW >= 400;
     if (tf32_worth && dwconv2d_rows_weight_grad_fits(t, s))

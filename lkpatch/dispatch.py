@@ -232,11 +232,11 @@ def pytorch_macs(size: Sequence[int], kernel_size: Sequence[int], pads: Sequence
 
 # ---- the plan (asked of the extension) --------------------------------------------------------
 class Plan(NamedTuple):
-    family: str       # "none", "fma" (exact fp32, CUDA cores), "tc_images", "tc_rows" (tensor cores)
+    family: str       # "none", "fma" (exact fp32 arithmetic, CUDA cores), "tc_images", "tc_rows" (tensor cores)
     nhwc: bool        # reads and writes channels_last tensors as they are (else through NCHW copies)
     takes_bias: bool  # the weight-gradient also gives the bias gradient
     why: str = ""     # family "none": why no kernel takes the call
-    macs: float = 0.0  # the multiply-adds the tensor-core tiles issue (0 for "fma"): the rule's work
+    macs: float = 0.0  # the multiply-adds the kernel's tiles issue (0 for "fma" on NCHW): the rule's work
 
 
 _decisions: dict = {}
@@ -393,13 +393,15 @@ _DECIDE = {"plan": _plan_now, "route": _route_now, "reads_channels_last": _reads
 COST = {
     # sustained bandwidth, bytes per microsecond (read + write)
     "bandwidth": 2.6e6,
-    # lkpatch: tensor-core families issue the multiply-adds of their plan (Plan.macs, counted by
-    # the extension from its tiles) at these rates (per microsecond); the CUDA-core kernels
-    # ("fma": NCHW; "fma_nhwc": reading channels_last) run the effective multiply-adds.
-    "tc_images": {"half": 6.6e7, "half_wgrad": 8.1e7, "tf32": 2.4e7, "tf32_wgrad": 6.2e7},
+    # lkpatch: the kernels issue the multiply-adds of their plan (Plan.macs, counted by the
+    # extension from its tiles) at these rates (per microsecond): the tensor-core families, and
+    # the CUDA-core kernel reading channels_last ("fma_nhwc", any dtype); on NCHW the CUDA-core
+    # kernels ("fma") run the effective multiply-adds.
+    # "_nhwc": the images family's channels_last weight-gradient (maps up to 16 x 16), slower per tile.
+    "tc_images": {"half": 6.6e7, "half_wgrad": 8.1e7, "half_wgrad_nhwc": 3.5e7, "tf32": 2.4e7, "tf32_wgrad": 6.2e7},
     "tc_rows": {"half": 3.6e7, "half_wgrad": 3.5e7, "tf32": 1.5e7, "tf32_wgrad": 2.3e7},
     "fma": 4.7e6,
-    "fma_nhwc": 5.5e6,
+    "fma_nhwc": {"pass": 1.5e7, "wgrad": 8.5e6},
     "lkpatch_call_us": 8.0,
     "copy_call_us": 4.0,
     # PyTorch (cuDNN): multiply-adds (pytorch_macs) per microsecond by layout, pass and kernel: "small"
@@ -438,12 +440,19 @@ def estimate_us(path: str, pass_: str, size, kernel_size, pads, dtype, channels_
         return float("inf")  # host-bound: PyTorch's call costs less
     family = the_plan.family
     t = COST["lkpatch_call_us"] + moved / COST["bandwidth"]
-    if family == "fma":
-        t += macs / COST["fma_nhwc" if the_plan.nhwc else "fma"]
+    if family == "fma" and the_plan.nhwc:
+        t += the_plan.macs / COST["fma_nhwc"]["wgrad" if pass_ == "weight_grad" else "pass"]
+    elif family == "fma":
+        t += macs / COST["fma"]
     else:
-        kind = ("tf32" if dtype == torch.float32 else "half") + ("_wgrad" if pass_ == "weight_grad" else "")
-        t += the_plan.macs / COST[family][kind]
+        t += the_plan.macs / COST[family][rate_kind(family, pass_, dtype, the_plan.nhwc)]
     return t
+
+
+def rate_kind(family: str, pass_: str, dtype: torch.dtype, nhwc: bool) -> str:
+    """The key of a tensor-core family's rate in COST for a pass."""
+    kind = ("tf32" if dtype == torch.float32 else "half") + ("_wgrad" if pass_ == "weight_grad" else "")
+    return kind + "_nhwc" if kind + "_nhwc" in COST[family] and nhwc else kind
 
 
 def _copy_us(size, kernel_size, pads, dtype) -> float:

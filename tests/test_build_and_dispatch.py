@@ -195,7 +195,8 @@ def test_plan_families(h100):
     assert plan("weight_grad", (64, 1024, 7, 7), (13, 13), (6,) * 4, bf)[:4] == ("tc_images", False, True, "")
     for pass_ in dispatch.CONV_PASSES:
         assert plan(pass_, (4, 384, 64, 64), (31, 31), same31, bf)[:4] == ("tc_rows", False, False, "")
-        assert plan(pass_, big, (7, 7), same7, torch.float16, True)[:4] == ("tc_rows", True, False, "")
+        assert plan(pass_, big, (7, 7), same7, torch.float16, True)[:2] == (
+            "fma" if pass_ == "weight_grad" else "tc_rows", True)
         assert plan(pass_, (1, 8, 200, 304), (61, 5), (30, 30, 2, 2), bf, True).family == "tc_rows"
         assert plan(pass_, big, (7, 7), same7, f32)[:4] == ("fma", False, False, "")
         # exact fp32 channels_last: read as it is; the weight-gradient of a kernel over 49 taps through NCHW copies
@@ -203,11 +204,13 @@ def test_plan_families(h100):
         assert plan(pass_, big, (9, 9), (4,) * 4, f32, True)[:4] == ("fma", pass_ != "weight_grad", False, "")
         # thin kernels and up to 25 taps, channels_last: the CUDA-core kernels that read it, in every dtype
         assert plan(pass_, big, (1, 11), (0, 0, 5, 5), bf, True)[:2] == ("fma", True)
-        # ... but the weight-gradient of a kernel taller than 11 rows, or of fewer than 32 channels, on tc_rows
-        assert plan(pass_, big, (15, 1), (7, 7, 0, 0), bf, True)[:2] == (
-            "fma" if pass_ != "weight_grad" else "tc_rows", True)
+        assert plan(pass_, big, (15, 1), (7, 7, 0, 0), bf, True)[:2] == ("fma", True)
+        # ... but the weight-gradient of fewer than 32 channels on tc_rows
         assert plan(pass_, (128, 12, 56, 56), (1, 11), (0, 0, 5, 5), bf, True)[:2] == (
             "fma" if pass_ != "weight_grad" else "tc_rows", True)
+        # 7 x 7 in half types: the forward and input-gradient on tc_rows, the weight-gradient on fma
+        assert plan(pass_, big, (7, 7), same7, bf, True)[:2] == (
+            "fma" if pass_ == "weight_grad" else "tc_rows", True)
         assert plan(pass_, big, (5, 5), (2,) * 4, bf, True)[:2] == ("fma", True)
     with dispatch.conv_tf32(True):
         assert plan("forward", (4, 384, 64, 64), (31, 31), same31, f32).family == "tc_rows"

@@ -334,18 +334,23 @@ def draw_nhwc_fma_case(rng: random.Random, batch=None, wide=False):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_random_sweep_nhwc_fma(dtype):
-    """The channels_last CUDA-core kernels (the plan's "fma" reading channels_last: exact fp32,
-    and small or thin kernels in half types), every pass against float64."""
+    """The channels_last CUDA-core kernels (the plan's "fma" reading channels_last: exact fp32; in
+    half types thin kernels and up to 25 taps, and weight-gradients up to 49 taps), every pass
+    against float64."""
     rng = random.Random(2043)
+    half = dtype != torch.float32
     for i in range(HALF_SWEEP_CASES):
-        case = draw_nhwc_fma_case(rng, wide=dtype == torch.float32 and i % 2 == 1)
+        case = draw_nhwc_fma_case(rng, wide=i % 3 == 2)
         size, k = (case["n"], case["c"], case["h"], case["w"]), (case["kh"], case["kw"])
         for pass_ in dispatch.CONV_PASSES:
             q = dispatch.plan(pass_, size, k, case["pads"], dtype, True)
-            # half types' weight-gradients of tall kernels or few channels: on tc_rows (also reading channels_last)
-            tall_or_narrow = dtype != torch.float32 and (k[0] > 11 or size[1] < 32)
-            family = "tc_rows" if pass_ == "weight_grad" and tall_or_narrow else "fma"
-            assert q[:2] == (family, True), (case, pass_)
+            # half types: wider kernels' forward and input-gradient, and the weight-gradients of
+            # fewer than 32 channels, on tc_rows (also reading channels_last)
+            if pass_ == "weight_grad":
+                on_fma = not half or size[1] >= 32
+            else:
+                on_fma = not half or min(k) == 1 or k[0] * k[1] <= 25
+            assert q[:2] == ("fma" if on_fma else "tc_rows", True), (case, pass_)
         check_case(case, seed=i, dtype=dtype)
 
 
@@ -447,14 +452,16 @@ def test_rows_named_layers(n, c, h, w, k, pads, dtype, layout):
 
 def test_plan_families():
     """The extension's plan on this GPU: the images family for 8+ images on NCHW (and channels_last
-    maps up to 16), the rows family for every other tensor-core call, exact CUDA cores for fp32."""
+    maps up to 16), the channels_last CUDA-core kernel for thin kernels and channels_last
+    weight-gradients up to 49 taps, the rows family for every other tensor-core call, exact CUDA
+    cores for fp32."""
     plan = dispatch.plan
     bf = torch.bfloat16
     assert plan("forward", (64, 384, 64, 64), (31, 31), (15,) * 4, bf).family == "tc_images"
     assert plan("weight_grad", (64, 1024, 7, 7), (13, 13), (6,) * 4, bf, True)[:4] == ("tc_images", True, True, "")
     assert plan("forward", (4, 384, 64, 64), (31, 31), (15,) * 4, bf)[:4] == ("tc_rows", False, False, "")
     assert plan("input_grad", (64, 384, 64, 64), (7, 7), (3,) * 4, bf, True)[:4] == ("tc_rows", True, False, "")
-    assert plan("weight_grad", (64, 384, 64, 64), (7, 7), (3,) * 4, bf, True)[:4] == ("tc_rows", True, False, "")
+    assert plan("weight_grad", (64, 384, 64, 64), (7, 7), (3,) * 4, bf, True)[:4] == ("fma", True, False, "")
     assert plan("forward", (4, 384, 64, 64), (31, 31), (15,) * 4, torch.float32)[:4] == ("fma", False, False, "")
     assert plan("forward", (4, 384, 64, 64), (7, 7), (3,) * 4, torch.float32, True)[:2] == ("fma", True)  # exact, as it is
     assert plan("input_grad", (64, 192, 28, 28), (1, 11), (0, 0, 5, 5), bf, True)[:2] == ("fma", True)  # thin

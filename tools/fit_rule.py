@@ -37,8 +37,8 @@ def parts(r, p):
 
 
 def tile_macs(r, p, size, k, pads, dtype):
-    """The multiply-adds the pass's tensor-core tiles issue: as recorded, else the plan's (the
-    layout the sweep ran: NCHW where channels_last went through the copies)."""
+    """The multiply-adds the pass's tiles issue: as recorded, else the plan's (the layout the sweep
+    ran: NCHW where channels_last went through the copies)."""
     if r.get(f"macs_{p}") is not None:
         return r[f"macs_{p}"]
     read_cl = r["layout"] == "channels_last" and "/" not in r.get(f"plan_{p}", "")
@@ -65,10 +65,13 @@ def fit(rows):
             if lk and fam and "/" not in fam and max(macs, pt_macs if pt else 0) >= C["tiny_macs"]:
                 left = lk * 1e3 - C["lkpatch_call_us"] - moved / C["bandwidth"]
                 if left > 0.2 * lk * 1e3:
-                    if fam == "fma":
+                    if fam == "fma" and not cl:
                         groups.setdefault(("fma",), []).append(macs / left)
+                    elif fam == "fma":
+                        kind = "wgrad" if p == "weight_grad" else "pass"
+                        groups.setdefault(("fma_nhwc", kind), []).append(tile_macs(r, p, size, k, pads, dtype) / left)
                     else:
-                        kind = ("tf32" if dtype == torch.float32 else "half") + ("_wgrad" if p == "weight_grad" else "")
+                        kind = dispatch.rate_kind(fam, p, dtype, cl)
                         work = tile_macs(r, p, size, k, pads, dtype)
                         groups.setdefault((fam, kind), []).append(work / left)
     for key, v in sorted(groups.items()):
