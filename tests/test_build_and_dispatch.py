@@ -315,6 +315,42 @@ def test_rule_counts_pytorchs_padded_taps_on_channels_last(h100):
 
 
 @needs_extension
+def test_channels_last_fma_plan_counts_its_tiles(h100):
+    """The CUDA-core kernel reading channels_last reports the multiply-adds its tiles issue: blocks
+    of 32 channels, 8 x 32 output tiles (16 x 16 for a k x 1 kernel), every tap; the rule times
+    that work, so channels past a multiple of 32 and a map's ragged tiles cost what they cost."""
+    bf, same = torch.bfloat16, lambda k: ((k[0] - 1) // 2, k[0] // 2, (k[1] - 1) // 2, k[1] // 2)
+    for size, k, tiles in (((64, 192, 28, 28), (1, 11), 64 * 6 * 4 * 1), ((64, 192, 28, 28), (11, 1), 64 * 6 * 2 * 2),
+                           ((2, 40, 9, 70), (5, 5), 2 * 2 * 2 * 3)):
+        for pass_ in dispatch.CONV_PASSES:
+            q = dispatch.plan(pass_, size, k, same(k), bf, True)
+            assert q[:2] == ("fma", True)
+            assert q.macs == tiles * 32 * 256 * k[0] * k[1]
+    assert dispatch.plan("forward", (64, 192, 28, 28), (1, 11), (0, 0, 5, 5), torch.float32).macs == 0  # NCHW fma
+    # 12 channels fill a 32-channel block as 32 do: the estimates differ by the bytes alone
+    def estimate(c):
+        size, k, pads = (128, c, 56, 56), (1, 11), (0, 0, 5, 5)
+        return dispatch.estimate_us("lkpatch", "forward", size, k, pads, bf, True,
+                                    dispatch.plan("forward", size, k, pads, bf, True))
+
+    bytes_apart = 128 * (32 - 12) * 56 * 56 * 2 * bf.itemsize
+    assert estimate(32) - estimate(12) == pytest.approx(bytes_apart / dispatch.COST["bandwidth"])
+
+
+@needs_extension
+def test_rule_gives_small_map_channels_last_weight_grads_to_pytorch(h100):
+    """The images family's channels_last weight-gradient of a 7 x 7 kernel on ConvNeXt-T's 14 x 14
+    and 7 x 7 maps (batch 128) took 168 and 85 us on an H100 against PyTorch's 83 and 55: the rule
+    gives that pass to PyTorch and keeps the forward and input-gradient (48 against 87 us)."""
+    for size in ((128, 384, 14, 14), (128, 768, 7, 7)):
+        assert dispatch.plan("weight_grad", size, (7, 7), (3,) * 4, torch.bfloat16, True).family == "tc_images"
+        assert not dispatch.use_kernel("weight_grad", size, (7, 7), (3,) * 4, torch.bfloat16, True)
+        assert dispatch.use_kernel("forward", size, (7, 7), (3,) * 4, torch.bfloat16, True)
+    # a large kernel on the same maps stays on lkpatch (RepLKNet-31B's 27 x 27: 87 us against 6.3 ms)
+    assert dispatch.use_kernel("weight_grad", (64, 512, 14, 14), (27, 27), (13,) * 4, torch.bfloat16, True)
+
+
+@needs_extension
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
 def test_decisions_under_torch_compile_with_dynamic_shapes(h100, fmt):
     """What a compiled converted layer asks while Dynamo traces it with dynamic (symbolic) sizes,
