@@ -4,17 +4,18 @@
 // little over plain FMAs, while reading channels_last directly saves both the transposition into
 // planes and the layout copies.
 //
-// A block takes kCh channels (one 32-, 64- or 128-byte run of each pixel) of a TH x TW output
-// tile. It stages the input tile, converted to fp32 once, as [row][column][channel] (zeros outside
-// the image and past the channels). A thread owns two adjacent channels and a block of RH rows x
-// kRW columns; per kernel row it loads a register window of the input row, so each staged value
-// it loads feeds KW multiply-adds per channel.
+// A block takes kCh channels (one 32-, 64- or 128-byte run of each pixel) of an output tile (8 x 32;
+// 16 x 16 for k x 1 kernels). It stages the input tile, converted to fp32 once, as
+// [row][column][channel] (zeros outside the image and past the channels). A thread owns two
+// adjacent channels and a block of kRH rows x kRW columns; per kernel row it loads a register
+// window of the input row, so each staged value it loads feeds KW multiply-adds per channel.
 // Forward / input-gradient: the kernel's taps staged as [tap][channel] (rotated for the
 // input-gradient); a thread keeps a kernel row's taps in registers and slides them along the window.
 // Weight-gradient (kernels of up to 49 taps, or one column of up to 15): a block walks a slice of
 // the tiles of its channels, staging the output gradient's tile beside the input's; a thread
-// keeps every tap of its channels (a pair up to 25 taps, else one) in registers, and the block adds its threads' sums in a
-// fixed order into its slice's partial sums (added in order by sum_partials: deterministic).
+// keeps every tap of its channels (a pair up to 25 taps, else one) in registers, and the block
+// adds its threads' sums in a fixed order into its slice's partial sums (added in order by
+// sum_partials: deterministic).
 #include "dwconv_core.cuh"
 
 namespace lkpatch {
