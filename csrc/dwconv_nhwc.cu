@@ -34,16 +34,36 @@ __host__ __device__ constexpr int tile_w(int kw) { return kRW * strips(kw); }
 __host__ __device__ constexpr int tile_h(int kw) { return kRH * (kThreads / (kCh / 2) / strips(kw)); }
 
 struct Tile {
-  int rows, cols;  // staged input tile
-  size_t smem;     // bytes: the tile and the taps, fp32
+  int rows, cols;          // staged input tile
+  int tiles_x, tiles_y;    // output tiles of an image: columns, rows
+  size_t smem;             // bytes: the tile and the taps, fp32
 };
 
 inline Tile tile(const DwShape& s) {
   Tile t;
   t.rows = tile_h(s.KW) + s.KH - 1;
   t.cols = tile_w(s.KW) + s.KW - 1;
+  t.tiles_x = ceil_div(s.OW, tile_w(s.KW));
+  t.tiles_y = ceil_div(s.OH, tile_h(s.KW));
   t.smem = ((size_t)t.rows * t.cols + (size_t)s.KH * s.KW) * kCh * sizeof(float);
   return t;
+}
+
+// f(KW) with the kernel width (odd, up to kMaxK) as a compile-time constant
+// (std::integral_constant): the launchers instantiate their kernels for each width here.
+template <typename F>
+cudaError_t with_width(int kw, F&& f) {
+  switch (kw) {
+    case 1: return f(std::integral_constant<int, 1>());
+    case 3: return f(std::integral_constant<int, 3>());
+    case 5: return f(std::integral_constant<int, 5>());
+    case 7: return f(std::integral_constant<int, 7>());
+    case 9: return f(std::integral_constant<int, 9>());
+    case 11: return f(std::integral_constant<int, 11>());
+    case 13: return f(std::integral_constant<int, 13>());
+    case 15: return f(std::integral_constant<int, 15>());
+  }
+  return cudaErrorInvalidValue;
 }
 
 // rows x cols pixels of kCh channels (c0 ..) of a channels_last N x H x W x C tensor, from image
@@ -195,11 +215,6 @@ __global__ void __launch_bounds__(kThreads) dw_nhwc_forward(const Params<T> p) {
   }
 }
 
-template <typename T, int KW>
-cudaError_t launch_width(const Params<T>& p, dim3 grid, size_t smem, cudaStream_t stream) {
-  return launch(dw_nhwc_forward<T, KW>, grid, dim3(kThreads), smem, stream, p);
-}
-
 
 // ---- weight-gradient ----------------------------------------------------------------------------
 // A thread keeps every tap of CPT channels in registers: two channels up to 25 taps (or one column
@@ -228,7 +243,7 @@ struct WgradParams {
 struct WgradPlan {
   Tile tile;
   int cpt;  // channels per thread
-  int tiles_x, tiles, slices, per_slice;
+  int tiles, slices, per_slice;  // tiles of all images
   size_t smem;  // the two staged tiles; the threads' sums reuse them
 };
 
@@ -236,8 +251,7 @@ inline WgradPlan plan_weight_grad(const DwShape& s, int sms) {
   WgradPlan q{};
   q.tile = tile(s);
   q.cpt = wgrad_channels_per_thread(s);
-  q.tiles_x = ceil_div(s.OW, tile_w(s.KW));
-  q.tiles = (int)(s.planes / s.C) * ceil_div(s.OH, tile_h(s.KW)) * q.tiles_x;
+  q.tiles = (int)(s.planes / s.C) * q.tile.tiles_y * q.tile.tiles_x;
   // about four blocks an SM, each walking a slice of the tiles
   const int groups = ceil_div(s.C, kCh);
   q.slices = std::max(1, std::min(q.tiles, ceil_div(4 * std::max(sms, 1), groups)));
@@ -338,13 +352,6 @@ __global__ void __launch_bounds__(kThreads) dw_nhwc_weight_grad(const WgradParam
   }
 }
 
-template <typename T, int KW>
-cudaError_t launch_weight_grad(const WgradParams<T>& p, int cpt, dim3 grid, size_t smem, cudaStream_t stream) {
-  if (cpt == 2) return launch(dw_nhwc_weight_grad<T, KW, 2>, grid, dim3(kThreads), smem, stream, p);
-  if constexpr (KW > 1) return launch(dw_nhwc_weight_grad<T, KW, 1>, grid, dim3(kThreads), smem, stream, p);
-  return cudaErrorInvalidValue;
-}
-
 }  // namespace nhwc
 
 bool dwconv2d_nhwc_forward_fits(DType t, const DwShape& s) {
@@ -353,9 +360,9 @@ bool dwconv2d_nhwc_forward_fits(DType t, const DwShape& s) {
   DeviceLimits lim;
   if (device_limits(&lim) != cudaSuccess) return false;
   const int64_t N = s.planes / s.C;
-  const int tiles = ceil_div(s.OH, nhwc::tile_h(s.KW)) * ceil_div(s.OW, nhwc::tile_w(s.KW));
-  return N <= 65535 && tiles <= 65535 && ceil_div(s.C, nhwc::kCh) <= (1 << 20) &&
-         nhwc::tile(s).smem <= (size_t)lim.max_smem_optin;
+  const nhwc::Tile q = nhwc::tile(s);
+  return N <= 65535 && q.tiles_x * q.tiles_y <= 65535 && ceil_div(s.C, nhwc::kCh) <= (1 << 20) &&
+         q.smem <= (size_t)lim.max_smem_optin;
 }
 
 cudaError_t dwconv2d_nhwc_forward(DType t, const void* in, const void* w, const void* bias, void* out,
@@ -368,26 +375,18 @@ cudaError_t dwconv2d_nhwc_forward(DType t, const void* in, const void* w, const 
           flip_kernel);
     p.rows = q.rows;
     p.cols = q.cols;
-    p.tiles_x = ceil_div(s.OW, nhwc::tile_w(s.KW));
+    p.tiles_x = q.tiles_x;
     p.vec = s.C % (16 / (int)sizeof(T)) == 0 && reinterpret_cast<uintptr_t>(in) % 16 == 0;
-    const dim3 grid(ceil_div(s.C, nhwc::kCh), p.tiles_x * ceil_div(s.OH, nhwc::tile_h(s.KW)), p.N);
-    switch (s.KW) {
-      case 1: return nhwc::launch_width<T, 1>(p, grid, q.smem, stream);
-      case 3: return nhwc::launch_width<T, 3>(p, grid, q.smem, stream);
-      case 5: return nhwc::launch_width<T, 5>(p, grid, q.smem, stream);
-      case 7: return nhwc::launch_width<T, 7>(p, grid, q.smem, stream);
-      case 9: return nhwc::launch_width<T, 9>(p, grid, q.smem, stream);
-      case 11: return nhwc::launch_width<T, 11>(p, grid, q.smem, stream);
-      case 13: return nhwc::launch_width<T, 13>(p, grid, q.smem, stream);
-      case 15: return nhwc::launch_width<T, 15>(p, grid, q.smem, stream);
-    }
-    return cudaErrorInvalidValue;
+    const dim3 grid(ceil_div(s.C, nhwc::kCh), q.tiles_x * q.tiles_y, p.N);
+    return nhwc::with_width(s.KW, [&](auto kw) {
+      return launch(nhwc::dw_nhwc_forward<T, decltype(kw)::value>, grid, dim3(nhwc::kThreads), q.smem, stream, p);
+    });
   });
 }
 
 double dwconv2d_nhwc_macs(const DwShape& s) {
-  const int64_t tiles = (s.planes / s.C) * ceil_div(s.C, nhwc::kCh) * ceil_div(s.OH, nhwc::tile_h(s.KW)) *
-                        ceil_div(s.OW, nhwc::tile_w(s.KW));
+  const nhwc::Tile q = nhwc::tile(s);
+  const int64_t tiles = (s.planes / s.C) * ceil_div(s.C, nhwc::kCh) * q.tiles_y * q.tiles_x;
   return (double)tiles * nhwc::kCh * nhwc::tile_h(s.KW) * nhwc::tile_w(s.KW) * s.KH * s.KW;
 }
 
@@ -419,23 +418,21 @@ cudaError_t dwconv2d_nhwc_weight_grad(DType t, const void* grad_out, const void*
     p.s = s;
     p.rows = q.tile.rows;
     p.cols = q.tile.cols;
-    p.tiles_x = q.tiles_x;
+    p.tiles_x = q.tile.tiles_x;
     p.tiles = q.tiles;
     p.per_slice = q.per_slice;
     p.vec = s.C % (16 / (int)sizeof(T)) == 0 && reinterpret_cast<uintptr_t>(in) % 16 == 0 &&
             reinterpret_cast<uintptr_t>(grad_out) % 16 == 0;
     const dim3 grid(ceil_div(s.C, nhwc::kCh), q.slices);
-    cudaError_t e = cudaErrorInvalidValue;
-    switch (s.KW) {
-      case 1: e = nhwc::launch_weight_grad<T, 1>(p, q.cpt, grid, q.smem, stream); break;
-      case 3: e = nhwc::launch_weight_grad<T, 3>(p, q.cpt, grid, q.smem, stream); break;
-      case 5: e = nhwc::launch_weight_grad<T, 5>(p, q.cpt, grid, q.smem, stream); break;
-      case 7: e = nhwc::launch_weight_grad<T, 7>(p, q.cpt, grid, q.smem, stream); break;
-      case 9: e = nhwc::launch_weight_grad<T, 9>(p, q.cpt, grid, q.smem, stream); break;
-      case 11: e = nhwc::launch_weight_grad<T, 11>(p, q.cpt, grid, q.smem, stream); break;
-      case 13: e = nhwc::launch_weight_grad<T, 13>(p, q.cpt, grid, q.smem, stream); break;
-      case 15: e = nhwc::launch_weight_grad<T, 15>(p, q.cpt, grid, q.smem, stream); break;
-    }
+    const cudaError_t e = nhwc::with_width(s.KW, [&](auto kw) -> cudaError_t {
+      constexpr int KW = decltype(kw)::value;
+      if (q.cpt == 2) return launch(nhwc::dw_nhwc_weight_grad<T, KW, 2>, grid, dim3(nhwc::kThreads), q.smem, stream, p);
+      if constexpr (KW > 1) {
+        return launch(nhwc::dw_nhwc_weight_grad<T, KW, 1>, grid, dim3(nhwc::kThreads), q.smem, stream, p);
+      } else {
+        return cudaErrorInvalidValue;  // one column: always a pair of channels a thread
+      }
+    });
     if (e != cudaSuccess) return e;
     return sum_partials(workspace, static_cast<T*>(grad_w), q.slices, (int64_t)s.C * s.KH * s.KW, stream);
   });
