@@ -438,21 +438,20 @@ def estimate_us(path: str, pass_: str, size, kernel_size, pads, dtype, channels_
                                                                                    channels_last) / rate
     if max(macs, pytorch_macs(size, kernel_size, pads, channels_last)) < COST["tiny_macs"]:
         return float("inf")  # host-bound: PyTorch's call costs less
-    family = the_plan.family
-    t = COST["lkpatch_call_us"] + moved / COST["bandwidth"]
-    if family == "fma" and the_plan.nhwc:
-        t += the_plan.macs / COST["fma_nhwc"]["wgrad" if pass_ == "weight_grad" else "pass"]
-    elif family == "fma":
-        t += macs / COST["fma"]
-    else:
-        t += the_plan.macs / COST[family][rate_kind(family, pass_, dtype, the_plan.nhwc)]
-    return t
+    key = rate_key(the_plan.family, pass_, dtype, the_plan.nhwc)
+    work = macs if key == ("fma",) else the_plan.macs
+    return COST["lkpatch_call_us"] + moved / COST["bandwidth"] + work / functools.reduce(operator.getitem, key, COST)
 
 
-def rate_kind(family: str, pass_: str, dtype: torch.dtype, nhwc: bool) -> str:
-    """The key of a tensor-core family's rate in COST for a pass."""
-    kind = ("tf32" if dtype == torch.float32 else "half") + ("_wgrad" if pass_ == "weight_grad" else "")
-    return kind + "_nhwc" if kind + "_nhwc" in COST[family] and nhwc else kind
+def rate_key(family: str, pass_: str, dtype: torch.dtype, nhwc: bool) -> Tuple[str, ...]:
+    """Where COST keeps the rate of lkpatch's kernels of ``family`` on a pass: ("fma",) for the
+    NCHW CUDA-core kernels (timed by effective multiply-adds), else a family and a kind (timed by
+    ``Plan.macs``)."""
+    wgrad = pass_ == "weight_grad"
+    if family == "fma":
+        return ("fma_nhwc", "wgrad" if wgrad else "pass") if nhwc else ("fma",)
+    kind = ("tf32" if dtype == torch.float32 else "half") + ("_wgrad" if wgrad else "")
+    return (family, kind + "_nhwc" if nhwc and kind + "_nhwc" in COST[family] else kind)
 
 
 def _copy_us(size, kernel_size, pads, dtype) -> float:

@@ -65,15 +65,9 @@ def fit(rows):
             if lk and fam and "/" not in fam and max(macs, pt_macs if pt else 0) >= C["tiny_macs"]:
                 left = lk * 1e3 - C["lkpatch_call_us"] - moved / C["bandwidth"]
                 if left > 0.2 * lk * 1e3:
-                    if fam == "fma" and not cl:
-                        groups.setdefault(("fma",), []).append(macs / left)
-                    elif fam == "fma":
-                        kind = "wgrad" if p == "weight_grad" else "pass"
-                        groups.setdefault(("fma_nhwc", kind), []).append(tile_macs(r, p, size, k, pads, dtype) / left)
-                    else:
-                        kind = dispatch.rate_kind(fam, p, dtype, cl)
-                        work = tile_macs(r, p, size, k, pads, dtype)
-                        groups.setdefault((fam, kind), []).append(work / left)
+                    key = dispatch.rate_key(fam, p, dtype, cl)
+                    work = macs if key == ("fma",) else tile_macs(r, p, size, k, pads, dtype)
+                    groups.setdefault(key, []).append(work / left)
     for key, v in sorted(groups.items()):
         print(f"{'/'.join(key):40s} n={len(v):3d} median {statistics.median(v):.3g}  "
               f"q25 {statistics.quantiles(v, n=4)[0] if len(v) > 1 else v[0]:.3g}")
