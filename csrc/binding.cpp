@@ -249,16 +249,16 @@ Tensor to_channels_last(const Tensor& x) {
   return y;
 }
 
-// The plan of one pass on the current device, for lkpatch.dispatch: "FAMILY LAYOUT BIAS MACS" --
-// the kernel family (dwconv.h), "nhwc" where channels_last tensors are read as they are (else
-// "nchw": they need NCHW copies), "bias" where the weight-gradient also gives the bias gradient
-// (else "-"), the multiply-adds its tiles issue (Plan::macs) -- or "none - - 0 WHY" where no
-// kernel takes the call.
+// The plan of one pass on the current device, for lkpatch.dispatch: "FAMILY LAYOUT BIAS MACS
+// STAGED" -- the kernel family (dwconv.h), "nhwc" where channels_last tensors are read as they are
+// (else "nchw": they need NCHW copies), "bias" where the weight-gradient also gives the bias
+// gradient (else "-"), the multiply-adds its tiles issue (Plan::macs), the elements its blocks
+// stage (Plan::staged) -- or "none - - 0 0 WHY" where no kernel takes the call.
 // `device`: [multiprocessors, shared memory a block may opt in to (bytes), compute capability
 // major] of a GPU to plan for instead of the current one (tests without a GPU).
 std::string plan(const std::string& pass, at::IntArrayRef size, at::IntArrayRef kernel_size, at::IntArrayRef padding,
                  at::ScalarType dtype, bool tf32, bool channels_last, at::OptionalIntArrayRef device) {
-  auto none = [](const std::string& why) { return "none - - 0 " + why; };
+  auto none = [](const std::string& why) { return "none - - 0 0 " + why; };
   if (size.size() != 4 || kernel_size.size() != 2 || padding.size() != 4) return none("malformed shape");
   lkpatch::DType t;
   switch (dtype) {
@@ -298,10 +298,10 @@ std::string plan(const std::string& pass, at::IntArrayRef size, at::IntArrayRef 
   } describe(device.has_value() ? &described : nullptr);
   const lkpatch::Plan q = lkpatch::dwconv2d_plan(t, s, p);
   if (q.family == lkpatch::Family::none) return none(q.why);
-  char macs[40];
-  std::snprintf(macs, sizeof(macs), " %.0f", q.macs);
+  char work[80];
+  std::snprintf(work, sizeof(work), " %.0f %.0f", q.macs, q.staged);
   return std::string(lkpatch::family_name(q.family)) + (q.nhwc ? " nhwc " : " nchw ") + (q.takes_bias ? "bias" : "-") +
-         macs;
+         work;
 }
 
 // ---- dwconv2d_autograd: the eager training path of a layer whose every pass runs on the kernels

@@ -61,6 +61,9 @@ struct Plan {
   // rows that reach the image; fma reading channels_last: whole tiles of 32 channels): the work
   // lkpatch.dispatch's speed rule times; 0 for fma on NCHW (the rule counts effective taps).
   double macs = 0;
+  // The elements its blocks stage into shared memory (the tensor-core families; else 0): the tile
+  // work besides the multiply-adds, which the rule times as well.
+  double staged = 0;
 };
 // s: the forward's shape, s.nhwc the layout of the caller's tensors. Queries the current device.
 Plan dwconv2d_plan(DType t, const DwShape& s, Pass pass);

@@ -317,6 +317,12 @@ bool dwconv2d_rows_weight_grad_fits(DType t, const DwShape& s);
 size_t dwconv2d_rows_weight_grad_workspace(DType t, const DwShape& s);
 cudaError_t dwconv2d_rows_weight_grad(DType t, const void* grad_out, const void* in, void* grad_w, float* workspace,
                                       const DwShape& s, cudaStream_t stream);
+// The elements their blocks stage into shared memory, over the whole pass (tiles with their
+// halos, and the forward's B tables): the work besides the multiply-adds that grows as tiles shrink.
+double dwconv2d_rows_forward_staged(DType t, const DwShape& s);
+double dwconv2d_rows_weight_grad_staged(DType t, const DwShape& s);
+double dwconv2d_tc_forward_staged(DType t, const DwShape& s);       // the images family's, as these
+double dwconv2d_tc_weight_grad_staged(DType t, const DwShape& s);
 
 // Kernel rows [lo, hi) that reach the map from some output row (iy = oy + i - pad_t in [0, H));
 // empty (hi <= lo) where none does.

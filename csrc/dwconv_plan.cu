@@ -25,8 +25,9 @@ Plan make(Family f, bool nhwc, bool takes_bias = false) {
   return p;
 }
 
-Plan with_macs(Plan p, double macs) {
+Plan with_work(Plan p, double macs, double staged = 0) {
   p.macs = macs;
+  p.staged = staged;
   return p;
 }
 
@@ -71,13 +72,15 @@ bool nhwc_fma(DType t, const DwShape& s, bool fits, Pass pass) {
 // layout copies.
 Plan forward_plan(DType t, const DwShape& s) {
   if (tensor_cores(t) && dwconv2d_tc_forward_fits(t, s))
-    return with_macs(make(Family::tc_images, s.nhwc), forward_macs(Family::tc_images, t, s));
+    return with_work(make(Family::tc_images, s.nhwc), forward_macs(Family::tc_images, t, s),
+                     dwconv2d_tc_forward_staged(t, s));
   if (s.nhwc && nhwc_fma(t, s, dwconv2d_nhwc_forward_fits(t, s), Pass::forward))
-    return with_macs(make(Family::fma, true), dwconv2d_nhwc_macs(s));
+    return with_work(make(Family::fma, true), dwconv2d_nhwc_macs(s));
   if (tensor_cores(t)) {
     const bool tf32_worth = t != DType::tf32 || s.nhwc || (s.KW >= 9 && (int64_t)s.OH * s.OW >= 28 * 28);
     if (tf32_worth && dwconv2d_rows_forward_fits(t, s))
-      return with_macs(make(Family::tc_rows, s.nhwc), forward_macs(Family::tc_rows, t, s));
+      return with_work(make(Family::tc_rows, s.nhwc), forward_macs(Family::tc_rows, t, s),
+                       dwconv2d_rows_forward_staged(t, s));
   }
   return make(Family::fma, false);  // channels_last tensors through NCHW copies
 }
@@ -87,14 +90,15 @@ Plan forward_plan(DType t, const DwShape& s) {
 // rows family.
 Plan weight_grad_plan(DType t, const DwShape& s) {
   if (tensor_cores(t) && dwconv2d_tc_weight_grad_fits(t, s))
-    return with_macs(make(Family::tc_images, s.nhwc, dwconv2d_tc_weight_grad_takes_bias(t, s)),
-                     weight_grad_macs(t, s, dwconv2d_tc_weight_grad_banded(t, s)));
+    return with_work(make(Family::tc_images, s.nhwc, dwconv2d_tc_weight_grad_takes_bias(t, s)),
+                     weight_grad_macs(t, s, dwconv2d_tc_weight_grad_banded(t, s)), dwconv2d_tc_weight_grad_staged(t, s));
   if (s.nhwc && nhwc_fma(t, s, dwconv2d_nhwc_weight_grad_fits(t, s), Pass::weight_grad))
-    return with_macs(make(Family::fma, true), dwconv2d_nhwc_macs(s));
+    return with_work(make(Family::fma, true), dwconv2d_nhwc_macs(s));
   if (tensor_cores(t)) {
     const bool tf32_worth = t != DType::tf32 || s.nhwc || (int64_t)s.OH * s.OW >= 400;
     if (tf32_worth && dwconv2d_rows_weight_grad_fits(t, s))
-      return with_macs(make(Family::tc_rows, s.nhwc), weight_grad_macs(t, s, true));
+      return with_work(make(Family::tc_rows, s.nhwc), weight_grad_macs(t, s, true),
+                       dwconv2d_rows_weight_grad_staged(t, s));
   }
   return make(Family::fma, false);
 }

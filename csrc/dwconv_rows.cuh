@@ -515,6 +515,7 @@ __global__ void __launch_bounds__(32 * kWarps) dw_rows_weight_grad(const WgradPa
 // ---- plans (host) -------------------------------------------------------------------------------
 struct FwdPlan {
   int CG, MT, NG, S, sh, rows, cols, pitch, opitch, tiles_x, tiles_y, band, xbytes;
+  bool table;  // a B table in shared memory (the half types' one-k-step kernels load B themselves)
   size_t smem;
 };
 
@@ -554,8 +555,8 @@ inline FwdPlan plan_forward(const DwShape& s, int esize) {
   q.tiles_y = ceil_div(s.OH, TH);
   q.band = kBandPad + KS * q.S;
   q.xbytes = (int)round_up(q.CG * std::max(q.rows * q.pitch, TH * q.opitch) * esize, 16);
-  const bool table = !(esize == 2 && q.S == 1);  // the half types' one-k-step kernels load B themselves
-  q.smem = (size_t)q.xbytes + (table ? (size_t)q.CG * s.KH * q.band * 4 : 0);
+  q.table = !(esize == 2 && q.S == 1);
+  q.smem = (size_t)q.xbytes + (q.table ? (size_t)q.CG * s.KH * q.band * 4 : 0);
   return q;
 }
 

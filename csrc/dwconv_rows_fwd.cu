@@ -39,6 +39,12 @@ bool dwconv2d_rows_forward_fits(DType t, const DwShape& s) {
   return N <= 65535 && (int64_t)q.tiles_x * q.tiles_y <= 65535 && q.smem <= (size_t)lim.max_smem_optin;
 }
 
+double dwconv2d_rows_forward_staged(DType t, const DwShape& s) {
+  const FwdPlan q = rows::plan_forward(s, (int)elem_bytes(t));
+  const double blocks = (double)ceil_div(s.C, q.CG) * q.tiles_x * q.tiles_y * (double)(s.planes / s.C);
+  return blocks * q.CG * ((double)q.rows * q.cols + (q.table ? (double)s.KH * q.band : 0.0));
+}
+
 cudaError_t dwconv2d_rows_forward(DType t, const void* in, const void* w, const void* bias, void* out,
                                   const DwShape& s, bool flip_kernel, cudaStream_t stream) {
   return with_dtype(t, [&](auto tag) -> cudaError_t {

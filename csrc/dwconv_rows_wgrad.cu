@@ -31,6 +31,12 @@ bool dwconv2d_rows_weight_grad_fits(DType t, const DwShape& s) {
          (int64_t)q.items < (1ll << 31);
 }
 
+double dwconv2d_rows_weight_grad_staged(DType t, const DwShape& s) {
+  const WgradPlan q = rows::plan_weight_grad(s, (int)elem_bytes(t), sms_or_zero());
+  const double blocks = (double)ceil_div(s.C, q.CG) * q.tiles_i * q.tiles_j;  // each stages every item
+  return blocks * q.items * q.CG * ((double)q.BH * q.gpitch + (double)q.nq * q.xw);
+}
+
 size_t dwconv2d_rows_weight_grad_workspace(DType t, const DwShape& s) {
   const WgradPlan q = rows::plan_weight_grad(s, (int)elem_bytes(t), sms_or_zero());
   return (size_t)q.slices * s.C * s.KH * s.KW * sizeof(float);

@@ -685,6 +685,18 @@ bool dwconv2d_tc_forward_fits(DType t, const DwShape& s) {
          q.tiles <= 0x7fffffff && q.smem <= (size_t)lim.max_smem_optin;
 }
 
+double dwconv2d_tc_forward_staged(DType t, const DwShape& s) {
+  const int esize = (int)elem_bytes(t), N = (int)(s.planes / s.C);
+  if (small_map(s)) {  // each slice's images, whole
+    const TcSmallPlan q = plan_small(s, sms_or_zero(), esize);
+    return (double)s.C * q.slices * q.per_slice * q.xplane;
+  }
+  // each tile's input rows of every 16-image group, and its B fragments (256 bytes per k-step and row)
+  const TcPlan q = plan(s, esize);
+  const int tile_rows = q.warps * kRH, rows = std::min(s.H, tile_rows + s.KH - 1);
+  return (double)s.C * q.tiles * ((double)round_up(N, 16) * rows * q.WA + (double)s.KH * q.S * 256 / esize);
+}
+
 cudaError_t dwconv2d_tc_forward(DType t, const void* in, const void* w, const void* bias, void* out,
                                 const DwShape& s, bool flip_kernel, cudaStream_t stream) {
   DeviceLimits lim;

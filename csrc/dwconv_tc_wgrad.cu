@@ -806,6 +806,20 @@ bool dwconv2d_tc_weight_grad_takes_bias(DType t, const DwShape& s) {
   return small_kernel(t, s) || t == DType::tf32;
 }
 
+double dwconv2d_tc_weight_grad_staged(DType t, const DwShape& s) {
+  DeviceLimits lim;
+  if (device_limits(&lim) != cudaSuccess) return 0;
+  const int esize = (int)elem_bytes(t), N = (int)(s.planes / s.C);
+  if (small_kernel(t, s)) {  // every image's output-gradient and input planes, once (NHWC: per kernel-row group)
+    const TcSmallWgradPlan q = plan_small(s, lim, esize);
+    return (double)s.C * (s.nhwc ? q.slices * round_up(N, 16) : q.slices * q.per_slice) * (q.gplane + q.xplane);
+  }
+  // every image's output-gradient plane and input rows, in each block of kernel taps
+  const WgradPlan q = plan(s, lim.sms, esize);
+  const int nq = std::min(s.H, std::min(s.KH, 8 * q.IT) - 1 + s.OH);
+  return (double)s.C * q.tiles_i * q.tiles_j * N * ((double)s.OH * q.gpitch + (double)nq * q.xw);
+}
+
 size_t dwconv2d_tc_weight_grad_workspace(DType t, const DwShape& s, bool with_bias) {
   DeviceLimits lim;
   if (device_limits(&lim) != cudaSuccess) return 0;

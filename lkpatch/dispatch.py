@@ -237,6 +237,7 @@ class Plan(NamedTuple):
     takes_bias: bool  # the weight-gradient also gives the bias gradient
     why: str = ""     # family "none": why no kernel takes the call
     macs: float = 0.0  # the multiply-adds the kernel's tiles issue (0 for "fma" on NCHW): the rule's work
+    staged: float = 0.0  # the elements its blocks stage into shared memory (tensor cores; else 0): work too
 
 
 _decisions: dict = {}
@@ -268,14 +269,14 @@ def _plan_now(pass_, size, kernel_size, pads, dtype, tf32, channels_last) -> Pla
 
 
 def _parse_plan(text: str) -> Plan:
-    family, layout, bias, macs, *why = text.split(" ", 4)
-    return Plan(family, layout == "nhwc", bias == "bias", why[0] if why else "", float(macs))
+    family, layout, bias, macs, staged, *why = text.split(" ", 5)
+    return Plan(family, layout == "nhwc", bias == "bias", why[0] if why else "", float(macs), float(staged))
 
 
 @torch.compiler.assume_constant_result
 def _query_plan(pass_, size, kernel_size, pads, dtype, tf32, channels_last) -> str:
     if not _extension_ready():
-        return "none - - 0 lkpatch's CUDA extension is not available"
+        return "none - - 0 0 lkpatch's CUDA extension is not available"
     from . import _ops
     return _ops.kernels().plan(pass_, list(size), list(kernel_size), list(pads), dtype, tf32, channels_last)
 
@@ -398,8 +399,12 @@ COST = {
     # the CUDA-core kernel reading channels_last ("fma_nhwc", any dtype); on NCHW the CUDA-core
     # kernels ("fma") run the effective multiply-adds.
     # "_nhwc": the images family's channels_last weight-gradient (maps up to 16 x 16), slower per tile.
-    "tc_images": {"half": 6.6e7, "half_wgrad": 8.1e7, "half_wgrad_nhwc": 3.5e7, "tf32": 2.4e7, "tf32_wgrad": 6.2e7},
-    "tc_rows": {"half": 3.6e7, "half_wgrad": 3.5e7, "tf32": 1.5e7, "tf32_wgrad": 2.3e7},
+    "tc_images": {"half": (9.6e8, 9.9e5), "half_wgrad": (6.5e8, 7.7e5), "half_wgrad_nhwc": (1.75e9, 3.5e5),
+                  "tf32": (2.4e7, 0), "tf32_wgrad": (6.2e7, 0)},
+    # The rows family: (multiply-adds, staged elements (Plan.staged)) per microsecond, by layout --
+    # its small channels_last tiles stage more per output, through registers.
+    "tc_rows": {"half": (2.7e8, 6.4e5), "half_wgrad": (1.36e8, 1.06e6), "half_nhwc": (1.7e8, 6.7e5),
+                "half_wgrad_nhwc": (1.4e8, 6.0e5), "tf32": (1.5e7, 0), "tf32_wgrad": (2.3e7, 0)},
     "fma": 4.7e6,
     "fma_nhwc": {"pass": 1.5e7, "wgrad": 8.5e6},
     "lkpatch_call_us": 8.0,
@@ -440,7 +445,10 @@ def estimate_us(path: str, pass_: str, size, kernel_size, pads, dtype, channels_
         return float("inf")  # host-bound: PyTorch's call costs less
     key = rate_key(the_plan.family, pass_, dtype, the_plan.nhwc)
     work = macs if key == ("fma",) else the_plan.macs
-    return COST["lkpatch_call_us"] + moved / COST["bandwidth"] + work / functools.reduce(operator.getitem, key, COST)
+    rate = functools.reduce(operator.getitem, key, COST)
+    macs_rate, staged_rate = rate if isinstance(rate, tuple) else (rate, 0)
+    staging = the_plan.staged / staged_rate if staged_rate else 0.0
+    return COST["lkpatch_call_us"] + moved / COST["bandwidth"] + work / macs_rate + staging
 
 
 def rate_key(family: str, pass_: str, dtype: torch.dtype, nhwc: bool) -> Tuple[str, ...]:

@@ -8,7 +8,9 @@ one; a pick more than 5% slower (and 5 us) is a miss, listed with both times.
 """
 from __future__ import annotations
 
+import functools
 import json
+import operator
 import statistics
 import sys
 
@@ -36,18 +38,43 @@ def parts(r, p):
     return (n, c, h, w), (kh, kw), pads, dtype, moved
 
 
-def tile_macs(r, p, size, k, pads, dtype):
-    """The multiply-adds the pass's tiles issue: as recorded, else the plan's (the layout the sweep
-    ran: NCHW where channels_last went through the copies)."""
-    if r.get(f"macs_{p}") is not None:
-        return r[f"macs_{p}"]
+def tile_work(r, p, size, k, pads, dtype, what="macs"):
+    """The multiply-adds the pass's tiles issue ("macs") or the elements its blocks stage
+    ("staged"): as recorded, else the plan's (the layout the sweep ran: NCHW where channels_last
+    went through the copies)."""
+    if r.get(f"{what}_{p}") is not None:
+        return r[f"{what}_{p}"]
     read_cl = r["layout"] == "channels_last" and "/" not in r.get(f"plan_{p}", "")
-    return dispatch.plan(p, size, k, pads, dtype, read_cl).macs
+    return getattr(dispatch.plan(p, size, k, pads, dtype, read_cl), what)
+
+
+def fit_pair(points):
+    """(multiply-adds, staged elements) per microsecond for times left = macs / a + staged / b,
+    least squares relative to each time; one term alone where both do not come out positive."""
+    def solve(cols):
+        m = [[sum(pt[i] * pt[j] / pt[2] ** 2 for pt in points) for j in cols] for i in cols]
+        v = [sum(pt[i] / pt[2] for pt in points) for i in cols]
+        if len(cols) == 1:
+            return [v[0] / m[0][0]] if m[0][0] else [0.0]
+        det = m[0][0] * m[1][1] - m[0][1] * m[1][0]
+        if not det:
+            return [-1.0, -1.0]
+        return [(v[0] * m[1][1] - v[1] * m[0][1]) / det, (m[0][0] * v[1] - m[1][0] * v[0]) / det]
+
+    def err(c):
+        return sum(((pt[0] * c[0] + pt[1] * c[1]) / pt[2] - 1) ** 2 for pt in points)
+    fits = []
+    both = solve([0, 1])
+    if min(both) > 0:
+        fits.append(both)
+    fits += [[solve([0])[0], 0.0], [0.0, solve([1])[0]]]
+    best = min((c for c in fits if max(c) > 0), key=err)
+    return tuple(1 / c if c > 0 else 0 for c in best), err(best) / len(points)
 
 
 def fit(rows):
     C = dispatch.COST
-    groups = {}
+    groups, pairs = {}, {}
     for r in rows:
         cl = r["layout"] == "channels_last"
         for p in dispatch.CONV_PASSES:
@@ -66,11 +93,17 @@ def fit(rows):
                 left = lk * 1e3 - C["lkpatch_call_us"] - moved / C["bandwidth"]
                 if left > 0.2 * lk * 1e3:
                     key = dispatch.rate_key(fam, p, dtype, cl)
-                    work = macs if key == ("fma",) else tile_macs(r, p, size, k, pads, dtype)
-                    groups.setdefault(key, []).append(work / left)
+                    work = macs if key == ("fma",) else tile_work(r, p, size, k, pads, dtype)
+                    if isinstance(functools.reduce(operator.getitem, key, C), tuple):
+                        pairs.setdefault(key, []).append((work, tile_work(r, p, size, k, pads, dtype, "staged"), left))
+                    else:
+                        groups.setdefault(key, []).append(work / left)
     for key, v in sorted(groups.items()):
         print(f"{'/'.join(key):40s} n={len(v):3d} median {statistics.median(v):.3g}  "
               f"q25 {statistics.quantiles(v, n=4)[0] if len(v) > 1 else v[0]:.3g}")
+    for key, v in sorted(pairs.items()):
+        (a, b), e = fit_pair(v)
+        print(f"{'/'.join(key):40s} n={len(v):3d} (macs, staged) per us ({a:.3g}, {b:.3g})  rms rel. error {e ** 0.5:.2f}")
 
 
 def check(rows):
@@ -86,7 +119,8 @@ def check(rows):
                     continue
                 total += 1
                 q = dispatch.Plan(r[f"plan_{p}"].split("/")[0], "/" not in r[f"plan_{p}"], False,
-                                  macs=tile_macs(r, p, size, k, pads, dtype))
+                                  macs=tile_work(r, p, size, k, pads, dtype),
+                                  staged=tile_work(r, p, size, k, pads, dtype, "staged"))
                 t_lk = dispatch.estimate_us("lkpatch", p, size, k, pads, dtype, cl and q.nhwc, q)
                 t_pt = dispatch.estimate_us("pytorch", p, size, k, pads, dtype, cl)
                 pick_lk = t_lk < t_pt

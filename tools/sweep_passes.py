@@ -82,6 +82,7 @@ def time_case(case, dtype, tf32, channels_last, reps):
             q = dispatch.plan(p, case[:4], case[4:], pads, dtype, channels_last)
             row[f"plan_{p}"] = q.family + ("" if q.nhwc or not channels_last else "/nchw")
             row[f"macs_{p}"] = q.macs
+            row[f"staged_{p}"] = q.staged
             row[f"model_lkpatch_{p}_us"] = dispatch.estimate_us("lkpatch", p, case[:4], case[4:], pads, dtype,
                                                                 channels_last, q)
             row[f"model_pytorch_{p}_us"] = dispatch.estimate_us("pytorch", p, case[:4], case[4:], pads, dtype,
