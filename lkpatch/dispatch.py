@@ -378,7 +378,7 @@ def _route_now(size, kernel_size, pads, dtype, tf32) -> str:
         options["direct"] = sum(direct)
     nchw_plans = {p: plan(p, *args, False) for p in CONV_PASSES}
     if all(q.family != "none" for q in nchw_plans.values()):
-        options["copies"] = sum(estimate_us("lkpatch", p, *args, False, q) for p, q in nchw_plans.items()) + \
+        options["copies"] = sum(estimate_us("lkpatch", p, *args, True, q) for p, q in nchw_plans.items()) + \
             4 * _copy_us(size, kernel_size, pads, dtype)
     return min(options, key=options.get)
 

@@ -342,7 +342,7 @@ class _OpaqueKernels:
     def __getattr__(self, name):
         from lkpatch import _pytorch
         if name == "plan":  # kernels that read NCHW (channels_last tensors go through copies)
-            return lambda *args: "fma nchw - 0"
+            return lambda *args: "fma nchw - 0 0"
         fn = {"dwconv2d": _pytorch.forward, "dwconv2d_input_grad": _pytorch.backward_input,
               "dwconv2d_weight_grad": _pytorch.backward_weight, "dwconv2d_bias_grad": _pytorch.backward_bias,
               "to_nchw": torch.Tensor.contiguous,

@@ -121,7 +121,7 @@ def check(rows):
                 q = dispatch.Plan(r[f"plan_{p}"].split("/")[0], "/" not in r[f"plan_{p}"], False,
                                   macs=tile_work(r, p, size, k, pads, dtype),
                                   staged=tile_work(r, p, size, k, pads, dtype, "staged"))
-                t_lk = dispatch.estimate_us("lkpatch", p, size, k, pads, dtype, cl and q.nhwc, q)
+                t_lk = dispatch.estimate_us("lkpatch", p, size, k, pads, dtype, cl, q)
                 t_pt = dispatch.estimate_us("pytorch", p, size, k, pads, dtype, cl)
                 pick_lk = t_lk < t_pt
                 got, best = (lk if pick_lk else pt), min(lk, pt)
