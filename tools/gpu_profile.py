@@ -13,6 +13,10 @@
   python tools/gpu_profile.py copies [S...]    GPU microseconds and GB/s of the layout copies, both directions
       (LKPATCH_PROFILE_DTYPE, default bfloat16)
   python tools/gpu_profile.py biasgrad        bias gradient: PyTorch's sum vs the kernel, channels_last and NCHW
+  python tools/gpu_profile.py routes [N,C,H,W,KH,KW ...]
+      whole channels_last layers (forward + both gradients + bias gradient) on each route --
+      PyTorch, direct, copies -- and the speed rule's pick: GPU ms (CUDA-graph replay) and the
+      rule's step alone (LKPATCH_PROFILE_DTYPE, default bfloat16; TF32 off)
   python tools/gpu_profile.py compiled [MODEL [BATCH]]
       a converted timm model's training step (bf16, channels_last) eager against torch.compile,
       graph breaks, and each one's top kernels (default replknet_31b, batch 64)
@@ -451,6 +455,51 @@ def copies(names):
               f"PyTorch's clone {times[2]:.2f} us ({mb / times[2] * 1e3:.0f} GB/s)")
 
 
+ROUTE_LAYERS = [(2, 128, 128, 128, 31, 31), (2, 128, 200, 304, 31, 31), (2, 256, 100, 152, 29, 29),
+                (2, 512, 50, 76, 27, 27), (1, 128, 64, 64, 31, 31), (2, 1024, 25, 38, 13, 13), (4, 96, 128, 128, 7, 7),
+                (64, 384, 64, 64, 31, 31), (64, 128, 56, 56, 31, 31), (64, 256, 28, 28, 29, 29),
+                (64, 128, 56, 56, 61, 5), (64, 128, 56, 56, 5, 61), (3, 64, 97, 131, 17, 17), (8, 256, 64, 64, 13, 13),
+                (64, 384, 64, 64, 7, 7), (128, 96, 56, 56, 7, 7), (128, 192, 28, 28, 7, 7), (128, 384, 14, 14, 7, 7),
+                (128, 768, 7, 7, 7, 7), (64, 512, 14, 14, 27, 27), (64, 1024, 7, 7, 13, 13)]
+
+
+def routes(layers):
+    """Each channels_last layer's step on every route, the route forced by replacing the rule's
+    decision (dispatch's "route" question) for the run, and the rule's own pick."""
+    from lkpatch.bench import graph_time_ms, time_ms
+    from lkpatch.functional import depthwise_conv2d
+    build.build()
+    torch.backends.cudnn.allow_tf32 = False
+    dtype = getattr(torch, os.environ.get("LKPATCH_PROFILE_DTYPE", "bfloat16"))
+    rule = dispatch._DECIDE["route"]
+    for layer in [tuple(int(v) for v in a.split(",")) for a in layers] or ROUTE_LAYERS:
+        n, c, h, w, kh, kw = layer
+        pads = ((kh - 1) // 2, kh // 2, (kw - 1) // 2, kw // 2)
+        x = torch.randn(n, c, h, w, device="cuda", dtype=dtype).contiguous(memory_format=torch.channels_last)
+        x.requires_grad_()
+        g = torch.randn_like(x)
+        wt = torch.randn(c, 1, kh, kw, device="cuda", dtype=dtype, requires_grad=True)
+        b = torch.randn(c, device="cuda", dtype=dtype, requires_grad=True)
+        step = lambda i: torch.autograd.grad(depthwise_conv2d(x, wt, b, padding=pads), (x, wt, b), g)
+        ms = {}
+        try:
+            for mode in ("pytorch", "direct", "copies", "rule"):
+                dispatch._decisions.clear()
+                dispatch._DECIDE["route"] = rule if mode in ("pytorch", "rule") else (lambda *a, m=mode: m)
+                with dispatch.force("pytorch" if mode == "pytorch" else "auto"):
+                    ms[mode] = graph_time_ms(step, 7)
+                    if mode == "rule":
+                        picked = dispatch.channels_last_route((n, c, h, w), (kh, kw), pads, dtype)
+                        alone = time_ms(step, reps=7)
+        finally:
+            dispatch._DECIDE["route"] = rule
+            dispatch._decisions.clear()
+        print(f"routes {n}x{c}x{h}x{w} {kh}x{kw} {dtype}: PyTorch {ms['pytorch']:.3f} ms, direct {ms['direct']:.3f}, "
+              f"copies {ms['copies']:.3f}; rule ({picked}) {ms['rule']:.3f}, alone {alone:.3f}")
+        del x, g
+        torch.cuda.empty_cache()
+
+
 def gpu_us(fn, reps=50):
     """Median GPU microseconds of fn (CUDA events, after warm-up)."""
     for _ in range(5):
@@ -502,6 +551,7 @@ if __name__ == "__main__":
              "hostbound": lambda: hostbound(), "model": lambda: model(sys.argv[2] if len(sys.argv) > 2 else "bfloat16"),
              "python": lambda: python_profile(), "autograd": lambda: autograd_variants(),
              "biasgrad": lambda: biasgrad(), "copies": lambda: copies(sys.argv[2:]),
+             "routes": lambda: routes(sys.argv[2:]),
              "backbone": lambda: backbone(int(sys.argv[2]) if len(sys.argv) > 2 else 2,
                                           int(sys.argv[3]) if len(sys.argv) > 3 else 512),
              "compiled": lambda: compiled(sys.argv[2] if len(sys.argv) > 2 else "replknet_31b",
