@@ -311,6 +311,13 @@ def test_rule_counts_pytorchs_padded_taps_on_channels_last(h100):
     assert dispatch.pytorch_macs(size, k, pads, False) == dispatch.effective_macs(size, k, pads) == 384 * 49 * 49
     assert all(dispatch.use_kernel(p, size, k, pads, torch.bfloat16, True) for p in dispatch.CONV_PASSES)
     assert not dispatch.use_kernel("any", size, k, pads, torch.bfloat16, False)
+    # Exact fp32 reads channels_last only up to 15 x 15: the layer takes the NCHW kernels through
+    # copies, whose passes count as small only where PyTorch's channels_last passes would (16
+    # images: 0.26-0.30 ms a pass on PyTorch against 0.03-0.06 through copies on an H100).
+    size = (16, 48, 7, 7)
+    with dispatch.conv_tf32(False):
+        assert dispatch.channels_last_route(size, k, pads, torch.float32) == "copies"
+        assert all(dispatch.use_kernel(p, size, k, pads, torch.float32, True) for p in dispatch.CONV_PASSES)
 
 
 @needs_extension
