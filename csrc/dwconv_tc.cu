@@ -598,6 +598,7 @@ TcSmallPlan plan_small(const DwShape& s, int sms, int esize) {
 
 struct TcPlan {
   int NT, S, sh, WA, pitch, warps, tiles_x, tiles, whole;
+  int rows;  // input rows a tile reads
   size_t smem;
 };
 
@@ -615,9 +616,9 @@ TcPlan plan(const DwShape& s, int esize) {
   q.tiles = q.tiles_x * ceil_div(s.OH, q.warps * kRH);
   // Small maps: all the input rows a tile reads fit in shared memory, and are staged at once.
   const size_t b_bytes = (size_t)s.KH * q.S * 256, row_bytes = (size_t)16 * q.pitch * esize;
-  const int rows = std::min(s.H, q.warps * kRH + s.KH - 1);
-  q.whole = b_bytes + rows * row_bytes <= 64 * 1024 && rows > kSlots;
-  q.smem = b_bytes + (q.whole ? rows : kSlots) * row_bytes;
+  q.rows = std::min(s.H, q.warps * kRH + s.KH - 1);
+  q.whole = b_bytes + q.rows * row_bytes <= 64 * 1024 && q.rows > kSlots;
+  q.smem = b_bytes + (q.whole ? q.rows : kSlots) * row_bytes;
   return q;
 }
 
@@ -693,8 +694,7 @@ double dwconv2d_tc_forward_staged(DType t, const DwShape& s) {
   }
   // each tile's input rows of every 16-image group, and its B fragments (256 bytes per k-step and row)
   const TcPlan q = plan(s, esize);
-  const int tile_rows = q.warps * kRH, rows = std::min(s.H, tile_rows + s.KH - 1);
-  return (double)s.C * q.tiles * ((double)round_up(N, 16) * rows * q.WA + (double)s.KH * q.S * 256 / esize);
+  return (double)s.C * q.tiles * ((double)round_up(N, 16) * q.rows * q.WA + (double)s.KH * q.S * 256 / esize);
 }
 
 cudaError_t dwconv2d_tc_forward(DType t, const void* in, const void* w, const void* bias, void* out,

@@ -737,6 +737,7 @@ TcSmallWgradPlan plan_small(const DwShape& s, const DeviceLimits& lim, int esize
 
 struct WgradPlan {
   int JT, IT, OWp, gpitch, xw, tiles_j, tiles_i, slices, per_slice, IB;
+  int nq;  // input rows staged per image
   size_t smem;
 };
 
@@ -758,10 +759,10 @@ WgradPlan plan(const DwShape& s, int sms, int esize) {
   q.slices = ceil_div(N, q.per_slice);
   // Images staged at once (output-gradient plane and input rows): fewer block-wide
   // synchronizations per image on small maps.
-  const int nq = std::min(s.H, std::min(s.KH, 8 * q.IT) - 1 + s.OH);
-  const size_t image_bytes = ((size_t)s.OH * q.gpitch + (size_t)nq * q.xw) * esize;
+  q.nq = std::min(s.H, std::min(s.KH, 8 * q.IT) - 1 + s.OH);
+  const size_t image_bytes = ((size_t)s.OH * q.gpitch + (size_t)q.nq * q.xw) * esize;
   q.IB = (int)std::max<size_t>(1, std::min<size_t>(std::min(q.per_slice, 16), (48 * 1024) / image_bytes));
-  q.smem = std::max(((size_t)(q.IB * s.OH + 1) * q.gpitch + (size_t)q.IB * nq * q.xw) * esize,
+  q.smem = std::max(((size_t)(q.IB * s.OH + 1) * q.gpitch + (size_t)q.IB * q.nq * q.xw) * esize,
                     (size_t)kWarps * (16 * q.JT * 8 * q.IT + 1) * sizeof(float));  // the end's scratch
   return q;
 }
@@ -816,8 +817,7 @@ double dwconv2d_tc_weight_grad_staged(DType t, const DwShape& s) {
   }
   // every image's output-gradient plane and input rows, in each block of kernel taps
   const WgradPlan q = plan(s, lim.sms, esize);
-  const int nq = std::min(s.H, std::min(s.KH, 8 * q.IT) - 1 + s.OH);
-  return (double)s.C * q.tiles_i * q.tiles_j * N * ((double)s.OH * q.gpitch + (double)nq * q.xw);
+  return (double)s.C * q.tiles_i * q.tiles_j * N * ((double)s.OH * q.gpitch + (double)q.nq * q.xw);
 }
 
 size_t dwconv2d_tc_weight_grad_workspace(DType t, const DwShape& s, bool with_bias) {

@@ -445,8 +445,7 @@ def estimate_us(path: str, pass_: str, size, kernel_size, pads, dtype, channels_
         return float("inf")  # host-bound: PyTorch's call costs less
     key = rate_key(the_plan.family, pass_, dtype, the_plan.nhwc)
     work = macs if key == ("fma",) else the_plan.macs
-    rate = functools.reduce(operator.getitem, key, COST)
-    macs_rate, staged_rate = rate if isinstance(rate, tuple) else (rate, 0)
+    macs_rate, staged_rate = rates(key)
     staging = the_plan.staged / staged_rate if staged_rate else 0.0
     return COST["lkpatch_call_us"] + moved / COST["bandwidth"] + work / macs_rate + staging
 
@@ -460,6 +459,13 @@ def rate_key(family: str, pass_: str, dtype: torch.dtype, nhwc: bool) -> Tuple[s
         return ("fma_nhwc", "wgrad" if wgrad else "pass") if nhwc else ("fma",)
     kind = ("tf32" if dtype == torch.float32 else "half") + ("_wgrad" if wgrad else "")
     return (family, kind + "_nhwc" if nhwc and kind + "_nhwc" in COST[family] else kind)
+
+
+def rates(key: Tuple[str, ...]) -> Tuple[float, Optional[float]]:
+    """COST's rates under ``key`` (from :func:`rate_key`): work per microsecond, and staged elements
+    per microsecond where the group times them (the tensor-core families; else None)."""
+    rate = functools.reduce(operator.getitem, key, COST)
+    return rate if isinstance(rate, tuple) else (rate, None)
 
 
 def _copy_us(size, kernel_size, pads, dtype) -> float:

@@ -8,9 +8,7 @@ one; a pick more than 5% slower (and 5 us) is a miss, listed with both times.
 """
 from __future__ import annotations
 
-import functools
 import json
-import operator
 import statistics
 import sys
 
@@ -94,7 +92,7 @@ def fit(rows):
                 if left > 0.2 * lk * 1e3:
                     key = dispatch.rate_key(fam, p, dtype, cl)
                     work = macs if key == ("fma",) else tile_work(r, p, size, k, pads, dtype)
-                    if isinstance(functools.reduce(operator.getitem, key, C), tuple):
+                    if dispatch.rates(key)[1] is not None:
                         pairs.setdefault(key, []).append((work, tile_work(r, p, size, k, pads, dtype, "staged"), left))
                     else:
                         groups.setdefault(key, []).append(work / left)
