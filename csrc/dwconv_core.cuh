@@ -292,6 +292,9 @@ double dwconv2d_nhwc_macs(const DwShape& s);
 // The tensor-core forward / input-grad for fp16, bf16 and TF32 (dwconv_tc.cu), where it applies:
 // sm_80+, 8 or more images. LKPATCH_TENSOR_CORES=never turns it off (benchmarking).
 bool dwconv2d_tc_forward_fits(DType t, const DwShape& s);
+// Whether its general kernel would stage this shape's rows by shifted loads, not asynchronous
+// copies (half types on odd widths), which leave its staging ring nothing to overlap.
+bool dwconv2d_tc_forward_shifts_rows(DType t, const DwShape& s);
 cudaError_t dwconv2d_tc_forward(DType t, const void* in, const void* w, const void* bias, void* out,
                                 const DwShape& s, bool flip_kernel, cudaStream_t stream);
 
@@ -352,12 +355,6 @@ cudaError_t with_weight_grad_tiles(int JT, int IT, F&& f) {
   return JT == 1 ? rows(std::integral_constant<int, 1>()) : rows(std::integral_constant<int, 2>());
 }
 
-// Bytes per staging copy of rows `row_bytes` long starting at `addr`: 16 or 4 where every row
-// start is aligned to them, else 0 (element by element).
-inline int copy_bytes(int64_t row_bytes, uintptr_t addr) {
-  return row_bytes % 16 == 0 && addr % 16 == 0 ? 16 : row_bytes % 4 == 0 && addr % 4 == 0 ? 4 : 0;
-}
-
 // The tensor-core small-map kernels (dwconv_tc*.cu) stage whole planes with rows padded to 16
 // columns: 16-column tiles per row, 1 (every side up to 16), 2 (up to 32), or 0 (larger).
 inline int small_map_tiles(const DwShape& s) {
@@ -407,6 +404,17 @@ inline const Knobs& knobs() {
   return k;
 }
 inline bool tensor_cores_enabled() { return knobs().tensor_cores; }
+
+// Bytes per asynchronous staging copy of NCHW rows `row_bytes` long starting at `addr`, each row's
+// copies starting `lead` bytes past a 16-byte boundary of the row: the widest of 16, 8, 4 that
+// every copy is aligned to (`narrow`: 8 and 4 allowed, else 16 only), else 0: the kernels' 16-byte
+// loads shifted into place (load_shifted16), which stage faster than 8- or 4-byte copies where
+// the kernel has registers to keep several in flight.
+inline int copy_bytes(int64_t row_bytes, uintptr_t addr, int64_t lead = 0, bool narrow = false) {
+  for (int v : {16, 8, 4})
+    if ((v == 16 || narrow) && row_bytes % v == 0 && addr % v == 0 && lead % v == 0) return v;
+  return 0;
+}
 
 // Whether an fp32 pass takes the small-map variant where it fits.
 inline bool use_small_map(bool fits, const DwShape& s) {

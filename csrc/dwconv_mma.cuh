@@ -128,6 +128,45 @@ __device__ __forceinline__ void copy_async_wait_group() {
 #endif
 }
 
+// Elements x .. x + 16 / sizeof(T) - 1 of a row of `len` as one 16-byte vector, zeros outside
+// [0, len) and where !row_in: for rows whose elements are not aligned for 16-byte copies (2-byte
+// types on rows of odd length), which element-by-element staging would read one load at a time.
+// The one or two aligned vectors holding them are loaded (only those holding an element of the
+// row: never past the tensor) and shifted together.
+template <typename T>
+__device__ __forceinline__ uint4 load_shifted16(const T* row, int x, int len, bool row_in) {
+  constexpr int E = 16 / (int)sizeof(T), EW = 4 / (int)sizeof(T);  // elements a vector, a word
+  uint4 out = make_uint4(0, 0, 0, 0);
+  if (!row_in || x >= len || x + E <= 0) return out;
+  const uintptr_t a = reinterpret_cast<uintptr_t>(row) + (intptr_t)x * (intptr_t)sizeof(T);
+  const int mis = (int)(a & 15);                                 // bytes past the aligned vector
+  const uint4* v = reinterpret_cast<const uint4*>(a - mis);
+  const int split = x + (16 - mis) / (int)sizeof(T);             // the first element of vector 1
+  uint4 w0 = out, w1 = out;
+  if (split > 0) w0 = __ldg(v);                                  // holds elements from max(x, 0)
+  if (mis != 0 && split < len) w1 = __ldg(v + 1);
+  const uint32_t w[8] = {w0.x, w0.y, w0.z, w0.w, w1.x, w1.y, w1.z, w1.w};
+  uint32_t u[6], r[5];  // words mis / 4 .. mis / 4 + 4, by two selects (no indexed registers)
+#pragma unroll
+  for (int k = 0; k < 6; ++k) u[k] = (mis & 8) ? w[k + 2] : w[k];
+#pragma unroll
+  for (int k = 0; k < 5; ++k) r[k] = (mis & 4) ? u[k + 1] : u[k];
+  const unsigned bits = 8u * (unsigned)(mis & 3);
+  uint32_t o[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) o[j] = __funnelshift_r(r[j], r[j + 1], bits);
+  if (x < 0 || x + E > len) {  // an edge vector: clear the elements outside the row
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int k = 0; k < EW; ++k) {
+        const int e = x + j * EW + k;
+        if (e < 0 || e >= len) o[j] &= ~(EW == 1 ? 0xffffffffu : 0xffffu << (16 * k));
+      }
+  }
+  return make_uint4(o[0], o[1], o[2], o[3]);
+}
+
 // An fp32 value rounded to TF32, kept as fp32 (staged operands of the TF32 kernels: rounded once,
 // not at every fragment load).
 __device__ __forceinline__ float round_tf32(float v) { return __uint_as_float(to_tf32(v)); }

@@ -53,7 +53,7 @@ struct FwdParams : ConvArgs<T> {
   int band;         // B table entries per kernel row: kBandPad + KS * S
   int xbytes;       // bytes of the staged tile (and of the output tile after it): the B table follows
   int tiles_x;      // column tiles; blockIdx.y = tile row * tiles_x + tile column
-  int vec;          // NCHW: bytes per staging copy (16, 8, 4; 0: elements); NHWC: pixel vectors (1/0)
+  int vec;          // NCHW: 16-byte staging copies (16) or shifted loads (0); NHWC: pixel vectors (1/0)
   int ovec;         // 16-byte output stores (NCHW: aligned rows; NHWC: pixel vectors)
 };
 
@@ -130,6 +130,58 @@ __device__ __forceinline__ void stage_nhwc(T* dst, int plane, int pitch, const T
   }
 }
 
+// Rows [0, nrows) x columns [0, ncols) of CG channel planes starting at image row y0 and column
+// x0 into dst[ch][r][pitch] (zero outside the image and past the channels); plane stride `plane`.
+// NCHW: asynchronous 16-byte copies (vec 16: the columns aligned to them; the caller commits and
+// waits), or, where rows are not so aligned (vec 0), 16-byte loads shifted into place (ncols and
+// pitch multiples of 16 bytes), kBatch in flight a thread. NHWC: pixel vectors.
+template <typename T, bool NHWC, int kBatch = 4>
+__device__ __forceinline__ void stage_tile(T* dst, int plane, int pitch, const T* src, int n, int c0, int nch, int CG,
+                                           int C, int H, int W, int y0, int x0, int nrows, int ncols, int vec) {
+  if constexpr (NHWC) {
+    stage_nhwc<T>(dst, plane, pitch, src, n, c0, nch, CG, C, H, W, y0, x0, nrows, ncols, vec);
+  } else {
+    constexpr int per = kVec<T>;
+    const int cpr = ncols / per, total = CG * nrows * cpr;
+    auto at = [&](int u, int& ch, int& r, int& x) {
+      const int pr = u / cpr, k = u - pr * cpr;
+      ch = pr / nrows;
+      r = pr - ch * nrows;
+      x = k * per;
+    };
+    if (vec) {
+      for (int u = threadIdx.x; u < total; u += blockDim.x) {
+        int ch, r, x;
+        at(u, ch, r, x);
+        const int y = y0 + r, ix = x0 + x;
+        // copies start at multiples of 16 bytes: wholly in or out
+        const bool valid = ch < nch && y >= 0 && y < H && ix >= 0 && ix < W;
+        const T* from = valid ? src + (((int64_t)n * C + c0 + ch) * H + y) * W + ix : src;
+        copy_async<16>(dst + ch * plane + r * pitch + x, from, valid);
+      }
+    } else {
+      for (int u0 = threadIdx.x; u0 < total; u0 += kBatch * blockDim.x) {
+        uint4 v[kBatch];
+        int to[kBatch];
+#pragma unroll
+        for (int b = 0; b < kBatch; ++b) {
+          const int u = u0 + b * blockDim.x;
+          int ch = 0, r = 0, x = 0;
+          if (u < total) at(u, ch, r, x);
+          const int y = y0 + r;
+          const bool row_in = u < total && ch < nch && y >= 0 && y < H;
+          const T* row = src + (((int64_t)n * C + c0 + (row_in ? ch : 0)) * H + (row_in ? y : 0)) * W;
+          v[b] = load_shifted16<T>(row, x0 + x, W, row_in);
+          to[b] = u < total ? ch * plane + r * pitch + x : -1;
+        }
+#pragma unroll
+        for (int b = 0; b < kBatch; ++b)
+          if (to[b] >= 0) *reinterpret_cast<uint4*>(dst + to[b]) = v[b];
+      }
+    }
+  }
+}
+
 template <typename T, bool NHWC, int FS>
 __global__ void __launch_bounds__(32 * kWarps, FS == 1 ? 3 : 2) dw_rows_forward(const FwdParams<T> p) {
   constexpr bool kTF32 = std::is_same_v<T, float>;
@@ -155,20 +207,8 @@ __global__ void __launch_bounds__(32 * kWarps, FS == 1 ? 3 : 2) dw_rows_forward(
   if constexpr (NHWC) {
     stage_nhwc<T>(X, plane, p.pitch, p.in, n, c0, nch, p.CG, s.C, s.H, s.W, iy0, ix0, p.rows, p.cols, p.vec);
   } else {
-    const int per = p.vec ? p.vec / (int)sizeof(T) : 1, cpr = p.cols / per, total = p.CG * p.rows * cpr;
-    for (int u = threadIdx.x; u < total; u += blockDim.x) {
-      const int pr = u / cpr, k = u - pr * cpr;
-      const int ch = pr / p.rows, r = pr - ch * p.rows;
-      const int iy = iy0 + r, ix = ix0 + k * per;
-      // copies of `per` elements start at multiples of `per` (sh aligns the tile): wholly in or out
-      const bool valid = ch < nch && iy >= 0 && iy < s.H && ix >= 0 && ix < s.W;
-      const T* src = valid ? p.in + (((int64_t)n * s.C + c0 + ch) * s.H + iy) * s.W + ix : p.in;
-      T* dst = X + ch * plane + r * p.pitch + k * per;
-      if (p.vec == 16) copy_async<16>(dst, src, valid);
-      else if (p.vec == 8) copy_async<8>(dst, src, valid);
-      else if (p.vec == 4) copy_async<4>(dst, src, valid);
-      else *dst = valid ? *src : zero;
-    }
+    // eight shifted loads in flight: nothing else holds registers yet
+    stage_tile<T, false, 8>(X, plane, p.pitch, p.in, n, c0, nch, p.CG, s.C, s.H, s.W, iy0, ix0, p.rows, p.cols, p.vec);
     copy_async_commit();
     copy_async_wait_group<0>();
   }
@@ -383,32 +423,8 @@ struct WgradParams {
   int xw;             // staged input row length (elements)
   int nq;             // staged input rows at most: BH + 8 IT - 1
   int tiles_j;        // kernel-column tiles of 16 JT; blockIdx.z = tile row * tiles_j + tile column
-  int gvec, xvec;     // NCHW: bytes per staging copy (16, 4; 0: elements); NHWC: pixel vectors (1/0)
+  int gvec, xvec;     // NCHW: 16-byte staging copies (16) or shifted loads (0); NHWC: pixel vectors (1/0)
 };
-
-// Rows [0, nrows) x columns [0, ncols) of CG channel planes starting at image row y0 and column
-// x0 into dst[ch][r][pitch] (zero outside the image and past the channels); plane stride `plane`.
-// NCHW: copies of `vec` bytes (the columns aligned to them) or elements; NHWC: pixel vectors.
-template <typename T, bool NHWC>
-__device__ __forceinline__ void stage_tile(T* dst, int plane, int pitch, const T* src, int n, int c0, int nch, int CG,
-                                           int C, int H, int W, int y0, int x0, int nrows, int ncols, int vec) {
-  const T zero = from_float<T>(0.f);
-  if constexpr (NHWC) {
-    stage_nhwc<T>(dst, plane, pitch, src, n, c0, nch, CG, C, H, W, y0, x0, nrows, ncols, vec);
-  } else {
-    const int per = vec ? vec / (int)sizeof(T) : 1, cpr = ncols / per, total = CG * nrows * cpr;
-    for (int u = threadIdx.x; u < total; u += blockDim.x) {
-      const int pr = u / cpr, k = u - pr * cpr, ch = pr / nrows, r = pr - ch * nrows;
-      const int y = y0 + r, x = x0 + k * per;
-      const bool valid = ch < nch && y >= 0 && y < H && x >= 0 && x < W;
-      const T* from = valid ? src + (((int64_t)n * C + c0 + ch) * H + y) * W + x : src;
-      T* to = dst + ch * plane + r * pitch + k * per;
-      if (vec == 16) copy_async<16>(to, from, valid);
-      else if (vec == 4) copy_async<4>(to, from, valid);
-      else *to = valid ? *from : zero;
-    }
-  }
-}
 
 template <typename T, bool NHWC, int JT, int IT>
 __global__ void __launch_bounds__(32 * kWarps) dw_rows_weight_grad(const WgradParams<T> p) {
@@ -454,9 +470,10 @@ __global__ void __launch_bounds__(32 * kWarps) dw_rows_weight_grad(const WgradPa
     const int nq = max(0, q_hi - q_lo);
     const int xs = ox0 + j0 - s.pad_l - d;
     __syncthreads();  // the previous item is done with G and X
-    stage_tile<T, NHWC>(G, gplane, p.gpitch, p.grad, n, c0, nch, p.CG, s.C, s.OH, s.OW, oy0, ox0, p.BH, p.BW,
+    // two shifted loads in flight: the accumulators stay live across items
+    stage_tile<T, NHWC, 2>(G, gplane, p.gpitch, p.grad, n, c0, nch, p.CG, s.C, s.OH, s.OW, oy0, ox0, p.BH, p.BW,
                         p.gvec);
-    stage_tile<T, NHWC>(X, xplane, p.xw, p.in, n, c0, nch, p.CG, s.C, s.H, s.W, q_lo, xs, nq, p.xw, p.xvec);
+    stage_tile<T, NHWC, 2>(X, xplane, p.xw, p.in, n, c0, nch, p.CG, s.C, s.H, s.W, q_lo, xs, nq, p.xw, p.xvec);
     if constexpr (!NHWC) {
       copy_async_commit();
       copy_async_wait_group<0>();

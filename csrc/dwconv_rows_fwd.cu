@@ -67,9 +67,8 @@ cudaError_t dwconv2d_rows_forward(DType t, const void* in, const void* w, const 
     }
     // Copies start at image column ox0 - pad_l - sh (ox0 a multiple of 8): aligned where the row
     // length, that offset and the base all are.
-    const int64_t lead = ((int64_t)(s.pad_l + q.sh) * (int64_t)sizeof(T)) % 16;
-    for (int v : {16, 8, 4})
-      if (p.vec == 0 && ((int64_t)s.W * sizeof(T)) % v == 0 && (lead + 16) % v == 0 && ia % v == 0) p.vec = v;
+    const int64_t lead = 16 - ((int64_t)(s.pad_l + q.sh) * (int64_t)sizeof(T)) % 16;
+    p.vec = copy_bytes((int64_t)s.W * sizeof(T), ia, lead);
     p.ovec = s.OW % E == 0 && oa % 16 == 0;
     return forward_steps<T, false>(p, q, stream);
   });

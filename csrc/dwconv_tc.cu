@@ -34,7 +34,7 @@ struct TcParams : ConvArgs<T> {
   int sh;         // staged column 0 is image column ox_tile - pad_l - sh, a multiple of 8
   int WA, pitch;  // staged columns per row, and the row pitch (elements) of one image
   int tiles_x;
-  int vec;        // bytes per asynchronous staging copy (16, 8 or 4: rows and addresses aligned so), 0: none
+  int vec;        // bytes per asynchronous staging copy (copy_bytes), 0: shifted 16-byte loads
   int per_block;  // 16-image groups per block (they share the block's B fragments)
   int whole;      // stage every input row of the tile at once (else a ring of kSlots rows)
   int splits;     // blocks per channel and tile
@@ -127,11 +127,10 @@ __global__ void __launch_bounds__(32 * kMaxWarps, 4) dw_tc_forward(const TcParam
           const bool valid = img && x >= 0 && x < s.W;
           copy(row + u, src + x, valid);
         }
-      } else {
-        for (int u = lane; u < p.WA; u += 32) {
-          const int x = col0 + u;
-          row[u] = img && x >= 0 && x < s.W ? src[x] : from_float<T>(0.f);
-        }
+      } else {  // rows not aligned for copies: 16-byte loads shifted into place
+        constexpr int E = 16 / (int)sizeof(T);
+        for (int u = E * lane; u < p.WA; u += 32 * E)
+          *reinterpret_cast<uint4*>(row + u) = load_shifted16<T>(src, col0 + u, s.W, img);
       }
     }
   };
@@ -637,9 +636,7 @@ cudaError_t launch_general(const ConvArgs<T>& args, const DeviceLimits& lim, cud
   p.S = q.S; p.sh = q.sh; p.WA = q.WA; p.pitch = q.pitch; p.tiles_x = q.tiles_x; p.whole = q.whole;
   const uintptr_t addr = reinterpret_cast<uintptr_t>(args.in);
   const int64_t row_bytes = (int64_t)s.W * sizeof(T);
-  p.vec = 0;
-  for (int v : {16, 8, 4})
-    if (p.vec == 0 && row_bytes % v == 0 && addr % v == 0) p.vec = v;
+  p.vec = copy_bytes(row_bytes, addr, 0, true);  // its ring stages ahead asynchronously: narrow copies too
   // Blocks take several 16-image groups of one channel (its B fragments are built once), but
   // leave enough blocks to fill the GPU.
   const int groups = ceil_div(p.N, 16);
@@ -684,6 +681,10 @@ bool dwconv2d_tc_forward_fits(DType t, const DwShape& s) {
   const TcPlan q = plan(s, tf32 ? 4 : 2);
   return q.S <= (tf32 ? kMaxS<float> : kMaxS<__half>) && (int64_t)s.C * ceil_div((int)N, 16) <= 65535 &&
          q.tiles <= 0x7fffffff && q.smem <= (size_t)lim.max_smem_optin;
+}
+
+bool dwconv2d_tc_forward_shifts_rows(DType t, const DwShape& s) {
+  return !s.nhwc && !small_map(s) && copy_bytes((int64_t)s.W * elem_bytes(t), 0, 0, true) == 0;
 }
 
 double dwconv2d_tc_forward_staged(DType t, const DwShape& s) {

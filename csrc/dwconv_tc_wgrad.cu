@@ -49,19 +49,19 @@ struct TcWgradParams {
   int xw;         // staged input row length (elements), even
   int tiles_j;    // kernel-column tiles of 16 * JT
   int IB;         // images staged at once
-  int gvec, xvec; // bytes per staging copy of output-gradient / input rows: 16, 4, or 0 (element copies)
+  int gvec, xvec; // output-gradient / input rows: 16-byte staging copies (16) or shifted loads (0)
 };
 
 // Rows of `rows_per_image` rows for each of `images` images, into dst[row][pitch] (rows of all
 // images one after another): dst[row][e] = src[image][r][x0 + e] for e < n, zero where x0 + e is
 // outside [0, len). The block's threads take the (row, copy) pairs in turn, stepping without a
-// division per copy. vec 16 / 4: asynchronous copies of that many bytes (x0, len and the row
-// starts aligned to them); 0: plain element copies.
+// division per copy. vec 16: asynchronous 16-byte copies (x0, len and the row starts aligned to
+// them); 0: 16-byte loads shifted into place (n and pitch multiples of 16 bytes).
 template <typename T>
 __device__ __forceinline__ void stage_rows(T* dst, int pitch, const T* src, int64_t image_stride, int row_stride,
                                            int rows_per_image, int images, int x0, int len, int n, int vec) {
   if (rows_per_image <= 0 || images <= 0) return;  // nothing to stage (no division by zero below)
-  const int per = vec ? vec / (int)sizeof(T) : 1, cpr = n / per;  // elements per copy, copies per row
+  const int per = 16 / (int)sizeof(T), cpr = n / per;  // elements a copy, copies a row
   const int rows = rows_per_image * images, step = blockDim.x;
   const int drow = step / cpr, dk = step - drow * cpr;
   int row = threadIdx.x / cpr, k = threadIdx.x - row * cpr;
@@ -71,9 +71,8 @@ __device__ __forceinline__ void stage_rows(T* dst, int pitch, const T* src, int6
     const bool valid = x >= 0 && x < len;
     const T* from = src + img * image_stride + (int64_t)r * row_stride;
     T* to = dst + row * pitch + e;
-    if (vec == 16) copy_async<16>(to, valid ? from + x : src, valid);
-    else if (vec == 4) copy_async<4>(to, valid ? from + x : src, valid);
-    else *to = valid ? from[x] : from_float<T>(0.f);
+    if (vec) copy_async<16>(to, valid ? from + x : src, valid);
+    else *reinterpret_cast<uint4*>(to) = load_shifted16<T>(from, x, len, true);
     k += dk;
     int adv = drow;
     if (k >= cpr) { k -= cpr; ++adv; }

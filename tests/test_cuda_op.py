@@ -783,6 +783,37 @@ def test_layout_copies(shape, dtype):
         ext.to_nchw(torch.randn(2, 3, 4, 5, device="cuda"))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n,c,h,w,kh,kw,pads,families", [
+    (2, 24, 37, 45, 13, 13, (6, 6, 6, 6), ("tc_rows",) * 3), (3, 16, 30, 131, 31, 31, (15, 15, 15, 15), ("tc_rows",) * 3),
+    (1, 8, 19, 38, 5, 61, (2, 2, 30, 30), ("tc_rows",) * 3), (16, 8, 21, 32, 7, 7, (3, 3, 3, 3), ("tc_images",) * 3),
+    # narrow rows: the forward and input-gradient on the rows family, the weight-gradient on the images one
+    (16, 8, 21, 29, 7, 7, (3, 3, 3, 3), ("tc_rows", "tc_rows", "tc_images")),
+    (16, 4, 33, 131, 17, 17, (8, 8, 8, 8), ("tc_rows", "tc_rows", "tc_images")),
+    (17, 3, 40, 37, 11, 3, (5, 5, 0, 2), ("tc_rows", "tc_rows", "tc_images"))])
+def test_tensor_cores_on_unaligned_rows(n, c, h, w, kh, kw, pads, families, dtype):
+    """NCHW rows that 16-byte copies cannot move -- odd widths, and tensors starting one element
+    past an aligned address -- are staged by 16-byte loads shifted into place: every pass matches
+    float64, with zeros at the image's edges and nothing read past the tensor."""
+    gen = torch.Generator(device="cuda").manual_seed(n * 1000 + w)
+    oh, ow = h + pads[0] + pads[1] - kh + 1, w + pads[2] + pads[3] - kw + 1
+
+    def unaligned(*shape):  # one element past an aligned address, its last element the buffer's last
+        flat = torch.randn(math.prod(shape) + 1, generator=gen, device="cuda", dtype=dtype)
+        return flat[1:].view(shape)
+
+    wt = torch.randn(c, 1, kh, kw, generator=gen, device="cuda", dtype=dtype) / math.sqrt(kh * kw)
+    b = torch.randn(c, generator=gen, device="cuda", dtype=dtype)
+    assert tuple(dispatch.plan(p, (n, c, h, w), (kh, kw), pads, dtype).family for p in dispatch.CONV_PASSES) == families
+    for x, g in ((torch.randn(n, c, h, w, generator=gen, device="cuda", dtype=dtype),
+                  torch.randn(n, c, oh, ow, generator=gen, device="cuda", dtype=dtype)),
+                 (unaligned(n, c, h, w), unaligned(n, c, oh, ow))):
+        got = run_op(x, wt, b, pads, g)
+        ref = reference(x, wt, b, pads, g)
+        for name, a, r in zip(("output", "grad_input", "grad_weight", "grad_bias"), got, ref):
+            assert rel_err(a, r) <= TOL[dtype], (name, x.data_ptr() % 16)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(64, 512, 14, 14), (3, 17, 9, 7), (2, 1, 5, 5), (1, 3000, 1, 1), (200, 24, 30, 30),
                                    (2, 520, 3, 3), (8, 8, 2, 2)])
