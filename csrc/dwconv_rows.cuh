@@ -558,7 +558,14 @@ inline FwdPlan plan_forward(const DwShape& s, int esize) {
     q.NG = std::max(1, std::min(jobs / q.MT, groups));
   } else {  // up to kWarps jobs: rows and columns first, then channels
     q.MT = std::min(4, bands);
-    q.NG = std::max(1, std::min(kWarps / q.MT, groups));
+    // The column groups that stage the fewest columns over the map's width (a last tile's columns
+    // past the map are staged too: 128-column tiles on a map 130 wide stage 2 x 160).
+    int fewest = 0;
+    for (int ng = std::max(1, std::min(kWarps / q.MT, groups)); ng >= 1; --ng) {
+      const int cols = ((ng - 1) * NT * UPT + 2 * ceil_div((NT - 1) * UPT + 2 * q.S, 2)) * E;
+      const int total = ceil_div(s.OW, 8 * NT * ng) * cols;
+      if (fewest == 0 || total < fewest) { fewest = total; q.NG = ng; }
+    }
     q.CG = 1;
     while (2 * q.CG * q.MT * q.NG <= kWarps && q.CG < s.C) q.CG *= 2;
   }
