@@ -129,8 +129,9 @@ __device__ __forceinline__ void copy_async_wait_group() {
 }
 
 // Elements x .. x + 16 / sizeof(T) - 1 of a row of `len` as one 16-byte vector, zeros outside
-// [0, len) and where !row_in: for rows whose elements are not aligned for 16-byte copies (2-byte
-// types on rows of odd length), which element-by-element staging would read one load at a time.
+// [0, len) and where !row_in: for rows whose elements are not aligned for 16-byte copies (widths
+// not a multiple of 16 bytes, odd ones in 2-byte types), which narrower copies or element loads
+// would move a few bytes per instruction.
 // The one or two aligned vectors holding them are loaded (only those holding an element of the
 // row: never past the tensor) and shifted together.
 template <typename T>
