@@ -133,7 +133,8 @@ __device__ __forceinline__ void copy_async_wait_group() {
 // not a multiple of 16 bytes, odd ones in 2-byte types), which narrower copies or element loads
 // would move a few bytes per instruction.
 // The one or two aligned vectors holding them are loaded (only those holding an element of the
-// row: never past the tensor) and shifted together.
+// row: never outside the 16-byte-aligned span the tensor covers, which PyTorch's allocator, handing
+// out 512-byte blocks, always owns) and shifted together.
 template <typename T>
 __device__ __forceinline__ uint4 load_shifted16(const T* row, int x, int len, bool row_in) {
   constexpr int E = 16 / (int)sizeof(T), EW = 4 / (int)sizeof(T);  // elements a vector, a word

@@ -795,7 +795,8 @@ def test_layout_copies(shape, dtype):
 def test_tensor_cores_on_unaligned_rows(n, c, h, w, kh, kw, pads, families, dtype):
     """NCHW rows that 16-byte copies cannot move -- odd widths, and tensors starting one element
     past an aligned address -- are staged by 16-byte loads shifted into place: every pass matches
-    float64, with zeros at the image's edges and nothing read past the tensor."""
+    float64, with zeros at the image's edges (the neighbouring rows' elements in the same 16-byte
+    vectors never leak in)."""
     gen = torch.Generator(device="cuda").manual_seed(n * 1000 + w)
     oh, ow = h + pads[0] + pads[1] - kh + 1, w + pads[2] + pads[3] - kw + 1
 
