@@ -546,6 +546,8 @@ inline FwdPlan plan_forward(const DwShape& s, int esize) {
   q.sh = ceil_div(s.KW + 7 + sh, KS) == ceil_div(s.KW + 7, KS) ? sh : 0;
   q.S = ceil_div(s.KW + 7 + q.sh, KS);
   const int bands = ceil_div(s.OH, 16), groups = ceil_div(s.OW, 8 * NT);
+  // 16-byte units a staged row holds for ng column groups: the jobs' columns and one halo
+  const auto units_of = [&](int ng) { return (ng - 1) * NT * UPT + 2 * ceil_div((NT - 1) * UPT + 2 * q.S, 2); };
   if (s.nhwc) {
     // A 16-byte pixel vector of channels, or 8 bytes where the staged tile and B table of 16
     // would leave the SM one block (kernels from about 23 x 23); the remaining warps take more
@@ -562,15 +564,14 @@ inline FwdPlan plan_forward(const DwShape& s, int esize) {
     // past the map are staged too: 128-column tiles on a map 130 wide stage 2 x 160).
     int fewest = 0;
     for (int ng = std::max(1, std::min(kWarps / q.MT, groups)); ng >= 1; --ng) {
-      const int cols = ((ng - 1) * NT * UPT + 2 * ceil_div((NT - 1) * UPT + 2 * q.S, 2)) * E;
-      const int total = ceil_div(s.OW, 8 * NT * ng) * cols;
+      const int total = ceil_div(s.OW, 8 * NT * ng) * units_of(ng);
       if (fewest == 0 || total < fewest) { fewest = total; q.NG = ng; }
     }
     q.CG = 1;
     while (2 * q.CG * q.MT * q.NG <= kWarps && q.CG < s.C) q.CG *= 2;
   }
   const int TH = 16 * q.MT, TW = 8 * NT * q.NG;
-  const int units = (q.NG - 1) * NT * UPT + 2 * ceil_div((NT - 1) * UPT + 2 * q.S, 2);
+  const int units = units_of(q.NG);
   q.rows = TH + s.KH - 1;
   q.cols = units * E;
   q.pitch = q.cols + (units % 2 == 0 ? E : 0);  // an odd number of units: ldmatrix rows hit every bank
