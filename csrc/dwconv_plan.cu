@@ -68,7 +68,7 @@ bool nhwc_fma(DType t, const DwShape& s, bool fits, Pass pass) {
 // call (8+ images; channels_last only on maps up to 16) and its rows can be copied
 // asynchronously; then, on channels_last, the CUDA-core kernel for small kernels (nhwc_fma); the
 // rows family takes every other tensor-core call, odd widths in half types included (its tiles
-// shift 16-byte loads into place at 1-1.5x its time on an even width, where the images family's
+// shift 16-byte loads into place at 1-1.7x its time on an even width, where the images family's
 // ring takes 4x). TF32 on the rows family only from 28 x 28 maps and 9 taps a row, as the images
 // family's rule (the exact CUDA-core kernels are as fast below that); channels_last TF32 always,
 // which saves the layout copies.
