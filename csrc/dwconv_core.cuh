@@ -293,7 +293,7 @@ double dwconv2d_nhwc_macs(const DwShape& s);
 // sm_80+, 8 or more images. LKPATCH_TENSOR_CORES=never turns it off (benchmarking).
 bool dwconv2d_tc_forward_fits(DType t, const DwShape& s);
 // Whether its general kernel would stage this shape's rows by shifted loads, not asynchronous
-// copies (half types on odd widths), which leave its staging ring nothing to overlap.
+// copies (half types on odd widths), which its staging cannot overlap with the mma.
 bool dwconv2d_tc_forward_shifts_rows(DType t, const DwShape& s);
 cudaError_t dwconv2d_tc_forward(DType t, const void* in, const void* w, const void* bias, void* out,
                                 const DwShape& s, bool flip_kernel, cudaStream_t stream);

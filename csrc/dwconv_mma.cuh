@@ -169,6 +169,59 @@ __device__ __forceinline__ uint4 load_shifted16(const T* row, int x, int len, bo
   return make_uint4(o[0], o[1], o[2], o[3]);
 }
 
+// Rows y0 .. y0 + nrows - 1, columns x0 .. x0 + ncols - 1 of `planes` planes of an H x W map
+// (plane k at src + k * plane_stride) into dst[k * dplane + r * dpitch + e], in 16-byte units;
+// zeros outside the map and in planes from `valid` on. vec 16: asynchronous 16-byte copies (x0,
+// W and the plane starts aligned to them; the caller commits and waits); 0: 16-byte loads shifted
+// into place, kBatch in flight a thread. ncols, dpitch and dplane are multiples of 16 bytes. The
+// block's threads step through the (plane, row, unit) items, without a division per item.
+template <typename T, int kBatch>
+__device__ __forceinline__ void stage_rows16(T* dst, int dplane, int dpitch, const T* src, int64_t plane_stride,
+                                             int planes, int valid, int H, int W, int y0, int nrows, int x0, int ncols,
+                                             int vec) {
+  constexpr int per = 16 / (int)sizeof(T);
+  const int units = ncols / per;
+  if (planes <= 0 || nrows <= 0 || units <= 0) return;
+  const int drows = (int)blockDim.x / units, dk = (int)blockDim.x - drows * units;  // one step of the block
+  int k = (int)threadIdx.x % units, r = (int)threadIdx.x / units, pl = r / nrows;
+  r -= pl * nrows;
+  auto carry = [&]() {  // rows past the plane's last into the next planes
+    for (; r >= nrows; r -= nrows) ++pl;
+  };
+  auto advance = [&]() {
+    k += dk;
+    r += drows;
+    if (k >= units) {
+      k -= units;
+      ++r;
+    }
+    carry();
+  };
+  if (vec) {
+    for (; pl < planes; advance()) {
+      const int y = y0 + r, x = x0 + k * per;
+      const bool in = pl < valid && y >= 0 && y < H && x >= 0 && x < W;  // a copy is wholly in or out
+      copy_async<16>(dst + pl * dplane + r * dpitch + k * per, in ? src + pl * plane_stride + (int64_t)y * W + x : src,
+                     in);
+    }
+    return;
+  }
+  while (pl < planes) {
+    uint4 v[kBatch];
+    int to[kBatch];
+#pragma unroll
+    for (int b = 0; b < kBatch; ++b) {
+      const bool item = pl < planes, row_in = item && pl < valid && y0 + r >= 0 && y0 + r < H;
+      v[b] = load_shifted16<T>(row_in ? src + pl * plane_stride + (int64_t)(y0 + r) * W : src, x0 + k * per, W, row_in);
+      to[b] = item ? pl * dplane + r * dpitch + k * per : -1;
+      if (item) advance();
+    }
+#pragma unroll
+    for (int b = 0; b < kBatch; ++b)
+      if (to[b] >= 0) *reinterpret_cast<uint4*>(dst + to[b]) = v[b];
+  }
+}
+
 // An fp32 value rounded to TF32, kept as fp32 (staged operands of the TF32 kernels: rounded once,
 // not at every fragment load).
 __device__ __forceinline__ float round_tf32(float v) { return __uint_as_float(to_tf32(v)); }

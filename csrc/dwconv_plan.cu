@@ -67,15 +67,16 @@ bool nhwc_fma(DType t, const DwShape& s, bool fits, Pass pass) {
 // The forward (or the input-gradient's shape). The images family is the faster where it takes a
 // call (8+ images; channels_last only on maps up to 16) and its rows can be copied
 // asynchronously; then, on channels_last, the CUDA-core kernel for small kernels (nhwc_fma); the
-// rows family takes every other tensor-core call, odd widths in half types included (its tiles
-// shift 16-byte loads into place at 1-1.7x its time on an even width, where the images family's
-// ring takes 4x). TF32 on the rows family only from 28 x 28 maps and 9 taps a row, as the images
+// rows family takes every other tensor-core call. Odd widths in half types, where both families
+// stage by shifted loads: the rows family on maps wider than the images family's 32-column tiles
+// (its 64-column tiles are then at least half used and it is the faster), the images family on
+// narrower ones (measured). TF32 on the rows family only from 28 x 28 maps and 9 taps a row, as the images
 // family's rule (the exact CUDA-core kernels are as fast below that); channels_last TF32 always,
 // which saves the layout copies.
 Plan forward_plan(DType t, const DwShape& s) {
   const bool tf32_worth = t != DType::tf32 || s.nhwc || (s.KW >= 9 && (int64_t)s.OH * s.OW >= 28 * 28);
   const bool rows = tensor_cores(t) && tf32_worth && dwconv2d_rows_forward_fits(t, s);
-  if (tensor_cores(t) && dwconv2d_tc_forward_fits(t, s) && !(rows && dwconv2d_tc_forward_shifts_rows(t, s)))
+  if (tensor_cores(t) && dwconv2d_tc_forward_fits(t, s) && !(rows && dwconv2d_tc_forward_shifts_rows(t, s) && s.OW > 32))
     return with_work(make(Family::tc_images, s.nhwc), forward_macs(Family::tc_images, t, s),
                      dwconv2d_tc_forward_staged(t, s));
   if (s.nhwc && nhwc_fma(t, s, dwconv2d_nhwc_forward_fits(t, s), Pass::forward))

@@ -132,53 +132,17 @@ __device__ __forceinline__ void stage_nhwc(T* dst, int plane, int pitch, const T
 
 // Rows [0, nrows) x columns [0, ncols) of CG channel planes starting at image row y0 and column
 // x0 into dst[ch][r][pitch] (zero outside the image and past the channels); plane stride `plane`.
-// NCHW: asynchronous 16-byte copies (vec 16: the columns aligned to them; the caller commits and
-// waits), or, where rows are not so aligned (vec 0), 16-byte loads shifted into place (ncols and
-// pitch multiples of 16 bytes), kBatch in flight a thread. NHWC: pixel vectors.
+// NCHW: stage_rows16 (kBatch shifted loads in flight a thread where rows are not aligned for
+// 16-byte copies). NHWC: pixel vectors.
 template <typename T, bool NHWC, int kBatch = 4>
 __device__ __forceinline__ void stage_tile(T* dst, int plane, int pitch, const T* src, int n, int c0, int nch, int CG,
                                            int C, int H, int W, int y0, int x0, int nrows, int ncols, int vec) {
   if constexpr (NHWC) {
     stage_nhwc<T>(dst, plane, pitch, src, n, c0, nch, CG, C, H, W, y0, x0, nrows, ncols, vec);
   } else {
-    constexpr int per = kVec<T>;
-    const int cpr = ncols / per, total = CG * nrows * cpr;
-    auto at = [&](int u, int& ch, int& r, int& x) {
-      const int pr = u / cpr, k = u - pr * cpr;
-      ch = pr / nrows;
-      r = pr - ch * nrows;
-      x = k * per;
-    };
-    if (vec) {
-      for (int u = threadIdx.x; u < total; u += blockDim.x) {
-        int ch, r, x;
-        at(u, ch, r, x);
-        const int y = y0 + r, ix = x0 + x;
-        // copies start at multiples of 16 bytes: wholly in or out
-        const bool valid = ch < nch && y >= 0 && y < H && ix >= 0 && ix < W;
-        const T* from = valid ? src + (((int64_t)n * C + c0 + ch) * H + y) * W + ix : src;
-        copy_async<16>(dst + ch * plane + r * pitch + x, from, valid);
-      }
-    } else {
-      for (int u0 = threadIdx.x; u0 < total; u0 += kBatch * blockDim.x) {
-        uint4 v[kBatch];
-        int to[kBatch];
-#pragma unroll
-        for (int b = 0; b < kBatch; ++b) {
-          const int u = u0 + b * blockDim.x;
-          int ch = 0, r = 0, x = 0;
-          if (u < total) at(u, ch, r, x);
-          const int y = y0 + r;
-          const bool row_in = u < total && ch < nch && y >= 0 && y < H;
-          const T* row = src + (((int64_t)n * C + c0 + (row_in ? ch : 0)) * H + (row_in ? y : 0)) * W;
-          v[b] = load_shifted16<T>(row, x0 + x, W, row_in);
-          to[b] = u < total ? ch * plane + r * pitch + x : -1;
-        }
-#pragma unroll
-        for (int b = 0; b < kBatch; ++b)
-          if (to[b] >= 0) *reinterpret_cast<uint4*>(dst + to[b]) = v[b];
-      }
-    }
+    const int64_t plane_elems = (int64_t)H * W;
+    stage_rows16<T, kBatch>(dst, plane, pitch, src + ((int64_t)n * C + c0) * plane_elems, plane_elems, CG, nch, H, W,
+                            y0, nrows, x0, ncols, vec);
   }
 }
 

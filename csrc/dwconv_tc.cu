@@ -121,18 +121,18 @@ __global__ void __launch_bounds__(32 * kMaxWarps, 4) dw_tc_forward(const TcParam
       const bool img = n0 + m < p.N;
       const T* src = p.in + ((int64_t)(img ? n0 + m : 0) * s.C + c) * plane_elems + (int64_t)r * s.W;
       T* row = dst + m * p.pitch;
-      if (per) {
-        for (int u = per * lane; u < p.WA; u += 32 * per) {
-          const int x = col0 + u;
-          const bool valid = img && x >= 0 && x < s.W;
-          copy(row + u, src + x, valid);
-        }
-      } else {  // rows not aligned for copies: 16-byte loads shifted into place
-        constexpr int E = 16 / (int)sizeof(T);
-        for (int u = E * lane; u < p.WA; u += 32 * E)
-          *reinterpret_cast<uint4*>(row + u) = load_shifted16<T>(src, col0 + u, s.W, img);
+      for (int u = per * lane; u < p.WA; u += 32 * per) {
+        const int x = col0 + u;
+        const bool valid = img && x >= 0 && x < s.W;
+        copy(row + u, src + x, valid);
       }
     }
+  };
+  // Rows not aligned for copies (vec 0): input rows r .. r + nrows - 1 of the 16 images into
+  // consecutive slots from `slot`, by 16-byte loads shifted into place, four in flight a thread.
+  auto stage_shifted = [&](int r, int nrows, int slot) {
+    stage_rows16<T, 4>(ring + slot * slot_elems, p.pitch, slot_elems, p.in + ((int64_t)n0 * s.C + c) * plane_elems,
+                       (int64_t)s.C * plane_elems, 16, p.N - n0, s.H, s.W, r, nrows, col0, p.WA, 0);
   };
 
   const int oy_end = min(s.OH, oyT + TH);
@@ -232,7 +232,11 @@ __global__ void __launch_bounds__(32 * kMaxWarps, 4) dw_tc_forward(const TcParam
     if (n0 > n_begin) __syncthreads();  // the previous group is done with the staged rows
     plan_copies();
     if (p.whole) {  // every row the tile reads fits: stage them all, one barrier
-      for (int r = r_begin; r < r_end; ++r) stage(r, r - r_begin);
+      if (per) {
+        for (int r = r_begin; r < r_end; ++r) stage(r, r - r_begin);
+      } else {
+        stage_shifted(r_begin, r_end - r_begin, 0);
+      }
       copy_async_commit();
       copy_async_wait_group<0>();
       __syncthreads();
@@ -242,17 +246,20 @@ __global__ void __launch_bounds__(32 * kMaxWarps, 4) dw_tc_forward(const TcParam
       // finished before the previous barrier.
 #pragma unroll
       for (int q = 0; q < 2; ++q) {
-        for (int k = 0; k < kRows; ++k)
-          if (r_begin + q * kRows + k < r_end) stage(r_begin + q * kRows + k, q * kRows + k);
+        const int r = r_begin + q * kRows;
+        if (!per) stage_shifted(r, min(kRows, r_end - r), q * kRows);
+        for (int k = 0; per && k < kRows; ++k)
+          if (r + k < r_end) stage(r + k, q * kRows + k);
         copy_async_commit();
       }
     }
     int slot = 0;
     for (int r = r_begin; r < r_end; r += kRows) {
       if (!p.whole) {
-        const int ahead = r + 2 * kRows;
-        for (int k = 0; k < kRows; ++k)
-          if (ahead + k < r_end) stage(ahead + k, (slot + 2 * kRows + k) % kSlots);
+        const int ahead = r + 2 * kRows, to = (slot + 2 * kRows) % kSlots;  // kRows consecutive slots
+        if (!per) stage_shifted(ahead, min(kRows, r_end - ahead), to);
+        for (int k = 0; per && k < kRows; ++k)
+          if (ahead + k < r_end) stage(ahead + k, to + k);
         copy_async_commit();
         copy_async_wait_group<2>();
         __syncthreads();

@@ -217,10 +217,11 @@ def test_plan_families(h100):
         assert plan("forward", (4, 384, 64, 64), (7, 7), same7, f32).family == "fma"  # exact is as fast
         assert plan("forward", (4, 384, 64, 64), (7, 7), same7, f32, True)[:4] == ("tc_rows", True, False, "")
         assert plan("weight_grad", (64, 8, 98, 98), (13, 13), (6,) * 4, f32)[:4] == ("tc_images", False, True, "")
-    # Rows the images family could not copy asynchronously (odd widths in half types): its forward
-    # and input-gradient go to the rows family (16-byte loads shifted into place), its
-    # weight-gradient stays; even widths, TF32 and small maps keep the images family.
-    for w, family in ((56, "tc_images"), (58, "tc_images"), (55, "tc_rows"), (57, "tc_rows")):
+    # Rows the images family could not copy asynchronously (odd widths in half types): on maps
+    # wider than its 32-column tiles its forward and input-gradient go to the rows family, its
+    # weight-gradient stays; even widths, narrower maps, TF32 and small maps keep the images family.
+    for w, family in ((56, "tc_images"), (58, "tc_images"), (55, "tc_rows"), (57, "tc_rows"), (33, "tc_rows"),
+                      (31, "tc_images"), (27, "tc_images")):
         assert plan("forward", (64, 96, 56, w), (7, 7), same7, bf).family == family
         assert plan("input_grad", (64, 96, 56, w), (7, 7), same7, bf).family == family
         assert plan("weight_grad", (64, 96, 56, w), (7, 7), same7, bf).family == "tc_images"

@@ -788,8 +788,10 @@ def test_layout_copies(shape, dtype):
     (2, 24, 37, 45, 13, 13, (6, 6, 6, 6), ("tc_rows",) * 3), (3, 16, 30, 131, 31, 31, (15, 15, 15, 15), ("tc_rows",) * 3),
     (1, 8, 19, 38, 5, 61, (2, 2, 30, 30), ("tc_rows",) * 3), (16, 8, 21, 32, 7, 7, (3, 3, 3, 3), ("tc_images",) * 3),
     (2, 8, 70, 130, 17, 17, (8, 8, 8, 8), ("tc_rows",) * 3),  # three 64-column tiles of two channels a block
-    # narrow rows: the forward and input-gradient on the rows family, the weight-gradient on the images one
-    (16, 8, 21, 29, 7, 7, (3, 3, 3, 3), ("tc_rows", "tc_rows", "tc_images")),
+    (16, 4, 60, 64, 31, 31, (15, 15, 15, 15), ("tc_images",) * 3),  # more input rows than shared memory holds: a ring
+    # odd widths up to 32 on the images family; wider ones: the forward and input-gradient on the
+    # rows family, the weight-gradient on the images one
+    (16, 8, 21, 29, 7, 7, (3, 3, 3, 3), ("tc_images",) * 3), (9, 5, 28, 27, 1, 11, (0, 0, 5, 5), ("tc_images",) * 3),
     (16, 4, 33, 131, 17, 17, (8, 8, 8, 8), ("tc_rows", "tc_rows", "tc_images")),
     (17, 3, 40, 37, 11, 3, (5, 5, 0, 2), ("tc_rows", "tc_rows", "tc_images"))])
 def test_tensor_cores_on_unaligned_rows(n, c, h, w, kh, kw, pads, families, dtype):
