@@ -40,6 +40,14 @@ def exact_fp32():
         yield
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m deselects tests
+def pytest_itemcollected(item):
+    """A test that needs the extension is ``slow``: the build before it takes about a minute on 2
+    cores where it is not cached, so ``-m "not slow"`` leaves the build out."""
+    if _needs_extension(item):
+        item.add_marker(pytest.mark.slow)
+
+
 @pytest.hookimpl(trylast=True)  # after -m / -k have deselected tests
 def pytest_collection_modifyitems(config, items):
     """GPU tests skip without a GPU; the extension is built before the first test that needs it."""

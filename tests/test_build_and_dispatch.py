@@ -173,9 +173,8 @@ def described_plan(device=H100):
 
 
 @pytest.fixture
-def h100(monkeypatch):
+def h100(monkeypatch, extension):
     """dispatch as on an H100: the extension's plans for it, its TF32 switch, fresh decisions."""
-    build.build(quiet=True)
     monkeypatch.setattr(dispatch, "_query_plan", described_plan())
     monkeypatch.setattr(dispatch, "_extension_ready", lambda: True)
     monkeypatch.setattr(dispatch, "_tensor_cores_off", lambda: False)
@@ -252,9 +251,8 @@ def test_plan_counts_the_tiles_work(h100):
 
 
 @needs_extension
-def test_plan_follows_the_gpu(monkeypatch):
+def test_plan_follows_the_gpu(monkeypatch, extension):
     """What the plan reads of the GPU: no tensor cores before sm_80; shared memory per block."""
-    build.build(quiet=True)
     monkeypatch.setattr(dispatch, "_extension_ready", lambda: True)
     monkeypatch.setattr(dispatch, "_tensor_cores_off", lambda: False)
     for device, family in (([80, 96 * 1024, 7], "fma"), ([108, 163 * 1024, 8], "tc_rows")):
@@ -271,9 +269,8 @@ def test_plan_follows_the_gpu(monkeypatch):
 
 
 @needs_extension
-def test_plan_query_without_a_gpu():
+def test_plan_query_without_a_gpu(extension):
     """On this machine's current device (none here, or a real one) the query answers, never raises."""
-    build.build(quiet=True)
     text = build.extension_ops().plan("forward", [2, 8, 16, 16], [3, 3], [1, 1, 1, 1], torch.bfloat16, False, True)
     family, layout, bias = text.split(" ")[:3]
     assert family in ("none", "fma", "tc_images", "tc_rows") and layout in ("-", "nhwc", "nchw")
