@@ -163,7 +163,7 @@ def run_one(label: str, backbone: nn.Module, args, device: torch.device) -> None
     print(f"  training step (FPN head, batch {args.batch}, {args.size}x{args.size}, amp {args.amp}"
           f"{', channels_last' if args.channels_last else ''}, median of {args.steps}): "
           f"PyTorch {ms['PyTorch']:.1f} ms, lkpatch {ms['lkpatch']:.1f} ms ({ms['PyTorch'] / ms['lkpatch']:.2f}x)"
-          + (" -- on the CPU both run PyTorch's convolution" if device.type == "cpu" else ""), flush=True)
+          + common.cpu_ratio_note(device), flush=True)
 
 
 def main(argv=None) -> int:

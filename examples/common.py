@@ -143,6 +143,11 @@ def build_extension(device: torch.device, quiet: bool = False) -> bool:
         return False
 
 
+def cpu_ratio_note(device: torch.device) -> str:
+    """Said beside a PyTorch / lkpatch ratio: on the CPU both run PyTorch's convolution."""
+    return " (on the CPU both run PyTorch's convolution: the ratio is noise)" if device.type == "cpu" else ""
+
+
 def time_calls(fn: Callable[[], None], device: torch.device, warmup: int, reps: int) -> List[float]:
     """Seconds per call of ``fn``: ``warmup`` untimed calls, then ``reps`` calls each timed alone
     (a host wait before and after each, so every sample is one whole call)."""

@@ -224,8 +224,7 @@ def bench(deploy: nn.Module, args, device: torch.device, img_size: int) -> None:
     for m in models.values():
         m.to(device=device, memory_format=fmt).eval()
     print(f"inference, {img_size} px, amp {args.amp}{', channels_last' if args.channels_last else ''}, "
-          f"{device.type}, median of {args.reps} (ms per batch)"
-          + (" -- on the CPU both run PyTorch's convolution" if device.type == "cpu" else "") + ":", flush=True)
+          f"{device.type}, median of {args.reps} (ms per batch)" + common.cpu_ratio_note(device) + ":", flush=True)
     for b in args.batch_sizes:
         x = torch.randn(b, 3, img_size, img_size, device=device).contiguous(memory_format=fmt)
         ms = {}

@@ -412,7 +412,7 @@ def compare_speed(model: nn.Module, args, d: Dist, lr: float, mixup, data: Synth
     d.print(f"compare ({args.compare_steps} steps each after {args.compare_warmup} untimed; {what}): "
             f"PyTorch {ips['PyTorch']:.1f} img/s, lkpatch {ips['lkpatch']:.1f} img/s, "
             f"speed-up {ips['lkpatch'] / ips['PyTorch']:.2f}x"
-            + (" (on the CPU both run PyTorch's convolution: the ratio is noise)" if d.device.type == "cpu" else ""))
+            + common.cpu_ratio_note(d.device))
     del trainers
     gc.collect()
     if d.device.type == "cuda":
