@@ -2,12 +2,16 @@
 
   python tools/diag_model.py MODEL SIZE      e.g. python tools/diag_model.py convnext_tiny 64  (needs a GPU)
 """
-import copy, sys
+import argparse, copy
 import timm, torch
 import lkpatch
 from lkpatch import dispatch, _pytorch, _ops
 
-name, size = sys.argv[1], int(sys.argv[2])
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+parser.add_argument("model", help="a timm model name, e.g. convnext_tiny")
+parser.add_argument("size", type=int, help="input image size in pixels")
+args = parser.parse_args()
+name, size = args.model, args.size
 torch.manual_seed(0)
 model = timm.create_model(name, num_classes=10).cuda().train()
 conv = lkpatch.convert_model(copy.deepcopy(model))

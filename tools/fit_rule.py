@@ -8,9 +8,9 @@ one; a pick more than 5% slower (and 5 us) is a miss, listed with both times.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
-import sys
 
 import torch
 
@@ -141,8 +141,11 @@ def plan_as_on_h100():
 
 
 if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("sweeps", nargs="+", help="JSON files written by tools/sweep_passes.py")
+    args = parser.parse_args()
     if not torch.cuda.is_available():
         plan_as_on_h100()
-    rows = load(sys.argv[1:])
+    rows = load(args.sweeps)
     fit(rows)
     check(rows)

@@ -3,12 +3,14 @@ ratio of each pass (>1: lkpatch faster). Developer tool for dispatch's rule (not
 
   python tools/sweep_summary.py sweep.json [more.json ...]
 """
+import argparse
 import json
-import sys
 
 from lkpatch.bench import result_key
 
-for path in sys.argv[1:]:
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+parser.add_argument("sweeps", nargs="+", help="JSON files written by lkpatch bench --sweep --json")
+for path in parser.parse_args().sweeps:
     data = json.load(open(path))
     for r in data["rows"]:
         n, c, h, w, kh, kw = r["shape"]
