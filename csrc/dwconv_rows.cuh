@@ -134,7 +134,7 @@ __device__ __forceinline__ void stage_nhwc(T* dst, int plane, int pitch, const T
 // x0 into dst[ch][r][pitch] (zero outside the image and past the channels); plane stride `plane`.
 // NCHW: stage_rows16 (kBatch shifted loads in flight a thread where rows are not aligned for
 // 16-byte copies). NHWC: pixel vectors.
-template <typename T, bool NHWC, int kBatch = 4>
+template <typename T, bool NHWC, int kBatch>
 __device__ __forceinline__ void stage_tile(T* dst, int plane, int pitch, const T* src, int n, int c0, int nch, int CG,
                                            int C, int H, int W, int y0, int x0, int nrows, int ncols, int vec) {
   if constexpr (NHWC) {
