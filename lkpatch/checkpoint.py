@@ -231,7 +231,7 @@ def fit_prefix(entry: StateDictEntry, model_keys) -> bool:
     whether it did."""
     want = set(model_keys)
     keys = list(entry.state_dict)
-    if not keys or set(keys) == want:
+    if not keys or _fits(keys, want):
         return False
     extra = ""
     for _ in range(3):
@@ -241,16 +241,27 @@ def fit_prefix(entry: StateDictEntry, model_keys) -> bool:
         head = heads.pop() + "."
         extra += head
         keys = [k[len(head):] for k in keys]
-        if set(keys) == want:
+        if _fits(keys, want):
             entry.state_dict = {k[len(extra):]: v for k, v in entry.state_dict.items()}
             entry.prefix += extra
             return True
     return False
 
 
+# PyTorch's BatchNorm loads a state_dict without its num_batches_tracked (keeping its own), as
+# older and hand-filtered checkpoints are: strict loading does not ask for it.
+def _optional(key: str) -> bool:
+    return key.rpartition(".")[2] == "num_batches_tracked"
+
+
+def _fits(keys, want) -> bool:
+    keys = set(keys)
+    return keys <= want and all(k in keys or _optional(k) for k in want)
+
+
 def mismatch(own: Dict[str, torch.Tensor], sd: Dict[str, torch.Tensor]) -> Optional[str]:
     """What keeps ``sd`` from loading strictly into a model whose state_dict is ``own`` (None: nothing)."""
-    missing = [k for k in own if k not in sd]
+    missing = [k for k in own if k not in sd and not _optional(k)]
     unexpected = [k for k in sd if k not in own]
     shapes = [f"{k} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
               for k in sd if k in own and sd[k].shape != own[k].shape]
@@ -291,7 +302,10 @@ def check_output_path(path: str, *, overwrite: bool, source: Optional[str] = Non
     """Everything that would stop a write to ``path``, checked before any work: the file that
     will be written (an existing symbolic link is followed). Raises CheckpointError."""
     target = Path(path)
-    if target.is_symlink() and target.exists():
+    if target.is_symlink() and not target.exists():
+        raise CheckpointError(f"output '{path}' is a symbolic link to '{os.readlink(target)}', which does not "
+                              f"exist; remove the link or give another name")
+    if target.is_symlink():
         target = Path(os.path.realpath(target))
     if target.is_dir():
         raise CheckpointError(f"output '{path}' is a directory; give a file name")

@@ -339,7 +339,7 @@ def _convert(args) -> int:
         raise CLIError(f"cannot read the checkpoint: {ckpt_io.describe_os_error(e, str(src))}") from e
     writer = out_fmt = None
     if args.output or args.reparam:
-        out_path = Path(args.output) if args.output else _default_output(src, args.reparam, in_fmt)
+        out_path = Path(args.output) if args.output else _default_output(src, args.reparam, args.format or in_fmt)
         out_fmt = _output_format(args.format, out_path, in_fmt)
         writer = ckpt_io.SafeWriter(str(out_path), overwrite=args.force, source=str(src))
     elif args.format:

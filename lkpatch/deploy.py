@@ -7,9 +7,12 @@ first puts the model into that structure, with the same function the command use
 """
 from __future__ import annotations
 
+import copy
+import itertools
 import os
-from typing import Any, Optional, Union
+from typing import Any, Dict, Optional, Union
 
+import torch
 import torch.nn as nn
 
 from . import checkpoint as ckpt_io
@@ -57,9 +60,17 @@ def load_checkpoint(model: nn.Module, checkpoint: Union[str, os.PathLike, Any], 
             raise KeyError(f"no state_dict under {key!r}; the checkpoint has {[e.key for e in entries]}")
         entry = found[0]
     ckpt_io.fit_prefix(entry, model.state_dict())
-    if ckpt_io.mismatch(model.state_dict(), entry.state_dict) is None:
+    as_is = ckpt_io.mismatch(model.state_dict(), entry.state_dict)
+    if as_is is None:
         model.load_state_dict(entry.state_dict, strict=True)
         return model
+    deploy = _deploy_state_dict(model)
+    if deploy is not None:  # a checkpoint that fits neither leaves the model as it was
+        ckpt_io.fit_prefix(entry, deploy)
+        problem = ckpt_io.mismatch(deploy, entry.state_dict)
+        if problem:
+            raise ValueError(f"the checkpoint fits neither the model nor its deploy structure (the model is "
+                             f"unchanged). Against the model: {as_is}; against its deploy structure: {problem}")
     model.eval()
     done = reparameterize(model)
     ckpt_io.fit_prefix(entry, model.state_dict())
@@ -69,3 +80,19 @@ def load_checkpoint(model: nn.Module, checkpoint: Union[str, os.PathLike, Any], 
                          f"now in eval mode and that structure): {problem}")
     model.load_state_dict(entry.state_dict, strict=True)
     return model
+
+
+def _deploy_state_dict(model: nn.Module) -> Optional[Dict[str, torch.Tensor]]:
+    """The state_dict ``model`` would have in the deploy structure, its tensors on the meta device
+    (keys and shapes, no memory), ``model`` untouched; None where the structure cannot be built
+    without real values."""
+    memo = {}
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        meta = t.detach().to("meta")
+        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    try:
+        trial = copy.deepcopy(model, memo).eval()
+        reparameterize(trial)
+    except Exception:  # noqa: BLE001 -- a model whose re-parameterization reads values
+        return None
+    return trial.state_dict()

@@ -305,6 +305,7 @@ def _unwritable_folder(tmp_path):
     ("no model", "--model NAME is required"),
     ("unknown model", "unknown model 'no_such_net'"),
     ("format without output", "--format sets the written file's format"),
+    ("dangling link", "output '{tmp}/link.pth' is a symbolic link to '{tmp}/nowhere/x.pth', which does not exist"),
 ])
 def test_output_problems_are_reported_before_any_work(capsys, tmp_path, ckpt, monkeypatch, case, message):
     def no_work(*args, **kwargs):
@@ -320,7 +321,9 @@ def test_output_problems_are_reported_before_any_work(capsys, tmp_path, ckpt, mo
             "input": ["-o", ckpt, "--force"],
             "unwritable": ["-o", f"{_unwritable_folder(tmp_path) if case == 'unwritable' else ''}/o.pth"],
             "format": ["-o", tmp_path / "x.pth", "--format", "safetensors"],
-            "format without output": ["--format", "torch"]}.get(case, [])
+            "format without output": ["--format", "torch"],
+            "dangling link": ["-o", tmp_path / "link.pth", "--force"]}.get(case, [])
+    (tmp_path / "link.pth").symlink_to(tmp_path / "nowhere" / "x.pth")
     model = {"no model": [], "unknown model": ["--model", "no_such_net"]}.get(case, ARGS)
     code, _, err = run(capsys, "convert", ckpt, *model, *args)
     assert code == 1 and message.format(tmp=tmp_path) in err and err.count("\n") == 1, err
@@ -352,6 +355,33 @@ def test_safetensors_in_and_out(capsys, tmp_path, sd):
     assert code == 0, err
     assert ckpt_io.file_format(str(tmp_path / "w.weights")) == "torch"
     assert torch.load(tmp_path / "w.weights", weights_only=True).keys() == sd.keys()
+
+
+def test_reparam_with_format_names_the_default_output_by_it(capsys, tmp_path, ckpt):
+    code, _, err = run(capsys, "convert", ckpt, *ARGS, "--reparam", "--format", "safetensors")
+    assert code == 0, err
+    assert files(tmp_path) == ["in.deploy.safetensors", "in.pth"]
+    assert ckpt_io.file_format(str(tmp_path / "in.deploy.safetensors")) == "safetensors"
+
+
+def test_checkpoints_without_num_batches_tracked_load_as_pytorch_loads_them(capsys, tmp_path, sd):
+    """PyTorch's strict loading fills a BatchNorm's missing num_batches_tracked; so do the command,
+    also under a prefix, and lkpatch.load_checkpoint."""
+    trimmed = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
+    assert len(trimmed) < len(sd)
+    torch.save({"state_dict": {f"model.{k}": v for k, v in trimmed.items()}}, tmp_path / "old.pth")
+    code, out, err = run(capsys, "convert", tmp_path / "old.pth", *ARGS, "--reparam")
+    assert code == 0, err
+    written = torch.load(tmp_path / "old.deploy.pth", weights_only=True)["state_dict"]
+    assert set(written) == {f"model.{k}" for k in _fused_keys()}
+    model = _model().train()
+    assert lkpatch.load_checkpoint(model, tmp_path / "old.pth") is model and model.training
+    for k, v in trimmed.items():
+        assert torch.equal(model.state_dict()[k], v), k
+    # a key that is missing for real still is
+    trimmed.pop(next(k for k in trimmed if k.endswith("running_var")))
+    with pytest.raises(ValueError, match="1 missing"):
+        lkpatch.load_checkpoint(_model(), trimmed)
 
 
 def test_timm_checkpoint_saver_files_load_without_the_unsafe_flag(capsys, tmp_path):

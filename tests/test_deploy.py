@@ -211,6 +211,14 @@ def test_load_checkpoint_takes_deploy_and_training_checkpoints(tmp_path):
     assert model.training and isinstance(model[2], nn.BatchNorm2d)
     with pytest.raises(ValueError, match="fits neither the model nor its deploy structure"):
         lkpatch.load_checkpoint(nn.Sequential(nn.Conv2d(3, 4, 1)), tmp_path / "d.pth")
+    # a checkpoint that fits neither structure leaves the model as it was: mode, modules, values
+    model = _stack().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    wrong = {k: v for k, v in fused.state_dict().items() if not k.endswith(".bias")}
+    with pytest.raises(ValueError, match=r"the model is unchanged\). Against the model: .*; against its deploy"):
+        lkpatch.load_checkpoint(model, wrong)
+    assert model.training and isinstance(model[2], nn.BatchNorm2d) and model.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def test_load_checkpoint_of_replknet_deploy_keys(shared_data):
