@@ -86,7 +86,14 @@ def find_conv_bn_pairs(model: nn.Module) -> List[Tuple[str, str]]:
     for conv, bn in pairs:  # a module called twice (shared) is ambiguous: leave it alone
         used[conv] = used.get(conv, 0) + 1
         used[bn] = used.get(bn, 0) + 1
-    return [(c, b) for c, b in pairs if used[c] == 1 and used[b] == 1]
+    # so is a convolution whose weight or bias another module also holds: folding would change both
+    holders = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        holders[id(p)] = holders.get(id(p), 0) + 1
+
+    def own_parameters(name):
+        return all(holders[id(p)] == 1 for p in model.get_submodule(name).parameters())
+    return [(c, b) for c, b in pairs if used[c] == 1 and used[b] == 1 and own_parameters(c)]
 
 
 class _ActAfterFold(nn.Module):

@@ -69,6 +69,22 @@ def test_conv_whose_output_is_also_used_elsewhere_is_not_folded():
     assert find_conv_bn_pairs(model) == []
 
 
+def test_convs_sharing_a_weight_are_not_folded():
+    """Folding works in place: two BatchNorms folded into one shared weight would scale it twice."""
+    first = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+    second = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+    second.weight = first.weight
+    model = randomize_bn(nn.Sequential(first, nn.BatchNorm2d(4), nn.ReLU(), second, nn.BatchNorm2d(4),
+                                       nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.BatchNorm2d(4))).eval()
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        ref = model(x)
+        assert find_conv_bn_pairs(model) == [("5", "6")]
+        fuse_conv_bn(model)
+        assert isinstance(model[1], nn.BatchNorm2d) and isinstance(model[4], nn.BatchNorm2d)
+        assert torch.allclose(model(x), ref, atol=1e-5)
+
+
 @pytest.mark.parametrize("build,expected", [
     (lambda: timm.create_model("efficientnet_b0"), 16),          # BatchNormAct2d after each depthwise conv
     (lambda: torchvision.models.mobilenet_v3_large(), 15),      # Conv2dNormActivation: Sequential(conv, bn, act)
