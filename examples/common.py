@@ -9,7 +9,6 @@ import ast
 import contextlib
 import sys
 import os
-import tempfile
 import time
 from typing import Callable, Dict, Iterable, List, Optional
 
@@ -53,21 +52,27 @@ def create_model(name: str, **kwargs) -> nn.Module:
         raise ExampleError(f"cannot build '{name}' with {kwargs}: {e}") from e
 
 
-def save_atomic(obj, path: str) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename over ``path``: a crash
-    mid-write leaves the previous file intact, never a truncated one."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+@contextlib.contextmanager
+def checkpoint_writer(path: str, overwrite: bool = True):
+    """lkpatch's safe writer for ``path`` (its folder made first): ``write`` puts the file in a
+    temporary file beside it, ``commit`` renames it into place; a crash, an error or a signal
+    before then leaves the previous file intact and nothing else. The mode follows the umask.
+    Errors come out as ExampleError."""
+    from lkpatch import checkpoint
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        with checkpoint.SafeWriter(path, overwrite=overwrite) as writer:
+            yield writer
+    except checkpoint.CheckpointError as e:
+        raise ExampleError(str(e)) from None
+
+
+def save_atomic(obj, path: str) -> None:
+    """``obj`` written to ``path`` in one step through :func:`checkpoint_writer`."""
+    with checkpoint_writer(path) as writer:
+        writer.write(obj)
+        writer.commit()
 
 
 def load_checkpoint(path: str):

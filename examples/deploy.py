@@ -280,12 +280,15 @@ def main(argv=None) -> int:
         if os.path.exists(path) and not args.force:
             raise ExampleError(f"{path} exists; pass --force to overwrite it")
     deploy_args = {**model_args, "small_kernel_merged": True} if method == "structural_reparam" else model_args
-    common.save_atomic({"model": {k: v.detach().cpu() for k, v in deploy.state_dict().items()},
-                        "model_name": name, "model_args": deploy_args, "deploy": method,
-                        "num_classes": getattr(deploy, "num_classes", None), "img_size": img_size}, ckpt_path)
-    reloaded = load_deploy_checkpoint(ckpt_path).to(device)
-    check(f"wrote {ckpt_path}; read back into a new deploy model", ref, outputs(reloaded, x), device)
-    del reloaded
+    with common.checkpoint_writer(ckpt_path, overwrite=args.force) as writer:  # checked before it is put in place
+        written = writer.write({"model": {k: v.detach().cpu() for k, v in deploy.state_dict().items()},
+                                "model_name": name, "model_args": deploy_args, "deploy": method,
+                                "num_classes": getattr(deploy, "num_classes", None), "img_size": img_size})
+        reloaded = load_deploy_checkpoint(written).to(device)
+        check(f"{ckpt_path} read back into a new deploy model", ref, outputs(reloaded, x), device)
+        del reloaded
+        writer.commit()
+    print(f"wrote {ckpt_path}", flush=True)
 
     if not args.no_onnx:
         export_onnx(deploy, img_size, onnx_path, args.opset, args.onnx_exporter)

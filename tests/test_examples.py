@@ -8,6 +8,7 @@ import hashlib
 import importlib.util
 import os
 import re
+import stat
 import subprocess
 import sys
 import time
@@ -204,6 +205,12 @@ def test_deploy_reparam_and_fold_then_onnx(ddp_runs, example, tmp_path, capsys):
         if onnx and importlib.util.find_spec("onnxruntime"):
             assert re.search(r"onnxruntime, batch 1 and 3: max relative error \S+ \(ok\)", out), out
         assert re.search(r"^  batch   2: PyTorch [0-9.]+ ms .*lkpatch [0-9.]+ ms", out, re.M), out
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for folder in ("rep", "fold"):  # lkpatch's writer: the umask's mode, no temporary file left
+        assert not [p.name for p in (tmp_path / folder).iterdir() if p.name.startswith(".")]
+        written = next((tmp_path / folder).glob("*.deploy.pth"))
+        assert stat.S_IMODE(written.stat().st_mode) == 0o666 & ~mask
     deployed = torch.load(tmp_path / "rep" / "replknet_31b.deploy.pth", map_location="cpu", weights_only=True)
     assert deployed["deploy"] == "structural_reparam"
     assert any(".lkb_reparam." in k for k in deployed["model"])
