@@ -565,6 +565,9 @@ def make_parser() -> argparse.ArgumentParser:
                         help="full tracebacks and compiler output")
     parser = _Parser(prog="lkpatch", parents=[common],
                      description="Fast depthwise convolution for large-kernel CNNs.")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"lkpatch {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("convert", parents=[common], help="check a checkpoint on the converted model; write the deploy structure",

@@ -203,6 +203,13 @@ def test_bad_options_exit_2_with_one_line(capsys):
     assert code == 2 and "invalid choice" in err
 
 
+def test_version(capsys):
+    import lkpatch
+
+    code, out, _ = run(capsys, "--version")
+    assert code == 0 and out == f"lkpatch {lkpatch.__version__}\n"
+
+
 def test_pickled_module_converts_with_the_opt_in_flag(capsys, tmp_path):
     import timm
     torch.manual_seed(0)
