@@ -119,7 +119,9 @@ def fuse_conv_bn(model: nn.Module, *, verbose: bool = False) -> nn.Module:
     """Fold every BatchNorm that follows a depthwise convolution into it, in place; returns the model.
 
     The model must be in eval mode (the folding uses the running statistics). The folded
-    convolutions gain a bias; their BatchNorms become ``nn.Identity``.
+    convolutions gain a bias; their BatchNorms become ``nn.Identity``. A convolution called more
+    than once, whose output is also used elsewhere, or whose weight another module shares is left
+    as it is.
     """
     if model.training:
         raise ValueError("lkpatch.fuse_conv_bn: call model.eval() first; folding uses the BatchNorm running "
