@@ -371,7 +371,12 @@ def _convert(args) -> int:
         chans = int(model_args.get("in_chans", model_args.get("in_channels", 3)))
         x = torch.randn(args.batch, chans, size, size, generator=torch.Generator().manual_seed(0)).to(device)
         with _step(f"original model's forward ({args.batch}x{chans}x{size}x{size}, {device})"):
-            ref = _outputs(model, x)
+            try:
+                ref = _outputs(model, x)
+            except RuntimeError as e:  # the model's own complaint about the check's input
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise CLIError(f"{args.model} does not run on the check's {args.batch}x{chans}x{size}x{size} input "
+                               f"({first}); give --input-size a size the model takes") from e
         convert_model(model)
         if index == 0:
             _say(conversion_report(model).table())

@@ -384,6 +384,16 @@ def test_checkpoints_without_num_batches_tracked_load_as_pytorch_loads_them(caps
         lkpatch.load_checkpoint(_model(), trimmed)
 
 
+def test_an_input_too_small_for_the_model_is_named(capsys, tmp_path):
+    import timm
+
+    torch.save(timm.create_model("convnext_atto").state_dict(), tmp_path / "c.pth")
+    code, _, err = run(capsys, "convert", tmp_path / "c.pth", "--model", "convnext_atto", "--input-size", "8",
+                       "--batch", "1")
+    assert code == 1 and err.count("\n") == 1, err
+    assert "convnext_atto does not run on the check's 1x3x8x8 input (" in err and "give --input-size" in err
+
+
 def test_timm_checkpoint_saver_files_load_without_the_unsafe_flag(capsys, tmp_path):
     from timm.utils import CheckpointSaver, ModelEmaV3
 
