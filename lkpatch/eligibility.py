@@ -27,6 +27,12 @@ def padding_rule(cls: type) -> Optional[str]:
     return _KNOWN_SUBCLASSES.get(cls)
 
 
+def class_for(rule: str) -> Optional[Type[nn.Conv2d]]:
+    """The convolution class that pads by ``rule`` ('static': nn.Conv2d, 'tf_same': timm's
+    Conv2dSame, None where timm is missing)."""
+    return next((cls for cls, r in _KNOWN_SUBCLASSES.items() if r == rule), None)
+
+
 def is_depthwise(module: nn.Module) -> bool:
     """A depthwise convolution by structure: groups == in_channels, out_channels a multiple of it.
 

@@ -62,7 +62,8 @@ class DepthwiseConv2d(nn.Conv2d):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          padding_mode, device, dtype)
         self.tf_same_padding = tf_same_padding
-        self._lkpatch_source_class = nn.Conv2d
+        # to_conv's class: one that pads the same way (nn.Conv2d cannot pad like TensorFlow's 'SAME')
+        self._lkpatch_source_class = eligibility.class_for("tf_same" if tf_same_padding else "static")
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d) -> "DepthwiseConv2d":
@@ -80,7 +81,11 @@ class DepthwiseConv2d(nn.Conv2d):
 
     def to_conv(self) -> nn.Conv2d:
         """Turn this module back, in place, into the class it was converted from."""
-        source = self.__dict__.pop("_lkpatch_source_class", nn.Conv2d)
+        source = self.__dict__.get("_lkpatch_source_class", nn.Conv2d)
+        if source is None:
+            raise ValueError("DepthwiseConv2d.to_conv: built with tf_same_padding=True, which nn.Conv2d cannot do "
+                             "and timm's Conv2dSame (not installed) would")
+        self.__dict__.pop("_lkpatch_source_class", None)
         self.__dict__.pop("tf_same_padding", None)
         self.__class__ = source
         return self

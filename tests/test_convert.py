@@ -445,6 +445,17 @@ def test_converting_a_single_conv_returns_it():
     assert lkpatch.revert_model(conv) is conv and type(conv) is Conv2dSame
 
 
+def test_a_layer_built_with_tf_same_padding_reverts_to_a_class_that_pads_the_same():
+    built = lkpatch.DepthwiseConv2d(4, kernel_size=3, stride=2, tf_same_padding=True)
+    plain = lkpatch.DepthwiseConv2d(4, kernel_size=3, padding=1)
+    x = torch.randn(2, 4, 9, 10)
+    expected = built(x), plain(x)
+    lkpatch.revert_model(built)
+    lkpatch.revert_model(plain)
+    assert type(built) is Conv2dSame and type(plain) is nn.Conv2d
+    assert torch.equal(built(x), expected[0]) and torch.equal(plain(x), expected[1])
+
+
 def test_verbose_prints_the_report(capsys):
     lkpatch.convert_model(_tiny(), verbose=True)
     assert "1 of 1 depthwise convolutions converted" in capsys.readouterr().out
