@@ -96,6 +96,9 @@ def test_timm_registration_and_arguments():
     assert rates == sorted(rates) and rates[-1] == pytest.approx(0.2) and len(rates) == 2 * 3  # first is 0
     with pytest.raises(ValueError, match="no pretrained weights"):
         timm.create_model("replknet_31b", pretrained=True)
+    # num_classes=0: the pooled features, as timm's models (and reset_classifier(0)) give them
+    features = timm.create_model("replknet_31b", num_classes=0, layers=[1, 1, 1, 1], channels=[8, 8, 16, 16])
+    assert isinstance(features.head, torch.nn.Identity) and features(torch.randn(2, 3, 32, 32)).shape == (2, 16)
 
 
 SMALL = dict(large_kernel_sizes=[7, 7, 5, 5], layers=[1, 2, 1, 1], channels=[8, 16, 16, 24], small_kernel=3)

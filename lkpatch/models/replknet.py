@@ -202,7 +202,8 @@ class RepLKNet(nn.Module):
         if num_classes is not None:
             self.norm = _bn(channels[-1], use_sync_bn)
             self.avgpool = nn.AdaptiveAvgPool2d(1)
-            self.head = nn.Linear(channels[-1], num_classes)
+            # timm's convention: num_classes=0 is the pooled features (as reset_classifier(0))
+            self.head = nn.Linear(channels[-1], num_classes) if num_classes > 0 else nn.Identity()
         self.set_grad_checkpointing(use_checkpoint)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
