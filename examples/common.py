@@ -15,6 +15,8 @@ from typing import Callable, Dict, Iterable, List, Optional
 import torch
 import torch.nn as nn
 
+from lkpatch.checkpoint import Interrupted  # a signal during a checkpoint write (exit status 128 + signum)
+
 
 class ExampleError(Exception):
     """A problem with the user's input, reported as one line (no traceback)."""
@@ -48,8 +50,10 @@ def create_model(name: str, **kwargs) -> nn.Module:
         raise ExampleError(f"unknown model '{name}' (a timm model name){hint}")
     try:
         return timm.create_model(name, pretrained=False, **kwargs)
-    except TypeError as e:
-        raise ExampleError(f"cannot build '{name}' with {kwargs}: {e}") from e
+    except (TypeError, ValueError, IndexError, KeyError, RuntimeError, AssertionError) as e:
+        # the model's own complaint about an argument; its first line names it
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ExampleError(f"cannot build '{name}' with {kwargs}: {type(e).__name__}: {first}") from e
 
 
 @contextlib.contextmanager
@@ -61,8 +65,8 @@ def checkpoint_writer(path: str, overwrite: bool = True):
     from lkpatch import checkpoint
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    try:
-        with checkpoint.SafeWriter(path, overwrite=overwrite) as writer:
+    try:  # SIGTERM (torchrun, SLURM) and SIGHUP too end the write through the writer's cleanup
+        with checkpoint.signals_raise(), checkpoint.SafeWriter(path, overwrite=overwrite) as writer:
             yield writer
     except checkpoint.CheckpointError as e:
         raise ExampleError(str(e)) from None
@@ -183,3 +187,6 @@ def run(main: Callable[[], int], script: str) -> None:
     except ExampleError as e:
         print(f"{script}: error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
+    except Interrupted as e:  # a signal while a checkpoint was written: the previous file is intact
+        print(f"{script}: interrupted by {e}; the checkpoint being written was not kept", file=sys.stderr, flush=True)
+        sys.exit(128 + e.signum)

@@ -114,6 +114,10 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.steps is not None and args.steps < 1:
         p.error("--steps must be at least 1")
+    if args.num_classes is not None and args.num_classes < 1:
+        p.error("--num-classes must be at least 1")
+    if "num_classes" in common.parse_model_args(args.model_arg):
+        p.error("set the class count with --num-classes, not --model-arg num_classes=...")
     if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
         p.error("mixup/cutmix mix pairs of images: --batch-size must be even")
     return args
@@ -476,6 +480,10 @@ def save_checkpoint(path: str, trainer: Trainer, scheduler, step: int, epoch: in
     common.save_atomic(state, path)
 
 
+# Arguments the optimizer's and the schedule's saved state depend on.
+SCHEDULE_ARGS = ("epochs", "lr", "opt", "weight_decay", "momentum", "sched", "warmup_epochs", "warmup_lr", "min_lr")
+
+
 def load_resume(path: str, trainer: Trainer, scheduler, args, d: Dist, meta: Dict) -> int:
     """Restore a checkpoint of this script; returns the step it was written at."""
     ckpt = common.load_checkpoint(path)
@@ -485,6 +493,18 @@ def load_resume(path: str, trainer: Trainer, scheduler, args, d: Dist, meta: Dic
         if ckpt.get(key) != meta[key]:
             raise ExampleError(f"--resume {path}: it was written with {key}={ckpt.get(key)!r}, this run has "
                                f"{meta[key]!r}; resume with the same --model / --model-arg / data")
+    saved = ckpt.get("args", {})
+    # The optimizer's and the schedule's state resume as saved: settings that shape them must be
+    # the ones the checkpoint was written with, or the run would silently not follow them.
+    for key in SCHEDULE_ARGS:
+        if key in saved and saved[key] != getattr(args, key):
+            raise ExampleError(f"--resume {path}: it was written with --{key.replace('_', '-')} {saved[key]}, this run "
+                               f"has {getattr(args, key)}; the optimizer and the schedule resume as saved, so resume "
+                               f"with the same value (or start a new run)")
+    if "batch_size" in saved and saved["batch_size"] * ckpt.get("world_size", d.world) != args.batch_size * d.world:
+        raise ExampleError(f"--resume {path}: it was written with a global batch of {saved['batch_size']} x "
+                           f"{ckpt.get('world_size')} processes, this run has {args.batch_size} x {d.world}; the "
+                           f"schedule counts steps of that batch, so keep the global batch the same")
     common.load_strict(trainer.model, ckpt["model"], f"--model {args.model}")
     if trainer.ema is not None:
         if ckpt.get("model_ema") is None:
@@ -496,7 +516,6 @@ def load_resume(path: str, trainer: Trainer, scheduler, args, d: Dist, meta: Dic
     scheduler.load_state_dict(ckpt["scheduler"])
     if trainer.scaler is not None and ckpt.get("scaler") is not None:
         trainer.scaler.load_state_dict(ckpt["scaler"])
-    saved = ckpt.get("args", {})
     if ckpt.get("world_size") == d.world and saved.get("batch_size") == args.batch_size:
         set_rng_state(ckpt["rng"][d.rank], d.device)
     else:
@@ -518,6 +537,31 @@ def main(argv=None) -> int:
         d.close()
 
 
+def check_output(args) -> None:
+    """--output's problems before any work (training up to the first save is otherwise lost): the
+    folder is made, last.pth can be written there, and an earlier run's last.pth is not replaced
+    unless this run resumes it."""
+    from lkpatch import checkpoint
+
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        raise ExampleError(f"--output {args.output} is a file; give a folder")
+    try:
+        os.makedirs(args.output, exist_ok=True)
+    except OSError as e:
+        raise ExampleError(f"--output {args.output}: {checkpoint.describe_os_error(e)}") from None
+    last = os.path.join(args.output, "last.pth")
+    if os.path.isdir(last):
+        raise ExampleError(f"--output {args.output}: last.pth in it is a folder, where the checkpoint goes; move it "
+                           f"away or give another --output")
+    if os.path.isfile(last) and not (args.resume and os.path.samefile(last, args.resume)):
+        raise ExampleError(f"--output {args.output} holds an earlier run's last.pth; continue it with --resume "
+                           f"{last}, or give another --output")
+    try:
+        checkpoint.check_output_path(last, overwrite=True)
+    except checkpoint.CheckpointError as e:
+        raise ExampleError(f"--output {args.output}: {e}") from None
+
+
 def run(args, d: Dist) -> int:
     from timm.data import Mixup, resolve_data_config
     from timm.layers import convert_sync_batchnorm
@@ -531,6 +575,8 @@ def run(args, d: Dist) -> int:
         raise ExampleError(f"--resume {args.resume}: no such file")
     if args.resume and not args.output:
         args.output = os.path.dirname(os.path.abspath(args.resume))  # go on writing where it was written
+    if args.output:
+        check_output(args)
     if args.compare and args.no_lkpatch:
         raise ExampleError("--compare times the unconverted model against the converted one; drop --no-lkpatch")
     if d.device.type == "cuda":
@@ -608,8 +654,6 @@ def run(args, d: Dist) -> int:
         # Each process its own random path (dropout, drop-path, mixup), set after every
         # set-up step that draws random numbers, so --compare does not change the run.
         seed_everything(mix_seed(args.seed, "train", d.rank))
-    if args.output and d.main:
-        os.makedirs(args.output, exist_ok=True)
     last_path = os.path.join(args.output, "last.pth") if args.output else None
 
     try:
@@ -733,3 +777,7 @@ if __name__ == "__main__":
         where = f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
         print(f"train.py: error{where}: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
+    except common.Interrupted as e:  # a signal while last.pth was written
+        print(f"train.py: interrupted by {e}; the checkpoint being written was not kept, the previous last.pth "
+              f"is intact", file=sys.stderr, flush=True)
+        sys.exit(128 + e.signum)

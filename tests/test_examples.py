@@ -8,6 +8,7 @@ import hashlib
 import importlib.util
 import os
 import re
+import signal
 import stat
 import subprocess
 import sys
@@ -263,3 +264,50 @@ def test_two_processes_build_into_an_empty_cache_at_once(tmp_path):
     libs = {re.search(r"^loaded (.+)$", out, re.M).group(1) for out in outs}
     assert len(libs) == 1 and Path(libs.pop()).is_file()
     assert sum("building the CUDA extension" in out for out in outs) == 1, outs
+
+
+TINY_RUN = ["--device", "cpu", "--synthetic", "--model", "convnext_atto", "--img-size", "32", "--synthetic-images",
+            "16", "--batch-size", "2", "--epochs", "4", "--warmup-epochs", "1", "--val-batches", "1", "--workers", "0",
+            "--log-interval", "1", "--lr", "0.01"]
+
+
+def test_train_output_problems_are_reported_before_training(example, tmp_path, capsys):
+    train = example("train")
+    (tmp_path / "afile").write_bytes(b"x")
+    (tmp_path / "taken" / "last.pth").mkdir(parents=True)
+    for output, message in ((tmp_path / "afile", "is a file; give a folder"),
+                            (tmp_path / "afile" / "sub", "not a directory"),
+                            (tmp_path / "taken", "last.pth in it is a folder")):
+        with pytest.raises(train.ExampleError, match=message):
+            train.main([*TINY_RUN, "--steps", "1", "--output", str(output)])
+        assert "step 1" not in capsys.readouterr().out  # nothing trained
+    # an earlier run's last.pth is replaced only by the run that resumes it
+    assert train.main([*TINY_RUN, "--steps", "2", "--output", str(tmp_path / "run")]) == 0
+    with pytest.raises(train.ExampleError, match="holds an earlier run's last.pth; continue it with --resume"):
+        train.main([*TINY_RUN, "--steps", "2", "--output", str(tmp_path / "run")])
+    # settings the saved optimizer and schedule depend on must stay as they were
+    last = str(tmp_path / "run" / "last.pth")
+    for changed, message in ((["--epochs", "2"], "written with --epochs 4, this run has 2"),
+                             (["--lr", "0.02"], "written with --lr 0.01, this run has 0.02"),
+                             (["--batch-size", "4"], "global batch of 2 x 1 processes, this run has 4 x 1")):
+        args = [*TINY_RUN, "--steps", "3", "--resume", last]
+        for i in range(0, len(changed), 2):
+            args[args.index(changed[i]) + 1] = changed[i + 1]
+        with pytest.raises(train.ExampleError, match=re.escape(message)):
+            train.main(args)
+    assert train.main([*TINY_RUN, "--steps", "3", "--resume", last]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    assert torch.load(last, weights_only=False)["step"] == 3
+    assert not [p.name for p in (tmp_path / "run").iterdir() if p.name != "last.pth"]
+
+
+def test_a_signal_while_a_checkpoint_is_written_leaves_the_old_file_and_nothing_else(example, tmp_path):
+    common = example("common")
+    path = tmp_path / "last.pth"
+    common.save_atomic({"step": 1}, str(path))
+    with pytest.raises(common.Interrupted):
+        with common.checkpoint_writer(str(path)) as writer:
+            writer.write({"step": 2})
+            os.kill(os.getpid(), signal.SIGTERM)
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pth"]
+    assert torch.load(path, weights_only=True) == {"step": 1}
