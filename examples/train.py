@@ -21,7 +21,9 @@ Two CPU processes (gloo), a small model:
 The model is converted (``lkpatch.convert_model``) before DDP wrapping and ``torch.compile``, which
 capture its modules. The schedule is a function of --epochs; --steps stops the run early on it.
 Data order and augmentation are functions of (--seed, step, rank), and each rank's random state
-is saved in the checkpoint, so a resumed run takes the same steps as one never stopped.
+is saved in the checkpoint, so a resumed run takes the same steps as one never stopped. A resume
+keeps the schedule, optimizer settings and global batch it was written with (others are refused),
+and an --output holding an earlier run's last.pth is written only by the run that resumes it.
 """
 from __future__ import annotations
 
