@@ -362,11 +362,11 @@ def _model_label(model: Dict) -> str:
     return f"{model['model']}  {model.get('amp', '')}{layout}, batch {model.get('batch', '?')}"
 
 
-def plot_results(result: Dict, path: str) -> None:
+def plot_results(result: Dict, path: str) -> str:
     """Draw ``result`` (``lkpatch bench``'s JSON, or :func:`load_results` of several) into the
     image file ``path``: per layer, PyTorch's and lkpatch's forward + backward time (ms, log
     scale) with lkpatch's speed-up; per model, training images/s of each (steps alone, and
-    queued where timed)."""
+    queued where timed). Returns the file's name (``.png`` added where ``path`` has no extension)."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -435,7 +435,10 @@ def plot_results(result: Dict, path: str) -> None:
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
     fig.tight_layout()
+    if not os.path.splitext(path)[1]:  # matplotlib would add it; say the name it writes
+        path += ".png"
     fig.savefig(path, dpi=120)
+    return path
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -464,11 +467,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.plot:
             parser.error("--from needs --plot FILE.png")
         try:
-            plot_results(load_results(args.from_json), args.plot)
+            written = plot_results(load_results(args.from_json), args.plot)
         except PlotError as e:
             print(f"lkpatch: error: {e}", file=sys.stderr)
             return 1
-        print(f"wrote {args.plot}")
+        except (KeyError, IndexError, ValueError, TypeError, ZeroDivisionError, OSError) as e:
+            # rows that are not lkpatch bench's, or a path the image cannot be written to
+            print(f"lkpatch: error: cannot plot {', '.join(args.from_json)} into {args.plot}: "
+                  f"{type(e).__name__}: {e}", file=sys.stderr)
+            return 1
+        print(f"wrote {written}")
         return 0
     if args.plot:
         try:
@@ -526,11 +534,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             json.dump(result, fh, indent=1)
     if args.plot:
         try:
-            plot_results(result, args.plot)
-        except PlotError as e:
-            print(f"lkpatch: error: {e}", file=sys.stderr)
+            written = plot_results(result, args.plot)
+        except (PlotError, OSError, ValueError) as e:
+            print(f"lkpatch: error: cannot plot into {args.plot}: {e}", file=sys.stderr)
             return 1
-        print(f"wrote {args.plot}")
+        print(f"wrote {written}")
     return 0
 
 

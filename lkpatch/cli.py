@@ -603,8 +603,8 @@ def make_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", parents=[common], help="the main job on RepLKNet-31B with random weights")
     p.add_argument("--model", default="replknet_31b", help="default replknet_31b")
-    p.add_argument("--batch", type=int, default=None, help="default 1 on CPU, 16 on a GPU")
-    p.add_argument("--size", type=int, default=None, help="image size (default: the model's, 224)")
+    p.add_argument("--batch", type=_positive_int, default=None, help="default 1 on CPU, 16 on a GPU")
+    p.add_argument("--size", type=_positive_int, default=None, help="image size (default: the model's, 224)")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto")
     p.set_defaults(func=cmd_demo)
 
@@ -623,8 +623,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = "--verbose" in argv or "-v" in argv
     try:
-        if argv and argv[0] == "bench":
-            return _bench(argv[1:])
+        command = [a for a in argv if a not in ("--verbose", "-v")]
+        if command and command[0] == "bench":  # its own parser; lkpatch's --verbose before it is dropped
+            return _bench(command[1:])
         parser = make_parser()
         args = parser.parse_args(argv)
         if not getattr(args, "command", None):

@@ -95,6 +95,26 @@ def test_plot_errors_say_what_is_wrong(tmp_path, capsys, monkeypatch):
     assert not out.exists()
 
 
+def test_plot_of_foreign_rows_and_unusable_paths_is_one_line(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({**STAMP, "rows": ROWS}))
+    foreign = tmp_path / "foreign.json"
+    foreign.write_text(json.dumps({"rows": [{"lkpatch_fwd_bwd_ms": 1.0, "shape": [1, 2, 3, 4, 5, 6]}]}))
+    zero = tmp_path / "zero.json"
+    zero.write_text(json.dumps({**STAMP, "rows": [{**ROWS[0], "lkpatch_fwd_bwd_ms": 0.0}]}))
+    for files, out, message in (([foreign], tmp_path / "a.png", "KeyError"),
+                                ([good, zero], tmp_path / "b.png", "ZeroDivisionError"),
+                                ([good], tmp_path / "nodir" / "c.png", "No such file or directory")):
+        assert main(["bench", "--plot", str(out), "--from", *map(str, files)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"lkpatch: error: cannot plot {files[0]}") and message in err and err.count("\n") == 1
+        assert not out.exists()
+    # a name without an extension gets .png, and the message names that file
+    assert main(["bench", "--plot", str(tmp_path / "plain"), "--from", str(good)]) == 0
+    assert capsys.readouterr().out == f"wrote {tmp_path / 'plain.png'}\n" and (tmp_path / "plain.png").exists()
+
+
 def test_results_name_the_commit_of_a_checkout():
     import subprocess
     from pathlib import Path

@@ -246,6 +246,14 @@ def test_build_error_is_one_line(capsys, monkeypatch):
 def test_bench_without_gpu_says_so(capsys):
     code, _, err = run(capsys, "bench")
     assert code == 1 and "needs a CUDA GPU" in err
+    code, _, err = run(capsys, "-v", "bench")  # lkpatch's own --verbose before the command
+    assert code == 1 and "needs a CUDA GPU" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("option", ["--batch", "--size"])
+def test_demo_sizes_must_be_positive(capsys, option):
+    code, _, err = run(capsys, "demo", "--device", "cpu", option, "0")
+    assert code == 2 and "must be at least 1" in err
 
 
 @pytest.mark.slow
