@@ -43,6 +43,8 @@ def is_depthwise(module: nn.Module) -> bool:
     cin, cout = getattr(module, "in_channels", None), getattr(module, "out_channels", None)
     if not all(isinstance(v, int) for v in (groups, cin, cout)) or not hasattr(module, "kernel_size"):
         return False
+    if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+        return groups > 1  # in_channels is not known yet: listed, so the report can say to run it first
     if isinstance(module, nn.Conv2d) or type(module).__name__.endswith("Conv2d"):
         return cin > 0 and groups == cin and cout % cin == 0
     return False

@@ -456,6 +456,18 @@ def test_a_layer_built_with_tf_same_padding_reverts_to_a_class_that_pads_the_sam
     assert torch.equal(built(x), expected[0]) and torch.equal(plain(x), expected[1])
 
 
+def test_an_uninitialized_lazy_depthwise_conv_is_reported_then_converts_after_a_forward():
+    model = nn.Sequential(nn.LazyConv2d(8, 3, groups=8), nn.LazyConv2d(8, 1))
+    report = lkpatch.conversion_report(lkpatch.convert_model(model))
+    assert [(r.name, r.converted) for r in report.layers] == [("0", False)]
+    assert "run one forward first" in report.layers[0].reason
+    x = torch.randn(1, 8, 9, 9)
+    expected = model(x)
+    report = lkpatch.conversion_report(lkpatch.convert_model(model))
+    assert [(r.name, r.converted) for r in report.layers] == [("0", True)] and type(model[0]) is DepthwiseConv2d
+    assert torch.equal(model(x), expected)
+
+
 def test_verbose_prints_the_report(capsys):
     lkpatch.convert_model(_tiny(), verbose=True)
     assert "1 of 1 depthwise convolutions converted" in capsys.readouterr().out
