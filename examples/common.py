@@ -15,7 +15,7 @@ from typing import Callable, Dict, Iterable, List, Optional
 import torch
 import torch.nn as nn
 
-from lkpatch.checkpoint import Interrupted  # a signal during a checkpoint write (exit status 128 + signum)
+from lkpatch.checkpoint import Interrupted, first_line  # Interrupted: a signal during a checkpoint write
 
 
 class ExampleError(Exception):
@@ -52,8 +52,7 @@ def create_model(name: str, **kwargs) -> nn.Module:
         return timm.create_model(name, pretrained=False, **kwargs)
     except (TypeError, ValueError, IndexError, KeyError, RuntimeError, AssertionError) as e:
         # the model's own complaint about an argument; its first line names it
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ExampleError(f"cannot build '{name}' with {kwargs}: {type(e).__name__}: {first}") from e
+        raise ExampleError(f"cannot build '{name}' with {kwargs}: {type(e).__name__}: {first_line(e)}") from e
 
 
 @contextlib.contextmanager
@@ -86,8 +85,7 @@ def load_checkpoint(path: str):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch.load fails on bad files in many ways
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ExampleError(f"cannot read checkpoint '{path}': {first}") from e
+        raise ExampleError(f"cannot read checkpoint '{path}': {first_line(e)}") from e
 
 
 def strip_prefix(state_dict: Dict[str, torch.Tensor], prefix: str = "module.") -> Dict[str, torch.Tensor]:

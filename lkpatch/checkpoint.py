@@ -129,7 +129,7 @@ def load(path: str, *, allow_pickled_code: bool = False) -> Any:
         try:
             return load_file(str(p), device="cpu")
         except Exception as e:  # noqa: BLE001 - SafetensorError and friends
-            raise CheckpointError(f"cannot read '{path}': not a safetensors file, or truncated ({_first_line(e)})") from e
+            raise CheckpointError(f"cannot read '{path}': not a safetensors file, or truncated ({first_line(e)})") from e
     try:
         return _torch_load(p, weights_only=not allow_pickled_code)
     except pickle.UnpicklingError as e:
@@ -143,7 +143,7 @@ def load(path: str, *, allow_pickled_code: bool = False) -> Any:
     except OSError as e:
         raise CheckpointError(f"cannot read the checkpoint: {describe_os_error(e, path)}") from e
     except Exception as e:  # noqa: BLE001 - torch.load fails on garbage in many ways (KeyError, EOFError, ...)
-        raise CheckpointError(f"cannot read '{path}': not a PyTorch checkpoint, or truncated ({_first_line(e)})") from e
+        raise CheckpointError(f"cannot read '{path}': not a PyTorch checkpoint, or truncated ({first_line(e)})") from e
 
 
 def safetensors_metadata(path: str) -> Optional[Dict[str, str]]:
@@ -156,7 +156,8 @@ def safetensors_metadata(path: str) -> Optional[Dict[str, str]]:
         return fh.metadata()
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
+    """An exception's first line (its type's name where it has no text): for one-line errors."""
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
 

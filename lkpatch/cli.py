@@ -374,9 +374,8 @@ def _convert(args) -> int:
             try:
                 ref = _outputs(model, x)
             except RuntimeError as e:  # the model's own complaint about the check's input
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
                 raise CLIError(f"{args.model} does not run on the check's {args.batch}x{chans}x{size}x{size} input "
-                               f"({first}); give --input-size a size the model takes") from e
+                               f"({ckpt_io.first_line(e)}); give --input-size a size the model takes") from e
         convert_model(model)
         if index == 0:
             _say(conversion_report(model).table())
