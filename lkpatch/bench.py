@@ -441,6 +441,21 @@ def plot_results(result: Dict, path: str) -> str:
     return path
 
 
+def _plot(result: Dict, path: str, source: str) -> int:
+    """plot_results with its failures as one line: exit status 0 or 1."""
+    try:
+        written = plot_results(result, path)
+    except PlotError as e:
+        print(f"lkpatch: error: {e}", file=sys.stderr)
+        return 1
+    except (KeyError, IndexError, ValueError, TypeError, ZeroDivisionError, OSError) as e:
+        # rows that are not lkpatch bench's, or a path the image cannot be written to
+        print(f"lkpatch: error: cannot plot {source} into {path}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {written}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lkpatch bench", description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", type=_shape, help="N,C,H,W,K or N,C,H,W,KH,KW (default: RepLKNet and ConvNeXt layers)")
@@ -467,17 +482,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.plot:
             parser.error("--from needs --plot FILE.png")
         try:
-            written = plot_results(load_results(args.from_json), args.plot)
+            result = load_results(args.from_json)
         except PlotError as e:
             print(f"lkpatch: error: {e}", file=sys.stderr)
             return 1
-        except (KeyError, IndexError, ValueError, TypeError, ZeroDivisionError, OSError) as e:
-            # rows that are not lkpatch bench's, or a path the image cannot be written to
-            print(f"lkpatch: error: cannot plot {', '.join(args.from_json)} into {args.plot}: "
-                  f"{type(e).__name__}: {e}", file=sys.stderr)
-            return 1
-        print(f"wrote {written}")
-        return 0
+        return _plot(result, args.plot, ", ".join(args.from_json))
     if args.plot:
         try:
             import matplotlib  # noqa: F401  -- before the timings, not after
@@ -533,12 +542,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=1)
     if args.plot:
-        try:
-            written = plot_results(result, args.plot)
-        except (PlotError, OSError, ValueError) as e:
-            print(f"lkpatch: error: cannot plot into {args.plot}: {e}", file=sys.stderr)
-            return 1
-        print(f"wrote {written}")
+        return _plot(result, args.plot, "the results")
     return 0
 
 
