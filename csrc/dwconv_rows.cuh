@@ -21,6 +21,7 @@
 #pragma once
 
 #include <algorithm>
+#include <type_traits>
 
 #include "dwconv_core.cuh"
 #include "dwconv_mma.cuh"
@@ -152,8 +153,6 @@ __global__ void __launch_bounds__(32 * kWarps, FS == 1 ? 3 : 2) dw_rows_forward(
   constexpr int E = kVec<T>, KS = kStep<T>, UPT = 8 / E;  // units (16-byte columns) per n-tile
   constexpr int NT = kNT<T>;
   constexpr int SMAX = FS ? FS : kMaxSteps<T>;
-  constexpr int UMAX = (NT - 1) * UPT + 2 * SMAX;  // units a job reads per kernel row
-  constexpr int LMAX = (UMAX + 1) / 2;             // ldmatrix.x4 loads (two units each)
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const DwShape& s = p.s;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -263,49 +262,59 @@ __global__ void __launch_bounds__(32 * kWarps, FS == 1 ? 3 : 2) dw_rows_forward(
     if constexpr (!kTable && !kTF32) {
       if (i_lo < i_hi) row_taps(i_lo, Bnext);
     }
-    constexpr int kUnrollRows = kTable ? 2 : 1;  // registers: the one-step kernels keep 3 blocks an SM
+    // NTL n-tiles: with the k-steps fixed, a job runs all of them, those past the map's edge too
+    // (never stored), without a branch per tile; a job at the map's right edge with at most half
+    // of its n-tiles live runs the NT / 2 variant, so that a map's last column group costs about
+    // what it covers.
+    auto kernel_rows = [&](auto n_tiles) {
+      constexpr int NTL = decltype(n_tiles)::value;
+      constexpr int LMAXL = ((NTL - 1) * UPT + 2 * SMAX + 1) / 2;  // ldmatrix.x4 loads a kernel row (two units each)
+      constexpr int kUnrollRows = kTable ? 2 : 1;  // registers: the one-step kernels keep 3 blocks an SM
 #pragma unroll kUnrollRows
-    for (int i = i_lo; i < i_hi; ++i) {
-      uint32_t B[SMAX][2];
+      for (int i = i_lo; i < i_hi; ++i) {
+        uint32_t B[SMAX][2];
 #pragma unroll
-      for (int st = 0; st < SMAX; ++st) {
-        if (!FS && st >= S) break;
-        if constexpr (kTable) {
-          B[st][0] = brow[i * p.band + KS * st];
-          B[st][1] = brow[i * p.band + KS * st + KS / 2];
-        } else if constexpr (!kTF32) {
-          B[st][0] = Bnext[0];
-          B[st][1] = Bnext[1];
+        for (int st = 0; st < SMAX; ++st) {
+          if (!FS && st >= S) break;
+          if constexpr (kTable) {
+            B[st][0] = brow[i * p.band + KS * st];
+            B[st][1] = brow[i * p.band + KS * st + KS / 2];
+          } else if constexpr (!kTF32) {
+            B[st][0] = Bnext[0];
+            B[st][1] = Bnext[1];
+          }
+        }
+        if constexpr (!kTable && !kTF32) {
+          if (i + 1 < i_hi) row_taps(i + 1, Bnext);
+        }
+        uint32_t A[2 * LMAXL][2];
+        const unsigned a_row = a_base + (unsigned)(i * p.pitch * (int)sizeof(T));
+#pragma unroll
+        for (int q = 0; q < LMAXL; ++q) {
+          if (!FS && q >= nloads) break;  // k-steps fixed: every load of the variant's width (inside the staged tile)
+          uint32_t r[4];
+          ldmatrix_x4(r, a_row + (unsigned)(2 * q * 16));
+          if constexpr (kTF32) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) r[e] = to_tf32(__uint_as_float(r[e]));
+          }
+          A[2 * q][0] = r[0]; A[2 * q][1] = r[1];
+          A[2 * q + 1][0] = r[2]; A[2 * q + 1][1] = r[3];
+        }
+#pragma unroll
+        for (int st = 0; st < SMAX; ++st) {
+          if (!FS && st >= S) break;
+#pragma unroll
+          for (int j = 0; j < NTL; ++j) {
+            if (!FS && j >= ntl) break;
+            const int u = j * UPT + 2 * st;
+            mma_tile<T>(acc[j], A[u][0], A[u][1], A[u + 1][0], A[u + 1][1], B[st][0], B[st][1]);
+          }
         }
       }
-      if constexpr (!kTable && !kTF32) {
-        if (i + 1 < i_hi) row_taps(i + 1, Bnext);
-      }
-      uint32_t A[2 * LMAX][2];
-      const unsigned a_row = a_base + (unsigned)(i * p.pitch * (int)sizeof(T));
-#pragma unroll
-      for (int q = 0; q < LMAX; ++q) {
-        if (!FS && q >= nloads) break;  // k-steps fixed: every load of the job's full width (inside the staged tile)
-        uint32_t r[4];
-        ldmatrix_x4(r, a_row + (unsigned)(2 * q * 16));
-        if constexpr (kTF32) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) r[e] = to_tf32(__uint_as_float(r[e]));
-        }
-        A[2 * q][0] = r[0]; A[2 * q][1] = r[1];
-        A[2 * q + 1][0] = r[2]; A[2 * q + 1][1] = r[3];
-      }
-#pragma unroll
-      for (int st = 0; st < SMAX; ++st) {
-        if (!FS && st >= S) break;
-#pragma unroll
-        for (int j = 0; j < NT; ++j) {
-          if (!FS && j >= ntl) break;  // k-steps fixed: n-tiles past the map run too (never stored)
-          const int u = j * UPT + 2 * st;
-          mma_tile<T>(acc[j], A[u][0], A[u][1], A[u + 1][0], A[u + 1][1], B[st][0], B[st][1]);
-        }
-      }
-    }
+    };
+    if (FS && ntl <= NT / 2) kernel_rows(std::integral_constant<int, NT / 2>{});
+    else kernel_rows(std::integral_constant<int, NT>{});
   }
   __syncthreads();  // every warp is done with the staged input: the output tile takes its place
 
@@ -391,9 +400,10 @@ struct WgradParams {
 };
 
 template <typename T, bool NHWC, int JT, int IT>
-__global__ void __launch_bounds__(32 * kWarps) dw_rows_weight_grad(const WgradParams<T> p) {
+__global__ void __launch_bounds__(32 * kWarps, NHWC ? 2 : 3) dw_rows_weight_grad(const WgradParams<T> p) {
   constexpr bool kTF32 = std::is_same_v<T, float>;
   constexpr int NB = (IT + 1) / 2;  // kernel-row tile pairs (B loads)
+  constexpr int KS = kStep<T>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const DwShape& s = p.s;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -433,11 +443,15 @@ __global__ void __launch_bounds__(32 * kWarps) dw_rows_weight_grad(const WgradPa
     const int q_lo = max(0, oy0 + i0 - s.pad_t), q_hi = min(s.H, oy0 + nrows_g - 1 + i0 + kh - 1 - s.pad_t + 1);
     const int nq = max(0, q_hi - q_lo);
     const int xs = ox0 + j0 - s.pad_l - d;
+    // The item's columns inside the map (a map's last column tile can be mostly past its edge):
+    // only they are staged and multiplied.
+    const int width = min(p.BW, round_up(s.OW - ox0, KS));
     __syncthreads();  // the previous item is done with G and X
     // two shifted loads in flight: the accumulators stay live across items
-    stage_tile<T, NHWC, 2>(G, gplane, p.gpitch, p.grad, n, c0, nch, p.CG, s.C, s.OH, s.OW, oy0, ox0, p.BH, p.BW,
+    stage_tile<T, NHWC, 2>(G, gplane, p.gpitch, p.grad, n, c0, nch, p.CG, s.C, s.OH, s.OW, oy0, ox0, p.BH, width,
                         p.gvec);
-    stage_tile<T, NHWC, 2>(X, xplane, p.xw, p.in, n, c0, nch, p.CG, s.C, s.H, s.W, q_lo, xs, nq, p.xw, p.xvec);
+    stage_tile<T, NHWC, 2>(X, xplane, p.xw, p.in, n, c0, nch, p.CG, s.C, s.H, s.W, q_lo, xs, nq,
+                        p.xw - p.BW + width, p.xvec);
     if constexpr (!NHWC) {
       copy_async_commit();
       copy_async_wait_group<0>();
@@ -475,7 +489,7 @@ __global__ void __launch_bounds__(32 * kWarps) dw_rows_weight_grad(const WgradPa
         any |= live[bp];
       }
       if (any)
-        banded_weight_grad_row<T, JT, IT>(acc, X + ch * xplane + qi * p.xw, lane_off, baddr, live, p.BW);
+        banded_weight_grad_row<T, JT, IT>(acc, X + ch * xplane + qi * p.xw, lane_off, baddr, live, width);
     }
   }
 
@@ -571,13 +585,24 @@ inline WgradPlan plan_weight_grad(const DwShape& s, int esize, int sms) {
     q.nq = q.BH + kh - 1;
     return (size_t)q.CG * ((q.BH + 1) * q.gpitch + q.nq * q.xw) * esize;
   };
+  const int N = (int)(s.planes / s.C);
+  // Blocks times items: the blocks that slices of items can spread over.
+  const auto parallel = [&]() {
+    return (int64_t)ceil_div(s.C, q.CG) * q.tiles_i * q.tiles_j * N * ceil_div(s.OH, q.BH) * ceil_div(s.OW, q.BW);
+  };
   // Items small enough for two blocks an SM: channels_last blocks stage CG channels, 64 output
-  // columns where that fits (longer rows share each row's set-up), else 32.
+  // columns where that fits (longer rows share each row's set-up), else 32. Where few images and
+  // channels would leave SMs idle (fewer than one an SM), 8-byte channel groups (twice the
+  // blocks), then 32 columns.
   size_t stage = s.nhwc ? shape_items(64, 32) : shape_items(128, 64);
   if (s.nhwc && stage > 110 * 1024) stage = shape_items(32, 32);
+  if (s.nhwc && parallel() < sms) {
+    q.CG = E / 2;
+    stage = shape_items(q.BW, 32);
+    if (parallel() < sms) stage = shape_items(32, 32);
+  }
   q.bands = ceil_div(s.OH, q.BH);
   q.ctiles = ceil_div(s.OW, q.BW);
-  const int N = (int)(s.planes / s.C);
   q.items = N * q.bands * q.ctiles;
   const int64_t blocks = (int64_t)ceil_div(s.C, q.CG) * q.tiles_i * q.tiles_j;
   q.slices = (int)std::max<int64_t>(1, std::min<int64_t>(q.items, ceil_div(4 * sms, (int)std::min<int64_t>(blocks, 1 << 20))));

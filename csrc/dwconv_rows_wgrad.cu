@@ -60,9 +60,10 @@ cudaError_t dwconv2d_rows_weight_grad(DType t, const void* grad_out, const void*
     p.per_slice = q.per_slice; p.gpitch = q.gpitch; p.xw = q.xw; p.nq = q.nq; p.tiles_j = q.tiles_j;
     const uintptr_t ga = reinterpret_cast<uintptr_t>(grad_out), xa = reinterpret_cast<uintptr_t>(in);
     cudaError_t e;
-    if (s.nhwc) {
-      p.gvec = s.C % q.CG == 0 && ga % 16 == 0;
-      p.xvec = s.C % q.CG == 0 && xa % 16 == 0;
+    if (s.nhwc) {  // pixel vectors of CG channels
+      const int vb = q.CG * (int)sizeof(T);
+      p.gvec = s.C % q.CG == 0 && ga % vb == 0;
+      p.xvec = s.C % q.CG == 0 && xa % vb == 0;
       e = weight_grad_tiles<T, true>(p, q, stream);
     } else {
       p.gvec = copy_bytes((int64_t)s.OW * sizeof(T), ga);
