@@ -164,6 +164,31 @@ def test_torch_jit_script_of_a_converted_timm_model_matches_eager():
     assert sum(isinstance(m, DepthwiseConv2d) for m in model.modules()) == 12
 
 
+@pytest.mark.parametrize("form", ["classifier", "reparameterized", "backbone"])
+def test_torch_jit_script_of_a_converted_replknet_matches_eager(form):
+    """lkpatch's own RepLKNet scripts too: its gradient-checkpointing branch and its two outputs
+    (logits, or the listed stages' features) stay out of the compiled graph's way."""
+    import timm
+
+    torch.manual_seed(0)
+    kwargs = {"num_classes": None, "out_indices": (0, 2, 3)} if form == "backbone" else {"num_classes": 10}
+    model = timm.create_model("replknet_31b", layers=[1, 1, 1, 1], channels=[8, 16, 32, 64], **kwargs)
+    model.set_grad_checkpointing(True)  # eager training would recompute blocks; the graph never does
+    lkpatch.convert_model(model)
+    model.eval()
+    if form == "reparameterized":
+        lkpatch.reparameterize(model)
+    x = torch.randn(2, 3, 48, 48)
+    scripted = torch.jit.script(model)
+    with torch.no_grad():
+        got, want = scripted(x), model(x)
+    if form == "backbone":
+        assert [t.shape[1] for t in got] == [8, 32, 64]
+    else:
+        got, want = [got], [want]
+    assert len(got) == len(want) and all(torch.allclose(g, w, atol=1e-5) for g, w in zip(got, want))
+
+
 def test_torch_jit_script_computes_tf_same_padding_from_the_input():
     model, reference = _converted_stack()
     scripted = torch.jit.script(model)

@@ -6,7 +6,7 @@ load with ``strict=True``. Written for lkpatch; no code taken from the official 
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -144,7 +144,7 @@ class RepLKNetStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
-            if self.use_checkpoint and torch.is_grad_enabled():
+            if self.use_checkpoint and torch.is_grad_enabled() and not torch.jit.is_scripting():
                 x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
@@ -222,27 +222,39 @@ class RepLKNet(nn.Module):
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward_features(self, x: torch.Tensor):
-        x = self.stem[0](x)
-        for layer in self.stem[1:]:
-            if self.use_checkpoint and torch.is_grad_enabled():
+        x, outs = self._stages(x)
+        if self.out_indices is not None:
+            return outs
+        return x
+
+    # The last stage's output and the listed stages' features; one typed body that
+    # forward_features and forward share, so that the model also compiles with torch.jit.script.
+    def _stages(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        for j, layer in enumerate(self.stem):
+            if j > 0 and self.use_checkpoint and torch.is_grad_enabled() and not torch.jit.is_scripting():
                 x = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
             else:
                 x = layer(x)
-        outs = []
+        outs: List[torch.Tensor] = []
+        out_indices = self.out_indices
         for i, stage in enumerate(self.stages):
             x = stage(x)
-            if self.out_indices is not None and i in self.out_indices:
-                outs.append(stage.norm(x))
-            if i + 1 < self.num_stages:
-                x = self.transitions[i](x)
-        return x if self.out_indices is None else outs
+            if out_indices is not None:  # its own test: TorchScript drops the branch where it is None
+                if i in out_indices:
+                    outs.append(stage.norm(x))
+            for j, transition in enumerate(self.transitions):  # the one after stage i
+                if j == i:
+                    x = transition(x)
+        return x, outs
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(torch.flatten(self.avgpool(self.norm(x)), 1))
 
     def forward(self, x: torch.Tensor):
-        x = self.forward_features(x)
-        return x if self.out_indices is not None else self.forward_head(x)
+        x, outs = self._stages(x)
+        if self.out_indices is not None:
+            return outs
+        return self.forward_head(x)
 
     def structural_reparam(self) -> "RepLKNet":
         """Fold BN and the small kernel into one large kernel per block (the official deploy
