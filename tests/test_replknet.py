@@ -114,6 +114,29 @@ def test_feature_outputs_for_dense_prediction():
     assert [f.shape[1] for f in backbone.eval()(torch.randn(1, 3, 64, 64))] == [16, 24]
 
 
+@pytest.mark.parametrize("out_indices", [None, (1, 3)])
+def test_timm_features_only(out_indices):
+    """timm's backbone form, as detection and segmentation code asks for it: the stages' maps, and
+    feature_info with their channels and strides; the classifier's weights load into it."""
+    kwargs = {} if out_indices is None else {"out_indices": out_indices}
+    backbone = timm.create_model("replknet_31b", features_only=True, **SMALL, **kwargs).eval()
+    classifier = timm.create_model("replknet_31b", num_classes=10, **SMALL).eval()
+    missing, unexpected = backbone.load_state_dict(classifier.state_dict(), strict=False)
+    assert not missing and all(k.startswith(("head.", "norm.")) for k in unexpected)
+    x = torch.randn(2, 3, 64, 64)
+    feats = backbone(x)
+    stages = out_indices or (0, 1, 2, 3)
+    info = backbone.feature_info
+    assert info.channels() == [SMALL["channels"][i] for i in stages] and info.reduction() == [4 * 2 ** i for i in stages]
+    assert [tuple(f.shape) for f in feats] == [(2, c, 64 // r, 64 // r) for c, r in zip(info.channels(), info.reduction())]
+    # the classifier's own stage outputs, taken by hooks
+    seen = {}
+    for i, stage in enumerate(classifier.stages):
+        stage.register_forward_hook(lambda m, a, out, i=i: seen.__setitem__(i, out))
+    classifier(x)
+    assert all(torch.equal(f, seen[i]) for f, i in zip(feats, stages))
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(num_classes=None), "num_classes"),
     (dict(num_classes=10, out_indices=[0]), "not both"),

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 from timm.layers import DropPath
-from timm.models import register_model
+from timm.models import FeatureInfo, register_model
 
 from ..fuse import fold_bn
 from ..modules import DepthwiseConv2d
@@ -287,9 +287,17 @@ def _create(variant: str, pretrained: bool = False, **kwargs) -> RepLKNet:
         kwargs.pop(key, None)
     if "in_chans" in kwargs:  # timm's name for it
         kwargs["in_channels"] = kwargs.pop("in_chans")
+    features_only = kwargs.pop("features_only", False)
+    if features_only:  # timm's backbone form: every stage's output unless out_indices says otherwise
+        kwargs.setdefault("out_indices", (0, 1, 2, 3))
+        kwargs.pop("num_classes", None)
     if kwargs.get("out_indices") is not None:  # a backbone (timm drops num_classes=None before we see it)
         kwargs.setdefault("num_classes", None)
-    model = RepLKNet(**{**CONFIGS[variant], **kwargs})
+    config = {**CONFIGS[variant], **kwargs}
+    model = RepLKNet(**config)
+    if features_only:  # what timm's features_only models carry: each output's channels and stride
+        stages = [dict(num_chs=ch, reduction=4 * 2 ** i, module=f"stages.{i}") for i, ch in enumerate(config["channels"])]
+        model.feature_info = FeatureInfo(stages, tuple(model.out_indices))
     model.pretrained_cfg = dict(architecture=variant, input_size=(3, 224, 224), num_classes=model.num_classes,
                                 mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), interpolation="bicubic",
                                 crop_pct=0.875, first_conv="stem.0.conv", classifier="head")
