@@ -159,15 +159,28 @@ def _exact_fp32():
 
 
 def _outputs(model: nn.Module, x: torch.Tensor) -> List[torch.Tensor]:
+    """Every tensor in the model's output, nested lists, tuples and dicts included (a detector's
+    list of dicts of boxes and scores); the check needs at least one value to compare."""
     with torch.no_grad(), _exact_fp32():
         out = model(x)
-    if isinstance(out, torch.Tensor):
-        return [out.float()]
-    if isinstance(out, (list, tuple)):
-        return [o.float() for o in out if isinstance(o, torch.Tensor)]
-    if isinstance(out, dict):
-        return [o.float() for o in out.values() if isinstance(o, torch.Tensor)]
-    raise CLIError(f"cannot compare the model's output of type {type(out).__name__}")
+    found: List[torch.Tensor] = []
+
+    def walk(o) -> None:
+        if isinstance(o, torch.Tensor):
+            found.append(o.float())
+        elif isinstance(o, (list, tuple)):
+            for item in o:
+                walk(item)
+        elif isinstance(o, dict):
+            for item in o.values():
+                walk(item)
+
+    walk(out)
+    if not any(t.numel() for t in found):
+        raise CLIError(f"the model's output ({type(out).__name__}) holds no values on the check's random input, "
+                       "so the conversion cannot be checked (a detector that finds nothing there: lower its score "
+                       "threshold with --model-arg, e.g. box_score_thresh=0 for torchvision's)")
+    return found
 
 
 def relative_error(ref: List[torch.Tensor], out: List[torch.Tensor]) -> float:

@@ -496,3 +496,32 @@ def test_file_format_comes_from_the_bytes(tmp_path):
     assert torch.equal(ckpt_io.load(str(tmp_path / "legacy.safetensors"))["w"], torch.ones(2))
     save_file({"w": torch.ones(2)}, tmp_path / "st.pth")
     assert ckpt_io.file_format(str(tmp_path / "st.pth")) == "safetensors"
+
+
+class _Detector(nn.Module):
+    """A detector's kind of output: a list (one per image) of dicts of tensors."""
+
+    def __init__(self, found: bool = True):
+        super().__init__()
+        self.dw = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        self.found = found
+
+    def forward(self, x):
+        y = self.dw(x).flatten(1)
+        n = 3 if self.found else 0
+        return [{"boxes": row[:4 * n].reshape(n, 4), "labels": torch.arange(n), "meta": "image"} for row in y]
+
+
+def test_check_compares_every_tensor_of_nested_outputs():
+    torch.manual_seed(0)
+    model, x = _Detector(), torch.randn(2, 4, 5, 5)
+    ref = cli._outputs(model, x)
+    assert [tuple(t.shape) for t in ref] == [(3, 4), (3,), (3, 4), (3,)]
+    with torch.no_grad():
+        model.dw.weight[0] += 0.5  # a wrong conversion shows in the boxes (channel 0)
+    assert cli.relative_error(ref, cli._outputs(model, x)) > 0.01
+
+
+def test_check_refuses_outputs_without_values():
+    with pytest.raises(cli.CLIError, match="holds no values on the check's random input.*score threshold"):
+        cli._outputs(_Detector(found=False), torch.randn(2, 4, 5, 5))
