@@ -66,9 +66,11 @@ def _pairs_traced(model: nn.Module) -> Optional[List[Tuple[str, str]]]:
 
 
 def _pairs_sequential(model: nn.Module) -> List[Tuple[str, str]]:
+    """Where tracing fails: adjacent children of Sequentials that run them in order (a subclass
+    with a forward of its own may use the conv's output elsewhere)."""
     pairs = []
     for name, module in model.named_modules():
-        if isinstance(module, nn.Sequential):
+        if isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward:
             children = list(module.named_children())
             for (a, conv), (b, bn) in zip(children, children[1:]):
                 if _foldable(conv, bn):

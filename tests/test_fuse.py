@@ -69,6 +69,31 @@ def test_conv_whose_output_is_also_used_elsewhere_is_not_folded():
     assert find_conv_bn_pairs(model) == []
 
 
+def test_untraceable_model_folds_only_sequentials_that_run_their_children_in_order():
+    class Skip(nn.Sequential):  # conv -> BN, and the conv's output added again
+        def forward(self, x):
+            y = self[0](x)
+            return self[1](y) + y
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.skip = Skip(nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.BatchNorm2d(4))
+            self.plain = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.BatchNorm2d(4))
+
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
+                x = x + 1
+            return self.plain(self.skip(x))
+
+    model = randomize_bn(Net()).eval()
+    x = torch.randn(1, 4, 8, 8)
+    want = model(x)
+    assert find_conv_bn_pairs(model) == [("plain.0", "plain.1")]
+    fuse_conv_bn(model)
+    assert torch.allclose(model(x), want, atol=1e-5)
+
+
 def test_convs_sharing_a_weight_are_not_folded():
     """Folding works in place: two BatchNorms folded into one shared weight would scale it twice."""
     first = nn.Conv2d(4, 4, 3, padding=1, groups=4)
