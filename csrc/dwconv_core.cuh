@@ -379,12 +379,14 @@ inline ImageSlices image_slices(int N, int C, int sms, int most) {
 // LKPATCH_TENSOR_CORES=never keeps every dtype on the CUDA-core kernels; LKPATCH_SMALL_MAP=
 // never|always overrides the fp32 small-map rule; LKPATCH_NHWC_FMA=never|always the rule for the
 // channels_last CUDA-core kernels; LKPATCH_SMALL_IMAGES and LKPATCH_TC_GROUPS set
-// the images an fp32 small-map thread and the 16-image groups a general tensor-core block take.
+// the images an fp32 small-map thread and the 16-image groups a general tensor-core block take;
+// LKPATCH_ROWS_STEPS the tile rows a rows-family forward block, and the items a rows-family
+// channels_last weight-gradient block, takes one after the other.
 struct Knobs {
   bool tensor_cores = true;
   char small_map = 0;  // 'n', 'a' or 0 (the rule)
   char nhwc_fma = 0;   // LKPATCH_NHWC_FMA: 'n', 'a' or 0 (the plan's rule)
-  int small_images = 0, tc_groups = 0;
+  int small_images = 0, tc_groups = 0, rows_steps = 0;
 };
 inline const Knobs& knobs() {
   static const Knobs k = [] {
@@ -399,6 +401,8 @@ inline const Knobs& knobs() {
     r.small_images = e ? atoi(e) : 0;  // 8: the fp32 small-map forward takes 8 images a thread, not 4
     e = getenv("LKPATCH_TC_GROUPS");
     r.tc_groups = e ? std::max(1, atoi(e)) : 0;
+    e = getenv("LKPATCH_ROWS_STEPS");
+    r.rows_steps = e ? std::max(0, atoi(e)) : 0;
     return r;
   }();
   return k;

@@ -50,10 +50,12 @@ struct FwdParams : ConvArgs<T> {
   int S, sh;        // k-steps per n-tile; staged column 0 = image column ox0 - pad_l - sh
   int rows, cols;   // staged tile: input rows, columns (a multiple of kVec)
   int pitch;        // staged row pitch (elements): an odd number of 16-byte units
-  int opitch;       // output tile row pitch (elements), in the same shared memory after the compute
+  int opitch;       // output tile row pitch (elements)
   int band;         // B table entries per kernel row: kBandPad + KS * S
-  int xbytes;       // bytes of the staged tile (and of the output tile after it): the B table follows
-  int tiles_x;      // column tiles; blockIdx.y = tile row * tiles_x + tile column
+  int obytes;       // offset (bytes) of the output tile: 0, over the staged input, where a block has one step
+  int xbytes;       // offset (bytes) of the B table, after the staged tile and the output tile
+  int steps;        // row tiles a block takes one after the other (its staged rows a ring: below)
+  int tiles_x;      // column tiles; blockIdx.y = strip of `steps` tile rows * tiles_x + tile column
   int vec;          // NCHW: 16-byte staging copies (16) or shifted loads (0); NHWC: pixel vectors (1/0)
   int ovec;         // 16-byte output stores (NCHW: aligned rows; NHWC: pixel vectors)
 };
@@ -147,8 +149,8 @@ __device__ __forceinline__ void stage_tile(T* dst, int plane, int pitch, const T
   }
 }
 
-template <typename T, bool NHWC, int FS>
-__global__ void __launch_bounds__(32 * kWarps, FS == 1 ? 3 : 2) dw_rows_forward(const FwdParams<T> p) {
+template <typename T, bool NHWC, int FS, bool RING>
+__global__ void __launch_bounds__(32 * kWarps, FS == 1 && !RING ? 3 : 2) dw_rows_forward(const FwdParams<T> p) {
   constexpr bool kTF32 = std::is_same_v<T, float>;
   constexpr int E = kVec<T>, KS = kStep<T>, UPT = 8 / E;  // units (16-byte columns) per n-tile
   constexpr int NT = kNT<T>;
@@ -157,24 +159,19 @@ __global__ void __launch_bounds__(32 * kWarps, FS == 1 ? 3 : 2) dw_rows_forward(
   const DwShape& s = p.s;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int c0 = blockIdx.x * p.CG, nch = min(p.CG, s.C - c0);
-  const int ty = blockIdx.y / p.tiles_x, tx = blockIdx.y - ty * p.tiles_x;
+  const int strip = blockIdx.y / p.tiles_x, tx = blockIdx.y - strip * p.tiles_x;
   const int n = blockIdx.z;
   const int TH = 16 * p.MT, TW = 8 * NT * p.NG;
-  const int oy0 = ty * TH, ox0 = tx * TW;
-  const int iy0 = oy0 - s.pad_t, ix0 = ox0 - s.pad_l - p.sh;  // image row / column of staged (0, 0)
+  const int ox0 = tx * TW;
+  const int ix0 = ox0 - s.pad_l - p.sh;  // image column of staged column 0
   const int plane = p.rows * p.pitch;
-  T* X = reinterpret_cast<T*>(smem_raw);  // [CG][rows][pitch]; later the output [CG][TH][opitch]
+  // The staged rows are a ring: a block takes `steps` tile rows one after the other, and the
+  // rows a tile shares with the one before (the kernel's KH - 1 halo) stay where they are; tile
+  // row k's staged row r lies in slot (k TH + r) % rows. The rows that follow are staged only.
+  T* X = reinterpret_cast<T*>(smem_raw);                // [CG][rows][pitch]
+  T* O = reinterpret_cast<T*>(smem_raw + p.obytes);     // [CG][TH][opitch]
   const T zero = from_float<T>(0.f);
 
-  // ---- stage the input tile (zeros outside the image and past the channels)
-  if constexpr (NHWC) {
-    stage_nhwc<T>(X, plane, p.pitch, p.in, n, c0, nch, p.CG, s.C, s.H, s.W, iy0, ix0, p.rows, p.cols, p.vec);
-  } else {
-    // eight shifted loads in flight: nothing else holds registers yet
-    stage_tile<T, false, 8>(X, plane, p.pitch, p.in, n, c0, nch, p.CG, s.C, s.H, s.W, iy0, ix0, p.rows, p.cols, p.vec);
-    copy_async_commit();
-    copy_async_wait_group<0>();
-  }
   // The B table of every staged channel (the input-gradient reads the kernel rotated): a warp
   // per (channel, kernel row), its lanes along the row; kRowsAtOnce rows' loads in flight before
   // their stores, as a block's table is built before any of its warps computes.
@@ -205,30 +202,50 @@ __global__ void __launch_bounds__(32 * kWarps, FS == 1 ? 3 : 2) dw_rows_forward(
       }
     }
   }
-  __syncthreads();
 
-  // ---- one job per warp: channel ch, rows 16 mt .. of the tile, n-tiles NT ng ..
-  const int jobs_per_ch = p.MT * p.NG;
-  const int ch = warp / jobs_per_ch, mt = (warp - ch * jobs_per_ch) / p.NG, ng = warp - ch * jobs_per_ch - mt * p.NG;
-  const int g = lane >> 2, t = lane & 3;
-  const int S = FS ? FS : p.S;
-  // live n-tiles: those with an output column inside the map
-  const int ntl = max(0, min(NT, ceil_div(s.OW - ox0 - 8 * NT * ng, 8)));
-  const bool job = warp < p.CG * jobs_per_ch && ch < nch && oy0 + 16 * mt < s.OH && ntl > 0;
-  float acc[NT][4];
-  if (job) {
-    const float bias = p.bias ? load(p.bias + c0 + ch) : 0.f;
-#pragma unroll
-    for (int j = 0; j < NT; ++j)
-#pragma unroll
-      for (int q = 0; q < 4; ++q) acc[j][q] = bias;
-    const int r0 = 16 * mt, top = iy0 + r0;  // image row of the band's first staged row
-    const int i_lo = max(0, -top - 15), i_hi = min(s.KH, s.H - top);  // kernel rows that reach the image
-    const int nunits = (ntl - 1) * UPT + 2 * S, nloads = (nunits + 1) / 2;
+
+  // RING: a loop over the strip's tile rows (it costs registers: the one-row kernels stay apart)
+  const int steps = RING ? p.steps : 1;
+  for (int step = 0; step < steps; ++step) {
+    const int oy0 = (strip * p.steps + step) * TH;
+    if (oy0 >= s.OH) break;
+    const int iy0 = oy0 - s.pad_t;  // image row of the tile's staged row 0
+    const int rot = step * TH % p.rows;  // its slot
+    // ---- stage the input rows (zeros outside the image and past the channels): all of them at
+    // the first tile row, then the TH that follow the previous tile's, over its first TH (done)
+    {
+      const int first = step == 0 ? 0 : p.rows - TH, count = step == 0 ? p.rows : TH;
+      const int slot = (rot + first) % p.rows, n1 = min(count, p.rows - slot);
+      for (int part = 0; part < 2; ++part) {
+        const int at = part ? 0 : slot, y = iy0 + first + (part ? n1 : 0), nrows = part ? count - n1 : n1;
+        if (nrows <= 0) continue;
+        if constexpr (NHWC) {
+          stage_nhwc<T>(X + at * p.pitch, plane, p.pitch, p.in, n, c0, nch, p.CG, s.C, s.H, s.W, y, ix0, nrows, p.cols,
+                        p.vec);
+        } else {  // eight shifted loads in flight: no accumulator is live yet
+          stage_tile<T, false, 8>(X + at * p.pitch, plane, p.pitch, p.in, n, c0, nch, p.CG, s.C, s.H, s.W, y, ix0, nrows,
+                                  p.cols, p.vec);
+        }
+      }
+      if constexpr (!NHWC) {
+        copy_async_commit();
+        copy_async_wait_group<0>();
+      }
+    }
+    __syncthreads();
+
+    // ---- one job per warp and tile row: channel ch, rows 16 mt .. of the tile, n-tiles NT ng ..
+    const int jobs_per_ch = p.MT * p.NG;
+    const int ch = warp / jobs_per_ch, mt = (warp - ch * jobs_per_ch) / p.NG, ng = warp - ch * jobs_per_ch - mt * p.NG;
+    const int g = lane >> 2, t = lane & 3;
+    const int S = FS ? FS : p.S;
+    // live n-tiles: those with an output column inside the map
+    const int ntl = max(0, min(NT, ceil_div(s.OW - ox0 - 8 * NT * ng, 8)));
+    const int r0 = 16 * mt;
     // ldmatrix.x4: lane l addresses row r0 + i + (l & 15), unit 2q + (l >> 4) of the job's columns.
-    const unsigned a_base = (unsigned)__cvta_generic_to_shared(X) +
-                            (unsigned)((ch * plane + (r0 + (lane & 15)) * p.pitch + (8 * NT * ng) + E * (lane >> 4)) *
-                                       (int)sizeof(T));
+    const unsigned a_col = (unsigned)__cvta_generic_to_shared(X) +
+                           (unsigned)((ch * plane + (8 * NT * ng) + E * (lane >> 4)) * (int)sizeof(T));
+    const unsigned row_bytes = (unsigned)(p.pitch * (int)sizeof(T));
     // this lane's B entries of kernel row 0 (b0; b1 is KS / 2 entries on)
     const uint32_t* brow = Bt + ch * s.KH * p.band + kBandPad + (kTF32 ? t : 2 * t) - g - p.sh;
     // Without the table (one k-step): taps k - g - sh, k = 2t, 2t + 1, 2t + 8, 2t + 9, from the
@@ -258,125 +275,142 @@ __global__ void __launch_bounds__(32 * kWarps, FS == 1 ? 3 : 2) dw_rows_forward(
         b[1] = pack2(v[2], v[3]);
       }
     };
-    uint32_t Bnext[2] = {0, 0};
-    if constexpr (!kTable && !kTF32) {
-      if (i_lo < i_hi) row_taps(i_lo, Bnext);
-    }
-    // NTL n-tiles: with the k-steps fixed, a job runs all of them, those past the map's edge too
-    // (never stored), without a branch per tile; a job at the map's right edge with at most half
-    // of its n-tiles live runs the NT / 2 variant, so that a map's last column group costs about
-    // what it covers.
-    auto kernel_rows = [&](auto n_tiles) {
-      constexpr int NTL = decltype(n_tiles)::value;
-      constexpr int LMAXL = ((NTL - 1) * UPT + 2 * SMAX + 1) / 2;  // ldmatrix.x4 loads a kernel row (two units each)
-      constexpr int kUnrollRows = kTable ? 2 : 1;  // registers: the one-step kernels keep 3 blocks an SM
+    const bool job = warp < p.CG * jobs_per_ch && ch < nch && oy0 + r0 < s.OH && ntl > 0;
+    float acc[NT][4];
+    if (job) {
+      const float bias = p.bias ? load(p.bias + c0 + ch) : 0.f;
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) acc[j][q] = bias;
+      const int top = iy0 + r0;  // image row of the band's first staged row
+      const int i_lo = max(0, -top - 15), i_hi = min(s.KH, s.H - top);  // kernel rows that reach the image
+      const int nunits = (ntl - 1) * UPT + 2 * S, nloads = (nunits + 1) / 2;
+      // the slot of this lane's row at kernel row i_lo (rot + r0 + 15 + i < 2 rows)
+      int lrow = rot + r0 + (lane & 15) + i_lo;
+      if (lrow >= p.rows) lrow -= p.rows;
+      uint32_t Bnext[2] = {0, 0};
+      if constexpr (!kTable && !kTF32) {
+        if (i_lo < i_hi) row_taps(i_lo, Bnext);
+      }
+      // NTL n-tiles: with the k-steps fixed, a job runs all of them, those past the map's edge too
+      // (never stored), without a branch per tile; a job at the map's right edge with at most half
+      // of its n-tiles live runs the NT / 2 variant, so that a map's last column group costs about
+      // what it covers.
+      auto kernel_rows = [&](auto n_tiles) {
+        constexpr int NTL = decltype(n_tiles)::value;
+        constexpr int LMAXL = ((NTL - 1) * UPT + 2 * SMAX + 1) / 2;  // ldmatrix.x4 loads a kernel row (two units each)
+        constexpr int kUnrollRows = kTable ? 2 : 1;  // registers: the one-step kernels keep 3 blocks an SM
 #pragma unroll kUnrollRows
-      for (int i = i_lo; i < i_hi; ++i) {
-        uint32_t B[SMAX][2];
+        for (int i = i_lo; i < i_hi; ++i) {
+          uint32_t B[SMAX][2];
 #pragma unroll
-        for (int st = 0; st < SMAX; ++st) {
-          if (!FS && st >= S) break;
-          if constexpr (kTable) {
-            B[st][0] = brow[i * p.band + KS * st];
-            B[st][1] = brow[i * p.band + KS * st + KS / 2];
-          } else if constexpr (!kTF32) {
-            B[st][0] = Bnext[0];
-            B[st][1] = Bnext[1];
+          for (int st = 0; st < SMAX; ++st) {
+            if (!FS && st >= S) break;
+            if constexpr (kTable) {
+              B[st][0] = brow[i * p.band + KS * st];
+              B[st][1] = brow[i * p.band + KS * st + KS / 2];
+            } else if constexpr (!kTF32) {
+              B[st][0] = Bnext[0];
+              B[st][1] = Bnext[1];
+            }
+          }
+          if constexpr (!kTable && !kTF32) {
+            if (i + 1 < i_hi) row_taps(i + 1, Bnext);
+          }
+          uint32_t A[2 * LMAXL][2];
+          const unsigned a_row = a_col + (unsigned)lrow * row_bytes;
+          lrow = lrow + 1 == p.rows ? 0 : lrow + 1;
+#pragma unroll
+          for (int q = 0; q < LMAXL; ++q) {
+            if (!FS && q >= nloads) break;  // k-steps fixed: every load of the variant's width (inside the staged tile)
+            uint32_t r[4];
+            ldmatrix_x4(r, a_row + (unsigned)(2 * q * 16));
+            if constexpr (kTF32) {
+#pragma unroll
+              for (int e = 0; e < 4; ++e) r[e] = to_tf32(__uint_as_float(r[e]));
+            }
+            A[2 * q][0] = r[0]; A[2 * q][1] = r[1];
+            A[2 * q + 1][0] = r[2]; A[2 * q + 1][1] = r[3];
+          }
+#pragma unroll
+          for (int st = 0; st < SMAX; ++st) {
+            if (!FS && st >= S) break;
+#pragma unroll
+            for (int j = 0; j < NTL; ++j) {
+              if (!FS && j >= ntl) break;
+              const int u = j * UPT + 2 * st;
+              mma_tile<T>(acc[j], A[u][0], A[u][1], A[u + 1][0], A[u + 1][1], B[st][0], B[st][1]);
+            }
           }
         }
-        if constexpr (!kTable && !kTF32) {
-          if (i + 1 < i_hi) row_taps(i + 1, Bnext);
-        }
-        uint32_t A[2 * LMAXL][2];
-        const unsigned a_row = a_base + (unsigned)(i * p.pitch * (int)sizeof(T));
-#pragma unroll
-        for (int q = 0; q < LMAXL; ++q) {
-          if (!FS && q >= nloads) break;  // k-steps fixed: every load of the variant's width (inside the staged tile)
-          uint32_t r[4];
-          ldmatrix_x4(r, a_row + (unsigned)(2 * q * 16));
-          if constexpr (kTF32) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) r[e] = to_tf32(__uint_as_float(r[e]));
-          }
-          A[2 * q][0] = r[0]; A[2 * q][1] = r[1];
-          A[2 * q + 1][0] = r[2]; A[2 * q + 1][1] = r[3];
-        }
-#pragma unroll
-        for (int st = 0; st < SMAX; ++st) {
-          if (!FS && st >= S) break;
-#pragma unroll
-          for (int j = 0; j < NTL; ++j) {
-            if (!FS && j >= ntl) break;
-            const int u = j * UPT + 2 * st;
-            mma_tile<T>(acc[j], A[u][0], A[u][1], A[u + 1][0], A[u + 1][1], B[st][0], B[st][1]);
-          }
-        }
-      }
-    };
-    if (FS && ntl <= NT / 2) kernel_rows(std::integral_constant<int, NT / 2>{});
-    else kernel_rows(std::integral_constant<int, NT>{});
-  }
-  __syncthreads();  // every warp is done with the staged input: the output tile takes its place
+      };
+      if (FS && ntl <= NT / 2) kernel_rows(std::integral_constant<int, NT / 2>{});
+      else kernel_rows(std::integral_constant<int, NT>{});
+    }
+    if (p.obytes == 0) __syncthreads();  // every warp is done with the staged input: the output tile takes its place
 
-  // ---- results through shared memory: O[ch][row][opitch], C fragment rows g, g + 8, columns 2t, 2t + 1
-  T* O = X;
-  const int oplane = TH * p.opitch;
-  if (job) {
+    // ---- results through shared memory: O[ch][row][opitch], C fragment rows g, g + 8, columns 2t, 2t + 1
+    const int oplane = TH * p.opitch;
+    if (job) {
 #pragma unroll
-    for (int j = 0; j < NT; ++j) {
-      if (j >= ntl) break;
-      T* at = O + ch * oplane + (16 * mt + g) * p.opitch + 8 * NT * ng + 8 * j + 2 * t;
-      store2(at, from_float<T>(acc[j][0]), from_float<T>(acc[j][1]));
-      store2(at + 8 * p.opitch, from_float<T>(acc[j][2]), from_float<T>(acc[j][3]));
-    }
-  }
-  __syncthreads();
-  const int rows_out = min(TH, s.OH - oy0), cols_out = min(TW, s.OW - ox0);
-  if constexpr (NHWC) {
-    // A thread keeps a pair of adjacent columns (one 32-bit load per channel plane) and walks rows.
-    const int pairs = ceil_div(cols_out, 2), tpr = min(pairs, (int)blockDim.x), rstep = blockDim.x / tpr;
-    const int k = threadIdx.x % tpr, r0 = threadIdx.x / tpr;
-    for (int pc = k; r0 < rstep && pc < pairs; pc += tpr) {
-      const int x = 2 * pc;
-      const bool second = x + 1 < cols_out;
-      T* dst = p.out + (((int64_t)n * s.OH + oy0 + r0) * s.OW + ox0 + x) * s.C + c0;
-      for (int r = r0; r < rows_out; r += rstep, dst += (int64_t)rstep * s.OW * s.C) {
-        Vec16<T> v[2];
-#pragma unroll
-        for (int c = 0; c < E; ++c) {
-          if (c < p.CG) load2(O + c * oplane + r * p.opitch + x, v[0].h[c], v[1].h[c]);
-        }
-#pragma unroll
-        for (int px = 0; px < 2; ++px) {
-          if (px == 1 && !second) break;
-          T* to = dst + px * s.C;
-          if (p.ovec) {
-            if (p.CG == E) __stwb(reinterpret_cast<uint4*>(to), v[px].u);
-            else __stwb(reinterpret_cast<uint2*>(to), v[px].v8[0]);
-          } else {
-#pragma unroll
-            for (int c = 0; c < E; ++c)
-              if (c < nch) to[c] = v[px].h[c];
-          }
-        }
+      for (int j = 0; j < NT; ++j) {
+        if (j >= ntl) break;
+        T* at = O + ch * oplane + (r0 + g) * p.opitch + 8 * NT * ng + 8 * j + 2 * t;
+        store2(at, from_float<T>(acc[j][0]), from_float<T>(acc[j][1]));
+        store2(at + 8 * p.opitch, from_float<T>(acc[j][2]), from_float<T>(acc[j][3]));
       }
     }
-  } else {
-    if (p.ovec) {  // rows of whole 16-byte vectors (OW a multiple of E, tiles start at multiples of 8)
-      const int vpr = ceil_div(cols_out, E), total = nch * rows_out * vpr;
-      for (int u = threadIdx.x; u < total; u += blockDim.x) {
-        const int pr = u / vpr, k = u - pr * vpr, c = pr / rows_out, r = pr - c * rows_out;
-        const uint4 v = *reinterpret_cast<const uint4*>(O + c * oplane + r * p.opitch + k * E);
-        T* dst = p.out + (((int64_t)n * s.C + c0 + c) * s.OH + oy0 + r) * s.OW + ox0 + k * E;
-        __stwb(reinterpret_cast<uint4*>(dst), v);
+    __syncthreads();
+    const int rows_out = min(TH, s.OH - oy0), cols_out = min(TW, s.OW - ox0);
+    if constexpr (NHWC) {
+      // A thread keeps a pair of adjacent columns (one 32-bit load per channel plane) and walks rows.
+      const int pairs = ceil_div(cols_out, 2), tpr = min(pairs, (int)blockDim.x), rstep = blockDim.x / tpr;
+      const int k = threadIdx.x % tpr, rr = threadIdx.x / tpr;
+      for (int pc = k; rr < rstep && pc < pairs; pc += tpr) {
+        const int x = 2 * pc;
+        const bool second = x + 1 < cols_out;
+        T* dst = p.out + (((int64_t)n * s.OH + oy0 + rr) * s.OW + ox0 + x) * s.C + c0;
+        for (int r = rr; r < rows_out; r += rstep, dst += (int64_t)rstep * s.OW * s.C) {
+          Vec16<T> v[2];
+#pragma unroll
+          for (int c = 0; c < E; ++c) {
+            if (c < p.CG) load2(O + c * oplane + r * p.opitch + x, v[0].h[c], v[1].h[c]);
+          }
+#pragma unroll
+          for (int px = 0; px < 2; ++px) {
+            if (px == 1 && !second) break;
+            T* to = dst + px * s.C;
+            if (p.ovec) {
+              if (p.CG == E) __stwb(reinterpret_cast<uint4*>(to), v[px].u);
+              else __stwb(reinterpret_cast<uint2*>(to), v[px].v8[0]);
+            } else {
+#pragma unroll
+              for (int c = 0; c < E; ++c)
+                if (c < nch) to[c] = v[px].h[c];
+            }
+          }
+        }
       }
     } else {
-      const int total = nch * rows_out * cols_out;
-      for (int u = threadIdx.x; u < total; u += blockDim.x) {
-        const int pr = u / cols_out, x = u - pr * cols_out, c = pr / rows_out, r = pr - c * rows_out;
-        p.out[(((int64_t)n * s.C + c0 + c) * s.OH + oy0 + r) * s.OW + ox0 + x] = O[c * oplane + r * p.opitch + x];
+      if (p.ovec) {  // rows of whole 16-byte vectors (OW a multiple of E, tiles start at multiples of 8)
+        const int vpr = ceil_div(cols_out, E), total = nch * rows_out * vpr;
+        for (int u = threadIdx.x; u < total; u += blockDim.x) {
+          const int pr = u / vpr, k = u - pr * vpr, c = pr / rows_out, r = pr - c * rows_out;
+          const uint4 v = *reinterpret_cast<const uint4*>(O + c * oplane + r * p.opitch + k * E);
+          T* dst = p.out + (((int64_t)n * s.C + c0 + c) * s.OH + oy0 + r) * s.OW + ox0 + k * E;
+          __stwb(reinterpret_cast<uint4*>(dst), v);
+        }
+      } else {
+        const int total = nch * rows_out * cols_out;
+        for (int u = threadIdx.x; u < total; u += blockDim.x) {
+          const int pr = u / cols_out, x = u - pr * cols_out, c = pr / rows_out, r = pr - c * rows_out;
+          p.out[(((int64_t)n * s.C + c0 + c) * s.OH + oy0 + r) * s.OW + ox0 + x] = O[c * oplane + r * p.opitch + x];
+        }
       }
     }
+    // The next tile row's staging writes slots this one no longer reads and not the output tile
+    // (apart from it where there is one step); its first barrier orders the output tile's reuse.
   }
 }
 
@@ -434,9 +468,23 @@ __global__ void __launch_bounds__(32 * kWarps, NHWC ? 2 : 3) dw_rows_weight_grad
   const int d = ((j0 - s.pad_l) % align + align) % align;  // ox0 is a multiple of KS (and of align)
   const int lane_off = ln.lane_off0 + d;
   const bool active = ch < nch;
+  // channels_last: the staged input rows are a ring, image row q in slot q % nq, and items run
+  // down a column tile's bands, so an item that follows the band above it keeps the rows the two
+  // share (the kernel's halo) and stages the rest only. NCHW items run along a band's column
+  // tiles (a map's last tile, often narrow, then shares a block with a wide one), its input row
+  // q_lo in row 0: there the ring lost more (registers, balance) than its staging saved.
+  constexpr bool kRing = NHWC;
+  int kept_hi = -1;  // input rows [.., kept_hi) of the previous item are staged, where it continues
   for (int item = item_begin; item < item_end; ++item) {
     const int n = item / (p.bands * p.ctiles), rest = item - n * p.bands * p.ctiles;
-    const int band = rest / p.ctiles, ct = rest - band * p.ctiles;
+    int band, ct;
+    if constexpr (kRing) {
+      ct = rest / p.bands;
+      band = rest - ct * p.bands;
+    } else {
+      band = rest / p.ctiles;
+      ct = rest - band * p.ctiles;
+    }
     const int oy0 = band * p.BH, ox0 = ct * p.BW;
     const int nrows_g = min(p.BH, s.OH - oy0);
     // input rows that reach the band through this tile's kernel rows: q + pad_t - i in [oy0, oy0 + BH)
@@ -450,8 +498,23 @@ __global__ void __launch_bounds__(32 * kWarps, NHWC ? 2 : 3) dw_rows_weight_grad
     // two shifted loads in flight: the accumulators stay live across items
     stage_tile<T, NHWC, 2>(G, gplane, p.gpitch, p.grad, n, c0, nch, p.CG, s.C, s.OH, s.OW, oy0, ox0, p.BH, width,
                         p.gvec);
-    stage_tile<T, NHWC, 2>(X, xplane, p.xw, p.in, n, c0, nch, p.CG, s.C, s.H, s.W, q_lo, xs, nq,
-                        p.xw - p.BW + width, p.xvec);
+    // the input rows [from, q_hi) are staged for this item (the ring keeps the others)
+    int from = q_lo;
+    if constexpr (kRing) {
+      // the previous item: the band above, same image and columns
+      if (item > item_begin && band > 0) from = max(q_lo, kept_hi);
+      kept_hi = q_hi;
+      const int slot = from % p.nq, n1 = min(q_hi - from, p.nq - slot);
+      if (n1 > 0)
+        stage_tile<T, NHWC, 2>(X + slot * p.xw, xplane, p.xw, p.in, n, c0, nch, p.CG, s.C, s.H, s.W, from, xs, n1,
+                               p.xw - p.BW + width, p.xvec);
+      if (q_hi - from > n1)
+        stage_tile<T, NHWC, 2>(X, xplane, p.xw, p.in, n, c0, nch, p.CG, s.C, s.H, s.W, from + n1, xs, q_hi - from - n1,
+                               p.xw - p.BW + width, p.xvec);
+    } else {
+      stage_tile<T, NHWC, 2>(X, xplane, p.xw, p.in, n, c0, nch, p.CG, s.C, s.H, s.W, q_lo, xs, nq,
+                             p.xw - p.BW + width, p.xvec);
+    }
     if constexpr (!NHWC) {
       copy_async_commit();
       copy_async_wait_group<0>();
@@ -465,9 +528,9 @@ __global__ void __launch_bounds__(32 * kWarps, NHWC ? 2 : 3) dw_rows_weight_grad
         f = make_float4(round_tf32(f.x), round_tf32(f.y), round_tf32(f.z), round_tf32(f.w));
         gv[e] = f;
       }
-      for (int c = 0; c < p.CG; ++c) {
+      for (int c = 0; c < p.CG; ++c) {  // the whole ring: rounding a rounded value keeps it
         float4* xv = reinterpret_cast<float4*>(X + c * xplane);
-        for (int e = threadIdx.x; e < nq * p.xw / 4; e += blockDim.x) {
+        for (int e = threadIdx.x; e < (kRing ? p.nq : nq) * p.xw / 4; e += blockDim.x) {
           float4 f = xv[e];
           f = make_float4(round_tf32(f.x), round_tf32(f.y), round_tf32(f.z), round_tf32(f.w));
           xv[e] = f;
@@ -476,6 +539,7 @@ __global__ void __launch_bounds__(32 * kWarps, NHWC ? 2 : 3) dw_rows_weight_grad
       __syncthreads();
     }
     if (!active) continue;
+    int slot = kRing ? (q_lo + phase) % p.nq : 0;  // the ring's slot of input row q_lo + qi
     for (int qi = phase; qi < nq; qi += wpc) {
       const int oy_top = q_lo + qi + s.pad_t - i0 - oy0;  // band row of kernel row i0
       bool live[NB], any = false;
@@ -489,7 +553,9 @@ __global__ void __launch_bounds__(32 * kWarps, NHWC ? 2 : 3) dw_rows_weight_grad
         any |= live[bp];
       }
       if (any)
-        banded_weight_grad_row<T, JT, IT>(acc, X + ch * xplane + qi * p.xw, lane_off, baddr, live, width);
+        banded_weight_grad_row<T, JT, IT>(acc, X + ch * xplane + (kRing ? slot : qi) * p.xw, lane_off, baddr, live,
+                                          width);
+      if constexpr (kRing) slot = slot + wpc >= p.nq ? (slot + wpc) % p.nq : slot + wpc;
     }
   }
 
@@ -508,14 +574,19 @@ __global__ void __launch_bounds__(32 * kWarps, NHWC ? 2 : 3) dw_rows_weight_grad
 }
 
 // ---- plans (host) -------------------------------------------------------------------------------
+// The k-step counts whose kernels are compiled with it fixed (half types 1-3: kernels up to 41
+// wide; TF32 2 and 5: up to 9 and 25-33 wide); the others run it as a parameter.
+inline bool fixed_k_steps(int esize, int S) { return esize == 2 ? S >= 1 && S <= 3 : S == 2 || S == 5; }
+
 struct FwdPlan {
-  int CG, MT, NG, S, sh, rows, cols, pitch, opitch, tiles_x, tiles_y, band, xbytes;
+  int CG, MT, NG, S, sh, rows, cols, pitch, opitch, tiles_x, tiles_y, band, obytes, xbytes, steps;
   bool table;  // a B table in shared memory (the half types' one-k-step kernels load B themselves)
   size_t smem;
 };
 
-// esize: bytes per element (2: half types, 4: TF32).
-inline FwdPlan plan_forward(const DwShape& s, int esize) {
+// esize: bytes per element (2: half types, 4: TF32). lim: the GPU (sms 0: unknown, one tile row
+// a block).
+inline FwdPlan plan_forward(const DwShape& s, int esize, const DeviceLimits& lim) {
   FwdPlan q{};
   const int E = 16 / esize, KS = 32 / esize, NT = esize == 2 ? 8 : 4, UPT = 8 / E;
   // NCHW: the staged tile starts at a 16-byte boundary of the image row (vector copies) where that
@@ -555,11 +626,42 @@ inline FwdPlan plan_forward(const DwShape& s, int esize) {
   q.pitch = q.cols + (units % 2 == 0 ? E : 0);  // an odd number of units: ldmatrix rows hit every bank
   q.opitch = TW + 8;                            // C fragment stores without bank conflicts
   q.tiles_x = ceil_div(s.OW, TW);
-  q.tiles_y = ceil_div(s.OH, TH);
   q.band = kBandPad + KS * q.S;
-  q.xbytes = (int)round_up(q.CG * std::max(q.rows * q.pitch, TH * q.opitch) * esize, 16);
   q.table = !(esize == 2 && q.S == 1);
-  q.smem = (size_t)q.xbytes + (q.table ? (size_t)q.CG * s.KH * q.band * 4 : 0);
+  const size_t table = q.table ? (size_t)q.CG * s.KH * q.band * 4 : 0;
+  const size_t xin = round_up(q.CG * q.rows * q.pitch * esize, 16), xout = round_up(q.CG * TH * q.opitch * esize, 16);
+  // Tile rows a block takes one after the other (its staged rows a ring, so each takes its TH
+  // new rows only): the count that finishes soonest, as waves of blocks times a block's staged
+  // rows, with a block an SM at least. One tile row: the output tile over the staged input.
+  // LKPATCH_ROWS_STEPS sets the count (tests reach the ring's wrap with it).
+  const int row_tiles = ceil_div(s.OH, TH);
+  const auto cdiv = [](int64_t a, int64_t b) { return (a + b - 1) / b; };
+  const int64_t others = (int64_t)ceil_div(s.C, q.CG) * q.tiles_x * (s.planes / s.C);
+  q.steps = 1;
+  const size_t ring = xin + xout + table;
+  // (kernels with fixed k-steps only: the others would spill registers in the loop)
+  const bool can_ring = fixed_k_steps(esize, q.S) && row_tiles > 1 && ring <= (size_t)lim.max_smem_optin;
+  if (lim.sms > 0 && can_ring) {
+    const auto waves = [&](int st, size_t smem) {
+      const int per_sm = std::clamp((int)((lim.max_smem_optin + 1024) / (smem + 1024)), 1, q.table || st > 1 ? 2 : 3);
+      return cdiv(others * ceil_div(row_tiles, st), (int64_t)lim.sms * per_sm);
+    };
+    // A ring is taken where it saves a tenth at least: this counts staging alone, and the
+    // multiplies, the same either way, dilute its gain.
+    const int64_t one = waves(1, std::max(xin, xout) + table) * (TH + s.KH - 1);
+    int64_t best = one * 9 / 10;
+    for (int st = 2; st <= std::min(row_tiles, 16); ++st) {
+      const int64_t blocks = others * ceil_div(row_tiles, st);
+      if (blocks < (int64_t)lim.sms) break;  // fewer blocks than SMs
+      const int64_t cost = waves(st, ring) * (st * TH + s.KH - 1);
+      if (cost <= best) { best = cost; q.steps = st; }
+    }
+  }
+  if (knobs().rows_steps > 0 && can_ring) q.steps = std::min(knobs().rows_steps, row_tiles);
+  q.tiles_y = ceil_div(row_tiles, q.steps);
+  q.obytes = q.steps > 1 ? (int)xin : 0;
+  q.xbytes = q.steps > 1 ? (int)(xin + xout) : (int)std::max(xin, xout);
+  q.smem = (size_t)q.xbytes + table;
   return q;
 }
 
@@ -607,6 +709,7 @@ inline WgradPlan plan_weight_grad(const DwShape& s, int esize, int sms) {
   const int64_t blocks = (int64_t)ceil_div(s.C, q.CG) * q.tiles_i * q.tiles_j;
   q.slices = (int)std::max<int64_t>(1, std::min<int64_t>(q.items, ceil_div(4 * sms, (int)std::min<int64_t>(blocks, 1 << 20))));
   q.per_slice = ceil_div(q.items, q.slices);
+  if (knobs().rows_steps > 0 && s.nhwc) q.per_slice = std::min(q.items, knobs().rows_steps);
   q.slices = ceil_div(q.items, q.per_slice);
   q.smem = std::max(stage, (size_t)kWarps * 16 * q.JT * 8 * q.IT * sizeof(float));
   return q;

@@ -33,8 +33,24 @@ bool dwconv2d_rows_weight_grad_fits(DType t, const DwShape& s) {
 
 double dwconv2d_rows_weight_grad_staged(DType t, const DwShape& s) {
   const WgradPlan q = rows::plan_weight_grad(s, (int)elem_bytes(t), sms_or_zero());
-  const double blocks = (double)ceil_div(s.C, q.CG) * q.tiles_i * q.tiles_j;  // each stages every item
-  return blocks * q.items * q.CG * ((double)q.BH * q.gpitch + (double)q.nq * q.xw);
+  // Input rows an item stages, over a column tile's bands and the kernel-row tiles: nq (its rows
+  // at most), or, channels_last below the first band, the rows past the band above's (the ring),
+  // except in the items that start a block's slice (one in per_slice).
+  double x_rows = 0;
+  for (int ti = 0; ti < q.tiles_i; ++ti) {
+    const int i0 = ti * 8 * q.IT, kh = std::min(8 * q.IT, s.KH - i0);
+    int kept_hi = -1;
+    for (int band = 0; band < q.bands; ++band) {
+      const int oy0 = band * q.BH, nrows = std::min(q.BH, s.OH - oy0);
+      const int q_lo = std::max(0, oy0 + i0 - s.pad_t);
+      const int q_hi = std::min(s.H, oy0 + nrows - 1 + i0 + kh - 1 - s.pad_t + 1);
+      const int fresh = std::max(0, q_hi - std::max(q_lo, kept_hi));
+      x_rows += s.nhwc && band > 0 ? fresh + (double)(q.nq - fresh) / q.per_slice : q.nq;
+      kept_hi = q_hi;
+    }
+  }
+  const double columns = (double)(q.items / q.bands) * ceil_div(s.C, q.CG) * q.tiles_j * q.CG;  // images x column tiles
+  return columns * (q.tiles_i * (double)q.bands * q.BH * q.gpitch + x_rows * q.xw);
 }
 
 size_t dwconv2d_rows_weight_grad_workspace(DType t, const DwShape& s) {

@@ -354,14 +354,15 @@ def test_channels_last_fma_plan_counts_its_tiles(h100):
 @needs_extension
 def test_tensor_core_plans_count_what_they_stage(h100):
     """The tensor-core plans report the elements their blocks stage: for the rows family's NCHW
-    forward of 2 x 128 x 128 x 128 with 31 x 31 (bf16), 512 blocks (128 channels, two images, two
-    64-row tiles of all 128 columns) of 94 rows x 176 columns and a B table of 31 rows x 64
-    entries. Its channels_last tiles (4 channels of 32 x 64 outputs) stage more per output for
-    the same multiply-adds, which the rule times; the CUDA-core kernels report none."""
+    forward of 2 x 128 x 128 x 128 with 31 x 31 (bf16), 256 blocks (128 channels, two images, all
+    128 columns) that each take both 64-row tiles, one after the other: 94 rows x 176 columns for
+    the first, the 64 rows that follow for the second, and a B table of 31 rows x 64 entries once.
+    Its channels_last tiles (4 channels of 32 x 64 outputs) stage more per output for the same
+    multiply-adds, which the rule times; the CUDA-core kernels report none."""
     size, k, pads, bf = (2, 128, 128, 128), (31, 31), (15,) * 4, torch.bfloat16
     nchw, cl = (dispatch.plan("forward", size, k, pads, bf, layout) for layout in (False, True))
     assert nchw.family == cl.family == "tc_rows" and nchw.macs == cl.macs
-    assert nchw.staged == 512 * (94 * 176 + 31 * 64)
+    assert nchw.staged == 256 * ((94 + 64) * 176 + 31 * 64)
     assert cl.staged > 1.5 * nchw.staged
     assert dispatch.estimate_us("lkpatch", "forward", size, k, pads, bf, True, cl) > \
         dispatch.estimate_us("lkpatch", "forward", size, k, pads, bf, False, nchw)

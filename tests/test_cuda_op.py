@@ -472,6 +472,22 @@ def test_plan_families():
     assert plan("forward", (4, 384, 64, 64), (71, 3), (35, 35, 1, 1), bf).family == "none"
 
 
+def test_rows_blocks_taking_several_tile_rows():
+    """A rows-family block can take several tile rows (forward) or items (weight-gradient) one
+    after the other, its staged input rows a ring that keeps the rows two neighbours share. The
+    plan decides how many by the GPU's size, so the small layers of these tests rarely reach it:
+    LKPATCH_ROWS_STEPS sets it, read once, so the named layers and the rows sweeps run again in
+    fresh processes with 2 and 5 a block."""
+    import subprocess
+    import sys
+    for steps in (2, 5):
+        env = dict(os.environ, LKPATCH_ROWS_STEPS=str(steps), LKPATCH_HALF_SWEEP_CASES="8")
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
+                            "-k", "rows_named or test_random_sweep_rows"], env=env, capture_output=True, text=True,
+                           cwd=os.path.dirname(__file__))
+        assert r.returncode == 0 and " passed" in r.stdout, (steps, r.stdout[-4000:], r.stderr[-2000:])
+
+
 @pytest.mark.parametrize("k,pads,family", [((31, 31), (15,) * 4, "tc_rows"), ((1, 11), (0, 0, 5, 5), "fma"),
                                             ((7, 7), (3,) * 4, "fma")])
 def test_rows_weight_grad_deterministic(k, pads, family):
