@@ -460,11 +460,15 @@ inline cudaError_t device_limits(DeviceLimits* out) {
   return cudaSuccess;
 }
 
-// The GPU's multiprocessors, or 0 where it cannot be asked (plans that size their grids by it).
-inline int sms_or_zero() {
-  DeviceLimits lim;
-  return device_limits(&lim) == cudaSuccess ? lim.sms : 0;
+// The GPU's limits, or zeros where it cannot be asked (plans then take their smallest grids).
+inline DeviceLimits limits_or_none() {
+  DeviceLimits lim{};
+  if (device_limits(&lim) != cudaSuccess) lim = DeviceLimits{};
+  return lim;
 }
+
+// The GPU's multiprocessors, or 0 where it cannot be asked (plans that size their grids by it).
+inline int sms_or_zero() { return limits_or_none().sms; }
 
 // Launch a kernel that uses `smem` bytes of dynamic shared memory, raising its limit when needed
 // (once per kernel, device and size: the attribute call costs host time on every launch). Kernels

@@ -149,8 +149,13 @@ __device__ __forceinline__ void stage_tile(T* dst, int plane, int pitch, const T
   }
 }
 
+// Blocks an SM the forward kernel is compiled for: three for the half types' one-k-step kernels
+// without the ring (no B table, few registers), else two. The plan counts with the same.
+constexpr int forward_blocks_per_sm(bool one_step, bool ring) { return one_step && !ring ? 3 : 2; }
+
 template <typename T, bool NHWC, int FS, bool RING>
-__global__ void __launch_bounds__(32 * kWarps, FS == 1 && !RING ? 3 : 2) dw_rows_forward(const FwdParams<T> p) {
+__global__ void __launch_bounds__(32 * kWarps, forward_blocks_per_sm(FS == 1, RING))
+    dw_rows_forward(const FwdParams<T> p) {
   constexpr bool kTF32 = std::is_same_v<T, float>;
   constexpr int E = kVec<T>, KS = kStep<T>, UPT = 8 / E;  // units (16-byte columns) per n-tile
   constexpr int NT = kNT<T>;
@@ -415,6 +420,15 @@ __global__ void __launch_bounds__(32 * kWarps, FS == 1 && !RING ? 3 : 2) dw_rows
 }
 
 // ---- weight-gradient ----------------------------------------------------------------------------
+// The input rows [lo, hi) that reach output rows oy0 .. oy0 + nrows - 1 through kernel rows
+// i0 .. i0 + kh - 1 (clipped to the image).
+struct RowRange {
+  int lo, hi;
+};
+__host__ __device__ inline RowRange weight_grad_input_rows(const DwShape& s, int oy0, int nrows, int i0, int kh) {
+  return {max(0, oy0 + i0 - s.pad_t), min(s.H, oy0 + nrows - 1 + i0 + kh - 1 - s.pad_t + 1)};
+}
+
 template <typename T>
 struct WgradParams {
   const T* grad;
@@ -488,7 +502,8 @@ __global__ void __launch_bounds__(32 * kWarps, NHWC ? 2 : 3) dw_rows_weight_grad
     const int oy0 = band * p.BH, ox0 = ct * p.BW;
     const int nrows_g = min(p.BH, s.OH - oy0);
     // input rows that reach the band through this tile's kernel rows: q + pad_t - i in [oy0, oy0 + BH)
-    const int q_lo = max(0, oy0 + i0 - s.pad_t), q_hi = min(s.H, oy0 + nrows_g - 1 + i0 + kh - 1 - s.pad_t + 1);
+    const RowRange q_rows = weight_grad_input_rows(s, oy0, nrows_g, i0, kh);
+    const int q_lo = q_rows.lo, q_hi = q_rows.hi;
     const int nq = max(0, q_hi - q_lo);
     const int xs = ox0 + j0 - s.pad_l - d;
     // The item's columns inside the map (a map's last column tile can be mostly past its edge):
@@ -643,7 +658,8 @@ inline FwdPlan plan_forward(const DwShape& s, int esize, const DeviceLimits& lim
   const bool can_ring = fixed_k_steps(esize, q.S) && row_tiles > 1 && ring <= (size_t)lim.max_smem_optin;
   if (lim.sms > 0 && can_ring) {
     const auto waves = [&](int st, size_t smem) {
-      const int per_sm = std::clamp((int)((lim.max_smem_optin + 1024) / (smem + 1024)), 1, q.table || st > 1 ? 2 : 3);
+      const int per_sm = std::clamp((int)((lim.max_smem_optin + 1024) / (smem + 1024)), 1,
+                                    forward_blocks_per_sm(!q.table, st > 1));
       return cdiv(others * ceil_div(row_tiles, st), (int64_t)lim.sms * per_sm);
     };
     // A ring is taken where it saves a tenth at least: this counts staging alone, and the

@@ -43,13 +43,6 @@ bool dwconv2d_rows_forward_fits(DType t, const DwShape& s) {
   return N <= 65535 && (int64_t)q.tiles_x * q.tiles_y <= 65535 && q.smem <= (size_t)lim.max_smem_optin;
 }
 
-// Where the current GPU cannot be asked: one tile row a block.
-static DeviceLimits limits_or_none() {
-  DeviceLimits lim{};
-  if (device_limits(&lim) != cudaSuccess) lim = DeviceLimits{};
-  return lim;
-}
-
 double dwconv2d_rows_forward_staged(DType t, const DwShape& s) {
   const FwdPlan q = rows::plan_forward(s, (int)elem_bytes(t), limits_or_none());
   const double others = (double)ceil_div(s.C, q.CG) * q.tiles_x * (double)(s.planes / s.C);

@@ -42,11 +42,10 @@ double dwconv2d_rows_weight_grad_staged(DType t, const DwShape& s) {
     int kept_hi = -1;
     for (int band = 0; band < q.bands; ++band) {
       const int oy0 = band * q.BH, nrows = std::min(q.BH, s.OH - oy0);
-      const int q_lo = std::max(0, oy0 + i0 - s.pad_t);
-      const int q_hi = std::min(s.H, oy0 + nrows - 1 + i0 + kh - 1 - s.pad_t + 1);
-      const int fresh = std::max(0, q_hi - std::max(q_lo, kept_hi));
+      const rows::RowRange r = rows::weight_grad_input_rows(s, oy0, nrows, i0, kh);
+      const int fresh = std::max(0, r.hi - std::max(r.lo, kept_hi));
       x_rows += s.nhwc && band > 0 ? fresh + (double)(q.nq - fresh) / q.per_slice : q.nq;
-      kept_hi = q_hi;
+      kept_hi = r.hi;
     }
   }
   const double columns = (double)(q.items / q.bands) * ceil_div(s.C, q.CG) * q.tiles_j * q.CG;  // images x column tiles
