@@ -312,14 +312,15 @@ cudaError_t dwconv2d_tc_weight_grad(DType t, const void* grad_out, const void* i
 
 // The rows family (dwconv_rows*.cu): tensor cores with M = 16 output rows of one image, any
 // batch, NCHW or channels_last (s.nhwc), fp16 / bf16 / TF32, sm_80+. Fits: within the device's
-// limits. The weight-gradient always takes a workspace and never the bias gradient.
+// limits. The weight-gradient always takes a workspace; a non-null grad_b also gets the bias
+// gradient (workspace with_bias).
 bool dwconv2d_rows_forward_fits(DType t, const DwShape& s);
 cudaError_t dwconv2d_rows_forward(DType t, const void* in, const void* w, const void* bias, void* out,
                                   const DwShape& s, bool flip_kernel, cudaStream_t stream);
 bool dwconv2d_rows_weight_grad_fits(DType t, const DwShape& s);
-size_t dwconv2d_rows_weight_grad_workspace(DType t, const DwShape& s);
+size_t dwconv2d_rows_weight_grad_workspace(DType t, const DwShape& s, bool with_bias);
 cudaError_t dwconv2d_rows_weight_grad(DType t, const void* grad_out, const void* in, void* grad_w, float* workspace,
-                                      const DwShape& s, cudaStream_t stream);
+                                      const DwShape& s, cudaStream_t stream, void* grad_b);
 // The elements their blocks stage into shared memory, over the whole pass (tiles with their
 // halos, and the forward's B tables): the work besides the multiply-adds that grows as tiles shrink.
 double dwconv2d_rows_forward_staged(DType t, const DwShape& s);

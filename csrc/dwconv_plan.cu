@@ -99,7 +99,7 @@ Plan weight_grad_plan(DType t, const DwShape& s) {
   if (tensor_cores(t)) {
     const bool tf32_worth = t != DType::tf32 || s.nhwc || (int64_t)s.OH * s.OW >= 400;
     if (tf32_worth && dwconv2d_rows_weight_grad_fits(t, s))
-      return with_work(make(Family::tc_rows, s.nhwc), weight_grad_macs(t, s, true),
+      return with_work(make(Family::tc_rows, s.nhwc, true), weight_grad_macs(t, s, true),
                        dwconv2d_rows_weight_grad_staged(t, s));
   }
   return make(Family::fma, false);
@@ -160,7 +160,7 @@ size_t dwconv2d_weight_grad_workspace(DType t, const DwShape& s, bool with_bias)
   const Plan plan = weight_grad_plan(t, s);
   switch (plan.family) {
     case Family::tc_images: return dwconv2d_tc_weight_grad_workspace(t, s, with_bias && plan.takes_bias);
-    case Family::tc_rows: return dwconv2d_rows_weight_grad_workspace(t, s);
+    case Family::tc_rows: return dwconv2d_rows_weight_grad_workspace(t, s, with_bias && plan.takes_bias);
     case Family::fma: return plan.nhwc ? dwconv2d_nhwc_weight_grad_workspace(s) : dwconv2d_fma_weight_grad_workspace(s);
     case Family::none: break;
   }
@@ -179,7 +179,7 @@ cudaError_t dwconv2d_weight_grad(DType t, const void* grad_out, const void* in, 
     case Family::tc_images:
       if (workspace == nullptr && !s.nhwc) return cudaErrorInvalidValue;  // channels_last: none needed
       return dwconv2d_tc_weight_grad(t, grad_out, in, grad_w, workspace, s, stream, grad_b);
-    case Family::tc_rows: return dwconv2d_rows_weight_grad(t, grad_out, in, grad_w, workspace, s, stream);
+    case Family::tc_rows: return dwconv2d_rows_weight_grad(t, grad_out, in, grad_w, workspace, s, stream, grad_b);
     case Family::fma:
       if (plan.nhwc) return dwconv2d_nhwc_weight_grad(t, grad_out, in, grad_w, workspace, s, stream);
       return dwconv2d_fma_weight_grad(t, grad_out, in, grad_w, workspace, s, stream);

@@ -429,11 +429,15 @@ __host__ __device__ inline RowRange weight_grad_input_rows(const DwShape& s, int
   return {max(0, oy0 + i0 - s.pad_t), min(s.H, oy0 + nrows - 1 + i0 + kh - 1 - s.pad_t + 1)};
 }
 
+// Shared memory before the weight-gradient's staged tiles: each warp's bias-gradient sum.
+constexpr int kWgradHead = kWarps * (int)sizeof(float);  // a multiple of 16 bytes: the tiles stay aligned
+
 template <typename T>
 struct WgradParams {
   const T* grad;
   const T* in;
   float* parts;  // [slices][C][KH][KW]: each block's sums for its channels and kernel tile
+  float* bias_parts;  // [slices][C]: the output-gradient's sums (the bias gradient), or null
   DwShape s;
   int N;
   int CG;             // channels per block; kWarps / CG warps per channel split its input rows
@@ -463,9 +467,11 @@ __global__ void __launch_bounds__(32 * kWarps, NHWC ? 2 : 3) dw_rows_weight_grad
   const int item_begin = blockIdx.x * p.per_slice, item_end = min(p.items, item_begin + p.per_slice);
 
   const int gplane = (p.BH + 1) * p.gpitch, xplane = p.nq * p.xw;  // a zero row after each G plane
-  T* G = reinterpret_cast<T*>(smem_raw);  // [CG][BH + 1][gpitch]
-  T* X = G + p.CG * gplane;               // [CG][nq][xw]
-  float* red = reinterpret_cast<float*>(smem_raw);  // [warp][16 JT][8 IT], over G and X at the end
+  float* bias_acc = reinterpret_cast<float*>(smem_raw);  // [warp]: its share of the bias gradient
+  T* G = reinterpret_cast<T*>(smem_raw + kWgradHead);      // [CG][BH + 1][gpitch]
+  T* X = G + p.CG * gplane;                                // [CG][nq][xw]
+  float* red = reinterpret_cast<float*>(smem_raw + kWgradHead);  // [warp][16 JT][8 IT], over G and X at the end
+  if (threadIdx.x < kWarps) bias_acc[threadIdx.x] = 0.f;
   const T zero = from_float<T>(0.f);
   for (int e = threadIdx.x; e < p.CG * p.gpitch; e += blockDim.x) {
     const int c = e / p.gpitch;
@@ -474,6 +480,9 @@ __global__ void __launch_bounds__(32 * kWarps, NHWC ? 2 : 3) dw_rows_weight_grad
 
   float acc[JT][IT][4];
   zero_taps(acc);
+  // The bias gradient: the first kernel tile's blocks sum the staged output gradient on the way
+  // (zeros outside the map), each warp its share of its channel's rows, before any TF32 rounding.
+  const bool bias = p.bias_parts != nullptr && blockIdx.z == 0;
 
   const BandedWgradLane<T> ln(lane);
   const unsigned g_addr = (unsigned)__cvta_generic_to_shared(G + ch * gplane);
@@ -535,6 +544,24 @@ __global__ void __launch_bounds__(32 * kWarps, NHWC ? 2 : 3) dw_rows_weight_grad
       copy_async_wait_group<0>();
     }
     __syncthreads();
+    if (bias) {
+      if (active) {
+        constexpr int E = kVec<T>;
+        const int vpr = width / E, total = nrows_g * vpr;  // 16-byte vectors: a row's, the item's
+        const T* gc = G + ch * gplane;
+        float sum = 0.f;
+        for (int u = phase * 32 + lane; u < total; u += wpc * 32) {
+          const int r = u / vpr;
+          Vec16<T> v;
+          v.u = *reinterpret_cast<const uint4*>(gc + r * p.gpitch + (u - r * vpr) * E);
+#pragma unroll
+          for (int k = 0; k < E; ++k) sum += to_float(v.h[k]);
+        }
+        sum = warp_sum(sum);  // kept in shared memory: no register stays live across the items
+        if (lane == 0) bias_acc[warp] += sum;
+      }
+      if constexpr (kTF32) __syncthreads();  // summed before the rounding below
+    }
     if constexpr (kTF32) {  // the staged values rounded to TF32 once, not in every fragment
       float4* gv = reinterpret_cast<float4*>(G);
       const int ng4 = p.CG * gplane / 4;
@@ -579,6 +606,11 @@ __global__ void __launch_bounds__(32 * kWarps, NHWC ? 2 : 3) dw_rows_weight_grad
   __syncthreads();
   store_taps(red + warp * TJ * TI, acc, lane);
   __syncthreads();
+  if (bias && (int)threadIdx.x < nch) {
+    float sum = 0.f;
+    for (int w = 0; w < wpc; ++w) sum += bias_acc[threadIdx.x * wpc + w];
+    p.bias_parts[(int64_t)blockIdx.x * s.C + c0 + threadIdx.x] = sum;
+  }
   for (int e = threadIdx.x; e < nch * TJ * TI; e += blockDim.x) {
     const int c = e / (TJ * TI), k = e - c * TJ * TI, j = k / TI, i = k - j * TI;
     if (i0 + i >= s.KH || j0 + j >= s.KW) continue;
@@ -727,7 +759,7 @@ inline WgradPlan plan_weight_grad(const DwShape& s, int esize, int sms) {
   q.per_slice = ceil_div(q.items, q.slices);
   if (knobs().rows_steps > 0 && s.nhwc) q.per_slice = std::min(q.items, knobs().rows_steps);
   q.slices = ceil_div(q.items, q.per_slice);
-  q.smem = std::max(stage, (size_t)kWarps * 16 * q.JT * 8 * q.IT * sizeof(float));
+  q.smem = kWgradHead + std::max(stage, (size_t)kWarps * 16 * q.JT * 8 * q.IT * sizeof(float));
   return q;
 }
 

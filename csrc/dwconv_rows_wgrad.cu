@@ -52,13 +52,14 @@ double dwconv2d_rows_weight_grad_staged(DType t, const DwShape& s) {
   return columns * (q.tiles_i * (double)q.bands * q.BH * q.gpitch + x_rows * q.xw);
 }
 
-size_t dwconv2d_rows_weight_grad_workspace(DType t, const DwShape& s) {
+// The slices' taps, then (with_bias) their bias sums.
+size_t dwconv2d_rows_weight_grad_workspace(DType t, const DwShape& s, bool with_bias) {
   const WgradPlan q = rows::plan_weight_grad(s, (int)elem_bytes(t), sms_or_zero());
-  return (size_t)q.slices * s.C * s.KH * s.KW * sizeof(float);
+  return (size_t)q.slices * s.C * (s.KH * s.KW + (with_bias ? 1 : 0)) * sizeof(float);
 }
 
 cudaError_t dwconv2d_rows_weight_grad(DType t, const void* grad_out, const void* in, void* grad_w, float* workspace,
-                                      const DwShape& s, cudaStream_t stream) {
+                                      const DwShape& s, cudaStream_t stream, void* grad_b) {
   if (workspace == nullptr) return cudaErrorInvalidValue;
   const int sms = sms_or_zero();
   return with_dtype(t, [&](auto tag) -> cudaError_t {
@@ -69,6 +70,8 @@ cudaError_t dwconv2d_rows_weight_grad(DType t, const void* grad_out, const void*
     p.grad = static_cast<const T*>(grad_out);
     p.in = static_cast<const T*>(in);
     p.parts = workspace;
+    const int64_t taps = (int64_t)s.C * s.KH * s.KW;
+    p.bias_parts = grad_b ? workspace + q.slices * taps : nullptr;
     p.s = s;
     p.N = (int)(s.planes / s.C);
     p.CG = q.CG; p.BH = q.BH; p.BW = q.BW; p.bands = q.bands; p.ctiles = q.ctiles; p.items = q.items;
@@ -86,7 +89,9 @@ cudaError_t dwconv2d_rows_weight_grad(DType t, const void* grad_out, const void*
       e = weight_grad_tiles<T, false>(p, q, stream);
     }
     if (e != cudaSuccess) return e;
-    return sum_partials(workspace, static_cast<T*>(grad_w), q.slices, (int64_t)s.C * s.KH * s.KW, stream);
+    e = sum_partials(workspace, static_cast<T*>(grad_w), q.slices, taps, stream);
+    if (e != cudaSuccess || grad_b == nullptr) return e;
+    return sum_partials(p.bias_parts, static_cast<T*>(grad_b), q.slices, (int64_t)s.C, stream);
   });
 }
 

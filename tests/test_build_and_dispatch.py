@@ -193,7 +193,8 @@ def test_plan_families(h100):
     assert plan("weight_grad", (64, 1024, 7, 7), (13, 13), (6,) * 4, bf, True)[:4] == ("tc_images", True, True, "")
     assert plan("weight_grad", (64, 1024, 7, 7), (13, 13), (6,) * 4, bf)[:4] == ("tc_images", False, True, "")
     for pass_ in dispatch.CONV_PASSES:
-        assert plan(pass_, (4, 384, 64, 64), (31, 31), same31, bf)[:4] == ("tc_rows", False, False, "")
+        want = ("tc_rows", False, pass_ == "weight_grad", "")  # the weight-gradient sums the bias too
+        assert plan(pass_, (4, 384, 64, 64), (31, 31), same31, bf)[:4] == want
         assert plan(pass_, big, (7, 7), same7, torch.float16, True)[:2] == (
             "fma" if pass_ == "weight_grad" else "tc_rows", True)
         assert plan(pass_, (1, 8, 200, 304), (61, 5), (30, 30, 2, 2), bf, True).family == "tc_rows"
@@ -433,14 +434,14 @@ def test_rule_any_all_and_policies(h100):
 @needs_extension
 def test_bias_gradient_from_the_weight_gradient_follows_the_plan(h100):
     """Where the weight-gradient's kernel (by the plan) also gives the bias gradient -- the
-    images family's small-map ones, NCHW and channels_last, TF32's banded one -- no bias pass of
-    its own runs; elsewhere the bias gradient's own rule decides."""
+    images family's small-map ones, NCHW and channels_last, TF32's banded one, and the rows
+    family's -- no bias pass of its own runs; elsewhere the bias gradient's own rule decides."""
     k, pads = (27, 27), (13,) * 4
     on = dispatch.bias_grad_on_kernel
     assert not on((64, 512, 14, 14), torch.bfloat16)  # a pass of its own: too small a map
     assert on((64, 512, 14, 14), torch.bfloat16, False, k, pads)
     assert on((64, 1024, 7, 7), torch.float16, True, (13, 13), (6,) * 4)
-    assert not dispatch.weight_grad_sums_bias((4, 512, 14, 14), k, pads, torch.bfloat16)  # rows family
+    assert dispatch.weight_grad_sums_bias((4, 512, 14, 14), k, pads, torch.bfloat16)  # rows family
     assert not dispatch.weight_grad_sums_bias((64, 384, 64, 64), (7, 7), (3,) * 4, torch.bfloat16, True)
     with dispatch.conv_tf32(True):
         assert dispatch.weight_grad_sums_bias((64, 256, 28, 28), (29, 29), (14,) * 4, torch.float32)

@@ -488,6 +488,39 @@ def test_rows_blocks_taking_several_tile_rows():
         assert r.returncode == 0 and " passed" in r.stdout, (steps, r.stdout[-4000:], r.stderr[-2000:])
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, "tf32"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("n,c,h,w,k", [(2, 20, 45, 70, (31, 31)), (1, 9, 37, 141, (41, 35)), (3, 13, 29, 23, (7, 9))],
+                         ids=["slices", "kernel_tiles", "odd_widths"])
+def test_rows_bias_gradient_from_the_weight_gradient(n, c, h, w, k, layout, dtype):
+    """The rows family's weight-gradient sums the bias gradient from its staged output gradient
+    (the first kernel tile's blocks only), so the eager backward runs no bias-gradient kernel, and
+    every gradient matches float64: several items and slices a channel, kernels of two tiles a
+    side, odd widths and a partial channels_last group."""
+    tf32_on = dtype == "tf32"
+    dtype = torch.float32 if tf32_on else dtype
+    cl = layout == "channels_last"
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    gen = torch.Generator(device="cuda").manual_seed(31)
+    pads = ((k[0] - 1) // 2, k[0] // 2, (k[1] - 1) // 2, k[1] // 2)
+    x = torch.randn(n, c, h, w, device="cuda", generator=gen).to(dtype).contiguous(memory_format=fmt)
+    wt = (torch.randn(c, 1, *k, device="cuda", generator=gen) / math.prod(k) ** 0.5).to(dtype)
+    b = torch.randn(c, device="cuda", generator=gen).to(dtype)
+    g = (torch.randn(n, c, h, w, device="cuda", generator=gen) + 0.5).to(dtype).contiguous(memory_format=fmt)
+    ref = reference(x, wt, b, pads, g)
+    with tf32(tf32_on), dispatch.force("kernel"):
+        q = dispatch.plan("weight_grad", (n, c, h, w), k, pads, dtype, cl)
+        assert (q.family, q.nhwc, q.takes_bias) == ("tc_rows", cl, True), q
+        assert dispatch.weight_grad_sums_bias((n, c, h, w), k, pads, dtype, cl)
+        got, kernels = eager_step_kernels(x, wt, b, pads, g)
+    if kernels is not None:
+        assert any("dw_rows_weight_grad" in name for name in kernels), kernels
+        assert not any("bias_grad" in name for name in kernels), kernels
+    tol = TF32_TOL if tf32_on else {name: TOL[dtype] for name in ("output", "grad_input", "grad_weight")}
+    for name, a, want in zip(("output", "grad_input", "grad_weight", "grad_bias"), got, ref):
+        assert rel_err(a, want) <= tol.get(name, TOL[dtype]), name
+
+
 @pytest.mark.parametrize("k,pads,family", [((31, 31), (15,) * 4, "tc_rows"), ((1, 11), (0, 0, 5, 5), "fma"),
                                             ((7, 7), (3,) * 4, "fma")])
 def test_rows_weight_grad_deterministic(k, pads, family):
