@@ -17,6 +17,11 @@
       whole channels_last layers (forward + both gradients + bias gradient) on each route --
       PyTorch, direct, copies -- and the speed rule's pick: GPU ms (CUDA-graph replay) and the
       rule's step alone (LKPATCH_PROFILE_DTYPE, default bfloat16; TF32 off)
+  python tools/gpu_profile.py layers [N,C,H,W,KH,KW ...]
+      whole layers with a bias (forward + both gradients + bias gradient, the eager path), NCHW
+      and channels_last, as the speed rule runs them and as PyTorch does: GPU microseconds
+      (CUDA-graph replay, median of 7); the rule's channels_last route in brackets; PyTorch left
+      out above 2e10 multiply-adds (LKPATCH_PROFILE_DTYPE, default bfloat16; TF32 off)
   python tools/gpu_profile.py compiled [MODEL [BATCH]]
       a converted timm model's training step (bf16, channels_last) eager against torch.compile,
       graph breaks, and each one's top kernels (default replknet_31b, batch 64)
@@ -500,6 +505,35 @@ def routes(layers):
         torch.cuda.empty_cache()
 
 
+def layers(specs):
+    """Each layer's whole step in both layouts, on the speed rule's path and on PyTorch's."""
+    from lkpatch.bench import graph_time_ms
+    from lkpatch.functional import depthwise_conv2d
+    build.build()
+    torch.backends.cudnn.allow_tf32 = False
+    dtype = getattr(torch, os.environ.get("LKPATCH_PROFILE_DTYPE", "bfloat16"))
+    for layer in [tuple(int(v) for v in a.split(",")) for a in specs] or ROUTE_LAYERS:
+        n, c, h, w, kh, kw = layer
+        pads = ((kh - 1) // 2, kh // 2, (kw - 1) // 2, kw // 2)
+        row = []
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            x = torch.randn(n, c, h, w, device="cuda", dtype=dtype).contiguous(memory_format=fmt).requires_grad_()
+            g = torch.randn_like(x)
+            wt = torch.randn(c, 1, kh, kw, device="cuda", dtype=dtype, requires_grad=True)
+            b = torch.randn(c, device="cuda", dtype=dtype, requires_grad=True)
+            step = lambda i: torch.autograd.grad(depthwise_conv2d(x, wt, b, padding=pads), (x, wt, b), g)
+            cl = fmt == torch.channels_last
+            for impl in ("auto", "pytorch") if n * c * h * w * kh * kw < 2e10 else ("auto",):
+                dispatch._decisions.clear()
+                with dispatch.force(impl):
+                    us = graph_time_ms(step, 7) * 1000
+                route = f" ({dispatch.channels_last_route((n, c, h, w), (kh, kw), pads, dtype)})" if cl and impl == "auto" else ""
+                row.append(f"{'channels_last' if cl else 'NCHW'} {'lkpatch' if impl == 'auto' else 'PyTorch'}{route} {us:.1f}")
+            del x, g
+            torch.cuda.empty_cache()
+        print(f"layers {n}x{c}x{h}x{w} {kh}x{kw} {dtype}: " + " | ".join(row), flush=True)
+
+
 def gpu_us(fn, reps=50):
     """Median GPU microseconds of fn (CUDA events, after warm-up)."""
     for _ in range(5):
@@ -551,7 +585,7 @@ if __name__ == "__main__":
              "hostbound": lambda: hostbound(), "model": lambda: model(sys.argv[2] if len(sys.argv) > 2 else "bfloat16"),
              "python": lambda: python_profile(), "autograd": lambda: autograd_variants(),
              "biasgrad": lambda: biasgrad(), "copies": lambda: copies(sys.argv[2:]),
-             "routes": lambda: routes(sys.argv[2:]),
+             "routes": lambda: routes(sys.argv[2:]), "layers": lambda: layers(sys.argv[2:]),
              "backbone": lambda: backbone(int(sys.argv[2]) if len(sys.argv) > 2 else 2,
                                           int(sys.argv[3]) if len(sys.argv) > 3 else 512),
              "compiled": lambda: compiled(sys.argv[2] if len(sys.argv) > 2 else "replknet_31b",
