@@ -82,9 +82,9 @@ void describe_device(const DeviceLimits* d);
 // grad_w[c][kh][kw] = sum_{n,oy,ox} grad_out[n,c][oy][ox] * in[n,c][oy - pad_t + kh][ox - pad_l + kw].
 // Deterministic: partial sums go to an fp32 `workspace` and are added in a fixed order.
 // Where the plan's takes_bias says so (tensor-core kernels that walk every staged element of
-// grad_out anyway: the small-map ones, NCHW and channels_last, TF32's banded one), a non-null
-// grad_b also gets the bias gradient, as dwconv2d_bias_grad gives it; the workspace is then the
-// one asked for with_bias. Elsewhere a non-null grad_b is an error.
+// grad_out anyway: the small-map ones, NCHW and channels_last, TF32's banded one, the rows
+// family's), a non-null grad_b also gets the bias gradient, as dwconv2d_bias_grad gives it; the
+// workspace is then the one asked for with_bias. Elsewhere a non-null grad_b is an error.
 size_t dwconv2d_weight_grad_workspace(DType t, const DwShape& s, bool with_bias = false);  // bytes (may be 0)
 cudaError_t dwconv2d_weight_grad(DType t, const void* grad_out, const void* in, void* grad_w, float* workspace,
                                  const DwShape& s, cudaStream_t stream, void* grad_b = nullptr);

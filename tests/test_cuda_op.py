@@ -476,27 +476,31 @@ def test_rows_blocks_taking_several_tile_rows():
     """A rows-family block can take several tile rows (forward) or items (weight-gradient) one
     after the other, its staged input rows a ring that keeps the rows two neighbours share. The
     plan decides how many by the GPU's size, so the small layers of these tests rarely reach it:
-    LKPATCH_ROWS_STEPS sets it, read once, so the named layers and the rows sweeps run again in
-    fresh processes with 2 and 5 a block."""
+    LKPATCH_ROWS_STEPS sets it, read once, so the named layers, the rows sweeps and the rows
+    family's bias-gradient test run again in fresh processes with 2 and 5 a block."""
     import subprocess
     import sys
     for steps in (2, 5):
         env = dict(os.environ, LKPATCH_ROWS_STEPS=str(steps), LKPATCH_HALF_SWEEP_CASES="8")
         r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
-                            "-k", "rows_named or test_random_sweep_rows"], env=env, capture_output=True, text=True,
+                            "-k", "rows_named or test_random_sweep_rows or rows_bias_gradient"], env=env,
+                           capture_output=True, text=True,
                            cwd=os.path.dirname(__file__))
         assert r.returncode == 0 and " passed" in r.stdout, (steps, r.stdout[-4000:], r.stderr[-2000:])
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, "tf32"])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-@pytest.mark.parametrize("n,c,h,w,k", [(2, 20, 45, 70, (31, 31)), (1, 9, 37, 141, (41, 35)), (3, 13, 29, 23, (7, 9))],
-                         ids=["slices", "kernel_tiles", "odd_widths"])
+@pytest.mark.parametrize("n,c,h,w,k", [(2, 20, 45, 70, (31, 31)), (1, 9, 37, 141, (41, 35)), (3, 13, 29, 23, (7, 9)),
+                                       (3, 600, 29, 23, (7, 9)), (2, 12, 37, 64, (15, 13))],
+                         ids=["slices", "kernel_tiles", "odd_widths", "items_a_block", "aligned_rows"])
 def test_rows_bias_gradient_from_the_weight_gradient(n, c, h, w, k, layout, dtype):
     """The rows family's weight-gradient sums the bias gradient from its staged output gradient
     (the first kernel tile's blocks only), so the eager backward runs no bias-gradient kernel, and
-    every gradient matches float64: several items and slices a channel, kernels of two tiles a
-    side, odd widths and a partial channels_last group."""
+    every gradient matches float64: items spread over slices, several items a block (600
+    channels: one slice), kernels of two tiles a side, odd widths and a partial channels_last
+    group, rows that 16-byte copies stage (64 wide). TF32: one channel of the output gradient is
+    1 + 2^-12, which TF32 rounds to 1, so a sum taken after the rounding fails the exact check."""
     tf32_on = dtype == "tf32"
     dtype = torch.float32 if tf32_on else dtype
     cl = layout == "channels_last"
@@ -507,6 +511,8 @@ def test_rows_bias_gradient_from_the_weight_gradient(n, c, h, w, k, layout, dtyp
     wt = (torch.randn(c, 1, *k, device="cuda", generator=gen) / math.prod(k) ** 0.5).to(dtype)
     b = torch.randn(c, device="cuda", generator=gen).to(dtype)
     g = (torch.randn(n, c, h, w, device="cuda", generator=gen) + 0.5).to(dtype).contiguous(memory_format=fmt)
+    if tf32_on:
+        g[:, 0] = 1 + 2 ** -12
     ref = reference(x, wt, b, pads, g)
     with tf32(tf32_on), dispatch.force("kernel"):
         q = dispatch.plan("weight_grad", (n, c, h, w), k, pads, dtype, cl)
