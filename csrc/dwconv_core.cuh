@@ -259,6 +259,23 @@ inline cudaError_t sum_partials(const float* parts, T* out, int G, int64_t n, cu
   return cudaGetLastError();
 }
 
+// A weight-gradient workspace of `slices` partial results: every slice's taps [slices][C][KH][KW],
+// then, with the bias gradient, every slice's bias sums [slices][C].
+inline size_t slices_workspace_bytes(int slices, const DwShape& s, bool with_bias) {
+  return (size_t)slices * s.C * (s.KH * s.KW + (with_bias ? 1 : 0)) * sizeof(float);
+}
+inline float* slices_bias_parts(float* workspace, int slices, const DwShape& s) {
+  return workspace + (int64_t)slices * s.C * s.KH * s.KW;
+}
+// The slices added in order into grad_w, and into grad_b where it is not null.
+template <typename T>
+inline cudaError_t sum_slices(float* workspace, T* grad_w, T* grad_b, int slices, const DwShape& s,
+                              cudaStream_t stream) {
+  const cudaError_t e = sum_partials(workspace, grad_w, slices, (int64_t)s.C * s.KH * s.KW, stream);
+  if (e != cudaSuccess || grad_b == nullptr) return e;
+  return sum_partials(slices_bias_parts(workspace, slices, s), grad_b, slices, (int64_t)s.C, stream);
+}
+
 // The CUDA-core kernels (exact fp32 arithmetic, NCHW): general (dwconv_fwd.cu, dwconv_wgrad.cu),
 // choosing the small-map variants (dwconv_small.cu: whole planes staged, images in the register
 // tile) where use_small_map says so.

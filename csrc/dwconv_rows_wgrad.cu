@@ -52,10 +52,9 @@ double dwconv2d_rows_weight_grad_staged(DType t, const DwShape& s) {
   return columns * (q.tiles_i * (double)q.bands * q.BH * q.gpitch + x_rows * q.xw);
 }
 
-// The slices' taps, then (with_bias) their bias sums.
 size_t dwconv2d_rows_weight_grad_workspace(DType t, const DwShape& s, bool with_bias) {
   const WgradPlan q = rows::plan_weight_grad(s, (int)elem_bytes(t), sms_or_zero());
-  return (size_t)q.slices * s.C * (s.KH * s.KW + (with_bias ? 1 : 0)) * sizeof(float);
+  return slices_workspace_bytes(q.slices, s, with_bias);
 }
 
 cudaError_t dwconv2d_rows_weight_grad(DType t, const void* grad_out, const void* in, void* grad_w, float* workspace,
@@ -70,8 +69,7 @@ cudaError_t dwconv2d_rows_weight_grad(DType t, const void* grad_out, const void*
     p.grad = static_cast<const T*>(grad_out);
     p.in = static_cast<const T*>(in);
     p.parts = workspace;
-    const int64_t taps = (int64_t)s.C * s.KH * s.KW;
-    p.bias_parts = grad_b ? workspace + q.slices * taps : nullptr;
+    p.bias_parts = grad_b ? slices_bias_parts(workspace, q.slices, s) : nullptr;
     p.s = s;
     p.N = (int)(s.planes / s.C);
     p.CG = q.CG; p.BH = q.BH; p.BW = q.BW; p.bands = q.bands; p.ctiles = q.ctiles; p.items = q.items;
@@ -89,9 +87,7 @@ cudaError_t dwconv2d_rows_weight_grad(DType t, const void* grad_out, const void*
       e = weight_grad_tiles<T, false>(p, q, stream);
     }
     if (e != cudaSuccess) return e;
-    e = sum_partials(workspace, static_cast<T*>(grad_w), q.slices, taps, stream);
-    if (e != cudaSuccess || grad_b == nullptr) return e;
-    return sum_partials(p.bias_parts, static_cast<T*>(grad_b), q.slices, (int64_t)s.C, stream);
+    return sum_slices(workspace, static_cast<T*>(grad_w), static_cast<T*>(grad_b), q.slices, s, stream);
   });
 }
 

@@ -825,7 +825,7 @@ size_t dwconv2d_tc_weight_grad_workspace(DType t, const DwShape& s, bool with_bi
   if (s.nhwc) return 0;  // its taps are final
   const int esize = (int)elem_bytes(t);
   const int slices = small_kernel(t, s) ? plan_small(s, lim, esize).slices : plan(s, lim.sms, esize).slices;
-  return (size_t)slices * s.C * (s.KH * s.KW + (with_bias ? 1 : 0)) * sizeof(float);
+  return slices_workspace_bytes(slices, s, with_bias);
 }
 
 cudaError_t dwconv2d_tc_weight_grad(DType t, const void* grad_out, const void* in, void* grad_w, float* workspace,
@@ -835,16 +835,13 @@ cudaError_t dwconv2d_tc_weight_grad(DType t, const void* grad_out, const void* i
   if (err != cudaSuccess) return err;
   if (t == DType::f32) return cudaErrorInvalidValue;  // exact fp32 runs on CUDA cores
   // grad_b (only where dwconv2d_tc_weight_grad_takes_bias: the caller checks): the workspace holds
-  // the slices' taps, then their bias parts; add_slices sums both.
-  const int64_t taps = (int64_t)s.C * s.KH * s.KW;
+  // the slices' taps, then their bias parts (slices_workspace_bytes); add_slices sums both.
   // (channels_last has no workspace: its sums are final)
-  auto bias_parts = [&](int slices) { return grad_b && workspace ? workspace + slices * taps : nullptr; };
+  auto bias_parts = [&](int slices) { return grad_b && workspace ? slices_bias_parts(workspace, slices, s) : nullptr; };
   return with_dtype(t, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
     auto add_slices = [&](int slices) {
-      cudaError_t e = sum_partials(workspace, static_cast<T*>(grad_w), slices, taps, stream);
-      if (e != cudaSuccess || grad_b == nullptr) return e;
-      return sum_partials(bias_parts(slices), static_cast<T*>(grad_b), slices, (int64_t)s.C, stream);
+      return sum_slices(workspace, static_cast<T*>(grad_w), static_cast<T*>(grad_b), slices, s, stream);
     };
     if (small_kernel(t, s)) {
       const TcSmallWgradPlan sq = plan_small(s, lim, sizeof(T));
