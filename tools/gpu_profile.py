@@ -468,24 +468,30 @@ ROUTE_LAYERS = [(2, 128, 128, 128, 31, 31), (2, 128, 200, 304, 31, 31), (2, 256,
                 (128, 768, 7, 7, 7, 7), (64, 512, 14, 14, 27, 27), (64, 1024, 7, 7, 13, 13)]
 
 
+def layer_step(layer, dtype, fmt):
+    """A whole step of one layer with a bias ('same' padding, random tensors in ``fmt``): forward,
+    and the gradients of input, weight and bias (the eager path). Returns (step, pads)."""
+    from lkpatch.functional import depthwise_conv2d
+    n, c, h, w, kh, kw = layer
+    pads = ((kh - 1) // 2, kh // 2, (kw - 1) // 2, kw // 2)
+    x = torch.randn(n, c, h, w, device="cuda", dtype=dtype).contiguous(memory_format=fmt).requires_grad_()
+    g = torch.randn_like(x)
+    wt = torch.randn(c, 1, kh, kw, device="cuda", dtype=dtype, requires_grad=True)
+    b = torch.randn(c, device="cuda", dtype=dtype, requires_grad=True)
+    return (lambda i: torch.autograd.grad(depthwise_conv2d(x, wt, b, padding=pads), (x, wt, b), g)), pads
+
+
 def routes(layers):
     """Each channels_last layer's step on every route, the route forced by replacing the rule's
     decision (dispatch's "route" question) for the run, and the rule's own pick."""
     from lkpatch.bench import graph_time_ms, time_ms
-    from lkpatch.functional import depthwise_conv2d
     build.build()
     torch.backends.cudnn.allow_tf32 = False
     dtype = getattr(torch, os.environ.get("LKPATCH_PROFILE_DTYPE", "bfloat16"))
     rule = dispatch._DECIDE["route"]
     for layer in [tuple(int(v) for v in a.split(",")) for a in layers] or ROUTE_LAYERS:
         n, c, h, w, kh, kw = layer
-        pads = ((kh - 1) // 2, kh // 2, (kw - 1) // 2, kw // 2)
-        x = torch.randn(n, c, h, w, device="cuda", dtype=dtype).contiguous(memory_format=torch.channels_last)
-        x.requires_grad_()
-        g = torch.randn_like(x)
-        wt = torch.randn(c, 1, kh, kw, device="cuda", dtype=dtype, requires_grad=True)
-        b = torch.randn(c, device="cuda", dtype=dtype, requires_grad=True)
-        step = lambda i: torch.autograd.grad(depthwise_conv2d(x, wt, b, padding=pads), (x, wt, b), g)
+        step, pads = layer_step(layer, dtype, torch.channels_last)
         ms = {}
         try:
             for mode in ("pytorch", "direct", "copies", "rule"):
@@ -501,27 +507,21 @@ def routes(layers):
             dispatch._decisions.clear()
         print(f"routes {n}x{c}x{h}x{w} {kh}x{kw} {dtype}: PyTorch {ms['pytorch']:.3f} ms, direct {ms['direct']:.3f}, "
               f"copies {ms['copies']:.3f}; rule ({picked}) {ms['rule']:.3f}, alone {alone:.3f}")
-        del x, g
+        del step
         torch.cuda.empty_cache()
 
 
 def layers(specs):
     """Each layer's whole step in both layouts, on the speed rule's path and on PyTorch's."""
     from lkpatch.bench import graph_time_ms
-    from lkpatch.functional import depthwise_conv2d
     build.build()
     torch.backends.cudnn.allow_tf32 = False
     dtype = getattr(torch, os.environ.get("LKPATCH_PROFILE_DTYPE", "bfloat16"))
     for layer in [tuple(int(v) for v in a.split(",")) for a in specs] or ROUTE_LAYERS:
         n, c, h, w, kh, kw = layer
-        pads = ((kh - 1) // 2, kh // 2, (kw - 1) // 2, kw // 2)
         row = []
         for fmt in (torch.contiguous_format, torch.channels_last):
-            x = torch.randn(n, c, h, w, device="cuda", dtype=dtype).contiguous(memory_format=fmt).requires_grad_()
-            g = torch.randn_like(x)
-            wt = torch.randn(c, 1, kh, kw, device="cuda", dtype=dtype, requires_grad=True)
-            b = torch.randn(c, device="cuda", dtype=dtype, requires_grad=True)
-            step = lambda i: torch.autograd.grad(depthwise_conv2d(x, wt, b, padding=pads), (x, wt, b), g)
+            step, pads = layer_step(layer, dtype, fmt)
             cl = fmt == torch.channels_last
             for impl in ("auto", "pytorch") if n * c * h * w * kh * kw < 2e10 else ("auto",):
                 dispatch._decisions.clear()
@@ -529,7 +529,7 @@ def layers(specs):
                     us = graph_time_ms(step, 7) * 1000
                 route = f" ({dispatch.channels_last_route((n, c, h, w), (kh, kw), pads, dtype)})" if cl and impl == "auto" else ""
                 row.append(f"{'channels_last' if cl else 'NCHW'} {'lkpatch' if impl == 'auto' else 'PyTorch'}{route} {us:.1f}")
-            del x, g
+            del step
             torch.cuda.empty_cache()
         print(f"layers {n}x{c}x{h}x{w} {kh}x{kw} {dtype}: " + " | ".join(row), flush=True)
 
