@@ -79,13 +79,14 @@ def save_atomic(obj, path: str) -> None:
 
 
 def load_checkpoint(path: str):
-    """A checkpoint read tensors-only (``weights_only=True``: no code from the file runs)."""
-    if not os.path.isfile(path):
-        raise ExampleError(f"checkpoint '{path}' does not exist")
+    """A checkpoint read tensors-only (no code from the file runs), through lkpatch's reader: the
+    same errors as ``lkpatch convert`` for a missing, unreadable, corrupt or code-carrying file."""
+    from lkpatch import checkpoint
+
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch.load fails on bad files in many ways
-        raise ExampleError(f"cannot read checkpoint '{path}': {first_line(e)}") from e
+        return checkpoint.load(path)
+    except checkpoint.CheckpointError as e:
+        raise ExampleError(str(e)) from None
 
 
 def strip_prefix(state_dict: Dict[str, torch.Tensor], prefix: str = "module.") -> Dict[str, torch.Tensor]:

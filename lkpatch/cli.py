@@ -288,10 +288,10 @@ def _checked_outputs(model: nn.Module, x: torch.Tensor):
 
 
 def reparameterize(model: nn.Module) -> str:
-    """:func:`lkpatch.deploy.reparameterize` (kept here for callers of the command's module)."""
-    from .deploy import reparameterize as deploy_reparameterize
+    """:func:`lkpatch.deploy.reparameterize`, returning what was done (the command's report)."""
+    from .deploy import to_deploy_structure
 
-    return deploy_reparameterize(model)
+    return to_deploy_structure(model)
 
 
 # ------------------------------------------------------------------------------------ subcommands

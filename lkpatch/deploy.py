@@ -18,10 +18,17 @@ import torch.nn as nn
 from . import checkpoint as ckpt_io
 
 
-def reparameterize(model: nn.Module) -> str:
+def reparameterize(model: nn.Module) -> nn.Module:
     """The deploy structure, in place: RepLKNet's own structural re-parameterization, else every
     BatchNorm that follows a depthwise convolution folded into it. The model must be in eval mode
-    (both use the BatchNorm running statistics). Returns what was done."""
+    (both use the BatchNorm running statistics). Returns the model, as ``convert_model`` and
+    ``fuse_conv_bn`` do."""
+    to_deploy_structure(model)
+    return model
+
+
+def to_deploy_structure(model: nn.Module) -> str:
+    """:func:`reparameterize`, returning what was done (for the command's report)."""
     from .fuse import find_conv_bn_pairs, fuse_conv_bn
 
     if model.training:
@@ -72,7 +79,7 @@ def load_checkpoint(model: nn.Module, checkpoint: Union[str, os.PathLike, Any], 
             raise ValueError(f"the checkpoint fits neither the model nor its deploy structure (the model is "
                              f"unchanged). Against the model: {as_is}; against its deploy structure: {problem}")
     model.eval()
-    done = reparameterize(model)
+    done = to_deploy_structure(model)
     ckpt_io.fit_prefix(entry, model.state_dict())
     problem = ckpt_io.mismatch(model.state_dict(), entry.state_dict)
     if problem:

@@ -221,7 +221,7 @@ def test_convert_model_on_an_exported_program_says_to_convert_first():
 
 def test_load_checkpoint_takes_deploy_and_training_checkpoints(tmp_path):
     fused = _stack()
-    lkpatch.reparameterize(fused)
+    assert lkpatch.reparameterize(fused) is fused
     x = torch.randn(2, 3, 16, 16)
     expected = _stack()(x)
     torch.save({"model": {f"module.{k}": v for k, v in fused.state_dict().items()}, "epoch": 3}, tmp_path / "d.pth")

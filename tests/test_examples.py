@@ -222,6 +222,12 @@ def test_deploy_reparam_and_fold_then_onnx(ddp_runs, example, tmp_path, capsys):
     with pytest.raises(deploy.ExampleError, match="exists; pass --force"):
         deploy.main([str(tmp_path / "mobilenet.pth"), "--model", "mobilenetv3_small_050", "--output",
                      str(tmp_path / "fold"), "--no-onnx", "--no-bench", "--device", "cpu", "--img-size", "32"])
+    # a damaged file: the reader's own words, not torch.load's advice to turn off weights_only
+    (tmp_path / "damaged.pth").write_bytes(b"PK\x03\x04 not a checkpoint")
+    for path, message in ((tmp_path / "damaged.pth", "not a PyTorch checkpoint"), (tmp_path, "is not a file")):
+        with pytest.raises(deploy.ExampleError, match=message) as err:
+            deploy.main([str(path), "--no-onnx", "--no-bench", "--device", "cpu"])
+        assert "weights_only" not in str(err.value)
 
 
 def test_backbone_features_and_timing(example, capsys):

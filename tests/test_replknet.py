@@ -44,6 +44,8 @@ def test_reference_output(reference):
 def test_structural_reparam_gives_the_deploy_model(reference, convert_first):
     model = tiny(reference)
     model.load_state_dict(reference["state_dict"], strict=True)
+    with pytest.raises(ValueError, match=r"call model.eval\(\) first"):  # BN in training mode: not what eval computes
+        model.structural_reparam()
     model.eval()
     if convert_first:
         lkpatch.convert_model(model)

@@ -259,7 +259,10 @@ class RepLKNet(nn.Module):
     def structural_reparam(self) -> "RepLKNet":
         """Fold BN and the small kernel into one large kernel per block (the official deploy
         structure, ``lkb_reparam``). Uses the BN running statistics: the result computes what the
-        model computes in eval mode. Returns the model."""
+        model computes in eval mode, and refuses a model in training mode. Returns the model."""
+        if self.training:
+            raise ValueError("RepLKNet.structural_reparam: call model.eval() first; the merged kernels use the "
+                             "BatchNorm running statistics")
         for module in self.modules():
             if isinstance(module, ReparamLargeKernelConv):
                 module.merge_kernel()
