@@ -395,6 +395,12 @@ def _convert(args) -> int:
         out, path = _checked_outputs(model, x)
         _check(f"converted {where} vs original", ref, out, TOLERANCE[device], path)
         if args.reparam:
+            from .deploy import has_deploy_structure
+
+            if not has_deploy_structure(model):
+                raise CLIError(f"--reparam: {args.model} has nothing to re-parameterize (no BatchNorm follows a "
+                               f"depthwise convolution, and no structural re-parameterization); nothing written. "
+                               f"Without --reparam the converted model loads the checkpoint as it is")
             with _step("re-parameterizing"):
                 done = reparameterize(model)
             _say(done)

@@ -27,6 +27,14 @@ def reparameterize(model: nn.Module) -> nn.Module:
     return model
 
 
+def has_deploy_structure(model: nn.Module) -> bool:
+    """Whether :func:`reparameterize` changes ``model``: RepLKNet's structural
+    re-parameterization, or a BatchNorm after a depthwise convolution to fold."""
+    from .fuse import find_conv_bn_pairs
+
+    return hasattr(model, "structural_reparam") or bool(find_conv_bn_pairs(model))
+
+
 def to_deploy_structure(model: nn.Module) -> str:
     """:func:`reparameterize`, returning what was done (for the command's report)."""
     from .fuse import find_conv_bn_pairs, fuse_conv_bn

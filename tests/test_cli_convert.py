@@ -394,6 +394,16 @@ def test_an_input_too_small_for_the_model_is_named(capsys, tmp_path):
     assert "convnext_atto does not run on the check's 1x3x8x8 input (" in err and "give --input-size" in err
 
 
+def test_reparam_with_nothing_to_reparameterize_writes_nothing(capsys, tmp_path):
+    import timm
+
+    torch.save(timm.create_model("convnext_atto").state_dict(), tmp_path / "c.pth")  # LayerNorms, no BatchNorm
+    code, _, err = run(capsys, "convert", tmp_path / "c.pth", "--model", "convnext_atto", "--input-size", "32",
+                       "--batch", "1", "--reparam")
+    assert code == 1 and "--reparam: convnext_atto has nothing to re-parameterize" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pth"]
+
+
 def test_timm_checkpoint_saver_files_load_without_the_unsafe_flag(capsys, tmp_path):
     from timm.utils import CheckpointSaver, ModelEmaV3
 
