@@ -35,7 +35,13 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+_open_step: List[str] = []  # the step whose 'what ...' line waits for its time
+
+
 def _say(msg: str = "") -> None:
+    if _open_step:  # a message from inside a step ends the step's line; its time follows on its own line
+        print(flush=True)
+        _open_step.clear()
     print(msg, flush=True)
 
 
@@ -43,13 +49,19 @@ def _say(msg: str = "") -> None:
 def _step(what: str):
     """Progress for a step that may take a while: 'what ...' then its time."""
     print(f"{what} ...", end="", flush=True)
+    _open_step[:] = [what]
     t0 = time.perf_counter()
+
+    def end(result: str) -> None:
+        print(f" {result}" if _open_step else f"{what}: {result}", flush=True)
+        _open_step.clear()
+
     try:
         yield
     except BaseException:
-        print(" failed", flush=True)
+        end("failed")
         raise
-    print(f" {time.perf_counter() - t0:.1f} s", flush=True)
+    end(f"{time.perf_counter() - t0:.1f} s")
 
 
 # ----------------------------------------------------------------------------------------- models

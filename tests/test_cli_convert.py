@@ -536,3 +536,15 @@ def test_check_refuses_outputs_without_values():
     empty = cli._outputs(_Detector(found=False), torch.randn(2, 4, 5, 5))
     with pytest.raises(cli.CLIError, match="holds no values on the check's random input.*score threshold"):
         cli._check("converted", empty, empty, 1e-4)
+
+
+def test_the_class_count_comes_from_the_checkpoint_on_its_own_line(capsys, ckpt):
+    """A message from inside a progress step ends the step's line; the step's time follows on a
+    line of its own."""
+    args = [a for a in ARGS if a not in ("--model-arg", "num_classes=10")]
+    code, out, err = run(capsys, "convert", ckpt, *args)
+    assert code == 0, err
+    lines = out.splitlines()
+    said = next(i for i, line in enumerate(lines) if line.startswith("the checkpoint's classifier has 10 classes"))
+    assert lines[said - 1] == f"building {NAME} for the state_dict ...", lines
+    assert re.fullmatch(rf"building {NAME} for the state_dict: \d+\.\d s", lines[said + 1]), lines
