@@ -103,7 +103,13 @@ def replknet_backbone(name: str, overrides: Dict) -> nn.Module:
 
 
 def timm_backbone(name: str) -> nn.Module:
-    return common.create_model(name, features_only=True, out_indices=(0, 1, 2, 3))
+    """The timm model's features at strides 4, 8, 16 and 32, whichever of its stages give them
+    (ConvNeXt: its four stages; ResNets: the last four of five)."""
+    reductions = common.create_model(name, features_only=True).feature_info.reduction()
+    if not all(r in reductions for r in (4, 8, 16, 32)):
+        raise ExampleError(f"--timm {name}: its feature maps have strides {reductions}, not 4, 8, 16 and 32")
+    return common.create_model(name, features_only=True,
+                               out_indices=tuple(reductions.index(r) for r in (4, 8, 16, 32)))
 
 
 def describe(model: nn.Module, x: torch.Tensor, amp: str) -> List[int]:
