@@ -230,6 +230,14 @@ def test_deploy_reparam_and_fold_then_onnx(ddp_runs, example, tmp_path, capsys):
         assert "weights_only" not in str(err.value)
 
 
+def test_backbone_of_a_timm_model_takes_strides_4_to_32(example):
+    backbone = example("backbone")
+    assert backbone.timm_backbone("resnet18").feature_info.reduction() == [4, 8, 16, 32]  # five stages, from 2
+    assert backbone.timm_backbone("convnext_atto").feature_info.reduction() == [4, 8, 16, 32]
+    with pytest.raises(backbone.ExampleError, match=r"strides \[16(, 16)*\], not 4, 8, 16 and 32"):
+        backbone.timm_backbone("vit_tiny_patch16_224")
+
+
 def test_backbone_features_and_timing(example, capsys):
     assert example("backbone").main([
         "--device", "cpu", "--size", "64", "--batch", "1", "--steps", "1", "--warmup", "0", "--timm", "convnext_atto",
