@@ -28,6 +28,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from . import checkpoint
+
 # The default rows: RepLKNet-31B's stages, ConvNeXt-T's first stage, and a 64x64 map.
 DEFAULT_SHAPES = [
     (64, 384, 64, 64, 31, 31), (64, 384, 64, 64, 7, 7), (64, 128, 56, 56, 31, 31), (64, 256, 28, 28, 29, 29),
@@ -435,10 +437,23 @@ def plot_results(result: Dict, path: str) -> str:
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
     fig.tight_layout()
-    if not os.path.splitext(path)[1]:  # matplotlib would add it; say the name it writes
-        path += ".png"
-    fig.savefig(path, dpi=120)
+    path = _plot_path(path)
+    with checkpoint.SafeWriter(path, overwrite=True) as writer:  # never a half-written image
+        fig.savefig(writer.tmp, dpi=120, format=os.path.splitext(path)[1][1:])
+        writer.commit()
     return path
+
+
+def _plot_path(path: str) -> str:
+    """The file --plot writes: a name without an extension gets .png, as matplotlib gives it."""
+    return path if os.path.splitext(path)[1] else path + ".png"
+
+
+def _write_json(result: Dict, path: str) -> None:
+    with checkpoint.SafeWriter(path, overwrite=True) as writer:  # never a half-written file
+        with open(writer.tmp, "w") as fh:
+            json.dump(result, fh, indent=1)
+        writer.commit()
 
 
 def _plot(result: Dict, path: str, source: str) -> int:
@@ -447,6 +462,9 @@ def _plot(result: Dict, path: str, source: str) -> int:
         written = plot_results(result, path)
     except PlotError as e:
         print(f"lkpatch: error: {e}", file=sys.stderr)
+        return 1
+    except checkpoint.CheckpointError as e:  # the image's file: its folder, its permissions
+        print(f"lkpatch: error: cannot plot {source} into {path}: {e}", file=sys.stderr)
         return 1
     except (KeyError, IndexError, ValueError, TypeError, ZeroDivisionError, OSError) as e:
         # rows that are not lkpatch bench's, or a path the image cannot be written to
@@ -493,6 +511,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ImportError:
             print("lkpatch: error: plotting needs matplotlib: pip install 'lkpatch[plot]'", file=sys.stderr)
             return 1
+    try:  # where the results go, checked before the timings rather than after them
+        for path in ([args.json] if args.json else []) + ([_plot_path(args.plot)] if args.plot else []):
+            checkpoint.check_output_path(path, overwrite=True)
+    except checkpoint.CheckpointError as e:
+        print(f"lkpatch: error: {e}", file=sys.stderr)
+        return 1
     if not torch.cuda.is_available():
         print("lkpatch: error: bench needs a CUDA GPU", file=sys.stderr)
         return 1
@@ -539,8 +563,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.passes or args.sweep:
             print(format_passes(rows))
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=1)
+        try:
+            _write_json(result, args.json)
+        except checkpoint.CheckpointError as e:
+            print(f"lkpatch: error: {e}", file=sys.stderr)
+            return 1
     if args.plot:
         return _plot(result, args.plot, "the results")
     return 0

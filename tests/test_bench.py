@@ -105,11 +105,15 @@ def test_plot_of_foreign_rows_and_unusable_paths_is_one_line(tmp_path, capsys):
     zero.write_text(json.dumps({**STAMP, "rows": [{**ROWS[0], "lkpatch_fwd_bwd_ms": 0.0}]}))
     for files, out, message in (([foreign], tmp_path / "a.png", "KeyError"),
                                 ([good, zero], tmp_path / "b.png", "ZeroDivisionError"),
-                                ([good], tmp_path / "nodir" / "c.png", "No such file or directory")):
+                                ([good], tmp_path / "nodir" / "c.png", "output folder"),
+                                ([good], tmp_path / "d.png", "is a directory")):
+        if out.name == "d.png":
+            out.mkdir()
         assert main(["bench", "--plot", str(out), "--from", *map(str, files)]) == 1
         err = capsys.readouterr().err
         assert err.startswith(f"lkpatch: error: cannot plot {files[0]}") and message in err and err.count("\n") == 1
-        assert not out.exists()
+        assert out.is_dir() or not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.png", "foreign.json", "good.json", "zero.json"]  # no temporary file
     # a name without an extension gets .png, and the message names that file
     assert main(["bench", "--plot", str(tmp_path / "plain"), "--from", str(good)]) == 0
     assert capsys.readouterr().out == f"wrote {tmp_path / 'plain.png'}\n" and (tmp_path / "plain.png").exists()
@@ -127,3 +131,14 @@ def test_results_name_the_commit_of_a_checkout():
         pytest.skip("git is not usable here")
     commit = bench._git_commit()
     assert commit is not None and commit.replace("+dirty", "").endswith(head.stdout.strip())
+
+
+def test_unusable_result_paths_are_named_before_any_timing(tmp_path, capsys):
+    """--json and --plot paths are checked first: a bench run never ends in a file it cannot write."""
+    for flag, path in (("--json", tmp_path / "nodir" / "r.json"), ("--plot", tmp_path / "nodir" / "r.png")):
+        if flag == "--plot":
+            pytest.importorskip("matplotlib")
+        assert main(["bench", flag, str(path)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("lkpatch: error: output folder") and "nodir" in err and err.count("\n") == 1, err
+    assert list(tmp_path.iterdir()) == []
