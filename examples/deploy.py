@@ -257,6 +257,15 @@ def main(argv=None) -> int:
     print(f"loaded {args.checkpoint}: {name} ({info['weights']} weights{step}), "
           f"{getattr(model, 'num_classes', '?')} classes, {img_size} px", flush=True)
 
+    # the files it will write, checked before the work that leads to them
+    out_dir = args.output or os.path.dirname(os.path.abspath(args.checkpoint))
+    stem = args.name or name
+    ckpt_path = os.path.join(out_dir, f"{stem}.deploy.pth")
+    onnx_path = os.path.join(out_dir, f"{stem}.onnx")
+    for path in (ckpt_path,) + (() if args.no_onnx else (onnx_path,)):
+        if os.path.exists(path) and not args.force:
+            raise ExampleError(f"{path} exists; pass --force to overwrite it")
+
     deploy, what = make_deploy(model)
     method = "structural_reparam" if is_replknet(model) else "fuse_conv_bn"
     print(f"deploy: {what}", flush=True)
@@ -271,14 +280,7 @@ def main(argv=None) -> int:
     check("deploy model vs the training model in eval mode", ref, outputs(deploy, x), device)
     del model
 
-    out_dir = args.output or os.path.dirname(os.path.abspath(args.checkpoint))
     os.makedirs(out_dir, exist_ok=True)
-    stem = args.name or name
-    ckpt_path = os.path.join(out_dir, f"{stem}.deploy.pth")
-    onnx_path = os.path.join(out_dir, f"{stem}.onnx")
-    for path in (ckpt_path,) + (() if args.no_onnx else (onnx_path,)):
-        if os.path.exists(path) and not args.force:
-            raise ExampleError(f"{path} exists; pass --force to overwrite it")
     deploy_args = {**model_args, "small_kernel_merged": True} if method == "structural_reparam" else model_args
     with common.checkpoint_writer(ckpt_path, overwrite=args.force) as writer:  # checked before it is put in place
         written = writer.write({"model": {k: v.detach().cpu() for k, v in deploy.state_dict().items()},

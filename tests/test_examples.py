@@ -219,9 +219,11 @@ def test_deploy_reparam_and_fold_then_onnx(ddp_runs, example, tmp_path, capsys):
     if onnx:
         assert (tmp_path / "rep" / "replknet_31b.onnx").stat().st_size > 0
         assert (tmp_path / "fold" / "mobilenetv3_small_050.onnx").stat().st_size > 0
+    capsys.readouterr()
     with pytest.raises(deploy.ExampleError, match="exists; pass --force"):
         deploy.main([str(tmp_path / "mobilenet.pth"), "--model", "mobilenetv3_small_050", "--output",
                      str(tmp_path / "fold"), "--no-onnx", "--no-bench", "--device", "cpu", "--img-size", "32"])
+    assert "deploy:" not in capsys.readouterr().out  # refused before the deploy model was made
     # a damaged file: the reader's own words, not torch.load's advice to turn off weights_only
     (tmp_path / "damaged.pth").write_bytes(b"PK\x03\x04 not a checkpoint")
     for path, message in ((tmp_path / "damaged.pth", "not a PyTorch checkpoint"), (tmp_path, "is not a file")):
