@@ -438,9 +438,7 @@ def plot_results(result: Dict, path: str) -> str:
 
     fig.tight_layout()
     path = _plot_path(path)
-    with checkpoint.SafeWriter(path, overwrite=True) as writer:  # never a half-written image
-        fig.savefig(writer.tmp, dpi=120, format=os.path.splitext(path)[1][1:])
-        writer.commit()
+    _write_file(path, lambda tmp: fig.savefig(tmp, dpi=120, format=os.path.splitext(path)[1][1:]))
     return path
 
 
@@ -449,11 +447,20 @@ def _plot_path(path: str) -> str:
     return path if os.path.splitext(path)[1] else path + ".png"
 
 
-def _write_json(result: Dict, path: str) -> None:
-    with checkpoint.SafeWriter(path, overwrite=True) as writer:  # never a half-written file
-        with open(writer.tmp, "w") as fh:
-            json.dump(result, fh, indent=1)
+def _write_file(path: str, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` fills a temporary file beside ``path`` that then replaces it: never a
+    half-written file."""
+    with checkpoint.SafeWriter(path, overwrite=True) as writer:
+        write(writer.tmp)
         writer.commit()
+
+
+def _write_json(result: Dict, path: str) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as fh:
+            json.dump(result, fh, indent=1)
+
+    _write_file(path, write)
 
 
 def _plot(result: Dict, path: str, source: str) -> int:

@@ -35,13 +35,13 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-_open_step: List[str] = []  # the step whose 'what ...' line waits for its time
+_line = {"step_open": False}  # a step's 'what ...' line is waiting for its time
 
 
 def _say(msg: str = "") -> None:
-    if _open_step:  # a message from inside a step ends the step's line; its time follows on its own line
+    if _line["step_open"]:  # a message from inside a step ends the step's line; its time follows on its own line
         print(flush=True)
-        _open_step.clear()
+        _line["step_open"] = False
     print(msg, flush=True)
 
 
@@ -49,12 +49,12 @@ def _say(msg: str = "") -> None:
 def _step(what: str):
     """Progress for a step that may take a while: 'what ...' then its time."""
     print(f"{what} ...", end="", flush=True)
-    _open_step[:] = [what]
+    _line["step_open"] = True
     t0 = time.perf_counter()
 
     def end(result: str) -> None:
-        print(f" {result}" if _open_step else f"{what}: {result}", flush=True)
-        _open_step.clear()
+        print(f" {result}" if _line["step_open"] else f"{what}: {result}", flush=True)
+        _line["step_open"] = False
 
     try:
         yield
@@ -299,13 +299,6 @@ def _checked_outputs(model: nn.Module, x: torch.Tensor):
     return out, use.describe()
 
 
-def reparameterize(model: nn.Module) -> str:
-    """:func:`lkpatch.deploy.reparameterize`, returning what was done (the command's report)."""
-    from .deploy import to_deploy_structure
-
-    return to_deploy_structure(model)
-
-
 # ------------------------------------------------------------------------------------ subcommands
 
 def _default_output(path: Path, reparam: bool, fmt: str = "torch") -> Path:
@@ -407,14 +400,14 @@ def _convert(args) -> int:
         out, path = _checked_outputs(model, x)
         _check(f"converted {where} vs original", ref, out, TOLERANCE[device], path)
         if args.reparam:
-            from .deploy import has_deploy_structure
+            from .deploy import to_deploy_structure
 
-            if not has_deploy_structure(model):
+            with _step("re-parameterizing"):
+                done = to_deploy_structure(model)
+            if done is None:
                 raise CLIError(f"--reparam: {args.model} has nothing to re-parameterize (no BatchNorm follows a "
                                f"depthwise convolution, and no structural re-parameterization); nothing written. "
                                f"Without --reparam the converted model loads the checkpoint as it is")
-            with _step("re-parameterizing"):
-                done = reparameterize(model)
             _say(done)
             out, path = _checked_outputs(model, x)
             _check(f"re-parameterized {where} vs original", ref, out, TOLERANCE[device], path)

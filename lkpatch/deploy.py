@@ -27,16 +27,9 @@ def reparameterize(model: nn.Module) -> nn.Module:
     return model
 
 
-def has_deploy_structure(model: nn.Module) -> bool:
-    """Whether :func:`reparameterize` changes ``model``: RepLKNet's structural
-    re-parameterization, or a BatchNorm after a depthwise convolution to fold."""
-    from .fuse import find_conv_bn_pairs
-
-    return hasattr(model, "structural_reparam") or bool(find_conv_bn_pairs(model))
-
-
-def to_deploy_structure(model: nn.Module) -> str:
-    """:func:`reparameterize`, returning what was done (for the command's report)."""
+def to_deploy_structure(model: nn.Module) -> Optional[str]:
+    """:func:`reparameterize`, returning what was done (for the command's report); None where
+    the model has nothing to re-parameterize (it is left as it is)."""
     from .fuse import find_conv_bn_pairs, fuse_conv_bn
 
     if model.training:
@@ -46,6 +39,8 @@ def to_deploy_structure(model: nn.Module) -> str:
         model.structural_reparam()
         return "structural re-parameterization (BN and small kernel merged into the large kernel)"
     pairs = find_conv_bn_pairs(model)
+    if not pairs:
+        return None
     fuse_conv_bn(model)
     return f"{len(pairs)} BatchNorm(s) folded into the depthwise convolution before them"
 
@@ -87,7 +82,7 @@ def load_checkpoint(model: nn.Module, checkpoint: Union[str, os.PathLike, Any], 
             raise ValueError(f"the checkpoint fits neither the model nor its deploy structure (the model is "
                              f"unchanged). Against the model: {as_is}; against its deploy structure: {problem}")
     model.eval()
-    done = to_deploy_structure(model)
+    done = to_deploy_structure(model) or "no BatchNorm to fold"
     ckpt_io.fit_prefix(entry, model.state_dict())
     problem = ckpt_io.mismatch(model.state_dict(), entry.state_dict)
     if problem:
