@@ -266,13 +266,17 @@ def mismatch(own: Dict[str, torch.Tensor], sd: Dict[str, torch.Tensor]) -> Optio
     unexpected = [k for k in sd if k not in own]
     shapes = [f"{k} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
               for k in sd if k in own and sd[k].shape != own[k].shape]
-    if not (missing or unexpected or shapes):
+    # load_state_dict would cast integer weights into the model's floats without a word
+    types = [f"{k} {str(sd[k].dtype).replace('torch.', '')}" for k in sd
+             if k in own and own[k].is_floating_point() and not (sd[k].is_floating_point() or sd[k].is_complex())]
+    if not (missing or unexpected or shapes or types):
         return None
 
     def listed(label, items):
         return f"{len(items)} {label} ({', '.join(items[:3])}{', ...' if len(items) > 3 else ''})" if items else ""
     return "; ".join(p for p in (listed("missing", missing), listed("unexpected", unexpected),
-                                 listed("with another shape", shapes)) if p)
+                                 listed("with another shape", shapes),
+                                 listed("not floating point where the model's are", types)) if p)
 
 
 # ------------------------------------------------------------------------------------------ writing

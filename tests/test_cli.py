@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+import timm
 import torch.nn as nn
 
 from lkpatch import checkpoint as ckpt_io
@@ -170,6 +171,7 @@ def test_classifier_size_is_taken_from_the_checkpoint(capsys, tmp_path):
     ("sd", ["--model", "no_such_model_xyz"], "unknown model"),
     ("sd", ["--model", "torchvision:no_such_model"], "unknown torchvision model"),
     ("sd", ["--model", "convnext_atto"], "2 unexpected (w, b)"),
+    ("ints", ["--model", "convnext_atto"], "not floating point where the model's are (stem.0.weight int64"),
     ("sd", ["--model", "convnext_atto", "--model-arg", "oops"], "KEY=VALUE"),
     ("sd", ["--model", "convnext_atto", "--model-arg", "no_such_arg=1"], "cannot build"),
     ("sd", [], "--model NAME is required"),
@@ -184,6 +186,9 @@ def test_convert_errors_are_one_line(capsys, tmp_path, make, argv, message):
         torch.save({"epoch": 1}, path)
     elif make == "sd":
         torch.save({"w": torch.ones(2), "b": torch.ones(1)}, path)
+    elif make == "ints":  # would load, cast to float, without a word
+        sd = timm.create_model("convnext_atto").state_dict()
+        torch.save({k: v.to(torch.int64) for k, v in sd.items()}, path)
     code, _, err = run(capsys, "convert", path, *argv)
     assert code == 1
     assert message in err and err.startswith("lkpatch: error:") and err.count("\n") == 1, err
