@@ -309,9 +309,10 @@ double dwconv2d_nhwc_macs(const DwShape& s);
 // The tensor-core forward / input-grad for fp16, bf16 and TF32 (dwconv_tc.cu), where it applies:
 // sm_80+, 8 or more images. LKPATCH_TENSOR_CORES=never turns it off (benchmarking).
 bool dwconv2d_tc_forward_fits(DType t, const DwShape& s);
-// Whether its general kernel would stage this shape's rows by shifted loads, not asynchronous
-// copies (half types on odd widths), which its staging cannot overlap with the mma.
-bool dwconv2d_tc_forward_shifts_rows(DType t, const DwShape& s);
+// The bytes of each asynchronous copy by which its general kernel stages this shape's NCHW rows
+// (16, 8 or 4), or 0: by shifted loads (half types on odd widths), which its staging cannot
+// overlap with the mma.
+int dwconv2d_tc_forward_copy_bytes(DType t, const DwShape& s);
 cudaError_t dwconv2d_tc_forward(DType t, const void* in, const void* w, const void* bias, void* out,
                                 const DwShape& s, bool flip_kernel, cudaStream_t stream);
 
@@ -396,7 +397,8 @@ inline ImageSlices image_slices(int N, int C, int sms, int most) {
 // The benchmarking knobs, read once from the environment (the only place that reads them):
 // LKPATCH_TENSOR_CORES=never keeps every dtype on the CUDA-core kernels; LKPATCH_SMALL_MAP=
 // never|always overrides the fp32 small-map rule; LKPATCH_NHWC_FMA=never|always the rule for the
-// channels_last CUDA-core kernels; LKPATCH_SMALL_IMAGES and LKPATCH_TC_GROUPS set
+// channels_last CUDA-core kernels; LKPATCH_IMAGES=never|always, on maps above 16 x 16, no pass on
+// the images family / its forward wherever it fits; LKPATCH_SMALL_IMAGES and LKPATCH_TC_GROUPS set
 // the images an fp32 small-map thread and the 16-image groups a general tensor-core block take;
 // LKPATCH_ROWS_STEPS the tile rows a rows-family forward block, and the items a rows-family
 // channels_last weight-gradient block, takes one after the other.
@@ -404,6 +406,7 @@ struct Knobs {
   bool tensor_cores = true;
   char small_map = 0;  // 'n', 'a' or 0 (the rule)
   char nhwc_fma = 0;   // LKPATCH_NHWC_FMA: 'n', 'a' or 0 (the plan's rule)
+  char images = 0;     // LKPATCH_IMAGES: 'n', 'a' or 0 (the plan's rule)
   int small_images = 0, tc_groups = 0, rows_steps = 0;
 };
 inline const Knobs& knobs() {
@@ -415,6 +418,8 @@ inline const Knobs& knobs() {
     r.small_map = e && (e[0] == 'n' || e[0] == 'a') ? e[0] : 0;
     e = getenv("LKPATCH_NHWC_FMA");
     r.nhwc_fma = e && (e[0] == 'n' || e[0] == 'a') ? e[0] : 0;
+    e = getenv("LKPATCH_IMAGES");
+    r.images = e && (e[0] == 'n' || e[0] == 'a') ? e[0] : 0;
     e = getenv("LKPATCH_SMALL_IMAGES");
     r.small_images = e ? atoi(e) : 0;  // 8: the fp32 small-map forward takes 8 images a thread, not 4
     e = getenv("LKPATCH_TC_GROUPS");

@@ -64,19 +64,38 @@ bool nhwc_fma(DType t, const DwShape& s, bool fits, Pass pass) {
   return std::min(s.KH, s.KW) == 1 || s.KH * s.KW <= 25;
 }
 
-// The forward (or the input-gradient's shape). The images family is the faster where it takes a
-// call (8+ images; channels_last only on maps up to 16) and its rows can be copied
-// asynchronously; then, on channels_last, the CUDA-core kernel for small kernels (nhwc_fma); the
-// rows family takes every other tensor-core call. Odd widths in half types, where both families
-// stage by shifted loads: the rows family on maps wider than the images family's 32-column tiles
-// (its 64-column tiles are then at least half used and it is the faster), the images family on
-// narrower ones (measured). TF32 on the rows family only from 28 x 28 maps and 9 taps a row, as the images
-// family's rule (the exact CUDA-core kernels are as fast below that); channels_last TF32 always,
-// which saves the layout copies.
+// Whether the images family's general forward takes a call that the rows family also fits
+// (fp16 / bf16, measured), by the empty image slots of its 16-image tiles and how each family
+// stages this shape's NCHW rows. Rows of whole 16-byte units, which both copy asynchronously: the
+// images family only where its tiles are full. 8-byte units, which the rows family stages by
+// shifted loads: the images family unless its tiles are half empty or more. 4-byte units, which it
+// copies at a fraction of the rate: only with full tiles on maps up to its 32-column tiles. Odd
+// widths, where both shift: the images family on maps up to 32 columns (wider ones fill the rows
+// family's 64-column tiles at least half). Small maps and TF32 keep the images family.
+// LKPATCH_IMAGES overrides (benchmarking).
+bool images_forward(DType t, const DwShape& s) {
+  if (small_map_tiles(s) == 1) return true;
+  if (knobs().images) return knobs().images == 'a';
+  if (t == DType::tf32) return true;
+  const int N = (int)(s.planes / s.C), slots = round_up(N, 16);
+  switch (dwconv2d_tc_forward_copy_bytes(t, s)) {
+    case 16: return slots == N;
+    case 8: return 2 * N > slots;
+    case 4: return slots == N && s.OW <= 32;
+    default: return s.OW <= 32;
+  }
+}
+
+// The forward (or the input-gradient's shape). The images family where it takes a call (8+
+// images; channels_last only on maps up to 16) and images_forward says so; then, on
+// channels_last, the CUDA-core kernel for small kernels (nhwc_fma); the rows family takes every
+// other tensor-core call. TF32 on the rows family only from 28 x 28 maps and 9 taps a row, as the
+// images family's rule (the exact CUDA-core kernels are as fast below that); channels_last TF32
+// always, which saves the layout copies.
 Plan forward_plan(DType t, const DwShape& s) {
   const bool tf32_worth = t != DType::tf32 || s.nhwc || (s.KW >= 9 && (int64_t)s.OH * s.OW >= 28 * 28);
   const bool rows = tensor_cores(t) && tf32_worth && dwconv2d_rows_forward_fits(t, s);
-  if (tensor_cores(t) && dwconv2d_tc_forward_fits(t, s) && !(rows && dwconv2d_tc_forward_shifts_rows(t, s) && s.OW > 32))
+  if (tensor_cores(t) && dwconv2d_tc_forward_fits(t, s) && (!rows || images_forward(t, s)))
     return with_work(make(Family::tc_images, s.nhwc), forward_macs(Family::tc_images, t, s),
                      dwconv2d_tc_forward_staged(t, s));
   if (s.nhwc && nhwc_fma(t, s, dwconv2d_nhwc_forward_fits(t, s), Pass::forward))
@@ -91,7 +110,7 @@ Plan forward_plan(DType t, const DwShape& s) {
 // CUDA-core kernel where it takes the call (up to 49 taps) and nhwc_fma's rule says so, then the
 // rows family.
 Plan weight_grad_plan(DType t, const DwShape& s) {
-  if (tensor_cores(t) && dwconv2d_tc_weight_grad_fits(t, s))
+  if (tensor_cores(t) && dwconv2d_tc_weight_grad_fits(t, s) && (knobs().images != 'n' || small_map_tiles(s) == 1))
     return with_work(make(Family::tc_images, s.nhwc, dwconv2d_tc_weight_grad_takes_bias(t, s)),
                      weight_grad_macs(t, s, dwconv2d_tc_weight_grad_banded(t, s)), dwconv2d_tc_weight_grad_staged(t, s));
   if (s.nhwc && nhwc_fma(t, s, dwconv2d_nhwc_weight_grad_fits(t, s), Pass::weight_grad))

@@ -690,8 +690,8 @@ bool dwconv2d_tc_forward_fits(DType t, const DwShape& s) {
          q.tiles <= 0x7fffffff && q.smem <= (size_t)lim.max_smem_optin;
 }
 
-bool dwconv2d_tc_forward_shifts_rows(DType t, const DwShape& s) {
-  return !s.nhwc && !small_map(s) && copy_bytes((int64_t)s.W * elem_bytes(t), 0, 0, true) == 0;
+int dwconv2d_tc_forward_copy_bytes(DType t, const DwShape& s) {
+  return copy_bytes((int64_t)s.W * elem_bytes(t), 0, 0, true);
 }
 
 double dwconv2d_tc_forward_staged(DType t, const DwShape& s) {
