@@ -101,17 +101,21 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--random", type=int, default=100, help="random layers (each in a random dtype and layout)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--named", action="store_true", help="also the named layers, in both layouts")
+    ap.add_argument("--named", action="store_true", help="also the named layers, in --layouts")
     ap.add_argument("--named-dtypes", default="bf16", help="comma-separated dtypes of the named layers (default bf16)")
     ap.add_argument("--named-max-batch", type=int, default=None, help="only the named layers with at most this batch")
+    ap.add_argument("--layers", nargs="*", default=[], metavar="N,C,H,W,KH,KW",
+                    help="also these layers, in the named layers' dtypes and --layouts")
+    ap.add_argument("--layouts", default="nchw,channels_last", help="layouts of the named layers and --layers")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--json", required=True)
     args = ap.parse_args(argv)
     rng = random.Random(args.seed)
-    todo = []
+    layouts = [{"nchw": False, "channels_last": True}[name] for name in args.layouts.split(",")]
+    chosen = [tuple(int(v) for v in spec.split(",")) for spec in args.layers]
     if args.named:
-        todo += [(case, dt, cl) for dt in args.named_dtypes.split(",") for case in NAMED for cl in (False, True)
-                 if args.named_max_batch is None or case[0] <= args.named_max_batch]
+        chosen = [case for case in NAMED if args.named_max_batch is None or case[0] <= args.named_max_batch] + chosen
+    todo = [(case, dt, cl) for dt in args.named_dtypes.split(",") for case in chosen for cl in layouts]
     named = len(todo)
     while len(todo) < args.random + named:
         case, dt, cl = random_case(rng), rng.choice(list(DTYPES)), rng.random() < 0.5
