@@ -183,9 +183,9 @@ def h100(monkeypatch, extension):
 
 @needs_extension
 def test_plan_families(h100):
-    """The extension's plan: the images family for 8+ images on NCHW (channels_last on maps up to
-    16, with the bias gradient from the weight-gradient), the rows family for every other
-    tensor-core call in either layout, exact fp32 on CUDA cores (reading channels_last where the
+    """The extension's plan: the images family for 8+ images on NCHW where the rule below gives it
+    the call (channels_last on maps up to 16, with the bias gradient from the weight-gradient), the
+    rows family for every other tensor-core call in either layout, exact fp32 on CUDA cores (reading channels_last where the
     kernel is small), and the CUDA-core kernels that read channels_last for small and thin kernels."""
     plan, bf, f32 = dispatch.plan, torch.bfloat16, torch.float32
     big, same31, same7 = (64, 384, 64, 64), (15,) * 4, (3,) * 4
@@ -217,14 +217,19 @@ def test_plan_families(h100):
         assert plan("forward", (4, 384, 64, 64), (7, 7), same7, f32).family == "fma"  # exact is as fast
         assert plan("forward", (4, 384, 64, 64), (7, 7), same7, f32, True)[:4] == ("tc_rows", True, False, "")
         assert plan("weight_grad", (64, 8, 98, 98), (13, 13), (6,) * 4, f32)[:4] == ("tc_images", False, True, "")
-    # Rows the images family could not copy asynchronously (odd widths in half types): on maps
-    # wider than its 32-column tiles its forward and input-gradient go to the rows family, its
-    # weight-gradient stays; even widths, narrower maps, TF32 and small maps keep the images family.
-    for w, family in ((56, "tc_images"), (58, "tc_images"), (55, "tc_rows"), (57, "tc_rows"), (33, "tc_rows"),
-                      (31, "tc_images"), (27, "tc_images")):
-        assert plan("forward", (64, 96, 56, w), (7, 7), same7, bf).family == family
-        assert plan("input_grad", (64, 96, 56, w), (7, 7), same7, bf).family == family
-        assert plan("weight_grad", (64, 96, 56, w), (7, 7), same7, bf).family == "tc_images"
+    # Between the families on NCHW maps above 16 x 16, by the images family's empty image slots
+    # and how it stages a row: 16-byte units (56, 64 wide) on images only with full 16-image
+    # tiles; 8-byte units (60), which the rows family shifts, unless half its slots are empty;
+    # 4-byte units (58, 30) with full tiles on maps up to 32 wide; odd widths (shifted by both)
+    # on maps up to 32 wide. The weight-gradient stays on the images family.
+    for n, w, family in ((64, 56, "tc_images"), (16, 64, "tc_images"), (8, 56, "tc_rows"), (24, 64, "tc_rows"),
+                         (56, 56, "tc_rows"), (64, 60, "tc_images"), (12, 60, "tc_images"), (8, 60, "tc_rows"),
+                         (64, 58, "tc_rows"), (64, 30, "tc_images"), (24, 30, "tc_rows"), (64, 55, "tc_rows"),
+                         (64, 57, "tc_rows"), (64, 33, "tc_rows"), (64, 31, "tc_images"), (8, 27, "tc_images")):
+        assert plan("forward", (n, 96, 56, w), (7, 7), same7, bf).family == family, (n, w)
+        assert plan("input_grad", (n, 96, 56, w), (7, 7), same7, bf).family == family, (n, w)
+        assert plan("weight_grad", (n, 96, 56, w), (7, 7), same7, bf).family == "tc_images"
+    assert plan("forward", (8, 96, 14, 14), (7, 7), same7, bf).family == "tc_images"  # small maps keep it
     assert plan("forward", (64, 1024, 7, 7), (13, 13), (6,) * 4, bf).family == "tc_images"
     with dispatch.conv_tf32(True):
         assert plan("forward", (64, 96, 57, 57), (13, 13), (6,) * 4, f32).family == "tc_images"
