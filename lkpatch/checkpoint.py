@@ -330,6 +330,8 @@ def check_output_path(path: str, *, overwrite: bool, source: Optional[str] = Non
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
+        if e.errno == errno.ENOENT:  # the folder is there, but its file system makes no files (/proc)
+            raise CheckpointError(f"cannot write in output folder '{folder}': it takes no new files") from e
         raise CheckpointError(f"cannot write in output folder: {describe_os_error(e, str(folder))}") from e
     return target
 

@@ -301,6 +301,7 @@ def _unwritable_folder(tmp_path):
     ("exists", "output '{tmp}/exists.pth' exists; pass --force to overwrite it"),
     ("input", "the output is the input checkpoint"),
     ("unwritable", "cannot write in output folder: "),
+    ("virtual folder", "cannot write in output folder '/proc': it takes no new files"),
     ("format", "--format safetensors, but '{tmp}/x.pth' is named as a torch file"),
     ("no model", "--model NAME is required"),
     ("unknown model", "unknown model 'no_such_net'"),
@@ -308,6 +309,8 @@ def _unwritable_folder(tmp_path):
     ("dangling link", "output '{tmp}/link.pth' is a symbolic link to '{tmp}/nowhere/x.pth', which does not exist"),
 ])
 def test_output_problems_are_reported_before_any_work(capsys, tmp_path, ckpt, monkeypatch, case, message):
+    if case == "virtual folder" and not os.path.isdir("/proc/self"):
+        pytest.skip("no /proc here")
     def no_work(*args, **kwargs):
         raise AssertionError("work started")
     monkeypatch.setattr(ckpt_io, "load", no_work)
@@ -320,6 +323,7 @@ def test_output_problems_are_reported_before_any_work(capsys, tmp_path, ckpt, mo
             "exists": ["--reparam", "-o", tmp_path / "exists.pth"],
             "input": ["-o", ckpt, "--force"],
             "unwritable": ["-o", f"{_unwritable_folder(tmp_path) if case == 'unwritable' else ''}/o.pth"],
+            "virtual folder": ["-o", "/proc/o.pth"],
             "format": ["-o", tmp_path / "x.pth", "--format", "safetensors"],
             "format without output": ["--format", "torch"],
             "dangling link": ["-o", tmp_path / "link.pth", "--force"]}.get(case, [])
