@@ -66,13 +66,14 @@ bool nhwc_fma(DType t, const DwShape& s, bool fits, Pass pass) {
 
 // Whether the images family's general forward takes a call that the rows family also fits
 // (fp16 / bf16, measured), by the empty image slots of its 16-image tiles and how each family
-// stages this shape's NCHW rows. Rows of whole 16-byte units, which both copy asynchronously: the
-// images family only where its tiles are full. 8-byte units, which the rows family stages by
+// stages this shape's NCHW rows. Rows of whole 16-byte units, which the images family copies 16
+// bytes at a time: the images family only where its tiles are full. 8-byte units, which the rows family stages by
 // shifted loads: the images family unless its tiles are half empty or more. 4-byte units, which it
 // copies at a fraction of the rate: only with full tiles on maps up to its 32-column tiles. Odd
 // widths, where both shift: the images family on maps up to 32 columns (wider ones fill the rows
 // family's 64-column tiles at least half). Small maps and TF32 keep the images family.
-// LKPATCH_IMAGES overrides (benchmarking).
+// LKPATCH_IMAGES overrides (benchmarking; `never` still leaves it the calls the rows family
+// cannot take).
 bool images_forward(DType t, const DwShape& s) {
   if (small_map_tiles(s) == 1) return true;
   if (knobs().images) return knobs().images == 'a';

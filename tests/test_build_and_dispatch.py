@@ -230,11 +230,33 @@ def test_plan_families(h100):
         assert plan("input_grad", (n, 96, 56, w), (7, 7), same7, bf).family == family, (n, w)
         assert plan("weight_grad", (n, 96, 56, w), (7, 7), same7, bf).family == "tc_images"
     assert plan("forward", (8, 96, 14, 14), (7, 7), same7, bf).family == "tc_images"  # small maps keep it
+    # the input-gradient decides on the output gradient's rows: 54 wide (4-byte units) without padding
+    assert plan("forward", (64, 96, 56, 60), (7, 7), (0,) * 4, bf).family == "tc_images"
+    assert plan("input_grad", (64, 96, 56, 60), (7, 7), (0,) * 4, bf).family == "tc_rows"
     assert plan("forward", (64, 1024, 7, 7), (13, 13), (6,) * 4, bf).family == "tc_images"
     with dispatch.conv_tf32(True):
         assert plan("forward", (64, 96, 57, 57), (13, 13), (6,) * 4, f32).family == "tc_images"
     none = plan("forward", big, (3, 64), (1, 1, 31, 32), bf)
     assert none.family == "none" and "63" in none.why and none.macs == 0
+
+
+@needs_extension
+@pytest.mark.parametrize("knob,families", [("never", "tc_rows tc_rows tc_rows tc_images"),
+                                           ("always", "tc_images tc_images tc_images tc_images")])
+def test_images_knob_overrides_the_rule(extension, knob, families):
+    """LKPATCH_IMAGES, read once per process: on maps above 16 x 16, never -- the images family
+    only where the rows family cannot take the call; always -- its forward wherever it fits. Small
+    maps keep their kernels either way. The rule would give: images, rows, images, images."""
+    code = ("import torch; from lkpatch import build\n"
+            "def family(pass_, n, side):\n"
+            "    return build.extension_ops().plan(pass_, [n, 96, side, side], [7, 7], [3] * 4, torch.bfloat16,\n"
+            f"                                      False, False, {H100}).split()[0]\n"
+            "print(family('forward', 64, 56), family('forward', 8, 56), family('weight_grad', 64, 56),\n"
+            "      family('forward', 64, 14))\n")
+    res = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, LKPATCH_IMAGES=knob),
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split() == families.split(), res.stdout
 
 
 @needs_extension

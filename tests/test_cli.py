@@ -154,7 +154,6 @@ def test_convert_torchvision_model_with_bn_folding(capsys, tmp_path):
 
 
 def test_classifier_size_is_taken_from_the_checkpoint(capsys, tmp_path):
-    import timm
     torch.manual_seed(0)
     sd = timm.create_model("convnext_atto", num_classes=3).state_dict()
     torch.save({"model": sd}, tmp_path / "ft.pth")
@@ -216,7 +215,6 @@ def test_version(capsys):
 
 
 def test_pickled_module_converts_with_the_opt_in_flag(capsys, tmp_path):
-    import timm
     torch.manual_seed(0)
     model = timm.create_model("convnext_atto")
     torch.save(model, tmp_path / "whole.pth")
