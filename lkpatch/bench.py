@@ -94,7 +94,7 @@ def bench_shape(shape, dtype, channels_last: bool, reps: int, passes: bool) -> D
     from .functional import depthwise_conv2d
 
     n, c, h, w, kh, kw = shape
-    pads = ((kh - 1) // 2, kh // 2, (kw - 1) // 2, kw // 2)  # 'same'
+    pads = dispatch.explicit_padding("same", (kh, kw))
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     elem = torch.tensor([], dtype=dtype).element_size()
     n_inputs = max(1, min(4, (256 << 20) // max(1, n * c * h * w * elem)))

@@ -473,7 +473,7 @@ def layer_step(layer, dtype, fmt):
     and the gradients of input, weight and bias (the eager path). Returns (step, pads)."""
     from lkpatch.functional import depthwise_conv2d
     n, c, h, w, kh, kw = layer
-    pads = ((kh - 1) // 2, kh // 2, (kw - 1) // 2, kw // 2)
+    pads = dispatch.explicit_padding("same", (kh, kw))
     x = torch.randn(n, c, h, w, device="cuda", dtype=dtype).contiguous(memory_format=fmt).requires_grad_()
     g = torch.randn_like(x)
     wt = torch.randn(c, 1, kh, kw, device="cuda", dtype=dtype, requires_grad=True)
