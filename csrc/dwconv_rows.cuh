@@ -149,12 +149,12 @@ __device__ __forceinline__ void stage_tile(T* dst, int plane, int pitch, const T
   }
 }
 
-// Blocks an SM the forward kernel is compiled for: three for the half types' one-k-step kernels
-// without the ring (no B table, few registers), else two. The plan counts with the same.
-constexpr int forward_blocks_per_sm(bool one_step, bool ring) { return one_step && !ring ? 3 : 2; }
+// Blocks an SM the forward kernel is compiled for: three for the kernels with their k-steps fixed
+// and without the ring (which fit 80 registers), else two. The plan counts with the same.
+constexpr int forward_blocks_per_sm(bool fixed_steps, bool ring) { return fixed_steps && !ring ? 3 : 2; }
 
 template <typename T, bool NHWC, int FS, bool RING>
-__global__ void __launch_bounds__(32 * kWarps, forward_blocks_per_sm(FS == 1, RING))
+__global__ void __launch_bounds__(32 * kWarps, forward_blocks_per_sm(FS != 0, RING))
     dw_rows_forward(const FwdParams<T> p) {
   constexpr bool kTF32 = std::is_same_v<T, float>;
   constexpr int E = kVec<T>, KS = kStep<T>, UPT = 8 / E;  // units (16-byte columns) per n-tile
@@ -691,7 +691,7 @@ inline FwdPlan plan_forward(const DwShape& s, int esize, const DeviceLimits& lim
   if (lim.sms > 0 && can_ring) {
     const auto waves = [&](int st, size_t smem) {
       const int per_sm = std::clamp((int)((lim.max_smem_optin + 1024) / (smem + 1024)), 1,
-                                    forward_blocks_per_sm(!q.table, st > 1));
+                                    forward_blocks_per_sm(true, st > 1));  // can_ring: k-steps fixed
       return cdiv(others * ceil_div(row_tiles, st), (int64_t)lim.sms * per_sm);
     };
     // A ring is taken where it saves a tenth at least: this counts staging alone, and the
