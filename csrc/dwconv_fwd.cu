@@ -137,8 +137,12 @@ cudaError_t forward(const T* in, const T* w, const T* bias, T* out, const DwShap
 
   FwdParams<T> p{};
   p.set(in, w, bias, out, s, flip_kernel);
-  p.GX = std::min(ceil_div(s.OW, kRW), 8);
-  p.GY = std::max(1, std::min(ceil_div(s.OH, kRH), 128 / p.GX));
+  // Tiles of up to 8 thread positions across (64 columns) and 128 in all, as many across as that
+  // takes, evened out over the map: 76 columns take two tiles of 40, not 64 + 12, whose idle
+  // lanes would hold their SM's slots.
+  const int cols = ceil_div(s.OW, kRW);
+  p.GX = ceil_div(cols, ceil_div(cols, 8));
+  p.GY = std::max(1, std::min(ceil_div(s.OH, kRH), 128 / std::min(cols, 8)));
   const int TW = p.GX * kRW, TH = p.GY * kRH;
   p.tiles_x = ceil_div(s.OW, TW);
   const int tiles = p.tiles_x * ceil_div(s.OH, TH);
