@@ -345,6 +345,9 @@ double dwconv2d_rows_forward_staged(DType t, const DwShape& s);
 double dwconv2d_rows_weight_grad_staged(DType t, const DwShape& s);
 double dwconv2d_tc_forward_staged(DType t, const DwShape& s);       // the images family's, as these
 double dwconv2d_tc_weight_grad_staged(DType t, const DwShape& s);
+// The blocks of the images family's channels_last (small-map) grids for shape s (half types).
+int64_t dwconv2d_tc_nhwc_forward_blocks(const DwShape& s);
+int64_t dwconv2d_tc_nhwc_weight_grad_blocks(const DwShape& s);
 
 // Kernel rows [lo, hi) that reach the map from some output row (iy = oy + i - pad_t in [0, H));
 // empty (hi <= lo) where none does.

@@ -87,8 +87,19 @@ bool images_forward(DType t, const DwShape& s) {
   }
 }
 
+// Whether the images family's channels_last kernels (maps up to 16 x 16) give a pass at least a
+// block an SM: they take 8 (forward) or 4 (weight-gradient) channels a block, over 16 images
+// (forward) or all of them (weight-gradient). With fewer blocks a pass took 1.5-6x the time of
+// NCHW's small-map kernels, which take a block per channel, and their layout copies (measured):
+// the pass then runs through those.
+bool nhwc_images_fill_gpu(int64_t blocks) {
+  DeviceLimits lim;
+  return device_limits(&lim) == cudaSuccess && blocks >= lim.sms;
+}
+
 // The forward (or the input-gradient's shape). The images family where it takes a call (8+
-// images; channels_last only on maps up to 16) and images_forward says so; then, on
+// images; channels_last only on maps up to 16, and through NCHW copies where its channels_last
+// grid would leave SMs idle) and images_forward says so; then, on
 // channels_last, the CUDA-core kernel for small kernels (nhwc_fma); the rows family takes every
 // other tensor-core call. TF32 on the rows family only from 28 x 28 maps and 9 taps a row, as the
 // images family's rule (the exact CUDA-core kernels are as fast below that); channels_last TF32
@@ -96,9 +107,11 @@ bool images_forward(DType t, const DwShape& s) {
 Plan forward_plan(DType t, const DwShape& s) {
   const bool tf32_worth = t != DType::tf32 || s.nhwc || (s.KW >= 9 && (int64_t)s.OH * s.OW >= 28 * 28);
   const bool rows = tensor_cores(t) && tf32_worth && dwconv2d_rows_forward_fits(t, s);
-  if (tensor_cores(t) && dwconv2d_tc_forward_fits(t, s) && (!rows || images_forward(t, s)))
+  if (tensor_cores(t) && dwconv2d_tc_forward_fits(t, s) && (!rows || images_forward(t, s))) {
+    if (s.nhwc && !nhwc_images_fill_gpu(dwconv2d_tc_nhwc_forward_blocks(s))) return make(Family::fma, false);
     return with_work(make(Family::tc_images, s.nhwc), forward_macs(Family::tc_images, t, s),
                      dwconv2d_tc_forward_staged(t, s));
+  }
   if (s.nhwc && nhwc_fma(t, s, dwconv2d_nhwc_forward_fits(t, s), Pass::forward))
     return with_work(make(Family::fma, true), dwconv2d_nhwc_macs(s));
   if (rows)
@@ -107,13 +120,16 @@ Plan forward_plan(DType t, const DwShape& s) {
   return make(Family::fma, false);  // channels_last tensors through NCHW copies
 }
 
-// The weight-gradient: as the forward, the images family first, then on channels_last the
+// The weight-gradient: as the forward, the images family first (channels_last: where its grid
+// fills the GPU, else through NCHW copies), then on channels_last the
 // CUDA-core kernel where it takes the call (up to 49 taps) and nhwc_fma's rule says so, then the
 // rows family.
 Plan weight_grad_plan(DType t, const DwShape& s) {
-  if (tensor_cores(t) && dwconv2d_tc_weight_grad_fits(t, s) && (knobs().images != 'n' || small_map_tiles(s) == 1))
+  if (tensor_cores(t) && dwconv2d_tc_weight_grad_fits(t, s) && (knobs().images != 'n' || small_map_tiles(s) == 1)) {
+    if (s.nhwc && !nhwc_images_fill_gpu(dwconv2d_tc_nhwc_weight_grad_blocks(s))) return make(Family::fma, false);
     return with_work(make(Family::tc_images, s.nhwc, dwconv2d_tc_weight_grad_takes_bias(t, s)),
                      weight_grad_macs(t, s, dwconv2d_tc_weight_grad_banded(t, s)), dwconv2d_tc_weight_grad_staged(t, s));
+  }
   if (s.nhwc && nhwc_fma(t, s, dwconv2d_nhwc_weight_grad_fits(t, s), Pass::weight_grad))
     return with_work(make(Family::fma, true), dwconv2d_nhwc_macs(s));
   if (tensor_cores(t)) {

@@ -690,6 +690,10 @@ bool dwconv2d_tc_forward_fits(DType t, const DwShape& s) {
          q.tiles <= 0x7fffffff && q.smem <= (size_t)lim.max_smem_optin;
 }
 
+int64_t dwconv2d_tc_nhwc_forward_blocks(const DwShape& s) {
+  return (int64_t)ceil_div(s.C, kNhwcChannels) * plan_small(s, sms_or_zero(), 2).slices;
+}
+
 int dwconv2d_tc_forward_copy_bytes(DType t, const DwShape& s) {
   return copy_bytes((int64_t)s.W * elem_bytes(t), 0, 0, true);
 }

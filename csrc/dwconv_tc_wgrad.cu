@@ -819,6 +819,10 @@ double dwconv2d_tc_weight_grad_staged(DType t, const DwShape& s) {
   return (double)s.C * q.tiles_i * q.tiles_j * N * ((double)s.OH * q.gpitch + (double)q.nq * q.xw);
 }
 
+int64_t dwconv2d_tc_nhwc_weight_grad_blocks(const DwShape& s) {
+  return (int64_t)ceil_div(s.C, kNhwcChannels) * plan_small(s, limits_or_none(), 2).slices;
+}
+
 size_t dwconv2d_tc_weight_grad_workspace(DType t, const DwShape& s, bool with_bias) {
   DeviceLimits lim;
   if (device_limits(&lim) != cudaSuccess) return 0;

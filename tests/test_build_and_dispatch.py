@@ -400,14 +400,35 @@ def test_tensor_core_plans_count_what_they_stage(h100):
 
 
 @needs_extension
+def test_channels_last_small_maps_where_the_grid_fills_the_gpu(h100):
+    """On channels_last maps up to 16 x 16 the images family's kernels take 8 channels of 16
+    images a block (forward, input-gradient) or 4 channels of all images (weight-gradient, a block
+    per group of up to 16 kernel rows reaching the map); with fewer blocks than the H100's 132 SMs
+    the pass goes through NCHW copies (plan: fma, not channels_last, whose NCHW plan is the images
+    family's per-channel kernels), where there are as many it reads channels_last as it is."""
+    plan, bf, same = dispatch.plan, torch.bfloat16, lambda k: ((k - 1) // 2, k // 2) * 2
+    for size, k, fwd, wgrad in (((64, 48, 14, 14), 29, False, False),     # 6 x 4 and 12 x 2 blocks
+                                ((16, 1056, 14, 14), 7, True, True),      # 132 x 1, 264 x 1
+                                ((16, 1048, 14, 14), 7, False, True),     # 131 x 1, 262 x 1
+                                ((8, 528, 7, 7), 13, False, True),        # 66 x 1, 132 x 1
+                                ((8, 524, 7, 7), 13, False, False),       # 66 x 1, 131 x 1
+                                ((128, 384, 14, 14), 7, True, False),     # 48 x 8, 96 x 1 (ConvNeXt-T)
+                                ((128, 768, 7, 7), 7, True, True)):       # 96 x 8, 192 x 1
+        for pass_, direct in (("forward", fwd), ("input_grad", fwd), ("weight_grad", wgrad)):
+            want = ("tc_images", True) if direct else ("fma", False)
+            assert plan(pass_, size, (k, k), same(k), bf, True)[:2] == want, (size, k, pass_)
+            assert plan(pass_, size, (k, k), same(k), bf).family == "tc_images"  # NCHW: the images family
+
+
+@needs_extension
 def test_rule_gives_small_map_channels_last_weight_grads_to_pytorch(h100):
-    """The images family's channels_last weight-gradient of a 7 x 7 kernel on ConvNeXt-T's 14 x 14
-    and 7 x 7 maps (batch 128) took 168 and 85 us on an H100 against PyTorch's 83 and 55: the rule
-    gives that pass to PyTorch and keeps the forward and input-gradient (48 against 87 us)."""
-    for size in ((128, 384, 14, 14), (128, 768, 7, 7)):
-        assert dispatch.plan("weight_grad", size, (7, 7), (3,) * 4, torch.bfloat16, True).family == "tc_images"
-        assert not dispatch.use_kernel("weight_grad", size, (7, 7), (3,) * 4, torch.bfloat16, True)
-        assert dispatch.use_kernel("forward", size, (7, 7), (3,) * 4, torch.bfloat16, True)
+    """The images family's channels_last weight-gradient of a 7 x 7 kernel on ConvNeXt-T's 7 x 7
+    maps (batch 128) took 85 us on an H100 against PyTorch's 55: the rule gives that pass to
+    PyTorch and keeps the forward and input-gradient."""
+    size = (128, 768, 7, 7)
+    assert dispatch.plan("weight_grad", size, (7, 7), (3,) * 4, torch.bfloat16, True).family == "tc_images"
+    assert not dispatch.use_kernel("weight_grad", size, (7, 7), (3,) * 4, torch.bfloat16, True)
+    assert dispatch.use_kernel("forward", size, (7, 7), (3,) * 4, torch.bfloat16, True)
     # a large kernel on the same maps stays on lkpatch (RepLKNet-31B's 27 x 27: 87 us against 6.3 ms)
     assert dispatch.use_kernel("weight_grad", (64, 512, 14, 14), (27, 27), (13,) * 4, torch.bfloat16, True)
 

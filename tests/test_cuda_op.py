@@ -190,10 +190,11 @@ def test_random_sweep_tensor_cores_maps_to_32(dtype):
 
 def draw_channels_last_case(rng: random.Random, batch=None):
     """A small-map case in channels_last, its output gradient too: C a multiple of 8 (16-byte
-    vectors of a pixel's channels) or not (element copies, a partial channel group)."""
+    vectors of a pixel's channels) or not (element copies, a partial channel group), and enough
+    channels (528+; 17+ images) for the kernels' grids to fill an H100, where they read it as it is."""
     case = draw_small_map_case(rng, batch)
     case.update(layout="channels_last", grad_layout="channels_last",
-                c=rng.choice([8, 16, 24, 40, 64, rng.randint(1, 70), rng.randint(1, 70)]))
+                c=rng.choice([528, 536, 1024, rng.randint(528, 1100), rng.randint(528, 1100)]))
     return case
 
 
@@ -214,11 +215,11 @@ class CountingExtension:
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_random_sweep_channels_last_direct(dtype, monkeypatch):
-    """channels_last maps up to 16 x 16 with 8+ images, which the fp16 / bf16 kernels take as
-    they are: every pass against float64, and no layout copy made."""
+    """channels_last maps up to 16 x 16 with 17+ images and 528+ channels, which the fp16 / bf16
+    kernels take as they are: every pass against float64, and no layout copy made."""
     ext = CountingExtension(build.extension_ops())
     monkeypatch.setattr(_ops, "_ext", ext)
-    assert_sweep(2027, HALF_SWEEP_CASES, dtype, batch=(8, 48), draw=draw_channels_last_case)
+    assert_sweep(2027, HALF_SWEEP_CASES, dtype, batch=(17, 48), draw=draw_channels_last_case)
     assert ext.calls["dwconv2d"] == HALF_SWEEP_CASES and ext.calls["dwconv2d_weight_grad"] == HALF_SWEEP_CASES
     assert ext.calls["to_nchw"] == 0 and ext.calls["to_channels_last"] == 0
 
@@ -230,10 +231,10 @@ def test_channels_last_direct_eager(grad_fmt):
     gen = torch.Generator(device="cuda").manual_seed(21)
     pads = (6, 6, 6, 6)
     cl = torch.channels_last
-    x = torch.randn(20, 24, 14, 14, device="cuda", generator=gen).bfloat16().contiguous(memory_format=cl)
-    w = (torch.randn(24, 1, 13, 13, device="cuda", generator=gen) / 13).bfloat16()
-    b = torch.randn(24, device="cuda", generator=gen).bfloat16()
-    g = torch.randn(20, 24, 14, 14, device="cuda", generator=gen).bfloat16().contiguous(memory_format=grad_fmt)
+    x = torch.randn(20, 1056, 14, 14, device="cuda", generator=gen).bfloat16().contiguous(memory_format=cl)
+    w = (torch.randn(1056, 1, 13, 13, device="cuda", generator=gen) / 13).bfloat16()
+    b = torch.randn(1056, device="cuda", generator=gen).bfloat16()
+    g = torch.randn(20, 1056, 14, 14, device="cuda", generator=gen).bfloat16().contiguous(memory_format=grad_fmt)
     ref = reference(x, w, b, pads, g)
     xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
     with dispatch.force("kernel"):
@@ -266,7 +267,8 @@ def eager_step_kernels(x, wt, b, pads, g):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("n,c,h,w,k", [(24, 300, 7, 7, (13, 13)), (17, 5, 9, 11, (7, 7)), (20, 8, 16, 16, (17, 3))],
+@pytest.mark.parametrize("n,c,h,w,k", [(24, 1056, 7, 7, (13, 13)), (17, 1061, 9, 11, (7, 7)),
+                                       (20, 528, 16, 16, (17, 3))],
                          ids=["vectors", "element_copies", "two_row_groups"])
 def test_channels_last_bias_gradient_from_the_weight_gradient(n, c, h, w, k, dtype):
     """channels_last layers the kernels read directly: the eager C++ backward's weight-gradient
@@ -308,7 +310,14 @@ def test_channels_last_errors():
         ext.dwconv2d_weight_grad(xh, xh.contiguous(), [5, 5], [2, 2, 2, 2])
     with pytest.raises(RuntimeError, match="contiguous NCHW or channels_last"):
         ext.dwconv2d_bias_grad(xh[..., ::2])
-    assert ext.dwconv2d(xh, wh, None, [2, 2, 2, 2]).is_contiguous(memory_format=cl)
+    # a 14 x 14 map: the images family reads channels_last where its grid fills the GPU (132
+    # blocks of 8 channels on an H100), not for 8 channels
+    with pytest.raises(RuntimeError, match="no channels_last forward kernel"):
+        ext.dwconv2d(xh, wh, None, [2, 2, 2, 2])
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    xw = torch.randn(8, 8 * sms, 14, 14, device="cuda").bfloat16().contiguous(memory_format=cl)
+    ww = torch.randn(8 * sms, 1, 5, 5, device="cuda").bfloat16()
+    assert ext.dwconv2d(xw, ww, None, [2, 2, 2, 2]).is_contiguous(memory_format=cl)
 
 
 def draw_nhwc_fma_case(rng: random.Random, batch=None, wide=False):
@@ -398,13 +407,24 @@ def test_random_sweep_rows(dtype, layout, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_random_sweep_rows_channels_last_batches(dtype, monkeypatch):
-    """channels_last with 8-40 images on maps of every size (the images family takes maps up to
-    16 x 16, the rows family the rest): no layout copy in any pass."""
+    """channels_last with 8-40 images on maps of every size, against float64: no layout copy in a
+    layer whose plan reads channels_last in every pass (the rows family on maps above 16 x 16,
+    always), and copies in the others (maps up to 16 x 16 whose images-family grids would leave SMs
+    idle: these few channels always)."""
     ext = CountingExtension(build.extension_ops())
     monkeypatch.setattr(_ops, "_ext", ext)
-    assert_sweep(4242, HALF_SWEEP_CASES // 2, dtype, draw=lambda rng, batch: draw_rows_case(
-        rng, batch=(8, 40), layout="channels_last"))
-    assert ext.calls["to_nchw"] == 0 and ext.calls["to_channels_last"] == 0, ext.calls
+    rng, direct = random.Random(4242), 0
+    for i in range(HALF_SWEEP_CASES // 2):
+        case = draw_rows_case(rng, batch=(8, 40), layout="channels_last")
+        before = ext.calls["to_nchw"] + ext.calls["to_channels_last"]
+        check_case(case, seed=i, dtype=dtype)
+        copies = ext.calls["to_nchw"] + ext.calls["to_channels_last"] - before
+        size, k = (case["n"], case["c"], case["h"], case["w"]), (case["kh"], case["kw"])
+        with dispatch.force("kernel"):
+            reads = dispatch.reads_channels_last("all", size, k, case["pads"], dtype)
+        assert reads == (copies == 0) and (reads or max(case["h"], case["w"]) <= 16), (case, copies)
+        direct += reads
+    assert direct >= HALF_SWEEP_CASES // 4, direct
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
