@@ -89,9 +89,9 @@ bool images_forward(DType t, const DwShape& s) {
 
 // Whether the images family's channels_last kernels (maps up to 16 x 16) give a pass at least a
 // block an SM: they take 8 (forward) or 4 (weight-gradient) channels a block, over 16 images
-// (forward) or all of them (weight-gradient). With fewer blocks a pass took up to 7x the time of
-// NCHW's small-map kernels, which take a block per channel, and their layout copies (measured):
-// the pass then runs through those.
+// (forward) or all of them (weight-gradient). With fewer blocks a pass ran several times slower
+// than NCHW's small-map kernels, which take a block per channel, with their layout copies
+// (docs/benchmarks.md, "channels_last on small maps"): the pass then runs through those.
 bool nhwc_images_fill_gpu(int64_t blocks) {
   DeviceLimits lim;
   return device_limits(&lim) == cudaSuccess && blocks >= lim.sms;
