@@ -602,6 +602,9 @@ TcSmallPlan plan_small(const DwShape& s, int sms, int esize) {
   return q;
 }
 
+// The channels_last small-map forward's grid: channel groups by 16-image slices.
+dim3 nhwc_grid(const DwShape& s, const TcSmallPlan& q) { return dim3(ceil_div(s.C, kNhwcChannels), q.slices); }
+
 struct TcPlan {
   int NT, S, sh, WA, pitch, warps, tiles_x, tiles, whole;
   int rows;  // input rows a tile reads
@@ -691,7 +694,8 @@ bool dwconv2d_tc_forward_fits(DType t, const DwShape& s) {
 }
 
 int64_t dwconv2d_tc_nhwc_forward_blocks(const DwShape& s) {
-  return (int64_t)ceil_div(s.C, kNhwcChannels) * plan_small(s, sms_or_zero(), 2).slices;
+  const dim3 grid = nhwc_grid(s, plan_small(s, sms_or_zero(), 2));
+  return (int64_t)grid.x * grid.y;
 }
 
 int dwconv2d_tc_forward_copy_bytes(DType t, const DwShape& s) {
@@ -731,7 +735,7 @@ cudaError_t dwconv2d_tc_forward(DType t, const void* in, const void* w, const vo
         if (small) {
           p.vec = s.C % kNhwcChannels == 0 && reinterpret_cast<uintptr_t>(in) % 16 == 0 &&
                   reinterpret_cast<uintptr_t>(out) % 16 == 0;  // one vector per pixel
-          return launch(dw_tc_small_forward_nhwc<T>, dim3(ceil_div(s.C, kNhwcChannels), q.slices),
+          return launch(dw_tc_small_forward_nhwc<T>, nhwc_grid(s, q),
                         dim3(32 * kSmallWarps), q.smem, stream, p);
         }
       }

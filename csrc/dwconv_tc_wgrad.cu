@@ -734,6 +734,9 @@ TcSmallWgradPlan plan_small(const DwShape& s, const DeviceLimits& lim, int esize
   return q.smem <= (size_t)lim.max_smem_optin ? q : plan_small(s, lim.sms, esize, false);
 }
 
+// The channels_last small-map weight-gradient's grid: channel groups by kernel-row groups.
+dim3 nhwc_grid(const DwShape& s, const TcSmallWgradPlan& q) { return dim3(ceil_div(s.C, kNhwcChannels), q.slices); }
+
 struct WgradPlan {
   int JT, IT, OWp, gpitch, xw, tiles_j, tiles_i, slices, per_slice, IB;
   int nq;  // input rows staged per image
@@ -820,7 +823,8 @@ double dwconv2d_tc_weight_grad_staged(DType t, const DwShape& s) {
 }
 
 int64_t dwconv2d_tc_nhwc_weight_grad_blocks(const DwShape& s) {
-  return (int64_t)ceil_div(s.C, kNhwcChannels) * plan_small(s, limits_or_none(), 2).slices;
+  const dim3 grid = nhwc_grid(s, plan_small(s, limits_or_none(), 2));
+  return (int64_t)grid.x * grid.y;
 }
 
 size_t dwconv2d_tc_weight_grad_workspace(DType t, const DwShape& s, bool with_bias) {
@@ -872,7 +876,7 @@ cudaError_t dwconv2d_tc_weight_grad(DType t, const void* grad_out, const void* i
         p.xpairs = s.C % kNhwcChannels == 0 && reinterpret_cast<uintptr_t>(in) % bytes == 0;
         p.grad_w = static_cast<T*>(grad_w);  // final taps and bias gradients: no slices to add
         p.grad_b = static_cast<T*>(grad_b);
-        return launch(dw_tc_small_weight_grad_nhwc<T>, dim3(ceil_div(s.C, kNhwcChannels), sq.slices), block,
+        return launch(dw_tc_small_weight_grad_nhwc<T>, nhwc_grid(s, sq), block,
                       sq.smem, stream, p);
       } else {
         p.gpairs = s.OW % 2 == 0 && reinterpret_cast<uintptr_t>(grad_out) % 4 == 0;
