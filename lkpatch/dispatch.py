@@ -219,12 +219,14 @@ def pytorch_kernel_class(kernel_size: Sequence[int]) -> str:
     return "small" if kernel_size[0] == kernel_size[1] <= 7 else "other"
 
 
-def pytorch_macs(size: Sequence[int], kernel_size: Sequence[int], pads: Sequence[int], channels_last: bool) -> int:
-    """The multiply-adds PyTorch's path spends time on: on channels_last with kernels of the
-    "other" class, every tap of the padded window (cuDNN's general channels_last depthwise kernels
-    compute them: a kernel larger than the map costs all its taps); elsewhere the taps inside the
-    image (:func:`effective_macs`), on which those rates were measured."""
-    if channels_last and pytorch_kernel_class(kernel_size) == "other":
+def pytorch_macs(size: Sequence[int], kernel_size: Sequence[int], pads: Sequence[int], channels_last: bool,
+                 pass_: str = "forward") -> int:
+    """The multiply-adds PyTorch's path spends time on: with kernels of the "other" class, every
+    tap of the padded window on channels_last (cuDNN's general channels_last depthwise kernels
+    compute them: a kernel larger than the map costs all its taps) and for NCHW weight-gradients
+    (whose time on small maps follows the window too); elsewhere the taps inside the image
+    (:func:`effective_macs`), on which those rates were measured."""
+    if pytorch_kernel_class(kernel_size) == "other" and (channels_last or pass_ == "weight_grad"):
         oh, ow = output_size(size[2:], kernel_size, pads)
         return size[0] * size[1] * oh * ow * kernel_size[0] * kernel_size[1]
     return effective_macs(size, kernel_size, pads)
@@ -328,7 +330,8 @@ def use_kernel(pass_: str, size: Sequence[int], kernel_size: Sequence[int], pads
     lkpatch's kernel? Or "all": do they all? ``channels_last``: the pass's activation comes in
     (and goes out) channels_last. Each pass goes where the model (:func:`estimate_us`) puts it
     faster, except channels_last layers whose kernels need NCHW copies: those are shared by the
-    passes, so the layer goes through NCHW as a whole or not at all (:func:`channels_last_route`).
+    passes, so the layer goes through NCHW as a whole or not at all (:func:`channels_last_route`);
+    and layers bound by host time, which are not split (:func:`host_bound`).
     """
     if _impl == "pytorch":
         return False
@@ -354,8 +357,38 @@ def _use_kernel_now(impl, pass_: str, size, kernel_size, pads, dtype, tf32, chan
         route = channels_last_route(size, kernel_size, pads, dtype)
         if route != "direct":
             return route == "copies"
-    return (estimate_us("lkpatch", pass_, size, kernel_size, pads, dtype, channels_last, q)
-            < estimate_us("pytorch", pass_, size, kernel_size, pads, dtype, channels_last))
+    plans = {p: plan(p, size, kernel_size, pads, dtype, channels_last) for p in CONV_PASSES}
+    return _on_kernels(size, kernel_size, pads, dtype, channels_last, _as_read(plans, channels_last))[pass_]
+
+
+def _as_read(plans, channels_last: bool) -> dict:
+    """``plans`` as a layer's passes read their tensors: on channels_last (the route "direct"),
+    a plan that would need NCHW copies counts as none (that pass is PyTorch's)."""
+    if not channels_last:
+        return plans
+    return {p: q if q.nhwc else q._replace(family="none") for p, q in plans.items()}
+
+
+def _on_kernels(size, kernel_size, pads, dtype, channels_last: bool, plans) -> dict:
+    """Which of the passes whose tensors the kernels read as they are (``plans``, a Plan per
+    pass; family "none": PyTorch's) run on them: each where the model puts it faster. A layer
+    bound by host time (:func:`host_bound`) is not split: all its passes on the kernels (the C++
+    autograd op) where their sum is lower, else all on PyTorch's, as a layer split between the two
+    runs the costlier Python autograd path for a GPU-time saving of a few microseconds."""
+    args = (size, kernel_size, pads, dtype, channels_last)
+    lkpatch = {p: estimate_us("lkpatch", p, *args, q) if q.family != "none" else float("inf") for p, q in plans.items()}
+    pytorch = {p: estimate_us("pytorch", p, *args) for p in plans}
+    if host_bound(size, kernel_size, pads, channels_last):
+        whole = sum(lkpatch.values()) < sum(pytorch.values())
+        return {p: whole for p in plans}
+    return {p: lkpatch[p] < pytorch[p] for p in plans}
+
+
+def host_bound(size, kernel_size, pads, channels_last: bool) -> bool:
+    """Whether a layer is small enough (``COST["tiny_macs"]``, inside the image and in PyTorch's
+    count) for its step to be bound by host time."""
+    return max(effective_macs(size, kernel_size, pads), pytorch_macs(size, kernel_size, pads,
+                                                                      channels_last)) < COST["tiny_macs"]
 
 
 def channels_last_route(size, kernel_size, pads, dtype) -> str:
@@ -368,18 +401,22 @@ def channels_last_route(size, kernel_size, pads, dtype) -> str:
 
 
 def _route_now(size, kernel_size, pads, dtype, tf32) -> str:
+    # Each option is timed as it runs: direct, its passes where the rule puts them (those the
+    # kernels cannot read channels_last on PyTorch's); copies where the NCHW rule puts every pass
+    # on the kernels (a pass on PyTorch's there would pay the copies for nothing).
     args = (size, kernel_size, pads, dtype)
     pytorch = {p: estimate_us("pytorch", p, *args, True) for p in CONV_PASSES}
     options = {"pytorch": sum(pytorch.values())}
     cl_plans = {p: plan(p, *args, True) for p in CONV_PASSES}
     if all(q.family != "none" for q in cl_plans.values()):
-        direct = [min(estimate_us("lkpatch", p, *args, True, q), pytorch[p]) if q.nhwc else pytorch[p]
-                  for p, q in cl_plans.items()]
-        options["direct"] = sum(direct)
+        on = _on_kernels(*args, True, _as_read(cl_plans, True))
+        options["direct"] = sum(estimate_us("lkpatch", p, *args, True, q) if on[p] else pytorch[p]
+                                for p, q in cl_plans.items())
     nchw_plans = {p: plan(p, *args, False) for p in CONV_PASSES}
     if all(q.family != "none" for q in nchw_plans.values()):
-        options["copies"] = sum(estimate_us("lkpatch", p, *args, True, q) for p, q in nchw_plans.items()) + \
-            4 * _copy_us(size, kernel_size, pads, dtype)
+        if all(_on_kernels(*args, False, nchw_plans).values()):
+            options["copies"] = 4 * _copy_us(size, kernel_size, pads, dtype) + sum(
+                estimate_us("lkpatch", p, *args, False, q) for p, q in nchw_plans.items())
     return min(options, key=options.get)
 
 
@@ -422,8 +459,8 @@ COST = {
             "weight_grad": {"small": 6.2e6, "other": 0.17e6, "small_fp32": 0.85e6, "other_fp32": 0.12e6}},
     },
     "pytorch_call_us": 6.0,
-    # Below this many multiply-adds (effective ones, and PyTorch's) a pass is bound by host time
-    # per call, which is lower for PyTorch's path.
+    # Below this many multiply-adds (effective ones, and PyTorch's) a layer is bound by host time
+    # per call: it is not split between the two paths (_on_kernels).
     "tiny_macs": 5e6,
 }
 
@@ -440,9 +477,7 @@ def estimate_us(path: str, pass_: str, size, kernel_size, pads, dtype, channels_
         kind = pytorch_kernel_class(kernel_size) + ("_fp32" if dtype == torch.float32 else "")
         rate = COST["pytorch"]["channels_last" if channels_last else "nchw"][pass_][kind]
         return COST["pytorch_call_us"] + moved / COST["bandwidth"] + pytorch_macs(size, kernel_size, pads,
-                                                                                   channels_last) / rate
-    if max(macs, pytorch_macs(size, kernel_size, pads, channels_last)) < COST["tiny_macs"]:
-        return float("inf")  # host-bound: PyTorch's call costs less
+                                                                                   channels_last, pass_) / rate
     key = rate_key(the_plan.family, pass_, dtype, the_plan.nhwc)
     work = macs if key == ("fma",) else the_plan.macs
     macs_rate, staged_rate = rates(key)

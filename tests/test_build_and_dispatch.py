@@ -328,28 +328,44 @@ def test_rule_takes_large_kernels(h100, dtype, channels_last):
 
 
 @needs_extension
-def test_rule_leaves_tiny_problems_to_pytorch(h100):
-    """Below a few tens of millions of multiply-adds a pass is bound by host time per call."""
-    for size, k in (((8, 64, 14, 14), (5, 5)), ((2, 32, 28, 28), (7, 7)), ((1, 16, 7, 7), (3, 3))):
+def test_rule_keeps_host_bound_layers_whole(h100):
+    """A layer under a few million multiply-adds is bound by host time: its passes all run on one
+    path (the extension's C++ autograd op, or PyTorch's), never split, which would run the costlier
+    Python autograd path. The whole layer goes where the model's sum is lower: the smallest to
+    PyTorch (its fixed cost per call is lower), a tall kernel on a tiny map to the kernels (its
+    PyTorch gradients walk the padded window: 181 us of GPU time against 20 on an H100)."""
+    for size, k in (((8, 64, 14, 14), (5, 5)), ((2, 32, 28, 28), (7, 7)), ((1, 16, 7, 7), (3, 3)),
+                    ((32, 96, 7, 7), (31, 3)), ((16, 192, 7, 7), (5, 5))):
         pads = ((k[0] - 1) // 2, k[0] // 2, (k[1] - 1) // 2, k[1] // 2)
-        for cl in (False, True):
-            assert not dispatch.use_kernel("any", size, k, pads, torch.bfloat16, cl), (size, k, cl)
+        assert dispatch.host_bound(size, k, pads, False)
+        picks = {dispatch.use_kernel(p, size, k, pads, torch.bfloat16, False) for p in dispatch.CONV_PASSES}
+        assert len(picks) == 1, (size, k)
+    pads_1x3 = (1, 1, 1, 1)
+    assert not dispatch.use_kernel("any", (1, 16, 7, 7), (3, 3), pads_1x3, torch.bfloat16, False)
+    assert dispatch.use_kernel("all", (32, 96, 7, 7), (31, 3), (15, 15, 1, 1), torch.bfloat16, False)
+    # channels_last: through copies only where the NCHW rule then runs every pass on the kernels
+    assert dispatch.channels_last_route((32, 96, 7, 7), (31, 3), (15, 15, 1, 1), torch.bfloat16) == "copies"
+    assert dispatch.channels_last_route((8, 64, 14, 14), (5, 5), (2, 2, 2, 2), torch.bfloat16) == "pytorch"
 
 
 @needs_extension
-def test_rule_counts_pytorchs_padded_taps_on_channels_last(h100):
-    """A kernel much larger than a small channels_last map: few taps land inside the image, but
-    cuDNN's channels_last kernels compute the whole padded window (63 x 63 on 7 x 7, batch 1:
-    0.3-0.8 ms a pass against lkpatch's 0.03 on an H100), so the rule takes lkpatch's kernels.
-    NCHW rates count the taps inside, which leave this layer a host-bound call for PyTorch."""
+def test_rule_counts_pytorchs_padded_taps(h100):
+    """A kernel much larger than a small map: few taps land inside the image, but cuDNN's
+    channels_last kernels, and its NCHW weight-gradient, spend time on the whole padded window
+    (63 x 63 on 7 x 7, batch 1: 4.7 ms for PyTorch's NCHW layer on an H100, 0.6 for lkpatch's), so
+    the rule takes lkpatch's kernels in both layouts."""
     size, k, pads = (1, 384, 7, 7), (63, 63), (31,) * 4
-    assert dispatch.pytorch_macs(size, k, pads, True) == 384 * 49 * 63 * 63
+    window = 384 * 49 * 63 * 63
+    assert dispatch.pytorch_macs(size, k, pads, True) == window
     assert dispatch.pytorch_macs(size, k, pads, False) == dispatch.effective_macs(size, k, pads) == 384 * 49 * 49
-    assert all(dispatch.use_kernel(p, size, k, pads, torch.bfloat16, True) for p in dispatch.CONV_PASSES)
-    assert not dispatch.use_kernel("any", size, k, pads, torch.bfloat16, False)
+    assert dispatch.pytorch_macs(size, k, pads, False, "weight_grad") == window
+    assert dispatch.pytorch_macs((1, 384, 7, 7), (7, 7), (3,) * 4, False, "weight_grad") == \
+        dispatch.effective_macs((1, 384, 7, 7), (7, 7), (3,) * 4)  # small kernels: cuDNN's own
+    for channels_last in (False, True):
+        assert all(dispatch.use_kernel(p, size, k, pads, torch.bfloat16, channels_last)
+                   for p in dispatch.CONV_PASSES)
     # Exact fp32 reads channels_last only up to 15 x 15: the layer takes the NCHW kernels through
-    # copies, whose passes count as small only where PyTorch's channels_last passes would (16
-    # images: 0.26-0.30 ms a pass on PyTorch against 0.03-0.06 through copies on an H100).
+    # copies (16 images: 0.26-0.30 ms a pass on PyTorch against 0.03-0.06 through copies on an H100).
     size = (16, 48, 7, 7)
     with dispatch.conv_tf32(False):
         assert dispatch.channels_last_route(size, k, pads, torch.float32) == "copies"

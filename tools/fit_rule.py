@@ -80,7 +80,7 @@ def fit(rows):
             macs = dispatch.effective_macs(size, k, pads)
             pt = r.get(f"pytorch_{p}_ms")
             if pt:
-                pt_macs = dispatch.pytorch_macs(size, k, pads, cl)
+                pt_macs = dispatch.pytorch_macs(size, k, pads, cl, p)
                 kind = dispatch.pytorch_kernel_class(k) + ("_fp32" if dtype == torch.float32 else "")
                 left = pt * 1e3 - C["pytorch_call_us"] - moved / C["bandwidth"]
                 if left > 0.2 * pt * 1e3:
