@@ -405,13 +405,14 @@ inline ImageSlices image_slices(int N, int C, int sms, int most) {
 // LKPATCH_SMALL_IMAGES and LKPATCH_TC_GROUPS set
 // the images an fp32 small-map thread and the 16-image groups a general tensor-core block take;
 // LKPATCH_ROWS_STEPS the tile rows a rows-family forward block, and the items a rows-family
-// channels_last weight-gradient block, takes one after the other.
+// channels_last weight-gradient block, takes one after the other; LKPATCH_ROWS_FILL the blocks an
+// SM a rows-family forward grid gets at least where fewer jobs a block can give it them (0: off).
 struct Knobs {
   bool tensor_cores = true;
   char small_map = 0;  // 'n', 'a' or 0 (the rule)
   char nhwc_fma = 0;   // LKPATCH_NHWC_FMA: 'n', 'a' or 0 (the plan's rule)
   char images = 0;     // LKPATCH_IMAGES: 'n', 'a' or 0 (the plan's rule)
-  int small_images = 0, tc_groups = 0, rows_steps = 0;
+  int small_images = 0, tc_groups = 0, rows_steps = 0, rows_fill = -1;  // -1: the plan's default
 };
 inline const Knobs& knobs() {
   static const Knobs k = [] {
@@ -430,6 +431,8 @@ inline const Knobs& knobs() {
     r.tc_groups = e ? std::max(1, atoi(e)) : 0;
     e = getenv("LKPATCH_ROWS_STEPS");
     r.rows_steps = e ? std::max(0, atoi(e)) : 0;
+    e = getenv("LKPATCH_ROWS_FILL");
+    r.rows_fill = e ? std::max(0, atoi(e)) : -1;
     return r;
   }();
   return k;

@@ -625,6 +625,9 @@ __global__ void __launch_bounds__(32 * kWarps, NHWC ? 2 : 3) dw_rows_weight_grad
 // wide; TF32 2 and 5: up to 9 and 25-33 wide); the others run it as a parameter.
 inline bool fixed_k_steps(int esize, int S) { return esize == 2 ? S >= 1 && S <= 3 : S == 2 || S == 5; }
 
+// Blocks an SM that the forward's grid gets at least, where fewer jobs a block can give it them.
+constexpr int kRowsFill = 1;
+
 struct FwdPlan {
   int CG, MT, NG, S, sh, rows, cols, pitch, opitch, tiles_x, tiles_y, band, obytes, xbytes, steps;
   bool table;  // a B table in shared memory (the half types' one-k-step kernels load B themselves)
@@ -666,6 +669,19 @@ inline FwdPlan plan_forward(const DwShape& s, int esize, const DeviceLimits& lim
     q.CG = 1;
     while (2 * q.CG * q.MT * q.NG <= kWarps && q.CG < s.C) q.CG *= 2;
   }
+  // Few images and channels: fewer jobs a block (NCHW channels, then 16-row bands), so that the
+  // grid spreads over the SMs; a block's warps without a job stage only. channels_last blocks,
+  // whose staging costs more a job, keep their pixel vectors (8-byte ones instead of 16 cost more
+  // than the wider grid gained) and split only where the grid leaves half the SMs idle. (Half
+  // types, where this was measured.)
+  const int64_t N = s.planes / s.C;
+  const int fill = knobs().rows_fill >= 0 ? knobs().rows_fill : kRowsFill;
+  const int64_t want = esize == 2 ? (int64_t)fill * std::max(0, lim.sms) / (s.nhwc ? 2 : 1) : 0;
+  const auto blocks = [&] {
+    return (int64_t)ceil_div(s.C, q.CG) * ceil_div(s.OW, 8 * NT * q.NG) * ceil_div(s.OH, 16 * q.MT) * N;
+  };
+  while (!s.nhwc && blocks() < want && q.CG > 1) q.CG /= 2;
+  while (blocks() < want && q.MT > 1) q.MT = ceil_div(q.MT, 2);
   const int TH = 16 * q.MT, TW = 8 * NT * q.NG;
   const int units = units_of(q.NG);
   q.rows = TH + s.KH - 1;

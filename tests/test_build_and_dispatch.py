@@ -238,6 +238,10 @@ def test_plan_families(h100):
         assert plan("forward", (64, 96, 57, 57), (13, 13), (6,) * 4, f32).family == "tc_images"
     none = plan("forward", big, (3, 64), (1, 1, 31, 32), bf)
     assert none.family == "none" and "63" in none.why and none.macs == 0
+    # One image of a 7 x 7 map with 63 x 63: blocks of 8 channels would not fit shared memory, and
+    # the 48 of them would leave most SMs idle; the rows family splits its blocks to a channel.
+    for pass_ in ("forward", "input_grad"):
+        assert plan(pass_, (1, 384, 7, 7), (63, 63), (31,) * 4, bf).family == "tc_rows"
 
 
 @needs_extension

@@ -7,7 +7,8 @@
       ncu --section SpeedOfLight --section Occupancy --section WarpStateStats \\
           -k regex:dw_ python tools/gpu_profile.py kernels
   python tools/gpu_profile.py hostbound       host time per fwd+bwd vs its GPU time (small maps)
-  python tools/gpu_profile.py perkernel [S...] host time and each kernel's GPU time per fwd+bwd,
+  python tools/gpu_profile.py perkernel [S...] host time and each kernel's GPU time per fwd+bwd
+      (S: a name of SHAPES, or N,C,H,W,K),
       NCHW and channels_last (LKPATCH_PROFILE_DTYPE, default bfloat16; LKPATCH_PROFILE_CL=1
       channels_last only, =0 NCHW only)
   python tools/gpu_profile.py copies [S...]    GPU microseconds and GB/s of the layout copies, both directions
@@ -425,7 +426,7 @@ def perkernel(names):
     build.build()
     dtype = getattr(torch, os.environ.get("LKPATCH_PROFILE_DTYPE", "bfloat16"))
     for name in names or ("28x29", "14x27", "7x13"):
-        n, c, h, w, k = SHAPES[name]
+        n, c, h, w, k = SHAPES[name] if name in SHAPES else (int(v) for v in name.split(","))
         only = os.environ.get("LKPATCH_PROFILE_CL")
         formats = {"1": (torch.channels_last,), "0": (torch.contiguous_format,)}.get(only, (torch.contiguous_format,
                                                                                       torch.channels_last))
