@@ -111,17 +111,20 @@ def check(rows):
         size, k, pads, dtype, _ = parts(r, "forward")
         dispatch._decisions.clear()
         with dispatch.conv_tf32(r.get("tf32", False)):
+            # the rule's pick per pass (a layer bound by host time as a whole), on the sweep's plans
+            plans = {p: dispatch.Plan(r[f"plan_{p}"].split("/")[0], "/" not in r[f"plan_{p}"], False,
+                                      macs=tile_work(r, p, size, k, pads, dtype),
+                                      staged=tile_work(r, p, size, k, pads, dtype, "staged"))
+                     for p in dispatch.CONV_PASSES if r.get(f"plan_{p}")}
+            if len(plans) < len(dispatch.CONV_PASSES):
+                continue
+            on = dispatch._on_kernels(size, k, pads, dtype, cl, plans)
             for p in dispatch.CONV_PASSES:
                 pt, lk = r.get(f"pytorch_{p}_ms"), r.get(f"lkpatch_{p}_ms")
                 if pt is None or lk is None:
                     continue
                 total += 1
-                q = dispatch.Plan(r[f"plan_{p}"].split("/")[0], "/" not in r[f"plan_{p}"], False,
-                                  macs=tile_work(r, p, size, k, pads, dtype),
-                                  staged=tile_work(r, p, size, k, pads, dtype, "staged"))
-                t_lk = dispatch.estimate_us("lkpatch", p, size, k, pads, dtype, cl, q)
-                t_pt = dispatch.estimate_us("pytorch", p, size, k, pads, dtype, cl)
-                pick_lk = t_lk < t_pt
+                pick_lk = on[p]
                 got, best = (lk if pick_lk else pt), min(lk, pt)
                 if got > 1.05 * best and got - best > 0.005:
                     misses.append((r["shape"], r["dtype"], r["layout"], p, "lk" if pick_lk else "pt", pt, lk))
