@@ -353,6 +353,19 @@ def test_rule_keeps_host_bound_layers_whole(h100):
 
 
 @needs_extension
+def test_direct_route_leaves_passes_it_cannot_read_to_pytorch(h100):
+    """A channels_last layer read directly: a pass whose plan would need NCHW copies runs on
+    PyTorch's path (copies for one pass cost what the route avoids), as the route's sum counts it.
+    ConvNeXt's stage 3 at batch 128: the weight-gradient's channels_last grid is too small."""
+    size, k, pads = (128, 384, 14, 14), (7, 7), (3,) * 4
+    assert dispatch.channels_last_route(size, k, pads, torch.bfloat16) == "direct"
+    assert not dispatch.plan("weight_grad", size, k, pads, torch.bfloat16, True).nhwc
+    assert not dispatch.use_kernel("weight_grad", size, k, pads, torch.bfloat16, True)
+    assert dispatch.use_kernel("forward", size, k, pads, torch.bfloat16, True)
+    assert not dispatch.reads_channels_last("all", size, k, pads, torch.bfloat16)
+
+
+@needs_extension
 def test_rule_counts_pytorchs_padded_taps(h100):
     """A kernel much larger than a small map: few taps land inside the image, but cuDNN's
     channels_last kernels, and its NCHW weight-gradient, spend time on the whole padded window
