@@ -677,9 +677,8 @@ inline FwdPlan plan_forward(const DwShape& s, int esize, const DeviceLimits& lim
   const int64_t N = s.planes / s.C;
   const int fill = knobs().rows_fill >= 0 ? knobs().rows_fill : kRowsFill;
   const int64_t want = esize == 2 ? (int64_t)fill * std::max(0, lim.sms) / (s.nhwc ? 2 : 1) : 0;
-  const auto blocks = [&] {
-    return (int64_t)ceil_div(s.C, q.CG) * ceil_div(s.OW, 8 * NT * q.NG) * ceil_div(s.OH, 16 * q.MT) * N;
-  };
+  q.tiles_x = ceil_div(s.OW, 8 * NT * q.NG);
+  const auto blocks = [&] { return (int64_t)ceil_div(s.C, q.CG) * q.tiles_x * ceil_div(s.OH, 16 * q.MT) * N; };
   while (!s.nhwc && blocks() < want && q.CG > 1) q.CG /= 2;
   while (blocks() < want && q.MT > 1) q.MT = ceil_div(q.MT, 2);
   const int TH = 16 * q.MT, TW = 8 * NT * q.NG;
@@ -688,7 +687,6 @@ inline FwdPlan plan_forward(const DwShape& s, int esize, const DeviceLimits& lim
   q.cols = units * E;
   q.pitch = q.cols + (units % 2 == 0 ? E : 0);  // an odd number of units: ldmatrix rows hit every bank
   q.opitch = TW + 8;                            // C fragment stores without bank conflicts
-  q.tiles_x = ceil_div(s.OW, TW);
   q.band = kBandPad + KS * q.S;
   q.table = !(esize == 2 && q.S == 1);
   const size_t table = q.table ? (size_t)q.CG * s.KH * q.band * 4 : 0;
@@ -699,7 +697,7 @@ inline FwdPlan plan_forward(const DwShape& s, int esize, const DeviceLimits& lim
   // LKPATCH_ROWS_STEPS sets the count (tests reach the ring's wrap with it).
   const int row_tiles = ceil_div(s.OH, TH);
   const auto cdiv = [](int64_t a, int64_t b) { return (a + b - 1) / b; };
-  const int64_t others = (int64_t)ceil_div(s.C, q.CG) * q.tiles_x * (s.planes / s.C);
+  const int64_t others = (int64_t)ceil_div(s.C, q.CG) * q.tiles_x * N;
   q.steps = 1;
   const size_t ring = xin + xout + table;
   // (kernels with fixed k-steps only: the others would spill registers in the loop)

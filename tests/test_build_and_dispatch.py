@@ -321,7 +321,7 @@ def test_rule_takes_large_kernels(h100, dtype, channels_last):
     copies against 1.03 ms read directly, on an H100)."""
     for size, k in (((64, 384, 64, 64), (31, 31)), ((2, 128, 200, 304), (31, 31)), ((64, 128, 56, 56), (61, 5)),
                     ((1, 128, 64, 64), (31, 31))):
-        pads = ((k[0] - 1) // 2, k[0] // 2, (k[1] - 1) // 2, k[1] // 2)
+        pads = dispatch.explicit_padding("same", k)
         assert all(dispatch.use_kernel(p, size, k, pads, dtype, channels_last) for p in dispatch.CONV_PASSES), \
             (size, k)
         if channels_last:
@@ -340,7 +340,7 @@ def test_rule_keeps_host_bound_layers_whole(h100):
     PyTorch gradients walk the padded window: 181 us of GPU time against 20 on an H100)."""
     for size, k in (((8, 64, 14, 14), (5, 5)), ((2, 32, 28, 28), (7, 7)), ((1, 16, 7, 7), (3, 3)),
                     ((32, 96, 7, 7), (31, 3)), ((16, 192, 7, 7), (5, 5))):
-        pads = ((k[0] - 1) // 2, k[0] // 2, (k[1] - 1) // 2, k[1] // 2)
+        pads = dispatch.explicit_padding("same", k)
         assert dispatch.host_bound(size, k, pads, False)
         picks = {dispatch.use_kernel(p, size, k, pads, torch.bfloat16, False) for p in dispatch.CONV_PASSES}
         assert len(picks) == 1, (size, k)
@@ -394,7 +394,7 @@ def test_channels_last_fma_plan_counts_its_tiles(h100):
     """The CUDA-core kernel reading channels_last reports the multiply-adds its tiles issue: blocks
     of 32 channels, 8 x 32 output tiles (16 x 16 for a k x 1 kernel), every tap; the rule times
     that work, so channels past a multiple of 32 and a map's ragged tiles cost what they cost."""
-    bf, same = torch.bfloat16, lambda k: ((k[0] - 1) // 2, k[0] // 2, (k[1] - 1) // 2, k[1] // 2)
+    bf, same = torch.bfloat16, lambda k: dispatch.explicit_padding("same", k)
     for size, k, tiles in (((64, 192, 28, 28), (1, 11), 64 * 6 * 4 * 1), ((64, 192, 28, 28), (11, 1), 64 * 6 * 2 * 2),
                            ((2, 40, 9, 70), (5, 5), 2 * 2 * 2 * 3)):
         for pass_ in dispatch.CONV_PASSES:

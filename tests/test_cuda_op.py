@@ -277,7 +277,7 @@ def test_channels_last_bias_gradient_from_the_weight_gradient(n, c, h, w, k, dty
     C a multiple of 4 (vector loads) or not (element loads, a partial channel group); 17 kernel
     rows, two row groups of blocks, of which only the first sums."""
     gen = torch.Generator(device="cuda").manual_seed(29)
-    pads = ((k[0] - 1) // 2, k[0] // 2, (k[1] - 1) // 2, k[1] // 2)
+    pads = dispatch.explicit_padding("same", k)
     cl = torch.channels_last
     x = torch.randn(n, c, h, w, device="cuda", generator=gen).to(dtype).contiguous(memory_format=cl)
     wt = (torch.randn(c, 1, *k, device="cuda", generator=gen) / math.prod(k) ** 0.5).to(dtype)
@@ -534,7 +534,7 @@ def test_rows_bias_gradient_from_the_weight_gradient(n, c, h, w, k, layout, dtyp
     cl = layout == "channels_last"
     fmt = torch.channels_last if cl else torch.contiguous_format
     gen = torch.Generator(device="cuda").manual_seed(31)
-    pads = ((k[0] - 1) // 2, k[0] // 2, (k[1] - 1) // 2, k[1] // 2)
+    pads = dispatch.explicit_padding("same", k)
     x = torch.randn(n, c, h, w, device="cuda", generator=gen).to(dtype).contiguous(memory_format=fmt)
     wt = (torch.randn(c, 1, *k, device="cuda", generator=gen) / math.prod(k) ** 0.5).to(dtype)
     b = torch.randn(c, device="cuda", generator=gen).to(dtype)
