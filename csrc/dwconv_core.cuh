@@ -294,14 +294,15 @@ cudaError_t dwconv2d_small_weight_grad(DType t, const void* grad_out, const void
 
 // The CUDA-core passes that read channels_last as they are (dwconv_nhwc.cu): any dtype, exact
 // fp32 arithmetic; odd kernel widths up to 15; the forward / input-grad up to 15 rows, the
-// weight-grad up to 49 taps (one column: 15 rows), with a workspace.
+// weight-grad up to 49 taps (one column: 15 rows), with a workspace, and the bias gradient on the
+// way where grad_b is not null (its workspace then sized with_bias).
 bool dwconv2d_nhwc_forward_fits(DType t, const DwShape& s);
 cudaError_t dwconv2d_nhwc_forward(DType t, const void* in, const void* w, const void* bias, void* out,
                                   const DwShape& s, bool flip_kernel, cudaStream_t stream);
 bool dwconv2d_nhwc_weight_grad_fits(DType t, const DwShape& s);
-size_t dwconv2d_nhwc_weight_grad_workspace(const DwShape& s);
+size_t dwconv2d_nhwc_weight_grad_workspace(const DwShape& s, bool with_bias);
 cudaError_t dwconv2d_nhwc_weight_grad(DType t, const void* grad_out, const void* in, void* grad_w, float* workspace,
-                                      const DwShape& s, cudaStream_t stream);
+                                      const DwShape& s, cudaStream_t stream, void* grad_b);
 // The multiply-adds their tiles issue for shape s (whole tiles of 32 channels, every tap): the
 // same in each pass, which all walk the output tiles.
 double dwconv2d_nhwc_macs(const DwShape& s);

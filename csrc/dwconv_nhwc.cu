@@ -15,7 +15,8 @@
 // the tiles of its channels, staging the output gradient's tile beside the input's; a thread
 // keeps every tap of its channels (a pair up to 25 taps, else one) in registers, and the block
 // adds its threads' sums in a fixed order into its slice's partial sums (added in order by
-// sum_partials: deterministic).
+// sum_slices: deterministic). Each staged output-gradient value is loaded by one thread, which
+// also sums it for the bias gradient: no pass of its own reads the output gradient again.
 #include "dwconv_core.cuh"
 
 namespace lkpatch {
@@ -232,6 +233,7 @@ struct WgradParams {
   const T* grad;
   const T* in;
   float* parts;    // [slices][C][KH * KW]: each block's sums for its channels
+  float* bias_parts;  // [slices][C]: the output gradient's sums (the bias gradient), or null
   DwShape s;
   int rows, cols;  // staged input tile
   int tiles_x;     // column tiles
@@ -258,7 +260,8 @@ inline WgradPlan plan_weight_grad(const DwShape& s, int sms) {
   q.per_slice = ceil_div(q.tiles, q.slices);
   q.slices = ceil_div(q.tiles, q.per_slice);
   const size_t staged = ((size_t)q.tile.rows * q.tile.cols + (size_t)tile_h(s.KW) * tile_w(s.KW)) * kCh * sizeof(float);
-  q.smem = std::max(staged, (size_t)s.KH * s.KW * kThreads * q.cpt * sizeof(float));
+  // the threads' sums: every tap's, then the bias gradient's
+  q.smem = std::max(staged, (size_t)(s.KH * s.KW + 1) * kThreads * q.cpt * sizeof(float));
   return q;
 }
 
@@ -292,6 +295,10 @@ __global__ void __launch_bounds__(kThreads) dw_nhwc_weight_grad(const WgradParam
     for (int j = 0; j < KW; ++j)
 #pragma unroll
       for (int k = 0; k < CPT; ++k) acc[i][j][k] = 0.f;
+  float bsum[CPT];
+#pragma unroll
+  for (int k = 0; k < CPT; ++k) bsum[k] = 0.f;
+  const bool bias = p.bias_parts != nullptr;
 
   const int tiles_y = ceil_div(s.OH, TH);
   const int t_begin = blockIdx.y * p.per_slice, t_end = min(p.tiles, t_begin + p.per_slice);
@@ -309,6 +316,14 @@ __global__ void __launch_bounds__(kThreads) dw_nhwc_weight_grad(const WgradParam
 #pragma unroll
       for (int x = 0; x < kRW; ++x)
         load_channels<CPT>(G + ((RH * rg + r) * TW + kRW * strip + x) * kCh + CPT * cl, g[r][x]);
+    if (bias) {  // zeros outside the map
+#pragma unroll
+      for (int r = 0; r < RH; ++r)
+#pragma unroll
+        for (int x = 0; x < kRW; ++x)
+#pragma unroll
+          for (int k = 0; k < CPT; ++k) bsum[k] += g[r][x][k];
+    }
 #pragma unroll
     for (int q = 0; q < RH + KHM - 1; ++q) {
       if (q >= RH - 1 + s.KH) break;
@@ -341,8 +356,17 @@ __global__ void __launch_bounds__(kThreads) dw_nhwc_weight_grad(const WgradParam
 #pragma unroll
       for (int k = 0; k < CPT; ++k) red[((i * KW + j) * GROUPS + group) * kCh + CPT * cl + k] = acc[i][j][k];
   }
-  __syncthreads();
   const int taps = s.KH * KW;
+  if (bias) {
+#pragma unroll
+    for (int k = 0; k < CPT; ++k) red[(taps * GROUPS + group) * kCh + CPT * cl + k] = bsum[k];
+  }
+  __syncthreads();
+  if (bias && (int)threadIdx.x < nch) {
+    float sum = 0.f;
+    for (int gr = 0; gr < GROUPS; ++gr) sum += red[(taps * GROUPS + gr) * kCh + threadIdx.x];
+    p.bias_parts[(int64_t)blockIdx.y * s.C + c0 + threadIdx.x] = sum;
+  }
   for (int e = threadIdx.x; e < taps * kCh; e += kThreads) {
     const int tap = e / kCh, c = e - tap * kCh;
     if (c >= nch) continue;
@@ -400,13 +424,13 @@ bool dwconv2d_nhwc_weight_grad_fits(DType t, const DwShape& s) {
   return q.slices <= 65535 && ceil_div(s.C, nhwc::kCh) <= (1 << 20) && q.smem <= (size_t)lim.max_smem_optin;
 }
 
-size_t dwconv2d_nhwc_weight_grad_workspace(const DwShape& s) {
+size_t dwconv2d_nhwc_weight_grad_workspace(const DwShape& s, bool with_bias) {
   const nhwc::WgradPlan q = nhwc::plan_weight_grad(s, sms_or_zero());
-  return (size_t)q.slices * s.C * s.KH * s.KW * sizeof(float);
+  return slices_workspace_bytes(q.slices, s, with_bias);
 }
 
 cudaError_t dwconv2d_nhwc_weight_grad(DType t, const void* grad_out, const void* in, void* grad_w, float* workspace,
-                                      const DwShape& s, cudaStream_t stream) {
+                                      const DwShape& s, cudaStream_t stream, void* grad_b) {
   if (workspace == nullptr) return cudaErrorInvalidValue;
   return with_dtype(t, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
@@ -415,6 +439,7 @@ cudaError_t dwconv2d_nhwc_weight_grad(DType t, const void* grad_out, const void*
     p.grad = static_cast<const T*>(grad_out);
     p.in = static_cast<const T*>(in);
     p.parts = workspace;
+    p.bias_parts = grad_b ? slices_bias_parts(workspace, q.slices, s) : nullptr;
     p.s = s;
     p.rows = q.tile.rows;
     p.cols = q.tile.cols;
@@ -434,7 +459,7 @@ cudaError_t dwconv2d_nhwc_weight_grad(DType t, const void* grad_out, const void*
       }
     });
     if (e != cudaSuccess) return e;
-    return sum_partials(workspace, static_cast<T*>(grad_w), q.slices, (int64_t)s.C * s.KH * s.KW, stream);
+    return sum_slices(workspace, static_cast<T*>(grad_w), static_cast<T*>(grad_b), q.slices, s, stream);
   });
 }
 

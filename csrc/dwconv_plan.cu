@@ -122,8 +122,8 @@ Plan forward_plan(DType t, const DwShape& s) {
 
 // The weight-gradient: as the forward, the images family first (channels_last: where its grid
 // fills the GPU, else through NCHW copies), then on channels_last the
-// CUDA-core kernel where it takes the call (up to 49 taps) and nhwc_fma's rule says so, then the
-// rows family.
+// CUDA-core kernel where it takes the call (up to 49 taps; it sums the bias gradient on the way)
+// and nhwc_fma's rule says so, then the rows family.
 Plan weight_grad_plan(DType t, const DwShape& s) {
   if (tensor_cores(t) && dwconv2d_tc_weight_grad_fits(t, s) && (knobs().images != 'n' || small_map_tiles(s) == 1)) {
     if (s.nhwc && !nhwc_images_fill_gpu(dwconv2d_tc_nhwc_weight_grad_blocks(s))) return make(Family::fma, false);
@@ -131,7 +131,7 @@ Plan weight_grad_plan(DType t, const DwShape& s) {
                      weight_grad_macs(t, s, dwconv2d_tc_weight_grad_banded(t, s)), dwconv2d_tc_weight_grad_staged(t, s));
   }
   if (s.nhwc && nhwc_fma(t, s, dwconv2d_nhwc_weight_grad_fits(t, s), Pass::weight_grad))
-    return with_work(make(Family::fma, true), dwconv2d_nhwc_macs(s));
+    return with_work(make(Family::fma, true, true), dwconv2d_nhwc_macs(s));
   if (tensor_cores(t)) {
     const bool tf32_worth = t != DType::tf32 || s.nhwc || (int64_t)s.OH * s.OW >= 400;
     if (tf32_worth && dwconv2d_rows_weight_grad_fits(t, s))
@@ -197,7 +197,9 @@ size_t dwconv2d_weight_grad_workspace(DType t, const DwShape& s, bool with_bias)
   switch (plan.family) {
     case Family::tc_images: return dwconv2d_tc_weight_grad_workspace(t, s, with_bias && plan.takes_bias);
     case Family::tc_rows: return dwconv2d_rows_weight_grad_workspace(t, s, with_bias && plan.takes_bias);
-    case Family::fma: return plan.nhwc ? dwconv2d_nhwc_weight_grad_workspace(s) : dwconv2d_fma_weight_grad_workspace(s);
+    case Family::fma:
+      return plan.nhwc ? dwconv2d_nhwc_weight_grad_workspace(s, with_bias && plan.takes_bias)
+                       : dwconv2d_fma_weight_grad_workspace(s);
     case Family::none: break;
   }
   return 0;
@@ -217,7 +219,7 @@ cudaError_t dwconv2d_weight_grad(DType t, const void* grad_out, const void* in, 
       return dwconv2d_tc_weight_grad(t, grad_out, in, grad_w, workspace, s, stream, grad_b);
     case Family::tc_rows: return dwconv2d_rows_weight_grad(t, grad_out, in, grad_w, workspace, s, stream, grad_b);
     case Family::fma:
-      if (plan.nhwc) return dwconv2d_nhwc_weight_grad(t, grad_out, in, grad_w, workspace, s, stream);
+      if (plan.nhwc) return dwconv2d_nhwc_weight_grad(t, grad_out, in, grad_w, workspace, s, stream, grad_b);
       return dwconv2d_fma_weight_grad(t, grad_out, in, grad_w, workspace, s, stream);
     case Family::none: break;
   }

@@ -199,8 +199,9 @@ def test_plan_families(h100):
             "fma" if pass_ == "weight_grad" else "tc_rows", True)
         assert plan(pass_, (1, 8, 200, 304), (61, 5), (30, 30, 2, 2), bf, True).family == "tc_rows"
         assert plan(pass_, big, (7, 7), same7, f32)[:4] == ("fma", False, False, "")
-        # exact fp32 channels_last: read as it is; the weight-gradient of a kernel over 49 taps through NCHW copies
-        assert plan(pass_, big, (7, 7), same7, f32, True)[:4] == ("fma", True, False, "")
+        # exact fp32 channels_last: read as it is (the weight-gradient sums the bias too); the
+        # weight-gradient of a kernel over 49 taps through NCHW copies
+        assert plan(pass_, big, (7, 7), same7, f32, True)[:4] == ("fma", True, pass_ == "weight_grad", "")
         assert plan(pass_, big, (9, 9), (4,) * 4, f32, True)[:4] == ("fma", pass_ != "weight_grad", False, "")
         # thin kernels and up to 25 taps, channels_last: the CUDA-core kernels that read it, in every dtype
         assert plan(pass_, big, (1, 11), (0, 0, 5, 5), bf, True)[:2] == ("fma", True)
@@ -515,15 +516,17 @@ def test_rule_any_all_and_policies(h100):
 @needs_extension
 def test_bias_gradient_from_the_weight_gradient_follows_the_plan(h100):
     """Where the weight-gradient's kernel (by the plan) also gives the bias gradient -- the
-    images family's small-map ones, NCHW and channels_last, TF32's banded one, and the rows
-    family's -- no bias pass of its own runs; elsewhere the bias gradient's own rule decides."""
+    images family's small-map ones, NCHW and channels_last, TF32's banded one, the rows family's
+    and the CUDA-core one that reads channels_last -- no bias pass of its own runs; elsewhere the
+    bias gradient's own rule decides."""
     k, pads = (27, 27), (13,) * 4
     on = dispatch.bias_grad_on_kernel
     assert not on((64, 512, 14, 14), torch.bfloat16)  # a pass of its own: too small a map
     assert on((64, 512, 14, 14), torch.bfloat16, False, k, pads)
     assert on((64, 1024, 7, 7), torch.float16, True, (13, 13), (6,) * 4)
     assert dispatch.weight_grad_sums_bias((4, 512, 14, 14), k, pads, torch.bfloat16)  # rows family
-    assert not dispatch.weight_grad_sums_bias((64, 384, 64, 64), (7, 7), (3,) * 4, torch.bfloat16, True)
+    assert dispatch.weight_grad_sums_bias((64, 384, 64, 64), (7, 7), (3,) * 4, torch.bfloat16, True)  # fma, NHWC
+    assert not dispatch.weight_grad_sums_bias((64, 384, 64, 64), (7, 7), (3,) * 4, torch.bfloat16)  # NCHW fma
     with dispatch.conv_tf32(True):
         assert dispatch.weight_grad_sums_bias((64, 256, 28, 28), (29, 29), (14,) * 4, torch.float32)
     with dispatch.conv_tf32(False):

@@ -296,6 +296,37 @@ def test_channels_last_bias_gradient_from_the_weight_gradient(n, c, h, w, k, dty
         assert rel_err(a, want) <= TOL[dtype], name
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,c,h,w,k", [(16, 96, 28, 27, (1, 11)), (9, 40, 30, 33, (11, 1)),
+                                       (5, 70, 21, 19, (7, 7)), (3, 33, 13, 17, (5, 9))],
+                         ids=["thin_row", "thin_column_partial_group", "square_two_groups", "odd_channels"])
+def test_channels_last_cuda_core_weight_gradient_sums_the_bias(n, c, h, w, k, dtype):
+    """The CUDA-core weight-gradient that reads channels_last sums the bias gradient from the output
+    gradient it stages (each value once, zeros outside the map): the eager backward runs no
+    bias-gradient kernel and no layout copy, and every gradient matches float64. Channel counts that
+    leave a block's last 32-channel group partial (40, 70) or odd (33: element loads)."""
+    gen = torch.Generator(device="cuda").manual_seed(31)
+    pads = dispatch.explicit_padding("same", k)
+    cl = torch.channels_last
+    x = torch.randn(n, c, h, w, device="cuda", generator=gen).to(dtype).contiguous(memory_format=cl)
+    wt = (torch.randn(c, 1, *k, device="cuda", generator=gen) / math.prod(k) ** 0.5).to(dtype)
+    b = torch.randn(c, device="cuda", generator=gen).to(dtype)
+    g = torch.randn(n, c, h, w, device="cuda", generator=gen).to(dtype).contiguous(memory_format=cl)
+    ref = reference(x, wt, b, pads, g)
+    with dispatch.force("kernel"), dispatch.conv_tf32(False):
+        q = dispatch.plan("weight_grad", x.shape, k, pads, dtype, True)
+        assert (q.family, q.nhwc, q.takes_bias) == ("fma", True, True), q
+        assert dispatch.reads_channels_last("all", x.shape, k, pads, dtype)
+        assert dispatch.weight_grad_sums_bias(x.shape, k, pads, dtype, True)
+        got, kernels = eager_step_kernels(x, wt, b, pads, g)
+    if kernels is not None:
+        assert any("nhwc_weight_grad" in name for name in kernels), kernels
+        assert not any("bias_grad" in name or "transpose" in name for name in kernels), kernels
+    assert got[3].dtype == dtype and got[3].shape == (c,)
+    for name, a, want in zip(("output", "grad_input", "grad_weight", "grad_bias"), got, ref):
+        assert rel_err(a, want) <= TOL[dtype], name
+
+
 def test_channels_last_errors():
     """The extension takes channels_last only where its kernels do, and says so otherwise."""
     ext = build.extension_ops()
