@@ -48,7 +48,7 @@ DwShape dwconv2d_input_grad_shape(const DwShape& fwd);
 enum class Pass { forward, input_grad, weight_grad };
 enum class Family {
   none,       // no lkpatch kernel takes the call (`why` says why)
-  fma,        // exact fp32 arithmetic on CUDA cores (any dtype; NCHW only)
+  fma,        // exact fp32 arithmetic on CUDA cores (any dtype; channels_last where channel_tiles)
   tc_images,  // tensor cores, M (or K) = 16 images of a channel: 8+ images, NCHW (channels_last on maps up to 16)
   tc_rows,    // tensor cores, M = 16 output rows of one image: any batch, NCHW or channels_last
 };
@@ -56,10 +56,11 @@ struct Plan {
   Family family = Family::none;
   bool nhwc = false;        // reads and writes channels_last tensors as they are (else they need NCHW copies)
   bool takes_bias = false;  // weight-grad: a non-null grad_b also gets the bias gradient
+  bool channel_tiles = false;  // fma: the kernel that stages 32 channels of a tile (either layout)
   const char* why = "";     // family none: the reason
   // The multiply-adds the kernels' tiles issue (tensor cores: whole tiles, the zero band, kernel
-  // rows that reach the image; fma reading channels_last: whole tiles of 32 channels): the work
-  // lkpatch.dispatch's speed rule times; 0 for fma on NCHW (the rule counts effective taps).
+  // rows that reach the image; fma's channel tiles: whole tiles of 32 channels): the work
+  // lkpatch.dispatch's speed rule times; 0 for the other fma kernels (the rule counts effective taps).
   double macs = 0;
   // The elements its blocks stage into shared memory (the tensor-core families; else 0): the tile
   // work besides the multiply-adds, which the rule times as well.

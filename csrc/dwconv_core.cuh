@@ -292,20 +292,21 @@ size_t dwconv2d_small_weight_grad_workspace(const DwShape& s);
 cudaError_t dwconv2d_small_weight_grad(DType t, const void* grad_out, const void* in, void* grad_w, float* workspace,
                                        const DwShape& s, cudaStream_t stream);
 
-// The CUDA-core passes that read channels_last as they are (dwconv_nhwc.cu): any dtype, exact
-// fp32 arithmetic; odd kernel widths up to 15; the forward / input-grad up to 15 rows, the
-// weight-grad up to 49 taps (one column: 15 rows), with a workspace, and the bias gradient on the
-// way where grad_b is not null (its workspace then sized with_bias).
-bool dwconv2d_nhwc_forward_fits(DType t, const DwShape& s);
-cudaError_t dwconv2d_nhwc_forward(DType t, const void* in, const void* w, const void* bias, void* out,
-                                  const DwShape& s, bool flip_kernel, cudaStream_t stream);
-bool dwconv2d_nhwc_weight_grad_fits(DType t, const DwShape& s);
-size_t dwconv2d_nhwc_weight_grad_workspace(const DwShape& s, bool with_bias);
-cudaError_t dwconv2d_nhwc_weight_grad(DType t, const void* grad_out, const void* in, void* grad_w, float* workspace,
-                                      const DwShape& s, cudaStream_t stream, void* grad_b);
+// The CUDA-core passes that stage 32 channels of a tile (dwconv_channel_tiles.cu): any dtype,
+// exact fp32 arithmetic; odd kernel widths up to 15; the forward / input-grad of channels_last
+// tensors (read as they are) up to 15 rows, the weight-grad of channels_last or NCHW ones (s.nhwc)
+// up to 49 taps (one column: 15 rows), with a workspace, and the bias gradient on the way where
+// grad_b is not null (its workspace then sized with_bias).
+bool dwconv2d_channel_tile_forward_fits(DType t, const DwShape& s);
+cudaError_t dwconv2d_channel_tile_forward(DType t, const void* in, const void* w, const void* bias, void* out,
+                                          const DwShape& s, bool flip_kernel, cudaStream_t stream);
+bool dwconv2d_channel_tile_weight_grad_fits(DType t, const DwShape& s);
+size_t dwconv2d_channel_tile_weight_grad_workspace(const DwShape& s, bool with_bias);
+cudaError_t dwconv2d_channel_tile_weight_grad(DType t, const void* grad_out, const void* in, void* grad_w,
+                                              float* workspace, const DwShape& s, cudaStream_t stream, void* grad_b);
 // The multiply-adds their tiles issue for shape s (whole tiles of 32 channels, every tap): the
 // same in each pass, which all walk the output tiles.
-double dwconv2d_nhwc_macs(const DwShape& s);
+double dwconv2d_channel_tile_macs(const DwShape& s);
 
 // The tensor-core forward / input-grad for fp16, bf16 and TF32 (dwconv_tc.cu), where it applies:
 // sm_80+, 8 or more images. LKPATCH_TENSOR_CORES=never turns it off (benchmarking).
@@ -400,8 +401,8 @@ inline ImageSlices image_slices(int N, int C, int sms, int most) {
 
 // The benchmarking knobs, read once from the environment (the only place that reads them):
 // LKPATCH_TENSOR_CORES=never keeps every dtype on the CUDA-core kernels; LKPATCH_SMALL_MAP=
-// never|always overrides the fp32 small-map rule; LKPATCH_NHWC_FMA=never|always the rule for the
-// channels_last CUDA-core kernels; LKPATCH_IMAGES=never|always, on maps above 16 x 16, the images
+// never|always overrides the fp32 small-map rule; LKPATCH_CHANNEL_TILES=never|always the rule for the
+// CUDA-core kernel that stages 32 channels of a tile; LKPATCH_IMAGES=never|always, on maps above 16 x 16, the images
 // family only where the rows family cannot take a pass / its forward wherever it fits;
 // LKPATCH_SMALL_IMAGES and LKPATCH_TC_GROUPS set
 // the images an fp32 small-map thread and the 16-image groups a general tensor-core block take;
@@ -411,7 +412,7 @@ inline ImageSlices image_slices(int N, int C, int sms, int most) {
 struct Knobs {
   bool tensor_cores = true;
   char small_map = 0;  // 'n', 'a' or 0 (the rule)
-  char nhwc_fma = 0;   // LKPATCH_NHWC_FMA: 'n', 'a' or 0 (the plan's rule)
+  char channel_tiles = 0;  // LKPATCH_CHANNEL_TILES: 'n', 'a' or 0 (the plan's rule)
   char images = 0;     // LKPATCH_IMAGES: 'n', 'a' or 0 (the plan's rule)
   int small_images = 0, tc_groups = 0, rows_steps = 0, rows_fill = -1;  // -1: the plan's default
 };
@@ -422,8 +423,8 @@ inline const Knobs& knobs() {
     r.tensor_cores = !(e && e[0] == 'n');
     e = getenv("LKPATCH_SMALL_MAP");
     r.small_map = e && (e[0] == 'n' || e[0] == 'a') ? e[0] : 0;
-    e = getenv("LKPATCH_NHWC_FMA");
-    r.nhwc_fma = e && (e[0] == 'n' || e[0] == 'a') ? e[0] : 0;
+    e = getenv("LKPATCH_CHANNEL_TILES");
+    r.channel_tiles = e && (e[0] == 'n' || e[0] == 'a') ? e[0] : 0;
     e = getenv("LKPATCH_IMAGES");
     r.images = e && (e[0] == 'n' || e[0] == 'a') ? e[0] : 0;
     e = getenv("LKPATCH_SMALL_IMAGES");

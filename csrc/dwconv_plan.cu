@@ -51,17 +51,31 @@ double weight_grad_macs(DType t, const DwShape& s, bool banded) {
   return (double)s.planes * s.OH * round_up(s.OW, 16) * cols * rows;
 }
 
-// Whether a channels_last pass that the CUDA-core kernel reading channels_last `fits` runs on it:
-// exact fp32 with any kernel it takes; in half types and TF32 the forward / input-gradient of thin
-// kernels (1 x k, k x 1 up to 15) and kernels of up to 25 taps, where a tensor-core tile is mostly
-// zero band, and the weight-gradient of every kernel it takes (up to 49 taps) on 32 channels or
-// more (fewer leave its lanes idle: tc_rows is faster there). LKPATCH_NHWC_FMA overrides
+// Whether a pass that the CUDA-core kernel staging 32 channels of a tile `fits` runs on it.
+// channels_last: exact fp32 with any kernel it takes; in half types and TF32 the forward /
+// input-gradient of thin kernels (1 x k, k x 1 up to 15) and kernels of up to 25 taps, where a
+// tensor-core tile is mostly zero band, and the weight-gradient of every kernel it takes (up to 49
+// taps) on 32 channels or more (fewer leave its lanes idle: tc_rows is faster there). NCHW (the
+// weight-gradient alone fits): fp16 / bf16 thin kernels and kernels of up to 15 taps, on 32
+// channels or more and 512 planes (images x channels) or more, where it was measured faster than
+// the tensor-core families (not so with 25 taps, or 64 planes). LKPATCH_CHANNEL_TILES overrides
 // (benchmarking).
-bool nhwc_fma(DType t, const DwShape& s, bool fits, Pass pass) {
-  if (!fits || knobs().nhwc_fma == 'n') return false;
-  if (knobs().nhwc_fma == 'a' || t == DType::f32 || !tensor_cores(t)) return true;
+bool channel_tiles(DType t, const DwShape& s, bool fits, Pass pass) {
+  if (!fits || knobs().channel_tiles == 'n') return false;
+  if (!s.nhwc) {
+    if (knobs().channel_tiles == 'a') return true;
+    const bool thin = std::min(s.KH, s.KW) == 1 || s.KH * s.KW <= 15;
+    return (t == DType::f16 || t == DType::bf16) && tensor_cores(t) && s.C >= 32 && s.planes >= 512 && thin;
+  }
+  if (knobs().channel_tiles == 'a' || t == DType::f32 || !tensor_cores(t)) return true;
   if (pass == Pass::weight_grad) return s.C >= 32;
   return std::min(s.KH, s.KW) == 1 || s.KH * s.KW <= 25;
+}
+
+Plan channel_tiles_plan(const DwShape& s, bool takes_bias) {
+  Plan p = with_work(make(Family::fma, s.nhwc, takes_bias), dwconv2d_channel_tile_macs(s));
+  p.channel_tiles = true;
+  return p;
 }
 
 // Whether the images family's general forward takes a call that the rows family also fits
@@ -100,7 +114,7 @@ bool nhwc_images_fill_gpu(int64_t blocks) {
 // The forward (or the input-gradient's shape). The images family where it takes a call (8+
 // images; channels_last only on maps up to 16, and through NCHW copies where its channels_last
 // grid would leave SMs idle) and images_forward says so; then, on
-// channels_last, the CUDA-core kernel for small kernels (nhwc_fma); the rows family takes every
+// channels_last, the CUDA-core kernel for small kernels (channel_tiles); the rows family takes every
 // other tensor-core call. TF32 on the rows family only from 28 x 28 maps and 9 taps a row, as the
 // images family's rule (the exact CUDA-core kernels are as fast below that); channels_last TF32
 // always, which saves the layout copies.
@@ -112,26 +126,29 @@ Plan forward_plan(DType t, const DwShape& s) {
     return with_work(make(Family::tc_images, s.nhwc), forward_macs(Family::tc_images, t, s),
                      dwconv2d_tc_forward_staged(t, s));
   }
-  if (s.nhwc && nhwc_fma(t, s, dwconv2d_nhwc_forward_fits(t, s), Pass::forward))
-    return with_work(make(Family::fma, true), dwconv2d_nhwc_macs(s));
+  if (channel_tiles(t, s, dwconv2d_channel_tile_forward_fits(t, s), Pass::forward))  // channels_last only
+    return channel_tiles_plan(s, false);
   if (rows)
     return with_work(make(Family::tc_rows, s.nhwc), forward_macs(Family::tc_rows, t, s),
                      dwconv2d_rows_forward_staged(t, s));
   return make(Family::fma, false);  // channels_last tensors through NCHW copies
 }
 
-// The weight-gradient: as the forward, the images family first (channels_last: where its grid
-// fills the GPU, else through NCHW copies), then on channels_last the
-// CUDA-core kernel where it takes the call (up to 49 taps; it sums the bias gradient on the way)
-// and nhwc_fma's rule says so, then the rows family.
+// The weight-gradient: on NCHW, the CUDA-core channel tiles where channel_tiles' rule says so (thin
+// and small kernels over many planes); then as the forward, the images family first
+// (channels_last: where its grid fills the GPU, else through NCHW copies), then on channels_last
+// the CUDA-core kernel where it takes the call (up to 49 taps) and channel_tiles' rule says so,
+// then the rows family. The channel tiles sum the bias gradient on the way.
 Plan weight_grad_plan(DType t, const DwShape& s) {
+  if (!s.nhwc && channel_tiles(t, s, dwconv2d_channel_tile_weight_grad_fits(t, s), Pass::weight_grad))
+    return channel_tiles_plan(s, true);
   if (tensor_cores(t) && dwconv2d_tc_weight_grad_fits(t, s) && (knobs().images != 'n' || small_map_tiles(s) == 1)) {
     if (s.nhwc && !nhwc_images_fill_gpu(dwconv2d_tc_nhwc_weight_grad_blocks(s))) return make(Family::fma, false);
     return with_work(make(Family::tc_images, s.nhwc, dwconv2d_tc_weight_grad_takes_bias(t, s)),
                      weight_grad_macs(t, s, dwconv2d_tc_weight_grad_banded(t, s)), dwconv2d_tc_weight_grad_staged(t, s));
   }
-  if (s.nhwc && nhwc_fma(t, s, dwconv2d_nhwc_weight_grad_fits(t, s), Pass::weight_grad))
-    return with_work(make(Family::fma, true, true), dwconv2d_nhwc_macs(s));
+  if (s.nhwc && channel_tiles(t, s, dwconv2d_channel_tile_weight_grad_fits(t, s), Pass::weight_grad))
+    return channel_tiles_plan(s, true);
   if (tensor_cores(t)) {
     const bool tf32_worth = t != DType::tf32 || s.nhwc || (int64_t)s.OH * s.OW >= 400;
     if (tf32_worth && dwconv2d_rows_weight_grad_fits(t, s))
@@ -184,7 +201,7 @@ cudaError_t dwconv2d_forward(DType t, const void* in, const void* w, const void*
     case Family::tc_images: return dwconv2d_tc_forward(t, in, w, bias, out, s, flip_kernel, stream);
     case Family::tc_rows: return dwconv2d_rows_forward(t, in, w, bias, out, s, flip_kernel, stream);
     case Family::fma:
-      if (plan.nhwc) return dwconv2d_nhwc_forward(t, in, w, bias, out, s, flip_kernel, stream);
+      if (plan.channel_tiles) return dwconv2d_channel_tile_forward(t, in, w, bias, out, s, flip_kernel, stream);
       return dwconv2d_fma_forward(t, in, w, bias, out, s, flip_kernel, stream);
     case Family::none: break;
   }
@@ -198,7 +215,7 @@ size_t dwconv2d_weight_grad_workspace(DType t, const DwShape& s, bool with_bias)
     case Family::tc_images: return dwconv2d_tc_weight_grad_workspace(t, s, with_bias && plan.takes_bias);
     case Family::tc_rows: return dwconv2d_rows_weight_grad_workspace(t, s, with_bias && plan.takes_bias);
     case Family::fma:
-      return plan.nhwc ? dwconv2d_nhwc_weight_grad_workspace(s, with_bias && plan.takes_bias)
+      return plan.channel_tiles ? dwconv2d_channel_tile_weight_grad_workspace(s, with_bias && plan.takes_bias)
                        : dwconv2d_fma_weight_grad_workspace(s);
     case Family::none: break;
   }
@@ -219,7 +236,8 @@ cudaError_t dwconv2d_weight_grad(DType t, const void* grad_out, const void* in, 
       return dwconv2d_tc_weight_grad(t, grad_out, in, grad_w, workspace, s, stream, grad_b);
     case Family::tc_rows: return dwconv2d_rows_weight_grad(t, grad_out, in, grad_w, workspace, s, stream, grad_b);
     case Family::fma:
-      if (plan.nhwc) return dwconv2d_nhwc_weight_grad(t, grad_out, in, grad_w, workspace, s, stream, grad_b);
+      if (plan.channel_tiles)
+        return dwconv2d_channel_tile_weight_grad(t, grad_out, in, grad_w, workspace, s, stream, grad_b);
       return dwconv2d_fma_weight_grad(t, grad_out, in, grad_w, workspace, s, stream);
     case Family::none: break;
   }

@@ -25,7 +25,7 @@ from typing import List, Optional
 import torch
 
 EXT_NAMESPACE = "lkpatch_ext"
-_SOURCES = ("dwconv_plan.cu", "dwconv_fwd.cu", "dwconv_wgrad.cu", "dwconv_small.cu", "dwconv_nhwc.cu",
+_SOURCES = ("dwconv_plan.cu", "dwconv_fwd.cu", "dwconv_wgrad.cu", "dwconv_small.cu", "dwconv_channel_tiles.cu",
             "dwconv_bgrad.cu", "dwconv_tc.cu", "dwconv_tc_wgrad.cu", "dwconv_rows_fwd.cu", "dwconv_rows_wgrad.cu",
             "dwconv_layout.cu", "binding.cpp")
 _CUDA_FLAGS = ["-O3", "-lineinfo"]  # the C++ standard is torch's choice (C++20 from torch 2.10)

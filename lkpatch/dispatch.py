@@ -238,7 +238,7 @@ class Plan(NamedTuple):
     nhwc: bool        # reads and writes channels_last tensors as they are (else through NCHW copies)
     takes_bias: bool  # the weight-gradient also gives the bias gradient
     why: str = ""     # family "none": why no kernel takes the call
-    macs: float = 0.0  # the multiply-adds the kernel's tiles issue (0 for "fma" on NCHW): the rule's work
+    macs: float = 0.0  # the multiply-adds the kernel's tiles issue (0 for "fma" kernels that count no tiles): the rule's work
     staged: float = 0.0  # the elements its blocks stage into shared memory (tensor cores; else 0): work too
 
 
@@ -433,8 +433,9 @@ COST = {
     "bandwidth": 2.6e6,
     # lkpatch: the kernels issue the multiply-adds of their plan (Plan.macs, counted by the
     # extension from its tiles) at these rates (per microsecond): the tensor-core families, and
-    # the CUDA-core kernel reading channels_last ("fma_nhwc", any dtype); on NCHW the CUDA-core
-    # kernels ("fma") run the effective multiply-adds.
+    # the CUDA-core kernel that stages 32 channels of a tile ("fma_channels": channels_last in any
+    # dtype, NCHW in fp16 / bf16; its plan counts its tiles); the other CUDA-core kernels ("fma")
+    # run the effective multiply-adds.
     # "_nhwc": the images family's channels_last weight-gradient (maps up to 16 x 16), slower per tile.
     "tc_images": {"half": (9.6e8, 9.9e5), "half_wgrad": (6.5e8, 7.7e5), "half_wgrad_nhwc": (1.75e9, 3.5e5),
                   "tf32": (2.4e7, 0), "tf32_wgrad": (6.2e7, 0)},
@@ -443,7 +444,7 @@ COST = {
     "tc_rows": {"half": (2.7e8, 6.4e5), "half_wgrad": (1.36e8, 1.06e6), "half_nhwc": (1.7e8, 6.7e5),
                 "half_wgrad_nhwc": (1.4e8, 6.0e5), "tf32": (1.5e7, 0), "tf32_wgrad": (2.3e7, 0)},
     "fma": 4.7e6,
-    "fma_nhwc": {"pass": 1.5e7, "wgrad": 8.5e6},
+    "fma_channels": {"pass": 1.5e7, "wgrad": 8.5e6},
     "lkpatch_call_us": 8.0,
     "copy_call_us": 4.0,
     # PyTorch (cuDNN): multiply-adds (pytorch_macs) per microsecond by layout, pass and kernel: "small"
@@ -478,20 +479,20 @@ def estimate_us(path: str, pass_: str, size, kernel_size, pads, dtype, channels_
         rate = COST["pytorch"]["channels_last" if channels_last else "nchw"][pass_][kind]
         return COST["pytorch_call_us"] + moved / COST["bandwidth"] + pytorch_macs(size, kernel_size, pads,
                                                                                    channels_last, pass_) / rate
-    key = rate_key(the_plan.family, pass_, dtype, the_plan.nhwc)
+    key = rate_key(the_plan.family, pass_, dtype, the_plan.nhwc, the_plan.macs > 0)
     work = macs if key == ("fma",) else the_plan.macs
     macs_rate, staged_rate = rates(key)
     staging = the_plan.staged / staged_rate if staged_rate else 0.0
     return COST["lkpatch_call_us"] + moved / COST["bandwidth"] + work / macs_rate + staging
 
 
-def rate_key(family: str, pass_: str, dtype: torch.dtype, nhwc: bool) -> Tuple[str, ...]:
+def rate_key(family: str, pass_: str, dtype: torch.dtype, nhwc: bool, tiles: bool) -> Tuple[str, ...]:
     """Where COST keeps the rate of lkpatch's kernels of ``family`` on a pass: ("fma",) for the
-    NCHW CUDA-core kernels (timed by effective multiply-adds), else a family and a kind (timed by
-    ``Plan.macs``)."""
+    CUDA-core kernels whose plan counts no tiles (``tiles`` false: timed by effective
+    multiply-adds), else a family and a kind (timed by ``Plan.macs``)."""
     wgrad = pass_ == "weight_grad"
     if family == "fma":
-        return ("fma_nhwc", "wgrad" if wgrad else "pass") if nhwc else ("fma",)
+        return ("fma_channels", "wgrad" if wgrad else "pass") if tiles else ("fma",)
     kind = ("tf32" if dtype == torch.float32 else "half") + ("_wgrad" if wgrad else "")
     return (family, kind + "_nhwc" if nhwc and kind + "_nhwc" in COST[family] else kind)
 

@@ -206,6 +206,16 @@ def test_plan_families(h100):
         # thin kernels and up to 25 taps, channels_last: the CUDA-core kernels that read it, in every dtype
         assert plan(pass_, big, (1, 11), (0, 0, 5, 5), bf, True)[:2] == ("fma", True)
         assert plan(pass_, big, (15, 1), (7, 7, 0, 0), bf, True)[:2] == ("fma", True)
+        # NCHW half types: the weight-gradient of thin kernels and up to 15 taps over 512+
+        # planes on the channel tiles too (summing the bias), the other passes on tensor cores
+        assert plan(pass_, (64, 192, 28, 28), (1, 11), (0, 0, 5, 5), bf)[:3] == (
+            ("fma", False, True) if pass_ == "weight_grad" else ("tc_images", False, False))
+        assert plan(pass_, (64, 96, 56, 56), (3, 5), (1, 1, 2, 2), bf).family == (
+            "fma" if pass_ == "weight_grad" else "tc_images")
+        assert plan(pass_, (64, 128, 56, 56), (5, 5), (2,) * 4, bf).family == "tc_images"  # 25 taps
+        assert plan(pass_, (1, 64, 200, 200), (1, 9), (0, 0, 4, 4), bf).family == "tc_rows"  # 64 planes
+        assert plan(pass_, (64, 192, 28, 28), (1, 11), (0, 0, 5, 5), f32).family == "fma"  # exact: NCHW's own
+        assert plan(pass_, (64, 192, 28, 28), (1, 11), (0, 0, 5, 5), f32).macs == 0
         # ... but the weight-gradient of fewer than 32 channels on tc_rows
         assert plan(pass_, (128, 12, 56, 56), (1, 11), (0, 0, 5, 5), bf, True)[:2] == (
             "fma" if pass_ != "weight_grad" else "tc_rows", True)

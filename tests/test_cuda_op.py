@@ -320,7 +320,7 @@ def test_channels_last_cuda_core_weight_gradient_sums_the_bias(n, c, h, w, k, dt
         assert dispatch.weight_grad_sums_bias(x.shape, k, pads, dtype, True)
         got, kernels = eager_step_kernels(x, wt, b, pads, g)
     if kernels is not None:
-        assert any("nhwc_weight_grad" in name for name in kernels), kernels
+        assert any("channel_tile_weight_grad" in name for name in kernels), kernels
         assert not any("bias_grad" in name or "transpose" in name for name in kernels), kernels
     assert got[3].dtype == dtype and got[3].shape == (c,)
     for name, a, want in zip(("output", "grad_input", "grad_weight", "grad_bias"), got, ref):
@@ -392,6 +392,51 @@ def test_random_sweep_nhwc_fma(dtype):
                 on_fma = not half or min(k) == 1 or k[0] * k[1] <= 25
             assert q[:2] == ("fma" if on_fma else "tc_rows", True), (case, pass_)
         check_case(case, seed=i, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_random_sweep_channel_tiles_nchw(dtype):
+    """The weight-gradient of NCHW fp16 / bf16 layers with thin kernels or kernels of up to 15 taps,
+    on 32+ channels and 512+ planes, runs on the CUDA-core kernel that stages 32 channels of a tile
+    (rows moved as runs of 8, 4, 2 or 1 elements by the map's width and the tensors' alignment) and
+    sums the bias gradient; every gradient against float64: maps of 1 to 80 (smaller than the
+    kernel too), any padding up to K - 1 a side, 16-40 images or 2-4 of many channels, C a multiple
+    of 32 or not, and tensors that start one element past an aligned address."""
+    rng = random.Random(2051)
+    for i in range(HALF_SWEEP_CASES):
+        while True:
+            if rng.random() < 0.5:
+                kh, kw = rng.choice([(1, rng.choice([3, 5, 7, 9, 11, 13, 15])), (rng.randint(2, 15), 1)])
+            else:
+                kh, kw = rng.choice([(3, 3), (3, 5), (5, 3), (1, 1), (2, 3), (4, 3), (5, 1)])
+            h, w = rng.randint(1, 60), rng.choice([rng.randint(1, 60), 8 * rng.randint(1, 7), 28, 56])
+            pads = (rng.randint(0, kh - 1), rng.randint(0, kh - 1), rng.randint(0, kw - 1), rng.randint(0, kw - 1))
+            if h + pads[0] + pads[1] >= kh and w + pads[2] + pads[3] >= kw:
+                break
+        if i % 3:
+            n, c = rng.randint(16, 40), rng.choice([32, 64, 40, 33, rng.randint(32, 100)])
+        else:
+            n = rng.randint(2, 4)
+            c = rng.randint(-(-512 // n), 300)
+        case = dict(n=n, c=c, h=h, w=w, kh=kh, kw=kw, pads=pads, bias=rng.random() < 0.7, layout="contiguous")
+        size, k = (n, c, h, w), (kh, kw)
+        with dispatch.force("kernel"):
+            q = dispatch.plan("weight_grad", size, k, pads, dtype)
+            assert q[:3] == ("fma", False, True) and q.macs > 0, (case, q)
+            assert dispatch.weight_grad_sums_bias(size, k, pads, dtype)
+            assert dispatch.plan("forward", size, k, pads, dtype).family != "fma", case
+        check_case(case, seed=i, dtype=dtype)
+    # unaligned tensors: element runs
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    n, c, h, w, k, pads = 12, 48, 20, 24, (1, 7), (0, 0, 3, 3)
+    flat = torch.randn(2, n * c * h * w + 1, device="cuda", generator=gen).to(dtype)
+    x, g = (flat[j, 1:].view(n, c, h, w) for j in (0, 1))
+    wt = (torch.randn(c, 1, *k, device="cuda", generator=gen) / 7 ** 0.5).to(dtype)
+    b = torch.randn(c, device="cuda", generator=gen).to(dtype)
+    assert dispatch.plan("weight_grad", x.shape, k, pads, dtype).family == "fma"
+    got, ref = run_op(x, wt, b, pads, g), reference(x, wt, b, pads, g)
+    for name, a, want in zip(("output", "grad_input", "grad_weight", "grad_bias"), got, ref):
+        assert rel_err(a, want) <= TOL[dtype], name
 
 
 TF32_TOL = {"output": 2e-3, "grad_input": 2e-3, "grad_weight": 2e-3}  # the bias gradient stays exact
@@ -488,9 +533,10 @@ def test_random_sweep_rows_tf32(layout):
     (3, 40, 56, 56, (5, 61), (2, 2, 30, 30)),
     (4, 48, 28, 28, (1, 11), (0, 0, 5, 5)),          # band kernels
     (4, 48, 28, 28, (11, 1), (5, 5, 0, 0)),
+    (4, 24, 28, 27, (1, 11), (0, 0, 5, 5)),          # band kernels on fewer than 32 channels
     (2, 8, 9, 70, (3, 63), (1, 1, 40, 7)),           # the widest kernel, asymmetric padding
     (2, 8, 5, 5, (17, 17), (8, 8, 8, 8)),            # a map smaller than the kernel
-], ids=["batch1", "detection", "ragged", "61x5", "5x61", "1x11", "11x1", "63_wide", "tiny_map"])
+], ids=["batch1", "detection", "ragged", "61x5", "5x61", "1x11", "11x1", "1x11_24ch", "63_wide", "tiny_map"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_rows_named_layers(n, c, h, w, k, pads, dtype, layout):
     case = dict(n=n, c=c, h=h, w=w, kh=k[0], kw=k[1], pads=pads, bias=True, layout=layout)
@@ -499,8 +545,9 @@ def test_rows_named_layers(n, c, h, w, k, pads, dtype, layout):
     with dispatch.force("kernel"):
         for p in dispatch.CONV_PASSES:
             q = dispatch.plan(p, (n, c, h, w), k, pads, dtype, layout == "channels_last")
-            # channels_last band kernels: every pass on the CUDA cores that read it
-            thin_cl = layout == "channels_last" and min(k) == 1
+            # channels_last band kernels: every pass on the CUDA cores that read it (the
+            # weight-gradient on 32+ channels)
+            thin_cl = layout == "channels_last" and min(k) == 1 and (p != "weight_grad" or c >= 32)
             assert q.family == ("fma" if thin_cl else "tc_rows") and q.nhwc == (layout == "channels_last"), (p, q)
     check_case(case, seed=3, dtype=dtype)
 
@@ -520,7 +567,7 @@ def test_plan_families():
     assert plan("input_grad", (12, 64, 100, 100), (13, 13), (6,) * 4, bf).family == "tc_images"
     assert plan("forward", (8, 64, 14, 14), (7, 7), (3,) * 4, bf).family == "tc_images"  # small map
     assert plan("input_grad", (64, 384, 64, 64), (7, 7), (3,) * 4, bf, True)[:4] == ("tc_rows", True, False, "")
-    assert plan("weight_grad", (64, 384, 64, 64), (7, 7), (3,) * 4, bf, True)[:4] == ("fma", True, False, "")
+    assert plan("weight_grad", (64, 384, 64, 64), (7, 7), (3,) * 4, bf, True)[:4] == ("fma", True, True, "")
     assert plan("forward", (4, 384, 64, 64), (31, 31), (15,) * 4, torch.float32)[:4] == ("fma", False, False, "")
     assert plan("forward", (4, 384, 64, 64), (7, 7), (3,) * 4, torch.float32, True)[:2] == ("fma", True)  # exact, as it is
     assert plan("input_grad", (64, 192, 28, 28), (1, 11), (0, 0, 5, 5), bf, True)[:2] == ("fma", True)  # thin

@@ -90,8 +90,9 @@ def fit(rows):
             if lk and fam and "/" not in fam and max(macs, pt_macs if pt else 0) >= C["tiny_macs"]:
                 left = lk * 1e3 - C["lkpatch_call_us"] - moved / C["bandwidth"]
                 if left > 0.2 * lk * 1e3:
-                    key = dispatch.rate_key(fam, p, dtype, cl)
-                    work = macs if key == ("fma",) else tile_work(r, p, size, k, pads, dtype)
+                    tiles = tile_work(r, p, size, k, pads, dtype)
+                    key = dispatch.rate_key(fam, p, dtype, cl, tiles > 0)
+                    work = macs if key == ("fma",) else tiles
                     if dispatch.rates(key)[1] is not None:
                         pairs.setdefault(key, []).append((work, tile_work(r, p, size, k, pads, dtype, "staged"), left))
                     else:

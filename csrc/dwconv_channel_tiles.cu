@@ -1,12 +1,14 @@
-// The CUDA-core passes that read and write channels_last tensors as they are, for small kernels
-// (odd widths up to 15, up to 15 rows), in every dtype with exact fp32 arithmetic. A small kernel
-// does few multiply-adds per value it moves, so a tensor-core tile, most of it a zero band, gains
-// little over plain FMAs, while reading channels_last directly saves both the transposition into
-// planes and the layout copies.
+// The CUDA-core passes for small kernels (odd widths up to 15, up to 15 rows) that stage 32
+// channels innermost, in every dtype with exact fp32 arithmetic: on channels_last tensors (read
+// and written as they are) every pass, on NCHW ones the weight-gradient (their rows staged into
+// that layout). A small kernel does few multiply-adds per value it moves, so a tensor-core tile,
+// most of it a zero band, gains little over plain FMAs; reading channels_last directly saves both
+// the transposition into planes and the layout copies.
 //
-// A block takes kCh channels (one 32-, 64- or 128-byte run of each pixel) of an output tile (8 x 32;
-// 16 x 16 for k x 1 kernels). It stages the input tile, converted to fp32 once, as
-// [row][column][channel] (zeros outside the image and past the channels). A thread owns two
+// A block takes kCh channels (channels_last: one 32-, 64- or 128-byte run of each pixel; NCHW: each
+// lane of a staging warp loads a run of one channel's row) of an output tile (8 x 32; 16 x 16 for
+// k x 1 kernels). It stages the input tile, converted to fp32 once, as [row][column][channel]
+// (zeros outside the image and past the channels). A thread owns two
 // adjacent channels and a block of kRH rows x kRW columns; per kernel row it loads a register
 // window of the input row, so each staged value it loads feeds KW multiply-adds per channel.
 // Forward / input-gradient: the kernel's taps staged as [tap][channel] (rotated for the
@@ -20,7 +22,7 @@
 #include "dwconv_core.cuh"
 
 namespace lkpatch {
-namespace nhwc {
+namespace channel_tile {
 
 constexpr int kThreads = 256;
 constexpr int kCh = 32;         // channels per block: 16 threads of channel pairs
@@ -37,13 +39,26 @@ __host__ __device__ constexpr int tile_h(int kw) { return kRH * (kThreads / (kCh
 struct Tile {
   int rows, cols;          // staged input tile
   int tiles_x, tiles_y;    // output tiles of an image: columns, rows
+  int vec;                 // NCHW: elements a staging load moves (a row run of 16, 8, 4 or 2 bytes)
+  int sh;                  // NCHW: staged column 0 lies sh columns left of the tile's first input column
   size_t smem;             // bytes: the tile and the taps, fp32
 };
 
-inline Tile tile(const DwShape& s) {
+// NCHW rows move as runs of `vec` elements: the widest (up to 16 bytes) that the row length and
+// the tensor's alignment allow; the staged tile then starts at a multiple of it.
+inline int row_vector(int esize, int W, uintptr_t address) {
+  for (int v = 16 / esize; v > 1; v /= 2)
+    if (W % v == 0 && address % (v * esize) == 0) return v;
+  return 1;
+}
+
+// vec: NCHW's row run (0: channels_last).
+inline Tile tile(const DwShape& s, int vec = 0) {
   Tile t;
+  t.vec = vec;
+  t.sh = vec > 1 ? ((-s.pad_l) % vec + vec) % vec : 0;  // the staged tile starts at a multiple of vec
   t.rows = tile_h(s.KW) + s.KH - 1;
-  t.cols = tile_w(s.KW) + s.KW - 1;
+  t.cols = vec > 1 ? round_up(tile_w(s.KW) + s.KW - 1 + t.sh, vec) : tile_w(s.KW) + s.KW - 1;
   t.tiles_x = ceil_div(s.OW, tile_w(s.KW));
   t.tiles_y = ceil_div(s.OH, tile_h(s.KW));
   t.smem = ((size_t)t.rows * t.cols + (size_t)s.KH * s.KW) * kCh * sizeof(float);
@@ -119,6 +134,64 @@ __device__ __forceinline__ void stage_tile(float* dst, const T* src, int n, int 
   }
 }
 
+// NCHW: rows x cols pixels of channels c0 .. c0 + kCh - 1 of image n, from image row y0 and column
+// x0 (a multiple of V, as W is), into fp32 dst[row][col][channel]: zeros outside the image and past
+// nch. Lane k of a warp loads channel k's run of V elements, so the stores into the tile's channel
+// vector hit 32 banks; a run lies all inside the image's columns or all outside. kBatch loads in
+// flight per thread.
+template <typename T, int V>
+__device__ __forceinline__ void stage_rows_v(float* dst, const T* src, int n, int c0, int nch, int C, int H, int W,
+                                             int y0, int x0, int rows, int cols) {
+  using Run = std::conditional_t<V * sizeof(T) == 16, uint4,
+              std::conditional_t<V * sizeof(T) == 8, uint2,
+              std::conditional_t<V * sizeof(T) == 4, unsigned, unsigned short>>>;
+  union Vals {
+    Run r;
+    T h[V];
+  };
+  const int runs = cols / V, total = rows * runs * kCh;
+  const T* planes = src + ((int64_t)n * C + c0) * H * W;
+  for (int u0 = threadIdx.x; u0 < total; u0 += kBatch * kThreads) {
+    Vals in[kBatch];
+#pragma unroll
+    for (int b = 0; b < kBatch; ++b) {
+      const int u = u0 + b * kThreads, k = u % kCh, rr = u / kCh, r = rr / runs, x = x0 + (rr - r * runs) * V;
+      const int iy = y0 + r;
+      if constexpr (V * sizeof(T) >= 4) in[b].r = Run{};
+      else in[b].h[0] = from_float<T>(0.f);
+      if (u < total && k < nch && iy >= 0 && iy < H && x >= 0 && x < W)
+        in[b].r = __ldg(reinterpret_cast<const Run*>(planes + ((int64_t)k * H + iy) * W + x));
+    }
+#pragma unroll
+    for (int b = 0; b < kBatch; ++b) {
+      const int u = u0 + b * kThreads;
+      if (u >= total) break;
+      const int k = u % kCh, rr = u / kCh, r = rr / runs, col = (rr - r * runs) * V;
+      float* to = dst + ((size_t)r * cols + col) * kCh + k;
+#pragma unroll
+      for (int v = 0; v < V; ++v) to[v * kCh] = to_float(in[b].h[v]);
+    }
+  }
+}
+
+// A tile of either layout (NCHW: runs of `vec` elements, x0 a multiple of it).
+template <typename T, bool NCHW>
+__device__ __forceinline__ void stage_any(float* dst, const T* src, int n, int c0, int nch, int C, int H, int W,
+                                          int y0, int x0, int rows, int cols, int vec) {
+  if constexpr (NCHW) {
+    switch (vec * (int)sizeof(T)) {
+      case 16: return stage_rows_v<T, 16 / sizeof(T)>(dst, src, n, c0, nch, C, H, W, y0, x0, rows, cols);
+      case 8: return stage_rows_v<T, 8 / sizeof(T)>(dst, src, n, c0, nch, C, H, W, y0, x0, rows, cols);
+      case 4:
+        if constexpr (sizeof(T) == 2) return stage_rows_v<T, 2>(dst, src, n, c0, nch, C, H, W, y0, x0, rows, cols);
+        [[fallthrough]];
+      default: return stage_rows_v<T, 1>(dst, src, n, c0, nch, C, H, W, y0, x0, rows, cols);
+    }
+  } else {
+    stage_tile<T>(dst, src, n, c0, nch, C, H, W, y0, x0, rows, cols, vec);
+  }
+}
+
 template <typename T>
 struct Params : ConvArgs<T> {
   int rows, cols;   // staged tile
@@ -127,7 +200,7 @@ struct Params : ConvArgs<T> {
 };
 
 template <typename T, int KW>
-__global__ void __launch_bounds__(kThreads) dw_nhwc_forward(const Params<T> p) {
+__global__ void __launch_bounds__(kThreads) dw_channel_tile_forward(const Params<T> p) {
   extern __shared__ __align__(16) float smem_f[];
   const DwShape& s = p.s;
   const int c0 = blockIdx.x * kCh, nch = min(kCh, s.C - c0);
@@ -239,7 +312,9 @@ struct WgradParams {
   int tiles_x;     // column tiles
   int tiles;       // tiles of all images: (n * tile rows + tile row) * tiles_x + tile column
   int per_slice;   // tiles per block; blockIdx.y is the slice
-  int vec;         // 16-byte loads of both tensors
+  int vec;         // channels_last: 16-byte loads of both tensors; NCHW: elements an input row run moves
+  int gvec;        // NCHW: elements an output-gradient row run moves
+  int sh;          // NCHW: staged input column 0 lies sh columns left of the tile's first input column
 };
 
 struct WgradPlan {
@@ -249,9 +324,9 @@ struct WgradPlan {
   size_t smem;  // the two staged tiles; the threads' sums reuse them
 };
 
-inline WgradPlan plan_weight_grad(const DwShape& s, int sms) {
+inline WgradPlan plan_weight_grad(const DwShape& s, int sms, int vec = 0) {
   WgradPlan q{};
-  q.tile = tile(s);
+  q.tile = tile(s, vec);
   q.cpt = wgrad_channels_per_thread(s);
   q.tiles = (int)(s.planes / s.C) * q.tile.tiles_y * q.tile.tiles_x;
   // about four blocks an SM, each walking a slice of the tiles
@@ -277,8 +352,8 @@ __device__ __forceinline__ void load_channels(const float* from, float (&v)[CPT]
 }
 
 // A thread: channels CPT cl ..; of the tile's rows RH rg .. and columns kRW strip ..
-template <typename T, int KW, int CPT>
-__global__ void __launch_bounds__(kThreads) dw_nhwc_weight_grad(const WgradParams<T> p) {
+template <typename T, int KW, int CPT, bool NCHW>
+__global__ void __launch_bounds__(kThreads) dw_channel_tile_weight_grad(const WgradParams<T> p) {
   constexpr int KHM = wgrad_max_rows(KW, CPT);
   constexpr int TH = tile_h(KW), TW = tile_w(KW), S = strips(KW);
   constexpr int LP = kCh / CPT, GROUPS = kThreads / LP, RH = TH * S / GROUPS;
@@ -306,8 +381,8 @@ __global__ void __launch_bounds__(kThreads) dw_nhwc_weight_grad(const WgradParam
     const int tx = t % p.tiles_x, rest = t / p.tiles_x, ty = rest % tiles_y, n = rest / tiles_y;
     const int oy0 = ty * TH, ox0 = tx * TW;
     __syncthreads();  // the previous tile is read
-    stage_tile<T>(X, p.in, n, c0, nch, s.C, s.H, s.W, oy0 - s.pad_t, ox0 - s.pad_l, p.rows, p.cols, p.vec);
-    stage_tile<T>(G, p.grad, n, c0, nch, s.C, s.OH, s.OW, oy0, ox0, TH, TW, p.vec);
+    stage_any<T, NCHW>(X, p.in, n, c0, nch, s.C, s.H, s.W, oy0 - s.pad_t, ox0 - s.pad_l - p.sh, p.rows, p.cols, p.vec);
+    stage_any<T, NCHW>(G, p.grad, n, c0, nch, s.C, s.OH, s.OW, oy0, ox0, TH, TW, NCHW ? p.gvec : p.vec);
     __syncthreads();
     // Each staged input row q once: it meets output row r through kernel row q - r.
     float g[RH][kRW][CPT];
@@ -327,7 +402,7 @@ __global__ void __launch_bounds__(kThreads) dw_nhwc_weight_grad(const WgradParam
 #pragma unroll
     for (int q = 0; q < RH + KHM - 1; ++q) {
       if (q >= RH - 1 + s.KH) break;
-      const float* row = X + ((size_t)(RH * rg + q) * p.cols + kRW * strip) * kCh + CPT * cl;
+      const float* row = X + ((size_t)(RH * rg + q) * p.cols + kRW * strip + p.sh) * kCh + CPT * cl;
       float win[kRW + KW - 1][CPT];
 #pragma unroll
       for (int k = 0; k < kRW + KW - 1; ++k) load_channels<CPT>(row + k * kCh, win[k]);
@@ -376,66 +451,70 @@ __global__ void __launch_bounds__(kThreads) dw_nhwc_weight_grad(const WgradParam
   }
 }
 
-}  // namespace nhwc
+}  // namespace channel_tile
+namespace ct = channel_tile;
 
-bool dwconv2d_nhwc_forward_fits(DType t, const DwShape& s) {
+bool dwconv2d_channel_tile_forward_fits(DType t, const DwShape& s) {
   (void)t;
-  if (!s.nhwc || s.KW % 2 == 0 || s.KW > nhwc::kMaxK || s.KH > nhwc::kMaxK) return false;
+  if (!s.nhwc || s.KW % 2 == 0 || s.KW > ct::kMaxK || s.KH > ct::kMaxK) return false;
   DeviceLimits lim;
   if (device_limits(&lim) != cudaSuccess) return false;
   const int64_t N = s.planes / s.C;
-  const nhwc::Tile q = nhwc::tile(s);
-  return N <= 65535 && q.tiles_x * q.tiles_y <= 65535 && ceil_div(s.C, nhwc::kCh) <= (1 << 20) &&
+  const ct::Tile q = ct::tile(s);
+  return N <= 65535 && q.tiles_x * q.tiles_y <= 65535 && ceil_div(s.C, ct::kCh) <= (1 << 20) &&
          q.smem <= (size_t)lim.max_smem_optin;
 }
 
-cudaError_t dwconv2d_nhwc_forward(DType t, const void* in, const void* w, const void* bias, void* out,
-                                  const DwShape& s, bool flip_kernel, cudaStream_t stream) {
+cudaError_t dwconv2d_channel_tile_forward(DType t, const void* in, const void* w, const void* bias, void* out,
+                                          const DwShape& s, bool flip_kernel, cudaStream_t stream) {
+  if (!s.nhwc) return cudaErrorInvalidValue;  // NCHW: the weight-gradient only
   return with_dtype(t, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
-    const nhwc::Tile q = nhwc::tile(s);
-    nhwc::Params<T> p{};
+    const ct::Tile q = ct::tile(s);
+    ct::Params<T> p{};
     p.set(static_cast<const T*>(in), static_cast<const T*>(w), static_cast<const T*>(bias), static_cast<T*>(out), s,
           flip_kernel);
     p.rows = q.rows;
     p.cols = q.cols;
     p.tiles_x = q.tiles_x;
     p.vec = s.C % (16 / (int)sizeof(T)) == 0 && reinterpret_cast<uintptr_t>(in) % 16 == 0;
-    const dim3 grid(ceil_div(s.C, nhwc::kCh), q.tiles_x * q.tiles_y, p.N);
-    return nhwc::with_width(s.KW, [&](auto kw) {
-      return launch(nhwc::dw_nhwc_forward<T, decltype(kw)::value>, grid, dim3(nhwc::kThreads), q.smem, stream, p);
+    const dim3 grid(ceil_div(s.C, ct::kCh), q.tiles_x * q.tiles_y, p.N);
+    return ct::with_width(s.KW, [&](auto kw) {
+      return launch(ct::dw_channel_tile_forward<T, decltype(kw)::value>, grid, dim3(ct::kThreads), q.smem, stream, p);
     });
   });
 }
 
-double dwconv2d_nhwc_macs(const DwShape& s) {
-  const nhwc::Tile q = nhwc::tile(s);
-  const int64_t tiles = (s.planes / s.C) * ceil_div(s.C, nhwc::kCh) * q.tiles_y * q.tiles_x;
-  return (double)tiles * nhwc::kCh * nhwc::tile_h(s.KW) * nhwc::tile_w(s.KW) * s.KH * s.KW;
+double dwconv2d_channel_tile_macs(const DwShape& s) {
+  const ct::Tile q = ct::tile(s);
+  const int64_t tiles = (s.planes / s.C) * ceil_div(s.C, ct::kCh) * q.tiles_y * q.tiles_x;
+  return (double)tiles * ct::kCh * ct::tile_h(s.KW) * ct::tile_w(s.KW) * s.KH * s.KW;
 }
 
-bool dwconv2d_nhwc_weight_grad_fits(DType t, const DwShape& s) {
+bool dwconv2d_channel_tile_weight_grad_fits(DType t, const DwShape& s) {
   (void)t;
-  if (!s.nhwc || s.KW % 2 == 0 || s.KW > nhwc::kMaxK) return false;
-  if (s.KH > nhwc::wgrad_max_rows(s.KW, nhwc::wgrad_channels_per_thread(s))) return false;
+  if (s.KW % 2 == 0 || s.KW > ct::kMaxK) return false;
+  if (s.KH > ct::wgrad_max_rows(s.KW, ct::wgrad_channels_per_thread(s))) return false;
   DeviceLimits lim;
   if (device_limits(&lim) != cudaSuccess) return false;
-  const nhwc::WgradPlan q = nhwc::plan_weight_grad(s, lim.sms);
-  return q.slices <= 65535 && ceil_div(s.C, nhwc::kCh) <= (1 << 20) && q.smem <= (size_t)lim.max_smem_optin;
+  const ct::WgradPlan q = ct::plan_weight_grad(s, lim.sms, s.nhwc ? 0 : 8);  // NCHW: the widest shift
+  return q.slices <= 65535 && ceil_div(s.C, ct::kCh) <= (1 << 20) && q.smem <= (size_t)lim.max_smem_optin;
 }
 
-size_t dwconv2d_nhwc_weight_grad_workspace(const DwShape& s, bool with_bias) {
-  const nhwc::WgradPlan q = nhwc::plan_weight_grad(s, sms_or_zero());
+size_t dwconv2d_channel_tile_weight_grad_workspace(const DwShape& s, bool with_bias) {
+  const ct::WgradPlan q = ct::plan_weight_grad(s, sms_or_zero());
   return slices_workspace_bytes(q.slices, s, with_bias);
 }
 
-cudaError_t dwconv2d_nhwc_weight_grad(DType t, const void* grad_out, const void* in, void* grad_w, float* workspace,
-                                      const DwShape& s, cudaStream_t stream, void* grad_b) {
+cudaError_t dwconv2d_channel_tile_weight_grad(DType t, const void* grad_out, const void* in, void* grad_w,
+                                              float* workspace, const DwShape& s, cudaStream_t stream, void* grad_b) {
   if (workspace == nullptr) return cudaErrorInvalidValue;
   return with_dtype(t, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
-    const nhwc::WgradPlan q = nhwc::plan_weight_grad(s, sms_or_zero());
-    nhwc::WgradParams<T> p{};
+    const uintptr_t ia = reinterpret_cast<uintptr_t>(in), ga = reinterpret_cast<uintptr_t>(grad_out);
+    const int vec = s.nhwc ? 0 : ct::row_vector(sizeof(T), s.W, ia);
+    const ct::WgradPlan q = ct::plan_weight_grad(s, sms_or_zero(), vec);
+    ct::WgradParams<T> p{};
     p.grad = static_cast<const T*>(grad_out);
     p.in = static_cast<const T*>(in);
     p.parts = workspace;
@@ -446,14 +525,21 @@ cudaError_t dwconv2d_nhwc_weight_grad(DType t, const void* grad_out, const void*
     p.tiles_x = q.tile.tiles_x;
     p.tiles = q.tiles;
     p.per_slice = q.per_slice;
-    p.vec = s.C % (16 / (int)sizeof(T)) == 0 && reinterpret_cast<uintptr_t>(in) % 16 == 0 &&
-            reinterpret_cast<uintptr_t>(grad_out) % 16 == 0;
-    const dim3 grid(ceil_div(s.C, nhwc::kCh), q.slices);
-    const cudaError_t e = nhwc::with_width(s.KW, [&](auto kw) -> cudaError_t {
+    p.vec = s.nhwc ? s.C % (16 / (int)sizeof(T)) == 0 && ia % 16 == 0 && ga % 16 == 0 : vec;
+    p.gvec = s.nhwc ? 0 : ct::row_vector(sizeof(T), s.OW, ga);
+    p.sh = q.tile.sh;
+    const dim3 grid(ceil_div(s.C, ct::kCh), q.slices);
+    const cudaError_t e = ct::with_width(s.KW, [&](auto kw) -> cudaError_t {
       constexpr int KW = decltype(kw)::value;
-      if (q.cpt == 2) return launch(nhwc::dw_nhwc_weight_grad<T, KW, 2>, grid, dim3(nhwc::kThreads), q.smem, stream, p);
+      auto run = [&](auto cpt) -> cudaError_t {
+        constexpr int CPT = decltype(cpt)::value;
+        const dim3 block(ct::kThreads);
+        if (s.nhwc) return launch(ct::dw_channel_tile_weight_grad<T, KW, CPT, false>, grid, block, q.smem, stream, p);
+        return launch(ct::dw_channel_tile_weight_grad<T, KW, CPT, true>, grid, block, q.smem, stream, p);
+      };
+      if (q.cpt == 2) return run(std::integral_constant<int, 2>());
       if constexpr (KW > 1) {
-        return launch(nhwc::dw_nhwc_weight_grad<T, KW, 1>, grid, dim3(nhwc::kThreads), q.smem, stream, p);
+        return run(std::integral_constant<int, 1>());
       } else {
         return cudaErrorInvalidValue;  // one column: always a pair of channels a thread
       }
