@@ -266,17 +266,11 @@ def eager_step_kernels(x, wt, b, pads, g):
     return (y,) + grads, [e.name for e in prof.events() if e.device_type.name == "CUDA"]
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("n,c,h,w,k", [(24, 1056, 7, 7, (13, 13)), (17, 1061, 9, 11, (7, 7)),
-                                       (20, 528, 16, 16, (17, 3))],
-                         ids=["vectors", "element_copies", "two_row_groups"])
-def test_channels_last_bias_gradient_from_the_weight_gradient(n, c, h, w, k, dtype):
-    """channels_last layers the kernels read directly: the eager C++ backward's weight-gradient
-    kernel sums the bias gradient as it stages the output gradient, so neither a bias-gradient
-    kernel nor a layout copy runs; all gradients match float64. A second, partial 16-image chunk;
-    C a multiple of 4 (vector loads) or not (element loads, a partial channel group); 17 kernel
-    rows, two row groups of blocks, of which only the first sums."""
-    gen = torch.Generator(device="cuda").manual_seed(29)
+def check_bias_from_weight_grad(n, c, h, w, k, dtype, seed, kernel):
+    """A channels_last layer with a bias through the eager C++ backward: its weight-gradient kernel
+    (named ``kernel``) sums the bias gradient, so neither a bias-gradient kernel nor a layout copy
+    runs, and every result matches float64."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
     pads = dispatch.explicit_padding("same", k)
     cl = torch.channels_last
     x = torch.randn(n, c, h, w, device="cuda", generator=gen).to(dtype).contiguous(memory_format=cl)
@@ -289,11 +283,24 @@ def test_channels_last_bias_gradient_from_the_weight_gradient(n, c, h, w, k, dty
         assert dispatch.weight_grad_sums_bias(x.shape, k, pads, dtype, True)
         got, kernels = eager_step_kernels(x, wt, b, pads, g)
     if kernels is not None:
-        assert any("weight_grad_nhwc" in name for name in kernels), kernels
+        assert any(kernel in name for name in kernels), kernels
         assert not any("bias_grad" in name or "transpose" in name for name in kernels), kernels
     assert got[1].is_contiguous(memory_format=cl)
+    assert got[3].dtype == dtype and got[3].shape == (c,)
     for name, a, want in zip(("output", "grad_input", "grad_weight", "grad_bias"), got, ref):
         assert rel_err(a, want) <= TOL[dtype], name
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n,c,h,w,k", [(24, 1056, 7, 7, (13, 13)), (17, 1061, 9, 11, (7, 7)),
+                                       (20, 528, 16, 16, (17, 3))],
+                         ids=["vectors", "element_copies", "two_row_groups"])
+def test_channels_last_bias_gradient_from_the_weight_gradient(n, c, h, w, k, dtype):
+    """channels_last layers the images family reads directly (small maps): its weight-gradient sums
+    the bias gradient (check_bias_from_weight_grad). A second, partial 16-image chunk; C a multiple
+    of 4 (vector loads) or not (element loads, a partial channel group); 17 kernel rows, two row
+    groups of blocks, of which only the first sums."""
+    check_bias_from_weight_grad(n, c, h, w, k, dtype, 29, "weight_grad_nhwc")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -301,30 +308,13 @@ def test_channels_last_bias_gradient_from_the_weight_gradient(n, c, h, w, k, dty
                                        (5, 70, 21, 19, (7, 7)), (3, 33, 13, 17, (5, 9))],
                          ids=["thin_row", "thin_column_partial_group", "square_two_groups", "odd_channels"])
 def test_channels_last_cuda_core_weight_gradient_sums_the_bias(n, c, h, w, k, dtype):
-    """The CUDA-core weight-gradient that reads channels_last sums the bias gradient from the output
-    gradient it stages (each value once, zeros outside the map): the eager backward runs no
-    bias-gradient kernel and no layout copy, and every gradient matches float64. Channel counts that
-    leave a block's last 32-channel group partial (40, 70) or odd (33: element loads)."""
-    gen = torch.Generator(device="cuda").manual_seed(31)
-    pads = dispatch.explicit_padding("same", k)
-    cl = torch.channels_last
-    x = torch.randn(n, c, h, w, device="cuda", generator=gen).to(dtype).contiguous(memory_format=cl)
-    wt = (torch.randn(c, 1, *k, device="cuda", generator=gen) / math.prod(k) ** 0.5).to(dtype)
-    b = torch.randn(c, device="cuda", generator=gen).to(dtype)
-    g = torch.randn(n, c, h, w, device="cuda", generator=gen).to(dtype).contiguous(memory_format=cl)
-    ref = reference(x, wt, b, pads, g)
+    """The CUDA-core channel tiles' weight-gradient sums the bias gradient from the output gradient
+    it stages (each value once, zeros outside the map; check_bias_from_weight_grad). Channel counts
+    that leave a block's last 32-channel group partial (40, 70) or odd (33: element loads)."""
     with dispatch.force("kernel"), dispatch.conv_tf32(False):
-        q = dispatch.plan("weight_grad", x.shape, k, pads, dtype, True)
+        q = dispatch.plan("weight_grad", (n, c, h, w), k, dispatch.explicit_padding("same", k), dtype, True)
         assert (q.family, q.nhwc, q.takes_bias) == ("fma", True, True), q
-        assert dispatch.reads_channels_last("all", x.shape, k, pads, dtype)
-        assert dispatch.weight_grad_sums_bias(x.shape, k, pads, dtype, True)
-        got, kernels = eager_step_kernels(x, wt, b, pads, g)
-    if kernels is not None:
-        assert any("channel_tile_weight_grad" in name for name in kernels), kernels
-        assert not any("bias_grad" in name or "transpose" in name for name in kernels), kernels
-    assert got[3].dtype == dtype and got[3].shape == (c,)
-    for name, a, want in zip(("output", "grad_input", "grad_weight", "grad_bias"), got, ref):
-        assert rel_err(a, want) <= TOL[dtype], name
+        check_bias_from_weight_grad(n, c, h, w, k, dtype, 31, "channel_tile_weight_grad")
 
 
 def test_channels_last_errors():
