@@ -401,9 +401,10 @@ inline ImageSlices image_slices(int N, int C, int sms, int most) {
 
 // The benchmarking knobs, read once from the environment (the only place that reads them):
 // LKPATCH_TENSOR_CORES=never keeps every dtype on the CUDA-core kernels; LKPATCH_SMALL_MAP=
-// never|always overrides the fp32 small-map rule; LKPATCH_CHANNEL_TILES=never|always the rule for the
-// CUDA-core kernel that stages 32 channels of a tile; LKPATCH_IMAGES=never|always, on maps above 16 x 16, the images
-// family only where the rows family cannot take a pass / its forward wherever it fits;
+// never|always overrides the fp32 small-map rule; LKPATCH_CHANNEL_TILES=never|always the rule for
+// the CUDA-core kernel that stages 32 channels of a tile; LKPATCH_IMAGES=never|always, on maps
+// above 16 x 16, the images family only where the rows family cannot take a pass / its forward
+// wherever it fits;
 // LKPATCH_SMALL_IMAGES and LKPATCH_TC_GROUPS set
 // the images an fp32 small-map thread and the 16-image groups a general tensor-core block take;
 // LKPATCH_ROWS_STEPS the tile rows a rows-family forward block, and the items a rows-family

@@ -216,7 +216,7 @@ size_t dwconv2d_weight_grad_workspace(DType t, const DwShape& s, bool with_bias)
     case Family::tc_rows: return dwconv2d_rows_weight_grad_workspace(t, s, with_bias && plan.takes_bias);
     case Family::fma:
       return plan.channel_tiles ? dwconv2d_channel_tile_weight_grad_workspace(s, with_bias && plan.takes_bias)
-                       : dwconv2d_fma_weight_grad_workspace(s);
+                                : dwconv2d_fma_weight_grad_workspace(s);
     case Family::none: break;
   }
   return 0;

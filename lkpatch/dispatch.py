@@ -238,7 +238,7 @@ class Plan(NamedTuple):
     nhwc: bool        # reads and writes channels_last tensors as they are (else through NCHW copies)
     takes_bias: bool  # the weight-gradient also gives the bias gradient
     why: str = ""     # family "none": why no kernel takes the call
-    macs: float = 0.0  # the multiply-adds the kernel's tiles issue (0 for "fma" kernels that count no tiles): the rule's work
+    macs: float = 0.0  # the multiply-adds the kernel's tiles issue (0: "fma" kernels without tiles): the rule's work
     staged: float = 0.0  # the elements its blocks stage into shared memory (tensor cores; else 0): work too
 
 
@@ -434,8 +434,8 @@ COST = {
     # lkpatch: the kernels issue the multiply-adds of their plan (Plan.macs, counted by the
     # extension from its tiles) at these rates (per microsecond): the tensor-core families, and
     # the CUDA-core kernel that stages 32 channels of a tile ("fma_channels": channels_last in any
-    # dtype, NCHW in fp16 / bf16; its plan counts its tiles); the other CUDA-core kernels ("fma")
-    # run the effective multiply-adds.
+    # dtype, and the NCHW fp16 / bf16 weight-gradient; its plan counts its tiles); the other
+    # CUDA-core kernels ("fma") run the effective multiply-adds.
     # "_nhwc": the images family's channels_last weight-gradient (maps up to 16 x 16), slower per tile.
     "tc_images": {"half": (9.6e8, 9.9e5), "half_wgrad": (6.5e8, 7.7e5), "half_wgrad_nhwc": (1.75e9, 3.5e5),
                   "tf32": (2.4e7, 0), "tf32_wgrad": (6.2e7, 0)},

@@ -537,8 +537,9 @@ def test_rows_named_layers(n, c, h, w, k, pads, dtype, layout):
             q = dispatch.plan(p, (n, c, h, w), k, pads, dtype, layout == "channels_last")
             # channels_last band kernels: every pass on the CUDA cores that read it (the
             # weight-gradient on 32+ channels)
-            thin_cl = layout == "channels_last" and min(k) == 1 and (p != "weight_grad" or c >= 32)
-            assert q.family == ("fma" if thin_cl else "tc_rows") and q.nhwc == (layout == "channels_last"), (p, q)
+            cl = layout == "channels_last"
+            thin_cl = cl and min(k) == 1 and (p != "weight_grad" or c >= 32)
+            assert q.family == ("fma" if thin_cl else "tc_rows") and q.nhwc == cl, (p, q)
     check_case(case, seed=3, dtype=dtype)
 
 
