@@ -57,15 +57,18 @@ double weight_grad_macs(DType t, const DwShape& s, bool banded) {
 // tensor-core tile is mostly zero band, and the weight-gradient of every kernel it takes (up to 49
 // taps) on 32 channels or more (fewer leave its lanes idle: tc_rows is faster there). NCHW (the
 // weight-gradient alone fits): fp16 / bf16 thin kernels and kernels of up to 15 taps, on 32
-// channels or more and 512 planes (images x channels) or more, where it was measured faster than
-// the tensor-core families (not so with 25 taps, or 64 planes). LKPATCH_CHANNEL_TILES overrides
+// channels or more and 512 planes (images x channels) or more, on output maps over 16 wide and
+// tall (narrower ones fill little of its 32 x 8 or 16 x 16 tiles; maps up to 16 keep the images
+// family's small-map kernels), where it was measured faster than the tensor-core families (maps
+// 28 to 304 wide; not so with 25 taps, or 64 planes). LKPATCH_CHANNEL_TILES overrides
 // (benchmarking).
 bool channel_tiles(DType t, const DwShape& s, bool fits, Pass pass) {
   if (!fits || knobs().channel_tiles == 'n') return false;
   if (!s.nhwc) {
     if (knobs().channel_tiles == 'a') return true;
     const bool thin = std::min(s.KH, s.KW) == 1 || s.KH * s.KW <= 15;
-    return (t == DType::f16 || t == DType::bf16) && tensor_cores(t) && s.C >= 32 && s.planes >= 512 && thin;
+    return (t == DType::f16 || t == DType::bf16) && tensor_cores(t) && s.C >= 32 && s.planes >= 512 && thin &&
+           std::min(s.OH, s.OW) > 16;
   }
   if (knobs().channel_tiles == 'a' || t == DType::f32 || !tensor_cores(t)) return true;
   if (pass == Pass::weight_grad) return s.C >= 32;

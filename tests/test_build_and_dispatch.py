@@ -214,6 +214,8 @@ def test_plan_families(h100):
             "fma" if pass_ == "weight_grad" else "tc_images")
         assert plan(pass_, (64, 128, 56, 56), (5, 5), (2,) * 4, bf).family == "tc_images"  # 25 taps
         assert plan(pass_, (1, 64, 200, 200), (1, 9), (0, 0, 4, 4), bf).family == "tc_rows"  # 64 planes
+        assert plan(pass_, (64, 384, 7, 7), (1, 11), (0, 0, 5, 5), bf).family == "tc_images"  # a small map
+        assert plan(pass_, (1, 512, 100, 7), (3, 3), (1,) * 4, bf).family == "tc_rows"  # a narrow one
         assert plan(pass_, (64, 192, 28, 28), (1, 11), (0, 0, 5, 5), f32).family == "fma"  # exact: NCHW's own
         assert plan(pass_, (64, 192, 28, 28), (1, 11), (0, 0, 5, 5), f32).macs == 0
         # ... but the weight-gradient of fewer than 32 channels on tc_rows

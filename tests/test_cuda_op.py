@@ -389,9 +389,10 @@ def test_random_sweep_channel_tiles_nchw(dtype):
     """The weight-gradient of NCHW fp16 / bf16 layers with thin kernels or kernels of up to 15 taps,
     on 32+ channels and 512+ planes, runs on the CUDA-core kernel that stages 32 channels of a tile
     (rows moved as runs of 8, 4, 2 or 1 elements by the map's width and the tensors' alignment) and
-    sums the bias gradient; every gradient against float64: maps of 1 to 80 (smaller than the
-    kernel too), any padding up to K - 1 a side, 16-40 images or 2-4 of many channels, C a multiple
-    of 32 or not, and tensors that start one element past an aligned address."""
+    sums the bias gradient; every gradient against float64: maps of 31 to 60 rows and columns (the
+    rule's: outputs over 16 wide and tall), any padding up to K - 1 a side, 16-40 images or 2-4 of
+    many channels, C a multiple of 32 or not, and tensors that start one element past an aligned
+    address."""
     rng = random.Random(2051)
     for i in range(HALF_SWEEP_CASES):
         while True:
@@ -399,7 +400,7 @@ def test_random_sweep_channel_tiles_nchw(dtype):
                 kh, kw = rng.choice([(1, rng.choice([3, 5, 7, 9, 11, 13, 15])), (rng.randint(2, 15), 1)])
             else:
                 kh, kw = rng.choice([(3, 3), (3, 5), (5, 3), (1, 1), (2, 3), (4, 3), (5, 1)])
-            h, w = rng.randint(1, 60), rng.choice([rng.randint(1, 60), 8 * rng.randint(1, 7), 28, 56])
+            h, w = rng.randint(31, 60), rng.choice([rng.randint(31, 60), 8 * rng.randint(4, 7), 56])
             pads = (rng.randint(0, kh - 1), rng.randint(0, kh - 1), rng.randint(0, kw - 1), rng.randint(0, kw - 1))
             if h + pads[0] + pads[1] >= kh and w + pads[2] + pads[3] >= kw:
                 break
