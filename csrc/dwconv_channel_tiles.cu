@@ -492,7 +492,7 @@ double dwconv2d_channel_tile_macs(const DwShape& s) {
 }
 
 bool dwconv2d_channel_tile_weight_grad_fits(DType t, const DwShape& s) {
-  (void)t;
+  if (!s.nhwc && t != DType::f16 && t != DType::bf16) return false;  // NCHW: built for half types only
   if (s.KW % 2 == 0 || s.KW > ct::kMaxK) return false;
   if (s.KH > ct::wgrad_max_rows(s.KW, ct::wgrad_channels_per_thread(s))) return false;
   DeviceLimits lim;
@@ -535,7 +535,11 @@ cudaError_t dwconv2d_channel_tile_weight_grad(DType t, const void* grad_out, con
         constexpr int CPT = decltype(cpt)::value;
         const dim3 block(ct::kThreads);
         if (s.nhwc) return launch(ct::dw_channel_tile_weight_grad<T, KW, CPT, false>, grid, block, q.smem, stream, p);
-        return launch(ct::dw_channel_tile_weight_grad<T, KW, CPT, true>, grid, block, q.smem, stream, p);
+        if constexpr (sizeof(T) == 2) {  // NCHW: fp16 / bf16 (the plan's; fewer kernels to build)
+          return launch(ct::dw_channel_tile_weight_grad<T, KW, CPT, true>, grid, block, q.smem, stream, p);
+        } else {
+          return cudaErrorInvalidValue;
+        }
       };
       if (q.cpt == 2) return run(std::integral_constant<int, 2>());
       if constexpr (KW > 1) {
