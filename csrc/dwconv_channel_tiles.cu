@@ -39,7 +39,6 @@ __host__ __device__ constexpr int tile_h(int kw) { return kRH * (kThreads / (kCh
 struct Tile {
   int rows, cols;          // staged input tile
   int tiles_x, tiles_y;    // output tiles of an image: columns, rows
-  int vec;                 // NCHW: elements a staging load moves (a row run of 16, 8, 4 or 2 bytes)
   int sh;                  // NCHW: staged column 0 lies sh columns left of the tile's first input column
   size_t smem;             // bytes: the tile and the taps, fp32
 };
@@ -55,7 +54,6 @@ inline int row_vector(int esize, int W, uintptr_t address) {
 // vec: NCHW's row run (0: channels_last).
 inline Tile tile(const DwShape& s, int vec = 0) {
   Tile t;
-  t.vec = vec;
   t.sh = vec > 1 ? ((-s.pad_l) % vec + vec) % vec : 0;  // the staged tile starts at a multiple of vec
   t.rows = tile_h(s.KW) + s.KH - 1;
   t.cols = vec > 1 ? round_up(tile_w(s.KW) + s.KW - 1 + t.sh, vec) : tile_w(s.KW) + s.KW - 1;
@@ -157,8 +155,7 @@ __device__ __forceinline__ void stage_rows_v(float* dst, const T* src, int n, in
     for (int b = 0; b < kBatch; ++b) {
       const int u = u0 + b * kThreads, k = u % kCh, rr = u / kCh, r = rr / runs, x = x0 + (rr - r * runs) * V;
       const int iy = y0 + r;
-      if constexpr (V * sizeof(T) >= 4) in[b].r = Run{};
-      else in[b].h[0] = from_float<T>(0.f);
+      in[b].r = Run{};  // bits of +0 in every dtype
       if (u < total && k < nch && iy >= 0 && iy < H && x >= 0 && x < W)
         in[b].r = __ldg(reinterpret_cast<const Run*>(planes + ((int64_t)k * H + iy) * W + x));
     }
