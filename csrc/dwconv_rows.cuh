@@ -670,7 +670,9 @@ inline FwdPlan plan_forward(const DwShape& s, int esize, const DeviceLimits& lim
     while (2 * q.CG * q.MT * q.NG <= kWarps && q.CG < s.C) q.CG *= 2;
   }
   // Few images and channels: fewer jobs a block (NCHW channels, then 16-row bands), so that the
-  // grid spreads over the SMs; a block's warps without a job stage only. channels_last blocks,
+  // grid spreads over the SMs; a block's warps without a job stage only. NCHW bands split only
+  // while the grid stays within a block an SM: past it, a second block on an SM costs more than
+  // the few idle SMs (each split stages the kernel's halo rows once more). channels_last blocks,
   // whose staging costs more a job, keep their pixel vectors (8-byte ones instead of 16 cost more
   // than the wider grid gained) and split only where the grid leaves half the SMs idle. (Half
   // types, where this was measured.)
@@ -680,7 +682,14 @@ inline FwdPlan plan_forward(const DwShape& s, int esize, const DeviceLimits& lim
   q.tiles_x = ceil_div(s.OW, 8 * NT * q.NG);
   const auto blocks = [&] { return (int64_t)ceil_div(s.C, q.CG) * q.tiles_x * ceil_div(s.OH, 16 * q.MT) * N; };
   while (!s.nhwc && blocks() < want && q.CG > 1) q.CG /= 2;
-  while (blocks() < want && q.MT > 1) q.MT = ceil_div(q.MT, 2);
+  while (blocks() < want && q.MT > 1) {
+    const int mt = q.MT;
+    q.MT = ceil_div(mt, 2);
+    if (!s.nhwc && blocks() > want) {
+      q.MT = mt;
+      break;
+    }
+  }
   const int TH = 16 * q.MT, TW = 8 * NT * q.NG;
   const int units = units_of(q.NG);
   q.rows = TH + s.KH - 1;

@@ -446,6 +446,19 @@ def test_tensor_core_plans_count_what_they_stage(h100):
 
 
 @needs_extension
+def test_rows_forward_blocks_of_few_images(h100):
+    """With one image, the rows family's NCHW forward (bf16, an H100's 132 SMs) takes a channel a
+    block, and splits a block's 16-row bands only while the grid stays within a block an SM, as its
+    staged elements show: 1 x 128 x 64 x 64 with 31 x 31 in 128 blocks of all 64 rows (94 staged
+    rows of 112 columns, a B table of 31 x 64), not 256 of 32 rows; 1 x 32 x 128 x 38 with 27 x 27
+    in 32 x 4 blocks of 32 rows (58 staged rows each), not 32 x 8 of 16."""
+    bf = torch.bfloat16
+    assert dispatch.plan("forward", (1, 128, 64, 64), (31, 31), (15,) * 4, bf).staged == 128 * (94 * 112 + 31 * 64)
+    assert dispatch.plan("forward", (1, 32, 128, 38), (27, 27), (13,) * 4, bf).staged == \
+        32 * 4 * (58 * 112 + 27 * 64)
+
+
+@needs_extension
 def test_channels_last_small_maps_where_the_grid_fills_the_gpu(h100):
     """On channels_last maps up to 16 x 16 the images family's kernels take 8 channels of 16
     images a block (forward, input-gradient) or 4 channels of all images (weight-gradient, a block
