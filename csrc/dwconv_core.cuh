@@ -294,9 +294,9 @@ cudaError_t dwconv2d_small_weight_grad(DType t, const void* grad_out, const void
 
 // The CUDA-core passes that stage 32 channels of a tile (dwconv_channel_tiles.cu): any dtype,
 // exact fp32 arithmetic; odd kernel widths up to 15; the forward / input-grad of channels_last
-// tensors (read as they are) up to 15 rows, the weight-grad of channels_last or NCHW ones (s.nhwc;
-// NCHW in fp16 / bf16) up to 49 taps (one column: 15 rows), with a workspace, and the bias gradient on the way where
-// grad_b is not null (its workspace then sized with_bias).
+// tensors (read as they are) up to 15 rows; the weight-grad of channels_last or NCHW ones (s.nhwc;
+// NCHW in fp16 / bf16) up to 49 taps (one column: 15 rows), with a workspace, and the bias
+// gradient on the way where grad_b is not null (its workspace then sized with_bias).
 bool dwconv2d_channel_tile_forward_fits(DType t, const DwShape& s);
 cudaError_t dwconv2d_channel_tile_forward(DType t, const void* in, const void* w, const void* bias, void* out,
                                           const DwShape& s, bool flip_kernel, cudaStream_t stream);
