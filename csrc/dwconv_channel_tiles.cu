@@ -10,7 +10,8 @@
 // k x 1 kernels). It stages the input tile, converted to fp32 once, as [row][column][channel]
 // (zeros outside the image and past the channels). A thread owns two
 // adjacent channels and a block of kRH rows x kRW columns; per kernel row it loads a register
-// window of the input row, so each staged value it loads feeds KW multiply-adds per channel.
+// window of the input row, so each staged value it loads feeds KW multiply-adds per channel (k x 1
+// kernels: each staged row is loaded once for both output rows).
 // Forward / input-gradient: the kernel's taps staged as [tap][channel] (rotated for the
 // input-gradient); a thread keeps a kernel row's taps in registers and slides them along the window.
 // Weight-gradient (kernels of up to 49 taps, or one column of up to 15): a block walks a slice of
@@ -196,6 +197,31 @@ struct Params : ConvArgs<T> {
   int vec;          // 16-byte loads of a pixel's channels (C a multiple of 16 / sizeof(T), aligned)
 };
 
+// A thread's register window of a staged row (its columns, one channel pair), a kernel row's taps
+// for that pair, and a window's multiply-adds into kRW outputs.
+template <int WW>
+__device__ __forceinline__ void load_window(float2 (&win)[WW], const float2* row) {
+#pragma unroll
+  for (int k = 0; k < WW; ++k) win[k] = row[k * (kCh / 2)];
+}
+
+template <int KW>
+__device__ __forceinline__ void load_taps(float2 (&w)[KW], const float2* row) {
+#pragma unroll
+  for (int j = 0; j < KW; ++j) w[j] = row[j * (kCh / 2)];
+}
+
+template <int WW, int KW>
+__device__ __forceinline__ void fma_row(float2 (&out)[kRW], const float2 (&win)[WW], const float2 (&w)[KW]) {
+#pragma unroll
+  for (int x = 0; x < kRW; ++x)
+#pragma unroll
+    for (int j = 0; j < KW; ++j) {
+      out[x].x = fmaf(win[x + j].x, w[j].x, out[x].x);
+      out[x].y = fmaf(win[x + j].y, w[j].y, out[x].y);
+    }
+}
+
 template <typename T, int KW>
 __global__ void __launch_bounds__(kThreads) dw_channel_tile_forward(const Params<T> p) {
   extern __shared__ __align__(16) float smem_f[];
@@ -234,23 +260,37 @@ __global__ void __launch_bounds__(kThreads) dw_channel_tile_forward(const Params
 #pragma unroll
       for (int x = 0; x < kRW; ++x) acc[r][x] = b;
   }
-  for (int i = 0; i < s.KH; ++i) {
-    float2 w[KW];
+  const size_t pitch = (size_t)p.cols * (kCh / 2);
+  const float2* rows = X2 + ((size_t)(kRH * rg) * p.cols + kRW * strip) * (kCh / 2) + cp;
+  const float2* taps = W2 + cp;
+  float2 w[KW];
+  if constexpr (KW == 1) {
+    // k x 1: output rows 0 and 1 of kernel row i read staged rows i and i + 1, and a row's window
+    // outweighs its one tap, so two windows take the staged rows in turn and each is loaded once.
+    // Wider kernels keep one window: a second one's registers cost more than the loads it saves.
+    static_assert(kRH == 2, "the windows alternate between two output rows");
+    float2 a[kRW], b[kRW];
+    load_window(a, rows);
+    for (int i = 0; i < s.KH; i += 2) {
+      load_window(b, rows + (i + 1) * pitch);
+      load_taps(w, taps + i * (kCh / 2));
+      fma_row(acc[0], a, w);
+      fma_row(acc[1], b, w);
+      if (i + 1 == s.KH) break;
+      load_window(a, rows + (i + 2) * pitch);
+      load_taps(w, taps + (i + 1) * (kCh / 2));
+      fma_row(acc[0], b, w);
+      fma_row(acc[1], a, w);
+    }
+  } else {
+    for (int i = 0; i < s.KH; ++i) {
+      load_taps(w, taps + i * KW * (kCh / 2));
 #pragma unroll
-    for (int j = 0; j < KW; ++j) w[j] = W2[(i * KW + j) * (kCh / 2) + cp];
-#pragma unroll
-    for (int r = 0; r < kRH; ++r) {
-      const float2* row = X2 + ((size_t)(kRH * rg + r + i) * p.cols + kRW * strip) * (kCh / 2) + cp;
-      float2 win[kRW + KW - 1];
-#pragma unroll
-      for (int k = 0; k < kRW + KW - 1; ++k) win[k] = row[k * (kCh / 2)];
-#pragma unroll
-      for (int x = 0; x < kRW; ++x)
-#pragma unroll
-        for (int j = 0; j < KW; ++j) {
-          acc[r][x].x = fmaf(win[x + j].x, w[j].x, acc[r][x].x);
-          acc[r][x].y = fmaf(win[x + j].y, w[j].y, acc[r][x].y);
-        }
+      for (int r = 0; r < kRH; ++r) {
+        float2 win[kRW + KW - 1];
+        load_window(win, rows + (r + i) * pitch);
+        fma_row(acc[r], win, w);
+      }
     }
   }
 
