@@ -197,18 +197,12 @@ struct Params : ConvArgs<T> {
   int vec;          // 16-byte loads of a pixel's channels (C a multiple of 16 / sizeof(T), aligned)
 };
 
-// A thread's register window of a staged row (its columns, one channel pair), a kernel row's taps
-// for that pair, and a window's multiply-adds into kRW outputs.
-template <int WW>
-__device__ __forceinline__ void load_window(float2 (&win)[WW], const float2* row) {
+// A thread's channel pair at N consecutive staged positions (a window of a row's columns, or a
+// kernel row's taps), and a window's multiply-adds into kRW outputs.
+template <int N>
+__device__ __forceinline__ void load_pairs(float2 (&dst)[N], const float2* src) {
 #pragma unroll
-  for (int k = 0; k < WW; ++k) win[k] = row[k * (kCh / 2)];
-}
-
-template <int KW>
-__device__ __forceinline__ void load_taps(float2 (&w)[KW], const float2* row) {
-#pragma unroll
-  for (int j = 0; j < KW; ++j) w[j] = row[j * (kCh / 2)];
+  for (int k = 0; k < N; ++k) dst[k] = src[k * (kCh / 2)];
 }
 
 template <int WW, int KW>
@@ -270,25 +264,25 @@ __global__ void __launch_bounds__(kThreads) dw_channel_tile_forward(const Params
     // Wider kernels keep one window: a second one's registers cost more than the loads it saves.
     static_assert(kRH == 2, "the windows alternate between two output rows");
     float2 a[kRW], b[kRW];
-    load_window(a, rows);
+    load_pairs(a, rows);
     for (int i = 0; i < s.KH; i += 2) {
-      load_window(b, rows + (i + 1) * pitch);
-      load_taps(w, taps + i * (kCh / 2));
+      load_pairs(b, rows + (i + 1) * pitch);
+      load_pairs(w, taps + i * (kCh / 2));
       fma_row(acc[0], a, w);
       fma_row(acc[1], b, w);
       if (i + 1 == s.KH) break;
-      load_window(a, rows + (i + 2) * pitch);
-      load_taps(w, taps + (i + 1) * (kCh / 2));
+      load_pairs(a, rows + (i + 2) * pitch);
+      load_pairs(w, taps + (i + 1) * (kCh / 2));
       fma_row(acc[0], b, w);
       fma_row(acc[1], a, w);
     }
   } else {
     for (int i = 0; i < s.KH; ++i) {
-      load_taps(w, taps + i * KW * (kCh / 2));
+      load_pairs(w, taps + i * KW * (kCh / 2));
 #pragma unroll
       for (int r = 0; r < kRH; ++r) {
         float2 win[kRW + KW - 1];
-        load_window(win, rows + (r + i) * pitch);
+        load_pairs(win, rows + (r + i) * pitch);
         fma_row(acc[r], win, w);
       }
     }
