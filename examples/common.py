@@ -187,5 +187,13 @@ def run(main: Callable[[], int], script: str) -> None:
         print(f"{script}: error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
     except Interrupted as e:  # a signal while a checkpoint was written: the previous file is intact
-        print(f"{script}: interrupted by {e}; the checkpoint being written was not kept", file=sys.stderr, flush=True)
+        print(f"{script}: interrupted by {e}; {interrupted_checkpoint(e)}", file=sys.stderr, flush=True)
         sys.exit(128 + e.signum)
+
+
+def interrupted_checkpoint(e: Interrupted, previous: str = "") -> str:
+    """What a signal during a checkpoint write left: the new file, complete, if its commit was done,
+    else the ``previous`` one (its name) as it was."""
+    if e.written:
+        return f"{e.written} was written in full first"
+    return "the checkpoint being written was not kept" + (f", the previous {previous} is intact" if previous else "")

@@ -780,6 +780,5 @@ if __name__ == "__main__":
         print(f"train.py: error{where}: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
     except common.Interrupted as e:  # a signal while last.pth was written
-        print(f"train.py: interrupted by {e}; the checkpoint being written was not kept, the previous last.pth "
-              f"is intact", file=sys.stderr, flush=True)
+        print(f"train.py: interrupted by {e}; {common.interrupted_checkpoint(e, 'last.pth')}", file=sys.stderr, flush=True)
         sys.exit(128 + e.signum)

@@ -35,11 +35,13 @@ class CheckpointError(Exception):
 
 
 class Interrupted(KeyboardInterrupt):
-    """SIGINT, SIGTERM or SIGHUP arrived; ``signum`` says which (exit status 128 + signum)."""
+    """SIGINT, SIGTERM or SIGHUP arrived; ``signum`` says which (exit status 128 + signum).
+    ``written``: the file a :class:`SafeWriter` had put in place before it, if any (complete)."""
 
-    def __init__(self, signum: int):
+    def __init__(self, signum: int, written: Optional[str] = None):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
+        self.written = written
 
 
 @dataclasses.dataclass
@@ -440,7 +442,12 @@ class SafeWriter:
         return self.tmp
 
     def commit(self) -> None:
-        """Put the written file in place."""
+        """Put the written file in place. A signal meanwhile (under :func:`signals_raise`) is
+        raised once it is done, as an :class:`Interrupted` that names the file if it is in place."""
+        with _signals_deferred():
+            self._commit()
+
+    def _commit(self) -> None:
         try:
             if self.overwrite:
                 os.replace(self.tmp, self.target)
@@ -458,6 +465,7 @@ class SafeWriter:
                 else:
                     os.unlink(self.tmp)
             self.committed = True
+            _signals.written = self.path
             _fsync_folder(self.target.parent)
         except OSError as e:
             raise CheckpointError(describe_os_error(e, self.path) + "; nothing was written") from e
@@ -484,31 +492,69 @@ def save_atomic(obj: Any, path: str, *, overwrite: bool = False, fmt: str = "tor
         writer.commit()
 
 
+class _SignalState:
+    """What :func:`signals_raise`'s handler needs to know (signal handlers are the process's):
+    whether a :meth:`SafeWriter.commit` is under way, a signal that arrived meanwhile, and the file
+    the last commit put in place."""
+
+    def __init__(self):
+        self.depth = 0         # signals_raise blocks entered
+        self.deferring = 0     # commits under way
+        self.pending: Optional[int] = None
+        self.written: Optional[str] = None
+
+
+_signals = _SignalState()
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """A signal inside is raised at the end, so that a commit is done or not done, never half (a
+    file in place that the writer would count as not written). With an error on the way out,
+    the error wins."""
+    _signals.deferring += 1
+    try:
+        yield
+    finally:
+        _signals.deferring -= 1
+    if _signals.deferring == 0 and _signals.pending is not None:
+        signum, _signals.pending = _signals.pending, None
+        raise Interrupted(signum, _signals.written)
+
+
 @contextlib.contextmanager
 def signals_raise() -> Iterator[None]:
     """SIGINT, SIGTERM and SIGHUP raise :class:`Interrupted` in the main thread for the duration,
     so ``finally`` blocks (the temporary file's removal) run; further signals are ignored while
-    that cleanup runs. Elsewhere than the main thread, nothing changes."""
+    that cleanup runs; a signal during a :meth:`SafeWriter.commit` is raised once the commit is
+    done. Elsewhere than the main thread, nothing changes."""
     names = ("SIGINT", "SIGTERM", "SIGHUP")
     sigs = [getattr(signal, n) for n in names if hasattr(signal, n)]
 
     def handler(signum, frame):
         for s in sigs:
             signal.signal(s, signal.SIG_IGN)
-        raise Interrupted(signum)
+        if _signals.deferring:
+            _signals.pending = signum
+            return
+        raise Interrupted(signum, _signals.written)
 
+    if _signals.depth == 0:
+        _signals.pending = _signals.written = None
+    _signals.depth += 1
     saved = {}
     try:
-        for s in sigs:
-            previous = signal.getsignal(s)
-            if previous is signal.SIG_IGN:  # nohup and the like: keep ignoring
-                continue
-            saved[s] = previous
-            signal.signal(s, handler)
-    except ValueError:  # not the main thread
-        pass
-    try:
+        try:
+            for s in sigs:
+                previous = signal.getsignal(s)
+                if previous is signal.SIG_IGN:  # nohup and the like: keep ignoring
+                    continue
+                saved[s] = previous
+                signal.signal(s, handler)
+        except ValueError:  # not the main thread
+            pass
         yield
     finally:
+        _signals.depth -= 1
         for s, previous in saved.items():
             signal.signal(s, previous if previous is not None else signal.SIG_DFL)

@@ -658,8 +658,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "demo" and args.batch is None:
             args.batch = 16 if _device(args.device) == "cuda" else 1
         return args.func(args)
-    except ckpt_io.Interrupted as e:
-        print(f"lkpatch: interrupted by {signal.Signals(e.signum).name}; nothing written", file=sys.stderr)
+    except ckpt_io.Interrupted as e:  # a written file is in place only once it was checked
+        done = f" after writing '{e.written}' (complete and checked)" if e.written else "; nothing written"
+        print(f"lkpatch: interrupted by {signal.Signals(e.signum).name}{done}", file=sys.stderr)
         return 128 + e.signum
     except KeyboardInterrupt:
         print("lkpatch: interrupted", file=sys.stderr)

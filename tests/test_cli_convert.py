@@ -234,6 +234,27 @@ def test_a_signal_during_the_write_removes_the_temporary_file(capsys, tmp_path, 
     assert signal.getsignal(sig) is before  # the command's handlers are gone again
 
 
+@pytest.mark.parametrize("force", [False, True])
+def test_a_signal_while_the_file_is_put_in_place_says_it_was_written(capsys, tmp_path, ckpt, monkeypatch, force):
+    """The rename and the writer's record of it are one step: a signal between the two is raised
+    after both, and the message names the complete file instead of "nothing written"."""
+    out_file = tmp_path / "out.pth"
+    if force:
+        out_file.write_bytes(b"old")
+    rename = "replace" if force else "link"
+    real = getattr(os, rename)
+
+    def rename_then_signal(*args):
+        real(*args)
+        os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(os, rename, rename_then_signal)
+    code, _, err = run(capsys, "convert", ckpt, *ARGS, "--reparam", "-o", out_file, *(["--force"] if force else []))
+    assert code == 143
+    assert err == f"lkpatch: interrupted by SIGTERM after writing '{out_file}' (complete and checked)\n"
+    assert files(tmp_path) == ["in.pth", "out.pth"]
+    assert set(torch.load(out_file, weights_only=True)) == _fused_keys()
+
+
 _SLOW_WRITE = """
 import pathlib, sys, time
 from lkpatch import checkpoint

@@ -327,3 +327,18 @@ def test_a_signal_while_a_checkpoint_is_written_leaves_the_old_file_and_nothing_
             os.kill(os.getpid(), signal.SIGTERM)
     assert [p.name for p in tmp_path.iterdir()] == ["last.pth"]
     assert torch.load(path, weights_only=True) == {"step": 1}
+
+
+def test_a_signal_after_the_commit_keeps_the_new_file_and_says_so(example, tmp_path):
+    common = example("common")
+    path = tmp_path / "last.pth"
+    common.save_atomic({"step": 1}, str(path))
+    with pytest.raises(common.Interrupted) as caught:
+        with common.checkpoint_writer(str(path)) as writer:
+            writer.write({"step": 2})
+            writer.commit()
+            os.kill(os.getpid(), signal.SIGTERM)
+    assert caught.value.written == str(path)
+    assert common.interrupted_checkpoint(caught.value, "last.pth") == f"{path} was written in full first"
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pth"]
+    assert torch.load(path, weights_only=True) == {"step": 2}
