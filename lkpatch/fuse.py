@@ -7,7 +7,7 @@ Only valid for inference: the folded model uses the BatchNorm's running statisti
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -46,6 +46,8 @@ def _pairs_traced(model: nn.Module) -> Optional[List[Tuple[str, str]]]:
     import torch.fx
 
     class _Tracer(torch.fx.Tracer):  # convolutions and norms stay single nodes
+        proxy_buffer_attributes = True  # a buffer read by the forward itself shows as a node too
+
         def is_leaf_module(self, m, qualname):
             return isinstance(m, (nn.Conv2d,) + _FOLDABLE_NORMS) or super().is_leaf_module(m, qualname)
 
@@ -54,13 +56,26 @@ def _pairs_traced(model: nn.Module) -> Optional[List[Tuple[str, str]]]:
     except Exception:  # data-dependent control flow and the like: fall back to nn.Sequential pairs
         return None
     modules = dict(model.named_modules())
+    # A module called more than once, or whose tensors the forward also reads itself, computes
+    # something else once folded: only modules called once and touched nowhere else qualify.
+    calls: Dict[str, int] = {}
+    touched = set()
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+        elif node.op == "get_attr":
+            touched.add(node.target.rpartition(".")[0])
+
+    def alone(name):
+        return calls[name] == 1 and name not in touched
+
     pairs = []
     for node in graph.nodes:
         if node.op != "call_module" or not isinstance(modules.get(node.target), _FOLDABLE_NORMS):
             continue
         src = node.args[0] if node.args else None
         if (isinstance(src, torch.fx.Node) and src.op == "call_module" and len(src.users) == 1
-                and _foldable(modules[src.target], modules[node.target])):
+                and _foldable(modules[src.target], modules[node.target]) and alone(src.target) and alone(node.target)):
             pairs.append((src.target, node.target))
     return pairs
 
@@ -71,7 +86,7 @@ def _pairs_sequential(model: nn.Module) -> List[Tuple[str, str]]:
     pairs = []
     for name, module in model.named_modules():
         if isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward:
-            children = list(module.named_children())
+            children = list(module._modules.items())  # as its forward runs them (named_children skips repeats)
             for (a, conv), (b, bn) in zip(children, children[1:]):
                 if _foldable(conv, bn):
                     prefix = f"{name}." if name else ""
@@ -88,6 +103,10 @@ def find_conv_bn_pairs(model: nn.Module) -> List[Tuple[str, str]]:
     for conv, bn in pairs:  # a module called twice (shared) is ambiguous: leave it alone
         used[conv] = used.get(conv, 0) + 1
         used[bn] = used.get(bn, 0) + 1
+    # so is a module held under more than one name (a second attribute may call it elsewhere)
+    names = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        names[id(m)] = names.get(id(m), 0) + 1
     # so is a convolution whose weight or bias another module also holds: folding would change both
     holders = {}
     for _, p in model.named_parameters(remove_duplicate=False):
@@ -95,7 +114,9 @@ def find_conv_bn_pairs(model: nn.Module) -> List[Tuple[str, str]]:
 
     def own_parameters(name):
         return all(holders[id(p)] == 1 for p in model.get_submodule(name).parameters())
-    return [(c, b) for c, b in pairs if used[c] == 1 and used[b] == 1 and own_parameters(c)]
+    def single(name):
+        return used[name] == 1 and names[id(model.get_submodule(name))] == 1
+    return [(c, b) for c, b in pairs if single(c) and single(b) and own_parameters(c)]
 
 
 class _ActAfterFold(nn.Module):

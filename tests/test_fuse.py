@@ -8,6 +8,7 @@ import torch.nn as nn
 import torchvision
 
 import lkpatch
+from lkpatch import fuse
 from lkpatch.fuse import find_conv_bn_pairs, fold_bn, fuse_conv_bn
 
 
@@ -67,6 +68,49 @@ def test_conv_whose_output_is_also_used_elsewhere_is_not_folded():
 
     model = Branch().eval()
     assert find_conv_bn_pairs(model) == []
+
+
+class _Pair(nn.Module):
+    def __init__(self, forward):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.bn = nn.BatchNorm2d(8)
+        self.run = forward
+
+    def forward(self, x):
+        return self.run(self, x)
+
+
+@pytest.mark.parametrize("forward", [
+    lambda m, x: m.bn(m.conv(x)) + m.conv(x),                       # the conv called twice
+    lambda m, x: m.bn(m.conv(x)) + m.bn(x),                         # the BatchNorm called twice
+    lambda m, x: m.bn(m.conv(x)) + m.conv.weight.sum(),             # the conv's weight read itself
+    lambda m, x: m.bn(m.conv(x)) * m.bn.running_var.mean(),         # the BatchNorm's statistics too
+], ids=["conv-twice", "bn-twice", "conv-weight", "bn-buffer"])
+def test_a_module_used_more_than_once_is_not_folded(forward):
+    model = randomize_bn(_Pair(forward)).eval()
+    x = torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        ref = model(x)
+        assert find_conv_bn_pairs(model) == []
+        fuse_conv_bn(model)
+        assert torch.equal(model(x), ref)
+
+
+def test_a_module_repeated_in_a_sequential_is_not_folded():
+    conv, bn = nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.BatchNorm2d(4)
+    act = nn.ReLU()
+    repeated = nn.Sequential(conv, bn, act, conv, bn)
+    between = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, groups=4), act, act, nn.BatchNorm2d(4))  # not adjacent
+    for model in (repeated, between):
+        model = randomize_bn(model).eval()
+        x = torch.randn(2, 4, 8, 8)
+        with torch.no_grad():
+            ref = model(x)
+            assert find_conv_bn_pairs(model) == []
+            assert fuse._pairs_sequential(model) == ([("0", "1"), ("3", "4")] if model is repeated else [])
+            fuse_conv_bn(model)
+            assert torch.equal(model(x), ref)
 
 
 def test_untraceable_model_folds_only_sequentials_that_run_their_children_in_order():
