@@ -89,14 +89,6 @@ def load_checkpoint(path: str):
         raise ExampleError(str(e)) from None
 
 
-def strip_prefix(state_dict: Dict[str, torch.Tensor], prefix: str = "module.") -> Dict[str, torch.Tensor]:
-    """Keys without a DDP (``module.``) or torch.compile (``_orig_mod.``) prefix."""
-    for p in (prefix, "_orig_mod."):
-        if state_dict and all(k.startswith(p) for k in state_dict):
-            state_dict = {k[len(p):]: v for k, v in state_dict.items()}
-    return state_dict
-
-
 def load_strict(model: nn.Module, state_dict: Dict[str, torch.Tensor], what: str) -> None:
     """``load_state_dict(strict=True)`` whose error lists what does not match, briefly."""
     own = model.state_dict()

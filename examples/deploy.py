@@ -29,6 +29,10 @@ import common
 from common import ExampleError
 
 import lkpatch
+from lkpatch import checkpoint
+
+#: where checkpoints keep EMA weights (examples/train.py, timm's CheckpointSaver, others)
+EMA_KEYS = ("model_ema", "state_dict_ema", "ema_state_dict")
 
 #: max |deploy - reference| / max(1, max |reference|) accepted, fp32 without TF32
 TOLERANCE = {"cpu": 1e-4, "cuda": 1e-3}
@@ -39,12 +43,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Commands: see the top of examples/deploy.py.")
     p.add_argument("checkpoint", help="a last.pth of examples/train.py, or a state_dict (also under 'model', "
-                   "'state_dict' or 'model_ema')")
+                   "'state_dict', ... as lkpatch convert finds it)")
     p.add_argument("--model", help="timm model name (default: the one in a train.py checkpoint)")
     p.add_argument("--model-arg", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="constructor arguments (default: those in a train.py checkpoint)")
     p.add_argument("--num-classes", type=int, help="default: from the checkpoint")
-    p.add_argument("--ema", action="store_true", help="deploy the EMA weights of a train.py checkpoint")
+    p.add_argument("--ema", action="store_true", help="deploy the EMA weights (a train.py checkpoint's, or under "
+                   "'state_dict_ema' as timm saves them)")
     p.add_argument("--output", metavar="DIR", help="where to write NAME.deploy.pth and NAME.onnx "
                    "(default: the checkpoint's folder)")
     p.add_argument("--name", help="file name stem (default: the model name)")
@@ -77,20 +82,17 @@ def read_checkpoint(args) -> Tuple[Dict[str, torch.Tensor], Dict]:
     info: Dict = {}
     if isinstance(ckpt, dict) and "model_name" in ckpt:  # examples/train.py
         info = {k: ckpt.get(k) for k in ("model_name", "model_args", "num_classes", "img_size", "step")}
-    key = "model_ema" if args.ema else None
-    if key is None:
-        for k in ("model", "state_dict"):
-            if isinstance(ckpt, dict) and isinstance(ckpt.get(k), dict):
-                key = k
-                break
-    if args.ema and not (isinstance(ckpt, dict) and isinstance(ckpt.get("model_ema"), dict)):
-        raise ExampleError(f"--ema: {args.checkpoint} holds no EMA weights (train with --model-ema)")
-    sd = ckpt[key] if key else ckpt
-    if not (isinstance(sd, dict) and sd and all(isinstance(v, torch.Tensor) for v in sd.values())):
-        raise ExampleError(f"{args.checkpoint}: no state_dict found (expected a state_dict, or one under 'model', "
-                           f"'state_dict' or 'model_ema')")
-    info["weights"] = key or "state_dict"
-    return common.strip_prefix(sd), info
+    try:  # as lkpatch convert finds them: wrapper keys in order, DDP / torch.compile prefixes stripped
+        entries = checkpoint.state_dicts(ckpt)
+    except checkpoint.CheckpointError as e:
+        raise ExampleError(f"{args.checkpoint}: {e}") from None
+    if args.ema:
+        entries = [e for e in entries if e.key in EMA_KEYS]
+        if not entries:
+            raise ExampleError(f"--ema: {args.checkpoint} holds no EMA weights (none under "
+                               f"{', '.join(repr(k) for k in EMA_KEYS)}; train with --model-ema)")
+    info["weights"] = entries[0].key or "state_dict"
+    return entries[0].state_dict, info
 
 
 def classifier_classes(model: nn.Module, sd: Dict[str, torch.Tensor]):

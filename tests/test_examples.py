@@ -232,6 +232,22 @@ def test_deploy_reparam_and_fold_then_onnx(ddp_runs, example, tmp_path, capsys):
         assert "weights_only" not in str(err.value)
 
 
+def test_deploy_finds_the_weights_as_lkpatch_convert_does(example, tmp_path):
+    """timm's CheckpointSaver keeps EMA weights under 'state_dict_ema'; DDP prefixes are stripped."""
+    deploy = example("deploy")
+    plain, ema = {"module.w": torch.zeros(2)}, {"module.w": torch.ones(2)}
+    torch.save({"state_dict": plain, "state_dict_ema": ema, "epoch": 3}, tmp_path / "saver.pth")
+    torch.save({"state_dict": plain}, tmp_path / "no_ema.pth")
+    for flags, want, key in (([], 0.0, "state_dict"), (["--ema"], 1.0, "state_dict_ema")):
+        sd, info = deploy.read_checkpoint(deploy.parse_args([str(tmp_path / "saver.pth"), *flags]))
+        assert list(sd) == ["w"] and sd["w"].eq(want).all() and info["weights"] == key
+    with pytest.raises(deploy.ExampleError, match="holds no EMA weights"):
+        deploy.read_checkpoint(deploy.parse_args([str(tmp_path / "no_ema.pth"), "--ema"]))
+    torch.save({"epoch": 3}, tmp_path / "empty.pth")
+    with pytest.raises(deploy.ExampleError, match="no state_dict found"):
+        deploy.read_checkpoint(deploy.parse_args([str(tmp_path / "empty.pth")]))
+
+
 def test_backbone_of_a_timm_model_takes_strides_4_to_32(example):
     backbone = example("backbone")
     assert backbone.timm_backbone("resnet18").feature_info.reduction() == [4, 8, 16, 32]  # five stages, from 2
