@@ -304,7 +304,15 @@ def _checked_outputs(model: nn.Module, x: torch.Tensor):
 def _default_output(path: Path, reparam: bool, fmt: str = "torch") -> Path:
     ext = ".safetensors" if fmt == "safetensors" else ".pth"
     suffix = (".deploy" if reparam else ".lkpatch") + ext
-    return path.with_name(path.name.rsplit(".", 1)[0] + suffix if "." in path.name else path.name + suffix)
+    stem = path.name
+    for _ in range(2):  # one extension, or two where the last is .tar (timm's model_best.pth.tar)
+        base, dot, last = stem.rpartition(".")
+        if not (dot and base):
+            break
+        stem = base
+        if last.lower() != "tar":
+            break
+    return path.with_name(stem + suffix)
 
 
 def _output_format(requested: Optional[str], out_path: Path, in_fmt: str) -> str:

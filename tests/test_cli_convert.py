@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -380,6 +381,13 @@ def test_safetensors_in_and_out(capsys, tmp_path, sd):
     assert code == 0, err
     assert ckpt_io.file_format(str(tmp_path / "w.weights")) == "torch"
     assert torch.load(tmp_path / "w.weights", weights_only=True).keys() == sd.keys()
+
+
+@pytest.mark.parametrize("name,want", [("in.pth", "in.deploy.pth"), ("model_best.pth.tar", "model_best.deploy.pth"),
+                                       ("w.safetensors", "w.deploy.pth"), ("ckpt", "ckpt.deploy.pth"),
+                                       ("a.b.pth", "a.b.deploy.pth"), (".hidden", ".hidden.deploy.pth")])
+def test_the_default_output_replaces_the_extension(name, want):
+    assert cli._default_output(Path("/d") / name, True) == Path("/d") / want
 
 
 def test_reparam_with_format_names_the_default_output_by_it(capsys, tmp_path, ckpt):
