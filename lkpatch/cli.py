@@ -301,9 +301,9 @@ def _checked_outputs(model: nn.Module, x: torch.Tensor):
 
 # ------------------------------------------------------------------------------------ subcommands
 
-def _default_output(path: Path, reparam: bool, fmt: str = "torch") -> Path:
-    ext = ".safetensors" if fmt == "safetensors" else ".pth"
-    suffix = (".deploy" if reparam else ".lkpatch") + ext
+def _default_output(path: Path, fmt: str = "torch") -> Path:
+    """--reparam's output beside the checkpoint: its name with .deploy.pth or .deploy.safetensors."""
+    suffix = ".deploy" + (".safetensors" if fmt == "safetensors" else ".pth")
     stem = path.name
     for _ in range(2):  # one extension, or two where the last is .tar (timm's model_best.pth.tar)
         base, dot, last = stem.rpartition(".")
@@ -365,7 +365,7 @@ def _convert(args) -> int:
         raise CLIError(f"cannot read the checkpoint: {ckpt_io.describe_os_error(e, str(src))}") from e
     writer = out_fmt = None
     if args.output or args.reparam:
-        out_path = Path(args.output) if args.output else _default_output(src, args.reparam, args.format or in_fmt)
+        out_path = Path(args.output) if args.output else _default_output(src, args.format or in_fmt)
         out_fmt = _output_format(args.format, out_path, in_fmt)
         writer = ckpt_io.SafeWriter(str(out_path), overwrite=args.force, source=str(src))
     elif args.format:

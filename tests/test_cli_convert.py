@@ -387,7 +387,7 @@ def test_safetensors_in_and_out(capsys, tmp_path, sd):
                                        ("w.safetensors", "w.deploy.pth"), ("ckpt", "ckpt.deploy.pth"),
                                        ("a.b.pth", "a.b.deploy.pth"), (".hidden", ".hidden.deploy.pth")])
 def test_the_default_output_replaces_the_extension(name, want):
-    assert cli._default_output(Path("/d") / name, True) == Path("/d") / want
+    assert cli._default_output(Path("/d") / name) == Path("/d") / want
 
 
 def test_reparam_with_format_names_the_default_output_by_it(capsys, tmp_path, ckpt):
