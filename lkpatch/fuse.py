@@ -95,7 +95,8 @@ def _pairs_sequential(model: nn.Module) -> List[Tuple[str, str]]:
 
 
 def find_conv_bn_pairs(model: nn.Module) -> List[Tuple[str, str]]:
-    """Names of (depthwise conv, BatchNorm) pairs where the BatchNorm takes only the conv's output."""
+    """Names of (depthwise conv, BatchNorm) pairs where the BatchNorm takes only the conv's output,
+    and neither module is called again, read by the forward itself or held under another name."""
     pairs = _pairs_traced(model)
     if pairs is None:
         pairs = _pairs_sequential(model)
@@ -114,6 +115,7 @@ def find_conv_bn_pairs(model: nn.Module) -> List[Tuple[str, str]]:
 
     def own_parameters(name):
         return all(holders[id(p)] == 1 for p in model.get_submodule(name).parameters())
+
     def single(name):
         return used[name] == 1 and names[id(model.get_submodule(name))] == 1
     return [(c, b) for c, b in pairs if single(c) and single(b) and own_parameters(c)]
