@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 
 from . import _ops
@@ -26,18 +27,29 @@ def exporting() -> bool:
     return bool(torch.jit.is_scripting() or torch.jit.is_tracing() or _export_flag())
 
 
+def transformed() -> bool:
+    """Whether forward-mode AD (a dual level) or a ``torch.func`` transform (vmap, grad, jvp,
+    hessian, ...) is active. lkpatch's op has neither a forward-mode formula nor a batching rule,
+    so ``F.conv2d``, which has both, computes those calls (under ``torch.compile`` Dynamo traces
+    the transforms itself)."""
+    if torch.compiler.is_compiling():
+        return False
+    return getattr(forward_ad, "_current_level", -1) >= 0 or torch._C._functorch.peek_interpreter_stack() is not None
+
+
 def depthwise_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                      stride=1, padding=0, dilation=1) -> torch.Tensor:
     """``F.conv2d(input, weight, bias, stride, padding, dilation, groups=input channels)``.
 
     Runs the ``lkpatch::dwconv2d`` op (CUDA kernels, full autograd) where it reproduces the call
     exactly and is faster for the shape, and ``F.conv2d`` otherwise -- including for every input
-    PyTorch would reject, so errors are PyTorch's own -- and while :func:`exporting`.
+    PyTorch would reject, so errors are PyTorch's own -- while :func:`exporting`, and under
+    forward-mode AD and ``torch.func`` transforms (:func:`transformed`).
 
     ``padding`` takes what ``F.conv2d`` takes (an int, ``(h, w)``, 'same', 'valid') and also
     ``(top, bottom, left, right)``, which PyTorch computes as ``F.pad`` followed by the convolution.
     """
-    if not exporting():
+    if not exporting() and not transformed():
         input = _ops.dense(input)
         pads = dispatch.op_padding(input, weight, bias, stride, padding, dilation)
         if pads is not None:

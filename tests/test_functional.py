@@ -106,6 +106,39 @@ def test_op_route_only_computes_the_gradients_asked_for():
     assert x.grad is None and b.grad is None and w.grad is not None
 
 
+def test_forward_mode_ad_and_torch_func_transforms_compute_f_conv2d():
+    """The op has no forward-mode formula and no batching rule: under a dual level or a torch.func
+    transform the call is F.conv2d's (a zero tangent came back before, without an error)."""
+    import torch.autograd.forward_ad as forward_ad
+
+    g = torch.Generator().manual_seed(3)
+    x, t = (torch.randn(2, 4, 9, 9, dtype=torch.float64, generator=g) for _ in range(2))
+    w, b = torch.randn(4, 1, 3, 3, dtype=torch.float64, generator=g), torch.randn(4, dtype=torch.float64, generator=g)
+
+    def ours(x_, w_=w):
+        return lkpatch.depthwise_conv2d(x_, w_, b, padding=1)
+
+    def pytorch(x_, w_=w):
+        return F.conv2d(x_, w_, b, padding=1, groups=x_.shape[-3])
+
+    def per_sample(conv):
+        return torch.func.vmap(torch.func.grad(lambda w_, x_: conv(x_[None], w_).square().sum()), in_dims=(None, 0))
+
+    with op_route(), OpLog() as log:
+        got = {"jvp": torch.func.jvp(ours, (x,), (t,))[1],
+               "per-sample": per_sample(ours)(w, x),
+               "hessian": torch.func.hessian(lambda w_: ours(x[:1, :, :4, :4], w_).square().sum())(w)}
+        with forward_ad.dual_level():
+            got["dual"] = forward_ad.unpack_dual(ours(forward_ad.make_dual(x, t))).tangent
+        assert log.count("lkpatch::dwconv2d") == 0
+        lkpatch.depthwise_conv2d(x, w, b, padding=1)  # no transform: the op again
+        assert log.count("lkpatch::dwconv2d") == 1
+    want = torch.func.jvp(pytorch, (x,), (t,))[1]
+    assert torch.equal(got["jvp"], want) and torch.equal(got["dual"], want)
+    assert torch.equal(got["per-sample"], per_sample(pytorch)(w, x))
+    assert torch.equal(got["hessian"], torch.func.hessian(lambda w_: pytorch(x[:1, :, :4, :4], w_).square().sum())(w))
+
+
 def test_integer_tensors_like_f_conv2d():
     x = torch.randint(-5, 5, (1, 3, 6, 6))
     w = torch.randint(-5, 5, (3, 1, 3, 3))
