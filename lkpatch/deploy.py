@@ -19,10 +19,11 @@ from . import checkpoint as ckpt_io
 
 
 def reparameterize(model: nn.Module) -> nn.Module:
-    """The deploy structure, in place: RepLKNet's own structural re-parameterization, else every
-    BatchNorm that follows a depthwise convolution folded into it. The model must be in eval mode
-    (both use the BatchNorm running statistics). Returns the model, as ``convert_model`` and
-    ``fuse_conv_bn`` do."""
+    """The deploy structure, in place: RepLKNet's own structural re-parameterization for every
+    RepLKNet in the model (the model itself, or a backbone inside it: the official deploy layout),
+    and every other BatchNorm that follows a depthwise convolution folded into it. The model must
+    be in eval mode (both use the BatchNorm running statistics). Returns the model, as
+    ``convert_model`` and ``fuse_conv_bn`` do."""
     to_deploy_structure(model)
     return model
 
@@ -30,19 +31,29 @@ def reparameterize(model: nn.Module) -> nn.Module:
 def to_deploy_structure(model: nn.Module) -> Optional[str]:
     """:func:`reparameterize`, returning what was done (for the command's report); None where
     the model has nothing to re-parameterize (it is left as it is)."""
-    from .fuse import find_conv_bn_pairs, fuse_conv_bn
+    from .fuse import find_conv_bn_pairs, fold_pairs
 
     if model.training:
         raise ValueError("lkpatch.reparameterize: call model.eval() first; the deploy structure uses the "
                          "BatchNorm running statistics")
-    if hasattr(model, "structural_reparam"):
-        model.structural_reparam()
-        return "structural re-parameterization (BN and small kernel merged into the large kernel)"
-    pairs = find_conv_bn_pairs(model)
-    if not pairs:
+    # RepLKNets (the outermost ones) keep the official deploy layout: their kernels merged, their
+    # other BatchNorms as they are; pairs elsewhere in the model are folded.
+    reps = [name for name, m in model.named_modules() if hasattr(m, "structural_reparam")]
+    reps = [r for r in reps if not any(r != o and (o == "" or r.startswith(o + ".")) for o in reps)]
+    pairs = [(c, b) for c, b in find_conv_bn_pairs(model)
+             if not any(r == "" or c.startswith(r + ".") or b.startswith(r + ".") for r in reps)]
+    if not reps and not pairs:
         return None
-    fuse_conv_bn(model)
-    return f"{len(pairs)} BatchNorm(s) folded into the depthwise convolution before them"
+    done = []
+    for name in reps:
+        model.get_submodule(name).structural_reparam()
+    if reps:
+        where = "" if reps == [""] else f" ({len(reps)} inside the model)"
+        done.append(f"structural re-parameterization{where} (BN and small kernel merged into the large kernel)")
+    if pairs:
+        fold_pairs(model, pairs)
+        done.append(f"{len(pairs)} BatchNorm(s) folded into the depthwise convolution before them")
+    return "; ".join(done)
 
 
 def load_checkpoint(model: nn.Module, checkpoint: Union[str, os.PathLike, Any], *, key: Optional[str] = None,

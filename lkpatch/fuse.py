@@ -151,7 +151,12 @@ def fuse_conv_bn(model: nn.Module, *, verbose: bool = False) -> nn.Module:
     if model.training:
         raise ValueError("lkpatch.fuse_conv_bn: call model.eval() first; folding uses the BatchNorm running "
                          "statistics, which is only what the model computes in eval mode")
-    pairs = find_conv_bn_pairs(model)
+    return fold_pairs(model, find_conv_bn_pairs(model), verbose=verbose)
+
+
+@torch.no_grad()
+def fold_pairs(model: nn.Module, pairs: List[Tuple[str, str]], *, verbose: bool = False) -> nn.Module:
+    """Fold each (conv, BatchNorm) pair of :func:`find_conv_bn_pairs` (or some of them), in place."""
     for conv_name, bn_name in pairs:
         conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
         weight, bias = fold_bn(conv.weight, conv.bias, bn)

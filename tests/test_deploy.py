@@ -256,6 +256,48 @@ def test_load_checkpoint_of_replknet_deploy_keys(shared_data):
     assert (out - reference["output_deploy"]).abs().max().item() <= 1e-4
 
 
+def test_a_replknet_backbone_inside_a_model_gets_the_deploy_layout(shared_data, tmp_path):
+    """reparameterize merges the kernels of a RepLKNet inside another model (a segmentation
+    backbone) into the official deploy layout, and folds the BatchNorms outside it."""
+    reference = torch.load(shared_data / "replknet_tiny_reference.pt", weights_only=True)
+
+    class Segmenter(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.backbone = lkpatch.models.RepLKNet(**{**reference["config"], "num_classes": None,
+                                                       "out_indices": [0, 1]})
+            channels = self.backbone.stages[1].blocks[0].pw2.conv.out_channels
+            self.head = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, groups=channels, bias=False),
+                                      nn.BatchNorm2d(channels), nn.Conv2d(channels, 2, 1))
+
+        def forward(self, x):
+            return self.head(self.backbone(x)[-1])
+
+    model = Segmenter()
+    for m in model.modules():  # statistics unlike a fresh BatchNorm's, so that folding them matters
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    x = reference["input"]
+    with torch.no_grad():
+        want = model(x)
+    deployed = lkpatch.reparameterize(copy.deepcopy(model))
+    keys = deployed.state_dict().keys()
+    assert any(".lkb_reparam." in k for k in keys) and not any(".lkb_origin." in k for k in keys)
+    assert isinstance(deployed.head[1], nn.Identity)                          # folded outside the backbone
+    assert isinstance(deployed.backbone.stem[1].bn, nn.BatchNorm2d)  # a depthwise conv's, inside: the official layout
+    with torch.no_grad():
+        assert (deployed(x) - want).abs().max().item() <= 1e-4
+    torch.save(deployed.state_dict(), tmp_path / "seg.deploy.pth")
+    fresh = Segmenter()
+    lkpatch.load_checkpoint(fresh, tmp_path / "seg.deploy.pth")
+    assert fresh.state_dict().keys() == keys
+    with torch.no_grad():
+        assert (fresh(x) - want).abs().max().item() <= 1e-4
+
+
 # --- on the GPU: lkpatch's kernels in eager mode, standard graphs when exported -------------------
 
 @pytest.fixture

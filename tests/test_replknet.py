@@ -62,6 +62,20 @@ def test_structural_reparam_gives_the_deploy_model(reference, convert_first):
     assert model.state_dict().keys() == reference["deploy_state_dict"].keys()
 
 
+def test_structural_reparam_after_fuse_conv_bn(reference):
+    """fuse_conv_bn folds the branches' BatchNorms into their convs first: merging takes those."""
+    model = tiny(reference)
+    model.load_state_dict(reference["state_dict"], strict=True)
+    lkpatch.fuse_conv_bn(model.eval())
+    assert isinstance(model.stages[0].blocks[0].large_kernel.lkb_origin.bn, nn.Identity)
+    model.structural_reparam()
+    keys = model.state_dict().keys()
+    assert not any(".lkb_origin." in k or ".small_conv." in k for k in keys)
+    assert {k for k in keys if ".lkb_reparam." in k} == {k for k in reference["deploy_state_dict"] if ".lkb_reparam." in k}
+    with torch.no_grad():
+        assert max_err(model(reference["input"]), reference["output_deploy"]) <= 1e-4
+
+
 def test_deploy_structure_loads_the_deploy_state_dict(reference):
     model = tiny(reference, small_kernel_merged=True)
     model.load_state_dict(reference["deploy_state_dict"], strict=True)

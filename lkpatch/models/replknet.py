@@ -37,6 +37,16 @@ class ConvBN(nn.Sequential):
             self.nonlinear = nn.ReLU()
 
 
+def _branch(conv_bn: ConvBN):
+    """A conv -> BN branch as one kernel and bias (eval mode); its BN may be folded into the conv
+    already (``lkpatch.fuse_conv_bn`` leaves an ``nn.Identity`` and a conv bias)."""
+    conv = conv_bn.conv
+    if isinstance(conv_bn.bn, nn.Identity):
+        bias = conv.bias if conv.bias is not None else conv.weight.new_zeros(conv.out_channels)
+        return conv.weight, bias
+    return fold_bn(conv.weight, conv.bias, conv_bn.bn)
+
+
 class ReparamLargeKernelConv(nn.Module):
     """A large depthwise kernel plus a parallel small one, each with BN, merged into one conv for
     deployment (``merge_kernel``)."""
@@ -66,9 +76,9 @@ class ReparamLargeKernelConv(nn.Module):
     @torch.no_grad()
     def equivalent_kernel_bias(self):
         """The one kernel and bias that compute this block in eval mode."""
-        weight, bias = fold_bn(self.lkb_origin.conv.weight, None, self.lkb_origin.bn)
+        weight, bias = _branch(self.lkb_origin)
         if hasattr(self, "small_conv"):
-            small_w, small_b = fold_bn(self.small_conv.conv.weight, None, self.small_conv.bn)
+            small_w, small_b = _branch(self.small_conv)
             pad = (self.kernel_size - self.small_kernel) // 2
             weight = weight + nn.functional.pad(small_w, [pad] * 4)
             bias = bias + small_b
