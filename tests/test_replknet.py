@@ -120,6 +120,35 @@ def test_timm_registration_and_arguments():
 SMALL = dict(large_kernel_sizes=[7, 7, 5, 5], layers=[1, 2, 1, 1], channels=[8, 16, 16, 24], small_kernel=3)
 
 
+def test_timm_classifier_interface():
+    """What timm's training script and feature code call: drop_rate, forward_head(pre_logits),
+    reset_classifier(n, global_pool)."""
+    model = timm.create_model("replknet_31b", drop_rate=0.25, num_classes=5, **SMALL).eval()
+    assert model.head_drop.p == 0.25 and model.state_dict().keys() == RepLKNet(**SMALL, num_classes=5).state_dict().keys()
+    x = torch.randn(2, 3, 32, 32)
+    features = model.forward_features(x)
+    pooled = model.forward_head(features, pre_logits=True)
+    assert pooled.shape == (2, 24) and torch.equal(model.head(pooled), model(x))
+    model.reset_classifier(0, "")
+    assert model(x).shape == (2, 24, 1, 1)
+    model.reset_classifier(3, "avg")
+    assert model(x).shape == (2, 3)
+    with pytest.raises(ValueError, match="num_classes must be 0"):
+        model.reset_classifier(3, "")
+    with pytest.raises(ValueError, match="pools by 'avg'"):
+        model.reset_classifier(0, "max")
+
+
+@pytest.mark.parametrize("out_indices,stages", [((-1,), [3]), (2, [2, 3]), ((3, 1), [1, 3]), ([0, -3], [0, 1])])
+def test_out_indices_as_timm_takes_them(out_indices, stages):
+    """Negative stages count from the end, an int n is the last n stages; the features come out in
+    stage order, and feature_info lists them in that order too."""
+    backbone = timm.create_model("replknet_31b", features_only=True, out_indices=out_indices, **SMALL).eval()
+    feats = backbone(torch.randn(1, 3, 64, 64))
+    assert backbone.out_indices == stages
+    assert backbone.feature_info.channels() == [f.shape[1] for f in feats] == [SMALL["channels"][i] for i in stages]
+
+
 def test_feature_outputs_for_dense_prediction():
     model = RepLKNet(**SMALL, num_classes=None, out_indices=[0, 2, 3], norm_intermediate_features=True).eval()
     feats = model(torch.randn(2, 3, 64, 64))
@@ -158,6 +187,9 @@ def test_timm_features_only(out_indices):
     (dict(num_classes=10, out_indices=[0]), "not both"),
     (dict(num_classes=10, norm_intermediate_features=True), "backbone"),
     (dict(num_classes=None, out_indices=[4]), "out_indices"),
+    (dict(num_classes=None, out_indices=[-5]), "out_indices"),
+    (dict(num_classes=None, out_indices=[1, -3]), "twice"),
+    (dict(num_classes=None, out_indices=0), "last n stages"),
     (dict(small_kernel=4), "small_kernel"),
 ])
 def test_bad_configurations_say_what_is_wrong(kwargs, match):

@@ -6,7 +6,7 @@ load with ``strict=True``. Written for lkpatch; no code taken from the official 
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -172,8 +172,9 @@ class RepLKNet(nn.Module):
     def __init__(self, large_kernel_sizes: Sequence[int], layers: Sequence[int], channels: Sequence[int],
                  small_kernel: Optional[int], dw_ratio: float = 1, ffn_ratio: float = 4,
                  num_classes: Optional[int] = 1000, drop_path_rate: float = 0.0, small_kernel_merged: bool = False,
-                 in_channels: int = 3, out_indices: Optional[Sequence[int]] = None, use_checkpoint: bool = False,
-                 use_sync_bn: bool = False, norm_intermediate_features: bool = False):
+                 in_channels: int = 3, out_indices: Optional[Union[int, Sequence[int]]] = None,
+                 use_checkpoint: bool = False, use_sync_bn: bool = False, norm_intermediate_features: bool = False,
+                 drop_rate: float = 0.0):
         super().__init__()
         if not (len(large_kernel_sizes) == len(layers) == len(channels)) or not layers:
             raise ValueError("large_kernel_sizes, layers and channels need one entry per stage, and as many")
@@ -183,10 +184,8 @@ class RepLKNet(nn.Module):
             raise ValueError("give num_classes (a classifier) or out_indices (a feature backbone), not both")
         if num_classes is not None and norm_intermediate_features:
             raise ValueError("norm_intermediate_features applies to a feature backbone (out_indices), not a classifier")
-        if out_indices is not None and any(not 0 <= i < len(layers) for i in out_indices):
-            raise ValueError(f"out_indices {list(out_indices)} must lie in 0..{len(layers) - 1}")
         self.num_classes = num_classes
-        self.out_indices = None if out_indices is None else list(out_indices)
+        self.out_indices = None if out_indices is None else stage_indices(out_indices, len(layers))
         self.num_stages = len(layers)
         self.num_features = channels[-1]
         width = channels[0]
@@ -212,6 +211,8 @@ class RepLKNet(nn.Module):
         if num_classes is not None:
             self.norm = _bn(channels[-1], use_sync_bn)
             self.avgpool = nn.AdaptiveAvgPool2d(1)
+            self.global_pool = "avg"
+            self.head_drop = nn.Dropout(drop_rate)  # timm's dropout before the classifier (no weights)
             # timm's convention: num_classes=0 is the pooled features (as reset_classifier(0))
             self.head = nn.Linear(channels[-1], num_classes) if num_classes > 0 else nn.Identity()
         self.set_grad_checkpointing(use_checkpoint)
@@ -225,9 +226,17 @@ class RepLKNet(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.head
 
-    def reset_classifier(self, num_classes: int) -> None:
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """timm's: a new classifier (0: none); ``global_pool`` "avg", or "" (no pooling: the
+        normalized last stage's map, with num_classes 0)."""
         if self.num_classes is None:
             raise ValueError("a feature backbone (out_indices) has no classifier")
+        if global_pool is not None:
+            if global_pool not in ("avg", ""):
+                raise ValueError(f"global_pool {global_pool!r}: RepLKNet pools by 'avg', or not at all ('')")
+            if global_pool == "" and num_classes > 0:
+                raise ValueError("global_pool '' (no pooling) leaves no vector for a classifier: num_classes must be 0")
+            self.global_pool = global_pool
         self.num_classes = num_classes
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
@@ -257,8 +266,13 @@ class RepLKNet(nn.Module):
                     x = transition(x)
         return x, outs
 
-    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.flatten(self.avgpool(self.norm(x)), 1))
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """timm's: the classifier on the last stage's map; ``pre_logits``: the vector before it."""
+        x = self.norm(x)
+        if self.global_pool == "avg":
+            x = torch.flatten(self.avgpool(x), 1)
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor):
         x, outs = self._stages(x)
@@ -277,6 +291,23 @@ class RepLKNet(nn.Module):
             if isinstance(module, ReparamLargeKernelConv):
                 module.merge_kernel()
         return self
+
+
+def stage_indices(out_indices: Union[int, Sequence[int]], stages: int) -> List[int]:
+    """timm's ``out_indices``: stage numbers (negative ones from the end), or an int n for the last
+    n stages; as a sorted list, the order the stages' features come out in."""
+    if isinstance(out_indices, int):
+        if not 1 <= out_indices <= stages:
+            raise ValueError(f"out_indices {out_indices} (the last n stages) must lie in 1..{stages}")
+        return list(range(stages - out_indices, stages))
+    picked = []
+    for i in out_indices:
+        if not -stages <= i < stages:
+            raise ValueError(f"out_indices {list(out_indices)} must lie in 0..{stages - 1} (or -{stages}..-1)")
+        picked.append(i % stages)
+    if len(set(picked)) != len(picked):
+        raise ValueError(f"out_indices {list(out_indices)} name a stage twice")
+    return sorted(picked)
 
 
 # The paper's configurations (official create_RepLKNet31B / 31L / XL).
