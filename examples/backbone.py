@@ -51,8 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10, help="timed training steps per model (median reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per model")
     args = p.parse_args(argv)
-    if args.size % 32:
-        p.error(f"--size {args.size}: use a multiple of 32, so that every stride divides it")
+    if args.size < 32 or args.size % 32:
+        p.error(f"--size {args.size}: use a positive multiple of 32, so that every stride divides it")
     if args.batch < 1 or args.steps < 1 or args.warmup < 0:
         p.error("--batch and --steps must be at least 1, --warmup at least 0")
     return args
@@ -95,6 +95,10 @@ def replknet_backbone(name: str, overrides: Dict) -> nn.Module:
 
     if name not in REPLKNET_CONFIGS:
         raise ExampleError(f"--replknet {name}: one of {', '.join(REPLKNET_CONFIGS)} (or 'none')")
+    fixed = sorted({"out_indices", "num_classes", "norm_intermediate_features"} & set(overrides))
+    if fixed:
+        raise ExampleError(f"--replknet-arg {', '.join(fixed)}: set by this example (the FPN head takes the four "
+                           f"stages' normalized maps)")
     try:
         return RepLKNet(**{**REPLKNET_CONFIGS[name], **overrides}, num_classes=None, out_indices=[0, 1, 2, 3],
                         norm_intermediate_features=True)  # BN on each output, as the official segmentation code

@@ -111,9 +111,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--log-interval", type=int, default=50, help="print loss, lr and img/s every N steps")
     g.add_argument("--val-every", type=int, default=1, help="validate every N epochs (and at the end)")
     args = p.parse_args(argv)
-    for name in ("batch_size", "epochs", "save_every", "log_interval", "val_every", "compare_steps"):
+    for name in ("batch_size", "epochs", "save_every", "log_interval", "val_every", "compare_steps", "val_batches",
+                 "synthetic_images"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("workers", "compare_warmup", "weight_decay", "warmup_epochs", "reprob", "mixup", "cutmix",
+                 "smoothing", "warmup_lr", "min_lr"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must not be negative")
+    if args.img_size is not None and args.img_size < 32:
+        p.error("--img-size must be at least 32 (the models downsample by 32)")
+    if args.lr is not None and args.lr <= 0:
+        p.error("--lr must be positive")
+    if not 0 <= args.model_ema_decay < 1:
+        p.error("--model-ema-decay must lie in [0, 1)")
     if args.steps is not None and args.steps < 1:
         p.error("--steps must be at least 1")
     if args.num_classes is not None and args.num_classes < 1:
@@ -507,6 +518,9 @@ def load_resume(path: str, trainer: Trainer, scheduler, args, d: Dist, meta: Dic
         raise ExampleError(f"--resume {path}: it was written with a global batch of {saved['batch_size']} x "
                            f"{ckpt.get('world_size')} processes, this run has {args.batch_size} x {d.world}; the "
                            f"schedule counts steps of that batch, so keep the global batch the same")
+    if trainer.ema is None and ckpt.get("model_ema") is not None:  # its next write would drop the EMA
+        raise ExampleError(f"--resume {path}: it holds an EMA of the weights (written with --model-ema), and this "
+                           f"run keeps none, so its next checkpoint would lose it; add --model-ema")
     common.load_strict(trainer.model, ckpt["model"], f"--model {args.model}")
     if trainer.ema is not None:
         if ckpt.get("model_ema") is None:
@@ -651,6 +665,9 @@ def run(args, d: Dist) -> int:
     step = 0
     if args.resume:
         step = load_resume(args.resume, trainer, scheduler, args, d, meta)
+        if args.steps is not None and args.steps <= step:
+            raise ExampleError(f"--steps {args.steps}: {args.resume} is at step {step} already; --steps counts "
+                               f"from the run's start, so give a larger one")
         d.print(f"resumed from {args.resume} at step {step} (epoch {step // steps_per_epoch})")
     else:
         # Each process its own random path (dropout, drop-path, mixup), set after every

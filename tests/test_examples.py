@@ -256,6 +256,16 @@ def test_backbone_of_a_timm_model_takes_strides_4_to_32(example):
         backbone.timm_backbone("vit_tiny_patch16_224")
 
 
+def test_backbone_arguments_it_cannot_take_are_one_line(example, capsys):
+    backbone = example("backbone")
+    for size in ("0", "-32", "48"):
+        with pytest.raises(SystemExit):
+            backbone.parse_args(["--size", size])
+        assert "positive multiple of 32" in capsys.readouterr().err
+    with pytest.raises(backbone.ExampleError, match="out_indices: set by this example"):
+        backbone.replknet_backbone("replknet_31b", {"out_indices": [1, 3]})
+
+
 def test_backbone_features_and_timing(example, capsys):
     assert example("backbone").main([
         "--device", "cpu", "--size", "64", "--batch", "1", "--steps", "1", "--warmup", "0", "--timm", "convnext_atto",
@@ -331,6 +341,29 @@ def test_train_output_problems_are_reported_before_training(example, tmp_path, c
     assert "resumed from" in capsys.readouterr().out
     assert torch.load(last, weights_only=False)["step"] == 3
     assert not [p.name for p in (tmp_path / "run").iterdir() if p.name != "last.pth"]
+    with pytest.raises(train.ExampleError, match="is at step 3 already"):  # nothing left to train
+        train.main([*TINY_RUN, "--steps", "3", "--resume", last])
+    # a run that keeps an EMA is resumed by one that keeps it too: the next write would drop it
+    assert train.main([*TINY_RUN, "--steps", "1", "--model-ema", "--output", str(tmp_path / "ema")]) == 0
+    with pytest.raises(train.ExampleError, match="holds an EMA of the weights .* add --model-ema"):
+        train.main([*TINY_RUN, "--steps", "2", "--resume", str(tmp_path / "ema" / "last.pth")])
+    assert torch.load(tmp_path / "ema" / "last.pth", weights_only=False)["model_ema"] is not None
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("--img-size", "0", "at least 32"), ("--img-size", "7", "at least 32"), ("--val-batches", "0", "at least 1"),
+    ("--synthetic-images", "0", "at least 1"), ("--lr", "-1", "positive"), ("--workers", "-1", "not be negative"),
+    ("--model-ema-decay", "2", r"\[0, 1\)"), ("--compare-warmup", "-1", "not be negative")])
+def test_train_arguments_out_of_range_are_one_line(example, capsys, option, value, message):
+    train = example("train")
+    args = list(TINY_RUN)
+    if option in args:
+        args[args.index(option) + 1] = value
+    else:
+        args += [option, value]
+    with pytest.raises(SystemExit) as caught:
+        train.parse_args(args)
+    assert caught.value.code == 2 and re.search(f"{option}.*{message}", capsys.readouterr().err)
 
 
 def test_a_signal_while_a_checkpoint_is_written_leaves_the_old_file_and_nothing_else(example, tmp_path):
