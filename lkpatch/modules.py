@@ -93,6 +93,9 @@ class DepthwiseConv2d(nn.Conv2d):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles this branch alone: nn.Conv2d's own forward
             return self._scripted_forward(input)
+        if self.padding_mode != "zeros" and not self.tf_same_padding:
+            # set after conversion (convert_model leaves such layers alone): nn.Conv2d's padding
+            return self._conv_forward(input, self.weight, self.bias)
         return _forward(input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
                         self.tf_same_padding)
 

@@ -241,6 +241,18 @@ def test_module_rejects_non_depthwise(kwargs, needle):
     assert needle in str(err.value) and "DepthwiseConv2d" in str(err.value)
 
 
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_a_padding_mode_set_after_conversion_is_honoured(mode):
+    conv = nn.Conv2d(4, 4, 5, padding=2, groups=4)
+    lkpatch.convert_model(nn.Sequential(conv))
+    conv.padding_mode = mode
+    x = torch.randn(2, 4, 9, 9)
+    want = F.conv2d(F.pad(x, (2, 2, 2, 2), mode=mode), conv.weight, conv.bias, groups=4)
+    with op_route():
+        assert torch.equal(conv(x), want)
+    assert torch.equal(conv(x), want)
+
+
 def test_module_wrong_channel_count_raises_like_nn_conv2d():
     """groups come from the module, not the input: 4 channels into an 8-channel conv is an error
     (F.conv2d with groups=4 would accept it as a multiplier-2 convolution)."""
