@@ -177,10 +177,11 @@ def _check_geometry(stride, padding, dilation, kh, kw) -> Optional[Pads]:
     except (TypeError, ValueError):  # malformed: F.conv2d raises its own error
         return None
     pads = explicit_padding(padding, (kh, kw))
-    # only ints (bool aside), as F.conv2d takes them; anything else goes there for its own error
-    if pads is None or any(type(p) is not int for p in pads) or min(pads) < 0:
+    try:  # integers only, as F.conv2d takes them: a float goes there for its own error
+        pads = None if pads is None else tuple(operator.index(p) for p in pads)
+    except TypeError:
         return None
-    return pads
+    return None if pads is None or min(pads) < 0 else pads
 
 
 def channels_last(t: torch.Tensor) -> bool:
