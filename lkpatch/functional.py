@@ -38,8 +38,11 @@ def transformed() -> bool:
 
 
 def depthwise_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                     stride=1, padding=0, dilation=1) -> torch.Tensor:
+                     stride=1, padding=0, dilation=1, groups: int | None = None) -> torch.Tensor:
     """``F.conv2d(input, weight, bias, stride, padding, dilation, groups=input channels)``.
+
+    ``groups``: as a drop-in for an ``F.conv2d`` call that names it; other than the input's
+    channels, the call is ``F.conv2d``'s (and so are its errors).
 
     Runs the ``lkpatch::dwconv2d`` op (CUDA kernels, full autograd) where it reproduces the call
     exactly and is faster for the shape, and ``F.conv2d`` otherwise -- including for every input
@@ -49,13 +52,15 @@ def depthwise_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     ``padding`` takes what ``F.conv2d`` takes (an int, ``(h, w)``, 'same', 'valid') and also
     ``(top, bottom, left, right)``, which PyTorch computes as ``F.pad`` followed by the convolution.
     """
+    channels = input.shape[-3] if isinstance(input, torch.Tensor) and input.dim() >= 3 else 1
+    if groups is not None and groups != channels:
+        return padded_conv2d(input, weight, bias, stride, padding, dilation, groups)
     if not exporting() and not transformed():
         input = _ops.dense(input)
         pads = dispatch.op_padding(input, weight, bias, stride, padding, dilation)
         if pads is not None:
             return _run_op(input, weight, bias, pads)
-    groups = input.shape[-3] if isinstance(input, torch.Tensor) and input.dim() >= 3 else 1
-    return padded_conv2d(input, weight, bias, stride, padding, dilation, groups)
+    return padded_conv2d(input, weight, bias, stride, padding, dilation, channels)
 
 
 def _run_op(input, weight, bias, pads) -> torch.Tensor:

@@ -139,6 +139,22 @@ def test_forward_mode_ad_and_torch_func_transforms_compute_f_conv2d():
     assert torch.equal(got["hessian"], torch.func.hessian(lambda w_: pytorch(x[:1, :, :4, :4], w_).square().sum())(w))
 
 
+def test_groups_named_as_in_f_conv2d():
+    x, w, b = _case_tensors(CASES[0])
+    with op_route(), OpLog() as log:
+        out = lkpatch.depthwise_conv2d(x, w, b, padding=1, groups=4)  # the input's channels: the op
+        assert log.count("lkpatch::dwconv2d") == 1
+        assert torch.equal(out, F.conv2d(x, w, b, padding=1, groups=4))
+        dense = torch.randn(4, 2, 3, 3)
+        assert torch.equal(lkpatch.depthwise_conv2d(x, dense, None, 1, 1, 1, 2), F.conv2d(x, dense, None, 1, 1, 1, 2))
+        assert log.count("lkpatch::dwconv2d") == 1  # other groups: F.conv2d's
+        with pytest.raises(RuntimeError) as theirs:
+            F.conv2d(x, w, b, padding=1, groups=3)
+        with pytest.raises(RuntimeError) as ours:
+            lkpatch.depthwise_conv2d(x, w, b, padding=1, groups=3)
+        assert str(ours.value) == str(theirs.value)
+
+
 def test_integer_tensors_like_f_conv2d():
     x = torch.randint(-5, 5, (1, 3, 6, 6))
     w = torch.randint(-5, 5, (3, 1, 3, 3))
