@@ -178,7 +178,7 @@ def run(main: Callable[[], int], script: str) -> None:
     except ExampleError as e:
         print(f"{script}: error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
-    except Interrupted as e:  # a signal while a checkpoint was written: the previous file is intact
+    except Interrupted as e:  # a signal around a checkpoint write: the new file complete, or the old one intact
         print(f"{script}: interrupted by {e}; {interrupted_checkpoint(e)}", file=sys.stderr, flush=True)
         sys.exit(128 + e.signum)
 

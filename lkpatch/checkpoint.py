@@ -11,6 +11,7 @@ import re
 import signal
 import stat
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
@@ -465,7 +466,8 @@ class SafeWriter:
                 else:
                     os.unlink(self.tmp)
             self.committed = True
-            _signals.written = self.path
+            if threading.current_thread() is threading.main_thread():
+                _signals.written = self.path
             _fsync_folder(self.target.parent)
         except OSError as e:
             raise CheckpointError(describe_os_error(e, self.path) + "; nothing was written") from e
@@ -511,14 +513,22 @@ _signals = _SignalState()
 def _signals_deferred() -> Iterator[None]:
     """A signal inside is raised at the end, so that a commit is done or not done, never half (a
     file in place that the writer would count as not written). With an error on the way out,
-    the error wins."""
+    the error wins and the signal is dropped. Only the main thread, where the handler runs,
+    defers: a commit in another thread leaves the main thread's signals as they are."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     _signals.deferring += 1
+    done = False
     try:
         yield
+        done = True
     finally:
         _signals.deferring -= 1
-    if _signals.deferring == 0 and _signals.pending is not None:
-        signum, _signals.pending = _signals.pending, None
+        signum = _signals.pending if _signals.deferring == 0 else None
+        if _signals.deferring == 0:
+            _signals.pending = None
+    if done and signum is not None:
         raise Interrupted(signum, _signals.written)
 
 

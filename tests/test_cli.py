@@ -2,6 +2,7 @@
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -68,6 +69,47 @@ def test_atomic_save_never_clobbers_and_never_leaves_half_files(tmp_path):
     assert torch.equal(torch.load(target, weights_only=True)["w"], torch.zeros(3))
     with pytest.raises(CheckpointError, match="does not exist"):
         ckpt_io.save_atomic({}, str(tmp_path / "missing" / "x.pth"))
+
+
+def test_a_failed_commit_drops_its_signal_and_other_threads_do_not_defer(tmp_path, monkeypatch):
+    """A signal during a commit that then fails: the error is raised, and no stale signal is left
+    for the next write. A commit in another thread leaves the main thread's signals alone."""
+    import errno
+    import signal
+    import threading
+
+    def link_then_fail(*args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+    monkeypatch.setattr(os, "link", link_then_fail)
+    with ckpt_io.signals_raise():
+        with pytest.raises(ckpt_io.CheckpointError, match="nothing was written"):
+            ckpt_io.save_atomic({"w": torch.ones(1)}, str(tmp_path / "a.pth"))
+    monkeypatch.undo()
+    ckpt_io.save_atomic({"w": torch.ones(1)}, str(tmp_path / "b.pth"))  # no stale Interrupted
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.pth"]
+
+    started, release = threading.Event(), threading.Event()
+    real_link = os.link
+
+    def slow_link(*args):
+        started.set()
+        release.wait(10)
+        return real_link(*args)
+    monkeypatch.setattr(os, "link", slow_link)
+    writer = threading.Thread(target=ckpt_io.save_atomic, args=({"w": torch.ones(1)}, str(tmp_path / "c.pth")))
+    with ckpt_io.signals_raise():
+        writer.start()
+        assert started.wait(10)
+        try:
+            with pytest.raises(ckpt_io.Interrupted):  # the main thread is interrupted at once
+                os.kill(os.getpid(), signal.SIGTERM)
+                for _ in range(1000):
+                    time.sleep(0.01)
+        finally:
+            release.set()
+            writer.join(10)
+    assert (tmp_path / "c.pth").is_file()
 
 
 def test_load_errors_name_the_problem(tmp_path):
