@@ -29,9 +29,10 @@ def exporting() -> bool:
 
 def transformed() -> bool:
     """Whether forward-mode AD (a dual level) or a ``torch.func`` transform (vmap, grad, jvp,
-    hessian, ...) is active. lkpatch's op has neither a forward-mode formula nor a batching rule,
-    so ``F.conv2d``, which has both, computes those calls (under ``torch.compile`` Dynamo traces
-    the transforms itself)."""
+    hessian, ...) is active, in eager mode. lkpatch's op has neither a forward-mode formula nor a
+    batching rule, so ``F.conv2d``, which has both, computes those calls. While ``torch.compile``
+    traces, this state cannot be read (Dynamo answers for its own trace): compiled code keeps the
+    op, whose forward-mode tangents are not computed."""
     if torch.compiler.is_compiling():
         return False
     return getattr(forward_ad, "_current_level", -1) >= 0 or torch._C._functorch.peek_interpreter_stack() is not None
