@@ -31,7 +31,7 @@ def reparameterize(model: nn.Module) -> nn.Module:
 def to_deploy_structure(model: nn.Module) -> Optional[str]:
     """:func:`reparameterize`, returning what was done (for the command's report); None where
     the model has nothing to re-parameterize (it is left as it is)."""
-    from .fuse import find_conv_bn_pairs, fold_pairs
+    from .fuse import _fold_pairs, find_conv_bn_pairs
 
     if model.training:
         raise ValueError("lkpatch.reparameterize: call model.eval() first; the deploy structure uses the "
@@ -51,7 +51,7 @@ def to_deploy_structure(model: nn.Module) -> Optional[str]:
         where = "" if reps == [""] else f" ({len(reps)} inside the model)"
         done.append(f"structural re-parameterization{where} (BN and small kernel merged into the large kernel)")
     if pairs:
-        fold_pairs(model, pairs)
+        _fold_pairs(model, pairs)
         done.append(f"{len(pairs)} BatchNorm(s) folded into the depthwise convolution before them")
     return "; ".join(done)
 

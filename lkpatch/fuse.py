@@ -46,14 +46,21 @@ def _pairs_traced(model: nn.Module) -> Optional[List[Tuple[str, str]]]:
     import torch.fx
 
     class _Tracer(torch.fx.Tracer):  # convolutions and norms stay single nodes
-        proxy_buffer_attributes = True  # a buffer read by the forward itself shows as a node too
-
         def is_leaf_module(self, m, qualname):
             return isinstance(m, (nn.Conv2d,) + _FOLDABLE_NORMS) or super().is_leaf_module(m, qualname)
 
-    try:
-        graph = _Tracer().trace(model)
-    except Exception:  # data-dependent control flow and the like: fall back to nn.Sequential pairs
+    # Buffers traced as nodes show a BatchNorm's statistics read by the forward itself; a model that
+    # reads a buffer as a number (float(self.scale)) traces only without that.
+    graph = None
+    for proxy_buffers in (True, False):
+        tracer = _Tracer()
+        tracer.proxy_buffer_attributes = proxy_buffers
+        try:
+            graph = tracer.trace(model)
+            break
+        except Exception:  # noqa: BLE001 -- data-dependent control flow and the like
+            continue
+    if graph is None:  # fall back to nn.Sequential pairs
         return None
     modules = dict(model.named_modules())
     # A module called more than once, or whose tensors the forward also reads itself, computes
@@ -144,19 +151,21 @@ def fuse_conv_bn(model: nn.Module, *, verbose: bool = False) -> nn.Module:
     """Fold every BatchNorm that follows a depthwise convolution into it, in place; returns the model.
 
     The model must be in eval mode (the folding uses the running statistics). The folded
-    convolutions gain a bias; their BatchNorms become ``nn.Identity``. A convolution called more
-    than once, whose output is also used elsewhere, or whose weight another module shares is left
-    as it is.
+    convolutions gain a bias; their BatchNorms become ``nn.Identity``. A pair is left as it is
+    where the convolution's output is also used elsewhere, either module is called more than
+    once, read by the forward itself (its weight, its statistics) or held under another name, or
+    the convolution's weight is shared with another module.
     """
     if model.training:
         raise ValueError("lkpatch.fuse_conv_bn: call model.eval() first; folding uses the BatchNorm running "
                          "statistics, which is only what the model computes in eval mode")
-    return fold_pairs(model, find_conv_bn_pairs(model), verbose=verbose)
+    return _fold_pairs(model, find_conv_bn_pairs(model), verbose=verbose)
 
 
 @torch.no_grad()
-def fold_pairs(model: nn.Module, pairs: List[Tuple[str, str]], *, verbose: bool = False) -> nn.Module:
-    """Fold each (conv, BatchNorm) pair of :func:`find_conv_bn_pairs` (or some of them), in place."""
+def _fold_pairs(model: nn.Module, pairs: List[Tuple[str, str]], *, verbose: bool = False) -> nn.Module:
+    """Fold each (conv, BatchNorm) pair of :func:`find_conv_bn_pairs` (or some of them), in place;
+    the caller has checked that the model is in eval mode."""
     for conv_name, bn_name in pairs:
         conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
         weight, bias = fold_bn(conv.weight, conv.bias, bn)

@@ -101,7 +101,7 @@ def test_a_module_repeated_in_a_sequential_is_not_folded():
     conv, bn = nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.BatchNorm2d(4)
     act = nn.ReLU()
     repeated = nn.Sequential(conv, bn, act, conv, bn)
-    between = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, groups=4), act, act, nn.BatchNorm2d(4))  # not adjacent
+    between = nn.Sequential(act, nn.Conv2d(4, 4, 3, padding=1, groups=4), act, nn.BatchNorm2d(4))  # not adjacent
     for model in (repeated, between):
         model = randomize_bn(model).eval()
         x = torch.randn(2, 4, 8, 8)
@@ -111,6 +111,21 @@ def test_a_module_repeated_in_a_sequential_is_not_folded():
             assert fuse._pairs_sequential(model) == ([("0", "1"), ("3", "4")] if model is repeated else [])
             fuse_conv_bn(model)
             assert torch.equal(model(x), ref)
+
+
+def test_a_model_reading_a_buffer_as_a_number_still_traces():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("scale", torch.tensor(2.0))
+            self.branch = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.ReLU())  # no pair there
+            self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.bn(self.conv(x)) * float(self.scale) + self.branch(x)
+
+    model = randomize_bn(Scaled()).eval()
+    assert find_conv_bn_pairs(model) == [("conv", "bn")]  # found by the trace; no Sequential holds it
 
 
 def test_untraceable_model_folds_only_sequentials_that_run_their_children_in_order():
