@@ -137,9 +137,15 @@ def test_timm_classifier_interface():
         model.reset_classifier(3, "")
     with pytest.raises(ValueError, match="pools by 'avg'"):
         model.reset_classifier(0, "max")
+    model.reset_classifier(0, "")
+    with pytest.raises(ValueError, match="num_classes must be 0"):  # the pooling in effect: none
+        model.reset_classifier(3)
+    unpooled = timm.create_model("replknet_31b", num_classes=0, global_pool="", **SMALL).eval()
+    assert unpooled(x).shape == (2, 24, 1, 1)
 
 
-@pytest.mark.parametrize("out_indices,stages", [((-1,), [3]), (2, [2, 3]), ((3, 1), [1, 3]), ([0, -3], [0, 1])])
+@pytest.mark.parametrize("out_indices,stages", [((-1,), [3]), (2, [2, 3]), ((3, 1), [1, 3]), ([0, -3], [0, 1]),
+                                                (torch.tensor(2).item(), [2, 3]), (__import__("numpy").int64(1), [3])])
 def test_out_indices_as_timm_takes_them(out_indices, stages):
     """Negative stages count from the end, an int n is the last n stages; the features come out in
     stage order, and feature_info lists them in that order too."""

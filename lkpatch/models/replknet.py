@@ -6,6 +6,7 @@ load with ``strict=True``. Written for lkpatch; no code taken from the official 
 """
 from __future__ import annotations
 
+import operator
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -231,12 +232,12 @@ class RepLKNet(nn.Module):
         normalized last stage's map, with num_classes 0)."""
         if self.num_classes is None:
             raise ValueError("a feature backbone (out_indices) has no classifier")
-        if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ValueError(f"global_pool {global_pool!r}: RepLKNet pools by 'avg', or not at all ('')")
-            if global_pool == "" and num_classes > 0:
-                raise ValueError("global_pool '' (no pooling) leaves no vector for a classifier: num_classes must be 0")
-            self.global_pool = global_pool
+        pool = self.global_pool if global_pool is None else global_pool
+        if pool not in ("avg", ""):
+            raise ValueError(f"global_pool {pool!r}: RepLKNet pools by 'avg', or not at all ('')")
+        if pool == "" and num_classes > 0:
+            raise ValueError("global_pool '' (no pooling) leaves no vector for a classifier: num_classes must be 0")
+        self.global_pool = pool
         self.num_classes = num_classes
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
@@ -296,12 +297,13 @@ class RepLKNet(nn.Module):
 def stage_indices(out_indices: Union[int, Sequence[int]], stages: int) -> List[int]:
     """timm's ``out_indices``: stage numbers (negative ones from the end), or an int n for the last
     n stages; as a sorted list, the order the stages' features come out in."""
-    if isinstance(out_indices, int):
+    if not isinstance(out_indices, (list, tuple)):  # an integer of any type: the last n stages
+        out_indices = operator.index(out_indices)
         if not 1 <= out_indices <= stages:
             raise ValueError(f"out_indices {out_indices} (the last n stages) must lie in 1..{stages}")
         return list(range(stages - out_indices, stages))
     picked = []
-    for i in out_indices:
+    for i in map(operator.index, out_indices):
         if not -stages <= i < stages:
             raise ValueError(f"out_indices {list(out_indices)} must lie in 0..{stages - 1} (or -{stages}..-1)")
         picked.append(i % stages)
@@ -337,8 +339,11 @@ def _create(variant: str, pretrained: bool = False, **kwargs) -> RepLKNet:
         kwargs.pop("num_classes", None)
     if kwargs.get("out_indices") is not None:  # a backbone (timm drops num_classes=None before we see it)
         kwargs.setdefault("num_classes", None)
+    global_pool = kwargs.pop("global_pool", None)
     config = {**CONFIGS[variant], **kwargs}
     model = RepLKNet(**config)
+    if global_pool is not None and model.num_classes is not None:  # timm's argument, as reset_classifier takes it
+        model.reset_classifier(model.num_classes, global_pool)
     if features_only:  # what timm's features_only models carry: each output's channels and stride
         stages = [dict(num_chs=ch, reduction=4 * 2 ** i, module=f"stages.{i}") for i, ch in enumerate(config["channels"])]
         model.feature_info = FeatureInfo(stages, tuple(model.out_indices))
