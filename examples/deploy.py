@@ -32,7 +32,7 @@ import lkpatch
 from lkpatch import checkpoint
 
 #: where checkpoints keep EMA weights (examples/train.py, timm's CheckpointSaver, others)
-EMA_KEYS = ("model_ema", "state_dict_ema", "ema_state_dict")
+EMA_KEYS = tuple(k for k in checkpoint.WRAPPER_KEYS if "ema" in k)
 
 #: max |deploy - reference| / max(1, max |reference|) accepted, fp32 without TF32
 TOLERANCE = {"cpu": 1e-4, "cuda": 1e-3}

@@ -192,6 +192,7 @@ def _bad_calls():
         "padding of 5 values": ((x, w), dict(padding=(1, 1, 1, 1, 1))),
         "float padding": ((x, w), dict(padding=1.0)),
         "a float in a padding pair": ((x, w), dict(padding=(1.0, 1))),
+        "a bool in a padding pair": ((x, w), dict(padding=(True, 1))),
         "stride of 3 values": ((x, w), dict(padding=1, stride=(1, 1, 1))),
         "dilation of 3 values": ((x, w), dict(padding=1, dilation=(1, 1, 1))),
         "zero stride": ((x, w), dict(padding=1, stride=0)),
