@@ -228,7 +228,7 @@ def test_plan_families(h100):
     with dispatch.conv_tf32(True):
         assert plan("forward", (4, 384, 64, 64), (31, 31), same31, f32).family == "tc_rows"
         assert plan("forward", (4, 384, 64, 64), (7, 7), same7, f32).family == "fma"  # exact is as fast
-        assert plan("forward", (4, 384, 64, 64), (7, 7), same7, f32, True)[:4] == ("tc_rows", True, False, "")
+        assert plan("forward", (4, 384, 64, 64), (7, 7), same7, f32, True)[:4] == ("fma", True, False, "")
         assert plan("weight_grad", (64, 8, 98, 98), (13, 13), (6,) * 4, f32)[:4] == ("tc_images", False, True, "")
     # Between the families on NCHW maps above 16 x 16, by the images family's empty image slots
     # and how it stages a row: 16-byte units (56, 64 wide) on images only with full 16-image
