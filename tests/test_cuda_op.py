@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import lkpatch
-from conftest import rel_err, tf32
+from conftest import REPO, rel_err, tf32
 from lkpatch import _ops, build, dispatch
 from lkpatch._pytorch import output_memory_format
 
@@ -566,7 +566,9 @@ def test_plan_families():
     with tf32(True):
         assert plan("forward", (4, 384, 64, 64), (31, 31), (15,) * 4, torch.float32).family == "tc_rows"
         assert plan("forward", (4, 384, 64, 64), (7, 7), (3,) * 4, torch.float32).family == "fma"
-        assert plan("forward", (4, 384, 64, 64), (7, 7), (3,) * 4, torch.float32, True).family == "tc_rows"
+        # channels_last: the channel tiles' exact fp32, faster than tc_rows' TF32 on such kernels
+        assert plan("forward", (4, 384, 64, 64), (7, 7), (3,) * 4, torch.float32, True).family == "fma"
+        assert plan("forward", (4, 384, 64, 64), (17, 17), (8,) * 4, torch.float32, True).family == "tc_rows"
     assert plan("forward", (4, 384, 64, 64), (71, 3), (35, 35, 1, 1), bf).family == "none"
 
 
@@ -579,7 +581,8 @@ def test_rows_blocks_taking_several_tile_rows():
     import subprocess
     import sys
     for steps in (2, 5):
-        env = dict(os.environ, LKPATCH_ROWS_STEPS=str(steps), LKPATCH_HALF_SWEEP_CASES="8")
+        env = dict(os.environ, LKPATCH_ROWS_STEPS=str(steps), LKPATCH_HALF_SWEEP_CASES="8",
+                   PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
         r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
                             "-k", "rows_named or test_random_sweep_rows or rows_bias_gradient"], env=env,
                            capture_output=True, text=True,
