@@ -216,8 +216,10 @@ __device__ __forceinline__ void fma_row(float2 (&out)[kRW], const float2 (&win)[
     }
 }
 
-template <typename T, int KW>
-__global__ void __launch_bounds__(kThreads) dw_channel_tile_forward(const Params<T> p) {
+// ROW: a one-row kernel (1 x k), whose staged tile is small enough for four blocks an SM: wide
+// ones (9 or more taps) are held to the registers that allow them.
+template <typename T, int KW, bool ROW>
+__global__ void __launch_bounds__(kThreads, ROW ? 4 : 0) dw_channel_tile_forward(const Params<T> p) {
   extern __shared__ __align__(16) float smem_f[];
   const DwShape& s = p.s;
   const int c0 = blockIdx.x * kCh, nch = min(kCh, s.C - c0);
@@ -511,7 +513,12 @@ cudaError_t dwconv2d_channel_tile_forward(DType t, const void* in, const void* w
     p.vec = s.C % (16 / (int)sizeof(T)) == 0 && reinterpret_cast<uintptr_t>(in) % 16 == 0;
     const dim3 grid(ceil_div(s.C, ct::kCh), q.tiles_x * q.tiles_y, p.N);
     return ct::with_width(s.KW, [&](auto kw) {
-      return launch(ct::dw_channel_tile_forward<T, decltype(kw)::value>, grid, dim3(ct::kThreads), q.smem, stream, p);
+      constexpr int KW = decltype(kw)::value;
+      if constexpr (KW >= 9) {
+        if (s.KH == 1)
+          return launch(ct::dw_channel_tile_forward<T, KW, true>, grid, dim3(ct::kThreads), q.smem, stream, p);
+      }
+      return launch(ct::dw_channel_tile_forward<T, KW, false>, grid, dim3(ct::kThreads), q.smem, stream, p);
     });
   });
 }
