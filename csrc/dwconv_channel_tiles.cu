@@ -216,8 +216,8 @@ __device__ __forceinline__ void fma_row(float2 (&out)[kRW], const float2 (&win)[
     }
 }
 
-// ROW: a one-row kernel (1 x k), whose staged tile is small enough for four blocks an SM: wide
-// ones (9 or more taps) are held to the registers that allow them.
+// ROW: a one-row kernel (1 x k, k >= 9), whose staged tile is small enough for four blocks an SM:
+// held to the registers that allow them. 0 leaves the others to the compiler (1 raised their count).
 template <typename T, int KW, bool ROW>
 __global__ void __launch_bounds__(kThreads, ROW ? 4 : 0) dw_channel_tile_forward(const Params<T> p) {
   extern __shared__ __align__(16) float smem_f[];

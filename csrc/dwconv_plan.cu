@@ -52,17 +52,16 @@ double weight_grad_macs(DType t, const DwShape& s, bool banded) {
 }
 
 // Whether a pass that the CUDA-core kernel staging 32 channels of a tile `fits` runs on it.
-// channels_last: exact fp32 with any kernel it takes, and so the TF32 forward / input-gradient
-// (its exact fp32 beat tc_rows' TF32 on most kernels up to 15 x 15); in half types the forward /
+// channels_last: exact fp32 with any kernel it takes, and so the TF32 forward / input-gradient (its
+// exact fp32 beat tc_rows' TF32 on most kernels up to 15 x 15); in half types the forward /
 // input-gradient of thin kernels (1 x k, k x 1 up to 15) and kernels of up to 25 taps, where a
 // tensor-core tile is mostly zero band; in half types and TF32 the weight-gradient of every kernel
 // it takes (up to 49 taps) on 32 channels or more (fewer leave its lanes idle: tc_rows is faster
-// there). NCHW (the
-// weight-gradient alone fits): fp16 / bf16 thin kernels and kernels of up to 15 taps, on 32
-// channels or more and 512 planes (images x channels) or more, on output maps over 16 wide and
-// tall (narrower ones fill little of its 32 x 8 or 16 x 16 tiles; maps up to 16 keep the images
-// family's small-map kernels), where it was measured faster than the tensor-core families (maps
-// 28 to 304 wide; not so with 25 taps, or 64 planes). LKPATCH_CHANNEL_TILES overrides
+// there). NCHW (the weight-gradient alone fits): fp16 / bf16 thin kernels and kernels of up to 15
+// taps, on 32 channels or more and 512 planes (images x channels) or more, on output maps over 16
+// wide and tall (narrower ones fill little of its 32 x 8 or 16 x 16 tiles; maps up to 16 keep the
+// images family's small-map kernels), where it was measured faster than the tensor-core families
+// (maps 28 to 304 wide; not so with 25 taps, or 64 planes). LKPATCH_CHANNEL_TILES overrides
 // (benchmarking).
 bool channel_tiles(DType t, const DwShape& s, bool fits, Pass pass) {
   if (!fits || knobs().channel_tiles == 'n') return false;
