@@ -177,13 +177,14 @@ def _check_geometry(stride, padding, dilation, kh, kw) -> Optional[Pads]:
     except (TypeError, ValueError):  # malformed: F.conv2d raises its own error
         return None
     pads = explicit_padding(padding, (kh, kw))
-    try:  # integers only, as F.conv2d takes them: a float or a bool goes there for its own error
-        if pads is not None and any(isinstance(p, bool) for p in pads):
-            return None
-        pads = None if pads is None else tuple(operator.index(p) for p in pads)
+    # integers only, as F.conv2d takes them: a bool or a float goes there for its own error
+    if pads is None or any(isinstance(p, bool) for p in pads):
+        return None
+    try:
+        pads = tuple(operator.index(p) for p in pads)
     except TypeError:
         return None
-    return None if pads is None or min(pads) < 0 else pads
+    return None if min(pads) < 0 else pads
 
 
 def channels_last(t: torch.Tensor) -> bool:

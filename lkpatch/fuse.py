@@ -7,7 +7,8 @@ Only valid for inference: the folded model uses the BatchNorm's running statisti
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from collections import Counter
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -65,13 +66,8 @@ def _pairs_traced(model: nn.Module) -> Optional[List[Tuple[str, str]]]:
     modules = dict(model.named_modules())
     # A module called more than once, or whose tensors the forward also reads itself, computes
     # something else once folded: only modules called once and touched nowhere else qualify.
-    calls: Dict[str, int] = {}
-    touched = set()
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
-        elif node.op == "get_attr":
-            touched.add(node.target.rpartition(".")[0])
+    calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
+    touched = {node.target.rpartition(".")[0] for node in graph.nodes if node.op == "get_attr"}
 
     def alone(name):
         return calls[name] == 1 and name not in touched
@@ -104,27 +100,20 @@ def _pairs_sequential(model: nn.Module) -> List[Tuple[str, str]]:
 def find_conv_bn_pairs(model: nn.Module) -> List[Tuple[str, str]]:
     """Names of (depthwise conv, BatchNorm) pairs where the BatchNorm takes only the conv's output,
     and neither module is called again, read by the forward itself or held under another name."""
-    pairs = _pairs_traced(model)
+    pairs = _pairs_traced(model)  # each module in one pair at most (called once; one place in its Sequential)
     if pairs is None:
         pairs = _pairs_sequential(model)
-    used = {}
-    for conv, bn in pairs:  # a module called twice (shared) is ambiguous: leave it alone
-        used[conv] = used.get(conv, 0) + 1
-        used[bn] = used.get(bn, 0) + 1
-    # so is a module held under more than one name (a second attribute may call it elsewhere)
-    names = {}
-    for _, m in model.named_modules(remove_duplicate=False):
-        names[id(m)] = names.get(id(m), 0) + 1
-    # so is a convolution whose weight or bias another module also holds: folding would change both
-    holders = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        holders[id(p)] = holders.get(id(p), 0) + 1
+    # A module held under more than one name is ambiguous (a second attribute may call it
+    # elsewhere); so is a convolution whose weight or bias another module also holds (folding
+    # would change both).
+    names = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+    holders = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+
+    def single(name):
+        return names[id(model.get_submodule(name))] == 1
 
     def own_parameters(name):
         return all(holders[id(p)] == 1 for p in model.get_submodule(name).parameters())
-
-    def single(name):
-        return used[name] == 1 and names[id(model.get_submodule(name))] == 1
     return [(c, b) for c, b in pairs if single(c) and single(b) and own_parameters(c)]
 
 
