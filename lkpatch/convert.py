@@ -106,23 +106,23 @@ _WRAPPERS = (  # (module, class, what) -- classes that capture the modules they 
 )
 
 
-def _refuse_uncapturable(model, action: str) -> None:
-    """TorchScript and torch.export hold compiled code, not the Python modules conversion swaps:
-    converting them would silently change nothing."""
+def _refuse_uncapturable(model, func: str, verb: str) -> None:
+    """TorchScript and torch.export hold compiled code, not the Python modules that lkpatch's
+    ``func`` (convert_model, fuse_conv_bn, ...) changes: it would silently change nothing."""
     import torch
 
     if not isinstance(model, nn.Module):
         what = type(model).__name__
-        hint = (" Convert the nn.Module before torch.export: model = lkpatch.convert_model(model); "
+        hint = (f" {verb.capitalize()} the nn.Module before torch.export: model = lkpatch.{func}(model); "
                 "torch.export.export(model, args)") if what == "ExportedProgram" else ""
-        raise TypeError(f"lkpatch.{action}_model expects an nn.Module, not {what}.{hint}")
+        raise TypeError(f"lkpatch.{func} expects an nn.Module, not {what}.{hint}")
     for name, module in model.named_modules():
         if isinstance(module, torch.jit.ScriptModule):
             where = f" (at '{name}')" if name else ""
             raise TypeError(
-                f"lkpatch.{action}_model: the model is a TorchScript module{where} (torch.jit.script or "
-                f"torch.jit.trace), whose compiled code {action}_model cannot change. {action.capitalize()} before "
-                f"scripting or tracing: model = lkpatch.{action}_model(model); scripted = torch.jit.script(model)")
+                f"lkpatch.{func}: the model is a TorchScript module{where} (torch.jit.script or "
+                f"torch.jit.trace), whose compiled code {func} cannot change. {verb.capitalize()} before "
+                f"scripting or tracing: model = lkpatch.{func}(model); scripted = torch.jit.script(model)")
 
 
 def _refuse_wrapped(model: nn.Module, action: str = "convert") -> None:
@@ -130,7 +130,7 @@ def _refuse_wrapped(model: nn.Module, action: str = "convert") -> None:
     and before TorchScript or torch.export, which compile them."""
     import importlib
 
-    _refuse_uncapturable(model, action)
+    _refuse_uncapturable(model, f"{action}_model", action)
 
     wrappers = []
     for module_name, cls_name, what in _WRAPPERS:

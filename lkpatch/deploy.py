@@ -31,11 +31,9 @@ def reparameterize(model: nn.Module) -> nn.Module:
 def to_deploy_structure(model: nn.Module) -> Optional[str]:
     """:func:`reparameterize`, returning what was done (for the command's report); None where
     the model has nothing to re-parameterize (it is left as it is)."""
-    from .fuse import _fold_pairs, find_conv_bn_pairs
+    from .fuse import _fold_pairs, _refuse_training_norms, _refuse_unfoldable, find_conv_bn_pairs
 
-    if model.training:
-        raise ValueError("lkpatch.reparameterize: call model.eval() first; the deploy structure uses the "
-                         "BatchNorm running statistics")
+    _refuse_unfoldable(model, "reparameterize", "re-parameterize")
     # RepLKNets (the outermost ones) keep the official deploy layout: their kernels merged, their
     # other BatchNorms as they are; pairs elsewhere in the model are folded.
     reps = [name for name, m in model.named_modules() if hasattr(m, "structural_reparam")]
@@ -44,6 +42,7 @@ def to_deploy_structure(model: nn.Module) -> Optional[str]:
              if not any(r == "" or c.startswith(r + ".") or b.startswith(r + ".") for r in reps)]
     if not reps and not pairs:
         return None
+    _refuse_training_norms(model, pairs, "reparameterize")
     done = []
     for name in reps:
         model.get_submodule(name).structural_reparam()

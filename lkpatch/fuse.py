@@ -7,6 +7,7 @@ Only valid for inference: the folded model uses the BatchNorm's running statisti
 """
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from typing import List, Optional, Tuple
 
@@ -99,10 +100,18 @@ def _pairs_sequential(model: nn.Module) -> List[Tuple[str, str]]:
 
 def find_conv_bn_pairs(model: nn.Module) -> List[Tuple[str, str]]:
     """Names of (depthwise conv, BatchNorm) pairs where the BatchNorm takes only the conv's output,
-    and neither module is called again, read by the forward itself or held under another name."""
+    and neither module is called again, read by the forward itself, held under another name or
+    hooked. A model torch.fx cannot trace gives the pairs of nn.Sequential containers, with a
+    warning: its forward's other uses of them cannot be seen."""
     pairs = _pairs_traced(model)  # each module in one pair at most (called once; one place in its Sequential)
     if pairs is None:
         pairs = _pairs_sequential(model)
+        if pairs:
+            warnings.warn(
+                "lkpatch: the model does not trace with torch.fx, so BatchNorms are folded where an nn.Sequential "
+                "runs them right after their depthwise convolution; a forward that also calls such a convolution "
+                "or BatchNorm, or reads its weights, is not seen and would compute something else once folded",
+                UserWarning, stacklevel=2)
     # A module held under more than one name is ambiguous (a second attribute may call it
     # elsewhere); so is a convolution whose weight or bias another module also holds (folding
     # would change both).
@@ -114,7 +123,32 @@ def find_conv_bn_pairs(model: nn.Module) -> List[Tuple[str, str]]:
 
     def own_parameters(name):
         return all(holders[id(p)] == 1 for p in model.get_submodule(name).parameters())
-    return [(c, b) for c, b in pairs if single(c) and single(b) and own_parameters(c)]
+
+    def unhooked(name):  # a hook would see (or change) what folding removes
+        m = model.get_submodule(name)
+        return not (m._forward_hooks or m._forward_pre_hooks)
+    return [(c, b) for c, b in pairs if single(c) and single(b) and own_parameters(c) and unhooked(c)
+            and unhooked(b)]
+
+
+def _refuse_unfoldable(model, func: str, verb: str) -> None:
+    """What fuse_conv_bn and reparameterize refuse before changing anything: compiled or non-module
+    models, and a model in training mode (folding uses the BatchNorm running statistics)."""
+    from .convert import _refuse_uncapturable
+
+    _refuse_uncapturable(model, func, verb)
+    if model.training:
+        raise ValueError(f"lkpatch.{func}: call model.eval() first; folding uses the BatchNorm running "
+                         "statistics, which is only what the model computes in eval mode")
+
+
+def _refuse_training_norms(model: nn.Module, pairs: List[Tuple[str, str]], func: str) -> None:
+    """A BatchNorm of a pair left in training mode in an eval model normalizes by batch statistics,
+    which no folded weight reproduces."""
+    training = [b for _, b in pairs if model.get_submodule(b).training]
+    if training:
+        raise ValueError(f"lkpatch.{func}: the BatchNorm '{training[0]}' is in training mode although the model "
+                         "is in eval mode; folding uses its running statistics: call .eval() on it first")
 
 
 class _ActAfterFold(nn.Module):
@@ -142,13 +176,16 @@ def fuse_conv_bn(model: nn.Module, *, verbose: bool = False) -> nn.Module:
     The model must be in eval mode (the folding uses the running statistics). The folded
     convolutions gain a bias; their BatchNorms become ``nn.Identity``. A pair is left as it is
     where the convolution's output is also used elsewhere, either module is called more than
-    once, read by the forward itself (its weight, its statistics) or held under another name, or
-    the convolution's weight is shared with another module.
+    once, read by the forward itself (its weight, its statistics), held under another name or
+    hooked, or the convolution's weight is shared with another module. A model torch.fx cannot
+    trace folds the pairs of nn.Sequential containers only, with a warning (its forward's other
+    uses of them cannot be checked). TorchScript modules and non-modules raise TypeError; a model,
+    or a BatchNorm to fold, in training mode raises ValueError.
     """
-    if model.training:
-        raise ValueError("lkpatch.fuse_conv_bn: call model.eval() first; folding uses the BatchNorm running "
-                         "statistics, which is only what the model computes in eval mode")
-    return _fold_pairs(model, find_conv_bn_pairs(model), verbose=verbose)
+    _refuse_unfoldable(model, "fuse_conv_bn", "fold")
+    pairs = find_conv_bn_pairs(model)
+    _refuse_training_norms(model, pairs, "fuse_conv_bn")
+    return _fold_pairs(model, pairs, verbose=verbose)
 
 
 @torch.no_grad()

@@ -55,6 +55,46 @@ def test_training_mode_is_refused():
         fuse_conv_bn(model)
 
 
+def test_a_batchnorm_in_training_mode_inside_an_eval_model_is_refused():
+    """Its batch statistics are what it computes: no folded weight reproduces them."""
+    for func in (fuse_conv_bn, lkpatch.reparameterize):
+        model = randomize_bn(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.BatchNorm2d(4))).eval()
+        model[1].train()
+        before = copy.deepcopy(model.state_dict())
+        with pytest.raises(ValueError, match="BatchNorm '1' is in training mode"):
+            func(model)
+        assert type(model[1]) is nn.BatchNorm2d
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # nothing changed
+
+
+def test_pairs_with_hooks_are_not_folded():
+    """A forward hook on the conv sees (or changes) its output, which folding would change; hooks on
+    the BatchNorm would be dropped with it."""
+    x = torch.randn(2, 4, 8, 8)
+    for hooked in (0, 1):
+        for register in ("register_forward_hook", "register_forward_pre_hook"):
+            model = randomize_bn(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.BatchNorm2d(4))).eval()
+            seen = []
+            if register == "register_forward_hook":
+                model[hooked].register_forward_hook(lambda m, i, o: seen.append(1) or o * 2)
+            else:
+                model[hooked].register_forward_pre_hook(lambda m, i: seen.append(1))
+            want = model(x)
+            assert find_conv_bn_pairs(model) == []
+            fuse_conv_bn(model)
+            assert type(model[1]) is nn.BatchNorm2d
+            assert torch.equal(model(x), want) and len(seen) == 2
+
+
+@pytest.mark.parametrize("func,name", [(fuse_conv_bn, "fuse_conv_bn"), (lkpatch.reparameterize, "reparameterize")])
+def test_torchscript_and_non_modules_are_refused(func, name):
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=4), nn.BatchNorm2d(4)).eval()
+    with pytest.raises(TypeError, match=f"lkpatch.{name}: the model is a TorchScript module"):
+        func(torch.jit.script(model))
+    with pytest.raises(TypeError, match=f"lkpatch.{name} expects an nn.Module, not OrderedDict"):
+        func(model.state_dict())
+
+
 def test_conv_whose_output_is_also_used_elsewhere_is_not_folded():
     class Branch(nn.Module):
         def __init__(self):
@@ -148,8 +188,10 @@ def test_untraceable_model_folds_only_sequentials_that_run_their_children_in_ord
     model = randomize_bn(Net()).eval()
     x = torch.randn(1, 4, 8, 8)
     want = model(x)
-    assert find_conv_bn_pairs(model) == [("plain.0", "plain.1")]
-    fuse_conv_bn(model)
+    with pytest.warns(UserWarning, match="does not trace with torch.fx"):  # its forward is not seen
+        assert find_conv_bn_pairs(model) == [("plain.0", "plain.1")]
+    with pytest.warns(UserWarning, match="does not trace with torch.fx"):
+        fuse_conv_bn(model)
     assert torch.allclose(model(x), want, atol=1e-5)
 
 
