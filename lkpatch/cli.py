@@ -8,6 +8,7 @@ import copy
 import dataclasses
 import os
 import platform
+import re
 import signal
 import sys
 import tempfile
@@ -75,6 +76,9 @@ def _parse_model_args(items: Sequence[str]) -> Dict[str, object]:
         try:
             out[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
+            if not re.fullmatch(r"[A-Za-z_][\w.:/-]*", value):  # a malformed literal, not a bare word
+                raise CLIError(f"--model-arg {key}: '{value}' is neither a Python literal (a number, string, list, "
+                               f"tuple, dict, True, False, None) nor a bare word") from None
             out[key] = value  # a bare string
     return out
 
@@ -414,7 +418,8 @@ def _convert(args) -> int:
                 done = to_deploy_structure(model)
             if done is None:
                 raise CLIError(f"--reparam: {args.model} has nothing to re-parameterize (no BatchNorm follows a "
-                               f"depthwise convolution, and no structural re-parameterization); nothing written. "
+                               f"depthwise convolution, and no structural re-parameterization is left: a deploy "
+                               f"checkpoint has none); nothing written. "
                                f"Without --reparam the converted model loads the checkpoint as it is")
             _say(done)
             out, path = _checked_outputs(model, x)

@@ -40,6 +40,7 @@ def to_deploy_structure(model: nn.Module) -> Optional[str]:
     reps = [r for r in reps if not any(r != o and (o == "" or r.startswith(o + ".")) for o in reps)]
     pairs = [(c, b) for c, b in find_conv_bn_pairs(model)
              if not any(r == "" or c.startswith(r + ".") or b.startswith(r + ".") for r in reps)]
+    reps = [r for r in reps if not getattr(model.get_submodule(r), "merged", lambda: False)()]  # deploy: nothing to do
     if not reps and not pairs:
         return None
     _refuse_training_norms(model, pairs, "reparameterize")

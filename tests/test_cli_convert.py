@@ -437,6 +437,33 @@ def test_reparam_with_nothing_to_reparameterize_writes_nothing(capsys, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pth"]
 
 
+def test_reparam_of_a_deploy_checkpoint_writes_nothing(capsys, tmp_path):
+    """A RepLKNet checkpoint in the deploy structure has nothing left to merge: no copy of it is
+    written as if it had been re-parameterized."""
+    small = ["--model", "replknet_31b", "--model-arg", "channels=[8,16,16,16]", "--model-arg", "layers=[1,1,1,1]",
+             "--model-arg", "large_kernel_sizes=[5,5,5,5]", "--model-arg", "small_kernel=3",
+             "--model-arg", "num_classes=10", "--input-size", "32", "--batch", "1"]
+    model = lkpatch.models.RepLKNet(large_kernel_sizes=[5] * 4, layers=[1] * 4, channels=[8, 16, 16, 16],
+                                    small_kernel=3, num_classes=10)
+    torch.save(model.state_dict(), tmp_path / "r.pth")
+    code, out, err = run(capsys, "convert", tmp_path / "r.pth", *small, "--reparam")
+    assert code == 0 and (tmp_path / "r.deploy.pth").exists(), err
+    code, _, err = run(capsys, "convert", tmp_path / "r.deploy.pth", *small, "--reparam")
+    assert code == 1 and "has nothing to re-parameterize" in err and "a deploy checkpoint has none" in err, err
+    assert files(tmp_path) == ["r.deploy.pth", "r.pth"]
+
+
+@pytest.mark.parametrize("value", ["[1,1,1", "(1,", "{'a': 1", "1 2", "'x"])
+def test_a_malformed_model_arg_is_named(capsys, ckpt, value):
+    code, _, err = run(capsys, "convert", ckpt, "--model", NAME, "--model-arg", f"num_classes={value}")
+    assert code == 1 and f"--model-arg num_classes: '{value}' is neither a Python literal" in err, err
+
+
+def test_bare_word_model_args_stay_strings():
+    assert cli._parse_model_args(["act=gelu", "path=a/b.pt", "x=timm:y", "n=3"]) == \
+        {"act": "gelu", "path": "a/b.pt", "x": "timm:y", "n": 3}
+
+
 def test_timm_checkpoint_saver_files_load_without_the_unsafe_flag(capsys, tmp_path):
     from timm.utils import CheckpointSaver, ModelEmaV3
 

@@ -281,6 +281,11 @@ class RepLKNet(nn.Module):
             return outs
         return self.forward_head(x)
 
+    def merged(self) -> bool:
+        """Whether every block is in the deploy structure already (structural_reparam changes
+        nothing). A method: torch.jit.script compiles a module's properties, not its other methods."""
+        return all(hasattr(m, "lkb_reparam") for m in self.modules() if isinstance(m, ReparamLargeKernelConv))
+
     def structural_reparam(self) -> "RepLKNet":
         """Fold BN and the small kernel into one large kernel per block (the official deploy
         structure, ``lkb_reparam``). Uses the BN running statistics: the result computes what the
