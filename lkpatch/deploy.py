@@ -31,15 +31,17 @@ def reparameterize(model: nn.Module) -> nn.Module:
 def to_deploy_structure(model: nn.Module) -> Optional[str]:
     """:func:`reparameterize`, returning what was done (for the command's report); None where
     the model has nothing to re-parameterize (it is left as it is)."""
-    from .fuse import _fold_pairs, _refuse_training_norms, _refuse_unfoldable, find_conv_bn_pairs
+    from .fuse import _find_pairs, _fold_pairs, _refuse_training_norms, _refuse_unfoldable, _warn_untraced
 
     _refuse_unfoldable(model, "reparameterize", "re-parameterize")
     # RepLKNets (the outermost ones) keep the official deploy layout: their kernels merged, their
     # other BatchNorms as they are; pairs elsewhere in the model are folded.
     reps = [name for name, m in model.named_modules() if hasattr(m, "structural_reparam")]
     reps = [r for r in reps if not any(r != o and (o == "" or r.startswith(o + ".")) for o in reps)]
-    pairs = [(c, b) for c, b in find_conv_bn_pairs(model)
-             if not any(r == "" or c.startswith(r + ".") or b.startswith(r + ".") for r in reps)]
+    found, traced = _find_pairs(model)
+    pairs = [(c, b) for c, b in found if not any(r == "" or c.startswith(r + ".") or b.startswith(r + ".") for r in reps)]
+    if not traced:
+        _warn_untraced(pairs)  # only for the pairs it folds
     reps = [r for r in reps if not getattr(model.get_submodule(r), "merged", lambda: False)()]  # deploy: nothing to do
     if not reps and not pairs:
         return None

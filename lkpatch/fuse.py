@@ -103,15 +103,28 @@ def find_conv_bn_pairs(model: nn.Module) -> List[Tuple[str, str]]:
     and neither module is called again, read by the forward itself, held under another name or
     hooked. A model torch.fx cannot trace gives the pairs of nn.Sequential containers, with a
     warning: its forward's other uses of them cannot be seen."""
+    pairs, traced = _find_pairs(model)
+    if not traced:
+        _warn_untraced(pairs)
+    return pairs
+
+
+def _warn_untraced(pairs: List[Tuple[str, str]]) -> None:
+    """Said where pairs of a model torch.fx cannot trace are found, or about to be folded."""
+    if pairs:
+        warnings.warn(
+            "lkpatch: the model does not trace with torch.fx, so BatchNorms are folded where an nn.Sequential "
+            "runs them right after their depthwise convolution; a forward that also calls such a convolution "
+            "or BatchNorm, or reads its weights, is not seen and would compute something else once folded",
+            UserWarning, stacklevel=3)
+
+
+def _find_pairs(model: nn.Module) -> Tuple[List[Tuple[str, str]], bool]:
+    """:func:`find_conv_bn_pairs`, and whether the model traced (else the pairs are its Sequentials')."""
     pairs = _pairs_traced(model)  # each module in one pair at most (called once; one place in its Sequential)
-    if pairs is None:
+    traced = pairs is not None
+    if not traced:
         pairs = _pairs_sequential(model)
-        if pairs:
-            warnings.warn(
-                "lkpatch: the model does not trace with torch.fx, so BatchNorms are folded where an nn.Sequential "
-                "runs them right after their depthwise convolution; a forward that also calls such a convolution "
-                "or BatchNorm, or reads its weights, is not seen and would compute something else once folded",
-                UserWarning, stacklevel=2)
     # A module held under more than one name is ambiguous (a second attribute may call it
     # elsewhere); so is a convolution whose weight or bias another module also holds (folding
     # would change both).
@@ -128,7 +141,7 @@ def find_conv_bn_pairs(model: nn.Module) -> List[Tuple[str, str]]:
         m = model.get_submodule(name)
         return not (m._forward_hooks or m._forward_pre_hooks)
     return [(c, b) for c, b in pairs if single(c) and single(b) and own_parameters(c) and unhooked(c)
-            and unhooked(b)]
+            and unhooked(b)], traced
 
 
 def _refuse_unfoldable(model, func: str, verb: str) -> None:
