@@ -139,9 +139,16 @@ def _classifier_mismatch(model: nn.Module, sd: Dict[str, torch.Tensor]) -> Optio
     return None
 
 
-def load_strict(model: nn.Module, sd: Dict[str, torch.Tensor], what: str) -> None:
+def load_strict(model: nn.Module, sd: Dict[str, torch.Tensor], what: str, path: str = "PATH") -> None:
+    from .deploy import _deploy_state_dict
+
     problem = ckpt_io.mismatch(model.state_dict(), sd)
     if problem:
+        deploy = _deploy_state_dict(model)
+        if deploy is not None and ckpt_io.mismatch(deploy, sd) is None:
+            raise CLIError(f"the checkpoint holds {what}'s deploy structure (BatchNorms folded, as `lkpatch convert "
+                           f"--reparam` writes it): it needs no converting; load it with "
+                           f"lkpatch.load_checkpoint(model, '{path}'), which puts the model in that structure first")
         raise CLIError(f"the checkpoint does not match {what}: {problem}. Check --model (and --model-arg for "
                        f"non-default settings)")
     model.load_state_dict(sd, strict=True)
@@ -395,7 +402,7 @@ def _convert(args) -> int:
         prefix = f" ({entry.prefix!r} prefix)" if entry.prefix else ""
         with _step(f"building {args.model} for {where}{prefix}"):
             model = _make_model(args.model, model_args, entry)
-            load_strict(model, entry.state_dict, args.model)
+            load_strict(model, entry.state_dict, args.model, str(src))
             model.eval().to(device)
         size = _input_size(model, args.input_size)
         chans = int(model_args.get("in_chans", model_args.get("in_channels", 3)))

@@ -453,6 +453,19 @@ def test_reparam_of_a_deploy_checkpoint_writes_nothing(capsys, tmp_path):
     assert files(tmp_path) == ["r.deploy.pth", "r.pth"]
 
 
+def test_a_folded_checkpoint_given_back_is_named_as_the_deploy_structure(capsys, tmp_path, ckpt):
+    """``--reparam``'s own output (BatchNorms folded) given to convert again: the error says what the
+    file is and how it loads, instead of blaming --model."""
+    code, _, err = run(capsys, "convert", ckpt, *ARGS, "--reparam", "-o", tmp_path / "folded.pth")
+    assert code == 0, err
+    code, _, err = run(capsys, "convert", tmp_path / "folded.pth", *ARGS)
+    assert code == 1 and "deploy structure (BatchNorms folded" in err and "Check --model" not in err, err
+    assert f"lkpatch.load_checkpoint(model, '{tmp_path / 'folded.pth'}')" in err, err
+    other = [a if a != NAME else "mobilenetv3_small_075" for a in ARGS]  # a model it does not fit either way
+    code, _, err = run(capsys, "convert", tmp_path / "folded.pth", *other)
+    assert code == 1 and "Check --model" in err and "deploy structure" not in err, err
+
+
 @pytest.mark.parametrize("value", ["[1,1,1", "(1,", "{'a': 1", "1 2", "'x"])
 def test_a_malformed_model_arg_is_named(capsys, ckpt, value):
     code, _, err = run(capsys, "convert", ckpt, "--model", NAME, "--model-arg", f"num_classes={value}")
