@@ -31,7 +31,7 @@ class LayerReport:
 
     def row(self) -> List[str]:
         k = "x".join(map(str, self.kernel_size))
-        s = "x".join(map(str, self.stride)) if isinstance(self.stride, tuple) else str(self.stride)
+        s = "x".join(map(str, self.stride))
         p = self.padding if isinstance(self.padding, str) else ",".join(map(str, self.padding))
         status = "converted" if self.converted else f"skipped: {self.reason}"
         return [self.name or "(root)", self.kind, f"{self.in_channels}->{self.out_channels}", k, s, p,
@@ -79,6 +79,11 @@ def _runs(module: nn.Conv2d) -> str:
     return f"PyTorch ({why})" if why else "lkpatch kernel"
 
 
+def _tuple(v) -> tuple:
+    """A module's size attribute as a tuple (modules that are not nn.Conv2d may keep an int)."""
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,)
+
+
 def conversion_report(model: nn.Module) -> ConversionReport:
     """List every depthwise convolution in ``model``: converted, or the reason it is not."""
     layers = []
@@ -87,13 +92,13 @@ def conversion_report(model: nn.Module) -> ConversionReport:
             continue
         converted = isinstance(module, DepthwiseConv2d)
         reason = None if converted else (eligibility.conversion_blocker(module) or "not converted yet")
+        padding = module.padding if isinstance(module.padding, str) else _tuple(module.padding)
+        if getattr(module, "tf_same_padding", False):
+            padding = "TF 'SAME'"  # from the input size at each call
         layers.append(LayerReport(
             name=name, kind=type(module).__name__, in_channels=module.in_channels,
-            out_channels=module.out_channels, kernel_size=tuple(module.kernel_size),
-            stride=tuple(module.stride) if isinstance(module.stride, (tuple, list)) else module.stride,
-            padding=module.padding if isinstance(module.padding, str) else tuple(
-                module.padding if isinstance(module.padding, (tuple, list)) else (module.padding,)),
-            converted=converted, reason=reason,
+            out_channels=module.out_channels, kernel_size=_tuple(module.kernel_size),
+            stride=_tuple(module.stride), padding=padding, converted=converted, reason=reason,
             runs=_runs(module) if converted else "-"))
     return ConversionReport(layers)
 

@@ -43,11 +43,11 @@ def is_depthwise(module: nn.Module) -> bool:
     cin, cout = getattr(module, "in_channels", None), getattr(module, "out_channels", None)
     if not all(isinstance(v, int) for v in (groups, cin, cout)) or not hasattr(module, "kernel_size"):
         return False
+    if not (isinstance(module, nn.Conv2d) or type(module).__name__.endswith("Conv2d")):
+        return False
     if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
         return groups > 1  # in_channels is not known yet: listed, so the report can say to run it first
-    if isinstance(module, nn.Conv2d) or type(module).__name__.endswith("Conv2d"):
-        return cin > 0 and groups == cin and cout % cin == 0
-    return False
+    return cin > 0 and groups == cin and cout % cin == 0
 
 
 def structure_reason(in_channels: int, out_channels: int, groups: int, padding_mode: str) -> Optional[str]:
@@ -59,6 +59,10 @@ def structure_reason(in_channels: int, out_channels: int, groups: int, padding_m
     if padding_mode != "zeros":
         return f"padding_mode={padding_mode!r} (lkpatch pads with zeros only)"
     return None
+
+
+#: the methods through which nn.Conv2d computes: a module that replaces either computes its own way
+_FORWARDS = ("forward", "_conv_forward")
 
 
 def conversion_blocker(module: nn.Module) -> Optional[str]:
@@ -74,6 +78,13 @@ def conversion_blocker(module: nn.Module) -> Optional[str]:
         return "weight is parametrized (torch.nn.utils.parametrize); convert after removing it"
     if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
         return "lazy module not initialized yet; run one forward first"
+    replaced = [n for n in _FORWARDS if n in vars(module)]
+    if replaced:
+        return f"its {' and '.join(replaced)} is set on the instance; lkpatch does not know its semantics"
     if padding_rule(cls) is None:
-        return f"{cls.__module__}.{cls.__name__} overrides nn.Conv2d; lkpatch does not know its semantics"
+        below = cls.__mro__[:cls.__mro__.index(nn.Conv2d)]
+        own = [n for n in _FORWARDS if any(n in vars(c) for c in below)]
+        what = (f"overrides nn.Conv2d's {' and '.join(own)}; lkpatch does not know its semantics" if own else
+                "is an nn.Conv2d subclass lkpatch does not know (it may compute differently)")
+        return f"{cls.__module__}.{cls.__name__} {what}"
     return structure_reason(module.in_channels, module.out_channels, module.groups, module.padding_mode)

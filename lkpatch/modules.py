@@ -6,6 +6,7 @@ from typing import Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 
 from . import eligibility
 from . import functional
@@ -85,9 +86,19 @@ class DepthwiseConv2d(nn.Conv2d):
         if source is None:
             raise ValueError("DepthwiseConv2d.to_conv: built with tf_same_padding=True, which nn.Conv2d cannot do "
                              "and timm's Conv2dSame (not installed) would")
+        target = source
+        if parametrize.is_parametrized(self):
+            # Parametrized after conversion: torch put its class (the parametrized tensors'
+            # properties) over this one; the same class goes over the source class instead, so
+            # that the layer still reads them and remove_parametrizations finds the source.
+            if type(self).__bases__ != (DepthwiseConv2d,):
+                raise ValueError(f"DepthwiseConv2d.to_conv: cannot turn a {type(self).__name__} back; remove its "
+                                 f"parametrizations first (torch.nn.utils.parametrize.remove_parametrizations)")
+            own = {k: v for k, v in vars(type(self)).items() if k not in ("__dict__", "__weakref__")}
+            target = type(f"Parametrized{source.__name__}", (source,), own)
         self.__dict__.pop("_lkpatch_source_class", None)
         self.__dict__.pop("tf_same_padding", None)
-        self.__class__ = source
+        self.__class__ = target
         return self
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:

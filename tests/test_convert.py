@@ -468,6 +468,60 @@ def test_an_uninitialized_lazy_depthwise_conv_is_reported_then_converts_after_a_
     assert torch.equal(model(x), expected)
 
 
+def test_lazy_convs_of_other_kinds_are_not_listed():
+    model = nn.Sequential(nn.LazyConv1d(8, 3, groups=8), nn.LazyConv3d(8, 3, groups=8),
+                          nn.LazyConvTranspose2d(8, 3, groups=8), nn.LazyConv2d(8, 3, groups=8))
+    assert [r.name for r in lkpatch.conversion_report(model).layers] == ["3"]
+
+
+def test_a_forward_set_on_the_instance_keeps_the_layer_unconverted():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Conv2d(8, 8, 3, padding=1, groups=8))
+    halved = model[0]
+    halved._conv_forward = lambda x, w, b: F.conv2d(x, w * 0.5, b, halved.stride, halved.padding, halved.dilation,
+                                                    halved.groups)
+    x = torch.randn(1, 8, 9, 9)
+    expected = model(x)
+    report = _report_by_name(lkpatch.convert_model(model))
+    assert type(model[0]) is nn.Conv2d and type(model[1]) is DepthwiseConv2d
+    assert not report["0"].converted and "_conv_forward is set on the instance" in report["0"].reason
+    assert torch.equal(model(x), expected)
+
+
+def test_the_report_takes_modules_with_int_sizes_and_names_tf_same_padding():
+    class IntSizeConv2d(nn.Module):  # depthwise-shaped, not an nn.Conv2d, sizes kept as ints
+        def __init__(self):
+            super().__init__()
+            self.in_channels = self.out_channels = self.groups = 4
+            self.kernel_size, self.stride, self.padding = 3, 1, 1
+
+        def forward(self, x):
+            return x
+
+    model = nn.ModuleDict({"own": IntSizeConv2d(), "same": Conv2dSame(4, 4, 3, stride=2, groups=4)})
+    report = _report_by_name(lkpatch.convert_model(model))
+    assert report["own"].kernel_size == (3,) and not report["own"].converted
+    assert report["same"].converted and report["same"].padding == "TF 'SAME'"
+    table = str(lkpatch.conversion_report(model))
+    assert "TF 'SAME'" in table and "1 of 2 depthwise convolutions converted" in table
+
+
+def test_a_parametrization_added_after_conversion_survives_revert():
+    class Symmetric(nn.Module):
+        def forward(self, w):
+            return w + w.flip(-1)
+
+    conv = lkpatch.convert_model(nn.Conv2d(8, 8, 3, padding=1, groups=8))
+    torch.nn.utils.parametrize.register_parametrization(conv, "weight", Symmetric())
+    x = torch.randn(1, 8, 9, 9)
+    expected = conv(x)
+    lkpatch.revert_model(conv)
+    assert type(conv).__name__ == "ParametrizedConv2d" and type(conv).__bases__ == (nn.Conv2d,)
+    assert torch.equal(conv(x), expected) and torch.equal(copy.deepcopy(conv)(x), expected)
+    torch.nn.utils.parametrize.remove_parametrizations(conv, "weight")
+    assert type(conv) is nn.Conv2d and torch.equal(conv(x), expected)
+
+
 def test_verbose_prints_the_report(capsys):
     lkpatch.convert_model(_tiny(), verbose=True)
     assert "1 of 1 depthwise convolutions converted" in capsys.readouterr().out
