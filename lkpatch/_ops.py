@@ -29,11 +29,72 @@ _lib.define("dwconv2d_weight_grad(Tensor grad_output, Tensor input, int[2] kerne
 _lib.define("dwconv2d_bias_grad(Tensor grad_output) -> Tensor")
 
 
+# --- Arguments: the same checks for every backend (CPU, CUDA, fake), before any work -------------
+def _check(ok: bool, op: str, what: str) -> None:
+    torch._check(ok, lambda: f"lkpatch::{op}: {what}")
+
+
+def _check_activation(t, op: str, name: str) -> None:
+    _check(t.dim() == 4, op, f"{name} must be (N, C, H, W), got {tuple(t.shape)}")
+
+
+def _check_weight(weight, like, op: str) -> None:
+    c = like.shape[1]
+    _check(weight.dim() == 4 and weight.shape[0] == c and weight.shape[1] == 1, op,
+           f"weight must be (C, 1, KH, KW) with C = {c}, got {tuple(weight.shape)}")
+    _check(weight.dtype == like.dtype, op, f"weight dtype {weight.dtype} differs from {like.dtype}")
+
+
+def _check_map(op: str, hw, kernel_size, padding, out_hw=None) -> None:
+    _check(min(padding) >= 0, op, f"padding must be non-negative, got {list(padding)}")
+    oh, ow = dispatch.output_size(hw, kernel_size, padding)
+    _check(oh >= 1 and ow >= 1, op, f"the padded {hw[0]}x{hw[1]} map is smaller than the "
+           f"{kernel_size[0]}x{kernel_size[1]} kernel")
+    if out_hw is not None:
+        _check(oh == out_hw[0] and ow == out_hw[1], op, f"grad_output is {out_hw[0]}x{out_hw[1]}, but a "
+               f"{hw[0]}x{hw[1]} map gives {oh}x{ow} with this kernel and padding")
+
+
+def _check_forward(x, weight, bias, padding) -> None:
+    _check_activation(x, "dwconv2d", "input")
+    _check_weight(weight, x, "dwconv2d")
+    _check(bias is None or (tuple(bias.shape) == (x.shape[1],) and bias.dtype == x.dtype), "dwconv2d",
+           f"bias must be ({x.shape[1]},) in {x.dtype}")
+    _check_map("dwconv2d", x.shape[2:], weight.shape[2:], padding)
+
+
+def _check_input_grad(grad, weight, input_size, padding) -> None:
+    _check_activation(grad, "dwconv2d_input_grad", "grad_output")
+    _check_weight(weight, grad, "dwconv2d_input_grad")
+    _check_map("dwconv2d_input_grad", input_size, weight.shape[2:], padding, grad.shape[2:])
+
+
+def _check_weight_grad(grad, x, kernel_size, padding) -> None:
+    _check_activation(grad, "dwconv2d_weight_grad", "grad_output")
+    _check_activation(x, "dwconv2d_weight_grad", "input")
+    _check(grad.shape[:2] == x.shape[:2] and grad.dtype == x.dtype, "dwconv2d_weight_grad",
+           f"grad_output {tuple(grad.shape)} {grad.dtype} and input {tuple(x.shape)} {x.dtype} differ in N, C or dtype")
+    _check_map("dwconv2d_weight_grad", x.shape[2:], kernel_size, padding, grad.shape[2:])
+
+
+def _check_bias_grad(grad) -> None:
+    _check_activation(grad, "dwconv2d_bias_grad", "grad_output")
+
+
+def _checked(check, impl):
+    """``impl`` after ``check`` of its arguments: one registration of an op's pass."""
+    @functools.wraps(impl)
+    def run(*args):
+        check(*args)
+        return impl(*args)
+    return run
+
+
 # --- CPU ---------------------------------------------------------------------------------------
-_lib.impl("dwconv2d", _pytorch.forward, "CPU")
-_lib.impl("dwconv2d_input_grad", _pytorch.backward_input, "CPU")
-_lib.impl("dwconv2d_weight_grad", _pytorch.backward_weight, "CPU")
-_lib.impl("dwconv2d_bias_grad", _pytorch.backward_bias, "CPU")
+_lib.impl("dwconv2d", _checked(_check_forward, _pytorch.forward), "CPU")
+_lib.impl("dwconv2d_input_grad", _checked(_check_input_grad, _pytorch.backward_input), "CPU")
+_lib.impl("dwconv2d_weight_grad", _checked(_check_weight_grad, _pytorch.backward_weight), "CPU")
+_lib.impl("dwconv2d_bias_grad", _checked(_check_bias_grad, _pytorch.backward_bias), "CPU")
 
 
 # --- CUDA --------------------------------------------------------------------------------------
@@ -154,32 +215,36 @@ def _bias_grad_cuda(grad, nchw=_nchw):
     return _pytorch.backward_bias(grad)
 
 
-_lib.impl("dwconv2d", _forward_cuda, "CUDA")
-_lib.impl("dwconv2d_input_grad", _input_grad_cuda, "CUDA")
-_lib.impl("dwconv2d_weight_grad", _weight_grad_cuda, "CUDA")
-_lib.impl("dwconv2d_bias_grad", _bias_grad_cuda, "CUDA")
+_lib.impl("dwconv2d", _checked(_check_forward, _forward_cuda), "CUDA")
+_lib.impl("dwconv2d_input_grad", _checked(_check_input_grad, _input_grad_cuda), "CUDA")
+_lib.impl("dwconv2d_weight_grad", _checked(_check_weight_grad, _weight_grad_cuda), "CUDA")
+_lib.impl("dwconv2d_bias_grad", _checked(_check_bias_grad, _bias_grad_cuda), "CUDA")
 
 
 # --- Meta / fake tensors -----------------------------------------------------------------------
 @torch.library.register_fake("lkpatch::dwconv2d")
 def _forward_fake(x, weight, bias, padding):
+    _check_forward(x, weight, bias, padding)
     oh, ow = dispatch.output_size(x.shape[2:], weight.shape[2:], padding)
     return x.new_empty((x.shape[0], x.shape[1], oh, ow)).contiguous(memory_format=_pytorch.output_memory_format(x))
 
 
 @torch.library.register_fake("lkpatch::dwconv2d_input_grad")
 def _input_grad_fake(grad, weight, input_size, padding):
+    _check_input_grad(grad, weight, input_size, padding)
     out = grad.new_empty((grad.shape[0], grad.shape[1], input_size[0], input_size[1]))
     return out.contiguous(memory_format=_pytorch.output_memory_format(grad))
 
 
 @torch.library.register_fake("lkpatch::dwconv2d_weight_grad")
 def _weight_grad_fake(grad, x, kernel_size, padding):
+    _check_weight_grad(grad, x, kernel_size, padding)
     return x.new_empty((x.shape[1], 1, kernel_size[0], kernel_size[1]))
 
 
 @torch.library.register_fake("lkpatch::dwconv2d_bias_grad")
 def _bias_grad_fake(grad):
+    _check_bias_grad(grad)
     return grad.new_empty((grad.shape[1],))
 
 

@@ -62,6 +62,36 @@ def test_opcheck_all_four_ops(case):
     assert rel_err(ops.dwconv2d_bias_grad(g), ref_grads[2]) <= 1e-6
 
 
+BAD_CALLS = {  # a direct op call with arguments its schema takes but no depthwise convolution has
+    "multiplier": (ops.dwconv2d, lambda x: (x, torch.randn(6, 1, 3, 3), None, [1, 1, 1, 1]), "weight must be (C, 1"),
+    "grouped": (ops.dwconv2d, lambda x: (x, torch.randn(3, 2, 3, 3), None, [1, 1, 1, 1]), "weight must be (C, 1"),
+    "bias": (ops.dwconv2d, lambda x: (x, torch.randn(3, 1, 3, 3), torch.randn(4), [1, 1, 1, 1]), "bias must be (3,)"),
+    "dtypes": (ops.dwconv2d, lambda x: (x, torch.randn(3, 1, 3, 3, dtype=torch.float64), None, [1, 1, 1, 1]),
+               "weight dtype"),
+    "negative": (ops.dwconv2d, lambda x: (x, torch.randn(3, 1, 3, 3), None, [-1, -1, 0, 0]), "non-negative"),
+    "3-d": (ops.dwconv2d, lambda x: (x[0], torch.randn(3, 1, 3, 3), None, [1, 1, 1, 1]), "(N, C, H, W)"),
+    "kernel": (ops.dwconv2d, lambda x: (x, torch.randn(3, 1, 9, 9), None, [1, 1, 1, 1]), "smaller than the 9x9"),
+    "input size": (ops.dwconv2d_input_grad, lambda x: (x, torch.randn(3, 1, 3, 3), [9, 9], [1, 1, 1, 1]),
+                   "grad_output is 5x5"),
+    "grad size": (ops.dwconv2d_weight_grad, lambda x: (x[:, :, :4], x, [3, 3], [1, 1, 1, 1]), "grad_output is 4x5"),
+    "grad channels": (ops.dwconv2d_weight_grad, lambda x: (x[:, :2], x, [3, 3], [1, 1, 1, 1]), "differ in N, C"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_CALLS)
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_bad_op_arguments_are_named_alike_on_every_backend(name, device):
+    """The CPU kernel, fake tensors (torch.compile's tracing) and the CUDA kernels check the same."""
+    op, args, words = BAD_CALLS[name]
+    args = [a.to(device) if isinstance(a, torch.Tensor) else a for a in args(torch.randn(2, 3, 5, 5))]
+    with pytest.raises(RuntimeError, match=f"lkpatch::{op._qualified_op_name.split('::')[1]}: .*"):
+        try:
+            op(*args)
+        except RuntimeError as e:
+            assert words in str(e), e
+            raise
+
+
 def test_gradcheck_through_the_op():
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(1, 2, 5, 6, dtype=torch.float64, generator=gen, requires_grad=True)
