@@ -73,14 +73,25 @@ def force(impl: str, *, cpu_through_op: bool = False) -> Iterator[None]:
         _impl, _route_cpu_through_op = saved
 
 
+def is_integer(v) -> bool:
+    """An integer as F.conv2d takes one for a size argument: Python's or numpy's, not a bool, a
+    float, an array or a tensor."""
+    return (not isinstance(v, (bool, torch.Tensor)) and hasattr(type(v), "__index__")
+            and getattr(v, "ndim", 0) == 0)
+
+
 def _pair(v: Union[int, Sequence[int]]) -> Tuple[int, int]:
-    """An int or a 1- or 2-sequence as (h, w); ValueError/TypeError for what F.conv2d rejects."""
-    if isinstance(v, int):
-        return (v, v)
-    v = tuple(v)
-    if len(v) not in (1, 2):
-        raise ValueError(f"expected 1 or 2 values, got {len(v)}")
-    return (v[0], v[0]) if len(v) == 1 else (v[0], v[1])
+    """An integer or a tuple / list of 1 or 2 of them as (h, w); ValueError / TypeError for what
+    F.conv2d rejects."""
+    if isinstance(v, (tuple, list)):
+        if len(v) not in (1, 2):
+            raise ValueError(f"expected 1 or 2 values, got {len(v)}")
+        v = (v[0], v[0]) if len(v) == 1 else (v[0], v[1])
+    else:
+        v = (v, v)
+    if not all(is_integer(e) for e in v):
+        raise TypeError(f"expected integers, got {v}")
+    return v
 
 
 def explicit_padding(padding, kernel_size: Sequence[int], dilation=1) -> Optional[Pads]:
@@ -98,7 +109,7 @@ def explicit_padding(padding, kernel_size: Sequence[int], dilation=1) -> Optiona
             return (th // 2, th - th // 2, tw // 2, tw - tw // 2)
         return None
     if isinstance(padding, (tuple, list)) and len(padding) == 4:
-        return tuple(padding) if all(isinstance(p, int) for p in padding) else None
+        return tuple(padding) if all(is_integer(p) for p in padding) else None
     try:
         ph, pw = _pair(padding)
     except (TypeError, ValueError):
@@ -177,13 +188,9 @@ def _check_geometry(stride, padding, dilation, kh, kw) -> Optional[Pads]:
     except (TypeError, ValueError):  # malformed: F.conv2d raises its own error
         return None
     pads = explicit_padding(padding, (kh, kw))
-    # integers only, as F.conv2d takes them: a bool or a float goes there for its own error
-    if pads is None or any(isinstance(p, bool) for p in pads):
+    if pads is None:  # malformed (a bool, a float, an array): F.conv2d raises its own error
         return None
-    try:
-        pads = tuple(operator.index(p) for p in pads)
-    except TypeError:
-        return None
+    pads = tuple(operator.index(p) for p in pads)  # numpy's integers as Python's
     return None if min(pads) < 0 else pads
 
 

@@ -54,7 +54,7 @@ def depthwise_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     ``(top, bottom, left, right)``, which PyTorch computes as ``F.pad`` followed by the convolution.
     """
     channels = input.shape[-3] if isinstance(input, torch.Tensor) and input.dim() >= 3 else 1
-    if groups is not None and groups != channels:
+    if groups is not None and (groups != channels or not dispatch.is_integer(groups)):
         return padded_conv2d(input, weight, bias, stride, padding, dilation, groups)
     if not exporting() and not transformed():
         input = _ops.dense(input)

@@ -198,6 +198,11 @@ def _bad_calls():
         "zero stride": ((x, w), dict(padding=1, stride=0)),
         "padding string": ((x, w), dict(padding="SAME")),
         "'same' with stride 2": ((x, w), dict(padding="same", stride=2)),
+        "bool stride": ((x, w), dict(padding=1, stride=True)),
+        "float stride": ((x, w), dict(padding=1, stride=1.0)),
+        "a bool in a dilation pair": ((x, w), dict(padding=1, dilation=(True, 1))),
+        "padding as a tensor": ((x, w), dict(padding=torch.tensor([1, 1]))),
+        "padding as a range": ((x, w), dict(padding=range(1, 3))),
     }
 
 
@@ -218,6 +223,16 @@ def test_bad_inputs_raise_pytorchs_own_error(what, route):
     assert type(ours.value) is type(theirs.value)
     assert str(ours.value) == str(theirs.value)
     assert log.count("lkpatch::dwconv2d") == 0
+
+
+def test_a_float_groups_raises_pytorchs_own_error():
+    x, w = torch.randn(2, 4, 9, 9), torch.randn(4, 1, 3, 3)
+    with pytest.raises(TypeError) as theirs:
+        F.conv2d(x, w, None, 1, 1, 1, 4.0)
+    for ctx in (contextlib.nullcontext(), op_route()):
+        with ctx, pytest.raises(TypeError) as ours:
+            lkpatch.depthwise_conv2d(x, w, None, padding=1, groups=4.0)
+        assert str(ours.value) == str(theirs.value)
 
 
 # --- DepthwiseConv2d ----------------------------------------------------------------------------
