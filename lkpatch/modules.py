@@ -58,6 +58,10 @@ class DepthwiseConv2d(nn.Conv2d):
         out_channels = in_channels if out_channels is None else out_channels
         groups = in_channels if groups is None else groups
         reason = eligibility.structure_reason(in_channels, out_channels, groups, padding_mode)
+        if isinstance(padding, (tuple, list)) and len(padding) not in (1, 2):
+            # nn.Conv2d would store it and fail in its forward, and so would revert_model's layer
+            reason = (f"padding={padding!r} is none of nn.Conv2d's forms (an int, a pair, 'same', 'valid'); "
+                      f"lkpatch.depthwise_conv2d takes (top, bottom, left, right)")
         if reason:
             raise ValueError(f"DepthwiseConv2d: {reason}")
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,

@@ -267,6 +267,7 @@ def test_module_defaults():
     (dict(in_channels=8, padding_mode="reflect", padding=1), "padding_mode='reflect'"),
     (dict(in_channels=8, padding_mode="circular", padding=1), "padding_mode='circular'"),
     (dict(in_channels=0), "in_channels=0"),
+    (dict(in_channels=8, padding=(1, 2, 0, 3)), "padding=(1, 2, 0, 3) is none of nn.Conv2d's forms"),
 ])
 def test_module_rejects_non_depthwise(kwargs, needle):
     with pytest.raises(ValueError) as err:
