@@ -11,6 +11,7 @@ import dataclasses
 from typing import List, Optional
 
 import torch.nn as nn
+from torch.nn.utils import parametrize
 
 from . import dispatch, eligibility
 from .modules import DepthwiseConv2d
@@ -93,7 +94,7 @@ def conversion_report(model: nn.Module) -> ConversionReport:
         converted = isinstance(module, DepthwiseConv2d)
         reason = None if converted else (eligibility.conversion_blocker(module) or "not converted yet")
         padding = module.padding if isinstance(module.padding, str) else _tuple(module.padding)
-        if getattr(module, "tf_same_padding", False):
+        if getattr(module, "tf_same_padding", False) or eligibility.padding_rule(type(module)) == "tf_same":
             padding = "TF 'SAME'"  # from the input size at each call
         layers.append(LayerReport(
             name=name, kind=type(module).__name__, in_channels=module.in_channels,
@@ -173,9 +174,12 @@ def convert_model(model: nn.Module, *, verbose: bool = False) -> nn.Module:
 
 
 def revert_model(model: nn.Module) -> nn.Module:
-    """Turn every :class:`DepthwiseConv2d` of ``model`` back into the class it came from, in place."""
+    """Turn every :class:`DepthwiseConv2d` of ``model`` back into the class it came from, in place
+    (a user's subclass of it, whose forward is its own, stays as it is)."""
     _refuse_wrapped(model, "revert")
     for module in model.modules():
-        if isinstance(module, DepthwiseConv2d):
+        # DepthwiseConv2d itself (parametrized or not); a subclass's forward is its own
+        base = type(module).__bases__[0] if parametrize.is_parametrized(module) else type(module)
+        if base is DepthwiseConv2d:
             module.to_conv()
     return model

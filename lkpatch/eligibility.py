@@ -65,6 +65,15 @@ def structure_reason(in_channels: int, out_channels: int, groups: int, padding_m
 _FORWARDS = ("forward", "_conv_forward")
 
 
+def padding_reason(padding) -> Optional[str]:
+    """Why ``padding`` is none of nn.Conv2d's forms (None: it is one). nn.Conv2d stores a
+    sequence of another length and raises in its forward."""
+    if isinstance(padding, (tuple, list)) and len(padding) not in (1, 2):
+        return (f"padding={padding!r} is none of nn.Conv2d's forms (an int, a pair, 'same', 'valid'); "
+                f"lkpatch.depthwise_conv2d takes (top, bottom, left, right)")
+    return None
+
+
 def conversion_blocker(module: nn.Module) -> Optional[str]:
     """Why ``convert_model`` leaves this depthwise module as it is (None: it converts it)."""
     from .modules import DepthwiseConv2d
@@ -73,7 +82,7 @@ def conversion_blocker(module: nn.Module) -> Optional[str]:
         return None
     cls = type(module)
     if not isinstance(module, nn.Conv2d):
-        return f"{cls.__name__} is not an nn.Conv2d (its forward is its own)"
+        return f"{cls.__module__}.{cls.__name__} is not an nn.Conv2d (its forward is its own)"
     if parametrize.is_parametrized(module):
         return "weight is parametrized (torch.nn.utils.parametrize); convert after removing it"
     if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
@@ -87,4 +96,5 @@ def conversion_blocker(module: nn.Module) -> Optional[str]:
         what = (f"overrides nn.Conv2d's {' and '.join(own)}; lkpatch does not know its semantics" if own else
                 "is an nn.Conv2d subclass lkpatch does not know (it may compute differently)")
         return f"{cls.__module__}.{cls.__name__} {what}"
-    return structure_reason(module.in_channels, module.out_channels, module.groups, module.padding_mode)
+    return (structure_reason(module.in_channels, module.out_channels, module.groups, module.padding_mode)
+            or padding_reason(module.padding))

@@ -57,11 +57,8 @@ class DepthwiseConv2d(nn.Conv2d):
                  padding_mode: str = "zeros", device=None, dtype=None, *, tf_same_padding: bool = False):
         out_channels = in_channels if out_channels is None else out_channels
         groups = in_channels if groups is None else groups
-        reason = eligibility.structure_reason(in_channels, out_channels, groups, padding_mode)
-        if isinstance(padding, (tuple, list)) and len(padding) not in (1, 2):
-            # nn.Conv2d would store it and fail in its forward, and so would revert_model's layer
-            reason = (f"padding={padding!r} is none of nn.Conv2d's forms (an int, a pair, 'same', 'valid'); "
-                      f"lkpatch.depthwise_conv2d takes (top, bottom, left, right)")
+        reason = (eligibility.structure_reason(in_channels, out_channels, groups, padding_mode)
+                  or eligibility.padding_reason(padding))
         if reason:
             raise ValueError(f"DepthwiseConv2d: {reason}")
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,

@@ -499,11 +499,34 @@ def test_the_report_takes_modules_with_int_sizes_and_names_tf_same_padding():
             return x
 
     model = nn.ModuleDict({"own": IntSizeConv2d(), "same": Conv2dSame(4, 4, 3, stride=2, groups=4)})
+    assert _report_by_name(model)["same"].padding == "TF 'SAME'"  # before conversion too
     report = _report_by_name(lkpatch.convert_model(model))
     assert report["own"].kernel_size == (3,) and not report["own"].converted
     assert report["same"].converted and report["same"].padding == "TF 'SAME'"
     table = str(lkpatch.conversion_report(model))
     assert "TF 'SAME'" in table and "1 of 2 depthwise convolutions converted" in table
+
+
+def test_a_subclass_of_depthwise_conv2d_is_not_reverted():
+    class Doubled(DepthwiseConv2d):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = nn.Sequential(Doubled(4, kernel_size=3, padding=1), DepthwiseConv2d(4, kernel_size=3, padding=1))
+    x = torch.randn(1, 4, 9, 9)
+    expected = model(x)
+    lkpatch.revert_model(model)
+    assert type(model[0]) is Doubled and type(model[1]) is nn.Conv2d
+    assert torch.equal(model(x), expected)
+
+
+def test_a_conv_with_a_padding_pytorch_cannot_run_is_not_converted():
+    conv = nn.Conv2d(4, 4, 3, padding=(1, 2, 0, 0), groups=4)  # nn.Conv2d stores it, then raises in forward
+    model = lkpatch.convert_model(nn.Sequential(conv))
+    assert type(conv) is nn.Conv2d
+    assert "padding=(1, 2, 0, 0) is none of nn.Conv2d's forms" in lkpatch.conversion_report(model).layers[0].reason
+    with pytest.raises(RuntimeError):
+        model(torch.randn(1, 4, 9, 9))
 
 
 def test_a_parametrization_added_after_conversion_survives_revert():
