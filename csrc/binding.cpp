@@ -58,6 +58,7 @@ bool channels_last(const Tensor& t) {
 void check_activation(const Tensor& t, const char* name, bool nhwc_ok = false) {
   TORCH_CHECK(t.is_cuda(), "lkpatch: ", name, " must be a CUDA tensor");
   TORCH_CHECK(t.dim() == 4, "lkpatch: ", name, " must be 4-D (N, C, H, W), got ", str(t.dim()), "-D");
+  TORCH_CHECK(t.size(2) > 0 && t.size(3) > 0, "lkpatch: ", name, " has an empty map: ", str(t.sizes()));
   dtype_of(t, name);
   TORCH_CHECK(t.is_contiguous() || (nhwc_ok && channels_last(t)), "lkpatch: ", name, " must be contiguous NCHW",
               nhwc_ok ? " or channels_last" : "");
@@ -145,7 +146,8 @@ Tensor dwconv2d_input_grad(const Tensor& grad, const Tensor& w, at::IntArrayRef 
                            bool tf32) {
   check_activation(grad, "grad_output", true);
   check_padding(padding);
-  TORCH_CHECK(input_size.size() == 2, "lkpatch: input_size must be (H, W)");
+  TORCH_CHECK(input_size.size() == 2 && input_size[0] > 0 && input_size[1] > 0,
+              "lkpatch: input_size must be (H, W), neither empty");
   const int64_t C = grad.size(1);
   check_weight(w, grad, C);
   auto f = forward_shape(grad.size(0), C, input_size[0], input_size[1], w.size(2), w.size(3), padding);

@@ -184,7 +184,7 @@ const char* family_name(Family f) {
 
 Plan dwconv2d_plan(DType t, const DwShape& s, Pass pass) {
   if (s.KH < 1 || s.KH > 63 || s.KW < 1 || s.KW > 63) return none("the kernel is larger than 63 on a side");
-  if (s.C < 1 || s.planes < 1) return none("the input is empty");
+  if (s.C < 1 || s.planes < 1 || s.H < 1 || s.W < 1) return none("the input is empty");
   if (s.OH < 1 || s.OW < 1) return none("the padded input is smaller than the kernel");
   DeviceLimits lim;
   if (device_limits(&lim) != cudaSuccess) return none("no CUDA device");

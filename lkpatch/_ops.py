@@ -46,6 +46,7 @@ def _check_weight(weight, like, op: str) -> None:
 
 
 def _check_map(op: str, hw, kernel_size, padding, out_hw=None) -> None:
+    _check(hw[0] >= 1 and hw[1] >= 1, op, f"the input map {hw[0]}x{hw[1]} is empty")
     _check(min(padding) >= 0, op, f"padding must be non-negative, got {list(padding)}")
     oh, ow = dispatch.output_size(hw, kernel_size, padding)
     _check(oh >= 1 and ow >= 1, op, f"the padded {hw[0]}x{hw[1]} map is smaller than the "

@@ -142,7 +142,7 @@ def op_padding(x, weight, bias, stride, padding, dilation) -> Optional[Pads]:
     pads = _stride1_pads(stride, padding, dilation, kh, kw)
     if pads is None:
         return None
-    if n == 0 or c == 0 or h + pads[0] + pads[1] < kh or w + pads[2] + pads[3] < kw:
+    if 0 in (n, c, h, w) or h + pads[0] + pads[1] < kh or w + pads[2] + pads[3] < kw:
         return None  # empty or invalid: PyTorch returns or raises
     if device.type == "cuda" and not use_kernel("any", static_sizes(x), (kh, kw), pads, dtype, channels_last(x)):
         return None

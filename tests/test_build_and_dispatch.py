@@ -182,6 +182,21 @@ def h100(monkeypatch, extension):
 
 
 @needs_extension
+@pytest.mark.parametrize("size", [(2, 3, 0, 5), (2, 3, 5, 0), (2, 3, 0, 0)])
+def test_an_empty_map_has_no_plan(h100, size):
+    """An empty map that padding would give an output: no kernel takes it (the planner divided by
+    zero there), and the call goes to F.conv2d, whose error it gets."""
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for cl in (False, True):
+            for pass_ in dispatch.CONV_PASSES:
+                q = dispatch.plan(pass_, size, (3, 3), (2, 2, 2, 2), dtype, cl)
+                assert q.family == "none" and "empty" in q.why, (pass_, dtype, cl, q)
+    x, w = torch.randn(*size), torch.randn(3, 1, 3, 3)
+    with dispatch.force("auto", cpu_through_op=True):
+        assert dispatch.op_padding(x, w, None, 1, 2, 1) is None
+
+
+@needs_extension
 def test_plan_families(h100):
     """The extension's plan: the images family for 8+ images on NCHW where the rule below gives it
     the call (channels_last on maps up to 16, with the bias gradient from the weight-gradient), the

@@ -71,6 +71,8 @@ BAD_CALLS = {  # a direct op call with arguments its schema takes but no depthwi
     "negative": (ops.dwconv2d, lambda x: (x, torch.randn(3, 1, 3, 3), None, [-1, -1, 0, 0]), "non-negative"),
     "3-d": (ops.dwconv2d, lambda x: (x[0], torch.randn(3, 1, 3, 3), None, [1, 1, 1, 1]), "(N, C, H, W)"),
     "kernel": (ops.dwconv2d, lambda x: (x, torch.randn(3, 1, 9, 9), None, [1, 1, 1, 1]), "smaller than the 9x9"),
+    "empty map": (ops.dwconv2d, lambda x: (x[:, :, :0], torch.randn(3, 1, 3, 3), None, [2, 2, 2, 2]),
+                  "input map 0x5 is empty"),
     "input size": (ops.dwconv2d_input_grad, lambda x: (x, torch.randn(3, 1, 3, 3), [9, 9], [1, 1, 1, 1]),
                    "grad_output is 5x5"),
     "grad size": (ops.dwconv2d_weight_grad, lambda x: (x[:, :, :4], x, [3, 3], [1, 1, 1, 1]), "grad_output is 4x5"),
