@@ -86,7 +86,9 @@ def _tuple(v) -> tuple:
 
 
 def conversion_report(model: nn.Module) -> ConversionReport:
-    """List every depthwise convolution in ``model``: converted, or the reason it is not."""
+    """List every depthwise convolution in ``model``: converted, or the reason it is not. A
+    TorchScript model (which holds no Python modules to list) raises TypeError."""
+    _refuse_uncapturable(model, "conversion_report", "list", "print(lkpatch.conversion_report(model))")
     layers = []
     for name, module in model.named_modules():
         if not eligibility.is_depthwise(module):
@@ -112,14 +114,16 @@ _WRAPPERS = (  # (module, class, what) -- classes that capture the modules they 
 )
 
 
-def _refuse_uncapturable(model, func: str, verb: str) -> None:
+def _refuse_uncapturable(model, func: str, verb: str, fix: Optional[str] = None) -> None:
     """TorchScript and torch.export hold compiled code, not the Python modules that lkpatch's
-    ``func`` (convert_model, fuse_conv_bn, ...) changes: it would silently change nothing."""
+    ``func`` (convert_model, fuse_conv_bn, ...) changes: it would silently change nothing.
+    ``fix``: the call to make before capturing (default ``model = lkpatch.func(model)``)."""
     import torch
 
+    fix = fix or f"model = lkpatch.{func}(model)"
     if not isinstance(model, nn.Module):
         what = type(model).__name__
-        hint = (f" {verb.capitalize()} the nn.Module before torch.export: model = lkpatch.{func}(model); "
+        hint = (f" {verb.capitalize()} the nn.Module before torch.export: {fix}; "
                 "torch.export.export(model, args)") if what == "ExportedProgram" else ""
         raise TypeError(f"lkpatch.{func} expects an nn.Module, not {what}.{hint}")
     for name, module in model.named_modules():
@@ -127,16 +131,17 @@ def _refuse_uncapturable(model, func: str, verb: str) -> None:
             where = f" (at '{name}')" if name else ""
             raise TypeError(
                 f"lkpatch.{func}: the model is a TorchScript module{where} (torch.jit.script or "
-                f"torch.jit.trace), whose compiled code {func} cannot change. {verb.capitalize()} before "
-                f"scripting or tracing: model = lkpatch.{func}(model); scripted = torch.jit.script(model)")
+                f"torch.jit.trace), whose compiled code {func} cannot {verb}. {verb.capitalize()} before "
+                f"scripting or tracing: {fix}; scripted = torch.jit.script(model)")
 
 
-def _refuse_wrapped(model: nn.Module, action: str = "convert") -> None:
-    """Conversion must happen before DDP/FSDP wrapping or torch.compile, which capture the modules,
-    and before TorchScript or torch.export, which compile them."""
+def _refuse_wrapped(model: nn.Module, func: str = "convert_model", verb: str = "convert") -> None:
+    """lkpatch's in-place model functions (``func``) must run before DDP/FSDP wrapping or
+    torch.compile, which capture the modules, and before TorchScript or torch.export, which compile
+    them: on a wrapped model they would change modules the wrapper no longer runs as it was built."""
     import importlib
 
-    _refuse_uncapturable(model, f"{action}_model", action)
+    _refuse_uncapturable(model, func, verb)
 
     wrappers = []
     for module_name, cls_name, what in _WRAPPERS:
@@ -149,8 +154,8 @@ def _refuse_wrapped(model: nn.Module, action: str = "convert") -> None:
             if isinstance(module, cls):
                 where = f" (at '{name}')" if name else ""
                 raise TypeError(
-                    f"lkpatch.{action}_model: the model is wrapped by {what}{where}. {action.capitalize()} the "
-                    f"plain model first, then wrap it: model = lkpatch.{action}_model(model); model = wrap(model)")
+                    f"lkpatch.{func}: the model is wrapped by {what}{where}. {verb.capitalize()} the "
+                    f"plain model first, then wrap it: model = lkpatch.{func}(model); model = wrap(model)")
 
 
 def convert_model(model: nn.Module, *, verbose: bool = False) -> nn.Module:
@@ -176,7 +181,7 @@ def convert_model(model: nn.Module, *, verbose: bool = False) -> nn.Module:
 def revert_model(model: nn.Module) -> nn.Module:
     """Turn every :class:`DepthwiseConv2d` of ``model`` back into the class it came from, in place
     (a user's subclass of it, whose forward is its own, stays as it is)."""
-    _refuse_wrapped(model, "revert")
+    _refuse_wrapped(model, "revert_model", "revert")
     for module in model.modules():
         # DepthwiseConv2d itself (parametrized or not); a subclass's forward is its own
         base = type(module).__bases__[0] if parametrize.is_parametrized(module) else type(module)

@@ -145,11 +145,11 @@ def _find_pairs(model: nn.Module) -> Tuple[List[Tuple[str, str]], bool]:
 
 
 def _refuse_unfoldable(model, func: str, verb: str) -> None:
-    """What fuse_conv_bn and reparameterize refuse before changing anything: compiled or non-module
-    models, and a model in training mode (folding uses the BatchNorm running statistics)."""
-    from .convert import _refuse_uncapturable
+    """What fuse_conv_bn and reparameterize refuse before changing anything: wrapped, compiled or
+    non-module models, and a model in training mode (folding uses the BatchNorm running statistics)."""
+    from .convert import _refuse_wrapped
 
-    _refuse_uncapturable(model, func, verb)
+    _refuse_wrapped(model, func, verb)
     if model.training:
         raise ValueError(f"lkpatch.{func}: call model.eval() first; folding uses the BatchNorm running "
                          "statistics, which is only what the model computes in eval mode")
@@ -192,8 +192,9 @@ def fuse_conv_bn(model: nn.Module, *, verbose: bool = False) -> nn.Module:
     once, read by the forward itself (its weight, its statistics), held under another name or
     hooked, or the convolution's weight is shared with another module. A model torch.fx cannot
     trace folds the pairs of nn.Sequential containers only, with a warning (its forward's other
-    uses of them cannot be checked). TorchScript modules and non-modules raise TypeError; a model,
-    or a BatchNorm to fold, in training mode raises ValueError.
+    uses of them cannot be checked). Wrapped models (torch.compile, DDP, FSDP), TorchScript modules
+    and non-modules raise TypeError; a model, or a BatchNorm to fold, in training mode raises
+    ValueError.
     """
     _refuse_unfoldable(model, "fuse_conv_bn", "fold")
     pairs = find_conv_bn_pairs(model)

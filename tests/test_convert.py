@@ -281,6 +281,20 @@ def test_compiled_model_is_refused():
     assert type(model[0]) is DepthwiseConv2d
 
 
+@pytest.mark.parametrize("capture", ["script", "trace", "submodule"])
+def test_report_of_torchscript_is_refused(capture):
+    """A TorchScript model holds no Python convolutions: the report would list none ("0 of 0")."""
+    model, x = _tiny(), torch.randn(1, 4, 8, 8)
+    captured = {"script": lambda: torch.jit.script(model), "trace": lambda: torch.jit.trace(model, x),
+                "submodule": lambda: nn.Sequential(nn.Identity(), torch.jit.script(model))}[capture]()
+    with pytest.raises(TypeError, match=r"lkpatch.conversion_report: the model is a TorchScript module.*"
+                                        r"print\(lkpatch.conversion_report\(model\)\)"):
+        lkpatch.conversion_report(captured)
+    with pytest.raises(TypeError, match="conversion_report expects an nn.Module, not OrderedDict"):
+        lkpatch.conversion_report(model.state_dict())
+    assert len(lkpatch.conversion_report(model).layers) == 1
+
+
 @pytest.fixture
 def gloo_group(tmp_path):
     dist = torch.distributed

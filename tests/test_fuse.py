@@ -95,6 +95,20 @@ def test_torchscript_and_non_modules_are_refused(func, name):
         func(model.state_dict())
 
 
+@pytest.mark.parametrize("func,name,verb", [(fuse_conv_bn, "fuse_conv_bn", "Fold"),
+                                             (lkpatch.reparameterize, "reparameterize", "Re-parameterize")])
+def test_compiled_model_is_refused_and_left_unchanged(func, name, verb):
+    """torch.compile captures the modules: folding through the wrapper used to change nothing, silently."""
+    model = randomize_bn(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False), nn.BatchNorm2d(4))).eval()
+    for wrapped, where in ((torch.compile(model), ""), (nn.ModuleDict({"net": torch.compile(model)}), r" \(at 'net'\)")):
+        with pytest.raises(TypeError, match=rf"lkpatch.{name}: the model is wrapped by torch\.compile{where}\. "
+                                            rf"{verb} the plain model first, then wrap it"):
+            func(wrapped)
+    assert type(model[1]) is nn.BatchNorm2d and model[0].bias is None
+    func(model)  # the plain model folds
+    assert type(model[1]) is nn.Identity and model[0].bias is not None
+
+
 def test_conv_whose_output_is_also_used_elsewhere_is_not_folded():
     class Branch(nn.Module):
         def __init__(self):
