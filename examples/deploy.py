@@ -123,7 +123,14 @@ def build_training_model(args, sd, info) -> Tuple[nn.Module, str, Dict]:
     if num_classes is not None:
         model_args["num_classes"] = num_classes
     model = common.create_model(name, **model_args)
-    common.load_strict(model, sd, f"{name} {model_args}")
+    try:
+        common.load_strict(model, sd, f"{name} {model_args}")
+    except ExampleError as strict_error:
+        try:  # BatchNorms already folded (lkpatch convert --reparam, or this script's own output)
+            lkpatch.load_checkpoint(model, sd)
+        except ValueError:
+            raise strict_error from None
+        info["folded"] = True
     return model.eval(), name, model_args
 
 
@@ -177,7 +184,28 @@ def check(label: str, ref: torch.Tensor, out: torch.Tensor, device: torch.device
 
 def export_onnx(deploy: nn.Module, img_size: int, path: str, opset, exporter: str) -> None:
     """Export a CPU fp32 copy (the converted layers run F.conv2d there: standard Conv nodes),
-    with a dynamic batch dimension, and check it with onnxruntime where installed."""
+    with a dynamic batch dimension, into a temporary file beside ``path``; check its opset and,
+    where onnxruntime is installed, its outputs; then rename it into place (a failed export or
+    check leaves the previous file as it was, and nothing else)."""
+    import tempfile
+
+    folder, name = os.path.split(os.path.abspath(path))
+    fd, partial = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial", dir=folder)
+    os.close(fd)
+    try:
+        _export_checked(deploy, img_size, partial, opset, exporter)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(partial, 0o666 & ~mask)  # as a plain open() would make it, not mkstemp's 0600
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+    size = os.path.getsize(path) / 2**20
+    print(f"wrote {path} ({size:.1f} MiB)", flush=True)
+
+
+def _export_checked(deploy: nn.Module, img_size: int, path: str, opset, exporter: str) -> None:
     import warnings
 
     model = copy.deepcopy(deploy).cpu().float().eval()
@@ -196,13 +224,20 @@ def export_onnx(deploy: nn.Module, img_size: int, path: str, opset, exporter: st
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)
                 torch.onnx.export(model, (x,), path, dynamo=False, dynamic_axes={"input": {0: "batch"},
                                                                                 "output": {0: "batch"}}, **kwargs)
+        import onnx
     except ImportError as e:  # the exporters need the onnx package, the dynamo one also onnxscript
         raise ExampleError(f"ONNX export needs 'pip install onnx onnxscript' ({e}); or pass --no-onnx") from e
-    size = os.path.getsize(path) / 2**20
+    # The dynamo exporter writes opset 18 and converts down; where that fails it keeps 18 with a warning.
+    written = next((o.version for o in onnx.load(path, load_external_data=False).opset_import
+                    if o.domain in ("", "ai.onnx")), None)
+    if opset is not None and written != opset:
+        hint = " (--onnx-exporter torchscript writes older opsets)" if exporter == "dynamo" else ""
+        raise ExampleError(f"--opset {opset}: the {exporter} exporter wrote opset {written} instead, as PyTorch "
+                           f"could not convert this model to opset {opset}{hint}; the ONNX file was not written")
     try:
         import onnxruntime as ort
     except ImportError:
-        print(f"wrote {path} ({size:.1f} MiB); onnxruntime is not installed, so it is not run", flush=True)
+        print(f"ONNX opset {written}; onnxruntime is not installed, so it is not run", flush=True)
         return
     onnx_model = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     worst = 0.0
@@ -212,10 +247,10 @@ def export_onnx(deploy: nn.Module, img_size: int, path: str, opset, exporter: st
         got = torch.from_numpy(onnx_model.run(None, {"input": xb.numpy()})[0])
         worst = max(worst, ((got - ref).abs().max() / max(1.0, ref.abs().max().item())).item())
     ok = worst <= TOLERANCE["cpu"]
-    print(f"wrote {path} ({size:.1f} MiB); onnxruntime, batch 1 and 3: max relative error {worst:.2e} "
+    print(f"ONNX opset {written}; onnxruntime, batch 1 and 3: max relative error {worst:.2e} "
           f"({'ok' if ok else 'FAILED'})", flush=True)
     if not ok:
-        raise ExampleError(f"the ONNX model's outputs differ from PyTorch's by {worst:.2e}")
+        raise ExampleError(f"the ONNX model's outputs differ from PyTorch's by {worst:.2e}; the ONNX file was not written")
 
 
 # ------------------------------------------------------------------------------------- timing
@@ -269,6 +304,8 @@ def main(argv=None) -> int:
             raise ExampleError(f"{path} exists; pass --force to overwrite it")
 
     deploy, what = make_deploy(model)
+    if info.get("folded"):
+        what = "the checkpoint holds the deploy structure already (its BatchNorms folded)"
     method = "structural_reparam" if is_replknet(model) else "fuse_conv_bn"
     print(f"deploy: {what}", flush=True)
     lkpatch.convert_model(deploy)

@@ -18,7 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 
+import lkpatch
 from lkpatch import build
 
 REPO = Path(__file__).resolve().parents[1]
@@ -230,6 +232,52 @@ def test_deploy_reparam_and_fold_then_onnx(ddp_runs, example, tmp_path, capsys):
         with pytest.raises(deploy.ExampleError, match=message) as err:
             deploy.main([str(path), "--no-onnx", "--no-bench", "--device", "cpu"])
         assert "weights_only" not in str(err.value)
+
+
+def test_deploy_takes_a_checkpoint_whose_batchnorms_are_folded(example, tmp_path, capsys):
+    """lkpatch convert --reparam's output (or this script's) of a non-RepLKNet model: it used to be
+    refused with "Check --model", while lkpatch.load_checkpoint loads it."""
+    import timm
+
+    deploy = example("deploy")
+    torch.manual_seed(0)
+    folded = timm.create_model("mobilenetv3_small_050", num_classes=5).eval()
+    for m in folded.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_var.uniform_(0.5, 2.0)
+    lkpatch.fuse_conv_bn(folded)
+    torch.save(folded.state_dict(), tmp_path / "folded.pth")
+    assert deploy.main([str(tmp_path / "folded.pth"), "--model", "mobilenetv3_small_050", "--output",
+                        str(tmp_path / "out"), "--no-onnx", "--no-bench", "--device", "cpu", "--img-size", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "deploy: the checkpoint holds the deploy structure already" in out and out.count("(ok, tolerance") == 2
+    model = deploy.load_deploy_checkpoint(str(tmp_path / "out" / "mobilenetv3_small_050.deploy.pth"))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(model(x), folded(x), atol=1e-5)
+    with pytest.raises(deploy.ExampleError, match="Check --model"):  # a model it fits neither way
+        deploy.main([str(tmp_path / "folded.pth"), "--model", "mobilenetv3_small_075", "--no-onnx", "--no-bench",
+                     "--device", "cpu", "--output", str(tmp_path / "other")])
+
+
+@pytest.mark.skipif(not all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript")), reason="needs onnx, onnxscript")
+@pytest.mark.filterwarnings("ignore")
+def test_deploy_onnx_opset_is_the_one_asked_for_or_nothing_is_written(example, tmp_path):
+    """The dynamo exporter falls back to opset 18 where it cannot convert down: that file was kept
+    and called ok. A failed export must also leave a previous file as it was."""
+    import onnx
+
+    deploy = example("deploy")
+    model = nn.Sequential(nn.Conv2d(3, 3, 3, groups=3), nn.ReLU()).eval()
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"previous")
+    with pytest.raises(deploy.ExampleError, match="--opset 11: the dynamo exporter wrote opset 18 instead.*"
+                                                  "--onnx-exporter torchscript"):
+        deploy.export_onnx(model, 16, str(path), 11, "dynamo")
+    assert path.read_bytes() == b"previous" and [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+    deploy.export_onnx(model, 16, str(path), 11, "torchscript")
+    assert [o.version for o in onnx.load(str(path)).opset_import if o.domain in ("", "ai.onnx")] == [11]
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
 
 
 def test_deploy_finds_the_weights_as_lkpatch_convert_does(example, tmp_path):
