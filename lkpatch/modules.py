@@ -1,7 +1,7 @@
 """``DepthwiseConv2d``: an ``nn.Conv2d`` whose forward runs lkpatch's depthwise op."""
 from __future__ import annotations
 
-from typing import Tuple
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -13,31 +13,51 @@ from . import functional
 from .functional import depthwise_conv2d
 
 
-def tf_same_padding(size: Tuple[int, int], kernel_size, stride, dilation) -> Tuple[int, int, int, int]:
-    """TensorFlow 'SAME' padding for an input of spatial ``size``, as (top, bottom, left, right).
+def tf_same_padding(size: List[int], kernel_size: List[int], stride: Tuple[int, int],
+                    dilation: Tuple[int, int]) -> List[int]:
+    """TensorFlow 'SAME' padding for an input of spatial ``size``, as [top, bottom, left, right].
 
-    The same arithmetic as timm's ``pad_same``: the odd pixel goes to the bottom/right.
+    The same arithmetic as timm's ``pad_same``: the odd pixel goes to the bottom/right. TorchScript
+    compiles it too (a scripted layer pads per call).
     """
-    pads = []
-    for x, k, s, d in zip(size, kernel_size, stride, dilation):
+    pads: List[int] = []
+    for i in range(2):
+        x, k, s, d = size[i], kernel_size[i], stride[i], dilation[i]
         total = max(((x + s - 1) // s - 1) * s + (k - 1) * d + 1 - x, 0)
         pads += [total // 2, total - total // 2]
-    return tuple(pads)
+    return pads
+
+
+def _pytorch_forward(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: Tuple[int, int],
+                     padding: Union[str, Tuple[int, int]], dilation: Tuple[int, int], groups: int,
+                     tf_same: bool) -> torch.Tensor:
+    """What TorchScript compiles for a converted layer: ``F.conv2d``, so a scripted model runs and
+    saves without lkpatch (the same numbers as the eager forward off the GPU kernels)."""
+    if tf_same:
+        top, bottom, left, right = tf_same_padding(input.shape[-2:], weight.shape[-2:], stride, dilation)
+        return F.conv2d(F.pad(input, [left, right, top, bottom]), weight, bias, stride, 0, dilation, groups)
+    if isinstance(padding, str):
+        return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
+    return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
 
 
 @torch.fx.wrap  # one node when torch.fx traces a converted model: the padding and groups need real tensors
-def _forward(input: torch.Tensor, weight: torch.Tensor, bias, stride, padding, dilation, groups: int,
+def _forward(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: Tuple[int, int],
+             padding: Union[str, Tuple[int, int]], dilation: Tuple[int, int], groups: int,
              tf_same: bool) -> torch.Tensor:
-    """``DepthwiseConv2d.forward``."""
-    if tf_same:
-        padding = tf_same_padding(input.shape[-2:], weight.shape[-2:], stride, dilation)
-    if (functional.exporting() or not isinstance(input, torch.Tensor) or input.dim() not in (3, 4)
-            or input.shape[-3] != groups):
-        # depthwise_conv2d takes groups from the input, so a wrong channel count could pass as
-        # another valid convolution: the module's own groups make F.conv2d raise its error.
-        # Exported graphs get F.conv2d with the module's groups, which no traced shape decides.
-        return functional.padded_conv2d(input, weight, bias, stride, padding, dilation, groups)
-    return depthwise_conv2d(input, weight, bias, stride, padding, dilation)
+    """``DepthwiseConv2d.forward`` (TorchScript compiles it where it scripts a torch.fx graph)."""
+    if torch.jit.is_scripting():
+        return _pytorch_forward(input, weight, bias, stride, padding, dilation, groups, tf_same)
+    else:
+        if tf_same:
+            padding = tf_same_padding(input.shape[-2:], weight.shape[-2:], stride, dilation)
+        if (functional.exporting() or not isinstance(input, torch.Tensor) or input.dim() not in (3, 4)
+                or input.shape[-3] != groups):
+            # depthwise_conv2d takes groups from the input, so a wrong channel count could pass as
+            # another valid convolution: the module's own groups make F.conv2d raise its error.
+            # Exported graphs get F.conv2d with the module's groups, which no traced shape decides.
+            return functional.padded_conv2d(input, weight, bias, stride, padding, dilation, groups)
+        return depthwise_conv2d(input, weight, bias, stride, padding, dilation)
 
 
 class DepthwiseConv2d(nn.Conv2d):
@@ -112,17 +132,10 @@ class DepthwiseConv2d(nn.Conv2d):
                         self.tf_same_padding)
 
     def _scripted_forward(self, input: torch.Tensor) -> torch.Tensor:
-        """The forward ``torch.jit.script`` compiles: ``F.conv2d``, so a scripted model runs and
-        saves without lkpatch (the same numbers as the eager forward off the GPU kernels)."""
-        if self.tf_same_padding:
-            pads = [0, 0, 0, 0]  # left, right, top, bottom (F.pad's order), as tf_same_padding
-            for i in range(2):
-                x, k, s, d = input.shape[i - 2], self.kernel_size[i], self.stride[i], self.dilation[i]
-                total = max(((x + s - 1) // s - 1) * s + (k - 1) * d + 1 - x, 0)
-                pads[2 - 2 * i] = total // 2
-                pads[3 - 2 * i] = total - total // 2
-            return F.conv2d(F.pad(input, pads), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
-        return self._conv_forward(input, self.weight, self.bias)
+        if self.padding_mode != "zeros" and not self.tf_same_padding:
+            return self._conv_forward(input, self.weight, self.bias)
+        return _pytorch_forward(input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
+                                self.tf_same_padding)
 
     def extra_repr(self) -> str:
         s = super().extra_repr()

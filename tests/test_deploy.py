@@ -197,6 +197,20 @@ def test_torch_jit_script_computes_tf_same_padding_from_the_input():
         assert torch.allclose(scripted(x), reference(x), atol=1e-6), size
 
 
+def test_torch_jit_script_of_a_torch_fx_graph(tmp_path, op_raises):
+    """torch.fx keeps a converted layer as one call, which TorchScript then compiles: it failed to
+    (untyped arguments), so a converted model could not be scripted after fx passes."""
+    model, reference = _converted_stack()
+    graph = torch.fx.symbolic_trace(model)
+    scripted = torch.jit.script(graph)
+    torch.jit.save(scripted, tmp_path / "m.pt")
+    loaded = torch.jit.load(tmp_path / "m.pt")
+    for size in (16, 13):  # TF 'SAME' padding from each input's size
+        x = torch.randn(2, 3, size, size + 3)
+        assert torch.allclose(scripted(x), reference(x), atol=1e-6), size
+        assert torch.allclose(loaded(x), reference(x), atol=1e-6), size
+
+
 @pytest.mark.parametrize("capture", ["script", "trace", "submodule"])
 def test_convert_model_refuses_torchscript(capture):
     model = _stack()
