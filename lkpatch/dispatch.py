@@ -77,7 +77,7 @@ def is_integer(v) -> bool:
     """An integer as F.conv2d takes one for a size argument: Python's or numpy's, not a bool, a
     float, an array or a tensor."""
     return (not isinstance(v, (bool, torch.Tensor)) and hasattr(type(v), "__index__")
-            and getattr(v, "ndim", 0) == 0)
+            and not hasattr(type(v), "__len__"))  # an array, even 0-d; numpy's scalars have no length
 
 
 def _pair(v: Union[int, Sequence[int]]) -> Tuple[int, int]:

@@ -6,6 +6,7 @@ Two routes: the default one (CPU tensors go to ``F.conv2d``) and the op route
 """
 import contextlib
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -139,6 +140,15 @@ def test_forward_mode_ad_and_torch_func_transforms_compute_f_conv2d():
     assert torch.equal(got["hessian"], torch.func.hessian(lambda w_: pytorch(x[:1, :, :4, :4], w_).square().sum())(w))
 
 
+def test_numpy_integers_take_the_op():
+    """F.conv2d takes numpy's integer scalars for sizes (not arrays, even 0-d ones: BAD)."""
+    x, w, b = _case_tensors(CASES[0])
+    with op_route(), OpLog() as log:
+        out = lkpatch.depthwise_conv2d(x, w, b, stride=np.int64(1), padding=(np.int32(1), 1), groups=np.int64(4))
+        assert log.count("lkpatch::dwconv2d") == 1
+    assert torch.equal(out, F.conv2d(x, w, b, padding=1, groups=4))
+
+
 def test_groups_named_as_in_f_conv2d():
     x, w, b = _case_tensors(CASES[0])
     with op_route(), OpLog() as log:
@@ -203,6 +213,8 @@ def _bad_calls():
         "a bool in a dilation pair": ((x, w), dict(padding=1, dilation=(True, 1))),
         "padding as a tensor": ((x, w), dict(padding=torch.tensor([1, 1]))),
         "padding as a range": ((x, w), dict(padding=range(1, 3))),
+        "padding as a 0-d numpy array": ((x, w), dict(padding=np.array(1))),
+        "stride as a 0-d numpy array": ((x, w), dict(padding=1, stride=np.array(1))),
     }
 
 
