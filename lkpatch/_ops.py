@@ -30,29 +30,33 @@ _lib.define("dwconv2d_bias_grad(Tensor grad_output) -> Tensor")
 
 
 # --- Arguments: the same checks for every backend (CPU, CUDA, fake), before any work -------------
-def _check(ok: bool, op: str, what: str) -> None:
-    torch._check(ok, lambda: f"lkpatch::{op}: {what}")
+def _check(ok: bool, op: str, what) -> None:
+    """``what``: a function giving the message, so that a passing check formats nothing (these run
+    on every call of the CUDA registrations, which compiled graphs call); a plain True skips
+    torch._check, which is there for the symbolic conditions of fake tensors."""
+    if ok is not True:
+        torch._check(ok, lambda: f"lkpatch::{op}: {what()}")
 
 
 def _check_activation(t, op: str, name: str) -> None:
-    _check(t.dim() == 4, op, f"{name} must be (N, C, H, W), got {tuple(t.shape)}")
+    _check(t.dim() == 4, op, lambda: f"{name} must be (N, C, H, W), got {tuple(t.shape)}")
 
 
 def _check_weight(weight, like, op: str) -> None:
     c = like.shape[1]
     _check(weight.dim() == 4 and weight.shape[0] == c and weight.shape[1] == 1, op,
-           f"weight must be (C, 1, KH, KW) with C = {c}, got {tuple(weight.shape)}")
-    _check(weight.dtype == like.dtype, op, f"weight dtype {weight.dtype} differs from {like.dtype}")
+           lambda: f"weight must be (C, 1, KH, KW) with C = {c}, got {tuple(weight.shape)}")
+    _check(weight.dtype == like.dtype, op, lambda: f"weight dtype {weight.dtype} differs from {like.dtype}")
 
 
 def _check_map(op: str, hw, kernel_size, padding, out_hw=None) -> None:
-    _check(hw[0] >= 1 and hw[1] >= 1, op, f"the input map {hw[0]}x{hw[1]} is empty")
-    _check(min(padding) >= 0, op, f"padding must be non-negative, got {list(padding)}")
+    _check(hw[0] >= 1 and hw[1] >= 1, op, lambda: f"the input map {hw[0]}x{hw[1]} is empty")
+    _check(min(padding) >= 0, op, lambda: f"padding must be non-negative, got {list(padding)}")
     oh, ow = dispatch.output_size(hw, kernel_size, padding)
-    _check(oh >= 1 and ow >= 1, op, f"the padded {hw[0]}x{hw[1]} map is smaller than the "
+    _check(oh >= 1 and ow >= 1, op, lambda: f"the padded {hw[0]}x{hw[1]} map is smaller than the "
            f"{kernel_size[0]}x{kernel_size[1]} kernel")
     if out_hw is not None:
-        _check(oh == out_hw[0] and ow == out_hw[1], op, f"grad_output is {out_hw[0]}x{out_hw[1]}, but a "
+        _check(oh == out_hw[0] and ow == out_hw[1], op, lambda: f"grad_output is {out_hw[0]}x{out_hw[1]}, but a "
                f"{hw[0]}x{hw[1]} map gives {oh}x{ow} with this kernel and padding")
 
 
@@ -60,7 +64,7 @@ def _check_forward(x, weight, bias, padding) -> None:
     _check_activation(x, "dwconv2d", "input")
     _check_weight(weight, x, "dwconv2d")
     _check(bias is None or (tuple(bias.shape) == (x.shape[1],) and bias.dtype == x.dtype), "dwconv2d",
-           f"bias must be ({x.shape[1]},) in {x.dtype}")
+           lambda: f"bias must be ({x.shape[1]},) in {x.dtype}")
     _check_map("dwconv2d", x.shape[2:], weight.shape[2:], padding)
 
 
@@ -74,7 +78,7 @@ def _check_weight_grad(grad, x, kernel_size, padding) -> None:
     _check_activation(grad, "dwconv2d_weight_grad", "grad_output")
     _check_activation(x, "dwconv2d_weight_grad", "input")
     _check(grad.shape[:2] == x.shape[:2] and grad.dtype == x.dtype, "dwconv2d_weight_grad",
-           f"grad_output {tuple(grad.shape)} {grad.dtype} and input {tuple(x.shape)} {x.dtype} differ in N, C or dtype")
+           lambda: f"grad_output {tuple(grad.shape)} {grad.dtype} and input {tuple(x.shape)} {x.dtype} differ in N, C or dtype")
     _check_map("dwconv2d_weight_grad", x.shape[2:], kernel_size, padding, grad.shape[2:])
 
 
