@@ -254,6 +254,10 @@ def _bias_grad_fake(grad):
 
 
 # --- Autograd ----------------------------------------------------------------------------------
+# autograd.grad(..., is_grads_batched=True) runs the backward on batched gradients (legacy vmap)
+_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", lambda t: False)
+
+
 def _setup_context(ctx, inputs, output):
     x, weight, bias, padding = inputs
     ctx.padding = tuple(padding)
@@ -270,8 +274,11 @@ def _gradients(ctx, grad, input_grad, weight_grad, bias_grad, as_format=torch.Te
     x, weight = ctx.saved_tensors
     gx = gw = gb = None
     if ctx.needs_input_grad[0]:
-        # in the input's memory format, as PyTorch's convolutions return it (whatever grad's is)
-        gx = as_format(input_grad(grad, weight, ctx.input_size, ctx.padding), memory_format=ctx.input_format)
+        gx = input_grad(grad, weight, ctx.input_size, ctx.padding)
+        # in the input's memory format, as PyTorch's convolutions return it (whatever grad's is);
+        # batched gradients (autograd.grad's is_grads_batched) cannot be asked for their format
+        if not _batched(gx):
+            gx = as_format(gx, memory_format=ctx.input_format)
     if ctx.needs_input_grad[1]:
         gw = weight_grad(grad, x, ctx.kernel_size, ctx.padding)
     if len(ctx.needs_input_grad) > 2 and ctx.needs_input_grad[2]:
@@ -344,7 +351,9 @@ class EagerDepthwiseConv2d(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        if torch.is_grad_enabled():  # create_graph=True: the ops, whose own autograd gives double backward
+        if torch.is_grad_enabled() or _batched(grad):
+            # create_graph=True: the ops, whose own autograd gives double backward; a batched
+            # gradient (is_grads_batched): the ops, which vmap runs slice by slice
             return _backward(ctx, grad)
         grad = dense(grad)  # once for the three passes
         nchw = _SharedNCHW()

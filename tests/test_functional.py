@@ -140,6 +140,31 @@ def test_forward_mode_ad_and_torch_func_transforms_compute_f_conv2d():
     assert torch.equal(got["hessian"], torch.func.hessian(lambda w_: pytorch(x[:1, :, :4, :4], w_).square().sum())(w))
 
 
+@pytest.mark.parametrize("fmt", [torch.channels_last, torch.contiguous_format])
+def test_batched_gradients_through_the_op(fmt):
+    """autograd.grad(is_grads_batched=True) and jacobian(vectorize=True) run the op's backward on
+    batched gradients, whose memory format cannot be asked (channels_last inputs failed)."""
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64).contiguous(memory_format=fmt).requires_grad_()
+    w = torch.randn(4, 1, 3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(3, 2, 4, 8, 8, dtype=torch.float64)
+    want = torch.autograd.grad(F.conv2d(x, w, b, padding=1, groups=4), (x, w, b), v, is_grads_batched=True)
+    want_jacobian = torch.autograd.functional.jacobian(lambda w_: F.conv2d(x, w_, b, padding=1, groups=4), w,
+                                                       vectorize=True)
+    with op_route(), OpLog() as log:
+        y = lkpatch.depthwise_conv2d(x, w, b, padding=1)
+        got = torch.autograd.grad(y, (x, w, b), v, is_grads_batched=True)
+        jacobian = torch.autograd.functional.jacobian(lambda w_: lkpatch.depthwise_conv2d(x, w_, b, padding=1), w,
+                                                      vectorize=True)
+        assert log.count("lkpatch::dwconv2d") == 2
+    for a, r in zip(got, want):
+        assert torch.allclose(a, r, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(jacobian, want_jacobian, rtol=1e-12, atol=1e-12)
+    with op_route():
+        assert torch.autograd.gradcheck(lambda x_, w_: lkpatch.depthwise_conv2d(x_, w_, None, padding=1),
+                                        (x[:1, :2, :5, :5], w[:2]), check_batched_grad=True)
+
+
 def test_numpy_integers_take_the_op():
     """F.conv2d takes numpy's integer scalars for sizes (not arrays, even 0-d ones: BAD)."""
     x, w, b = _case_tensors(CASES[0])
