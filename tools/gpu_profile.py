@@ -16,8 +16,8 @@
   python tools/gpu_profile.py biasgrad        bias gradient: PyTorch's sum vs the kernel, channels_last and NCHW
   python tools/gpu_profile.py routes [N,C,H,W,KH,KW ...]
       whole channels_last layers (forward + both gradients + bias gradient) on each route --
-      PyTorch, direct, copies -- and the speed rule's pick: GPU ms (CUDA-graph replay) and the
-      rule's step alone (LKPATCH_PROFILE_DTYPE, default bfloat16; TF32 off)
+      PyTorch, direct, copies -- and the speed rule's pick: GPU ms (CUDA-graph replay) and each
+      step timed alone (LKPATCH_PROFILE_DTYPE, default bfloat16; TF32 off)
   python tools/gpu_profile.py layers [N,C,H,W,KH,KW ...]
       whole layers with a bias (forward + both gradients + bias gradient, the eager path), NCHW
       and channels_last, as the speed rule runs them and as PyTorch does: GPU microseconds
@@ -493,21 +493,22 @@ def routes(layers):
     for layer in [tuple(int(v) for v in a.split(",")) for a in layers] or ROUTE_LAYERS:
         n, c, h, w, kh, kw = layer
         step, pads = layer_step(layer, dtype, torch.channels_last)
-        ms = {}
+        ms, alone = {}, {}
         try:
             for mode in ("pytorch", "direct", "copies", "rule"):
                 dispatch._decisions.clear()
                 dispatch._DECIDE["route"] = rule if mode in ("pytorch", "rule") else (lambda *a, m=mode: m)
                 with dispatch.force("pytorch" if mode == "pytorch" else "auto"):
                     ms[mode] = graph_time_ms(step, 7)
+                    alone[mode] = time_ms(step, reps=7)
                     if mode == "rule":
                         picked = dispatch.channels_last_route((n, c, h, w), (kh, kw), pads, dtype)
-                        alone = time_ms(step, reps=7)
         finally:
             dispatch._DECIDE["route"] = rule
             dispatch._decisions.clear()
-        print(f"routes {n}x{c}x{h}x{w} {kh}x{kw} {dtype}: PyTorch {ms['pytorch']:.3f} ms, direct {ms['direct']:.3f}, "
-              f"copies {ms['copies']:.3f}; rule ({picked}) {ms['rule']:.3f}, alone {alone:.3f}")
+        print(f"routes {n}x{c}x{h}x{w} {kh}x{kw} {dtype}, GPU ms (alone): " + ", ".join(
+            f"{'PyTorch' if m == 'pytorch' else m if m != 'rule' else f'rule ({picked})'} {ms[m]:.3f} ({alone[m]:.3f})"
+            for m in ms))
         del step
         torch.cuda.empty_cache()
 
