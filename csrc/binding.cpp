@@ -6,6 +6,7 @@
 // workspaces through PyTorch's caching allocator, and launches on the current stream -- nothing
 // here synchronizes with the host. Last, dwconv2d_autograd: the eager training path with its
 // autograd in C++ (see there).
+#include <ATen/LegacyBatchedTensorImpl.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
@@ -364,13 +365,19 @@ class DwConv2d : public torch::autograd::Function<DwConv2d> {
     const at::MemoryFormat fmt =  // the input's: the gradients' layout
         ctx->saved_data["channels_last"].toBool() ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
     Tensor gx, gw, gb;
-    if (at::GradMode::is_enabled()) {  // create_graph: the differentiable ops, for double backward
+    // Batched output gradients (autograd.grad's is_grads_batched) have no storage of their own:
+    // the ops, which vmap runs slice by slice, and no memory format (vmap cannot ask for one).
+    const bool batched = at::isBatchedTensor(grads[0]);
+    if (at::GradMode::is_enabled() || batched) {  // create_graph: the differentiable ops, for double backward
       static const auto input_grad = op<GradSig>("lkpatch::dwconv2d_input_grad");
       static const auto weight_grad = op<GradSig>("lkpatch::dwconv2d_weight_grad");
       static const auto bias_grad = op<BiasGradSig>("lkpatch::dwconv2d_bias_grad");
       const Tensor& g = grads[0];
       // in the input's format, whatever the output gradient's, as the Python path returns it
-      if (ctx->needs_input_grad(0)) gx = input_grad.call(g, w, input_size, padding).contiguous(fmt);
+      if (ctx->needs_input_grad(0)) {
+        gx = input_grad.call(g, w, input_size, padding);
+        if (!batched) gx = gx.contiguous(fmt);
+      }
       if (ctx->needs_input_grad(1)) gw = weight_grad.call(g, x, kernel_size, padding);
       if (bias_grad_needed) gb = bias_grad.call(g);
     } else {

@@ -369,6 +369,7 @@ class EagerDepthwiseConv2d(torch.autograd.Function):
 # place: memory stays the same unless something else keeps the input for the backward too (a ReLU
 # just before the layer saves its output), which then holds one more activation-sized tensor until
 # the backward. Under create_graph the copies' gradients are PyTorch's differentiable ones.
+# A batched gradient (is_grads_batched) passes as it is: vmap cannot change its memory format.
 class _ChannelsLastAsNCHW(torch.autograd.Function):
     @staticmethod
     def forward(ctx, t):
@@ -376,6 +377,8 @@ class _ChannelsLastAsNCHW(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        if _batched(grad):
+            return grad
         if torch.is_grad_enabled():
             return grad.contiguous(memory_format=torch.channels_last)
         return _as_format(grad, torch.channels_last)
@@ -388,6 +391,8 @@ class _NCHWAsChannelsLast(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        if _batched(grad):
+            return grad
         return grad.contiguous() if torch.is_grad_enabled() else _nchw(grad)
 
 

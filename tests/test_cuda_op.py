@@ -888,6 +888,35 @@ def test_cpp_autograd_op(bias_kernel):
         assert "DwConv2d" in lkpatch.depthwise_conv2d(xs, ws, bs, padding=pads).grad_fn.name()
 
 
+@pytest.mark.parametrize("path,fmt", [("eager", torch.channels_last), ("eager", torch.contiguous_format),
+                                      ("traced", torch.channels_last), ("traced", torch.contiguous_format),
+                                      ("cpp", torch.contiguous_format)])
+def test_batched_gradients(path, fmt):
+    """autograd.grad(is_grads_batched=True) runs the backward on batched output gradients, which
+    have no storage and no memory format: every eager path (the C++ autograd op, the Python one,
+    channels_last through NCHW) and the op as compiled graphs call it, against float64."""
+    gen = torch.Generator(device="cuda").manual_seed(14)
+    pads = (3, 3, 2, 2)
+    x = torch.randn(4, 6, 17, 19, device="cuda", generator=gen).contiguous(memory_format=fmt)
+    w = torch.randn(6, 1, 7, 5, device="cuda", generator=gen) / 6
+    b = torch.randn(6, device="cuda", generator=gen)
+    v = torch.randn(3, 4, 6, 17, 19, device="cuda", generator=gen)
+    xd, wd, bd = (t.double().requires_grad_() for t in (x, w, b))
+    ref = torch.autograd.grad(F.conv2d(F.pad(xd, (2, 2, 3, 3)), wd, bd, groups=6), (xd, wd, bd), v.double(),
+                              is_grads_batched=True)
+    xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
+    with dispatch.force("kernel"):
+        if path == "cpp":
+            y = build.extension_ops().dwconv2d_autograd(xs, ws, bs, list(pads), False, True)
+        elif path == "traced":
+            y = torch.ops.lkpatch.dwconv2d(xs, ws, bs, list(pads))
+        else:
+            y = lkpatch.depthwise_conv2d(xs, ws, bs, padding=pads)
+        got = torch.autograd.grad(y, (xs, ws, bs), v, is_grads_batched=True)
+    for name, a, r in zip(("grad_input", "grad_weight", "grad_bias"), got, ref):
+        assert a.shape == r.shape and rel_err(a, r) <= 1e-5, name
+
+
 @pytest.mark.parametrize("fmt", [torch.channels_last, torch.contiguous_format])
 def test_double_backward_eager(fmt):
     """create_graph through the eager path (channels_last: the copies as autograd nodes; NCHW: the

@@ -427,3 +427,18 @@ def test_eager_cuda_function_with_opaque_kernels(monkeypatch, entry):
     got = torch.autograd.grad(out.sum(), (x, w_full, b))
     for a, r in zip(got, torch.autograd.grad(ref.relu().sum(), (x, w_full, b))):
         assert a.stride() == r.stride() and rel_err(a, r) <= 1e-12
+
+
+def test_layout_copy_nodes_pass_batched_gradients():
+    """The eager channels_last route's copies into and out of NCHW are autograd nodes: a batched
+    output gradient (is_grads_batched) goes through them as it is (vmap cannot change its format)."""
+    from lkpatch import _ops
+
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64).contiguous(memory_format=torch.channels_last).requires_grad_()
+    y = _ops._ChannelsLastAsNCHW.apply(x)
+    z = _ops._NCHWAsChannelsLast.apply(y * 2)
+    assert y.is_contiguous() and z.is_contiguous(memory_format=torch.channels_last)
+    v = torch.randn(4, *z.shape, dtype=torch.float64)
+    assert torch.equal(torch.autograd.grad(z, x, v, is_grads_batched=True, retain_graph=True)[0], 2 * v)
+    gx = torch.autograd.grad(z, x, v[0].contiguous())[0]  # unbatched: back to channels_last
+    assert torch.equal(gx, 2 * v[0]) and gx.is_contiguous(memory_format=torch.channels_last)
