@@ -36,7 +36,7 @@ def _pytorch_forward(input: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     if tf_same:
         top, bottom, left, right = tf_same_padding(input.shape[-2:], weight.shape[-2:], stride, dilation)
         return F.conv2d(F.pad(input, [left, right, top, bottom]), weight, bias, stride, 0, dilation, groups)
-    if isinstance(padding, str):
+    if isinstance(padding, str):  # the same call twice: TorchScript picks F.conv2d's overload per branch
         return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
     return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
 
