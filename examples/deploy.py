@@ -71,6 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if any(b < 1 for b in args.batch_sizes) or args.reps < 1 or args.warmup < 0:
         p.error("--batch-sizes and --reps must be at least 1, --warmup at least 0")
+    if args.img_size is not None and args.img_size < 1:
+        p.error(f"--img-size must be at least 1, got {args.img_size}")
     return args
 
 

@@ -304,6 +304,16 @@ def test_backbone_of_a_timm_model_takes_strides_4_to_32(example):
         backbone.timm_backbone("vit_tiny_patch16_224")
 
 
+def test_deploy_img_size_must_be_positive(example, capsys):
+    """0 ran at the default size (and recorded it); a negative size ended in a traceback."""
+    deploy = example("deploy")
+    for size in ("0", "-5"):
+        with pytest.raises(SystemExit):
+            deploy.parse_args(["ckpt.pth", "--img-size", size])
+        assert f"--img-size must be at least 1, got {size}" in capsys.readouterr().err
+    assert deploy.parse_args(["ckpt.pth", "--img-size", "32"]).img_size == 32
+
+
 def test_backbone_arguments_it_cannot_take_are_one_line(example, capsys):
     backbone = example("backbone")
     for size in ("0", "-32", "48"):
