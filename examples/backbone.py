@@ -53,8 +53,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.size < 32 or args.size % 32:
         p.error(f"--size {args.size}: use a positive multiple of 32, so that every stride divides it")
-    if args.batch < 1 or args.steps < 1 or args.warmup < 0:
-        p.error("--batch and --steps must be at least 1, --warmup at least 0")
+    if args.batch < 1 or args.steps < 1 or args.warmup < 0 or args.num_classes < 1:
+        p.error("--batch, --steps and --num-classes must be at least 1, --warmup at least 0")
+    if args.batch * (args.size // 32) ** 2 < 2:  # the stride-32 map's BatchNorms, in training mode
+        p.error(f"--size {args.size} --batch {args.batch}: the stride-32 feature map holds one value per "
+                f"channel, which BatchNorm cannot train on; use --size 64 or --batch 2")
     return args
 
 

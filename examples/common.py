@@ -84,7 +84,8 @@ def load_checkpoint(path: str):
     from lkpatch import checkpoint
 
     try:
-        return checkpoint.load(path)
+        return checkpoint.load(path, how_to_allow="save its state_dict from torch.load(path, weights_only=False) "
+                                                 "and pass that file")
     except checkpoint.CheckpointError as e:
         raise ExampleError(str(e)) from None
 

@@ -301,9 +301,16 @@ def main(argv=None) -> int:
     stem = args.name or name
     ckpt_path = os.path.join(out_dir, f"{stem}.deploy.pth")
     onnx_path = os.path.join(out_dir, f"{stem}.onnx")
+    folder = os.path.abspath(out_dir)
+    while not os.path.exists(folder):  # --output made below: the folder it would be made in must take files
+        folder = os.path.dirname(folder)
     for path in (ckpt_path,) + (() if args.no_onnx else (onnx_path,)):
-        if os.path.exists(path) and not args.force:
-            raise ExampleError(f"{path} exists; pass --force to overwrite it")
+        made = folder != os.path.abspath(out_dir)
+        try:
+            checkpoint.check_output_path(os.path.join(folder, os.path.basename(path)) if made else path,
+                                         overwrite=args.force or made)
+        except checkpoint.CheckpointError as e:
+            raise ExampleError(str(e)) from None
 
     deploy, what = make_deploy(model)
     if info.get("folded"):

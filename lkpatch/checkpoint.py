@@ -112,9 +112,11 @@ def _torch_load(path: Path, weights_only: bool) -> Any:
             return torch.load(fh, map_location="cpu", weights_only=True)
 
 
-def load(path: str, *, allow_pickled_code: bool = False) -> Any:
+def load(path: str, *, allow_pickled_code: bool = False,
+         how_to_allow: str = "rerun with --unsafe-load-pickle-runs-code") -> Any:
     """A checkpoint file on the CPU: a safetensors file's tensors, or ``torch.load``, tensors and
-    plain data only unless ``allow_pickled_code`` (which runs code from the file)."""
+    plain data only unless ``allow_pickled_code`` (which runs code from the file). ``how_to_allow``:
+    the caller's way to allow it, said where a file holds pickled code (default: the command's flag)."""
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"checkpoint '{path}' does not exist")
@@ -140,7 +142,7 @@ def load(path: str, *, allow_pickled_code: bool = False) -> Any:
         if match and not allow_pickled_code:
             raise CheckpointError(
                 f"'{path}' holds a pickled Python object ({match.group(1)}), not only tensors; torch.load("
-                f"weights_only=True) refuses it. Only if you trust the file, rerun with --unsafe-load-pickle-runs-code "
+                f"weights_only=True) refuses it. Only if you trust the file, {how_to_allow} "
                 f"(this runs code from the file)") from e
         raise CheckpointError(f"cannot read '{path}': not a PyTorch checkpoint, or corrupted") from e
     except OSError as e:

@@ -8,6 +8,7 @@ first puts the model into that structure, with the same function the command use
 from __future__ import annotations
 
 import copy
+import errno
 import itertools
 import os
 from typing import Any, Dict, Optional, Union
@@ -68,9 +69,20 @@ def load_checkpoint(model: nn.Module, checkpoint: Union[str, os.PathLike, Any], 
     ``allow_pickled_code``) or a loaded object: a state_dict, or a dict holding one under
     ``model``, ``state_dict``, ... (``key`` picks one; default the first found). ``module.`` and
     ``_orig_mod.`` key prefixes are ignored. ``model`` may be converted or not.
+
+    A missing file raises FileNotFoundError; a file that cannot be read as a checkpoint, or that
+    fits neither the model nor its deploy structure, ValueError.
     """
-    obj = (ckpt_io.load(os.fspath(checkpoint), allow_pickled_code=allow_pickled_code)
-           if isinstance(checkpoint, (str, os.PathLike)) else checkpoint)
+    obj = checkpoint
+    if isinstance(checkpoint, (str, os.PathLike)):
+        path = os.fspath(checkpoint)
+        if not os.path.exists(path):
+            raise FileNotFoundError(errno.ENOENT, "checkpoint does not exist", path)
+        try:
+            obj = ckpt_io.load(path, allow_pickled_code=allow_pickled_code,
+                               how_to_allow="pass allow_pickled_code=True")
+        except ckpt_io.CheckpointError as e:  # unreadable, not a checkpoint, pickled code
+            raise ValueError(str(e)) from None
     try:
         entries = ckpt_io.state_dicts(obj)
     except ckpt_io.CheckpointError as e:

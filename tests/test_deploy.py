@@ -260,6 +260,25 @@ def test_load_checkpoint_takes_deploy_and_training_checkpoints(tmp_path):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+def test_load_checkpoint_errors_are_the_python_ones(tmp_path):
+    """A missing file is a FileNotFoundError and an unreadable one a ValueError (they were
+    lkpatch's own CheckpointError); a file holding pickled code names the function's argument
+    that allows it, not the command's flag."""
+    model = _stack()
+    with pytest.raises(FileNotFoundError, match="checkpoint does not exist"):
+        lkpatch.load_checkpoint(model, tmp_path / "missing.pth")
+    (tmp_path / "damaged.pth").write_bytes(b"PK\x03\x04 not a checkpoint")
+    with pytest.raises(ValueError, match="not a PyTorch checkpoint"):
+        lkpatch.load_checkpoint(model, tmp_path / "damaged.pth")
+    torch.save(_stack(), tmp_path / "pickled.pth")  # a whole module: pickled classes
+    with pytest.raises(ValueError, match=r"Only if you trust the file, pass allow_pickled_code=True") as err:
+        lkpatch.load_checkpoint(model, tmp_path / "pickled.pth")
+    assert "--unsafe" not in str(err.value)
+    x = torch.randn(1, 3, 16, 16)
+    assert torch.equal(lkpatch.load_checkpoint(_stack(), tmp_path / "pickled.pth", allow_pickled_code=True)(x),
+                       _stack()(x))
+
+
 def test_load_checkpoint_of_replknet_deploy_keys(shared_data):
     reference = torch.load(shared_data / "replknet_tiny_reference.pt", weights_only=True)
     model = lkpatch.models.RepLKNet(**reference["config"])  # the training structure

@@ -226,6 +226,11 @@ def test_deploy_reparam_and_fold_then_onnx(ddp_runs, example, tmp_path, capsys):
         deploy.main([str(tmp_path / "mobilenet.pth"), "--model", "mobilenetv3_small_050", "--output",
                      str(tmp_path / "fold"), "--no-onnx", "--no-bench", "--device", "cpu", "--img-size", "32"])
     assert "deploy:" not in capsys.readouterr().out  # refused before the deploy model was made
+    (tmp_path / "a_file").write_text("")  # an output folder that cannot be made: refused before the work too
+    with pytest.raises(deploy.ExampleError, match="is not a directory"):
+        deploy.main([str(tmp_path / "mobilenet.pth"), "--model", "mobilenetv3_small_050", "--output",
+                     str(tmp_path / "a_file" / "sub"), "--no-bench", "--device", "cpu", "--img-size", "32"])
+    assert "deploy:" not in capsys.readouterr().out
     # a damaged file: the reader's own words, not torch.load's advice to turn off weights_only
     (tmp_path / "damaged.pth").write_bytes(b"PK\x03\x04 not a checkpoint")
     for path, message in ((tmp_path / "damaged.pth", "not a PyTorch checkpoint"), (tmp_path, "is not a file")):
@@ -320,6 +325,12 @@ def test_backbone_arguments_it_cannot_take_are_one_line(example, capsys):
         with pytest.raises(SystemExit):
             backbone.parse_args(["--size", size])
         assert "positive multiple of 32" in capsys.readouterr().err
+    for args, message in ((["--size", "32", "--batch", "1"], "holds one value per channel"),  # a traceback before
+                          (["--num-classes", "0"], "--num-classes must be at least 1")):
+        with pytest.raises(SystemExit):
+            backbone.parse_args(args)
+        assert message in capsys.readouterr().err
+    assert backbone.parse_args(["--size", "32", "--batch", "2"]).batch == 2
     with pytest.raises(backbone.ExampleError, match="out_indices: set by this example"):
         backbone.replknet_backbone("replknet_31b", {"out_indices": [1, 3]})
 
