@@ -26,6 +26,10 @@
   python tools/gpu_profile.py compiled [MODEL [BATCH]]
       a converted timm model's training step (bf16, channels_last) eager against torch.compile,
       graph breaks, and each one's top kernels (default replknet_31b, batch 64)
+  python tools/gpu_profile.py modelroutes [MODEL [BATCH]]
+      a converted timm model's training step (bf16, channels_last) with the speed rule as it is and
+      without its copies route, each beside PyTorch's, and the layers whose route changes (default
+      inception_next_tiny, batch 128)
   python tools/gpu_profile.py model [bfloat16|float16|float32]
       RepLKNet-31B training step (batch 64): converted vs without its depthwise convolutions,
       and the converted step's GPU time per kernel (torch.profiler)
@@ -296,6 +300,38 @@ def compiled(name, batch, amp="bfloat16"):
         print(f"-- {key}: top kernels")
         for kn, (ms, n) in top:
             print(f"{ms:8.2f} ms {n // 2:5d}x  {kn}")
+
+
+def model_routes(name, batch, amp="bfloat16"):
+    """A converted timm model's training step (channels_last, AMP) as the speed rule runs it and
+    with the copies route taken from the rule (its channels_last layers then read channels_last or
+    run PyTorch's): images/s beside PyTorch's in each run, and the layers whose route differs. The
+    copies route adds two Python autograd nodes a layer, host time that a GPU-time rule does not see."""
+    import timm
+    from lkpatch import bench, convert_model
+    build.build()
+    base = timm.create_model(name, num_classes=1000).cuda().train().to(memory_format=torch.channels_last)
+    conv = convert_model(copy.deepcopy(base))
+    copy_us, routes = dispatch._copy_us, {}
+    for variant in ("rule", "no copies"):
+        dispatch._decisions.clear()
+        if variant == "no copies":
+            dispatch._copy_us = lambda *args: float("inf")
+        try:
+            r = bench.time_train_steps({"pytorch": base, "lkpatch": conv}, batch, 224, amp, channels_last=True,
+                                       steps=8, queue=3)
+            routes[variant] = {key[1:3]: v for key, v in dispatch._decisions.items() if key[0] == "route"}
+        finally:
+            dispatch._copy_us = copy_us
+        print(f"{name} batch {batch} {amp} channels_last, {variant}: PyTorch {r['pytorch_img_per_s']:.0f} img/s, "
+              f"lkpatch {r['lkpatch_img_per_s']:.0f} ({r['lkpatch_img_per_s'] / r['pytorch_img_per_s']:.3f}x); "
+              f"queued {r['pytorch_queued_img_per_s']:.0f} / {r['lkpatch_queued_img_per_s']:.0f} "
+              f"({r['lkpatch_queued_img_per_s'] / r['pytorch_queued_img_per_s']:.3f}x)", flush=True)
+    dispatch._decisions.clear()
+    for (size, k), route in routes["rule"].items():
+        other = routes["no copies"].get((size, k))
+        if other != route:
+            print(f"  {'x'.join(map(str, size))} {'x'.join(map(str, k))}: {route} -> {other}")
 
 
 class ChannelScale(torch.nn.Module):
@@ -591,7 +627,9 @@ if __name__ == "__main__":
              "backbone": lambda: backbone(int(sys.argv[2]) if len(sys.argv) > 2 else 2,
                                           int(sys.argv[3]) if len(sys.argv) > 3 else 512),
              "compiled": lambda: compiled(sys.argv[2] if len(sys.argv) > 2 else "replknet_31b",
-                                          int(sys.argv[3]) if len(sys.argv) > 3 else 64)}
+                                          int(sys.argv[3]) if len(sys.argv) > 3 else 64),
+             "modelroutes": lambda: model_routes(sys.argv[2] if len(sys.argv) > 2 else "inception_next_tiny",
+                                                 int(sys.argv[3]) if len(sys.argv) > 3 else 128)}
     if len(sys.argv) < 2 or sys.argv[1] not in modes:
         print(__doc__)
         print("modes:", ", ".join(modes))
