@@ -358,9 +358,18 @@ def test_examples_say_how_to_run_them(example):
                     reason="needs nvcc and a CUDA build of torch")
 def test_two_processes_build_into_an_empty_cache_at_once(tmp_path):
     """DDP ranks start together and all call build(): one compiles, the other waits on the file
-    lock and loads the same library. A full compile (about 35-60 s on 2 cores)."""
+    lock and loads the same library. The compile is this run's library copied after a pause (CI
+    builds the extension for real before the tests; a second full compile here took minutes)."""
+    built = build.build()
     code = (
-        "import os, sys, time, torch, lkpatch.build as b\n"
+        "import os, shutil, sys, time, torch, lkpatch.build as b\n"
+        "def compile_(verbose):\n"
+        "    time.sleep(2)  # the other process reaches the lock meanwhile\n"
+        "    out = b.library_path()\n"
+        "    out.parent.mkdir(parents=True, exist_ok=True)\n"
+        "    shutil.copy(sys.argv[3], out)\n"
+        "    return out\n"
+        "b._compile = compile_\n"
         "open(os.path.join(sys.argv[1], 'ready' + sys.argv[2]), 'w').close()\n"
         "t = time.time()\n"
         "while len([f for f in os.listdir(sys.argv[1]) if f.startswith('ready')]) < 2 and time.time() - t < 120:\n"
@@ -370,10 +379,12 @@ def test_two_processes_build_into_an_empty_cache_at_once(tmp_path):
         "print('loaded', lib)\n")
     cache = tmp_path / "cache"
     env = {"LKPATCH_CACHE_DIR": str(cache), "TORCH_CUDA_ARCH_LIST": os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0")}
-    procs = [_start([sys.executable, "-c", code, tmp_path, i], **env) for i in range(2)]
-    outs = [_finish(p, timeout=600) for p in procs]
+    procs = [_start([sys.executable, "-c", code, tmp_path, i, built], **env) for i in range(2)]
+    outs = [_finish(p, timeout=240) for p in procs]
     libs = {re.search(r"^loaded (.+)$", out, re.M).group(1) for out in outs}
-    assert len(libs) == 1 and Path(libs.pop()).is_file()
+    assert len(libs) == 1
+    lib = Path(libs.pop())
+    assert lib.is_file() and lib.parent.parent.parent == cache and lib.read_bytes() == Path(built).read_bytes()
     assert sum("building the CUDA extension" in out for out in outs) == 1, outs
 
 
