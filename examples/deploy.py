@@ -184,25 +184,14 @@ def check(label: str, ref: torch.Tensor, out: torch.Tensor, device: torch.device
     return err
 
 
-def export_onnx(deploy: nn.Module, img_size: int, path: str, opset, exporter: str) -> None:
+def export_onnx(deploy: nn.Module, img_size: int, path: str, opset, exporter: str, overwrite: bool = True) -> None:
     """Export a CPU fp32 copy (the converted layers run F.conv2d there: standard Conv nodes),
-    with a dynamic batch dimension, into a temporary file beside ``path``; check its opset and,
-    where onnxruntime is installed, its outputs; then rename it into place (a failed export or
+    with a dynamic batch dimension, into lkpatch's temporary file beside ``path``; check its opset
+    and, where onnxruntime is installed, its outputs; then put it in place (a failed export or
     check leaves the previous file as it was, and nothing else)."""
-    import tempfile
-
-    folder, name = os.path.split(os.path.abspath(path))
-    fd, partial = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial", dir=folder)
-    os.close(fd)
-    try:
-        _export_checked(deploy, img_size, partial, opset, exporter)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(partial, 0o666 & ~mask)  # as a plain open() would make it, not mkstemp's 0600
-        os.replace(partial, path)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
+    with common.checkpoint_writer(path, overwrite=overwrite) as writer:
+        _export_checked(deploy, img_size, writer.tmp, opset, exporter)
+        writer.commit()
     size = os.path.getsize(path) / 2**20
     print(f"wrote {path} ({size:.1f} MiB)", flush=True)
 
@@ -341,7 +330,7 @@ def main(argv=None) -> int:
     print(f"wrote {ckpt_path}", flush=True)
 
     if not args.no_onnx:
-        export_onnx(deploy, img_size, onnx_path, args.opset, args.onnx_exporter)
+        export_onnx(deploy, img_size, onnx_path, args.opset, args.onnx_exporter, overwrite=args.force)
     if not args.no_bench:
         bench(deploy, args, device, img_size)
     return 0
